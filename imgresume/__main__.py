@@ -1,0 +1,5 @@
+"""C{python -m imgresume}: the same as the C{imgresume} command."""
+
+from imgresume.cli import main
+
+main()

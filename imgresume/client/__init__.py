@@ -1,0 +1,32 @@
+"""
+The imgresume client library.
+
+Deferred-returning::
+
+    from imgresume.client import Uploader
+    d = Uploader("tcp:lb.example:7000").upload("scan-0001.tiff")
+
+Blocking (from ordinary, non-Twisted code)::
+
+    from imgresume.client import upload_files
+    [result] = upload_files("tcp:lb.example:7000", ["scan-0001.tiff"])
+
+See C{docs/client.md}.
+"""
+
+from imgresume.client._attempt import ConnectionBroken, ResidualMismatch, Stalled
+from imgresume.client._blocking import upload_files
+from imgresume.client._journal import Journal, default_journal_path
+from imgresume.client._uploader import (
+    Progress,
+    UploadFailed,
+    Uploader,
+    UploadResult,
+    default_client_id,
+)
+
+__all__ = [
+    "Uploader", "UploadResult", "UploadFailed", "Progress", "Journal",
+    "default_journal_path", "default_client_id", "upload_files",
+    "ConnectionBroken", "Stalled", "ResidualMismatch",
+]

@@ -1,0 +1,58 @@
+# -*- test-case-name: tests.test_client_blocking -*-
+"""
+A blocking wrapper for applications that do not run a reactor: the reactor
+runs in a background thread (started on first use) and each call waits for
+its uploads there.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+from twisted.internet.threads import blockingCallFromThread
+
+_lock = threading.Lock()
+_thread: threading.Thread | None = None
+
+
+def _reactor_in_thread() -> Any:
+    global _thread
+    from twisted.internet import reactor
+
+    with _lock:
+        if _thread is None and not reactor.running:
+            _thread = threading.Thread(
+                target=reactor.run, kwargs={"installSignalHandlers": False},
+                name="imgresume-reactor", daemon=True,
+            )
+            _thread.start()
+    if threading.current_thread() is _thread:
+        raise RuntimeError("upload_files() would block the reactor; use Uploader")
+    return reactor
+
+
+def upload_files(
+    endpoint: str, paths: Sequence[str], names: Sequence[str] | None = None, **options: Any
+) -> list:
+    """
+    Upload C{paths} one after another and return their
+    L{imgresume.client.UploadResult}s; raises L{imgresume.client.UploadFailed}
+    on the first file that cannot be completed.  C{options} are passed to
+    L{imgresume.client.Uploader}.  Must not be called from the reactor
+    thread.
+    """
+    from imgresume.client._uploader import Uploader
+
+    reactor = _reactor_in_thread()
+
+    async def run_all() -> list:
+        uploader = Uploader(endpoint, reactor=reactor, **options)
+        results = []
+        for i, path in enumerate(paths):
+            results.append(await uploader.upload(path, names[i] if names else None))
+        return results
+
+    from twisted.internet.defer import Deferred
+
+    return blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(run_all()))

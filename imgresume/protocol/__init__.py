@@ -1,0 +1,59 @@
+"""
+The imgresume wire protocol, sans-IO: frames, an incremental decoder, and the
+client and server state machines.  No reactor and no sockets here; the
+Twisted adapters live in L{imgresume.server} and L{imgresume.client}.
+
+See C{docs/protocol.md} for the normative description.
+"""
+
+from imgresume.protocol._client import (
+    ChunkAcked,
+    ClientConnection,
+    ClientState,
+    ErrorReceived,
+    Ponged,
+    UploadAccepted,
+    UploadCompleted,
+    Welcomed,
+)
+from imgresume.protocol._decoder import FrameDecoder
+from imgresume.protocol._frames import (
+    MAGIC,
+    PROTOCOL_VERSION,
+    Accepted,
+    Ack,
+    Completed,
+    Data,
+    Error,
+    FrameType,
+    Hello,
+    Ping,
+    Pong,
+    Resume,
+    Upload,
+    Welcome,
+    decode_body,
+    encode,
+)
+from imgresume.protocol._server import (
+    ChunkReceived,
+    ConnectionFailed,
+    FinishRequested,
+    HelloReceived,
+    ResumeRequested,
+    ServerConnection,
+    ServerLimits,
+    ServerState,
+    UploadRequested,
+)
+
+__all__ = [
+    "MAGIC", "PROTOCOL_VERSION", "FrameType", "FrameDecoder", "encode", "decode_body",
+    "Hello", "Welcome", "Upload", "Resume", "Accepted", "Data", "Ack", "Completed",
+    "Error", "Ping", "Pong",
+    "ClientConnection", "ClientState", "Welcomed", "UploadAccepted", "ChunkAcked",
+    "UploadCompleted", "ErrorReceived", "Ponged",
+    "ServerConnection", "ServerLimits", "ServerState", "HelloReceived",
+    "UploadRequested", "ResumeRequested", "ChunkReceived", "FinishRequested",
+    "ConnectionFailed",
+]

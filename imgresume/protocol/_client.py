@@ -1,0 +1,312 @@
+# -*- test-case-name: tests.test_client_connection -*-
+"""
+The client side of the protocol as a sans-IO state machine.
+
+L{ClientConnection} turns the caller's intentions (L{hello}, L{upload},
+L{resume}, L{send_data}, L{finish}) into frames and the server's frames into
+events.  It keeps the bookkeeping of a window of DATA packets in flight: the
+server answers every DATA frame with exactly one ACK or ERROR, in order, so
+after a transfer error the client waits for the answers to the packets still
+in flight and then continues from the offset the server last reported.
+
+No reactor, no sockets: the Twisted adapter is
+L{imgresume.client._attempt.UploadAttempt}.
+"""
+
+from __future__ import annotations
+
+import enum
+import zlib
+
+import attrs
+
+from imgresume.errors import (
+    ImgresumeError,
+    MalformedFrame,
+    Scope,
+    UnexpectedFrame,
+    error_for_code,
+)
+from imgresume.protocol._decoder import FrameDecoder
+from imgresume.protocol._frames import (
+    PROTOCOL_VERSION,
+    Accepted,
+    Ack,
+    Completed,
+    Data,
+    Error,
+    Frame,
+    Hello,
+    Ping,
+    Pong,
+    Resume,
+    Upload,
+    Welcome,
+    data_header,
+    encode,
+)
+
+
+class ClientState(enum.Enum):
+    """States of a client connection; see docs/protocol.md."""
+
+    START = "start"
+    AWAIT_WELCOME = "await-welcome"
+    READY = "ready"
+    AWAIT_ACCEPTED = "await-accepted"
+    SENDING = "sending"
+    CLOSED = "closed"
+
+
+@attrs.frozen
+class Welcomed:
+    """The server accepted the handshake."""
+
+    welcome: Welcome
+
+
+@attrs.frozen
+class UploadAccepted:
+    """The server opened the upload; send from C{accepted.offset}."""
+
+    accepted: Accepted
+
+
+@attrs.frozen
+class ChunkAcked:
+    """Everything before C{offset} is durably stored."""
+
+    offset: int
+
+
+@attrs.frozen
+class UploadCompleted:
+    """The server verified the upload and put it at its final path."""
+
+    completed: Completed
+
+
+@attrs.frozen
+class ErrorReceived:
+    """The server reported an error; C{error.scope} says what it ended."""
+
+    error: ImgresumeError
+
+
+@attrs.frozen
+class Ponged:
+    """Answer to a PING."""
+
+    nonce: int
+
+
+ClientEvent = Welcomed | UploadAccepted | ChunkAcked | UploadCompleted | ErrorReceived | Ponged
+
+
+class ClientConnection:
+    """
+    One connection to a server, client side, as a state machine.
+
+    Created by the client adapter per connection attempt.
+    """
+
+    def __init__(self, client_id: str, options: dict[str, str] | None = None) -> None:
+        self.client_id = client_id
+        self.options = options or {}
+        self.state = ClientState.START
+        self.welcome: Welcome | None = None
+        self.upload_id: str | None = None
+        self.size = 0
+        #: Offset the server last reported as stored.
+        self.acked = 0
+        #: Offset the next DATA packet starts at.
+        self.sent = 0
+        #: DATA frames sent and not yet answered.
+        self.outstanding = 0
+        self.finishing = False
+        self._rewinding = False
+        self._decoder = FrameDecoder()
+        self._out: list[bytes] = []
+
+    # Intentions ------------------------------------------------------------
+
+    def hello(self) -> None:
+        """Open the handshake."""
+        self._expect(ClientState.START)
+        self._send(Hello(self.client_id, PROTOCOL_VERSION, PROTOCOL_VERSION, self.options))
+        self.state = ClientState.AWAIT_WELCOME
+
+    def upload(self, upload: Upload) -> None:
+        """Ask for a new upload."""
+        self._expect(ClientState.READY)
+        self._send(upload)
+        self.state = ClientState.AWAIT_ACCEPTED
+
+    def resume(self, upload_id: str) -> None:
+        """Ask to continue an upload."""
+        self._expect(ClientState.READY)
+        self._send(Resume(upload_id))
+        self.state = ClientState.AWAIT_ACCEPTED
+
+    def ping(self, nonce: int) -> None:
+        """Probe the server; it answers with L{Ponged}."""
+        self._send(Ping(nonce))
+
+    def can_send(self, window: int = 1) -> bool:
+        """
+        Whether another DATA packet may go out now: an upload is open, fewer
+        than C{window} packets are in flight, no rewind is pending, and bytes
+        remain.
+        """
+        return (
+            self.state is ClientState.SENDING
+            and not self._rewinding
+            and not self.finishing
+            and self.outstanding < window
+            and self.sent < self.size
+        )
+
+    def send_data(self, offset: int, payload: bytes) -> None:
+        """Send a DATA packet of C{payload} at C{offset} (must equal L{sent})."""
+        self._expect(ClientState.SENDING)
+        if self._rewinding or self.finishing:
+            raise RuntimeError("no DATA may be sent while rewinding or finishing")
+        if offset != self.sent:
+            raise ValueError(f"next packet must start at {self.sent}, not {offset}")
+        if not payload:
+            raise ValueError("empty payloads end the upload: use finish()")
+        assert self.welcome is not None
+        if len(payload) > self.welcome.max_payload:
+            raise ValueError(f"payload over the server's limit of {self.welcome.max_payload}")
+        if offset + len(payload) > self.size:
+            raise ValueError("payload reaches past the declared size")
+        self._out.append(data_header(offset, zlib.crc32(payload), len(payload)))
+        self._out.append(payload)
+        self.sent += len(payload)
+        self.outstanding += 1
+
+    def finish(self) -> None:
+        """Send the empty DATA packet that ends the upload."""
+        self._expect(ClientState.SENDING)
+        if self.sent != self.size or self._rewinding:
+            raise RuntimeError("finish() before every byte was sent")
+        self._send(Data(self.size, zlib.crc32(b""), b""))
+        self.outstanding += 1
+        self.finishing = True
+
+    # Input -------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes received from the server."""
+        if self.state is not ClientState.CLOSED:
+            self._decoder.feed(data)
+
+    def next_event(self) -> ClientEvent | None:
+        """
+        The next event, or None when more bytes are needed.
+
+        @raise ImgresumeError: the server broke the protocol; the connection
+            is unusable (state CLOSED) and should be dropped.
+        """
+        if self.state is ClientState.CLOSED:
+            return None
+        try:
+            frame = self._decoder.next_frame()
+            if frame is None:
+                return None
+            return self._on_frame(frame)
+        except ImgresumeError:
+            self.state = ClientState.CLOSED
+            raise
+
+    def _on_frame(self, frame: Frame) -> ClientEvent:
+        state = self.state
+        if isinstance(frame, Error):
+            return self._on_error(frame)
+        if isinstance(frame, Pong):
+            return Ponged(frame.nonce)
+        if isinstance(frame, Welcome) and state is ClientState.AWAIT_WELCOME:
+            if frame.version != PROTOCOL_VERSION or frame.max_payload < 1:
+                raise MalformedFrame(
+                    f"server chose version {frame.version}, max payload {frame.max_payload}"
+                )
+            self.welcome = frame
+            self.state = ClientState.READY
+            return Welcomed(frame)
+        if isinstance(frame, Accepted) and state is ClientState.AWAIT_ACCEPTED:
+            if frame.offset > frame.size:
+                raise MalformedFrame("ACCEPTED offset is past the upload size")
+            self.upload_id, self.size = frame.upload_id, frame.size
+            self.acked = self.sent = frame.offset
+            self.outstanding, self.finishing, self._rewinding = 0, False, False
+            self.state = ClientState.SENDING
+            return UploadAccepted(frame)
+        if isinstance(frame, Completed) and (
+            state is ClientState.AWAIT_ACCEPTED
+            or (state is ClientState.SENDING and self.finishing and self.outstanding == 1)
+        ):
+            self._end_upload()
+            return UploadCompleted(frame)
+        if isinstance(frame, Ack) and state is ClientState.SENDING and self.outstanding:
+            if not (self.acked < frame.offset <= self.sent):
+                raise MalformedFrame(
+                    f"ACK for {frame.offset} outside the unacknowledged range "
+                    f"({self.acked}, {self.sent}]"
+                )
+            self._answered(frame.offset)
+            return ChunkAcked(frame.offset)
+        raise UnexpectedFrame(
+            f"server sent {type(frame).__name__.upper()} in state {state.value}"
+        )
+
+    def _on_error(self, frame: Error) -> ClientEvent:
+        error = error_for_code(
+            frame.code, frame.message, frame.offset, frame.retry_after_ms / 1000.0
+        )
+        if error.scope is Scope.CONNECTION:
+            self.state = ClientState.CLOSED
+        elif error.scope is Scope.TRANSFER and self.state is ClientState.SENDING:
+            if not self.outstanding:
+                raise UnexpectedFrame(f"transfer error with no packet in flight: {error}")
+            if frame.offset > self.size:
+                raise MalformedFrame("ERROR offset is past the upload size")
+            self._rewinding = True
+            self._answered(frame.offset)
+        elif self.state in (ClientState.AWAIT_ACCEPTED, ClientState.SENDING):
+            self._end_upload()
+        else:
+            raise UnexpectedFrame(f"server sent {error} in state {self.state.value}")
+        return ErrorReceived(error)
+
+    # Output ------------------------------------------------------------------
+
+    def data_to_send(self) -> list[bytes]:
+        """Bytes to write to the server, in order; clears the queue."""
+        out, self._out = self._out, []
+        return out
+
+    # Internals ---------------------------------------------------------------
+
+    def _answered(self, server_offset: int) -> None:
+        self.outstanding -= 1
+        self.acked = server_offset
+        if self.outstanding == 0 and (self._rewinding or self.finishing):
+            # Every packet in flight is answered: continue where the server is.
+            self.sent = server_offset
+            self._rewinding = self.finishing = False
+
+    def _end_upload(self) -> None:
+        self.upload_id, self.size = None, 0
+        self.acked = self.sent = self.outstanding = 0
+        self.finishing = self._rewinding = False
+        self.state = ClientState.READY
+
+    def _send(self, frame: Frame) -> None:
+        self._out.append(encode(frame))
+
+    def _expect(self, *states: ClientState) -> None:
+        if self.state not in states:
+            raise RuntimeError(
+                f"not possible in state {self.state.value}; needs "
+                + " or ".join(s.value for s in states)
+            )

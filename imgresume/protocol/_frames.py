@@ -1,0 +1,382 @@
+# -*- test-case-name: tests.test_frames -*-
+"""
+Frame value objects and their byte layout.
+
+Every frame is C{u8 type} + C{u32 body length} (big-endian) + body.  Bodies
+are built from big-endian integers, fixed-size byte strings, C{str} (u16 byte
+length + UTF-8) and C{kv} (u16 count + that many C{str} key/value pairs).
+C{docs/protocol.md} is the normative description; this module is its code.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Mapping, Union
+
+import attrs
+
+from imgresume.errors import MalformedFrame
+
+MAGIC = b"IMGR"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">BI")
+HEADER_SIZE = HEADER.size
+#: Largest body of any frame but DATA, in either direction.
+CONTROL_MAX_BODY = 65536
+#: Bytes of a DATA body before the payload: u64 offset + u32 crc32.
+DATA_PREFIX = struct.Struct(">QI")
+UPLOAD_ID_SIZE = 16
+SHA256_SIZE = 32
+
+
+class FrameType(enum.IntEnum):
+    """The u8 that opens every frame."""
+
+    HELLO = 0x01
+    WELCOME = 0x02
+    UPLOAD = 0x03
+    RESUME = 0x04
+    ACCEPTED = 0x05
+    DATA = 0x06
+    ACK = 0x07
+    COMPLETED = 0x08
+    ERROR = 0x09
+    PING = 0x0A
+    PONG = 0x0B
+
+
+def _kv(value: Mapping[str, str]) -> dict[str, str]:
+    return dict(value)
+
+
+@attrs.frozen
+class Hello:
+    """Client -> server, first frame: who is connecting and what it speaks."""
+
+    client_id: str
+    version_min: int = PROTOCOL_VERSION
+    version_max: int = PROTOCOL_VERSION
+    options: Mapping[str, str] = attrs.field(factory=dict, converter=_kv)
+
+
+@attrs.frozen
+class Welcome:
+    """Server -> client, answer to HELLO: chosen version, identity, limits."""
+
+    version: int
+    server_id: str
+    max_payload: int
+    max_file_size: int
+    chunk_size: int
+    options: Mapping[str, str] = attrs.field(factory=dict, converter=_kv)
+
+
+@attrs.frozen
+class Upload:
+    """Client -> server: start a new upload."""
+
+    name: str
+    size: int
+    sha256: bytes
+    metadata: Mapping[str, str] = attrs.field(factory=dict, converter=_kv)
+
+
+@attrs.frozen
+class Resume:
+    """Client -> server: continue an existing upload by id (32 hex digits)."""
+
+    upload_id: str
+
+
+@attrs.frozen
+class Accepted:
+    """
+    Server -> client, answer to UPLOAD or RESUME: the upload id, what the
+    server holds for it, the offset to send from, and the SHA-256 of the
+    last committed range so the client can check the residual is its file.
+    """
+
+    upload_id: str
+    name: str
+    size: int
+    sha256: bytes
+    offset: int
+    tail_start: int = 0
+    tail_length: int = 0
+    tail_sha256: bytes = b"\0" * SHA256_SIZE
+
+
+@attrs.frozen
+class Data:
+    """
+    Client -> server: payload bytes at an offset, with their CRC-32 (the
+    zlib/ISO-HDLC polynomial).  An empty payload at offset == size ends the
+    upload.
+    """
+
+    offset: int
+    crc32: int
+    payload: bytes
+
+
+@attrs.frozen
+class Ack:
+    """Server -> client: everything before C{offset} is durably stored."""
+
+    offset: int
+
+
+@attrs.frozen
+class Completed:
+    """Server -> client: the upload is verified and at its final path."""
+
+    upload_id: str
+    size: int
+    sha256: bytes
+    path: str
+
+
+@attrs.frozen
+class Error:
+    """Either direction: an error code, an offset, a retry hint, a message."""
+
+    code: int
+    message: str
+    offset: int = 0
+    retry_after_ms: int = 0
+
+
+@attrs.frozen
+class Ping:
+    """Either direction: liveness probe; the peer answers PONG(nonce)."""
+
+    nonce: int
+
+
+@attrs.frozen
+class Pong:
+    """Answer to PING with the same nonce."""
+
+    nonce: int
+
+
+Frame = Union[
+    Hello, Welcome, Upload, Resume, Accepted, Data, Ack, Completed, Error, Ping, Pong
+]
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def u8(self, v: int) -> "_Writer":
+        self.parts.append(struct.pack(">B", v))
+        return self
+
+    def u16(self, v: int) -> "_Writer":
+        self.parts.append(struct.pack(">H", v))
+        return self
+
+    def u32(self, v: int) -> "_Writer":
+        self.parts.append(struct.pack(">I", v))
+        return self
+
+    def u64(self, v: int) -> "_Writer":
+        self.parts.append(struct.pack(">Q", v))
+        return self
+
+    def fixed(self, v: bytes, size: int) -> "_Writer":
+        if len(v) != size:
+            raise ValueError(f"expected {size} bytes, got {len(v)}")
+        self.parts.append(v)
+        return self
+
+    def str(self, v: str) -> "_Writer":
+        raw = v.encode("utf-8")
+        if len(raw) > 0xFFFF:
+            raise ValueError("string longer than 65535 bytes")
+        self.parts.append(struct.pack(">H", len(raw)))
+        self.parts.append(raw)
+        return self
+
+    def kv(self, v: Mapping[str, str]) -> "_Writer":
+        if len(v) > 0xFFFF:
+            raise ValueError("too many key/value pairs")
+        self.u16(len(v))
+        for key, value in v.items():
+            self.str(key).str(value)
+        return self
+
+    def body(self) -> bytes:
+        return b"".join(self.parts)
+
+
+class _Reader:
+    def __init__(self, body: memoryview, what: str) -> None:
+        self.body = body
+        self.pos = 0
+        self.what = what
+
+    def _take(self, n: int) -> memoryview:
+        end = self.pos + n
+        if end > len(self.body):
+            raise MalformedFrame(f"{self.what} frame is truncated")
+        piece = self.body[self.pos : end]
+        self.pos = end
+        return piece
+
+    def u8(self) -> int:
+        return self._take(1)[0]
+
+    def u16(self) -> int:
+        return struct.unpack(">H", self._take(2))[0]
+
+    def u32(self) -> int:
+        return struct.unpack(">I", self._take(4))[0]
+
+    def u64(self) -> int:
+        return struct.unpack(">Q", self._take(8))[0]
+
+    def fixed(self, n: int) -> bytes:
+        return bytes(self._take(n))
+
+    def str(self) -> str:
+        raw = self._take(self.u16())
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError:
+            raise MalformedFrame(f"{self.what} frame has a string that is not UTF-8")
+
+    def kv(self) -> dict[str, str]:
+        count = self.u16()
+        out: dict[str, str] = {}
+        for _ in range(count):
+            key = self.str()
+            if key in out:
+                raise MalformedFrame(f"{self.what} frame repeats the key {key!r}")
+            out[key] = self.str()
+        return out
+
+    def rest(self) -> bytes:
+        piece = bytes(self.body[self.pos :])
+        self.pos = len(self.body)
+        return piece
+
+    def done(self) -> None:
+        if self.pos != len(self.body):
+            raise MalformedFrame(
+                f"{self.what} frame has {len(self.body) - self.pos} trailing bytes"
+            )
+
+
+def upload_id_to_bytes(upload_id: str) -> bytes:
+    """Wire form (16 bytes) of an upload id written as 32 hex digits."""
+    raw = bytes.fromhex(upload_id)
+    if len(raw) != UPLOAD_ID_SIZE:
+        raise ValueError(f"upload id must be {UPLOAD_ID_SIZE} bytes")
+    return raw
+
+
+def _frame(kind: FrameType, body: bytes) -> bytes:
+    return HEADER.pack(kind, len(body)) + body
+
+
+def data_header(offset: int, crc32: int, length: int) -> bytes:
+    """
+    The bytes of a DATA frame before its payload, so a sender can write
+    header and payload without joining them (no copy of the payload).
+    """
+    return HEADER.pack(FrameType.DATA, DATA_PREFIX.size + length) + DATA_PREFIX.pack(
+        offset, crc32
+    )
+
+
+def encode(frame: Frame) -> bytes:
+    """Serialise one frame, header included."""
+    w = _Writer()
+    if isinstance(frame, Data):
+        return data_header(frame.offset, frame.crc32, len(frame.payload)) + frame.payload
+    if isinstance(frame, Hello):
+        w.fixed(MAGIC, 4).u16(frame.version_min).u16(frame.version_max)
+        w.str(frame.client_id).kv(frame.options)
+        return _frame(FrameType.HELLO, w.body())
+    if isinstance(frame, Welcome):
+        w.u16(frame.version).str(frame.server_id).u32(frame.max_payload)
+        w.u64(frame.max_file_size).u32(frame.chunk_size).kv(frame.options)
+        return _frame(FrameType.WELCOME, w.body())
+    if isinstance(frame, Upload):
+        w.str(frame.name).u64(frame.size).fixed(frame.sha256, SHA256_SIZE)
+        w.kv(frame.metadata)
+        return _frame(FrameType.UPLOAD, w.body())
+    if isinstance(frame, Resume):
+        w.fixed(upload_id_to_bytes(frame.upload_id), UPLOAD_ID_SIZE)
+        return _frame(FrameType.RESUME, w.body())
+    if isinstance(frame, Accepted):
+        w.fixed(upload_id_to_bytes(frame.upload_id), UPLOAD_ID_SIZE).str(frame.name)
+        w.u64(frame.size).fixed(frame.sha256, SHA256_SIZE).u64(frame.offset)
+        w.u64(frame.tail_start).u32(frame.tail_length)
+        w.fixed(frame.tail_sha256, SHA256_SIZE)
+        return _frame(FrameType.ACCEPTED, w.body())
+    if isinstance(frame, Ack):
+        return _frame(FrameType.ACK, w.u64(frame.offset).body())
+    if isinstance(frame, Completed):
+        w.fixed(upload_id_to_bytes(frame.upload_id), UPLOAD_ID_SIZE)
+        w.u64(frame.size).fixed(frame.sha256, SHA256_SIZE).str(frame.path)
+        return _frame(FrameType.COMPLETED, w.body())
+    if isinstance(frame, Error):
+        w.u16(frame.code).u64(frame.offset).u32(frame.retry_after_ms)
+        w.str(frame.message)
+        return _frame(FrameType.ERROR, w.body())
+    if isinstance(frame, Ping):
+        return _frame(FrameType.PING, w.u64(frame.nonce).body())
+    if isinstance(frame, Pong):
+        return _frame(FrameType.PONG, w.u64(frame.nonce).body())
+    raise TypeError(f"not a frame: {frame!r}")
+
+
+def decode_body(kind: int, body: memoryview) -> Frame:
+    """
+    Parse the body of a frame whose header said C{kind}.
+
+    @raise MalformedFrame: unknown type, truncated or trailing bytes, bad
+        UTF-8, bad magic, repeated metadata keys.
+    """
+    try:
+        ftype = FrameType(kind)
+    except ValueError:
+        raise MalformedFrame(f"unknown frame type 0x{kind:02x}")
+    r = _Reader(body, ftype.name)
+    frame: Frame
+    if ftype is FrameType.DATA:
+        offset, crc = DATA_PREFIX.unpack(r._take(DATA_PREFIX.size))
+        return Data(offset, crc, r.rest())
+    if ftype is FrameType.HELLO:
+        if r.fixed(4) != MAGIC:
+            raise MalformedFrame("HELLO frame does not start with the magic b'IMGR'")
+        vmin, vmax = r.u16(), r.u16()
+        frame = Hello(version_min=vmin, version_max=vmax, client_id=r.str(), options=r.kv())
+    elif ftype is FrameType.WELCOME:
+        frame = Welcome(r.u16(), r.str(), r.u32(), r.u64(), r.u32(), r.kv())
+    elif ftype is FrameType.UPLOAD:
+        frame = Upload(r.str(), r.u64(), r.fixed(SHA256_SIZE), r.kv())
+    elif ftype is FrameType.RESUME:
+        frame = Resume(r.fixed(UPLOAD_ID_SIZE).hex())
+    elif ftype is FrameType.ACCEPTED:
+        frame = Accepted(
+            r.fixed(UPLOAD_ID_SIZE).hex(), r.str(), r.u64(), r.fixed(SHA256_SIZE),
+            r.u64(), r.u64(), r.u32(), r.fixed(SHA256_SIZE),
+        )
+    elif ftype is FrameType.ACK:
+        frame = Ack(r.u64())
+    elif ftype is FrameType.COMPLETED:
+        frame = Completed(r.fixed(UPLOAD_ID_SIZE).hex(), r.u64(), r.fixed(SHA256_SIZE), r.str())
+    elif ftype is FrameType.ERROR:
+        code, offset, retry = r.u16(), r.u64(), r.u32()
+        frame = Error(code, r.str(), offset, retry)
+    elif ftype is FrameType.PING:
+        frame = Ping(r.u64())
+    else:
+        frame = Pong(r.u64())
+    r.done()
+    return frame

@@ -1,0 +1,406 @@
+# -*- test-case-name: tests.test_server_connection -*-
+"""
+The server side of the protocol as a sans-IO state machine.
+
+L{ServerConnection} is fed the bytes a client sent and hands out one event at
+a time: the things that need a decision or storage work (a HELLO to validate,
+an UPLOAD to create, a RESUME, a chunk to write, the end of an upload).  The
+caller answers each event through a method (L{accept_hello},
+L{upload_opened}, L{chunk_written}, ...) and sends what L{data_to_send}
+returns.  Everything the machine can check alone (frame legality, offsets,
+CRC-32, declared sizes, metadata limits) it answers itself with ERROR frames.
+
+No reactor, no sockets: the Twisted adapter is
+L{imgresume.server._protocol.UploadServerProtocol}.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import zlib
+
+import attrs
+
+from imgresume.errors import (
+    ChecksumMismatch,
+    FileTooLarge,
+    HandshakeRejected,
+    ImgresumeError,
+    Incomplete,
+    InvalidMetadata,
+    InvalidName,
+    OffsetMismatch,
+    Scope,
+    SizeExceeded,
+    UnexpectedFrame,
+    UnsupportedVersion,
+)
+from imgresume.protocol._decoder import FrameDecoder, control_limit
+from imgresume.protocol._frames import (
+    PROTOCOL_VERSION,
+    Accepted,
+    Ack,
+    Completed,
+    Data,
+    Error,
+    Frame,
+    Hello,
+    Ping,
+    Pong,
+    Resume,
+    Upload,
+    Welcome,
+    encode,
+)
+
+CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._@:+-]{1,128}\Z")
+METADATA_KEY_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_VALUE = 4096
+MAX_NAME_BYTES = 1024
+MAX_MESSAGE_BYTES = 1024
+
+
+@attrs.frozen
+class ServerLimits:
+    """Limits a server announces in WELCOME and enforces."""
+
+    max_payload: int = 4 * 1024 * 1024
+    chunk_size: int = 1024 * 1024
+    max_file_size: int = 1 << 40
+
+
+class ServerState(enum.Enum):
+    """States of a server connection; see the table in docs/protocol.md."""
+
+    AWAIT_HELLO = "await-hello"
+    CHECKING_HELLO = "checking-hello"
+    READY = "ready"
+    OPENING = "opening"
+    RECEIVING = "receiving"
+    WRITING = "writing"
+    COMPLETING = "completing"
+    CLOSED = "closed"
+
+
+# Events handed to the caller ------------------------------------------------
+
+
+@attrs.frozen
+class HelloReceived:
+    """A well-formed HELLO with a shared version: accept or reject it."""
+
+    hello: Hello
+
+
+@attrs.frozen
+class UploadRequested:
+    """Create an upload, then call L{ServerConnection.upload_opened}."""
+
+    upload: Upload
+
+
+@attrs.frozen
+class ResumeRequested:
+    """Open an upload by id, then call L{ServerConnection.upload_opened}."""
+
+    upload_id: str
+
+
+@attrs.frozen
+class ChunkReceived:
+    """Store C{payload} at C{offset}, then call L{ServerConnection.chunk_written}."""
+
+    offset: int
+    payload: bytes
+
+
+@attrs.frozen
+class FinishRequested:
+    """All bytes are in; verify and complete, then L{ServerConnection.upload_completed}."""
+
+    size: int
+
+
+@attrs.frozen
+class ConnectionFailed:
+    """A fatal error was queued for the client; flush and close."""
+
+    error: ImgresumeError
+
+
+ServerEvent = (
+    HelloReceived | UploadRequested | ResumeRequested | ChunkReceived
+    | FinishRequested | ConnectionFailed
+)
+
+#: Frames a client may send in each state that reads frames.
+LEGAL_FRAMES: dict[ServerState, tuple[type, ...]] = {
+    ServerState.AWAIT_HELLO: (Hello,),
+    ServerState.READY: (Upload, Resume, Ping),
+    ServerState.RECEIVING: (Data, Ping),
+}
+
+
+def error_frame(error: ImgresumeError) -> Error:
+    """The ERROR frame that carries an exception to the peer."""
+    message = error.message.encode("utf-8")[:MAX_MESSAGE_BYTES].decode("utf-8", "ignore")
+    return Error(
+        code=int(error.code),
+        message=message,
+        offset=error.offset,
+        retry_after_ms=int(error.retry_after * 1000),
+    )
+
+
+class ServerConnection:
+    """
+    One client connection, server side, as a state machine.
+
+    Created by the server adapter per connection; fed with L{receive_data};
+    drained with L{next_event} and L{data_to_send}.
+    """
+
+    def __init__(self, server_id: str, limits: ServerLimits = ServerLimits()) -> None:
+        self.server_id = server_id
+        self.limits = limits
+        self.state = ServerState.AWAIT_HELLO
+        self._decoder = FrameDecoder()
+        self._out: list[bytes] = []
+        #: The client's identity, once its HELLO is accepted.
+        self.client_id: str | None = None
+        self._hello: Hello | None = None
+        self.upload_id: str | None = None
+        self.size = 0
+        self.offset = 0
+
+    # Input ----------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes not yet turned into events."""
+        return self._decoder.buffered
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes received from the client."""
+        if self.state is not ServerState.CLOSED:
+            self._decoder.feed(data)
+
+    def next_event(self) -> ServerEvent | None:
+        """
+        The next event needing the caller, or None when more bytes are
+        needed or an earlier event is still unanswered.
+        """
+        while self.state in LEGAL_FRAMES:
+            try:
+                frame = self._decoder.next_frame()
+                if frame is None:
+                    return None
+                event = self._on_frame(frame)
+            except ImgresumeError as error:
+                if error.scope is not Scope.CONNECTION:
+                    raise
+                return self._fail_connection(error)
+            if event is not None:
+                return event
+        return None
+
+    def _on_frame(self, frame: Frame) -> ServerEvent | None:
+        if not isinstance(frame, LEGAL_FRAMES[self.state]):
+            raise UnexpectedFrame(
+                f"{type(frame).__name__.upper()} is not legal in state {self.state.value}"
+            )
+        if isinstance(frame, Ping):
+            self._send(Pong(frame.nonce))
+            return None
+        if isinstance(frame, Hello):
+            return self._on_hello(frame)
+        if isinstance(frame, Upload):
+            return self._on_upload(frame)
+        if isinstance(frame, Resume):
+            self.state = ServerState.OPENING
+            return ResumeRequested(frame.upload_id)
+        assert isinstance(frame, Data)
+        return self._on_data(frame)
+
+    def _on_hello(self, hello: Hello) -> ServerEvent:
+        if not (hello.version_min <= PROTOCOL_VERSION <= hello.version_max):
+            raise UnsupportedVersion(
+                f"client speaks versions {hello.version_min}-{hello.version_max}; "
+                f"this server speaks {PROTOCOL_VERSION}"
+            )
+        if not CLIENT_ID_RE.match(hello.client_id):
+            raise HandshakeRejected(
+                "client id must be 1-128 characters of A-Z a-z 0-9 . _ @ : + -"
+            )
+        self.state = ServerState.CHECKING_HELLO
+        self._hello = hello
+        return HelloReceived(hello)
+
+    def _on_upload(self, upload: Upload) -> ServerEvent | None:
+        problem: ImgresumeError | None = None
+        if upload.size > self.limits.max_file_size:
+            problem = FileTooLarge(
+                f"declared size {upload.size} is over this server's limit of "
+                f"{self.limits.max_file_size} bytes"
+            )
+        elif len(upload.name.encode("utf-8")) > MAX_NAME_BYTES:
+            problem = InvalidName(f"name is longer than {MAX_NAME_BYTES} bytes")
+        else:
+            problem = _check_metadata(upload.metadata)
+        if problem is not None:
+            self._send(error_frame(problem))
+            return None
+        self.state = ServerState.OPENING
+        return UploadRequested(upload)
+
+    def _on_data(self, data: Data) -> ServerEvent | None:
+        end = data.offset + len(data.payload)
+        if data.offset != self.offset:
+            problem: ImgresumeError = OffsetMismatch(
+                f"packet at offset {data.offset} but {self.offset} bytes are stored; "
+                f"continue from {self.offset}",
+                offset=self.offset,
+            )
+        elif end > self.size:
+            problem = SizeExceeded(
+                f"packet ends at {end}, past the declared size {self.size}",
+                offset=self.offset,
+            )
+        elif zlib.crc32(data.payload) != data.crc32:
+            problem = ChecksumMismatch(
+                f"payload at offset {data.offset} does not match its CRC-32; resend it",
+                offset=self.offset,
+            )
+        elif not data.payload:
+            if self.offset < self.size:
+                problem = Incomplete(
+                    f"end of upload signalled at {self.offset} of {self.size} bytes",
+                    offset=self.offset,
+                )
+            else:
+                self.state = ServerState.COMPLETING
+                return FinishRequested(self.size)
+        else:
+            self.state = ServerState.WRITING
+            return ChunkReceived(data.offset, data.payload)
+        self._send(error_frame(problem))
+        return None
+
+    # Answers from the caller ------------------------------------------------
+
+    def accept_hello(self, options: dict[str, str] | None = None) -> None:
+        """The client is welcome: send WELCOME with this server's limits."""
+        self._expect(ServerState.CHECKING_HELLO)
+        assert self._hello is not None
+        self.client_id = self._hello.client_id
+        self._send(
+            Welcome(
+                version=PROTOCOL_VERSION,
+                server_id=self.server_id,
+                max_payload=self.limits.max_payload,
+                max_file_size=self.limits.max_file_size,
+                chunk_size=self.limits.chunk_size,
+                options=options or {},
+            )
+        )
+        self._decoder.limit = control_limit(self.limits.max_payload)
+        self.state = ServerState.READY
+
+    def upload_opened(
+        self,
+        upload_id: str,
+        name: str,
+        size: int,
+        sha256: bytes,
+        offset: int,
+        tail: tuple[int, int, bytes] | None = None,
+    ) -> None:
+        """Storage created or resumed the upload: send ACCEPTED."""
+        self._expect(ServerState.OPENING)
+        start, length, digest = tail if tail is not None else (0, 0, b"\0" * 32)
+        self._send(Accepted(upload_id, name, size, sha256, offset, start, length, digest))
+        self.upload_id, self.size, self.offset = upload_id, size, offset
+        self.state = ServerState.RECEIVING
+
+    def chunk_written(self, offset: int) -> None:
+        """Storage made the chunk durable: acknowledge up to C{offset}."""
+        self._expect(ServerState.WRITING)
+        self.offset = offset
+        self._send(Ack(offset))
+        self.state = ServerState.RECEIVING
+
+    def upload_completed(self, upload_id: str, size: int, sha256: bytes, path: str) -> None:
+        """The upload is verified and in place (or was already): send COMPLETED."""
+        self._expect(ServerState.COMPLETING, ServerState.OPENING)
+        self._send(Completed(upload_id, size, sha256, path))
+        self._end_upload()
+
+    def fail(self, error: ImgresumeError) -> ServerEvent | None:
+        """
+        Answer the pending event with an error.  Its scope decides the next
+        state: the connection closes (a L{ConnectionFailed} is returned), the
+        upload ends on this connection, or the transfer goes on from
+        C{error.offset}.
+        """
+        if error.scope is Scope.CONNECTION:
+            return self._fail_connection(error)
+        self._send(error_frame(error))
+        if error.scope is Scope.TRANSFER and self.state in (
+            ServerState.WRITING, ServerState.COMPLETING, ServerState.RECEIVING,
+        ):
+            self.offset = error.offset
+            self.state = ServerState.RECEIVING
+        else:
+            self._end_upload()
+        return None
+
+    def close(self, error: ImgresumeError) -> ServerEvent:
+        """End the connection with C{error} from any state (timeouts, shutdown)."""
+        return self._fail_connection(error)
+
+    # Output -------------------------------------------------------------
+
+    def data_to_send(self) -> list[bytes]:
+        """Bytes to write to the client, in order; clears the queue."""
+        out, self._out = self._out, []
+        return out
+
+    # Internals -----------------------------------------------------------
+
+    def _send(self, frame: Frame) -> None:
+        self._out.append(encode(frame))
+
+    def _end_upload(self) -> None:
+        self.upload_id, self.size, self.offset = None, 0, 0
+        self.state = ServerState.READY
+
+    def _expect(self, *states: ServerState) -> None:
+        if self.state not in states:
+            raise RuntimeError(
+                f"answer given in state {self.state.value}; expected "
+                + " or ".join(s.value for s in states)
+            )
+
+    def _fail_connection(self, error: ImgresumeError) -> ServerEvent:
+        if self.state is not ServerState.CLOSED:
+            self._send(error_frame(error))
+        self.state = ServerState.CLOSED
+        return ConnectionFailed(error)
+
+
+def _check_metadata(metadata: dict[str, str]) -> ImgresumeError | None:
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        return InvalidMetadata(f"at most {MAX_METADATA_ENTRIES} metadata entries")
+    for key, value in metadata.items():
+        if not METADATA_KEY_RE.match(key):
+            return InvalidMetadata(
+                "metadata keys are 1-128 characters of A-Z a-z 0-9 . _ -"
+            )
+        if len(value.encode("utf-8")) > MAX_METADATA_VALUE:
+            return InvalidMetadata(
+                f"metadata value for {key!r} is over {MAX_METADATA_VALUE} bytes"
+            )
+    return None
+

@@ -1,0 +1,316 @@
+# -*- test-case-name: tests.test_server_protocol -*-
+"""
+The Twisted adapter between a TCP (or TLS, or UNIX) connection and the
+sans-IO L{ServerConnection}: it feeds received bytes to the machine, runs the
+storage work each event asks for, writes the machine's answers, pauses the
+transport while storage is busy and enforces the handshake and idle
+timeouts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from imgresume.errors import (
+    ImgresumeError,
+    InternalError,
+    Scope,
+    ShuttingDown,
+    Timeout,
+    UploadAlreadyComplete,
+)
+from imgresume.protocol import (
+    ChunkReceived,
+    ConnectionFailed,
+    FinishRequested,
+    HelloReceived,
+    ResumeRequested,
+    ServerConnection,
+    ServerLimits,
+    UploadRequested,
+)
+from imgresume.storage.interfaces import IUploadStorage, IUploadWriter, NewUpload
+
+#: Seconds a closing connection may take to flush before it is aborted.
+CLOSE_GRACE = 5.0
+
+
+class UploadServerProtocol(Protocol):
+    """
+    One client connection on a server.  Built by L{UploadServerFactory}.
+
+    At most one storage operation runs at a time for a connection; while it
+    runs, received bytes stay in the machine's buffer and reading pauses once
+    a full frame is waiting, so a client can never make the server buffer
+    more than about one frame.
+    """
+
+    log = Logger()
+
+    def __init__(self, factory: "UploadServerFactory") -> None:
+        self.factory = factory
+        self.machine = ServerConnection(factory.server_id, factory.limits)
+        self.writer: Any = None  # IUploadWriter while an upload is open
+        self.peer = "?"
+        self._busy: Deferred[Any] | None = None
+        self._pumping = False
+        self._paused = False
+        self._closing = False
+        self._timer: IDelayedCall | None = None
+        self._bytes_received = 0
+        #: Fires once the connection is gone and its upload released.
+        self.closed: Deferred[None] = Deferred()
+
+    # Connection lifecycle -------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self.factory.connections.add(self)
+        self._reset_timer(self.factory.handshake_timeout)
+        self.log.info("connection from {peer}", peer=self.peer)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._bytes_received += len(data)
+        self.machine.receive_data(data)
+        self._pump()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.factory.connections.discard(self)
+        self._cancel_timer()
+        self._closing = True
+        self.log.info(
+            "connection from {peer} closed after {bytes} bytes: {reason}",
+            peer=self.peer, bytes=self._bytes_received,
+            reason=reason.getErrorMessage(),
+        )
+        if self._busy is not None:
+            # Let the storage call in flight finish, then give up ownership.
+            d = self._busy
+            d.addBoth(lambda _: self._release_writer())
+        else:
+            d = self._release_writer()
+        d.addBoth(lambda _: self.closed.callback(None))
+
+    def shutdown(self) -> None:
+        """Called by the factory when the server stops: tell the client."""
+        self._close_with(ShuttingDown("server is shutting down; reconnect to resume"))
+
+    # The event loop -------------------------------------------------------
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return  # a storage call fired synchronously inside the loop below
+        self._pumping = True
+        try:
+            while self._busy is None and not self._closing:
+                event = self.machine.next_event()
+                if event is None:
+                    break
+                self._dispatch(event)
+        finally:
+            self._pumping = False
+        self._flush()
+        self._apply_backpressure()
+
+    def _dispatch(self, event: object) -> None:
+        storage: IUploadStorage = self.factory.storage
+        if isinstance(event, HelloReceived):
+            self._on_hello(event)
+        elif isinstance(event, UploadRequested):
+            up = event.upload
+            self.log.info(
+                "upload requested: {name} ({size} bytes) by {client}",
+                name=up.name, size=up.size, client=self.machine.client_id,
+            )
+            request = NewUpload(
+                up.name, up.size, up.sha256, up.metadata, self.machine.client_id or ""
+            )
+            self._run(storage.create(request), self._opened, resumed=False)
+        elif isinstance(event, ResumeRequested):
+            self._run(storage.resume(event.upload_id), self._opened, resumed=True)
+        elif isinstance(event, ChunkReceived):
+            self._run(self.writer.write(event.offset, event.payload), self.machine.chunk_written)
+        elif isinstance(event, FinishRequested):
+            self._run(self.writer.complete(), self._completed)
+        elif isinstance(event, ConnectionFailed):
+            self._after_fatal(event.error)
+
+    def _on_hello(self, event: HelloReceived) -> None:
+        self.machine.accept_hello()
+        self._reset_timer(self.factory.idle_timeout)
+        self.log.info(
+            "handshake from {peer}: client {client}",
+            peer=self.peer, client=event.hello.client_id,
+        )
+
+    def _run(self, d: Deferred[Any], on_success: Any, **kw: Any) -> None:
+        """Run one storage call; the loop stops until it fires."""
+        busy: Deferred[Any] = Deferred()
+        self._busy = busy
+
+        def done(result: Any) -> None:
+            self._busy = None
+            if isinstance(result, Failure):
+                self._storage_failed(result)
+            elif not self._closing:
+                on_success(result, **kw)
+            elif IUploadWriter.providedBy(result):
+                result.release()  # the client left while storage opened it
+            busy.callback(None)
+            self._pump()
+
+        d.addBoth(done)
+
+    def _opened(self, writer: IUploadWriter, resumed: bool) -> None:
+        self.writer = writer
+        info, tail = writer.info, writer.tail
+        self.machine.upload_opened(
+            info.upload_id, info.name, info.size, info.sha256, writer.offset,
+            (tail.start, tail.length, tail.sha256),
+        )
+        self.log.info(
+            "{how} upload {upload_id} ({name}) at offset {offset} of {size}",
+            how="resumed" if resumed else "created", upload_id=info.upload_id,
+            name=info.name, offset=writer.offset, size=info.size,
+        )
+
+    def _completed(self, completed: Any) -> None:
+        self.writer = None
+        self.machine.upload_completed(
+            completed.upload_id, completed.size, completed.sha256, completed.path
+        )
+        self.log.info(
+            "completed upload {upload_id}: {path} ({size} bytes, sha256 {sha256})",
+            upload_id=completed.upload_id, path=completed.path,
+            size=completed.size, sha256=completed.sha256.hex(),
+        )
+
+    def _storage_failed(self, failure: Failure) -> None:
+        error = failure.value
+        if isinstance(error, UploadAlreadyComplete):
+            self._completed(error.completed)
+            return
+        if not isinstance(error, ImgresumeError):
+            self.log.failure("storage call failed unexpectedly", failure)
+            error = InternalError(
+                f"unexpected {type(error).__name__} on the server; nothing stored is lost"
+            )
+        self.log.warn(
+            "upload {upload_id} error {code}: {message}",
+            upload_id=self.machine.upload_id, code=error.code.name, message=error.message,
+        )
+        if error.scope is not Scope.TRANSFER and self.writer is not None:
+            self._release_writer()
+        if self._closing:
+            return
+        event = self.machine.fail(error)
+        if isinstance(event, ConnectionFailed):
+            self._after_fatal(error)
+
+    # Output, backpressure, timeouts ------------------------------------
+
+    def _flush(self) -> None:
+        out = self.machine.data_to_send()
+        if out and self.transport is not None:
+            self.transport.writeSequence(out)
+
+    def _apply_backpressure(self) -> None:
+        want_pause = self._busy is not None and self.machine.buffered >= self.factory.limits.max_payload
+        if want_pause and not self._paused and not self._closing:
+            self.transport.pauseProducing()
+            self._paused = True
+        elif self._paused and not want_pause:
+            self.transport.resumeProducing()
+            self._paused = False
+        if not self._closing and self.machine.client_id is not None:
+            self._reset_timer(self.factory.idle_timeout)
+
+    def _reset_timer(self, seconds: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(seconds)
+        else:
+            self._timer = self.factory.clock.callLater(seconds, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._busy is not None:
+            # Storage is slow, not the client: wait for it.
+            self._reset_timer(self.factory.idle_timeout)
+            return
+        self._close_with(Timeout(f"no frame for too long in state {self.machine.state.value}"))
+
+    def _close_with(self, error: ImgresumeError) -> None:
+        if self._closing:
+            return
+        self.machine.close(error)
+        self._after_fatal(error)
+
+    def _after_fatal(self, error: ImgresumeError) -> None:
+        self.log.warn(
+            "closing connection from {peer}: {code}: {message}",
+            peer=self.peer, code=error.code.name, message=error.message,
+        )
+        self._flush()
+        self._closing = True
+        self._cancel_timer()
+        if self._paused:
+            self.transport.resumeProducing()
+        self.transport.loseConnection()
+        self.factory.clock.callLater(CLOSE_GRACE, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if self in self.factory.connections:
+            self.transport.abortConnection()
+
+    def _release_writer(self) -> Deferred[None]:
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return succeed(None)
+        return writer.release().addErrback(
+            lambda f: self.log.failure("releasing upload failed", f)
+        )
+
+
+class UploadServerFactory(Factory):
+    """
+    Builds L{UploadServerProtocol}s for one server.  Created by
+    L{imgresume.server.makeServerService} (and by tests with a memory storage
+    and a fake clock).
+    """
+
+    def __init__(
+        self,
+        storage: IUploadStorage,
+        server_id: str,
+        clock: IReactorTime,
+        limits: ServerLimits = ServerLimits(),
+        handshake_timeout: float = 30.0,
+        idle_timeout: float = 300.0,
+    ) -> None:
+        self.storage = storage
+        self.server_id = server_id
+        self.clock = clock
+        self.limits = limits
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.connections: set[UploadServerProtocol] = set()
+
+    def buildProtocol(self, addr: Any) -> UploadServerProtocol:
+        return UploadServerProtocol(self)
+
+    def shutdown(self) -> None:
+        """Tell every connected client the server is stopping, and close."""
+        for proto in list(self.connections):
+            proto.shutdown()

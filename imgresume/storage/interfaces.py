@@ -1,0 +1,151 @@
+# -*- test-case-name: tests.test_storage -*-
+"""
+The storage API every imgresume backend implements.
+
+The server calls an L{IUploadStorage} to create or resume an upload and gets
+back an L{IUploadWriter} that holds the upload's write ownership until it is
+completed, aborted or released.  Every method that touches storage returns a
+Deferred: a backend on a real disk runs its work on a thread pool so the
+reactor never blocks on disk.
+
+Implementations: L{imgresume.storage.filesystem.FilesystemStorage} (shared
+filesystem, the main one) and L{imgresume.storage.memory.MemoryStorage} (fast
+tests).  Both pass the conformance mixin in C{tests/storage_conformance.py}.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import attrs
+from zope.interface import Attribute, Interface
+
+#: Guarantees a backend may declare in L{IUploadStorage.guarantees}.
+DURABLE_ACK = "durable-ack"  # a write's Deferred fires only once bytes are durable
+SHARED = "shared"  # several server processes (hosts) may use it at once
+EXCLUSIVE_WRITER = "exclusive-writer"  # one writer per upload across all users
+PROVEN_OFFSET = "proven-offset"  # resume offsets come from checksummed records
+ATOMIC_COMPLETE = "atomic-complete"  # completed files appear whole or not at all
+
+
+@attrs.frozen
+class NewUpload:
+    """What a client asks for when it starts an upload (the UPLOAD frame)."""
+
+    name: str
+    size: int
+    sha256: bytes
+    metadata: Mapping[str, str] = attrs.field(factory=dict)
+    client_id: str = ""
+
+
+@attrs.frozen
+class UploadInfo:
+    """What storage knows of an upload, fixed at creation."""
+
+    upload_id: str  # 32 lowercase hex digits (128 random bits)
+    name: str
+    size: int
+    sha256: bytes
+    metadata: Mapping[str, str]
+    client_id: str
+    created: float  # seconds since the epoch
+
+
+@attrs.frozen
+class TailCheck:
+    """
+    The last committed range of a partial upload and the SHA-256 of the bytes
+    actually stored there, so a resuming client can check that the residual
+    belongs to its file.  Empty (C{length == 0}) when nothing is stored.
+    """
+
+    start: int
+    length: int
+    sha256: bytes
+
+
+@attrs.frozen
+class CompletedUpload:
+    """A finished upload: where it lies and the SHA-256 verified on its bytes."""
+
+    upload_id: str
+    name: str
+    size: int
+    sha256: bytes
+    path: str  # relative to the storage root, "/"-separated
+
+
+class IUploadStorage(Interface):
+    """
+    A place where partial and completed uploads live, shared by every server
+    that points at it.  Called by the server protocol adapter.
+    """
+
+    guarantees = Attribute(
+        "frozenset of the guarantee names above that this backend provides."
+    )
+
+    def create(request: NewUpload):
+        """
+        Start a new upload at offset 0 and take write ownership of it.
+
+        @raise imgresume.errors.InvalidName: the name is not acceptable.
+        @raise imgresume.errors.StorageFull: no space to start it.
+        @return: Deferred firing with an L{IUploadWriter}.
+        """
+
+    def resume(upload_id: str):
+        """
+        Take write ownership of an existing partial upload and establish the
+        offset of its proven residual bytes (truncating anything past it).
+
+        @raise imgresume.errors.UnknownUpload: no such upload.
+        @raise imgresume.errors.UploadBusy: another writer owns it.
+        @raise imgresume.errors.UploadAlreadyComplete: it is finished; the
+            exception carries the L{CompletedUpload}.
+        @return: Deferred firing with an L{IUploadWriter}.
+        """
+
+
+class IUploadWriter(Interface):
+    """
+    Write ownership of one partial upload.  Obtained from L{IUploadStorage};
+    used by one connection at a time, one call at a time (each call's Deferred
+    must fire before the next call).
+    """
+
+    info = Attribute("The L{UploadInfo}.")
+    offset = Attribute("int: bytes stored durably and proven; the next write offset.")
+    tail = Attribute("L{TailCheck} of the last committed range at resume time.")
+
+    def write(offset: int, data: bytes):
+        """
+        Store C{data} at C{offset}, which must equal L{offset}.  The Deferred
+        fires with the new offset only once the bytes are durable.
+
+        @raise imgresume.errors.OffsetMismatch: C{offset != self.offset}.
+        @raise imgresume.errors.SizeExceeded: past the declared size.
+        @raise imgresume.errors.StorageFull: out of space (nothing committed;
+            the upload stays resumable at the old offset).
+        @raise imgresume.errors.StorageError: any other failure.  After a
+            failed flush the writer is poisoned: every later call fails and the
+            next owner re-proves the offset from storage.
+        """
+
+    def complete():
+        """
+        Verify the stored bytes hash to the declared SHA-256, then make the
+        file visible at its final path atomically and release ownership.
+
+        @raise imgresume.errors.Incomplete: C{offset < size}.
+        @raise imgresume.errors.DigestMismatch: the stored bytes hash to
+            something else (the upload is removed).
+        @return: Deferred firing with a L{CompletedUpload}.
+        """
+
+    def abort():
+        """Remove the partial upload and release ownership."""
+
+    def release():
+        """Give up ownership, keeping every stored byte for a later resume."""
