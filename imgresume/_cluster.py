@@ -1,0 +1,152 @@
+# -*- test-case-name: tests.test_failover -*-
+"""
+A local cluster of real processes: N C{twistd imgresume} servers over one
+storage directory and one C{twistd imgresume-lb} in front of them.  Used by
+C{make demo} and by the failover tests; not part of the public API.
+
+Servers listen on UNIX sockets in the cluster directory (no port races);
+the balancer listens on a free TCP port on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+import attrs
+
+
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_connectable(address: str | tuple[str, int], timeout: float = 15.0,
+                           proc: subprocess.Popen | None = None) -> None:
+    """Block until a UNIX path or (host, port) accepts connections."""
+    deadline = time.monotonic() + timeout
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.socket(family) as s:
+                s.connect(address)
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on {address} after {timeout} s")
+            time.sleep(0.05)
+
+
+@attrs.define
+class Node:
+    """One process of the cluster."""
+
+    name: str
+    argv: list[str]
+    address: str | tuple[str, int]
+    log: str
+    proc: subprocess.Popen | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def twistd_argv(*args: str) -> list[str]:
+    """Run twistd with this interpreter, in the foreground, without a pid file."""
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", *args]
+
+
+class LocalCluster:
+    """
+    Start, kill and stop a balancer and servers as child processes.
+
+    @ivar lb_endpoint: the client endpoint string of the balancer.
+    """
+
+    def __init__(self, directory: str, servers: int = 3, storage: str | None = None,
+                 server_args: Sequence[str] = (), lb_args: Sequence[str] = ()) -> None:
+        self.directory = os.path.abspath(directory)
+        self.storage = storage or os.path.join(self.directory, "storage")
+        os.makedirs(self.storage, exist_ok=True)
+        os.makedirs(os.path.join(self.directory, "logs"), exist_ok=True)
+        self.servers: dict[str, Node] = {}
+        for i in range(1, servers + 1):
+            name = f"node-{i}"
+            sock = os.path.join(self.directory, f"{name}.sock")
+            self.servers[name] = Node(
+                name,
+                twistd_argv(
+                    "--logfile", self._log(name), "imgresume", "--listen", f"unix:{sock}",
+                    "--storage", self.storage, "--server-id", name, *server_args,
+                ),
+                sock,
+                self._log(name),
+            )
+        port = free_tcp_port()
+        backends = [a for n in self.servers.values() for a in ("--backend", f"unix:{n.address}")]
+        self.lb = Node(
+            "lb",
+            twistd_argv("--logfile", self._log("lb"), "imgresume-lb",
+                        "--listen", f"tcp:{port}:interface=127.0.0.1", *backends, *lb_args),
+            ("127.0.0.1", port),
+            self._log("lb"),
+        )
+        self.lb_endpoint = f"tcp:127.0.0.1:{port}"
+
+    def _log(self, name: str) -> str:
+        return os.path.join(self.directory, "logs", f"{name}.log")
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        return env
+
+    def start_node(self, node: Node) -> None:
+        """Start (or restart) one process and wait until it listens."""
+        if isinstance(node.address, str) and os.path.exists(node.address):
+            os.unlink(node.address)  # a stale socket left by a SIGKILL
+        node.proc = subprocess.Popen(
+            node.argv, env=self._env(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=open(node.log + ".stderr", "ab"),
+        )
+        wait_until_connectable(node.address, proc=node.proc)
+
+    def start(self) -> "LocalCluster":
+        """Start every server, then the balancer."""
+        for node in self.servers.values():
+            self.start_node(node)
+        self.start_node(self.lb)
+        return self
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (a server name, or "lb") and reap it."""
+        node = self.lb if name == "lb" else self.servers[name]
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGKILL)
+            node.proc.wait()
+
+    def stop(self) -> None:
+        """Terminate every process still running (SIGTERM, then SIGKILL)."""
+        nodes = [self.lb, *self.servers.values()]
+        for node in nodes:
+            if node.running:
+                node.proc.terminate()
+        for node in nodes:
+            if node.proc is not None:
+                try:
+                    node.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    node.proc.kill()
+                    node.proc.wait()

@@ -1,0 +1,30 @@
+# A whole cluster in one process, for trying imgresume out:
+#   twistd -ny tac/cluster.tac
+# then:  imgresume upload --to tcp:127.0.0.1:7000 FILE
+#
+# A balancer on 127.0.0.1:7000 in front of three servers on 9001-9003, all
+# sharing one storage directory ($IMGRESUME_STORAGE, default
+# ./imgresume-storage).  In production each server runs in its own process,
+# usually on its own host (see tac/server.tac and docs/operations.md).
+import os
+
+from twisted.application import strports
+from twisted.application.service import Application
+from twisted.internet import reactor
+
+from imgresume.balancer import buildBalancer
+from imgresume.server import makeServerService
+
+storage = os.path.abspath(os.environ.get("IMGRESUME_STORAGE", "imgresume-storage"))
+os.makedirs(storage, exist_ok=True)
+
+application = Application("imgresume-cluster")
+backends = []
+for i in (1, 2, 3):
+    port = 9000 + i
+    makeServerService(
+        f"tcp:{port}:interface=127.0.0.1", storage, server_id=f"node-{i}"
+    ).setServiceParent(application)
+    backends.append(f"tcp:127.0.0.1:{port}")
+strports.service("tcp:7000:interface=127.0.0.1", buildBalancer(reactor, backends)
+                 ).setServiceParent(application)
