@@ -4,17 +4,20 @@ A local cluster of real processes: N C{twistd imgresume} servers over one
 storage directory and one C{twistd imgresume-lb} in front of them.  Used by
 C{make demo} and by the failover tests; not part of the public API.
 
-Servers listen on UNIX sockets in the cluster directory (no port races);
-the balancer listens on a free TCP port on 127.0.0.1.
+Servers listen on UNIX sockets in a short-named temporary directory (no
+port races; socket paths are limited to about 100 bytes); the balancer
+listens on a free TCP port on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Sequence
 
@@ -80,10 +83,11 @@ class LocalCluster:
         self.storage = storage or os.path.join(self.directory, "storage")
         os.makedirs(self.storage, exist_ok=True)
         os.makedirs(os.path.join(self.directory, "logs"), exist_ok=True)
+        self.sockets = tempfile.mkdtemp(prefix="imgr-")
         self.servers: dict[str, Node] = {}
         for i in range(1, servers + 1):
             name = f"node-{i}"
-            sock = os.path.join(self.directory, f"{name}.sock")
+            sock = os.path.join(self.sockets, f"{name}.sock")
             self.servers[name] = Node(
                 name,
                 twistd_argv(
@@ -150,3 +154,4 @@ class LocalCluster:
                 except subprocess.TimeoutExpired:
                     node.proc.kill()
                     node.proc.wait()
+        shutil.rmtree(self.sockets, ignore_errors=True)

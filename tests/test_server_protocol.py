@@ -1,0 +1,332 @@
+"""
+The server's Twisted adapter (UploadServerProtocol) driven over an in-memory
+transport with a fake clock: storage calls, backpressure, timeouts, errors
+and release of ownership.
+"""
+
+import hashlib
+import zlib
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from imgresume.errors import ErrorCode, StorageError, StorageFull
+from imgresume.protocol import (
+    Accepted,
+    Ack,
+    Completed,
+    Data,
+    Error,
+    FrameDecoder,
+    Hello,
+    Ping,
+    Pong,
+    Resume,
+    ServerLimits,
+    Upload,
+    Welcome,
+    encode,
+)
+from imgresume.protocol._decoder import control_limit
+from imgresume.server import UploadServerFactory
+from imgresume.storage.memory import MemoryStorage
+
+CONTENT = bytes(range(256)) * 40  # 10240 bytes
+SHA = hashlib.sha256(CONTENT).digest()
+
+
+def data(offset: int, payload: bytes) -> bytes:
+    return encode(Data(offset, zlib.crc32(payload), payload))
+
+
+class Harness:
+    """A server protocol on a StringTransport, and a decoder for its output."""
+
+    def __init__(self, storage: Any, limits: ServerLimits = ServerLimits(chunk_size=4096)):
+        self.clock = Clock()
+        self.factory = UploadServerFactory(
+            storage, "test-server", self.clock, limits=limits,
+            handshake_timeout=10, idle_timeout=60,
+        )
+        self.proto = self.factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        self.decoder = FrameDecoder(control_limit(1 << 20))
+
+    def send(self, *frames: bytes) -> list:
+        for raw in frames:
+            self.proto.dataReceived(raw)
+        return self.received()
+
+    def received(self) -> list:
+        self.decoder.feed(self.transport.value())
+        self.transport.clear()
+        out = []
+        while (frame := self.decoder.next_frame()) is not None:
+            out.append(frame)
+        return out
+
+    def handshake(self) -> Welcome:
+        [welcome] = self.send(encode(Hello("tester")))
+        return welcome
+
+    def start(self, name: str = "a.tif") -> Accepted:
+        self.handshake()
+        [accepted] = self.send(encode(Upload(name, len(CONTENT), SHA)))
+        return accepted
+
+
+class SlowStorage:
+    """Wraps a storage so each writer call waits until the test fires it."""
+
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage
+        self.pending: list[Deferred] = []
+        self.released = 0
+
+    def create(self, request):
+        return self.storage.create(request).addCallback(SlowWriter, self)
+
+    def resume(self, upload_id):
+        return self.storage.resume(upload_id).addCallback(SlowWriter, self)
+
+
+class SlowWriter:
+    def __init__(self, writer: Any, owner: SlowStorage) -> None:
+        self.writer, self.owner = writer, owner
+        self.info, self.tail = writer.info, writer.tail
+
+    @property
+    def offset(self) -> int:
+        return self.writer.offset
+
+    def _later(self, result: Deferred) -> Deferred:
+        gate: Deferred = Deferred()
+        self.owner.pending.append(gate)
+        return gate.addCallback(lambda _: result)
+
+    def write(self, offset, payload):
+        return self._later(self.writer.write(offset, payload))
+
+    def complete(self):
+        return self._later(self.writer.complete())
+
+    def release(self):
+        self.owner.released += 1
+        return self.writer.release()
+
+
+class HappyPathTests(SynchronousTestCase):
+    def test_upload_then_second_upload_on_same_connection(self) -> None:
+        """A whole upload completes; the connection then takes another one."""
+        storage = MemoryStorage()
+        h = Harness(storage)
+        welcome = h.handshake()
+        self.assertEqual((welcome.server_id, welcome.chunk_size), ("test-server", 4096))
+        [acc] = h.send(encode(Upload("a.tif", len(CONTENT), SHA, {"dpi": "600"})))
+        self.assertEqual((acc.offset, acc.size, acc.sha256), (0, len(CONTENT), SHA))
+        acks = h.send(data(0, CONTENT[:4096]), data(4096, CONTENT[4096:]))
+        self.assertEqual(acks, [Ack(4096), Ack(len(CONTENT))])
+        [done] = h.send(data(len(CONTENT), b""))
+        self.assertIsInstance(done, Completed)
+        self.assertEqual(storage.read_completed(done.path), CONTENT)
+        [acc2] = h.send(encode(Upload("b.tif", 0, hashlib.sha256(b"").digest())))
+        [done2] = h.send(data(0, b""))
+        self.assertEqual(done2.size, 0)
+        self.assertNotEqual(acc2.upload_id, acc.upload_id)
+
+    def test_resume_on_a_second_server(self) -> None:
+        """Another server over the same storage resumes at the stored offset."""
+        storage = MemoryStorage()
+        first = Harness(storage)
+        acc = first.start()
+        first.send(data(0, CONTENT[:4096]))
+        first.proto.connectionLost(Failure(Exception("gone")))
+        second = Harness(storage)
+        second.handshake()
+        [resumed] = second.send(encode(Resume(acc.upload_id)))
+        self.assertEqual(resumed.offset, 4096)
+        self.assertEqual(resumed.tail_sha256, hashlib.sha256(CONTENT[:4096]).digest())
+        second.send(data(4096, CONTENT[4096:]))
+        [done] = second.send(data(len(CONTENT), b""))
+        self.assertEqual(storage.read_completed(done.path), CONTENT)
+
+    def test_resume_of_completed_upload_answers_completed(self) -> None:
+        """A client that lost COMPLETED gets it again on RESUME."""
+        storage = MemoryStorage()
+        h = Harness(storage)
+        acc = h.start()
+        h.send(data(0, CONTENT))
+        [done] = h.send(data(len(CONTENT), b""))
+        again = Harness(storage)
+        again.handshake()
+        self.assertEqual(again.send(encode(Resume(acc.upload_id))), [done])
+
+    def test_ping(self) -> None:
+        """PING is answered with PONG in the ready state."""
+        h = Harness(MemoryStorage())
+        h.handshake()
+        self.assertEqual(h.send(encode(Ping(42))), [Pong(42)])
+
+
+class ErrorTests(SynchronousTestCase):
+    def test_busy_while_another_connection_owns_it(self) -> None:
+        """A second connection resuming an owned upload gets UPLOAD_BUSY."""
+        storage = MemoryStorage()
+        owner = Harness(storage)
+        acc = owner.start()
+        other = Harness(storage)
+        other.handshake()
+        [err] = other.send(encode(Resume(acc.upload_id)))
+        self.assertEqual(err.code, ErrorCode.UPLOAD_BUSY)
+        self.assertGreater(err.retry_after_ms, 0)
+        owner.proto.connectionLost(Failure(Exception("gone")))
+        [ok] = other.send(encode(Resume(acc.upload_id)))
+        self.assertIsInstance(ok, Accepted)
+
+    def test_unknown_upload(self) -> None:
+        """RESUME of an id nobody created is UNKNOWN_UPLOAD; the connection stays usable."""
+        h = Harness(MemoryStorage())
+        h.handshake()
+        [err] = h.send(encode(Resume("0" * 32)))
+        self.assertEqual(err.code, ErrorCode.UNKNOWN_UPLOAD)
+        self.assertEqual(h.send(encode(Ping(1))), [Pong(1)])
+
+    def test_invalid_name(self) -> None:
+        """A path trick in the name is refused with INVALID_NAME."""
+        h = Harness(MemoryStorage())
+        h.handshake()
+        [err] = h.send(encode(Upload("../../etc/passwd", 1, SHA)))
+        self.assertEqual(err.code, ErrorCode.INVALID_NAME)
+
+    def test_offset_mismatch_then_continue(self) -> None:
+        """A packet at the wrong offset gets the stored offset; the right one is accepted."""
+        h = Harness(MemoryStorage())
+        h.start()
+        h.send(data(0, CONTENT[:4096]))
+        [err] = h.send(data(0, CONTENT[:4096]))
+        self.assertEqual((err.code, err.offset), (ErrorCode.OFFSET_MISMATCH, 4096))
+        self.assertEqual(h.send(data(4096, CONTENT[4096:])), [Ack(len(CONTENT))])
+
+    def test_storage_full_keeps_upload_resumable(self) -> None:
+        """STORAGE_FULL is reported, ownership released, the upload resumable."""
+        storage = MemoryStorage()
+        h = Harness(storage)
+        acc = h.start()
+        h.send(data(0, CONTENT[:4096]))
+        writer = h.proto.writer
+        writer.write = lambda offset, payload: fail(StorageFull("no space left on storage"))
+        [err] = h.send(data(4096, CONTENT[4096:8192]))
+        self.assertEqual(err.code, ErrorCode.STORAGE_FULL)
+        self.assertIsNone(h.proto.writer)
+        again = Harness(storage)
+        again.handshake()
+        [resumed] = again.send(encode(Resume(acc.upload_id)))
+        self.assertEqual(resumed.offset, 4096)
+
+    def test_unexpected_exception_is_internal_error(self) -> None:
+        """A bug in storage becomes INTERNAL_ERROR and a close, not a silent drop."""
+        h = Harness(MemoryStorage())
+        h.start()
+        h.proto.writer.write = lambda offset, payload: fail(ZeroDivisionError())
+        [err] = h.send(data(0, CONTENT[:4096]))
+        self.assertEqual(err.code, ErrorCode.INTERNAL_ERROR)
+        self.assertTrue(h.transport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_garbage_closes_with_error(self) -> None:
+        """Bytes that are not a HELLO get MALFORMED_FRAME and a close."""
+        h = Harness(MemoryStorage())
+        [err] = h.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIsInstance(err, Error)
+        self.assertIn(err.code, (ErrorCode.MALFORMED_FRAME, ErrorCode.FRAME_TOO_LARGE))
+        self.assertTrue(h.transport.disconnecting)
+
+
+class FlowTests(SynchronousTestCase):
+    def test_backpressure_while_storage_is_slow(self) -> None:
+        """While a write is pending and a full frame is buffered, reading pauses."""
+        slow = SlowStorage(MemoryStorage())
+        limits = ServerLimits(max_payload=4096, chunk_size=4096)
+        h = Harness(slow, limits)
+        h.start()
+        h.send(data(0, CONTENT[:4096]), data(4096, CONTENT[4096:8192]))
+        self.assertEqual(h.transport.producerState, "paused")
+        self.assertEqual(len(slow.pending), 1)
+        slow.pending.pop(0).callback(None)
+        self.assertEqual(h.received(), [Ack(4096)])
+        slow.pending.pop(0).callback(None)
+        self.assertEqual(h.received(), [Ack(8192)])
+        self.assertEqual(h.transport.producerState, "producing")
+
+    def test_connection_lost_during_write_releases_after_it(self) -> None:
+        """Ownership is released only after the write in flight has finished."""
+        slow = SlowStorage(MemoryStorage())
+        h = Harness(slow)
+        h.start()
+        h.send(data(0, CONTENT[:4096]))
+        h.proto.connectionLost(Failure(Exception("client vanished")))
+        self.assertEqual(slow.released, 0)
+        self.assertNoResult(h.proto.closed)
+        slow.pending.pop(0).callback(None)
+        self.assertEqual(slow.released, 1)
+        self.successResultOf(h.proto.closed)
+
+    def test_handshake_timeout(self) -> None:
+        """A client that says nothing is told TIMEOUT and disconnected."""
+        h = Harness(MemoryStorage())
+        h.clock.advance(10)
+        [err] = h.received()
+        self.assertEqual(err.code, ErrorCode.TIMEOUT)
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_idle_timeout_releases_upload(self) -> None:
+        """A silent client mid-upload is timed out and its upload released."""
+        storage = MemoryStorage()
+        h = Harness(storage)
+        acc = h.start()
+        h.clock.advance(59)
+        self.assertEqual(h.received(), [])
+        h.clock.advance(1)
+        [err] = h.received()
+        self.assertEqual(err.code, ErrorCode.TIMEOUT)
+        h.proto.connectionLost(Failure(Exception("closed")))
+        again = Harness(storage)
+        again.handshake()
+        [resumed] = again.send(encode(Resume(acc.upload_id)))
+        self.assertIsInstance(resumed, Accepted)
+
+    def test_unresponsive_peer_is_aborted(self) -> None:
+        """A peer that does not let the close finish is aborted after the grace period."""
+        h = Harness(MemoryStorage())
+        h.clock.advance(10)
+        self.assertFalse(h.transport.disconnected)
+        h.clock.advance(5)
+        self.assertTrue(h.transport.disconnected)
+
+    def test_shutdown_tells_clients(self) -> None:
+        """Stopping the server sends SHUTTING_DOWN to connected clients."""
+        h = Harness(MemoryStorage())
+        h.start()
+        h.factory.shutdown()
+        [err] = h.received()
+        self.assertEqual(err.code, ErrorCode.SHUTTING_DOWN)
+        self.assertTrue(h.transport.disconnecting)
+
+
+class StorageErrorTests(SynchronousTestCase):
+    def test_storage_error_on_complete_is_reported(self) -> None:
+        """A failing completion is STORAGE_ERROR, retryable, upload kept."""
+        storage = MemoryStorage()
+        h = Harness(storage)
+        h.start()
+        h.send(data(0, CONTENT))
+        h.proto.writer.complete = lambda: fail(StorageError("read-back failed: EIO"))
+        [err] = h.send(data(len(CONTENT), b""))
+        self.assertEqual(err.code, ErrorCode.STORAGE_ERROR)
+        self.assertIn("EIO", err.message)
+        self.assertIsNone(h.proto.writer)
