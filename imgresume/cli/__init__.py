@@ -14,26 +14,10 @@ from typing import Any, Sequence
 from twisted.python import usage
 
 import imgresume
+from imgresume._options import BaseOptions
 from imgresume.sizes import parse_duration, parse_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class BaseOptions(usage.Options):
-    """Options that keep their long description's layout (examples stay readable)."""
-
-    def getUsage(self, width: int | None = None) -> str:
-        longdesc, self.longdesc = getattr(self, "longdesc", ""), ""
-        try:
-            text = super().getUsage(width)
-        finally:
-            self.longdesc = longdesc
-        return text.rstrip() + "\n\n" + longdesc.strip() + "\n"
-
-    def opt_version(self) -> None:
-        """Print the imgresume version and exit."""
-        print(f"imgresume {imgresume.__version__}")
-        sys.exit(0)
 
 
 class UploadOptions(BaseOptions):

@@ -10,10 +10,11 @@ import os
 from twisted.python import usage
 
 from imgresume.protocol import ServerLimits
-from imgresume.sizes import parse_size
+from imgresume._options import BaseOptions
+from imgresume.sizes import parse_duration, parse_size
 
 
-class Options(usage.Options):
+class Options(BaseOptions):
     synopsis = "--listen ENDPOINT --storage DIR [options]"
     longdesc = """Run an imgresume upload server.
 
@@ -35,8 +36,9 @@ Example:
         ["max-file-size", None, "1T", "Largest file a client may declare (e.g. 500M, 20G)."],
         ["chunk-size", None, "1M", "Payload size the server recommends to clients."],
         ["max-payload", None, "4M", "Largest DATA payload accepted."],
-        ["handshake-timeout", None, "30", "Seconds a client has to complete the handshake."],
-        ["idle-timeout", None, "300", "Seconds of silence before a connection is closed."],
+        ["handshake-timeout", None, "30s", "Time a client has to complete the handshake."],
+        ["idle-timeout", None, "5m", "Silence after which a connection is closed "
+         "(and its upload released for another server)."],
         ["threads", None, "8", "Threads for disk work."],
     ]
 
@@ -52,7 +54,7 @@ Example:
                 max_file_size=parse_size(self["max-file-size"]),
             )
             for key in ("handshake-timeout", "idle-timeout"):
-                self[key] = float(self[key])
+                self[key] = parse_duration(self[key])
             self["threads"] = int(self["threads"])
         except ValueError as e:
             raise usage.UsageError(str(e))
