@@ -149,7 +149,8 @@ class ClientConnection:
         self.state = ClientState.AWAIT_ACCEPTED
 
     def ping(self, nonce: int) -> None:
-        """Probe the server; it answers with L{Ponged}."""
+        """Probe the server (after the handshake); it answers with L{Ponged}."""
+        self._expect(ClientState.READY, ClientState.AWAIT_ACCEPTED, ClientState.SENDING)
         self._send(Ping(nonce))
 
     def can_send(self, window: int = 1) -> bool:
@@ -288,6 +289,8 @@ class ClientConnection:
     # Internals ---------------------------------------------------------------
 
     def _answered(self, server_offset: int) -> None:
+        # server_offset may be below self.acked: a server that finds stored
+        # bytes failing verification at completion cuts them back (INCOMPLETE).
         self.outstanding -= 1
         self.acked = server_offset
         if self.outstanding == 0 and (self._rewinding or self.finishing):

@@ -139,7 +139,7 @@ class Completed:
 
 @attrs.frozen
 class Error:
-    """Either direction: an error code, an offset, a retry hint, a message."""
+    """Server (or balancer) -> client: an error code, an offset, a retry hint, a message."""
 
     code: int
     message: str
@@ -149,14 +149,14 @@ class Error:
 
 @attrs.frozen
 class Ping:
-    """Either direction: liveness probe; the peer answers PONG(nonce)."""
+    """Client -> server: liveness probe; the server answers PONG(nonce)."""
 
     nonce: int
 
 
 @attrs.frozen
 class Pong:
-    """Answer to PING with the same nonce."""
+    """Server -> client: answer to PING with the same nonce."""
 
     nonce: int
 

@@ -149,8 +149,8 @@ def error_frame(error: ImgresumeError) -> Error:
     return Error(
         code=int(error.code),
         message=message,
-        offset=error.offset,
-        retry_after_ms=int(error.retry_after * 1000),
+        offset=min(max(error.offset, 0), 2**64 - 1),
+        retry_after_ms=min(max(int(error.retry_after * 1000), 0), 2**32 - 1),
     )
 
 
@@ -174,6 +174,7 @@ class ServerConnection:
         self.upload_id: str | None = None
         self.size = 0
         self.offset = 0
+        self._pending_end = 0
 
     # Input ----------------------------------------------------------------
 
@@ -284,6 +285,7 @@ class ServerConnection:
                 return FinishRequested(self.size)
         else:
             self.state = ServerState.WRITING
+            self._pending_end = end
             return ChunkReceived(data.offset, data.payload)
         self._send(error_frame(problem))
         return None
@@ -327,6 +329,8 @@ class ServerConnection:
     def chunk_written(self, offset: int) -> None:
         """Storage made the chunk durable: acknowledge up to C{offset}."""
         self._expect(ServerState.WRITING)
+        if offset != self._pending_end:
+            raise RuntimeError(f"chunk ends at {self._pending_end}, not {offset}")
         self.offset = offset
         self._send(Ack(offset))
         self.state = ServerState.RECEIVING
@@ -341,15 +345,19 @@ class ServerConnection:
         """
         Answer the pending event with an error.  Its scope decides the next
         state: the connection closes (a L{ConnectionFailed} is returned), the
-        upload ends on this connection, or the transfer goes on from
-        C{error.offset}.
+        upload ends on this connection, or (for a chunk or the end of the
+        upload) the transfer goes on from C{error.offset}.
         """
-        if error.scope is Scope.CONNECTION:
+        self._expect(
+            ServerState.CHECKING_HELLO, ServerState.OPENING,
+            ServerState.WRITING, ServerState.COMPLETING,
+        )
+        if error.scope is Scope.CONNECTION or self.state is ServerState.CHECKING_HELLO:
             return self._fail_connection(error)
         self._send(error_frame(error))
-        if error.scope is Scope.TRANSFER and self.state in (
-            ServerState.WRITING, ServerState.COMPLETING, ServerState.RECEIVING,
-        ):
+        if error.scope is Scope.TRANSFER and self.state is not ServerState.OPENING:
+            if not 0 <= error.offset <= self.size:
+                raise RuntimeError(f"transfer error offset {error.offset} outside the upload")
             self.offset = error.offset
             self.state = ServerState.RECEIVING
         else:

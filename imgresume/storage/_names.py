@@ -1,0 +1,174 @@
+# -*- test-case-name: tests.test_names -*-
+"""
+Validation of client-chosen remote names, and the alternate names used when a
+completed file of the same name already exists.
+
+A name is a relative, "/"-separated path below the storage's C{complete/}
+directory.  It is checked, never repaired: the only change made to an
+accepted name is Unicode NFC normalisation, so that the same visible name
+from two clients maps to one file.  Everything else that is odd is refused
+with L{InvalidName} and a message saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Iterator
+
+from imgresume.errors import InvalidName
+
+#: Longest accepted name, in UTF-8 bytes.
+MAX_NAME_BYTES = 1024
+#: Longest accepted path component, in UTF-8 bytes (NAME_MAX of common
+#: filesystems).
+MAX_COMPONENT_BYTES = 255
+
+_WINDOWS_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{p}{d}" for p in ("COM", "LPT") for d in "123456789\u00b9\u00b2\u00b3"]
+)
+
+# Unicode characters refused besides controls: bidirectional embeddings,
+# overrides and isolates (they make a name display as something else), and
+# the line/paragraph separators (they break log lines like a newline).
+_REFUSED_FORMAT = frozenset(
+    "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029"
+)
+
+
+def _show(s: str, limit: int = 60) -> str:
+    """A short, escaped rendering of part of a name for an error message."""
+    r = repr(s)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
+
+
+def _check_char(ch: str, name: str) -> None:
+    cp = ord(ch)
+    if cp < 0x20 or 0x7F <= cp <= 0x9F:
+        if cp == 0:
+            raise InvalidName(f"name {_show(name)} contains a NUL character")
+        raise InvalidName(
+            f"name {_show(name)} contains control character U+{cp:04X}"
+        )
+    if 0xD800 <= cp <= 0xDFFF:
+        raise InvalidName(
+            f"name {_show(name)} contains a lone surrogate U+{cp:04X}"
+        )
+    if ch in _REFUSED_FORMAT:
+        raise InvalidName(
+            f"name {_show(name)} contains bidirectional or separator "
+            f"character U+{cp:04X}"
+        )
+
+
+def _check_component(part: str, name: str) -> None:
+    if part == "":
+        raise InvalidName(
+            f"name {_show(name)} has an empty path component ('//' or a "
+            "trailing '/')"
+        )
+    if part in (".", ".."):
+        raise InvalidName(
+            f"name {_show(name)} contains a {part!r} component; "
+            "relative path tricks are not allowed"
+        )
+    if part.startswith("."):
+        raise InvalidName(
+            f"component {_show(part)} of name {_show(name)} starts with '.'; "
+            "hidden names are not allowed"
+        )
+    if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+        raise InvalidName(
+            f"component {_show(part)} of name {_show(name)} is longer than "
+            f"{MAX_COMPONENT_BYTES} bytes in UTF-8"
+        )
+    if part.endswith((" ", ".")):
+        raise InvalidName(
+            f"component {_show(part)} of name {_show(name)} ends with a space "
+            "or a dot"
+        )
+    stem = part.split(".", 1)[0].rstrip(" ").upper()
+    if stem in _WINDOWS_RESERVED:
+        raise InvalidName(
+            f"component {_show(part)} of name {_show(name)} is a reserved "
+            f"Windows device name ({stem})"
+        )
+
+
+def validate_name(name: str) -> str:
+    """
+    Check a client-chosen remote name and return it NFC-normalised.
+
+    Accepted: a relative path of one or more "/"-separated components, in
+    any script.  Refused (L{InvalidName}, never rewritten): a non-string,
+    the empty name, more than L{MAX_NAME_BYTES} UTF-8 bytes, a component of
+    more than L{MAX_COMPONENT_BYTES} bytes, a leading "/", a backslash,
+    empty components, "." and "..", components starting with ".", control
+    characters (C0, DEL, C1, NUL), lone surrogates, bidirectional controls,
+    line/paragraph separators, components ending with a space or a dot, and
+    Windows device names (CON, PRN, AUX, NUL, COM1-9, LPT1-9, with or without
+    an extension, in any case).
+
+    Called by storage backends on every new upload.
+
+    @raise InvalidName: with a message saying what is wrong.
+    """
+    if not isinstance(name, str):
+        raise InvalidName(f"name must be text, not {type(name).__name__}")
+    if name == "":
+        raise InvalidName("name is empty")
+    for ch in name:
+        _check_char(ch, name)
+    name = unicodedata.normalize("NFC", name)
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise InvalidName(
+            f"name {_show(name)} is longer than {MAX_NAME_BYTES} bytes in UTF-8"
+        )
+    if name.startswith("/"):
+        raise InvalidName(f"name {_show(name)} is absolute; use a relative path")
+    if "\\" in name:
+        raise InvalidName(
+            f"name {_show(name)} contains a backslash; separate directories "
+            "with '/'"
+        )
+    parts = name.split("/")
+    for part in parts:
+        _check_component(part, name)
+    return "/".join(parts)
+
+
+def _fit(stem: str, tag: str, suffix: str) -> str:
+    """C{stem.tag + suffix}, shortening stem (then suffix) to fit a component."""
+    while True:
+        leaf = f"{stem}.{tag}{suffix}" if stem else f"{tag}{suffix}"
+        if len(leaf.encode("utf-8")) <= MAX_COMPONENT_BYTES:
+            return leaf.rstrip(" .")
+        if stem:
+            stem = stem[:-1]
+        else:
+            suffix = suffix[:-1]
+
+
+def completion_candidates(name: str, upload_id: str) -> Iterator[str]:
+    """
+    Yield the paths (relative to C{complete/}) a completed upload may take,
+    best first: C{name} itself, then C{<stem>.<first 8 hex of id><suffix>},
+    then C{<stem>.<id><suffix>}, then C{<stem>.<id>-<n><suffix>}.  A backend
+    takes the first one that is free and never replaces an existing file.
+
+    C{name} must already be valid (L{validate_name}).  Stem and suffix split
+    the last component like L{pathlib.PurePosixPath}: C{"a.tar.gz"} gives
+    C{"a.tar"} and C{".gz"}.  Long stems are shortened so every candidate's
+    last component fits in L{MAX_COMPONENT_BYTES}.
+    """
+    yield name
+    parent, slash, leaf = name.rpartition("/")
+    stem, dot, ext = leaf.rpartition(".")
+    if not stem:
+        stem, suffix = leaf, ""
+    else:
+        suffix = dot + ext
+    tags = [upload_id[:8], upload_id]
+    tags.extend(f"{upload_id}-{n}" for n in range(1, 100))
+    for tag in tags:
+        yield parent + slash + _fit(stem, tag, suffix)

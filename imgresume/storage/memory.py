@@ -1,0 +1,334 @@
+# -*- test-case-name: tests.test_storage.MemoryStorageTests -*-
+"""
+An in-memory L{IUploadStorage}: fast, synchronous, neither durable nor shared
+across processes.
+
+It follows the same rules as the filesystem backend (exclusive writer per
+upload, journal of committed ranges, read-back digest check, no-clobber
+completion names, completion records kept for resumes) so that the server
+and the protocol can be tested against it without a disk.  Several
+in-process "servers" share it by sharing the instance.  Every Deferred it
+returns has already fired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import zlib
+from typing import Callable
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from imgresume.errors import (
+    DigestMismatch,
+    Incomplete,
+    InternalError,
+    InvalidName,
+    OffsetMismatch,
+    SizeExceeded,
+    UnknownUpload,
+    UploadAlreadyComplete,
+    UploadBusy,
+)
+from imgresume.storage._ids import is_upload_id, new_upload_id
+from imgresume.storage._names import completion_candidates, validate_name
+from imgresume.storage.interfaces import (
+    ATOMIC_COMPLETE,
+    EXCLUSIVE_WRITER,
+    CompletedUpload,
+    IUploadStorage,
+    IUploadWriter,
+    NewUpload,
+    TailCheck,
+    UploadInfo,
+)
+
+log = Logger()
+
+_EMPTY_TAIL = TailCheck(0, 0, hashlib.sha256(b"").digest())
+
+
+@attrs.define
+class _Record:
+    offset: int
+    length: int
+    crc: int
+
+
+@attrs.define
+class _Upload:
+    info: UploadInfo
+    data: bytearray = attrs.field(factory=bytearray)
+    records: list[_Record] = attrs.field(factory=list)
+    completed: CompletedUpload | None = None
+
+
+def _run(f: Callable, *args) -> Deferred:
+    return defer.maybeDeferred(f, *args)
+
+
+@implementer(IUploadStorage)
+class MemoryStorage:
+    """
+    Uploads and completed files held in this process's memory.
+
+    Created by tests and by single-process demos; called by the server
+    protocol adapter exactly like L{FilesystemStorage
+    <imgresume.storage.filesystem.FilesystemStorage>}.
+
+    @ivar files: completed files, by path relative to the storage root
+        (C{"complete/<name>"}, as in L{CompletedUpload.path}).
+    """
+
+    guarantees = frozenset({EXCLUSIVE_WRITER, ATOMIC_COMPLETE})
+
+    def __init__(
+        self,
+        *,
+        busy_retry_after: float = 1.0,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self._uploads: dict[str, _Upload] = {}
+        self._owned: set[str] = set()
+        self._busy_retry_after = busy_retry_after
+        self._now = now
+        self.files: dict[str, bytes] = {}
+
+    def read_completed(self, path: str) -> bytes:
+        """Return the bytes of a completed file (C{CompletedUpload.path})."""
+        return self.files[path]
+
+    # -- IUploadStorage -----------------------------------------------------
+
+    def create(self, request: NewUpload) -> Deferred[MemoryUploadWriter]:
+        """See L{IUploadStorage.create}."""
+        return _run(self._create, request)
+
+    def resume(self, upload_id: str) -> Deferred[MemoryUploadWriter]:
+        """See L{IUploadStorage.resume}."""
+        return _run(self._resume, upload_id)
+
+    def _create(self, request: NewUpload) -> MemoryUploadWriter:
+        name = validate_name(request.name)
+        if request.size < 0 or len(request.sha256) != 32:
+            raise ValueError("size must be >= 0 and sha256 a 32-byte digest")
+        self._check_parents(name)
+        upload_id = new_upload_id()
+        info = UploadInfo(
+            upload_id=upload_id,
+            name=name,
+            size=request.size,
+            sha256=bytes(request.sha256),
+            metadata=dict(request.metadata),
+            client_id=request.client_id,
+            created=self._now(),
+        )
+        self._uploads[upload_id] = _Upload(info)
+        self._owned.add(upload_id)
+        log.info(
+            "upload {upload_id} created: {name!r}, {size} bytes",
+            upload_id=upload_id,
+            name=name,
+            size=request.size,
+        )
+        return MemoryUploadWriter(self, self._uploads[upload_id], 0, _EMPTY_TAIL)
+
+    def _check_parents(self, name: str) -> None:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if "complete/" + prefix in self.files:
+                raise InvalidName(
+                    f"cannot store below {'complete/' + prefix!r}: it is a "
+                    "file, not a directory"
+                )
+
+    def _resume(self, upload_id: str) -> MemoryUploadWriter:
+        if not is_upload_id(upload_id):
+            raise UnknownUpload(f"malformed upload id {upload_id!r:.80}")
+        upload = self._uploads.get(upload_id)
+        if upload is None:
+            raise UnknownUpload(f"no upload with id {upload_id}")
+        if upload.completed is not None:
+            raise UploadAlreadyComplete(upload.completed)
+        if upload_id in self._owned:
+            raise UploadBusy(
+                f"upload {upload_id} is being written by another connection",
+                retry_after=self._busy_retry_after,
+            )
+        # Same proof as on disk: drop trailing records whose bytes do not
+        # match (they cannot here unless a test corrupted them).
+        while upload.records:
+            last = upload.records[-1]
+            chunk = bytes(upload.data[last.offset : last.offset + last.length])
+            if len(chunk) == last.length and zlib.crc32(chunk) == last.crc:
+                tail = TailCheck(last.offset, last.length,
+                                 hashlib.sha256(chunk).digest())
+                break
+            upload.records.pop()
+        else:
+            tail = _EMPTY_TAIL
+        offset = tail.start + tail.length
+        truncated = len(upload.data) - offset
+        del upload.data[offset:]
+        self._owned.add(upload_id)
+        log.info(
+            "upload {upload_id} resumed at proven offset {offset} "
+            "({truncated} bytes truncated)",
+            upload_id=upload_id,
+            offset=offset,
+            truncated=truncated,
+        )
+        return MemoryUploadWriter(self, upload, offset, tail)
+
+    def _complete_file(self, upload: _Upload) -> CompletedUpload:
+        info = upload.info
+        dirs = {
+            "/".join(p.split("/")[:i])
+            for p in self.files
+            for i in range(1, p.count("/") + 1)
+        }
+        for rel in completion_candidates(info.name, info.upload_id):
+            path = "complete/" + rel
+            if path not in self.files and path not in dirs:
+                break
+        else:  # pragma: no cover - needs 101 colliding names
+            raise InvalidName(f"no free name for {info.name!r}")
+        self._check_parents(rel)
+        self.files[path] = bytes(upload.data)
+        upload.completed = CompletedUpload(
+            upload_id=info.upload_id,
+            name=info.name,
+            size=info.size,
+            sha256=info.sha256,
+            path=path,
+        )
+        upload.data = bytearray()
+        upload.records = []
+        return upload.completed
+
+
+@implementer(IUploadWriter)
+class MemoryUploadWriter:
+    """
+    Write ownership of one upload in a L{MemoryStorage}.  Returned by
+    L{MemoryStorage.create} and L{MemoryStorage.resume}; used by one server
+    connection.
+    """
+
+    def __init__(
+        self, storage: MemoryStorage, upload: _Upload, offset: int, tail: TailCheck
+    ) -> None:
+        self._storage = storage
+        self._upload = upload
+        self.info: UploadInfo = upload.info
+        self.offset: int = offset
+        self.tail: TailCheck = tail
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InternalError(
+                f"writer for upload {self.info.upload_id} is closed"
+            )
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._storage._owned.discard(self.info.upload_id)
+
+    def write(self, offset: int, data: bytes) -> Deferred[int]:
+        """See L{IUploadWriter.write}."""
+        return _run(self._write, offset, data)
+
+    def _write(self, offset: int, data: bytes) -> int:
+        self._check_open()
+        if offset != self.offset:
+            raise OffsetMismatch(
+                f"write at {offset} but upload {self.info.upload_id} has "
+                f"{self.offset} bytes; continue from {self.offset}",
+                offset=self.offset,
+            )
+        if offset + len(data) > self.info.size:
+            raise SizeExceeded(
+                f"write of {len(data)} bytes at {offset} passes the declared "
+                f"size {self.info.size}",
+                offset=self.offset,
+            )
+        if not data:
+            return self.offset
+        self._upload.data[offset:] = data
+        self._upload.records.append(_Record(offset, len(data), zlib.crc32(data)))
+        self.offset += len(data)
+        return self.offset
+
+    def complete(self) -> Deferred[CompletedUpload]:
+        """See L{IUploadWriter.complete}."""
+        return _run(self._complete)
+
+    def _complete(self) -> CompletedUpload:
+        self._check_open()
+        info = self.info
+        if self.offset != info.size:
+            raise Incomplete(
+                f"upload {info.upload_id} has {self.offset} of {info.size} "
+                "bytes",
+                offset=self.offset,
+            )
+        data = self._upload.data
+        digest = hashlib.sha256(data).digest()
+        if len(data) != info.size or digest != info.sha256:
+            for i, rec in enumerate(self._upload.records):
+                chunk = bytes(data[rec.offset : rec.offset + rec.length])
+                if len(chunk) != rec.length or zlib.crc32(chunk) != rec.crc:
+                    del self._upload.records[i:]
+                    del data[rec.offset :]
+                    self.offset = rec.offset
+                    log.warn(
+                        "upload {upload_id}: stored range at {offset} no "
+                        "longer matches its CRC-32; truncated",
+                        upload_id=info.upload_id,
+                        offset=rec.offset,
+                    )
+                    raise Incomplete(
+                        f"stored bytes at {rec.offset}..{rec.offset + rec.length}"
+                        " no longer match their checksum; resend from "
+                        f"{rec.offset}",
+                        offset=rec.offset,
+                    )
+            self._remove()
+            raise DigestMismatch(
+                f"stored bytes hash to {digest.hex()}, not the declared "
+                f"{info.sha256.hex()}; every range matched its CRC-32, so the "
+                "source changed during the upload; upload removed"
+            )
+        completed = self._storage._complete_file(self._upload)
+        self._close()
+        log.info(
+            "upload {upload_id} completed at {path}",
+            upload_id=info.upload_id,
+            path=completed.path,
+        )
+        return completed
+
+    def _remove(self) -> None:
+        self._storage._uploads.pop(self.info.upload_id, None)
+        self._close()
+
+    def abort(self) -> Deferred[None]:
+        """See L{IUploadWriter.abort}."""
+        return _run(self._abort)
+
+    def _abort(self) -> None:
+        self._check_open()
+        self._remove()
+        log.info("upload {upload_id} aborted", upload_id=self.info.upload_id)
+
+    def release(self) -> Deferred[None]:
+        """See L{IUploadWriter.release}.  Idempotent."""
+        return _run(self._close)
