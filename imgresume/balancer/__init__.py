@@ -1,0 +1,36 @@
+# -*- test-case-name: tests.test_balancer -*-
+"""
+The imgresume round-robin TCP balancer (C{twistd imgresume-lb}).
+
+Public API:
+
+  - L{buildBalancer}: backend endpoint strings in, a server factory out.
+  - L{BalancerFactory}: the server factory; one L{FrontendProtocol} per client.
+  - L{Backend}, L{BackendTracker}, L{BackendState}: backends and what is
+    known about them (the seam for a future health checker).
+  - L{Scheduler}, L{RoundRobinScheduler}: the order backends are tried in.
+
+See C{docs/balancer.md}.
+"""
+
+from ._proxy import NO_BACKEND, BalancerFactory, FrontendProtocol
+from ._scheduler import (
+    Backend,
+    BackendState,
+    BackendTracker,
+    RoundRobinScheduler,
+    Scheduler,
+)
+from .tap import buildBalancer
+
+__all__ = [
+    "NO_BACKEND",
+    "Backend",
+    "BackendState",
+    "BackendTracker",
+    "BalancerFactory",
+    "FrontendProtocol",
+    "RoundRobinScheduler",
+    "Scheduler",
+    "buildBalancer",
+]

@@ -1,0 +1,165 @@
+# -*- test-case-name: tests.test_balancer -*-
+"""
+C{twistd imgresume-lb}: command-line options and service assembly for the
+round-robin balancer. Named by the drop-in
+C{twisted/plugins/imgresume_dropin.py} and imported only when the subcommand
+runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import clientFromString
+from twisted.python import usage
+
+from .._options import BaseOptions
+from ..sizes import parse_duration
+from ._proxy import BalancerFactory
+from ._scheduler import Backend, BackendTracker, RoundRobinScheduler
+
+
+def _seconds(value: str) -> float:
+    return parse_duration(value)
+
+
+_seconds.coerceDoc = (  # type: ignore[attr-defined]
+    "A duration: seconds, or a number with a unit (500ms, 2s, 1m)."
+)
+
+
+class Options(BaseOptions):
+    """
+    Command line of C{twistd imgresume-lb}; parsed by twistd (or C{twist})
+    and handed to L{makeService}.
+    """
+
+    synopsis = "--backend ENDPOINT [--backend ENDPOINT ...] [options]"
+
+    longdesc = """\
+A round-robin TCP balancer in front of imgresume upload servers.
+
+Each new client connection goes to the next backend in --backend order. A
+backend that refuses or does not accept within --connect-timeout is skipped:
+the same client is tried on the next backend (each at most once), and the
+failed backend is left out of the rotation for --eject-for seconds while
+others are up. If no backend accepts, the client gets an imgresume ERROR frame
+(NO_BACKEND, retry after 1000 ms) and is closed.
+
+Bytes are forwarded unchanged in both directions with flow control: a slow
+side pauses the other, so memory per connection stays bounded.
+
+Addresses are Twisted endpoint strings, e.g.
+  --listen tcp:7000:interface=0.0.0.0
+  --listen unix:/run/imgresume-lb.sock
+  --listen ssl:7443:privateKey=lb.key:certKey=lb.pem
+  --backend tcp:10.0.0.11:7001 --backend tcp:10.0.0.12:7001
+  --backend unix:/run/imgresume-1.sock
+  --backend ssl:host=10.0.0.13:port=7443:caCertsDir=/etc/ssl/certs
+
+Example:
+  twistd -n --pidfile= imgresume-lb --listen tcp:7000 \\
+      --backend tcp:127.0.0.1:7001 --backend tcp:127.0.0.1:7002
+"""
+
+    optParameters = [
+        [
+            "listen",
+            "l",
+            "tcp:7000:interface=127.0.0.1",
+            "Where to accept clients: a Twisted server endpoint string"
+            " (tcp:, unix:, ssl:, haproxy:...).",
+        ],
+        [
+            "connect-timeout",
+            None,
+            5.0,
+            "How long to wait for one backend to accept a connection before"
+            " skipping to the next.",
+            _seconds,
+        ],
+        [
+            "eject-for",
+            None,
+            2.0,
+            "How long a backend that failed a connect is left out of the"
+            " rotation (it is still tried if every backend is out); 0 never"
+            " leaves it out.",
+            _seconds,
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["backends"] = []
+
+    def opt_backend(self, endpoint: str) -> None:
+        self["backends"].append(endpoint)
+
+    # usage.Options shows __doc__ verbatim as the help text: keep it one line.
+    opt_backend.__doc__ = (
+        "A backend server: a Twisted client endpoint string (tcp:HOST:PORT,"
+        " unix:PATH, ssl:host=HOST:port=PORT, ...). Repeat once per backend;"
+        " round-robin follows this order. At least one is required."
+    )
+
+    opt_b = opt_backend
+
+    def postOptions(self) -> None:
+        if not self["backends"]:
+            raise usage.UsageError(
+                "at least one --backend ENDPOINT is required"
+                " (e.g. --backend tcp:127.0.0.1:7001)"
+            )
+        if self["connect-timeout"] <= 0:
+            raise usage.UsageError("--connect-timeout must be more than 0")
+
+
+def buildBalancer(
+    reactor: Any,
+    backends: Sequence[str],
+    *,
+    connectTimeout: float = 5.0,
+    ejectFor: float = 2.0,
+) -> BalancerFactory:
+    """
+    Assemble a round-robin balancer over C{backends} (client endpoint
+    strings, parsed with C{reactor}) and return its server factory, ready to
+    be given to any server endpoint. Used by L{makeService}; also the way to
+    run a balancer inside another program or a test.
+    """
+    parsed = [Backend(name, clientFromString(reactor, name)) for name in backends]
+    tracker = BackendTracker(parsed, reactor, ejectFor=ejectFor)
+    return BalancerFactory(
+        RoundRobinScheduler(tracker), tracker, reactor, connectTimeout=connectTimeout
+    )
+
+
+def makeService(config: Options, reactor: Any = None) -> IService:
+    """
+    Build the balancer service from parsed L{Options}. Called by twistd;
+    C{reactor} defaults to the global one.
+
+    The result is a L{MultiService} holding the listener, so that an active
+    health checker can later be added next to it as a sibling service.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    try:
+        factory = buildBalancer(
+            reactor,
+            config["backends"],
+            connectTimeout=config["connect-timeout"],
+            ejectFor=config["eject-for"],
+        )
+        listener = strports.service(config["listen"], factory, reactor=reactor)
+    except (ValueError, TypeError, KeyError) as e:
+        raise usage.UsageError(f"bad endpoint string: {e}") from e
+    listener.setName("listener")
+    top = MultiService()
+    listener.setServiceParent(top)
+    return top
