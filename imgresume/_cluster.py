@@ -77,22 +77,35 @@ class LocalCluster:
     @ivar lb_endpoint: the client endpoint string of the balancer.
     """
 
-    def __init__(self, directory: str, servers: int = 3, storage: str | None = None,
+    def __init__(self, directory: str, servers: int = 3,
+                 storage: str | Sequence[str] | None = None,
                  server_args: Sequence[str] = (), lb_args: Sequence[str] = ()) -> None:
+        """
+        @param storage: one directory shared by every server, or one per
+            server (e.g. one mount of a distributed filesystem each, as if
+            every server ran on its own host).
+        """
         self.directory = os.path.abspath(directory)
-        self.storage = storage or os.path.join(self.directory, "storage")
-        os.makedirs(self.storage, exist_ok=True)
+        if storage is None:
+            storage = os.path.join(self.directory, "storage")
+        mounts = [storage] * servers if isinstance(storage, str) else list(storage)
+        if len(mounts) != servers:
+            raise ValueError(f"{servers} servers but {len(mounts)} storage directories")
+        for path in mounts:
+            os.makedirs(path, exist_ok=True)
+        #: The storage directory as the first server sees it.
+        self.storage = mounts[0]
         os.makedirs(os.path.join(self.directory, "logs"), exist_ok=True)
         self.sockets = tempfile.mkdtemp(prefix="imgr-")
         self.servers: dict[str, Node] = {}
-        for i in range(1, servers + 1):
+        for i, mount in enumerate(mounts, 1):
             name = f"node-{i}"
             sock = os.path.join(self.sockets, f"{name}.sock")
             self.servers[name] = Node(
                 name,
                 twistd_argv(
                     "--logfile", self._log(name), "imgresume", "--listen", f"unix:{sock}",
-                    "--storage", self.storage, "--server-id", name, *server_args,
+                    "--storage", mount, "--server-id", name, *server_args,
                 ),
                 sock,
                 self._log(name),
