@@ -52,6 +52,7 @@ class ErrorCode(enum.IntEnum):
     INVALID_METADATA = 0x0102
     UNKNOWN_UPLOAD = 0x0103
     UPLOAD_BUSY = 0x0104
+    UPLOAD_TAKEN_OVER = 0x0105
 
     OFFSET_MISMATCH = 0x0200
     CHECKSUM_MISMATCH = 0x0201
@@ -158,6 +159,10 @@ UnknownUpload = _error(
 UploadBusy = _error(
     "UploadBusy", ErrorCode.UPLOAD_BUSY, Scope.COMMAND, True,
     "Another connection is writing this upload; retry after C{retry_after}.",
+)
+UploadTakenOver = _error(
+    "UploadTakenOver", ErrorCode.UPLOAD_TAKEN_OVER, Scope.CONNECTION, True,
+    "A newer connection took this upload over; this one may no longer write it.",
 )
 OffsetMismatch = _error(
     "OffsetMismatch", ErrorCode.OFFSET_MISMATCH, Scope.TRANSFER, True,

@@ -26,6 +26,7 @@ from imgresume.errors import (
     UnknownUpload,
     UploadAlreadyComplete,
     UploadBusy,
+    UploadTakenOver,
 )
 from imgresume.storage._ids import is_upload_id
 from imgresume.storage.interfaces import (
@@ -98,6 +99,27 @@ class StorageConformanceMixin:
         return self.successResultOf(writer.complete())
 
     # -- tests --------------------------------------------------------------
+
+    def test_busyResumeRequestsTakeover(self) -> None:
+        """A refused resume asks the owner to yield; the owner can see it."""
+        writer = self.create()
+        self.assertFalse(self.successResultOf(writer.takeover_requested()))
+        other = self.makeSibling(self.storage)
+        self.failureResultOf(other.resume(writer.info.upload_id), UploadBusy)
+        self.assertTrue(self.successResultOf(writer.takeover_requested()))
+
+    def test_takeoverRequestIsForOneGeneration(self) -> None:
+        """After the owner yields, the new owner is not asked to yield in turn."""
+        writer = self.create()
+        self.writeAll(writer, PAYLOAD[:4096])
+        other = self.makeSibling(self.storage)
+        self.failureResultOf(other.resume(writer.info.upload_id), UploadBusy)
+        self.successResultOf(writer.release())
+        self.assertFalse(self.successResultOf(writer.takeover_requested()))
+        newer = self.successResultOf(other.resume(writer.info.upload_id))
+        self.assertEqual(newer.offset, 4096)
+        self.assertFalse(self.successResultOf(newer.takeover_requested()))
+        self.assertGreater(newer.generation, writer.generation)
 
     def test_providesInterfaces(self) -> None:
         """The storage and its writers provide the storage interfaces."""

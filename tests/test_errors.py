@@ -25,6 +25,7 @@ NOT_WIRE = (UploadAlreadyComplete, UnknownErrorCode)
 
 #: The documented scope of every code (errors.py module and class docs).
 SCOPES = {
+    ErrorCode.UPLOAD_TAKEN_OVER: Scope.CONNECTION,
     ErrorCode.MALFORMED_FRAME: Scope.CONNECTION,
     ErrorCode.UNSUPPORTED_VERSION: Scope.CONNECTION,
     ErrorCode.UNEXPECTED_FRAME: Scope.CONNECTION,
@@ -50,6 +51,7 @@ SCOPES = {
 
 #: Codes whose class says a retry may succeed.
 RETRYABLE = {
+    ErrorCode.UPLOAD_TAKEN_OVER,
     ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.NO_BACKEND,
     ErrorCode.INTERNAL_ERROR, ErrorCode.UPLOAD_BUSY, ErrorCode.OFFSET_MISMATCH,
     ErrorCode.CHECKSUM_MISMATCH, ErrorCode.INCOMPLETE, ErrorCode.STORAGE_FULL,

@@ -330,3 +330,56 @@ class StorageErrorTests(SynchronousTestCase):
         self.assertEqual(err.code, ErrorCode.STORAGE_ERROR)
         self.assertIn("EIO", err.message)
         self.assertIsNone(h.proto.writer)
+
+
+class TakeoverTests(SynchronousTestCase):
+    def test_silent_owner_yields_to_newer_connection(self) -> None:
+        """A zombie owner yields when asked; its late packets are never written."""
+        storage = MemoryStorage()
+        zombie = Harness(storage)
+        acc = zombie.start()
+        zombie.send(data(0, CONTENT[:4096]))
+        newer = Harness(storage)
+        newer.handshake()
+        [busy] = newer.send(encode(Resume(acc.upload_id)))
+        self.assertEqual(busy.code, ErrorCode.UPLOAD_BUSY)
+        zombie.clock.advance(zombie.factory.takeover_idle)
+        zombie.factory.check_takeovers()
+        [err] = zombie.received()
+        self.assertEqual(err.code, ErrorCode.UPLOAD_TAKEN_OVER)
+        self.assertIsNone(zombie.proto.writer)
+        self.assertTrue(zombie.transport.disconnecting)
+        [resumed] = newer.send(encode(Resume(acc.upload_id)))
+        self.assertEqual(resumed.offset, 4096)
+        # The zombie's packets arrive late: nothing answers, nothing is stored.
+        self.assertEqual(zombie.send(data(4096, b"\xff" * 4096)), [])
+        newer.send(data(4096, CONTENT[4096:]))
+        [done] = newer.send(data(len(CONTENT), b""))
+        self.assertEqual(storage.read_completed(done.path), CONTENT)
+
+    def test_active_owner_keeps_its_upload(self) -> None:
+        """Two live clients: the one writing keeps the upload, the other stays busy."""
+        storage = MemoryStorage()
+        owner = Harness(storage)
+        acc = owner.start()
+        other = Harness(storage)
+        other.handshake()
+        [busy] = other.send(encode(Resume(acc.upload_id)))
+        self.assertEqual(busy.code, ErrorCode.UPLOAD_BUSY)
+        owner.clock.advance(owner.factory.takeover_idle - 1)
+        owner.send(data(0, CONTENT[:4096]))
+        owner.clock.advance(2)
+        owner.factory.check_takeovers()
+        self.assertEqual(owner.received(), [])
+        self.assertIsNotNone(owner.proto.writer)
+        [still_busy] = other.send(encode(Resume(acc.upload_id)))
+        self.assertEqual(still_busy.code, ErrorCode.UPLOAD_BUSY)
+
+    def test_silent_owner_not_asked_keeps_upload(self) -> None:
+        """Silence alone does not cost a connection its upload."""
+        h = Harness(MemoryStorage())
+        h.start()
+        h.clock.advance(h.factory.takeover_idle * 3)
+        h.factory.check_takeovers()
+        self.assertEqual(h.received(), [])
+        self.assertIsNotNone(h.proto.writer)

@@ -31,6 +31,7 @@ from imgresume.errors import (
     UnknownUpload,
     UploadAlreadyComplete,
     UploadBusy,
+    UploadTakenOver,
 )
 from imgresume.storage import filesystem
 from imgresume.storage._ids import is_upload_id, new_upload_id
@@ -171,7 +172,7 @@ class FilesystemLayoutTests(FilesystemMixin, TestCase):
         upload_id = writer.info.upload_id
         self.assertEqual(
             sorted(self.upath(upload_id).listdir()),
-            ["data", "journal", "lock", "meta.json"],
+            ["data", "journal", "lease", "lock", "meta.json"],
         )
         meta = self.meta(upload_id)
         self.assertEqual(
@@ -225,7 +226,7 @@ class FilesystemLayoutTests(FilesystemMixin, TestCase):
         self.successResultOf(writer.write(0, b"abc"))
         self.successResultOf(writer.complete())
         upload_id = writer.info.upload_id
-        self.assertEqual(sorted(self.upath(upload_id).listdir()), ["lock", "meta.json"])
+        self.assertEqual(sorted(self.upath(upload_id).listdir()), ["lease", "lock", "meta.json"])
         meta = self.meta(upload_id)
         self.assertEqual((meta["state"], meta["path"]), ("complete", "complete/a.tiff"))
         self.assertEqual(self.root.descendant(["complete", "a.tiff"]).getContent(), b"abc")
@@ -256,7 +257,7 @@ class FilesystemLayoutTests(FilesystemMixin, TestCase):
         self.assertEqual(self.resumed(writer.info.upload_id).offset, 20)
 
     def test_metaWriteUsesSameDirectory(self) -> None:
-        """meta.json is replaced by a rename from a temp file beside it."""
+        """meta.json (and the lease) are replaced by a rename from a temp file beside them."""
         calls = []
 
         def replace(src, dst):
@@ -267,8 +268,7 @@ class FilesystemLayoutTests(FilesystemMixin, TestCase):
 
         self.patch(filesystem, "_replace", replace)
         self.create()
-        self.assertEqual(len(calls), 1)
-        self.assertEqual(os.path.basename(calls[0][1]), "meta.json")
+        self.assertEqual([os.path.basename(dst) for _, dst in calls], ["lease", "meta.json"])
 
     def test_defaultRunUsesThreads(self) -> None:
         """Without C{run}, disk work goes to the reactor's thread pool."""
@@ -469,9 +469,25 @@ class LockingTests(FilesystemMixin, TestCase):
         self.successResultOf(writer.write(0, b"abc" * 10))
         other = self.makeSibling(self.storage)
         f = self.failureResultOf(other.resume(writer.info.upload_id), UploadBusy)
-        self.assertEqual(f.value.retry_after, 2.0)
+        self.assertEqual(f.value.retry_after, 1.0)
         self.successResultOf(writer.release())
         self.assertEqual(self.resumed(writer.info.upload_id, other).offset, 30)
+
+    def test_lostLockIsFencedByGeneration(self) -> None:
+        """
+        A writer whose lock vanished behind its back (an NFS lock lost in a
+        partition) may not write once a newer writer holds the lease.
+        """
+        writer = self.create()
+        self.successResultOf(writer.write(0, PAYLOAD[:100]))
+        writer._lock.release()  # the lock is lost; the writer does not know
+        self.storage._unclaim(writer.info.upload_id)
+        newer = self.resumed(writer.info.upload_id)
+        self.assertEqual(newer.generation, writer.generation + 1)
+        self.failureResultOf(writer.write(100, b"stale" * 20), UploadTakenOver)
+        self.successResultOf(newer.write(100, PAYLOAD[100:200]))
+        with open(self.upath(writer.info.upload_id, "data").path, "rb") as f:
+            self.assertEqual(f.read(), PAYLOAD[:200])
 
     def test_withoutOFDLocks(self) -> None:
         """

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -24,6 +25,7 @@ from imgresume.errors import (
     ShuttingDown,
     Timeout,
     UploadAlreadyComplete,
+    UploadTakenOver,
 )
 from imgresume.protocol import (
     ChunkReceived,
@@ -64,6 +66,7 @@ class UploadServerProtocol(Protocol):
         self._closing = False
         self._timer: IDelayedCall | None = None
         self._bytes_received = 0
+        self._last_heard = factory.clock.seconds()
         #: Fires once the connection is gone and its upload released.
         self.closed: Deferred[None] = Deferred()
 
@@ -73,11 +76,14 @@ class UploadServerProtocol(Protocol):
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         self.factory.connections.add(self)
+        if hasattr(self.transport, "setTcpKeepAlive"):
+            self.transport.setTcpKeepAlive(True)  # notice dead peers at the TCP level too
         self._reset_timer(self.factory.handshake_timeout)
         self.log.info("connection from {peer}", peer=self.peer)
 
     def dataReceived(self, data: bytes) -> None:
         self._bytes_received += len(data)
+        self._last_heard = self.factory.clock.seconds()
         self.machine.receive_data(data)
         self._pump()
 
@@ -97,6 +103,37 @@ class UploadServerProtocol(Protocol):
         else:
             d = self._release_writer()
         d.addBoth(lambda _: self.closed.callback(None))
+
+    def check_takeover(self, now: float) -> None:
+        """
+        Called periodically by the factory.  If this connection holds an
+        upload but its client has been silent for C{takeover_idle} seconds
+        and another connection asked for the upload, give it up: the client
+        has most likely reconnected elsewhere and this connection is a
+        zombie (half-open TCP) whose late packets must never be written.
+        """
+        if (
+            self.writer is None or self._busy is not None or self._closing
+            or now - self._last_heard < self.factory.takeover_idle
+        ):
+            return
+        self._run(self.writer.takeover_requested(), self._yield_if_requested)
+
+    def _yield_if_requested(self, requested: bool) -> None:
+        if not requested:
+            return
+        upload_id = self.machine.upload_id
+        self.log.warn(
+            "upload {upload_id}: yielding to a newer connection; {peer} has been "
+            "silent for {idle:.1f} s",
+            upload_id=upload_id, peer=self.peer,
+            idle=self.factory.clock.seconds() - self._last_heard,
+        )
+        self._release_writer()  # now, not when a half-open socket finally closes
+        self._close_with(UploadTakenOver(
+            f"upload {upload_id} was taken over by a newer connection after this one "
+            "went silent; reconnect and resume"
+        ))
 
     def shutdown(self) -> None:
         """Called by the factory when the server stops: tell the client."""
@@ -298,7 +335,14 @@ class UploadServerFactory(Factory):
         limits: ServerLimits = ServerLimits(),
         handshake_timeout: float = 30.0,
         idle_timeout: float = 300.0,
+        takeover_idle: float = 10.0,
+        takeover_check_interval: float = 1.0,
     ) -> None:
+        """
+        @param takeover_idle: a connection silent for this long gives up its
+            upload when another connection asks for it.
+        @param takeover_check_interval: how often connections are checked.
+        """
         self.storage = storage
         self.server_id = server_id
         self.clock = clock
@@ -306,6 +350,24 @@ class UploadServerFactory(Factory):
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.connections: set[UploadServerProtocol] = set()
+        self.takeover_idle = takeover_idle
+        self._takeover_loop = LoopingCall(self.check_takeovers)
+        self._takeover_loop.clock = clock
+        self._takeover_check_interval = takeover_check_interval
+
+    def startFactory(self) -> None:
+        if self._takeover_check_interval > 0:
+            self._takeover_loop.start(self._takeover_check_interval, now=False)
+
+    def stopFactory(self) -> None:
+        if self._takeover_loop.running:
+            self._takeover_loop.stop()
+
+    def check_takeovers(self) -> None:
+        """Let every silent connection holding an upload yield it if asked."""
+        now = self.clock.seconds()
+        for proto in list(self.connections):
+            proto.check_takeover(now)
 
     def buildProtocol(self, addr: Any) -> UploadServerProtocol:
         return UploadServerProtocol(self)

@@ -75,6 +75,7 @@ def makeServerService(
     limits: ServerLimits = ServerLimits(),
     handshake_timeout: float = 30.0,
     idle_timeout: float = 300.0,
+    takeover_idle: float = 10.0,
     threads: int = 8,
 ) -> MultiService:
     """
@@ -88,21 +89,24 @@ def makeServerService(
 
         reactor = _reactor
     top = MultiService()
+    server_id = server_id or default_server_id()
     if isinstance(storage, str):
         from imgresume.storage.filesystem import FilesystemStorage
 
         pool = ThreadPool(minthreads=1, maxthreads=threads, name="imgresume-storage")
         ThreadPoolService(pool).setServiceParent(top)
         storage = FilesystemStorage(
-            storage, run=functools.partial(deferToThreadPool, reactor, pool)
+            storage, run=functools.partial(deferToThreadPool, reactor, pool),
+            owner=server_id,
         )
     factory = UploadServerFactory(
         storage,
-        server_id or default_server_id(),
+        server_id,
         reactor,
         limits=limits,
         handshake_timeout=handshake_timeout,
         idle_timeout=idle_timeout,
+        takeover_idle=takeover_idle,
     )
     listener = StreamServerEndpointService(serverFromString(reactor, listen), factory)
     listener._raiseSynchronously = True

@@ -39,6 +39,8 @@ Example:
         ["handshake-timeout", None, "30s", "Time a client has to complete the handshake."],
         ["idle-timeout", None, "5m", "Silence after which a connection is closed "
          "(and its upload released for another server)."],
+        ["takeover-idle", None, "10s", "A connection silent this long gives its upload up "
+         "to a newer connection that asks for it (a client that reconnected elsewhere)."],
         ["threads", None, "8", "Threads for disk work."],
     ]
 
@@ -53,7 +55,7 @@ Example:
                 chunk_size=parse_size(self["chunk-size"]),
                 max_file_size=parse_size(self["max-file-size"]),
             )
-            for key in ("handshake-timeout", "idle-timeout"):
+            for key in ("handshake-timeout", "idle-timeout", "takeover-idle"):
                 self[key] = parse_duration(self[key])
             self["threads"] = int(self["threads"])
         except ValueError as e:
@@ -72,5 +74,6 @@ def makeService(config: Options):
         limits=config["limits"],
         handshake_timeout=config["handshake-timeout"],
         idle_timeout=config["idle-timeout"],
+        takeover_idle=config["takeover-idle"],
         threads=config["threads"],
     )

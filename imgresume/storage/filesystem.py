@@ -10,6 +10,8 @@ Layout under the root::
     incoming/<upload_id>/data        the bytes, written with pwrite only
     incoming/<upload_id>/journal     one 20-byte record per committed write
     incoming/<upload_id>/lock        OFD lock = write ownership
+    incoming/<upload_id>/lease       generation and owner of the current writer
+    incoming/<upload_id>/takeover    a newer connection's request to take over
     complete/<name>                  finished files (hard links of data)
 
 The offset an upload resumes from is never a file size: it is proven from the
@@ -56,6 +58,7 @@ from imgresume.errors import (
     UnknownUpload,
     UploadAlreadyComplete,
     UploadBusy,
+    UploadTakenOver,
 )
 from imgresume.storage._ids import is_upload_id, new_upload_id
 from imgresume.storage._names import completion_candidates, validate_name
@@ -400,6 +403,25 @@ class _Paths:
         self.data = os.path.join(self.dir, "data")
         self.journal = os.path.join(self.dir, "journal")
         self.lock = os.path.join(self.dir, "lock")
+        self.lease = os.path.join(self.dir, "lease")
+        self.takeover = os.path.join(self.dir, "takeover")
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    """A small JSON record, or None if it is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _generation(paths: _Paths) -> int:
+    """The generation in an upload's lease (0 if there is none yet)."""
+    lease = _read_json(paths.lease)
+    gen = lease.get("generation") if lease else 0
+    return gen if isinstance(gen, int) and gen >= 0 else 0
 
 
 def _info(meta: dict[str, Any]) -> UploadInfo:
@@ -442,6 +464,8 @@ class FilesystemStorage:
     @param run: C{run(f, *args)} runs C{f} away from the reactor and returns
         a Deferred of its result.  Default: C{deferToThread}.
     @param busy_retry_after: the C{retry_after} hint of L{UploadBusy}.
+    @param owner: this server's id, recorded in the lease of every upload
+        it writes (for operators and C{imgresume status}).
     """
 
     guarantees = frozenset(
@@ -453,7 +477,8 @@ class FilesystemStorage:
         root: str | FilePath,
         run: Callable[..., Deferred] | None = None,
         *,
-        busy_retry_after: float = 2.0,
+        busy_retry_after: float = 1.0,
+        owner: str = "",
     ) -> None:
         if isinstance(root, FilePath):
             root = root.path
@@ -462,6 +487,7 @@ class FilesystemStorage:
         self._root = os.path.abspath(root)
         self._run = run if run is not None else _default_run
         self._busy_retry_after = busy_retry_after
+        self._owner = owner
         self._owned: set[str] = set()
         self._owned_mutex = threading.Lock()
         self._now: Callable[[], float] = time.time
@@ -509,7 +535,10 @@ class FilesystemStorage:
                 UnknownUpload(f"malformed upload id {upload_id!r:.80}")
             )
         if not self._claim(upload_id):
-            return defer.fail(_busy(upload_id, self._busy_retry_after))
+            # Another connection of this process owns it: ask it to yield.
+            d = self._run(self._request_takeover, _Paths(self._root, upload_id))
+            d.addCallback(lambda _: defer.fail(_busy(upload_id, self._busy_retry_after)))
+            return d
         d = self._run(self._resume_sync, upload_id)
         d.addErrback(self._unclaimOnFailure, upload_id)
         return d
@@ -553,6 +582,7 @@ class FilesystemStorage:
             os.mkdir(paths.dir, 0o755)
             try:
                 lock = _lock_new(os.open(paths.lock, excl, 0o644))
+                self._write_lease(paths, 1)
                 data_fd = os.open(paths.data, excl, 0o644)
                 journal_fd = os.open(paths.journal, excl, 0o644)
                 for fd in (lock.fd, data_fd, journal_fd):
@@ -585,8 +615,30 @@ class FilesystemStorage:
             size=request.size,
         )
         return FilesystemUploadWriter(
-            self, paths, meta, lock, data_fd, journal_fd, 0, 0, _EMPTY_TAIL
+            self, paths, meta, lock, data_fd, journal_fd, 0, 0, _EMPTY_TAIL, 1
         )
+
+    def _write_lease(self, paths: _Paths, generation: int) -> None:
+        """Record the new writer's generation (under the lock)."""
+        _atomic_write(paths.dir, "lease", _dump(
+            {"generation": generation, "owner": self._owner, "since": self._now()}
+        ))
+
+    def _request_takeover(self, paths: _Paths) -> None:
+        """
+        Ask the current writer of an upload to give it up.  The owner
+        yields only if its connection has been silent for a while (a zombie
+        whose client has moved on); a live writer keeps the upload.
+        """
+        generation = _generation(paths)
+        if generation:
+            try:
+                _atomic_write(paths.dir, "takeover", _dump(
+                    {"generation": generation, "requested": self._now(), "by": self._owner}
+                ))
+            except OSError as e:
+                log.warn("could not request takeover of {rel}: {error}",
+                         rel=paths.rel, error=e.strerror)
 
     def _read_meta(self, paths: _Paths, upload_id: str) -> dict[str, Any] | None:
         with _io(f"cannot read {paths.rel}/meta.json"):
@@ -642,8 +694,12 @@ class FilesystemStorage:
             raise UnknownUpload(f"no upload with id {upload_id}")
         if meta["state"] == "complete":
             raise UploadAlreadyComplete(self._check_recorded_complete(meta))
-        with _io(f"cannot lock {paths.rel}"):
-            lock = _acquire(paths.lock, upload_id, self._busy_retry_after)
+        try:
+            with _io(f"cannot lock {paths.rel}"):
+                lock = _acquire(paths.lock, upload_id, self._busy_retry_after)
+        except UploadBusy:
+            self._request_takeover(paths)
+            raise
         data_fd = journal_fd = None
         try:
             # Authoritative read, under the lock.
@@ -672,6 +728,9 @@ class FilesystemStorage:
                 offset, count, tail, truncated = _prove(
                     data_fd, journal_fd, meta["size"]
                 )
+            generation = _generation(paths) + 1
+            with _io(f"cannot take the lease of {paths.rel}"):
+                self._write_lease(paths, generation)
         except BaseException:
             for fd in (data_fd, journal_fd):
                 if fd is not None:
@@ -680,14 +739,16 @@ class FilesystemStorage:
             raise
         log.info(
             "upload {upload_id} resumed at proven offset {offset} "
-            "({truncated} bytes truncated)",
+            "({truncated} bytes truncated), generation {generation}",
             upload_id=upload_id,
             offset=offset,
             truncated=truncated,
             records=count,
+            generation=generation,
         )
         return FilesystemUploadWriter(
-            self, paths, meta, lock, data_fd, journal_fd, offset, count, tail
+            self, paths, meta, lock, data_fd, journal_fd, offset, count, tail,
+            generation,
         )
 
     def _open_complete_dir(self, parts: list[str], create: bool) -> int:
@@ -833,14 +894,15 @@ class FilesystemStorage:
     def _remove(self, paths: _Paths) -> None:
         """Remove an upload's files and directory; meta.json goes first."""
         with _io(f"cannot remove {paths.rel}"):
-            for p in (paths.meta, paths.data, paths.journal, paths.lock):
+            for p in (paths.meta, paths.data, paths.journal, paths.lease,
+                      paths.takeover, paths.lock):
                 try:
                     os.unlink(p)
                 except FileNotFoundError:
                     pass
-            # Temp files left by a crash during a meta.json rewrite.
+            # Temp files left by a crash during an atomic rewrite.
             for entry in os.listdir(paths.dir):
-                if entry.startswith(".meta.json.") and entry.endswith(".tmp"):
+                if entry.startswith(".") and entry.endswith(".tmp"):
                     try:
                         os.unlink(os.path.join(paths.dir, entry))
                     except FileNotFoundError:
@@ -933,8 +995,11 @@ class FilesystemUploadWriter:
         offset: int,
         count: int,
         tail: TailCheck,
+        generation: int,
     ) -> None:
         self._storage = storage
+        #: This writer's lease generation; a newer owner has a higher one.
+        self.generation = generation
         self._paths = paths
         self._meta = meta
         self._lock = lock
@@ -979,6 +1044,34 @@ class FilesystemUploadWriter:
     def release(self) -> Deferred[None]:
         """See L{IUploadWriter.release}.  Idempotent; works when poisoned."""
         return self._call(self._close_sync)
+
+    def takeover_requested(self) -> Deferred[bool]:
+        """See L{IUploadWriter.takeover_requested}."""
+        return self._storage._run(self._takeover_requested_sync)
+
+    def _takeover_requested_sync(self) -> bool:
+        if self._closed:
+            return False
+        request = _read_json(self._paths.takeover)
+        return bool(request) and request.get("generation") == self.generation
+
+    def _check_lease(self) -> None:
+        """
+        The fence: refuse to write if a newer writer holds the lease.  The
+        lock makes this impossible while it holds; the check catches a lock
+        lost behind our back (an NFS lease expired during a partition).
+        """
+        current = _generation(self._paths)
+        if current != self.generation:
+            self._close_sync()
+            log.warn(
+                "upload {upload_id}: fenced out (generation {mine}, lease says {current})",
+                upload_id=self.info.upload_id, mine=self.generation, current=current,
+            )
+            raise UploadTakenOver(
+                f"upload {self.info.upload_id} was taken over by a newer connection "
+                f"(generation {current}); this connection may not write it"
+            )
 
     # -- disk work ----------------------------------------------------------
 
@@ -1056,6 +1149,7 @@ class FilesystemUploadWriter:
             )
         if not data:
             return self.offset
+        self._check_lease()
         # 1. the bytes, at their offset (never O_APPEND), then flush them.
         try:
             _pwrite_all(self._pwrite, self._data_fd, data, offset)
@@ -1124,6 +1218,7 @@ class FilesystemUploadWriter:
             digest = self._hash_stored()
         if digest != info.sha256:
             self._mismatch(digest)
+        self._check_lease()
         try:
             if os.fstat(self._data_fd).st_size > info.size:
                 os.ftruncate(self._data_fd, info.size)

@@ -101,7 +101,10 @@ class IUploadStorage(Interface):
         offset of its proven residual bytes (truncating anything past it).
 
         @raise imgresume.errors.UnknownUpload: no such upload.
-        @raise imgresume.errors.UploadBusy: another writer owns it.
+        @raise imgresume.errors.UploadBusy: another writer owns it.  The
+            owner is asked to give it up (see
+            L{IUploadWriter.takeover_requested}); retrying after
+            C{retry_after} succeeds once it has.
         @raise imgresume.errors.UploadAlreadyComplete: it is finished; the
             exception carries the L{CompletedUpload}.
         @return: Deferred firing with an L{IUploadWriter}.
@@ -123,6 +126,10 @@ class IUploadWriter(Interface):
         """
         Store C{data} at C{offset}, which must equal L{offset}.  The Deferred
         fires with the new offset only once the bytes are durable.
+
+        @raise imgresume.errors.UploadTakenOver: a newer writer owns the
+            upload (this writer's lease generation is stale); nothing is
+            written.
 
         @raise imgresume.errors.OffsetMismatch: C{offset != self.offset}.
         @raise imgresume.errors.SizeExceeded: past the declared size.
@@ -149,3 +156,13 @@ class IUploadWriter(Interface):
 
     def release():
         """Give up ownership, keeping every stored byte for a later resume."""
+
+    def takeover_requested():
+        """
+        Whether another connection has asked to resume this upload since
+        this writer took it.  The server polls it for connections that have
+        gone silent and yields such uploads, so a client that reconnected
+        elsewhere (its old connection a zombie) gets its upload back.
+
+        @return: Deferred firing with a bool.
+        """

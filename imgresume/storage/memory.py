@@ -34,6 +34,7 @@ from imgresume.errors import (
     UnknownUpload,
     UploadAlreadyComplete,
     UploadBusy,
+    UploadTakenOver,
 )
 from imgresume.storage._ids import is_upload_id, new_upload_id
 from imgresume.storage._names import completion_candidates, validate_name
@@ -66,6 +67,8 @@ class _Upload:
     data: bytearray = attrs.field(factory=bytearray)
     records: list[_Record] = attrs.field(factory=list)
     completed: CompletedUpload | None = None
+    generation: int = 1
+    takeover_for: int | None = None
 
 
 def _run(f: Callable, *args) -> Deferred:
@@ -157,6 +160,7 @@ class MemoryStorage:
         if upload.completed is not None:
             raise UploadAlreadyComplete(upload.completed)
         if upload_id in self._owned:
+            upload.takeover_for = upload.generation  # ask the owner to yield
             raise UploadBusy(
                 f"upload {upload_id} is being written by another connection",
                 retry_after=self._busy_retry_after,
@@ -177,6 +181,7 @@ class MemoryStorage:
         truncated = len(upload.data) - offset
         del upload.data[offset:]
         self._owned.add(upload_id)
+        upload.generation += 1
         log.info(
             "upload {upload_id} resumed at proven offset {offset} "
             "({truncated} bytes truncated)",
@@ -229,6 +234,7 @@ class MemoryUploadWriter:
         self.info: UploadInfo = upload.info
         self.offset: int = offset
         self.tail: TailCheck = tail
+        self.generation = upload.generation
         self._closed = False
 
     def _check_open(self) -> None:
@@ -262,6 +268,11 @@ class MemoryUploadWriter:
             )
         if not data:
             return self.offset
+        if self._upload.generation != self.generation:
+            self._close()
+            raise UploadTakenOver(
+                f"upload {self.info.upload_id} was taken over by a newer connection"
+            )
         self._upload.data[offset:] = data
         self._upload.records.append(_Record(offset, len(data), zlib.crc32(data)))
         self.offset += len(data)
@@ -332,3 +343,9 @@ class MemoryUploadWriter:
     def release(self) -> Deferred[None]:
         """See L{IUploadWriter.release}.  Idempotent."""
         return _run(self._close)
+
+    def takeover_requested(self) -> Deferred[bool]:
+        """See L{IUploadWriter.takeover_requested}."""
+        return defer.succeed(
+            not self._closed and self._upload.takeover_for == self.generation
+        )
