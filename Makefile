@@ -21,10 +21,10 @@ demo: $(STAMP)
 	$(PY) -m imgresume.demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest tests --run-slow
+	$(PY) -m pytest tests --run-slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp .pytest_cache demo-run

@@ -15,3 +15,15 @@ def _run_in_temporary_directory(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("trial"))
     yield
     os.chdir(before)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-slow", action="store_true",
+        help="also run the slow soak/chaos tests (same as IMGRESUME_SLOW=1)",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--run-slow"):
+        os.environ["IMGRESUME_SLOW"] = "1"
