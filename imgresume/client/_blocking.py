@@ -11,6 +11,7 @@ import threading
 from typing import Any, Sequence
 
 from twisted.internet.threads import blockingCallFromThread
+from twisted.python.threadable import isInIOThread
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
@@ -27,7 +28,8 @@ def _reactor_in_thread() -> Any:
                 name="imgresume-reactor", daemon=True,
             )
             _thread.start()
-    if threading.current_thread() is _thread:
+    if threading.current_thread() is _thread or (reactor.running and isInIOThread()):
+        # Waiting here for work the reactor must do would deadlock.
         raise RuntimeError("upload_files() would block the reactor; use Uploader")
     return reactor
 

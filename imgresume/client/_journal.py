@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from typing import Any
@@ -34,6 +35,18 @@ def journal_key(fingerprint: Fingerprint, endpoint: str, name: str) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+def _well_formed(entry: Any) -> bool:
+    """Whether a journal entry is usable (a damaged one is dropped, not trusted)."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("upload_id"), str)
+        and re.fullmatch(r"[0-9a-f]{32}", entry["upload_id"]) is not None
+        and isinstance(entry.get("sha256"), str)
+        and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) is not None
+        and isinstance(entry.get("updated"), (int, float))
+    )
+
+
 class Journal:
     """
     A small JSON file of unfinished uploads.  Called by the uploader from a
@@ -53,7 +66,9 @@ class Journal:
             return {}
         except (OSError, ValueError):
             return {}  # an unreadable journal only costs a resume
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if _well_formed(v)}
 
     def _store(self, data: dict[str, Any]) -> None:
         now = time.time()

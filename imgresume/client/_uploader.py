@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, Mapping
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -94,8 +94,9 @@ class Uploader:
         between) before giving up.
     @param stall_timeout: seconds without any answer from the server after
         which the connection is abandoned and a new one made.
-    @param journal: where upload ids of unfinished uploads are kept; None
-        disables the journal.
+    @param journal: where upload ids of unfinished uploads are kept: a
+        L{Journal}, a journal file's path, C{"default"} (see
+        L{default_journal_path}) or None, which disables the journal.
     @param run: runs blocking file work off the reactor thread (default:
         the reactor's thread pool).
     """
@@ -129,6 +130,8 @@ class Uploader:
         self.client_id = client_id or default_client_id()
         if journal == "default":
             journal = Journal(default_journal_path())
+        elif isinstance(journal, str):
+            journal = Journal(journal)
         self.journal: Journal | None = journal  # type: ignore[assignment]
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
@@ -143,6 +146,13 @@ class Uploader:
             run = functools.partial(deferToThreadPool, reactor, reactor.getThreadPool())
         self.run = run
         self.rng = rng or random.Random()
+        # Journal calls read-modify-write one file in worker threads: run
+        # them one at a time, in order, or a forget() can overtake the
+        # remember() it should undo.
+        self._journal_lock = DeferredLock()
+
+    def _journal_call(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return self._journal_lock.run(self.run, f, *args)
 
     def backoff(self, failures: int, retry_after: float = 0.0) -> float:
         """Seconds to wait after C{failures} consecutive failures: exponential, jittered."""
@@ -195,7 +205,17 @@ class Uploader:
         key = journal_key(source.fingerprint, self.endpoint_text, name)
         entry = None
         if self.journal is not None and not restart:
-            entry = await self.run(self.journal.lookup, key)
+            entry = await self._journal_call(self.journal.lookup, key)
+        reactor = self.reactor
+
+        async def hash_file() -> bytes:
+            progress(Progress(name, "hashing", 0, source.size))
+            return await source.sha256(
+                lambda done: reactor.callFromThread(
+                    progress, Progress(name, "hashing", done, source.size)
+                )
+            )
+
         if entry is not None:
             sha256 = bytes.fromhex(entry["sha256"])
             upload_id: str | None = entry["upload_id"]
@@ -203,13 +223,7 @@ class Uploader:
                           name=name, upload_id=upload_id)
         else:
             upload_id = None
-            progress(Progress(name, "hashing", 0, source.size))
-            reactor = self.reactor
-            sha256 = await source.sha256(
-                lambda done: reactor.callFromThread(
-                    progress, Progress(name, "hashing", done, source.size)
-                )
-            )
+            sha256 = await hash_file()
         request = Upload(name, source.size, sha256, metadata)
         state = _Run(upload_id=upload_id, from_journal=entry is not None)
 
@@ -218,11 +232,18 @@ class Uploader:
                 state.created_here = True
             state.upload_id = new_id
             if self.journal is not None:
-                self.run(self.journal.remember, key, new_id, sha256.hex()).addErrback(
+                self._journal_call(self.journal.remember, key, new_id, sha256.hex()).addErrback(
                     lambda f: self.log.failure("could not write the journal", f)
                 )
 
         while True:
+            if state.rehash:
+                # The journal's SHA-256 went with a residual that turned out
+                # not to be this file's: the file changed, so hash it again.
+                state.rehash = False
+                sha256 = await hash_file()
+                request = Upload(name, source.size, sha256, metadata)
+            resuming = state.upload_id is not None
             state.attempts += 1
             attempt = UploadAttempt(
                 source, request, self.reactor,
@@ -237,16 +258,16 @@ class Uploader:
                 await self._connect(attempt)
                 completed = await attempt.result
             except Exception as error:  # sorted by _after_failure
-                state.record(attempt)
+                state.record(attempt, resuming and not isinstance(error, ResidualMismatch))
                 delay = self._after_failure(state, attempt, error, name)
                 if delay:
                     await deferLater(self.reactor, delay)
             else:
-                state.record(attempt)
+                state.record(attempt, resuming)
                 break
 
         if self.journal is not None:
-            await self.run(self.journal.forget, key)
+            await self._journal_call(self.journal.forget, key)
         if completed.sha256 != sha256 or completed.size != source.size:
             raise UploadFailed(
                 f"{name}: server reports {completed.size} bytes with SHA-256 "
@@ -279,6 +300,7 @@ class Uploader:
         )
         if isinstance(error, ResidualMismatch):
             state.upload_id = None  # the residual is not ours: start afresh
+            state.rehash, state.from_journal = state.from_journal, False
             return 0.0
         if isinstance(error, UnknownUpload):
             state.unknown_retries += 1
@@ -316,6 +338,7 @@ class _Run:
 
     upload_id: str | None
     from_journal: bool
+    rehash: bool = False
     created_here: bool = False
     unknown_retries: int = 0
     attempts: int = 0
@@ -324,12 +347,13 @@ class _Run:
     resumed_at: list[int] = attrs.Factory(list)
     servers: list[str] = attrs.Factory(list)
 
-    def record(self, attempt: UploadAttempt) -> None:
+    def record(self, attempt: UploadAttempt, resumed: bool) -> None:
+        """Add up one attempt; C{resumed}: it continued an existing upload."""
         stats = attempt.stats
         self.bytes_sent += stats.bytes_sent
         if stats.server_id:
             self.servers.append(stats.server_id)
-        if stats.accepted_offset is not None and (self.attempts > 1 or self.from_journal):
+        if resumed and stats.accepted_offset is not None:
             self.resumed_at.append(stats.accepted_offset)
 
 
