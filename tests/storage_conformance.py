@@ -26,7 +26,6 @@ from imgresume.errors import (
     UnknownUpload,
     UploadAlreadyComplete,
     UploadBusy,
-    UploadTakenOver,
 )
 from imgresume.storage._ids import is_upload_id
 from imgresume.storage.interfaces import (
@@ -99,6 +98,20 @@ class StorageConformanceMixin:
         return self.successResultOf(writer.complete())
 
     # -- tests --------------------------------------------------------------
+
+    def test_uploadsBelongToTheirClient(self) -> None:
+        """Another client cannot resume, or learn of, an upload, partial or complete."""
+        writer = self.create(client_id="alice")
+        self.writeAll(writer, PAYLOAD[:4096])
+        self.successResultOf(writer.release())
+        upload_id = writer.info.upload_id
+        self.failureResultOf(self.storage.resume(upload_id, "mallory"), UnknownUpload)
+        mine = self.successResultOf(self.storage.resume(upload_id, "alice"))
+        self.assertEqual(mine.offset, 4096)
+        self.writeAll(mine, PAYLOAD, start=4096)
+        self.successResultOf(mine.complete())
+        self.failureResultOf(self.storage.resume(upload_id, "mallory"), UnknownUpload)
+        self.failureResultOf(self.storage.resume(upload_id, "alice"), UploadAlreadyComplete)
 
     def test_busyResumeRequestsTakeover(self) -> None:
         """A refused resume asks the owner to yield; the owner can see it."""

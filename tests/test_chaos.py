@@ -10,7 +10,6 @@ import os
 import random
 import socket
 import subprocess
-import sys
 import time
 
 from twisted.internet import reactor

@@ -22,6 +22,8 @@ from imgresume.protocol._frames import (
     PROTOCOL_VERSION,
     Accepted,
     Ack,
+    Auth,
+    Challenge,
     Completed,
     Data,
     Error,
@@ -62,6 +64,8 @@ SAMPLES = [
     Error(0x0201, "CRC mismatch \u2639", 4096, 1500),
     Ping(0),
     Pong(2**64 - 1),
+    Challenge("node-\u00e9", b"\x05" * 32),
+    Auth(b"\x09" * 32),
 ]
 
 
@@ -395,8 +399,8 @@ class MalformedTests(SynchronousTestCase):
         return self.assertRaises(MalformedFrame, dec.next_frame)
 
     def test_unknown_type(self) -> None:
-        """Types 0x00 and 0x0c..0xff are unknown."""
-        for kind in (0x00, 0x0C, 0x7F, 0xFF):
+        """Types 0x00 and 0x0e..0xff are unknown."""
+        for kind in (0x00, 0x0E, 0x7F, 0xFF):
             error = self.assertMalformed(_frame(kind, b""))
             self.assertIn(f"0x{kind:02x}", error.message)
 

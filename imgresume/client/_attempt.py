@@ -86,6 +86,7 @@ class UploadAttempt(Protocol):
         clock: IReactorTime,
         *,
         client_id: str,
+        key: bytes | None = None,
         upload_id: str | None = None,
         window: int = 4,
         chunk_size: int | None = None,
@@ -102,7 +103,7 @@ class UploadAttempt(Protocol):
         self.stall_timeout = stall_timeout
         self.on_progress = on_progress
         self.on_upload_id = on_upload_id
-        self.machine = ClientConnection(client_id)
+        self.machine = ClientConnection(client_id, key=key)
         self.stats = AttemptStats()
         self.result: Deferred[Completed] = Deferred()
         self._reading = False

@@ -94,6 +94,9 @@ class Uploader:
         between) before giving up.
     @param stall_timeout: seconds without any answer from the server after
         which the connection is abandoned and a new one made.
+    @param key: this client's secret (from C{imgresume keys add}); when
+        given, the client authenticates in every handshake and refuses a
+        server that cannot prove it knows the key.
     @param journal: where upload ids of unfinished uploads are kept: a
         L{Journal}, a journal file's path, C{"default"} (see
         L{default_journal_path}) or None, which disables the journal.
@@ -109,6 +112,7 @@ class Uploader:
         *,
         reactor: Any = None,
         client_id: str | None = None,
+        key: bytes | None = None,
         journal: Journal | None | str = "default",
         max_attempts: int = 10,
         backoff_base: float = 0.25,
@@ -128,6 +132,7 @@ class Uploader:
         self.endpoint_text = endpoint if isinstance(endpoint, str) else repr(endpoint)
         self.endpoint = clientFromString(reactor, endpoint) if isinstance(endpoint, str) else endpoint
         self.client_id = client_id or default_client_id()
+        self.key = key
         if journal == "default":
             journal = Journal(default_journal_path())
         elif isinstance(journal, str):
@@ -247,7 +252,8 @@ class Uploader:
             state.attempts += 1
             attempt = UploadAttempt(
                 source, request, self.reactor,
-                client_id=self.client_id, upload_id=state.upload_id, window=self.window,
+                client_id=self.client_id, key=self.key, upload_id=state.upload_id,
+                window=self.window,
                 chunk_size=self.chunk_size, stall_timeout=self.stall_timeout,
                 on_progress=lambda offset: progress(
                     Progress(name, "uploading", offset, source.size, attempt.stats.server_id)

@@ -7,6 +7,7 @@ See C{docs/protocol.md} for the normative description.
 """
 
 from imgresume.protocol._client import (
+    Challenged,
     ChunkAcked,
     ClientConnection,
     ClientState,
@@ -22,6 +23,8 @@ from imgresume.protocol._frames import (
     PROTOCOL_VERSION,
     Accepted,
     Ack,
+    Auth,
+    Challenge,
     Completed,
     Data,
     Error,
@@ -36,6 +39,7 @@ from imgresume.protocol._frames import (
     encode,
 )
 from imgresume.protocol._server import (
+    AuthReceived,
     ChunkReceived,
     ConnectionFailed,
     FinishRequested,
@@ -50,7 +54,7 @@ from imgresume.protocol._server import (
 __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "FrameType", "FrameDecoder", "encode", "decode_body",
     "Hello", "Welcome", "Upload", "Resume", "Accepted", "Data", "Ack", "Completed",
-    "Error", "Ping", "Pong",
+    "Error", "Ping", "Pong", "Challenge", "Auth", "Challenged", "AuthReceived",
     "ClientConnection", "ClientState", "Welcomed", "UploadAccepted", "ChunkAcked",
     "UploadCompleted", "ErrorReceived", "Ponged",
     "ServerConnection", "ServerLimits", "ServerState", "HelloReceived",

@@ -16,22 +16,27 @@ L{imgresume.client._attempt.UploadAttempt}.
 from __future__ import annotations
 
 import enum
+import os
 import zlib
 
 import attrs
 
 from imgresume.errors import (
+    HandshakeRejected,
     ImgresumeError,
     MalformedFrame,
     Scope,
     UnexpectedFrame,
     error_for_code,
 )
+from imgresume.protocol import _auth as auth
 from imgresume.protocol._decoder import FrameDecoder
 from imgresume.protocol._frames import (
     PROTOCOL_VERSION,
     Accepted,
     Ack,
+    Auth,
+    Challenge,
     Completed,
     Data,
     Error,
@@ -94,13 +99,20 @@ class ErrorReceived:
 
 
 @attrs.frozen
+class Challenged:
+    """The server asked for authentication; the client answered with AUTH."""
+
+    server_id: str
+
+
+@attrs.frozen
 class Ponged:
     """Answer to a PING."""
 
     nonce: int
 
 
-ClientEvent = Welcomed | UploadAccepted | ChunkAcked | UploadCompleted | ErrorReceived | Ponged
+ClientEvent = Challenged | Welcomed | UploadAccepted | ChunkAcked | UploadCompleted | ErrorReceived | Ponged
 
 
 class ClientConnection:
@@ -110,9 +122,23 @@ class ClientConnection:
     Created by the client adapter per connection attempt.
     """
 
-    def __init__(self, client_id: str, options: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, client_id: str, options: dict[str, str] | None = None,
+        key: bytes | None = None, nonce: bytes | None = None,
+    ) -> None:
+        """
+        @param key: the client's secret; when given, the client asks for
+            challenge-response authentication and requires the server to
+            prove it knows the key too.
+        @param nonce: the client's 32-byte nonce (default: random).
+        """
         self.client_id = client_id
-        self.options = options or {}
+        self.options = dict(options or {})
+        self.key = key
+        self._nonce = nonce if nonce is not None else os.urandom(32)
+        if key is not None:
+            self.options.update({"auth": auth.METHOD, "nonce": self._nonce.hex()})
+        self._server_nonce: bytes | None = None
         self.state = ClientState.START
         self.welcome: Welcome | None = None
         self.upload_id: str | None = None
@@ -226,11 +252,24 @@ class ClientConnection:
             return self._on_error(frame)
         if isinstance(frame, Pong):
             return Ponged(frame.nonce)
+        if isinstance(frame, Challenge) and state is ClientState.AWAIT_WELCOME:
+            if self.key is None:
+                raise HandshakeRejected(
+                    "the server requires authentication; give this client its key"
+                )
+            if frame.method != auth.METHOD or self._server_nonce is not None:
+                raise UnexpectedFrame(f"CHALLENGE with method {frame.method!r}")
+            self._server_nonce = frame.nonce
+            self._send(Auth(auth.client_proof(
+                self.key, frame.nonce, self._nonce, self.client_id, frame.server_id)))
+            return Challenged(frame.server_id)
         if isinstance(frame, Welcome) and state is ClientState.AWAIT_WELCOME:
             if frame.version != PROTOCOL_VERSION or frame.max_payload < 1:
                 raise MalformedFrame(
                     f"server chose version {frame.version}, max payload {frame.max_payload}"
                 )
+            if self.key is not None:
+                self._check_server_proof(frame)
             self.welcome = frame
             self.state = ClientState.READY
             return Welcomed(frame)
@@ -278,6 +317,21 @@ class ClientConnection:
         else:
             raise UnexpectedFrame(f"server sent {error} in state {self.state.value}")
         return ErrorReceived(error)
+
+    def _check_server_proof(self, welcome: Welcome) -> None:
+        if self._server_nonce is None:
+            raise HandshakeRejected(
+                "the server did not ask this client to authenticate, so it cannot "
+                "prove it knows the key; refusing to upload to it"
+            )
+        try:
+            proof = bytes.fromhex(welcome.options.get("auth-proof", ""))
+        except ValueError:
+            proof = b""
+        expected = auth.server_proof(
+            self.key, self._server_nonce, self._nonce, self.client_id, welcome.server_id)
+        if not auth.same(proof, expected):
+            raise HandshakeRejected("the server failed to prove it knows this client's key")
 
     # Output ------------------------------------------------------------------
 

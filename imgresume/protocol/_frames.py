@@ -28,6 +28,7 @@ CONTROL_MAX_BODY = 65536
 DATA_PREFIX = struct.Struct(">QI")
 UPLOAD_ID_SIZE = 16
 SHA256_SIZE = 32
+NONCE_SIZE = 32
 
 
 class FrameType(enum.IntEnum):
@@ -44,6 +45,8 @@ class FrameType(enum.IntEnum):
     ERROR = 0x09
     PING = 0x0A
     PONG = 0x0B
+    CHALLENGE = 0x0C
+    AUTH = 0x0D
 
 
 def _kv(value: Mapping[str, str]) -> dict[str, str]:
@@ -161,8 +164,28 @@ class Pong:
     nonce: int
 
 
+@attrs.frozen
+class Challenge:
+    """
+    Server -> client, answer to a HELLO that asked for authentication: the
+    server's identity and a fresh nonce the client must prove its key over.
+    """
+
+    server_id: str
+    nonce: bytes
+    method: str = "hmac-sha256"
+
+
+@attrs.frozen
+class Auth:
+    """Client -> server: the HMAC proving the client knows its key."""
+
+    mac: bytes
+
+
 Frame = Union[
-    Hello, Welcome, Upload, Resume, Accepted, Data, Ack, Completed, Error, Ping, Pong
+    Hello, Welcome, Upload, Resume, Accepted, Data, Ack, Completed, Error, Ping, Pong,
+    Challenge, Auth,
 ]
 
 
@@ -332,6 +355,11 @@ def encode(frame: Frame) -> bytes:
         return _frame(FrameType.PING, w.u64(frame.nonce).body())
     if isinstance(frame, Pong):
         return _frame(FrameType.PONG, w.u64(frame.nonce).body())
+    if isinstance(frame, Challenge):
+        w.str(frame.server_id).fixed(frame.nonce, NONCE_SIZE).str(frame.method)
+        return _frame(FrameType.CHALLENGE, w.body())
+    if isinstance(frame, Auth):
+        return _frame(FrameType.AUTH, w.fixed(frame.mac, SHA256_SIZE).body())
     raise TypeError(f"not a frame: {frame!r}")
 
 
@@ -376,7 +404,11 @@ def decode_body(kind: int, body: memoryview) -> Frame:
         frame = Error(code, r.str(), offset, retry)
     elif ftype is FrameType.PING:
         frame = Ping(r.u64())
-    else:
+    elif ftype is FrameType.PONG:
         frame = Pong(r.u64())
+    elif ftype is FrameType.CHALLENGE:
+        frame = Challenge(r.str(), r.fixed(NONCE_SIZE), r.str())
+    else:
+        frame = Auth(r.fixed(SHA256_SIZE))
     r.done()
     return frame

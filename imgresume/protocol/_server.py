@@ -41,6 +41,8 @@ from imgresume.protocol._frames import (
     PROTOCOL_VERSION,
     Accepted,
     Ack,
+    Auth,
+    Challenge,
     Completed,
     Data,
     Error,
@@ -76,6 +78,8 @@ class ServerState(enum.Enum):
 
     AWAIT_HELLO = "await-hello"
     CHECKING_HELLO = "checking-hello"
+    AWAIT_AUTH = "await-auth"
+    CHECKING_AUTH = "checking-auth"
     READY = "ready"
     OPENING = "opening"
     RECEIVING = "receiving"
@@ -92,6 +96,13 @@ class HelloReceived:
     """A well-formed HELLO with a shared version: accept or reject it."""
 
     hello: Hello
+
+
+@attrs.frozen
+class AuthReceived:
+    """The client's AUTH proof: check it, then accept_hello() or fail()."""
+
+    mac: bytes
 
 
 @attrs.frozen
@@ -131,13 +142,14 @@ class ConnectionFailed:
 
 
 ServerEvent = (
-    HelloReceived | UploadRequested | ResumeRequested | ChunkReceived
+    HelloReceived | AuthReceived | UploadRequested | ResumeRequested | ChunkReceived
     | FinishRequested | ConnectionFailed
 )
 
 #: Frames a client may send in each state that reads frames.
 LEGAL_FRAMES: dict[ServerState, tuple[type, ...]] = {
     ServerState.AWAIT_HELLO: (Hello,),
+    ServerState.AWAIT_AUTH: (Auth,),
     ServerState.READY: (Upload, Resume, Ping),
     ServerState.RECEIVING: (Data, Ping),
 }
@@ -217,6 +229,9 @@ class ServerConnection:
             return None
         if isinstance(frame, Hello):
             return self._on_hello(frame)
+        if isinstance(frame, Auth):
+            self.state = ServerState.CHECKING_AUTH
+            return AuthReceived(frame.mac)
         if isinstance(frame, Upload):
             return self._on_upload(frame)
         if isinstance(frame, Resume):
@@ -292,9 +307,20 @@ class ServerConnection:
 
     # Answers from the caller ------------------------------------------------
 
+    @property
+    def hello(self) -> Hello | None:
+        """The client's HELLO, once received."""
+        return self._hello
+
+    def challenge(self, nonce: bytes) -> None:
+        """Authentication is required: send CHALLENGE and wait for AUTH."""
+        self._expect(ServerState.CHECKING_HELLO)
+        self._send(Challenge(self.server_id, nonce))
+        self.state = ServerState.AWAIT_AUTH
+
     def accept_hello(self, options: dict[str, str] | None = None) -> None:
         """The client is welcome: send WELCOME with this server's limits."""
-        self._expect(ServerState.CHECKING_HELLO)
+        self._expect(ServerState.CHECKING_HELLO, ServerState.CHECKING_AUTH)
         assert self._hello is not None
         self.client_id = self._hello.client_id
         self._send(
@@ -349,10 +375,12 @@ class ServerConnection:
         upload) the transfer goes on from C{error.offset}.
         """
         self._expect(
-            ServerState.CHECKING_HELLO, ServerState.OPENING,
+            ServerState.CHECKING_HELLO, ServerState.CHECKING_AUTH, ServerState.OPENING,
             ServerState.WRITING, ServerState.COMPLETING,
         )
-        if error.scope is Scope.CONNECTION or self.state is ServerState.CHECKING_HELLO:
+        if error.scope is Scope.CONNECTION or self.state in (
+            ServerState.CHECKING_HELLO, ServerState.CHECKING_AUTH,
+        ):
             return self._fail_connection(error)
         self._send(error_frame(error))
         if error.scope is Scope.TRANSFER and self.state is not ServerState.OPENING:

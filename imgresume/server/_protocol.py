@@ -9,6 +9,7 @@ timeouts.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -19,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imgresume.errors import (
+    HandshakeRejected,
     ImgresumeError,
     InternalError,
     Scope,
@@ -28,6 +30,7 @@ from imgresume.errors import (
     UploadTakenOver,
 )
 from imgresume.protocol import (
+    AuthReceived,
     ChunkReceived,
     ConnectionFailed,
     FinishRequested,
@@ -37,6 +40,7 @@ from imgresume.protocol import (
     ServerLimits,
     UploadRequested,
 )
+from imgresume.protocol import _auth as auth
 from imgresume.storage.interfaces import IUploadStorage, IUploadWriter, NewUpload
 
 #: Seconds a closing connection may take to flush before it is aborted.
@@ -65,7 +69,9 @@ class UploadServerProtocol(Protocol):
         self._paused = False
         self._closing = False
         self._timer: IDelayedCall | None = None
+        self._abort_call: IDelayedCall | None = None
         self._bytes_received = 0
+        self._server_nonce: bytes | None = None
         self._last_heard = factory.clock.seconds()
         #: Fires once the connection is gone and its upload released.
         self.closed: Deferred[None] = Deferred()
@@ -90,6 +96,8 @@ class UploadServerProtocol(Protocol):
     def connectionLost(self, reason: Failure) -> None:
         self.factory.connections.discard(self)
         self._cancel_timer()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         self._closing = True
         self.log.info(
             "connection from {peer} closed after {bytes} bytes: {reason}",
@@ -160,6 +168,8 @@ class UploadServerProtocol(Protocol):
         storage: IUploadStorage = self.factory.storage
         if isinstance(event, HelloReceived):
             self._on_hello(event)
+        elif isinstance(event, AuthReceived):
+            self._on_auth(event)
         elif isinstance(event, UploadRequested):
             up = event.upload
             self.log.info(
@@ -171,7 +181,10 @@ class UploadServerProtocol(Protocol):
             )
             self._run(storage.create(request), self._opened, resumed=False)
         elif isinstance(event, ResumeRequested):
-            self._run(storage.resume(event.upload_id), self._opened, resumed=True)
+            self._run(
+                storage.resume(event.upload_id, self.machine.client_id),
+                self._opened, resumed=True,
+            )
         elif isinstance(event, ChunkReceived):
             self._run(self.writer.write(event.offset, event.payload), self.machine.chunk_written)
         elif isinstance(event, FinishRequested):
@@ -180,11 +193,56 @@ class UploadServerProtocol(Protocol):
             self._after_fatal(event.error)
 
     def _on_hello(self, event: HelloReceived) -> None:
-        self.machine.accept_hello()
+        if self.factory.keys is None:
+            self._welcome()
+            return
+        options = event.hello.options
+        if options.get("auth") != auth.METHOD or not auth.NONCE_RE.match(
+            options.get("nonce", "")
+        ):
+            self._reject(
+                "this server requires authentication (hmac-sha256): give the client "
+                "its key",
+                reason="client did not offer authentication",
+            )
+            return
+        self._server_nonce = os.urandom(32)
+        self.machine.challenge(self._server_nonce)
+
+    def _on_auth(self, event: AuthReceived) -> None:
+        hello = self.machine.hello
+        assert hello is not None and self._server_nonce is not None
+        key = self.factory.keys.lookup(hello.client_id)
+        client_nonce = bytes.fromhex(hello.options["nonce"])
+        if key is None or not auth.same(event.mac, auth.client_proof(
+            key, self._server_nonce, client_nonce, hello.client_id, self.factory.server_id,
+        )):
+            self._reject(
+                "authentication failed: unknown or revoked client id, or wrong key",
+                reason="unknown or revoked client" if key is None else "wrong proof",
+            )
+            return
+        self._welcome({"auth-proof": auth.server_proof(
+            key, self._server_nonce, client_nonce, hello.client_id, self.factory.server_id,
+        ).hex()})
+
+    def _reject(self, message: str, reason: str) -> None:
+        hello = self.machine.hello
+        self.log.warn(
+            "handshake from {peer} refused: client {client}: {reason}",
+            peer=self.peer, client=hello.client_id if hello else None, reason=reason,
+        )
+        event = self.machine.fail(HandshakeRejected(message))
+        if isinstance(event, ConnectionFailed):
+            self._after_fatal(event.error)
+
+    def _welcome(self, options: dict[str, str] | None = None) -> None:
+        self.machine.accept_hello(options)
         self._reset_timer(self.factory.idle_timeout)
         self.log.info(
-            "handshake from {peer}: client {client}",
-            peer=self.peer, client=event.hello.client_id,
+            "handshake from {peer}: client {client}{how}",
+            peer=self.peer, client=self.machine.client_id,
+            how=" (authenticated)" if options else "",
         )
 
     def _run(self, d: Deferred[Any], on_success: Any, **kw: Any) -> None:
@@ -305,9 +363,10 @@ class UploadServerProtocol(Protocol):
         if self._paused:
             self.transport.resumeProducing()
         self.transport.loseConnection()
-        self.factory.clock.callLater(CLOSE_GRACE, self._abort_if_open)
+        self._abort_call = self.factory.clock.callLater(CLOSE_GRACE, self._abort_if_open)
 
     def _abort_if_open(self) -> None:
+        self._abort_call = None
         if self in self.factory.connections:
             self.transport.abortConnection()
 
@@ -337,13 +396,17 @@ class UploadServerFactory(Factory):
         idle_timeout: float = 300.0,
         takeover_idle: float = 10.0,
         takeover_check_interval: float = 1.0,
+        keys: Any = None,
     ) -> None:
         """
+        @param keys: a L{imgresume.keys.KeyStore}: when given, every client
+            must authenticate with its key in the handshake.
         @param takeover_idle: a connection silent for this long gives up its
             upload when another connection asks for it.
         @param takeover_check_interval: how often connections are checked.
         """
         self.storage = storage
+        self.keys = keys
         self.server_id = server_id
         self.clock = clock
         self.limits = limits

@@ -95,10 +95,13 @@ class IUploadStorage(Interface):
         @return: Deferred firing with an L{IUploadWriter}.
         """
 
-    def resume(upload_id: str):
+    def resume(upload_id: str, client_id: str | None = None):
         """
         Take write ownership of an existing partial upload and establish the
         offset of its proven residual bytes (truncating anything past it).
+
+        @param client_id: the authenticated client asking; an upload created
+            by another client is reported as unknown (None: no check).
 
         @raise imgresume.errors.UnknownUpload: no such upload.
         @raise imgresume.errors.UploadBusy: another writer owns it.  The

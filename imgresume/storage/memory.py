@@ -112,9 +112,11 @@ class MemoryStorage:
         """See L{IUploadStorage.create}."""
         return _run(self._create, request)
 
-    def resume(self, upload_id: str) -> Deferred[MemoryUploadWriter]:
+    def resume(
+        self, upload_id: str, client_id: str | None = None
+    ) -> Deferred[MemoryUploadWriter]:
         """See L{IUploadStorage.resume}."""
-        return _run(self._resume, upload_id)
+        return _run(self._resume, upload_id, client_id)
 
     def _create(self, request: NewUpload) -> MemoryUploadWriter:
         name = validate_name(request.name)
@@ -151,11 +153,11 @@ class MemoryStorage:
                     "file, not a directory"
                 )
 
-    def _resume(self, upload_id: str) -> MemoryUploadWriter:
+    def _resume(self, upload_id: str, client_id: str | None = None) -> MemoryUploadWriter:
         if not is_upload_id(upload_id):
             raise UnknownUpload(f"malformed upload id {upload_id!r:.80}")
         upload = self._uploads.get(upload_id)
-        if upload is None:
+        if upload is None or (client_id is not None and upload.info.client_id != client_id):
             raise UnknownUpload(f"no upload with id {upload_id}")
         if upload.completed is not None:
             raise UploadAlreadyComplete(upload.completed)

@@ -1,0 +1,229 @@
+"""
+Handshake authentication: per-client keys, challenge-response (no secret on
+the wire, no replay), mutual proof, revocation without restart, and uploads
+bound to the client that made them.
+"""
+
+import hashlib
+import json
+import os
+import stat
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from imgresume import keys
+from imgresume.client import UploadFailed, Uploader
+from imgresume.errors import ErrorCode, HandshakeRejected, UnknownUpload
+from imgresume.protocol import Challenge, ClientConnection, FrameDecoder, Hello, Welcome, encode
+from imgresume.protocol import _auth as auth
+from imgresume.protocol._decoder import control_limit
+from imgresume.server import UploadServerFactory
+from imgresume.storage.memory import MemoryStorage
+
+
+def sync_run(f, *a, **kw):
+    return defer.maybeDeferred(f, *a, **kw)
+
+
+class KeyFileTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = os.path.join(self.mktemp(), "keys.json")
+
+    def test_add_list_revoke(self) -> None:
+        """Keys are created once, listed without secrets, and revoked in place."""
+        key = keys.add_client(self.path, "scanner-7")
+        self.assertEqual(len(key), 32)
+        self.assertEqual(keys.load_keys(self.path), {"scanner-7": key})
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        [entry] = keys.list_clients(self.path)
+        self.assertEqual(entry["client_id"], "scanner-7")
+        self.assertNotIn("key", entry)
+        self.assertRaises(keys.KeyFileError, keys.add_client, self.path, "scanner-7")
+        rotated = keys.add_client(self.path, "scanner-7", rotate=True)
+        self.assertNotEqual(rotated, key)
+        keys.revoke_client(self.path, "scanner-7")
+        self.assertEqual(keys.load_keys(self.path), {})
+        self.assertIsNotNone(keys.list_clients(self.path)[0]["revoked"])
+
+    def test_bad_files(self) -> None:
+        """A missing or malformed key file is a clear error, not an empty key set."""
+        self.assertRaises(keys.KeyFileError, keys.load_keys, self.path)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "w") as f:
+            json.dump({"format": 1, "clients": {"a": {"key": "zz"}}}, f)
+        self.assertRaises(keys.KeyFileError, keys.load_keys, self.path)
+        self.assertRaises(keys.KeyFileError, keys.add_client, self.path, "../evil")
+
+    def test_store_reloads_on_change(self) -> None:
+        """The server notices added and revoked clients without a restart."""
+        first = keys.add_client(self.path, "a")
+        clock = Clock()
+        store = keys.KeyStore(self.path, sync_run, clock, interval=2)
+        store.start()
+        self.assertEqual(store.lookup("a"), first)
+        second = keys.add_client(self.path, "b")
+        clock.advance(2)
+        self.assertEqual(store.lookup("b"), second)
+        keys.revoke_client(self.path, "a")
+        clock.advance(2)
+        self.assertIsNone(store.lookup("a"))
+        with open(self.path, "w") as f:
+            f.write("{broken")
+        clock.advance(2)
+        self.assertEqual(store.lookup("b"), second)  # a broken file changes nothing
+        self.flushLoggedErrors()
+        store.stop()
+
+
+class Wire:
+    """A server protocol on a StringTransport, fed raw frames."""
+
+    def __init__(self, factory: UploadServerFactory) -> None:
+        self.proto = factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        self.decoder = FrameDecoder(control_limit(1 << 20))
+
+    def send(self, *raw: bytes) -> list:
+        for r in raw:
+            self.proto.dataReceived(r)
+        self.decoder.feed(self.transport.value())
+        self.transport.clear()
+        out = []
+        while (f := self.decoder.next_frame()) is not None:
+            out.append(f)
+        return out
+
+
+class HandshakeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        path = os.path.join(self.mktemp(), "keys.json")
+        self.key = keys.add_client(path, "scanner-7")
+        store = keys.KeyStore(path, sync_run, Clock())
+        self.factory = UploadServerFactory(MemoryStorage(), "node-a", Clock(), keys=store)
+
+    def handshake(self, client: ClientConnection) -> tuple[bytes, list]:
+        """Run a handshake; return every byte that crossed the wire, and the events."""
+        wire = Wire(self.factory)
+        client.hello()
+        events = []
+        seen = bytearray()
+        for _ in range(3):
+            out = client.data_to_send()
+            if not out:
+                break
+            seen += b"".join(out)
+            for frame in wire.send(*out):
+                seen += encode(frame)
+                client.receive_data(encode(frame))
+                try:
+                    while (e := client.next_event()) is not None:
+                        events.append(e)
+                except HandshakeRejected as e:
+                    events.append(e)
+        return bytes(seen), events
+
+    def test_key_never_travels_and_both_sides_prove(self) -> None:
+        """The right key gets WELCOME with a server proof; the key is not on the wire."""
+        client = ClientConnection("scanner-7", key=self.key)
+        wire_bytes, events = self.handshake(client)
+        self.assertEqual([type(e).__name__ for e in events], ["Challenged", "Welcomed"])
+        self.assertGreater(len(wire_bytes), 100)
+        self.assertNotIn(self.key, wire_bytes)
+        self.assertNotIn(self.key.hex().encode(), wire_bytes)
+
+    def test_wrong_key_or_unknown_client(self) -> None:
+        """A wrong key and an unknown client get the same refusal."""
+        for client in (ClientConnection("scanner-7", key=os.urandom(32)),
+                       ClientConnection("nobody", key=self.key)):
+            wire = Wire(self.factory)
+            client.hello()
+            [challenge] = wire.send(*client.data_to_send())
+            self.assertIsInstance(challenge, Challenge)
+            client.receive_data(encode(challenge))
+            client.next_event()
+            [err] = wire.send(*client.data_to_send())
+            self.assertEqual(err.code, ErrorCode.HANDSHAKE_REJECTED)
+            self.assertIn("unknown or revoked client id, or wrong key", err.message)
+            self.assertTrue(wire.transport.disconnecting)
+
+    def test_client_without_key_is_told(self) -> None:
+        """A client that does not offer authentication learns that it must."""
+        wire = Wire(self.factory)
+        [err] = wire.send(encode(Hello("scanner-7")))
+        self.assertEqual(err.code, ErrorCode.HANDSHAKE_REJECTED)
+        self.assertIn("requires authentication", err.message)
+
+    def test_captured_handshake_cannot_be_replayed(self) -> None:
+        """AUTH recorded from one connection fails on the next (fresh nonce)."""
+        client = ClientConnection("scanner-7", key=self.key)
+        wire = Wire(self.factory)
+        client.hello()
+        hello_bytes = client.data_to_send()
+        [challenge] = wire.send(*hello_bytes)
+        client.receive_data(encode(challenge))
+        client.next_event()
+        auth_bytes = client.data_to_send()
+        [welcome] = wire.send(*auth_bytes)
+        self.assertIsInstance(welcome, Welcome)
+        replay = Wire(self.factory)
+        [challenge2] = replay.send(*hello_bytes)
+        self.assertNotEqual(challenge2.nonce, challenge.nonce)
+        [err] = replay.send(*auth_bytes)
+        self.assertEqual(err.code, ErrorCode.HANDSHAKE_REJECTED)
+
+    def test_impostor_server_is_refused_by_the_client(self) -> None:
+        """A server that does not know the key cannot fool a client that has one."""
+        client = ClientConnection("scanner-7", key=self.key)
+        client.hello()
+        client.data_to_send()
+        client.receive_data(encode(Challenge("evil", os.urandom(32))))
+        client.next_event()
+        client.receive_data(encode(Welcome(1, "evil", 1 << 20, 1 << 30, 1 << 20,
+                                           {"auth-proof": "00" * 32})))
+        self.assertRaises(HandshakeRejected, client.next_event)
+        plain = ClientConnection("scanner-7", key=self.key)
+        plain.hello()
+        plain.receive_data(encode(Welcome(1, "evil", 1 << 20, 1 << 30, 1 << 20)))
+        self.assertRaises(HandshakeRejected, plain.next_event)
+
+    def test_proofs_differ_by_role(self) -> None:
+        """A client's proof can never pass as a server's, or the other way round."""
+        a, b = os.urandom(32), os.urandom(32)
+        self.assertNotEqual(auth.client_proof(self.key, a, b, "c", "s"),
+                            auth.server_proof(self.key, a, b, "c", "s"))
+
+
+class EndToEndTests(TestCase):
+    async def test_authenticated_upload_and_ownership(self) -> None:
+        """Real sockets: the keyed client uploads; another client cannot resume its upload."""
+        path = os.path.join(self.mktemp(), "keys.json")
+        alice = keys.add_client(path, "alice")
+        mallory = keys.add_client(path, "mallory")
+        storage = MemoryStorage()
+        factory = UploadServerFactory(storage, "node-a", reactor,
+                                      keys=keys.KeyStore(path, sync_run, reactor))
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        endpoint = f"tcp:127.0.0.1:{port.getHost().port}"
+        data = os.urandom(300_000)
+        local = os.path.join(self.mktemp())
+        with open(local, "wb") as f:
+            f.write(data)
+        result = await Uploader(endpoint, reactor=reactor, client_id="alice", key=alice,
+                                journal=None).upload(local, "a.tif")
+        self.assertEqual(storage.read_completed(result.path), data)
+        self.assertEqual(result.sha256, hashlib.sha256(data).hexdigest())
+        # Mallory knows the upload id but cannot resume it or learn anything.
+        self.failureResultOf(storage.resume(result.upload_id, "mallory"), UnknownUpload)
+        try:
+            await Uploader(endpoint, reactor=reactor, client_id="alice", key=mallory,
+                           journal=None, max_attempts=1).upload(local, "b.tif")
+        except UploadFailed as e:
+            self.assertIsInstance(e.cause, HandshakeRejected)
+        else:
+            self.fail("a client with another client's id and its own key got in")
