@@ -145,6 +145,21 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
+def _unlock(fd: int) -> None:
+    """
+    Release the lock taken by L{_try_lock} on C{fd}, explicitly.  Closing
+    the fd also releases it, but over FUSE (GlusterFS) that release may
+    reach the servers only after close() has returned, so another host can
+    still find the upload busy; an explicit unlock is a synchronous request.
+    """
+    if _HAVE_OFD:
+        fcntl.fcntl(
+            fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
+        )
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+
+
 class _Lock:
     """A held lock on one upload's C{lock} file; closing the fd releases it."""
 
@@ -155,6 +170,10 @@ class _Lock:
     def release(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
+            try:
+                _unlock(fd)
+            except OSError:
+                pass  # closing releases it anyway
             try:
                 os.close(fd)
             except OSError:
@@ -528,7 +547,9 @@ class FilesystemStorage:
         d.addErrback(self._unclaimOnFailure, upload_id)
         return d
 
-    def resume(self, upload_id: str) -> Deferred[FilesystemUploadWriter]:
+    def resume(
+        self, upload_id: str, client_id: str | None = None
+    ) -> Deferred[FilesystemUploadWriter]:
         """See L{IUploadStorage.resume}."""
         if not is_upload_id(upload_id):
             return defer.fail(
@@ -536,10 +557,9 @@ class FilesystemStorage:
             )
         if not self._claim(upload_id):
             # Another connection of this process owns it: ask it to yield.
-            d = self._run(self._request_takeover, _Paths(self._root, upload_id))
-            d.addCallback(lambda _: defer.fail(_busy(upload_id, self._busy_retry_after)))
+            d = self._run(self._busy_in_process, upload_id, client_id)
             return d
-        d = self._run(self._resume_sync, upload_id)
+        d = self._run(self._resume_sync, upload_id, client_id)
         d.addErrback(self._unclaimOnFailure, upload_id)
         return d
 
@@ -687,11 +707,30 @@ class FilesystemStorage:
             raise _fail(e, f"cannot check {completed.path}") from e
         return completed
 
-    def _resume_sync(self, upload_id: str) -> FilesystemUploadWriter:
+    def _busy_in_process(self, upload_id: str, client_id: str | None) -> None:
         paths = _Paths(self._root, upload_id)
+        self._read_own_meta(paths, upload_id, client_id)
+        self._request_takeover(paths)
+        raise _busy(upload_id, self._busy_retry_after)
+
+    def _read_own_meta(
+        self, paths: _Paths, upload_id: str, client_id: str | None
+    ) -> dict[str, Any]:
+        """
+        The upload's meta, if it exists and belongs to C{client_id} (any
+        client when None).  Another client's upload is reported exactly like
+        a missing one, so its existence does not leak.
+        """
         meta = self._read_meta(paths, upload_id)
-        if meta is None:
+        if meta is None or (client_id is not None and meta["client_id"] != client_id):
             raise UnknownUpload(f"no upload with id {upload_id}")
+        return meta
+
+    def _resume_sync(
+        self, upload_id: str, client_id: str | None = None
+    ) -> FilesystemUploadWriter:
+        paths = _Paths(self._root, upload_id)
+        meta = self._read_own_meta(paths, upload_id, client_id)
         if meta["state"] == "complete":
             raise UploadAlreadyComplete(self._check_recorded_complete(meta))
         try:
@@ -936,6 +975,9 @@ def _prove(
     end = 0
     batch = RECORD_SIZE * 4096
     done = False
+    # Another host may have extended the journal since this host cached it:
+    # read what is stored, not the pages this host remembers.
+    _drop_cache(journal_fd)
     while not done:
         raw = _pread_full(journal_fd, batch, count * RECORD_SIZE)
         done = len(raw) < batch
