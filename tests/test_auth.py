@@ -227,3 +227,88 @@ class EndToEndTests(TestCase):
             self.assertIsInstance(e.cause, HandshakeRejected)
         else:
             self.fail("a client with another client's id and its own key got in")
+
+
+class SecureByDefaultTests(SynchronousTestCase):
+    def parse(self, *args: str):
+        from imgresume.server.tap import Options
+
+        options = Options()
+        options.parseOptions(["--storage", self.mktemp_dir(), *args])
+        return options
+
+    def mktemp_dir(self) -> str:
+        path = self.mktemp()
+        os.makedirs(path)
+        return path
+
+    def test_public_listen_needs_keys_or_insecure(self) -> None:
+        """Listening beyond loopback without keys is refused unless --insecure."""
+        from twisted.python.usage import UsageError
+
+        with self.assertRaises(UsageError) as caught:
+            self.parse("--listen", "tcp:9000")
+        self.assertIn("--insecure", str(caught.exception))
+        self.assertTrue(self.parse("--listen", "tcp:9000", "--insecure")["insecure"])
+        self.parse("--listen", "tcp:9000:interface=127.0.0.1")
+        keyfile = os.path.join(self.mktemp_dir(), "keys.json")
+        keys.add_client(keyfile, "a")
+        self.assertEqual(self.parse("--listen", "tcp:9000", "--keys", keyfile)["keys"], keyfile)
+
+    def test_bad_key_file_is_a_usage_error(self) -> None:
+        """A server is not started with a key file it cannot read."""
+        from twisted.python.usage import UsageError
+
+        self.assertRaises(UsageError, self.parse, "--keys", "/nonexistent/keys.json")
+
+
+class KeysCommandTests(TestCase):
+    async def test_keys_commands_and_authenticated_cli_upload(self) -> None:
+        """`imgresume keys add/list/revoke` and an authenticated `imgresume upload`."""
+        import subprocess
+        import sys
+
+        from tests.test_client_blocking import TwistdServer
+
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        keyfile = os.path.join(work, "keys.json")
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+
+        def run_cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "imgresume", *args], env=env,
+                                  capture_output=True, text=True, cwd=work)
+
+        cli = run_cli
+
+        added = cli("keys", "add", "--keys", keyfile, "scanner-7")
+        self.assertEqual(added.returncode, 0, added.stderr)
+        keyhex = added.stdout.strip()
+        self.assertEqual(len(bytes.fromhex(keyhex)), 32)
+        with open(os.path.join(work, "scanner-7.key"), "w") as f:
+            f.write(keyhex + "\n")
+        listed = cli("keys", "list", "--keys", keyfile, "--json")
+        self.assertEqual([c["client_id"] for c in json.loads(listed.stdout)], ["scanner-7"])
+        self.assertNotIn(keyhex, listed.stdout)
+        server = await TwistdServer(self, "--keys", keyfile).start()
+        data = os.urandom(100_000)
+        with open(os.path.join(work, "scan.tif"), "wb") as f:
+            f.write(data)
+        base = ["upload", "--to", server.endpoint, "--client-id", "scanner-7", "--no-journal",
+                "--max-attempts", "1", "scan.tif", "--json"]
+        refused = cli(*base)
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("requires authentication", refused.stderr)
+        ok = cli(*base, "--key-file", "scanner-7.key")
+        self.assertEqual(ok.returncode, 0, ok.stderr)
+        self.assertEqual(json.loads(ok.stdout)["sha256"], hashlib.sha256(data).hexdigest())
+        self.assertEqual(cli("keys", "revoke", "--keys", keyfile, "scanner-7").returncode, 0)
+        import time
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            again = cli(*base, "--key-file", "scanner-7.key")
+            if again.returncode == 1:
+                break
+            time.sleep(0.5)
+        self.assertIn("authentication failed", again.stderr)

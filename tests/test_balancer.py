@@ -3,7 +3,7 @@
 Tests for L{imgresume.balancer}: the tracker and scheduler (pure, on a
 L{Clock}), the proxy over L{StringTransport}s, the proxy over real TCP
 sockets on 127.0.0.1, the twistd options, and the real C{twistd imgresume-lb}
-in a subprocess.
+in a subprocess. The active health checks are in L{tests.test_balancer_health}.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import (
     EventLoggingObserver,
     MemoryReactor,
+    MemoryReactorClock,
     StringTransport,
 )
 from twisted.logger import globalLogPublisher
@@ -61,6 +62,7 @@ from imgresume.balancer import (
     BackendTracker,
     BalancerFactory,
     FrontendProtocol,
+    HealthChecker,
     RoundRobinScheduler,
     buildBalancer,
 )
@@ -217,12 +219,16 @@ class TrackerTests(TestCase):
     def test_markDownAndUp(self) -> None:
         """
         The health-checker seam: C{markDown()} without a duration holds until
-        C{markUp()}; a shorter passive ejection does not shorten it.
+        C{markUp()}; neither a shorter passive ejection nor a successful
+        client connect ends it.
         """
         self.tracker.markDown(self.b)
         self.tracker.connectFailed(self.b)
         self.clock.advance(3600)
         self.assertFalse(self.tracker.isUp(self.b))
+        self.tracker.connectSucceeded(self.b)
+        self.assertFalse(self.tracker.isUp(self.b))
+        self.assertEqual(self.tracker.stateOf(self.b).active, 1)
         self.tracker.markUp(self.b)
         self.assertTrue(self.tracker.isUp(self.b))
         self.assertEqual(self.tracker.stateOf(self.b).failures, 0)
@@ -885,6 +891,40 @@ class OptionsTests(TestCase):
         self.assertEqual(options["connect-timeout"], 5.0)
         self.assertEqual(options["eject-for"], 2.0)
         self.assertEqual(options["backends"], ["tcp:127.0.0.1:7001"])
+        self.assertEqual(
+            (options["check-interval"], options["check-timeout"], options["fall"], options["rise"]),
+            (2.0, 1.0, 2, 1),
+        )
+
+    def test_healthOptions(self) -> None:
+        """
+        The health check options take durations and counts; 0 disables the
+        checks; a zero timeout and counts below 1 are usage errors.
+        """
+        options = Options()
+        options.parseOptions(
+            ["-b", "tcp:h:1", "--check-interval", "500ms", "--check-timeout", "0.25",
+             "--fall", "3", "--rise", "2"]
+        )
+        self.assertEqual(
+            (options["check-interval"], options["check-timeout"], options["fall"], options["rise"]),
+            (0.5, 0.25, 3, 2),
+        )
+        options = Options()
+        options.parseOptions(["-b", "tcp:h:1", "--check-interval", "0"])
+        self.assertEqual(options["check-interval"], 0)
+        for option, bad in [
+            ("--check-interval", "-1"),
+            ("--check-timeout", "0"),
+            ("--fall", "0"),
+            ("--rise", "-2"),
+            ("--rise", "many"),
+        ]:
+            self.assertRaises(
+                usage.UsageError,
+                Options().parseOptions,
+                ["-b", "tcp:h:1", option, bad],
+            )
 
     def test_repeatedBackends(self) -> None:
         """
@@ -923,6 +963,8 @@ class OptionsTests(TestCase):
         text = Options().getUsage()
         self.assertIn("  --backend unix:/run/imgresume-1.sock\n", text)
         self.assertIn("NO_BACKEND", text)
+        for word in ("--check-interval", "--check-timeout", "--fall", "--rise", "PING"):
+            self.assertIn(word, text)
 
     def test_makeService(self) -> None:
         """
@@ -931,9 +973,10 @@ class OptionsTests(TestCase):
         """
         options = Options()
         options.parseOptions(
-            ["--listen", "tcp:7100:interface=127.0.0.1", "-b", "tcp:h:1", "-b", "tcp:h:2"]
+            ["--listen", "tcp:7100:interface=127.0.0.1", "-b", "tcp:h:1", "-b", "tcp:h:2",
+             "--check-interval", "3", "--check-timeout", "0.5", "--fall", "4", "--rise", "2"]
         )
-        memory = MemoryReactor()
+        memory = MemoryReactorClock()
         service = makeService(options, reactor=memory)
         service.startService()
         self.addCleanup(service.stopService)
@@ -944,6 +987,18 @@ class OptionsTests(TestCase):
             [b.name for b in factory.tracker.backends], ["tcp:h:1", "tcp:h:2"]
         )
         self.assertEqual(factory.connectTimeout, 5.0)
+        checker = service.getServiceNamed("health")
+        self.assertIsInstance(checker, HealthChecker)
+        self.assertIs(checker.tracker, factory.tracker)
+        self.assertEqual(
+            (checker.interval, checker.timeout, checker.fall, checker.rise),
+            (3.0, 0.5, 4, 2),
+        )
+        # The first round of checks starts at once, one per backend.
+        self.assertEqual(
+            sorted((host, port) for host, port, *_ in memory.tcpClients),
+            [("h", 1), ("h", 2)],
+        )
 
     def test_badEndpoint(self) -> None:
         """

@@ -7,8 +7,8 @@ This module does no I/O. L{BackendTracker} records what the proxy reports
 (connect succeeded, connect failed, connection closed) and answers "is this
 backend usable now?"; a L{Scheduler} turns that into the ordered list of
 backends one client connection will try. The proxy in L{._proxy} is the only
-caller today; an active health checker will drive L{BackendTracker.markUp} and
-L{BackendTracker.markDown} later.
+caller of the connect callbacks; the active health checker in L{._health}
+drives L{BackendTracker.markUp} and L{BackendTracker.markDown}.
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ class BackendTracker:
     Per-backend bookkeeping, in the spirit of txloadbalancer's host tracker.
 
     The proxy calls L{connectSucceeded}, L{connectFailed} and
-    L{connectionClosed}; schedulers call L{isUp} and read L{backends}; a
-    future health checker calls L{markUp} and L{markDown}. A failed connect
-    passively marks the backend down for C{ejectFor} seconds.
+    L{connectionClosed}; schedulers call L{isUp} and read L{backends}; the
+    health checker (L{imgresume.balancer.HealthChecker}) calls L{markUp} and
+    L{markDown}. A failed connect passively marks the backend down for
+    C{ejectFor} seconds.
     """
 
     def __init__(
@@ -113,15 +114,21 @@ class BackendTracker:
     def connectSucceeded(self, backend: Backend) -> None:
         """
         A connection to C{backend} was made and now carries a client: count
-        it, and take the success as proof the backend is up.
+        it, and take the success as proof the backend is up, ending a passive
+        ejection. A mark from L{markDown} without a duration (the health
+        checker's verdict, which a TCP connect alone does not overturn)
+        stays until L{markUp}.
         """
         state = self._states[backend]
+        downUntil = state.downUntil
+        if downUntil is not None and not math.isinf(downUntil):
+            downUntil = None
         self._states[backend] = replace(
             state,
             active=state.active + 1,
             total=state.total + 1,
             failures=0,
-            downUntil=None,
+            downUntil=downUntil,
         )
 
     def connectionClosed(self, backend: Backend) -> None:

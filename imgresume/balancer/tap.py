@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from .._options import BaseOptions
 from ..sizes import parse_duration
+from ._health import HealthChecker
 from ._proxy import BalancerFactory
 from ._scheduler import Backend, BackendTracker, RoundRobinScheduler
 
@@ -28,6 +29,16 @@ def _seconds(value: str) -> float:
 _seconds.coerceDoc = (  # type: ignore[attr-defined]
     "A duration: seconds, or a number with a unit (500ms, 2s, 1m)."
 )
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"must be at least 1, not {number}")
+    return number
+
+
+_count.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
 
 
 class Options(BaseOptions):
@@ -47,6 +58,14 @@ the same client is tried on the next backend (each at most once), and the
 failed backend is left out of the rotation for --eject-for seconds while
 others are up. If no backend accepts, the client gets an imgresume ERROR frame
 (NO_BACKEND, retry after 1000 ms) and is closed.
+
+Every --check-interval seconds the balancer also checks each backend at the
+protocol level: it connects, sends HELLO (client id imgresume-lb-health),
+expects WELCOME, sends PING and expects the same nonce back in PONG, all
+within --check-timeout, then closes. After --fall failed checks in a row a
+backend is down: no new client is sent to it until --rise checks in a row
+pass. Connections already proxied to it are left alone. While every backend
+is down, clients are still tried on all of them.
 
 Bytes are forwarded unchanged in both directions with flow control: a slow
 side pauses the other, so memory per connection stays bounded.
@@ -89,6 +108,38 @@ Example:
             " leaves it out.",
             _seconds,
         ],
+        [
+            "check-interval",
+            None,
+            2.0,
+            "How often each backend gets a health check (connect, HELLO,"
+            " WELCOME, PING, PONG, close); 0 disables health checks.",
+            _seconds,
+        ],
+        [
+            "check-timeout",
+            None,
+            1.0,
+            "How long one health check may take, connect included, before it"
+            " counts as failed.",
+            _seconds,
+        ],
+        [
+            "fall",
+            None,
+            2,
+            "Failed health checks in a row that take a backend out of the"
+            " rotation (until it passes --rise checks).",
+            _count,
+        ],
+        [
+            "rise",
+            None,
+            1,
+            "Passed health checks in a row that put a backend that is down"
+            " back into the rotation.",
+            _count,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -115,6 +166,8 @@ Example:
             )
         if self["connect-timeout"] <= 0:
             raise usage.UsageError("--connect-timeout must be more than 0")
+        if self["check-timeout"] <= 0:
+            raise usage.UsageError("--check-timeout must be more than 0")
 
 
 def buildBalancer(
@@ -142,8 +195,9 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     Build the balancer service from parsed L{Options}. Called by twistd;
     C{reactor} defaults to the global one.
 
-    The result is a L{MultiService} holding the listener, so that an active
-    health checker can later be added next to it as a sibling service.
+    The result is a L{MultiService} holding the L{HealthChecker} (named
+    C{"health"}; idle when C{--check-interval} is 0) and the listener (named
+    C{"listener"}), started in that order.
     """
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -160,6 +214,16 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     except (ValueError, TypeError, KeyError) as e:
         raise usage.UsageError(f"bad endpoint string: {e}") from e
     listener.setName("listener")
+    checker = HealthChecker(
+        factory.tracker,
+        reactor,
+        interval=config["check-interval"],
+        timeout=config["check-timeout"],
+        fall=config["fall"],
+        rise=config["rise"],
+    )
+    checker.setName("health")
     top = MultiService()
+    checker.setServiceParent(top)
     listener.setServiceParent(top)
     return top

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_server_process -*-
+# -*- test-case-name: tests.test_failover,tests.test_maintenance -*-
 """
 Assembling a running server: a thread pool for disk work, the filesystem
 storage on it, the protocol factory and a listening endpoint, as one
@@ -15,15 +15,18 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from imgresume.protocol import ServerLimits
+from imgresume.server._gc import GarbageCollectorService
 from imgresume.server._protocol import UploadServerFactory
+from imgresume.storage.filesystem import FilesystemStorage
 from imgresume.storage.interfaces import IUploadStorage
+from imgresume.storage.maintenance import DEFAULT_RECORDS_OLDER_THAN
 
 log = Logger()
 
@@ -46,6 +49,43 @@ class ThreadPoolService(Service):
     def stopService(self) -> None:
         super().stopService()
         self.pool.stop()
+
+
+class OrderedMultiService(MultiService):
+    """
+    A MultiService that stops its children one at a time, last added first,
+    each after the previous one has finished stopping.  (MultiService stops
+    them all at once: the thread pool would stop while connections are
+    still releasing their uploads through it.)
+    """
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        children = list(self)[::-1]
+
+        async def stop_all() -> None:
+            for child in children:
+                try:
+                    await maybeDeferred(child.stopService)
+                except Exception:
+                    log.failure("stopping {service} failed", service=child)
+
+        return Deferred.fromCoroutine(stop_all())
+
+
+class _KeyWatchService(Service):
+    """Watches the key file while the server runs."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.store.stop()
 
 
 class _DrainService(Service):
@@ -77,28 +117,56 @@ def makeServerService(
     idle_timeout: float = 300.0,
     takeover_idle: float = 10.0,
     threads: int = 8,
+    keys: str | None = None,
+    gc_interval: float = 900.0,
+    expire_after: float = 7 * 86400.0,
+    expire_records_after: float = DEFAULT_RECORDS_OLDER_THAN,
 ) -> MultiService:
     """
     Build a server listening on the endpoint string C{listen}.
 
     @param storage: a storage provider, or a directory path for the shared
         filesystem storage (run on a thread pool owned by the service).
+    @param keys: a key file; when given, clients must authenticate (the
+        file is watched and reloaded on change).
+    @param gc_interval: seconds between garbage collections of a filesystem
+        storage (L{GarbageCollectorService}, named C{"gc"}); 0 disables.
+    @param expire_after: age after which an untouched partial upload is
+        removed.
+    @param expire_records_after: age after which the record of a completed
+        upload is removed (the completed file never is).
+
+    The storage self-test is not run here (it blocks); see
+    L{imgresume.server._storagecheck.verify_storage}.
     """
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    top = MultiService()
+    top = OrderedMultiService()
     server_id = server_id or default_server_id()
     if isinstance(storage, str):
-        from imgresume.storage.filesystem import FilesystemStorage
-
         pool = ThreadPool(minthreads=1, maxthreads=threads, name="imgresume-storage")
         ThreadPoolService(pool).setServiceParent(top)
         storage = FilesystemStorage(
             storage, run=functools.partial(deferToThreadPool, reactor, pool),
             owner=server_id,
         )
+    gc = None
+    if gc_interval > 0 and isinstance(storage, FilesystemStorage):
+        gc = GarbageCollectorService(
+            storage._root, storage._run, reactor, gc_interval, expire_after,
+            expire_records_after,
+        )
+        gc.setServiceParent(top)
+    key_store = None
+    if keys is not None:
+        from imgresume.keys import KeyStore
+
+        run = storage._run if isinstance(storage, FilesystemStorage) else (
+            functools.partial(deferToThreadPool, reactor, reactor.getThreadPool()))
+        key_store = KeyStore(keys, run, reactor)
+        _KeyWatchService(key_store).setServiceParent(top)
     factory = UploadServerFactory(
         storage,
         server_id,
@@ -107,6 +175,7 @@ def makeServerService(
         handshake_timeout=handshake_timeout,
         idle_timeout=idle_timeout,
         takeover_idle=takeover_idle,
+        keys=key_store,
     )
     listener = StreamServerEndpointService(serverFromString(reactor, listen), factory)
     listener._raiseSynchronously = True
@@ -114,4 +183,5 @@ def makeServerService(
     listener.setServiceParent(top)
     top.factory = factory  # type: ignore[attr-defined]
     top.listener = listener  # type: ignore[attr-defined]
+    top.gc = gc  # type: ignore[attr-defined]
     return top

@@ -10,6 +10,7 @@ import os
 from twisted.python import usage
 
 from imgresume.protocol import ServerLimits
+from imgresume._endpoints import is_local_only
 from imgresume._options import BaseOptions
 from imgresume.sizes import parse_duration, parse_size
 
@@ -23,14 +24,26 @@ shared filesystem such as NFS, CephFS or GlusterFS): any of them can resume
 an upload another one started.  Put them behind `twistd imgresume-lb` or
 HAProxy.
 
-Example:
+At start the server tests the storage directory (exclusive create, atomic
+rename, hard links, locks seen by another process, fsync; see
+`imgresume check-storage --help`) and refuses to start if the filesystem
+lacks a guarantee the storage needs.  Every --gc-interval it removes partial
+uploads untouched for --expire-after (never one a writer holds, never a
+completed file), and records of completed uploads after
+--expire-records-after.
+
+Examples:
   twistd -n --pidfile= imgresume --listen tcp:9001:interface=127.0.0.1 \\
       --storage /srv/imgresume --server-id node-a
+  twistd -n --pidfile= imgresume --storage /srv/imgresume \\
+      --gc-interval 1h --expire-after 3d
 """
     optParameters = [
         ["listen", "l", "tcp:9000:interface=127.0.0.1",
          "Twisted server endpoint to listen on (tcp:PORT, ssl:..., unix:PATH, haproxy:...)."],
         ["storage", "s", None, "Storage directory, shared by every server of the pool (required)."],
+        ["keys", "k", None, "Key file (`imgresume keys add`): every client must authenticate "
+         "with its key.  Reloaded when it changes."],
         ["server-id", None, None, "Name of this server in logs and in the handshake "
          "[default: HOST:PID]."],
         ["max-file-size", None, "1T", "Largest file a client may declare (e.g. 500M, 20G)."],
@@ -42,11 +55,37 @@ Example:
         ["takeover-idle", None, "10s", "A connection silent this long gives its upload up "
          "to a newer connection that asks for it (a client that reconnected elsewhere)."],
         ["threads", None, "8", "Threads for disk work."],
+        ["gc-interval", None, "15m", "How often abandoned uploads are looked for and "
+         "removed; 0 disables garbage collection on this server."],
+        ["expire-after", None, "7d", "A partial upload untouched this long is removed "
+         "(unless a writer holds it)."],
+        ["expire-records-after", None, "30d", "The record of a completed upload (what a "
+         "resume of it answers) is kept this long; the completed file is never removed."],
+    ]
+    optFlags = [
+        ["skip-storage-check", None, "Start even if the storage self-test finds a "
+         "guarantee missing (unsafe)."],
+        ["insecure", None, "Allow listening beyond this host without --keys "
+         "(anyone who can connect may upload)."],
     ]
 
     def postOptions(self) -> None:
         if not self["storage"]:
             raise usage.UsageError("--storage DIR is required")
+        if self["keys"]:
+            from imgresume.keys import KeyFileError, load_keys
+
+            try:
+                load_keys(self["keys"])
+            except KeyFileError as e:
+                raise usage.UsageError(str(e))
+        elif not self["insecure"] and not is_local_only(self["listen"]):
+            raise usage.UsageError(
+                f"--listen {self['listen']} is reachable from other hosts but no --keys "
+                "file is given, so anyone could upload: add --keys FILE (see `imgresume "
+                "keys add --help`), listen on a loopback interface or a UNIX socket, or "
+                "say --insecure"
+            )
         if not os.path.isdir(self["storage"]):
             raise usage.UsageError(f"--storage {self['storage']}: not a directory")
         try:
@@ -55,25 +94,45 @@ Example:
                 chunk_size=parse_size(self["chunk-size"]),
                 max_file_size=parse_size(self["max-file-size"]),
             )
-            for key in ("handshake-timeout", "idle-timeout", "takeover-idle"):
+            for key in ("handshake-timeout", "idle-timeout", "takeover-idle",
+                        "gc-interval", "expire-after", "expire-records-after"):
                 self[key] = parse_duration(self[key])
             self["threads"] = int(self["threads"])
         except ValueError as e:
             raise usage.UsageError(str(e))
         if self["limits"].chunk_size > self["limits"].max_payload:
             raise usage.UsageError("--chunk-size must not exceed --max-payload")
+        for key in ("expire-after", "expire-records-after"):
+            if self[key] <= 0:
+                raise usage.UsageError(f"--{key} must be more than 0")
 
 
 def makeService(config: Options):
-    from imgresume.server import makeServerService
+    """
+    Build the server from parsed L{Options}.  Called once by twistd before
+    the reactor runs, which is why the storage self-test runs here, blocking:
+    nothing is listening yet and no event waits for it, and a refusal ends
+    twistd with the message on its stderr before it daemonizes.
+    """
+    from imgresume.server._service import makeServerService
+    from imgresume.server._storagecheck import StorageCheckFailed, verify_storage
 
+    if not config["skip-storage-check"]:
+        try:
+            verify_storage(config["storage"])
+        except StorageCheckFailed as e:
+            raise SystemExit(f"imgresume: {e}") from None
     return makeServerService(
         config["listen"],
         config["storage"],
+        keys=config["keys"],
         server_id=config["server-id"],
         limits=config["limits"],
         handshake_timeout=config["handshake-timeout"],
         idle_timeout=config["idle-timeout"],
         takeover_idle=config["takeover-idle"],
         threads=config["threads"],
+        gc_interval=config["gc-interval"],
+        expire_after=config["expire-after"],
+        expire_records_after=config["expire-records-after"],
     )
