@@ -8,11 +8,9 @@
 # usually on its own host (see tac/server.tac and docs/operations.md).
 import os
 
-from twisted.application import strports
 from twisted.application.service import Application
-from twisted.internet import reactor
 
-from imgresume.balancer import buildBalancer
+from imgresume.balancer import tap
 from imgresume.server import makeServerService
 
 storage = os.path.abspath(os.environ.get("IMGRESUME_STORAGE", "imgresume-storage"))
@@ -26,5 +24,7 @@ for i in (1, 2, 3):
         f"tcp:{port}:interface=127.0.0.1", storage, server_id=f"node-{i}"
     ).setServiceParent(application)
     backends.append(f"tcp:127.0.0.1:{port}")
-strports.service("tcp:7000:interface=127.0.0.1", buildBalancer(reactor, backends)
-                 ).setServiceParent(application)
+config = tap.Options()
+config.parseOptions(["--listen", "tcp:7000:interface=127.0.0.1"]
+                    + [arg for backend in backends for arg in ("--backend", backend)])
+tap.makeService(config).setServiceParent(application)

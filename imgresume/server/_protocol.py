@@ -43,6 +43,13 @@ from imgresume.protocol import (
 from imgresume.protocol import _auth as auth
 from imgresume.storage.interfaces import IUploadStorage, IUploadWriter, NewUpload
 
+#: The client id balancers use for health checks (their connections are not logged).
+HEALTH_CHECK_CLIENT_ID = "imgresume-lb-health"
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """A log method that logs nothing."""
+
 #: Seconds a closing connection may take to flush before it is aborted.
 CLOSE_GRACE = 5.0
 
@@ -85,7 +92,6 @@ class UploadServerProtocol(Protocol):
         if hasattr(self.transport, "setTcpKeepAlive"):
             self.transport.setTcpKeepAlive(True)  # notice dead peers at the TCP level too
         self._reset_timer(self.factory.handshake_timeout)
-        self.log.info("connection from {peer}", peer=self.peer)
 
     def dataReceived(self, data: bytes) -> None:
         self._bytes_received += len(data)
@@ -99,7 +105,9 @@ class UploadServerProtocol(Protocol):
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._closing = True
-        self.log.info(
+        # Balancer health checks connect every few seconds: not logged.
+        emit = _silent if self._is_health_check() else self.log.info
+        emit(
             "connection from {peer} closed after {bytes} bytes: {reason}",
             peer=self.peer, bytes=self._bytes_received,
             reason=reason.getErrorMessage(),
@@ -236,10 +244,15 @@ class UploadServerProtocol(Protocol):
         if isinstance(event, ConnectionFailed):
             self._after_fatal(event.error)
 
+    def _is_health_check(self) -> bool:
+        hello = self.machine.hello
+        return hello is not None and hello.client_id == HEALTH_CHECK_CLIENT_ID
+
     def _welcome(self, options: dict[str, str] | None = None) -> None:
         self.machine.accept_hello(options)
         self._reset_timer(self.factory.idle_timeout)
-        self.log.info(
+        emit = _silent if self._is_health_check() else self.log.info
+        emit(
             "handshake from {peer}: client {client}{how}",
             peer=self.peer, client=self.machine.client_id,
             how=" (authenticated)" if options else "",
