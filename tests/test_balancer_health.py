@@ -48,6 +48,7 @@ from imgresume.errors import ErrorCode
 from imgresume.protocol import FrameDecoder, encode
 from imgresume.protocol._frames import Error, Hello, Ping, Pong, Welcome
 from imgresume.server import UploadServerFactory
+from imgresume.protocol import HEALTH_CHECK_CLIENT_ID
 from imgresume.storage.memory import MemoryStorage
 
 CHUNK = 256 * 1024
@@ -260,7 +261,7 @@ class ConversationTests(CheckerTestCase):
     def test_realServerAnswers(self) -> None:
         """
         The real server protocol (over memory storage, joined in memory)
-        passes the check, and logs the health client id.
+        passes the check; the server does not log health-check connections.
         """
         server = UploadServerFactory(MemoryStorage(), "node-9", self.clock)
         endpoint = InMemoryServerEndpoint(server)
@@ -272,8 +273,8 @@ class ConversationTests(CheckerTestCase):
         status = checker.statusOf(backend)
         self.assertEqual((status.checks, status.healthy, status.serverID), (1, True, "node-9"))
         self.assertEqual(server.connections, set())
-        [handshake] = transitions(self.observer, "handshake from")
-        self.assertEqual(handshake["client"], HEALTH_CLIENT_ID)
+        self.assertEqual(transitions(self.observer, "handshake from"), [])
+        self.assertEqual(HEALTH_CLIENT_ID, HEALTH_CHECK_CLIENT_ID)
 
     def assertFailed(self, checker: HealthChecker, backend: Backend, reason: str) -> None:
         """

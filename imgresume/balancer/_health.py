@@ -36,7 +36,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imgresume.errors import ImgresumeError
-from imgresume.protocol import ClientConnection, ErrorReceived, Ponged, Welcomed
+from imgresume.protocol import (
+    HEALTH_CHECK_CLIENT_ID,
+    ClientConnection,
+    ErrorReceived,
+    Ponged,
+    Welcomed,
+)
 
 from ._proxy import _describeFailure
 from ._scheduler import Backend, BackendTracker
@@ -45,7 +51,7 @@ log = Logger()
 
 #: The client id the checker sends in its HELLO, so that servers (and their
 #: logs) can tell health checks from uploads.
-HEALTH_CLIENT_ID = "imgresume-lb-health"
+HEALTH_CLIENT_ID = HEALTH_CHECK_CLIENT_ID
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ DATA_PREFIX = struct.Struct(">QI")
 UPLOAD_ID_SIZE = 16
 SHA256_SIZE = 32
 NONCE_SIZE = 32
+#: The client id of balancer health checks (servers do not log them).
+HEALTH_CHECK_CLIENT_ID = "imgresume-lb-health"
 
 
 class FrameType(enum.IntEnum):

@@ -30,6 +30,7 @@ from imgresume.errors import (
     UploadTakenOver,
 )
 from imgresume.protocol import (
+    HEALTH_CHECK_CLIENT_ID,
     AuthReceived,
     ChunkReceived,
     ConnectionFailed,
@@ -43,8 +44,6 @@ from imgresume.protocol import (
 from imgresume.protocol import _auth as auth
 from imgresume.storage.interfaces import IUploadStorage, IUploadWriter, NewUpload
 
-#: The client id balancers use for health checks (their connections are not logged).
-HEALTH_CHECK_CLIENT_ID = "imgresume-lb-health"
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
