@@ -457,7 +457,7 @@ class CountingTests(CheckerTestCase):
         With rise 2, a down backend needs two passed checks in a row to be
         marked up (a failure in between starts over); one event is logged.
         """
-        checker = self.checker(fall=1, rise=2)
+        self.checker(fall=1, rise=2)
         endpoint = self.endpoint(self.a)
         endpoint.last.refuse()
         self.endpoint(self.b).last.answerHealthy()
