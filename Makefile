@@ -6,13 +6,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow venv clean
+.PHONY: demo test test-slow test-sharedfs sharedfs-up sharedfs-down venv clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# compat mode keeps the drop-in twistd plugins visible to twistd
 	$(PY) -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	# the coverage-guided fuzzer is optional: its tests skip (or fail in CI) without it
+	$(PY) -m pip install --quiet atheris || echo "atheris unavailable: atheris fuzz runs will be skipped"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,6 +27,18 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest tests --run-slow $(PYTEST_ARGS)
+
+# The shared-filesystem tests on a local GlusterFS volume mounted three times
+# (needs root and /dev/fuse; docs/sharedfs.md).  `make test` runs them too
+# when the volume is up, and skips them loudly when it is not.
+sharedfs-up:
+	bash .ci/glusterfs.sh up
+
+sharedfs-down:
+	bash .ci/glusterfs.sh down
+
+test-sharedfs: $(STAMP)
+	IMGRESUME_REQUIRE_SHAREDFS=1 $(PY) -m pytest tests/test_gluster.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp .pytest_cache demo-run

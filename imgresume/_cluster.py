@@ -1,12 +1,14 @@
-# -*- test-case-name: tests.test_failover -*-
+# -*- test-case-name: tests.test_failover,tests.test_tls -*-
 """
 A local cluster of real processes: N C{twistd imgresume} servers over one
 storage directory and one C{twistd imgresume-lb} in front of them.  Used by
 C{make demo} and by the failover tests; not part of the public API.
 
 Servers listen on UNIX sockets in a short-named temporary directory (no
-port races; socket paths are limited to about 100 bytes); the balancer
-listens on a free TCP port on 127.0.0.1.
+port races; socket paths are limited to about 100 bytes), or on free TCP
+ports of 127.0.0.1 through any server endpoint string C{server_listen}
+makes (C{ssl:}, C{mtls:}...); the balancer listens on a free TCP port on
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import attrs
 
@@ -79,11 +81,17 @@ class LocalCluster:
 
     def __init__(self, directory: str, servers: int = 3,
                  storage: str | Sequence[str] | None = None,
-                 server_args: Sequence[str] = (), lb_args: Sequence[str] = ()) -> None:
+                 server_args: Sequence[str] = (), lb_args: Sequence[str] = (),
+                 server_listen: Callable[[int], str] | None = None) -> None:
         """
         @param storage: one directory shared by every server, or one per
             server (e.g. one mount of a distributed filesystem each, as if
             every server ran on its own host).
+        @param server_listen: given a free TCP port on 127.0.0.1, the server
+            endpoint string a server listens on there (e.g. C{lambda port:
+            f"mtls:{port}:interface=127.0.0.1:..."}); the balancer relays to
+            it as C{tcp:127.0.0.1:PORT}.  By default servers listen on UNIX
+            sockets.
         """
         self.directory = os.path.abspath(directory)
         if storage is None:
@@ -100,18 +108,28 @@ class LocalCluster:
         self.servers: dict[str, Node] = {}
         for i, mount in enumerate(mounts, 1):
             name = f"node-{i}"
-            sock = os.path.join(self.sockets, f"{name}.sock")
+            address: str | tuple[str, int]
+            if server_listen is None:
+                address = os.path.join(self.sockets, f"{name}.sock")
+                listen = f"unix:{address}"
+            else:
+                address = ("127.0.0.1", free_tcp_port())
+                listen = server_listen(address[1])
             self.servers[name] = Node(
                 name,
                 twistd_argv(
-                    "--logfile", self._log(name), "imgresume", "--listen", f"unix:{sock}",
+                    "--logfile", self._log(name), "imgresume", "--listen", listen,
                     "--storage", mount, "--server-id", name, *server_args,
                 ),
-                sock,
+                address,
                 self._log(name),
             )
         port = free_tcp_port()
-        backends = [a for n in self.servers.values() for a in ("--backend", f"unix:{n.address}")]
+        backends = [
+            a for n in self.servers.values()
+            for a in ("--backend", f"unix:{n.address}" if isinstance(n.address, str)
+                      else f"tcp:{n.address[0]}:{n.address[1]}")
+        ]
         self.lb = Node(
             "lb",
             twistd_argv("--logfile", self._log("lb"), "imgresume-lb",
@@ -120,6 +138,8 @@ class LocalCluster:
             self._log("lb"),
         )
         self.lb_endpoint = f"tcp:127.0.0.1:{port}"
+        #: The balancer's TCP port on 127.0.0.1.
+        self.lb_port = port
 
     def _log(self, name: str) -> str:
         return os.path.join(self.directory, "logs", f"{name}.log")

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_endpoints -*-
+# -*- test-case-name: tests.test_endpoints,tests.test_tls -*-
 """Questions about Twisted endpoint strings that option parsing needs answered."""
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def _is_loopback(host: str) -> bool:
 def is_local_only(description: str) -> bool:
     """
     Whether a server endpoint string can only be reached from this host: a
-    UNIX socket, or TCP/TLS bound to a loopback interface (possibly wrapped
-    in C{haproxy:}).  Anything unknown counts as reachable from outside.
+    UNIX socket, or TCP/TLS (C{ssl:}, C{mtls:}) bound to a loopback
+    interface (possibly wrapped in C{haproxy:}).  Anything unknown counts as
+    reachable from outside.
     """
     parts = _split(description)
     kind = parts[0].lower()
@@ -45,8 +46,17 @@ def is_local_only(description: str) -> bool:
         return is_local_only(description.split(":", 1)[1]) if len(parts) > 1 else False
     if kind == "unix":
         return True
-    if kind in ("tcp", "tcp6", "ssl"):
+    if kind in ("tcp", "tcp6", "ssl", "mtls"):
         for part in parts[1:]:
             if part.startswith("interface="):
                 return _is_loopback(part[len("interface="):])
     return False
+
+
+def requires_client_certificate(description: str) -> bool:
+    """
+    Whether a server endpoint string is TLS that refuses clients without a
+    certificate from its CA: C{mtls:} (L{imgresume.tls}).  Only then can
+    the server take a client's identity from its certificate.
+    """
+    return _split(description)[0].lower() == "mtls"

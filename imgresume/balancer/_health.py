@@ -45,6 +45,7 @@ from imgresume.protocol import (
 )
 
 from ._proxy import _describeFailure
+from ._proxyheader import localHeader
 from ._scheduler import Backend, BackendTracker
 
 log = Logger()
@@ -150,8 +151,10 @@ class _Check:
         timeout: float,
         nonce: int,
         clientID: str = HEALTH_CLIENT_ID,
+        sendProxy: bool = False,
     ) -> None:
         self.backend = backend
+        self._sendProxy = sendProxy
         self._clock = clock
         self._timeout = timeout
         self._nonce = nonce
@@ -229,6 +232,10 @@ class _Check:
             transport.abortConnection()
             return
         self._phase = "welcome"
+        if self._sendProxy:
+            # A server that trusts the balancer's PROXY headers requires one;
+            # LOCAL says "the balancer's own connection".
+            transport.write(localHeader())
         self._machine.hello()
         self._flush()
 
@@ -355,6 +362,7 @@ class HealthChecker(Service):
         fall: int = 2,
         rise: int = 1,
         clientID: str = HEALTH_CLIENT_ID,
+        sendProxy: bool = False,
     ) -> None:
         """
         @param tracker: the balancer's tracker; its backends are checked.
@@ -366,6 +374,9 @@ class HealthChecker(Service):
         @param timeout: seconds one check may take, connect included.
         @param fall: consecutive failures that mark a backend down.
         @param rise: consecutive successes that mark a down backend up.
+        @param sendProxy: start every check with a PROXY protocol v2 header
+            (command LOCAL), for backends that require one from the
+            balancer (C{--send-proxy}).
         """
         if not interval >= 0:
             raise ValueError(f"interval must be >= 0, not {interval!r}")
@@ -380,6 +391,7 @@ class HealthChecker(Service):
         self.fall = fall
         self.rise = rise
         self.clientID = clientID
+        self.sendProxy = sendProxy
         self._status = {backend: HealthStatus() for backend in tracker.backends}
         self._loops: list[LoopingCall] = []
         self._inflight: dict[Backend, _Check] = {}
@@ -437,7 +449,10 @@ class HealthChecker(Service):
         return DeferredList(ended).addCallback(lambda _: None)
 
     def _checkOnce(self, backend: Backend) -> Deferred[None]:
-        check = _Check(backend, self.clock, self.timeout, next(self._nonces), self.clientID)
+        check = _Check(
+            backend, self.clock, self.timeout, next(self._nonces), self.clientID,
+            self.sendProxy,
+        )
         self._inflight[backend] = check
         d = check.whenEnded().addCallback(self._checked, backend)
         check.start()

@@ -39,6 +39,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ._proxyheader import addressKey, proxyHeader
 from ._scheduler import Backend, BackendTracker, Scheduler
 
 log = Logger()
@@ -51,6 +52,7 @@ _FRAME_HEADER = struct.Struct(">BI")
 _ERROR_BODY = struct.Struct(">HQIH")
 _ERROR_FRAME_TYPE = 0x09
 NO_BACKEND = 0x0008
+HANDSHAKE_REJECTED = 0x0005
 _NO_BACKEND_RETRY_AFTER_MS = 1000
 _MAX_ERROR_MESSAGE = 1024
 
@@ -188,6 +190,7 @@ class FrontendProtocol(Protocol):
         self._closedBy: str | None = None
         self._bytesUp = 0
         self._bytesDown = 0
+        self._address: str | None | Literal[False] = None
 
     # -- client side ---------------------------------------------------
 
@@ -195,6 +198,10 @@ class FrontendProtocol(Protocol):
         self._id = self.factory.newConnectionID()
         self._client = _describeAddress(self.transport.getPeer())
         self._openedAt = self.factory.reactor.seconds()
+        self._address = self.factory.admit(self.transport.getPeer())
+        if self._address is False:
+            self._refuseTooMany()
+            return
         self._plan = list(self.factory.scheduler.plan())
         self._candidates = len(self._plan)
         self._connectNext()
@@ -226,6 +233,9 @@ class FrontendProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         previous, self._state = self._state, "closed"
+        if isinstance(self._address, str):
+            self.factory.release(self._address)
+            self._address = None
         if self._closedBy is None:
             self._closedBy = "client"
         if self._lingerCall is not None and self._lingerCall.active():
@@ -337,6 +347,11 @@ class FrontendProtocol(Protocol):
         # reading on the other.
         peerTransport.registerProducer(self.transport, True)
         self.transport.registerProducer(peerTransport, True)
+        if self.factory.sendProxy:
+            # The backend learns the client's real address before any byte.
+            peerTransport.write(
+                proxyHeader(self.transport.getPeer(), self.transport.getHost())
+            )
         early, self._early = self._early, []
         for chunk in early:
             self._bytesUp += len(chunk)
@@ -394,9 +409,30 @@ class FrontendProtocol(Protocol):
             message=message,
             tried=[b.name for b, _ in self._tried],
         )
-        self.transport.write(
+        self._sendErrorAndClose(
             _errorFrame(NO_BACKEND, message, _NO_BACKEND_RETRY_AFTER_MS)
         )
+
+    def _refuseTooMany(self) -> None:
+        self._state = "rejected"
+        limit = self.factory.maxPerAddress
+        key = addressKey(self.transport.getPeer())
+        log.warn(
+            "client {client} refused: {limit} connections from {address} already"
+            " open (--max-connections-per-address)",
+            connection=self._id,
+            client=self._client,
+            address=key,
+            limit=limit,
+        )
+        self._sendErrorAndClose(_errorFrame(
+            HANDSHAKE_REJECTED,
+            f"too many connections from {key}: at most {limit} at a time per"
+            " client address; close some, then retry",
+        ))
+
+    def _sendErrorAndClose(self, frame: bytes) -> None:
+        self.transport.write(frame)
         # Keep reading (and discarding) so that closing with unread client
         # bytes does not turn into a TCP reset that can destroy the frame
         # before the client reads it. A plain socket transport can send its
@@ -429,6 +465,8 @@ class BalancerFactory(Factory):
         reactor: IReactorTime,
         connectTimeout: float = 5.0,
         rejectLinger: float = 2.0,
+        sendProxy: bool = False,
+        maxPerAddress: int = 0,
     ) -> None:
         """
         @param scheduler: orders the backends for each new client.
@@ -439,12 +477,19 @@ class BalancerFactory(Factory):
             before trying the next.
         @param rejectLinger: after sending a NO_BACKEND ERROR frame, seconds
             to wait for the client to close before closing it.
+        @param sendProxy: write a PROXY protocol v2 header with the client's
+            address to each backend connection before relaying.
+        @param maxPerAddress: client connections allowed at once per client
+            IP address (UNIX socket clients are not counted); 0 for no limit.
         """
         self.scheduler = scheduler
         self.tracker = tracker
         self.reactor = reactor
         self.connectTimeout = connectTimeout
         self.rejectLinger = rejectLinger
+        self.sendProxy = sendProxy
+        self.maxPerAddress = maxPerAddress
+        self._perAddress: dict[str, int] = {}
         self._lastConnectionID = 0
 
     def newConnectionID(self) -> int:
@@ -454,3 +499,25 @@ class BalancerFactory(Factory):
         """
         self._lastConnectionID += 1
         return self._lastConnectionID
+
+    def admit(self, peer: IAddress) -> str | None | Literal[False]:
+        """
+        Count a new client connection from C{peer}: its address key (to
+        L{release} when it closes), L{None} if it is not counted (a UNIX
+        socket client), or C{False} if C{maxPerAddress} connections from the
+        same address are already open (then nothing is counted).
+        """
+        key = addressKey(peer)
+        if key is None:
+            return None
+        count = self._perAddress.get(key, 0)
+        if self.maxPerAddress and count >= self.maxPerAddress:
+            return False
+        self._perAddress[key] = count + 1
+        return key
+
+    def release(self, key: str) -> None:
+        """A client connection counted by L{admit} under C{key} closed."""
+        count = self._perAddress.pop(key, 0) - 1
+        if count > 0:
+            self._perAddress[key] = count

@@ -41,6 +41,16 @@ def _count(value: str) -> int:
 _count.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
 
 
+def _limit(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must be 0 (no limit) or more, not {number}")
+    return number
+
+
+_limit.coerceDoc = "A whole number; 0 means no limit."  # type: ignore[attr-defined]
+
+
 class Options(BaseOptions):
     """
     Command line of C{twistd imgresume-lb}; parsed by twistd (or C{twist})
@@ -68,7 +78,11 @@ pass. Connections already proxied to it are left alone. While every backend
 is down, clients are still tried on all of them.
 
 Bytes are forwarded unchanged in both directions with flow control: a slow
-side pauses the other, so memory per connection stays bounded.
+side pauses the other, so memory per connection stays bounded. With
+--send-proxy a PROXY protocol v2 header with the client's address goes
+first, so servers started with --proxy-protocol-from log (and limit) the
+real client. At most --max-connections-per-address client connections from
+one IP address are accepted at a time.
 
 Addresses are Twisted endpoint strings, e.g.
   --listen tcp:7000:interface=0.0.0.0
@@ -140,6 +154,24 @@ Example:
             " back into the rotation.",
             _count,
         ],
+        [
+            "max-connections-per-address",
+            None,
+            64,
+            "Client connections allowed at once from one IP address; one more"
+            " gets a HANDSHAKE_REJECTED ERROR frame and is closed.",
+            _limit,
+        ],
+    ]
+
+    optFlags = [
+        [
+            "send-proxy",
+            None,
+            "Start every backend connection with a PROXY protocol v2 header"
+            " carrying the client's address (health checks send LOCAL); the"
+            " servers must trust it (twistd imgresume --proxy-protocol-from).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -176,6 +208,8 @@ def buildBalancer(
     *,
     connectTimeout: float = 5.0,
     ejectFor: float = 2.0,
+    sendProxy: bool = False,
+    maxPerAddress: int = 0,
 ) -> BalancerFactory:
     """
     Assemble a round-robin balancer over C{backends} (client endpoint
@@ -186,7 +220,8 @@ def buildBalancer(
     parsed = [Backend(name, clientFromString(reactor, name)) for name in backends]
     tracker = BackendTracker(parsed, reactor, ejectFor=ejectFor)
     return BalancerFactory(
-        RoundRobinScheduler(tracker), tracker, reactor, connectTimeout=connectTimeout
+        RoundRobinScheduler(tracker), tracker, reactor, connectTimeout=connectTimeout,
+        sendProxy=sendProxy, maxPerAddress=maxPerAddress,
     )
 
 
@@ -209,6 +244,8 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             config["backends"],
             connectTimeout=config["connect-timeout"],
             ejectFor=config["eject-for"],
+            sendProxy=config["send-proxy"],
+            maxPerAddress=config["max-connections-per-address"],
         )
         listener = strports.service(config["listen"], factory, reactor=reactor)
     except (ValueError, TypeError, KeyError) as e:
@@ -221,6 +258,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         timeout=config["check-timeout"],
         fall=config["fall"],
         rise=config["rise"],
+        sendProxy=config["send-proxy"],
     )
     checker.setName("health")
     top = MultiService()

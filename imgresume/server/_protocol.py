@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_server_protocol -*-
+# -*- test-case-name: tests.test_server_protocol,tests.test_tls -*-
 """
 The Twisted adapter between a TCP (or TLS, or UNIX) connection and the
 sans-IO L{ServerConnection}: it feeds received bytes to the machine, runs the
@@ -43,6 +43,7 @@ from imgresume.protocol import (
 )
 from imgresume.protocol import _auth as auth
 from imgresume.storage.interfaces import IUploadStorage, IUploadWriter, NewUpload
+from imgresume.tls import peer_certificate_identity
 
 
 
@@ -200,6 +201,32 @@ class UploadServerProtocol(Protocol):
             self._after_fatal(event.error)
 
     def _on_hello(self, event: HelloReceived) -> None:
+        if self.factory.cert_identity:
+            # --cert-identity: a verified TLS client certificate names the
+            # client (its subject CN, see imgresume.tls) and is its credential.
+            identity = peer_certificate_identity(self.transport)
+            client_id = event.hello.client_id
+            if identity is not None and client_id != identity:
+                self._reject(
+                    f"client id {client_id} does not match the certificate's identity "
+                    f"{identity[:128]}",
+                    reason=f"certificate identity is {identity[:128]}",
+                )
+                return
+            if identity is None and self.factory.keys is None:
+                self._reject(
+                    "this server identifies clients by their TLS client certificate "
+                    "(subject CN): connect with one",
+                    reason="no verified client certificate with a CN",
+                )
+                return
+            if identity is not None and (
+                self.factory.keys is None or "auth" not in event.hello.options
+            ):
+                self._welcome(how=" (client certificate)")
+                return
+            # Otherwise a key is checked as well (a client with a key expects
+            # the server to prove it knows it).
         if self.factory.keys is None:
             self._welcome()
             return
@@ -247,14 +274,14 @@ class UploadServerProtocol(Protocol):
         hello = self.machine.hello
         return hello is not None and hello.client_id == HEALTH_CHECK_CLIENT_ID
 
-    def _welcome(self, options: dict[str, str] | None = None) -> None:
+    def _welcome(self, options: dict[str, str] | None = None, how: str = "") -> None:
         self.machine.accept_hello(options)
         self._reset_timer(self.factory.idle_timeout)
         emit = _silent if self._is_health_check() else self.log.info
         emit(
             "handshake from {peer}: client {client}{how}",
             peer=self.peer, client=self.machine.client_id,
-            how=" (authenticated)" if options else "",
+            how=" (authenticated)" if options else how,
         )
 
     def _run(self, d: Deferred[Any], on_success: Any, **kw: Any) -> None:
@@ -409,16 +436,21 @@ class UploadServerFactory(Factory):
         takeover_idle: float = 10.0,
         takeover_check_interval: float = 1.0,
         keys: Any = None,
+        cert_identity: bool = False,
     ) -> None:
         """
         @param keys: a L{imgresume.keys.KeyStore}: when given, every client
             must authenticate with its key in the handshake.
+        @param cert_identity: a client with a verified TLS certificate (an
+            C{mtls:} listener) must use the certificate's identity as its
+            client id, and needs no key: the certificate is its credential.
         @param takeover_idle: a connection silent for this long gives up its
             upload when another connection asks for it.
         @param takeover_check_interval: how often connections are checked.
         """
         self.storage = storage
         self.keys = keys
+        self.cert_identity = cert_identity
         self.server_id = server_id
         self.clock = clock
         self.limits = limits

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -23,6 +23,11 @@ from twisted.python.threadpool import ThreadPool
 
 from imgresume.protocol import ServerLimits
 from imgresume.server._gc import GarbageCollectorService
+from imgresume.server._proxytrust import (
+    DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    ProxyTrustFactory,
+    TrustedProxies,
+)
 from imgresume.server._protocol import UploadServerFactory
 from imgresume.storage.filesystem import FilesystemStorage
 from imgresume.storage.interfaces import IUploadStorage
@@ -118,9 +123,12 @@ def makeServerService(
     takeover_idle: float = 10.0,
     threads: int = 8,
     keys: str | None = None,
+    cert_identity: bool = False,
     gc_interval: float = 900.0,
     expire_after: float = 7 * 86400.0,
     expire_records_after: float = DEFAULT_RECORDS_OLDER_THAN,
+    proxy_protocol_from: Sequence[str] = (),
+    max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
 ) -> MultiService:
     """
     Build a server listening on the endpoint string C{listen}.
@@ -129,12 +137,20 @@ def makeServerService(
         filesystem storage (run on a thread pool owned by the service).
     @param keys: a key file; when given, clients must authenticate (the
         file is watched and reloaded on change).
+    @param cert_identity: a client with a verified TLS client certificate
+        (C{listen} is C{mtls:...}) is identified by it and needs no key; see
+        L{UploadServerFactory}.
     @param gc_interval: seconds between garbage collections of a filesystem
         storage (L{GarbageCollectorService}, named C{"gc"}); 0 disables.
     @param expire_after: age after which an untouched partial upload is
         removed.
     @param expire_records_after: age after which the record of a completed
         upload is removed (the completed file never is).
+    @param proxy_protocol_from: networks (CIDR), addresses and C{"unix"},
+        comma-separated, whose connections must start with a PROXY header
+        (v1 or v2) naming the real client; see L{ProxyTrustFactory}.
+    @param max_connections_per_address: connections allowed at once per
+        real client address; 0 for no limit.
 
     The storage self-test is not run here (it blocks); see
     L{imgresume.server._storagecheck.verify_storage}.
@@ -176,8 +192,17 @@ def makeServerService(
         idle_timeout=idle_timeout,
         takeover_idle=takeover_idle,
         keys=key_store,
+        cert_identity=cert_identity,
     )
-    listener = StreamServerEndpointService(serverFromString(reactor, listen), factory)
+    # PROXY headers from trusted balancers, connections per client address.
+    trusted = TrustedProxies.parse(proxy_protocol_from)
+    wrapped = factory
+    if trusted or max_connections_per_address:
+        wrapped = ProxyTrustFactory(
+            factory, reactor, trusted, max_connections_per_address,
+            headerTimeout=handshake_timeout,
+        )
+    listener = StreamServerEndpointService(serverFromString(reactor, listen), wrapped)
     listener._raiseSynchronously = True
     _DrainService(factory, reactor, grace=10.0).setServiceParent(top)
     listener.setServiceParent(top)

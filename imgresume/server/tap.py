@@ -10,7 +10,7 @@ import os
 from twisted.python import usage
 
 from imgresume.protocol import ServerLimits
-from imgresume._endpoints import is_local_only
+from imgresume._endpoints import is_local_only, requires_client_certificate
 from imgresume._options import BaseOptions
 from imgresume.sizes import parse_duration, parse_size
 
@@ -40,7 +40,8 @@ Examples:
 """
     optParameters = [
         ["listen", "l", "tcp:9000:interface=127.0.0.1",
-         "Twisted server endpoint to listen on (tcp:PORT, ssl:..., unix:PATH, haproxy:...)."],
+         "Twisted server endpoint to listen on (tcp:PORT, ssl:..., mtls:..., unix:PATH, "
+         "haproxy:...)."],
         ["storage", "s", None, "Storage directory, shared by every server of the pool (required)."],
         ["keys", "k", None, "Key file (`imgresume keys add`): every client must authenticate "
          "with its key.  Reloaded when it changes."],
@@ -61,17 +62,42 @@ Examples:
          "(unless a writer holds it)."],
         ["expire-records-after", None, "30d", "The record of a completed upload (what a "
          "resume of it answers) is kept this long; the completed file is never removed."],
+        ["max-connections-per-address", None, "64", "Connections allowed at once from one "
+         "client address (the real one, behind a trusted balancer); 0 = no limit."],
     ]
     optFlags = [
         ["skip-storage-check", None, "Start even if the storage self-test finds a "
          "guarantee missing (unsafe)."],
         ["insecure", None, "Allow listening beyond this host without --keys "
          "(anyone who can connect may upload)."],
+        ["cert-identity", None, "With --listen mtls:...: a client's id must be the "
+         "subject CN of its verified TLS certificate, and the certificate is its "
+         "credential (no key needed, even with --keys)."],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["proxy-protocol-from"] = []
+
+    def opt_proxy_protocol_from(self, networks: str) -> None:
+        self["proxy-protocol-from"].append(networks)
+
+    # usage.Options shows __doc__ as the help text.
+    opt_proxy_protocol_from.__doc__ = (
+        "Peers that must start each connection with a PROXY protocol header (v1 or v2) "
+        "naming the real client: CIDR networks, addresses and `unix` (UNIX socket "
+        "peers), comma-separated; repeatable.  Only balancers you run: never a network "
+        "clients connect from."
+    )
 
     def postOptions(self) -> None:
         if not self["storage"]:
             raise usage.UsageError("--storage DIR is required")
+        if self["cert-identity"] and not requires_client_certificate(self["listen"]):
+            raise usage.UsageError(
+                "--cert-identity needs --listen mtls:PORT:...:caCerts=CA.pem (TLS that "
+                "requires client certificates; see docs/tls.md)"
+            )
         if self["keys"]:
             from imgresume.keys import KeyFileError, load_keys
 
@@ -79,12 +105,13 @@ Examples:
                 load_keys(self["keys"])
             except KeyFileError as e:
                 raise usage.UsageError(str(e))
-        elif not self["insecure"] and not is_local_only(self["listen"]):
+        elif (not self["insecure"] and not self["cert-identity"]
+              and not is_local_only(self["listen"])):
             raise usage.UsageError(
                 f"--listen {self['listen']} is reachable from other hosts but no --keys "
                 "file is given, so anyone could upload: add --keys FILE (see `imgresume "
-                "keys add --help`), listen on a loopback interface or a UNIX socket, or "
-                "say --insecure"
+                "keys add --help`), or listen on mtls:... with --cert-identity, or on a "
+                "loopback interface or a UNIX socket, or say --insecure"
             )
         if not os.path.isdir(self["storage"]):
             raise usage.UsageError(f"--storage {self['storage']}: not a directory")
@@ -105,6 +132,28 @@ Examples:
         for key in ("expire-after", "expire-records-after"):
             if self[key] <= 0:
                 raise usage.UsageError(f"--{key} must be more than 0")
+        self._check_proxy_options()
+
+    def _check_proxy_options(self) -> None:
+        from imgresume.server._proxytrust import TrustedProxies
+
+        try:
+            trusted = TrustedProxies.parse(self["proxy-protocol-from"])
+        except ValueError as e:
+            raise usage.UsageError(f"--proxy-protocol-from: {e}")
+        try:
+            limit = int(self["max-connections-per-address"])
+        except ValueError:
+            limit = -1
+        if limit < 0:
+            raise usage.UsageError(
+                "--max-connections-per-address must be a whole number: 0 (no limit) or more")
+        self["max-connections-per-address"] = limit
+        if trusted and self["listen"].lower().startswith("haproxy:"):
+            raise usage.UsageError(
+                "--proxy-protocol-from replaces the haproxy: endpoint prefix (which "
+                "trusts every peer): use one or the other"
+            )
 
 
 def makeService(config: Options):
@@ -126,6 +175,7 @@ def makeService(config: Options):
         config["listen"],
         config["storage"],
         keys=config["keys"],
+        cert_identity=config["cert-identity"],
         server_id=config["server-id"],
         limits=config["limits"],
         handshake_timeout=config["handshake-timeout"],
@@ -135,4 +185,6 @@ def makeService(config: Options):
         gc_interval=config["gc-interval"],
         expire_after=config["expire-after"],
         expire_records_after=config["expire-records-after"],
+        proxy_protocol_from=config["proxy-protocol-from"],
+        max_connections_per_address=config["max-connections-per-address"],
     )

@@ -426,11 +426,26 @@ class _Paths:
         self.takeover = os.path.join(self.dir, "takeover")
 
 
+def _read_small(path: str) -> bytes:
+    """
+    Read a small file whole.  A network filesystem may answer ESTALE while
+    another host replaces the file (seen on GlusterFS): try again briefly.
+    """
+    for attempt in range(5):
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            if e.errno != errno.ESTALE or attempt == 4:
+                raise
+            time.sleep(0.02 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def _read_json(path: str) -> dict[str, Any] | None:
     """A small JSON record, or None if it is missing or unreadable."""
     try:
-        with open(path, "rb") as f:
-            value = json.loads(f.read())
+        value = json.loads(_read_small(path))
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
@@ -441,6 +456,16 @@ def _generation(paths: _Paths) -> int:
     lease = _read_json(paths.lease)
     gen = lease.get("generation") if lease else 0
     return gen if isinstance(gen, int) and gen >= 0 else 0
+
+
+def _next_generation(paths: _Paths) -> int:
+    """
+    A generation higher than any before it, even if this host reads an old
+    lease (another host's view of a shared filesystem can lag by a second):
+    microseconds since the epoch, or one more than the lease says if that is
+    higher (clocks behind).
+    """
+    return max(_generation(paths) + 1, time.time_ns() // 1000)
 
 
 def _info(meta: dict[str, Any]) -> UploadInfo:
@@ -663,8 +688,7 @@ class FilesystemStorage:
     def _read_meta(self, paths: _Paths, upload_id: str) -> dict[str, Any] | None:
         with _io(f"cannot read {paths.rel}/meta.json"):
             try:
-                with open(paths.meta, "rb") as f:
-                    raw = f.read()
+                raw = _read_small(paths.meta)
             except FileNotFoundError:
                 return None
         try:
@@ -764,10 +788,10 @@ class FilesystemStorage:
                         f"{paths.rel} is missing its data or journal file"
                     ) from None
             with _io(f"cannot prove the offset of {paths.rel}"):
-                offset, count, tail, truncated = _prove(
+                offset, count, tail, unproven = _prove(
                     data_fd, journal_fd, meta["size"]
                 )
-            generation = _generation(paths) + 1
+            generation = _next_generation(paths)
             with _io(f"cannot take the lease of {paths.rel}"):
                 self._write_lease(paths, generation)
         except BaseException:
@@ -778,10 +802,10 @@ class FilesystemStorage:
             raise
         log.info(
             "upload {upload_id} resumed at proven offset {offset} "
-            "({truncated} bytes truncated), generation {generation}",
+            "({unproven} stored bytes past it not trusted), generation {generation}",
             upload_id=upload_id,
             offset=offset,
-            truncated=truncated,
+            unproven=unproven,
             records=count,
             generation=generation,
         )
@@ -958,8 +982,7 @@ def _prove(
     data_fd: int, journal_fd: int, size: int
 ) -> tuple[int, int, TailCheck, int]:
     """
-    Establish the offset of an upload from its journal and data file, then
-    cut both back to it.
+    Establish the offset of an upload from its journal and data file.
 
     Records are accepted in order while each is intact (its own CRC), starts
     where the previous ended and stays within C{size}.  The last accepted
@@ -968,8 +991,8 @@ def _prove(
     checked, and so on.  Earlier ranges were flushed before the next
     record was written, so they need no check.
 
-    @return: (proven offset, number of records kept, tail, bytes of data
-        past the proven offset that were cut).
+    @return: (proven offset, number of records that prove it, tail, bytes
+        of data stored past the proven offset, which are not trusted).
     """
     count = 0
     end = 0
@@ -1006,10 +1029,11 @@ def _prove(
         count -= 1
     proven = tail.start + tail.length
     stored = os.fstat(data_fd).st_size
-    os.ftruncate(data_fd, proven)
-    os.ftruncate(journal_fd, count * RECORD_SIZE)
-    os.fsync(data_fd)
-    os.fsync(journal_fd)
+    # Nothing past the proven offset is cut off.  It is never trusted: the
+    # next writes overwrite it at their offsets, and completion trims the
+    # file to its size.  Cutting it here would be wrong on a host whose view
+    # is a moment old: it would delete bytes another host stored and
+    # acknowledged since (the client would have to send them again).
     return proven, count, tail, max(0, stored - proven)
 
 
@@ -1104,7 +1128,7 @@ class FilesystemUploadWriter:
         lost behind our back (an NFS lease expired during a partition).
         """
         current = _generation(self._paths)
-        if current != self.generation:
+        if current > self.generation:
             self._close_sync()
             log.warn(
                 "upload {upload_id}: fenced out (generation {mine}, lease says {current})",
@@ -1163,17 +1187,6 @@ class FilesystemUploadWriter:
         self._close_sync()
         return err
 
-    def _cut_back(self) -> None:
-        """Best effort: drop unacknowledged bytes past the offset."""
-        for fd, length in (
-            (self._data_fd, self.offset),
-            (self._journal_fd, self._count * RECORD_SIZE),
-        ):
-            try:
-                os.ftruncate(fd, length)
-            except OSError:
-                pass
-
     def _write_sync(self, offset: int, data: bytes) -> int:
         self._check_usable()
         info = self.info
@@ -1196,7 +1209,6 @@ class FilesystemUploadWriter:
         try:
             _pwrite_all(self._pwrite, self._data_fd, data, offset)
         except OSError as e:
-            self._cut_back()
             if e.errno in _NOSPACE:
                 raise _fail(e, f"cannot store upload {info.upload_id}") from e
             raise self._poison(e, "writing data") from e
@@ -1221,7 +1233,6 @@ class FilesystemUploadWriter:
                 self._count * RECORD_SIZE,
             )
         except OSError as e:
-            self._cut_back()
             if e.errno in _NOSPACE:
                 raise _fail(e, f"cannot store upload {info.upload_id}") from e
             raise self._poison(e, "writing journal") from e

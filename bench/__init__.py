@@ -1,0 +1,20 @@
+"""
+The imgresume benchmarks: C{python -m bench} (see C{docs/benchmarks.md}).
+
+Every figure is printed as a ratio against baselines measured in the same
+run on the same machine (a plain Python TCP copy, C{dd conv=fsync}, the
+rsync daemon with C{--append-verify}), because absolute numbers on a shared
+machine mean little.  Nothing here asserts a timing.
+
+Modules:
+
+ - C{__main__}: the command line and the order of the groups;
+ - C{_common}: work directory, test data, process CPU accounting, statistics;
+ - C{baselines}: the reference transfers;
+ - C{_tcpcopy}: the plain TCP copy's sender and receiver (run as processes);
+ - C{imgresume_runs}: servers and balancer as real C{twistd} processes, and
+   the single-stream, concurrency and resume groups;
+ - C{_client}: the imgresume client process the groups drive;
+ - C{profile}: a py-spy run of the direct single stream, summarised;
+ - C{report}: ratios, the printed table and the JSON file.
+"""

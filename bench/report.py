@@ -1,0 +1,283 @@
+"""
+Turn the groups' measurements into figures: medians over the rounds,
+ratios against the baselines of the same run, the issue's targets (stated,
+never asserted), a short table for the terminal and the JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from bench._common import GiB, median, per_gib, percentile
+
+MB = 1e6
+#: The issue's targets (issue 5, item 2).
+TARGET_VS_RSYNC = 1.0
+TARGET_LB_VS_DIRECT = 0.9
+TARGET_RESUME_MS = 20.0
+
+
+def _med(samples: list[dict[str, Any]], key: str) -> float:
+    values = [s[key] for s in samples if s.get(key) is not None]
+    return median(values)
+
+
+def _cpu_per_gib(samples: list[dict[str, Any]]) -> dict[str, float]:
+    roles = {r for s in samples for r in s["cpu"]}
+    return {
+        r: median([per_gib(s["cpu"][r], s["bytes"]) for s in samples
+                   if s["cpu"].get(r) is not None])
+        for r in sorted(roles)
+    }
+
+
+def _stream_figures(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    nbytes = samples[0]["bytes"]
+    seconds = _med(samples, "seconds")
+    out: dict[str, Any] = {
+        "bytes": nbytes, "rounds": len(samples), "seconds": seconds,
+        "rate": nbytes / seconds, "seconds_all": [s["seconds"] for s in samples],
+        "cpu_s_per_gib": _cpu_per_gib(samples),
+    }
+    if "transfer_seconds" in samples[0]:
+        out["hash_seconds"] = _med(samples, "hash_seconds")
+        out["transfer_seconds"] = _med(samples, "transfer_seconds")
+        out["transfer_rate"] = nbytes / out["transfer_seconds"]
+        out["bytes_resent"] = max(s["bytes_sent"] - s["bytes"] for s in samples)
+        out["completion_seconds"] = _med(samples, "completion_seconds")
+        out["ack_interval_ms"] = _med(samples, "ack_interval_ms")
+        out["packets"] = samples[0].get("packets")
+    return out
+
+
+def summarise(groups: dict[str, Any]) -> dict[str, Any]:
+    """Figures per group and the targets, from the raw measurements."""
+    summary: dict[str, Any] = {}
+    targets: list[dict[str, Any]] = []
+    if "single" in groups and "samples" in groups["single"]:
+        fig = {n: _stream_figures(s) for n, s in groups["single"]["samples"].items()}
+        base = fig.get("tcp-copy-fsync")
+        rsync = fig.get("rsync-append-verify")
+        for f in fig.values():
+            f["x_tcp_fsync"] = f["rate"] / base["rate"] if base else None
+            f["x_rsync"] = f["rate"] / rsync["rate"] if rsync else None
+            if "transfer_rate" in f:
+                f["transfer_x_tcp_fsync"] = f["transfer_rate"] / base["rate"] if base else None
+                f["transfer_x_rsync"] = f["transfer_rate"] / rsync["rate"] if rsync else None
+        summary["single"] = fig
+        direct, lb = fig.get("imgresume-direct"), fig.get("imgresume-lb")
+        if direct and rsync:
+            targets.append({
+                "target": f"imgresume direct >= {TARGET_VS_RSYNC}x rsync --append-verify "
+                          "(end to end, hashing included)",
+                "value": direct["x_rsync"], "met": direct["x_rsync"] >= TARGET_VS_RSYNC,
+                "also": f"transfer only {direct['transfer_x_rsync']:.2f}x; vs rsync "
+                        f"--append-verify --fsync "
+                        f"{direct['rate'] / fig['rsync-append-verify-fsync']['rate']:.2f}x"
+                        if "rsync-append-verify-fsync" in fig else "",
+            })
+        elif direct:
+            targets.append({"target": "imgresume direct >= 1.0x rsync", "value": None,
+                            "met": None, "also": "rsync missing: not measured"})
+        if direct and lb:
+            v = lb["transfer_rate"] / direct["transfer_rate"]
+            targets.append({
+                "target": f"balancer >= {TARGET_LB_VS_DIRECT}x direct (transfer rates)",
+                "value": v, "met": v >= TARGET_LB_VS_DIRECT,
+                "also": f"end to end {lb['rate'] / direct['rate']:.2f}x",
+            })
+    if "concurrency" in groups and "samples" in groups["concurrency"]:
+        s = groups["concurrency"]["samples"]
+        fig = {}
+        for name, samples in s.items():
+            per_file = [x for m in samples for x in m["per_file_seconds"]]
+            f = _stream_figures(samples)
+            f.update(
+                files=samples[0]["files"], p50=percentile(per_file, 50),
+                p99=percentile(per_file, 99),
+                failures=sum(m.get("failures", 0) for m in samples),
+            )
+            if "peak_rss" in samples[0]:
+                f["peak_rss"] = {k: max(m["peak_rss"].get(k, 0) for m in samples)
+                                 for k in samples[0]["peak_rss"]}
+                f["attempts"] = sum(m["attempts"] for m in samples)
+            fig[name] = f
+        base = fig.get("tcp-copy-many-fsync")
+        for f in fig.values():
+            f["x_tcp_many"] = f["rate"] / base["rate"] if base else None
+            f["p50_x_tcp_many"] = f["p50"] / base["p50"] if base else None
+        summary["concurrency"] = fig
+        many = fig.get("imgresume-many")
+        if many:
+            targets.append({
+                "target": f"{many['files']} concurrent uploads through the balancer: "
+                          "0 failures",
+                "value": many["failures"], "met": many["failures"] == 0,
+                "also": f"{many['attempts']} connections for "
+                        f"{many['files'] * len(s['imgresume-many'])} uploads",
+            })
+    if "resume" in groups and "samples" in groups["resume"]:
+        [m] = groups["resume"]["samples"]["imgresume-resume"]
+        r = m["resumes"]
+        breaks = r["breaks"]
+        first_ack = [b["reconnect_to_first_ack"] for b in breaks]
+        fig = {
+            "kills": len(m["killed"]),
+            "breaks": len(breaks),
+            "fresh_connect_to_first_ack_ms": (r["fresh_connect_to_first_ack"] or 0) * 1e3,
+            "reconnect_to_first_ack_ms_median": median(first_ack) * 1e3,
+            "reconnect_to_first_ack_ms_max": max(first_ack, default=float("nan")) * 1e3,
+            "reconnect_to_accepted_ms_median":
+                median([b["reconnect_to_accepted"] for b in breaks]) * 1e3,
+            "lost_to_reconnect_ms_median":
+                median([b["lost_to_reconnect"] for b in breaks
+                        if b["lost_to_reconnect"] is not None]) * 1e3,
+            "kill_to_lost_ms_median":
+                median([b["kill_to_lost"] for b in breaks if b["kill_to_lost"] is not None])
+                * 1e3,
+            "bytes_resent": r["bytes_resent"],
+            "acked_bytes_lost": max(
+                [(b["acked_before"] or 0) - b["resumed_from"] for b in breaks], default=0),
+            "connections_per_resume": [b["connections"] for b in breaks],
+        }
+        fresh = fig["fresh_connect_to_first_ack_ms"]
+        fig["x_fresh"] = fig["reconnect_to_first_ack_ms_median"] / fresh if fresh else None
+        summary["resume"] = fig
+        if breaks:
+            v = fig["reconnect_to_first_ack_ms_median"]
+            targets.append({
+                "target": f"first resumed byte acknowledged <= {TARGET_RESUME_MS:g} ms "
+                          "after reconnecting (median)",
+                "value": v, "met": v <= TARGET_RESUME_MS,
+                "also": f"max {fig['reconnect_to_first_ack_ms_max']:.1f} ms over "
+                        f"{len(breaks)} resumes",
+            })
+    summary["targets"] = targets
+    return summary
+
+
+# -- the table ---------------------------------------------------------------
+
+
+def _r(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _cpu(c: dict[str, float], *roles: str) -> str:
+    return " / ".join("-" if c.get(r) is None else f"{c[r]:.2f}" for r in roles)
+
+
+LABELS = {
+    "tcp-copy": "plain TCP copy, no fsync",
+    "tcp-copy-fsync": "plain TCP copy + fsync",
+    "dd-fsync": "dd bs=1M conv=fsync",
+    "rsync-append-verify": "rsync daemon --append-verify",
+    "rsync-append-verify-fsync": "rsync daemon --append-verify --fsync",
+    "imgresume-direct": "imgresume client -> server",
+    "imgresume-lb": "imgresume client -> lb -> server",
+}
+
+
+def table(results: dict[str, Any]) -> str:
+    s = results["summary"]
+    lines = []
+    cfg = results["config"]
+    mach = results["machine"]
+    lines.append(
+        f"imgresume bench ({cfg['mode']}; {cfg['size'] >> 20} MiB single stream, "
+        f"{cfg['repeat']} round(s); {mach['cpus']} CPUs; load "
+        f"{mach['loadavg_start'][0]:.1f} -> {mach.get('loadavg_end', [0])[0]:.1f})"
+    )
+    lines.append("MB/s = 10^6 bytes/s, median of the rounds; CPU = CPU seconds per GiB "
+                 "moved, client / server / balancer")
+    if "single" in s:
+        f = s["single"]
+        lines.append("")
+        lines.append(f"{'single stream':<46} {'MB/s':>8} {'x tcp+fsync':>11} "
+                     f"{'x rsync -av':>11}   CPU s/GiB c / s / lb")
+        for name, fig in f.items():
+            label = LABELS.get(name, name)
+            if "transfer_rate" in fig:
+                lines.append(
+                    f"{label + ', end to end':<46} {fig['rate'] / MB:>8.1f} "
+                    f"{_r(fig['x_tcp_fsync']):>11} {_r(fig['x_rsync']):>11}   "
+                    f"{_cpu(fig['cpu_s_per_gib'], 'client', 'server', 'lb')}")
+                hashing = f"  of which hashing {fig['hash_seconds']:.2f} s; transfer"
+                lines.append(
+                    f"{hashing:<46} "
+                    f"{fig['transfer_rate'] / MB:>8.1f} {_r(fig['transfer_x_tcp_fsync']):>11} "
+                    f"{_r(fig['transfer_x_rsync']):>11}   "
+                    f"{_cpu(fig['cpu_s_per_gib'], 'client_transfer', 'server', 'lb')}")
+                lines.append(
+                    f"    {fig['packets']} packets, one ACK every {fig['ack_interval_ms']:.2f} ms "
+                    f"(median); last ACK -> COMPLETED (read-back) "
+                    f"{fig['completion_seconds']:.2f} s")
+            else:
+                lines.append(
+                    f"{label:<46} {fig['rate'] / MB:>8.1f} {_r(fig['x_tcp_fsync']):>11} "
+                    f"{_r(fig['x_rsync']):>11}   {_cpu(fig['cpu_s_per_gib'], 'client', 'server')}")
+    if "concurrency" in s:
+        f = s["concurrency"]
+        lines.append("")
+        lines.append(f"{'many files at once':<46} {'MB/s':>8} {'x tcp-many':>11} "
+                     f"{'p50 / p99 s':>15} {'fail':>5}   CPU s/GiB c / s / lb")
+        for name, fig in f.items():
+            label = (f"plain TCP copy + fsync, {fig['files']} files" if name.startswith("tcp")
+                     else f"imgresume, {fig['files']} clients, lb + 3 servers")
+            lines.append(
+                f"{label:<46} {fig['rate'] / MB:>8.1f} {_r(fig['x_tcp_many']):>11} "
+                f"{fig['p50']:>7.2f} / {fig['p99']:<5.2f} {fig['failures']:>5}   "
+                f"{_cpu(fig['cpu_s_per_gib'], 'client', 'server', 'lb')}")
+            if "peak_rss" in fig:
+                rss = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in fig["peak_rss"].items())
+                lines.append(f"{'  peak RSS MiB: ' + rss:<46}")
+    if "resume" in s:
+        f = s["resume"]
+        lines.append("")
+        lines.append(f"resume after SIGKILL of the serving server ({f['breaks']} resumes):")
+        lines.append(f"  fresh upload, connect -> first ACK          "
+                     f"{f['fresh_connect_to_first_ack_ms']:8.1f} ms  (baseline)")
+        lines.append(f"  reconnect -> first resumed byte ACKed       "
+                     f"{f['reconnect_to_first_ack_ms_median']:8.1f} ms median, "
+                     f"{f['reconnect_to_first_ack_ms_max']:.1f} max  ({_r(f['x_fresh'])} fresh)")
+        lines.append(f"  reconnect -> ACCEPTED (proof of offset)     "
+                     f"{f['reconnect_to_accepted_ms_median']:8.1f} ms median")
+        lines.append(f"  break -> reconnect (client backoff)         "
+                     f"{f['lost_to_reconnect_ms_median']:8.1f} ms median")
+        lines.append(f"  bytes re-sent                               "
+                     f"{f['bytes_resent'] / 2**20:8.1f} MiB in all "
+                     f"({f['bytes_resent'] / max(1, f['breaks']) / 2**20:.1f} per resume); "
+                     f"ACKed bytes lost: {f['acked_bytes_lost']}")
+    if s.get("targets"):
+        lines.append("")
+        lines.append("targets (issue 5), stated not asserted:")
+        for t in s["targets"]:
+            v = t["value"]
+            shown = ("-" if v is None else f"{v:.1f} ms" if "ms" in t["target"]
+                     else str(v) if isinstance(v, int) else f"{v:.2f}x")
+            verdict = {True: "met", False: "NOT MET", None: "not measured"}[t["met"]]
+            lines.append(f"  {t['target']}: {shown} -- {verdict}" +
+                         (f"  ({t['also']})" if t.get("also") else ""))
+    for g, data in results["groups"].items():
+        for note in data.get("notes", []):
+            lines.append(f"NOTE ({g}): {note}")
+        if "error" in data:
+            lines.append(f"ERROR ({g}): {data['error'].splitlines()[-1]}")
+    return "\n".join(lines)
+
+
+def write_json(results: dict[str, Any], outdir: str) -> str:
+    os.makedirs(outdir, exist_ok=True)
+    path = os.path.join(outdir, f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    latest = os.path.join(outdir, "latest.json")
+    with open(latest, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    return path
+
+
+__all__ = ["GiB", "summarise", "table", "write_json"]
