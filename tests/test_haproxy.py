@@ -59,12 +59,6 @@ if HAPROXY is None and not REQUIRED:
 
 # The twisted/twisted#12501 bug the client-address test runs into; see the
 # test's docstring.
-PEER_BEFORE_PROXY_HEADER = (
-    "UploadServerProtocol.connectionMade takes the peer address before the "
-    "PROXY header is parsed (twisted/twisted#12501): the server logs "
-    "UNIXAddress(None) or HAProxy's address instead of the client's"
-)
-
 
 #: What HAProxy logs when C{hard-stop-after} ends a soft-stop after a reload.
 HARD_STOP = r"performing a hard-stop|hard-stopped"
@@ -289,8 +283,6 @@ class UploadTests(HAProxyTestCase):
         log = await self.wait_for_log(lambda: self.cluster.server_log(server),
                                       rf"completed upload {result.upload_id}")
         self.assertRegex(log, rf"connection from 127\.0\.0\.1:{port}(?!\d)")
-
-    test_server_logs_client_address.todo = PEER_BEFORE_PROXY_HEADER  # type: ignore[attr-defined]
 
 
 class FailoverTests(HAProxyTestCase):

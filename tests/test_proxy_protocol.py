@@ -344,7 +344,7 @@ class ServerTrustTests(SynchronousTestCase):
             proto, transport = self.h.connect(BALANCER, v1(client, server) + HELLO)
             self.assertWelcomed(transport)
             self.assertEqual(proto.wrappedProtocol.transport.getPeer(), client)
-        self.assertIn("handshake from 2001:db8::7:40002: client tester", self.messages())
+        self.assertIn("handshake from [2001:db8::7]:40002: client tester", self.messages())
 
     def test_splitHeader(self) -> None:
         """
@@ -358,7 +358,7 @@ class ServerTrustTests(SynchronousTestCase):
             self.assertIsNotNone(proto.wrappedProtocol)
             proto.dataReceived(HELLO)
             self.assertWelcomed(transport)
-        self.assertIn("handshake from 2001:db8::7:40002: client tester", self.messages())
+        self.assertIn("handshake from [2001:db8::7]:40002: client tester", self.messages())
 
     def test_unixPeerTrusted(self) -> None:
         """With C{unix} in the list, a UNIX socket peer (a local balancer) must send a header."""

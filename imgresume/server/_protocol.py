@@ -70,7 +70,6 @@ class UploadServerProtocol(Protocol):
         self.factory = factory
         self.machine = ServerConnection(factory.server_id, factory.limits)
         self.writer: Any = None  # IUploadWriter while an upload is open
-        self.peer = "?"
         self._busy: Deferred[Any] | None = None
         self._pumping = False
         self._paused = False
@@ -85,9 +84,22 @@ class UploadServerProtocol(Protocol):
 
     # Connection lifecycle -------------------------------------------------
 
+    @property
+    def peer(self) -> str:
+        """
+        The client's address for logs, asked of the transport each time: a
+        PROXY-protocol wrapper learns the real address only after
+        C{connectionMade}.
+        """
+        if self.transport is None:
+            return "?"
+        address = self.transport.getPeer()
+        host = getattr(address, "host", None)
+        if host is None:
+            return str(getattr(address, "name", None) or "local")
+        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
-        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         self.factory.connections.add(self)
         if hasattr(self.transport, "setTcpKeepAlive"):
             self.transport.setTcpKeepAlive(True)  # notice dead peers at the TCP level too
