@@ -53,6 +53,7 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_UPLOAD = 0x0103
     UPLOAD_BUSY = 0x0104
     UPLOAD_TAKEN_OVER = 0x0105
+    QUOTA_EXCEEDED = 0x0106
 
     OFFSET_MISMATCH = 0x0200
     CHECKSUM_MISMATCH = 0x0201
@@ -163,6 +164,10 @@ UploadBusy = _error(
 UploadTakenOver = _error(
     "UploadTakenOver", ErrorCode.UPLOAD_TAKEN_OVER, Scope.CONNECTION, True,
     "A newer connection took this upload over; this one may no longer write it.",
+)
+QuotaExceeded = _error(
+    "QuotaExceeded", ErrorCode.QUOTA_EXCEEDED, Scope.COMMAND, True,
+    "The client has as many uploads open as it may; retry after C{retry_after}.",
 )
 OffsetMismatch = _error(
     "OffsetMismatch", ErrorCode.OFFSET_MISMATCH, Scope.TRANSFER, True,

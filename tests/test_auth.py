@@ -312,3 +312,21 @@ class KeysCommandTests(TestCase):
                 break
             time.sleep(0.5)
         self.assertIn("authentication failed", again.stderr)
+
+
+class HealthCheckSessionTests(SynchronousTestCase):
+    def test_health_check_needs_no_key_but_may_only_ping(self) -> None:
+        """A balancer's health check is welcomed without a key, for PING only."""
+        from imgresume.protocol import HEALTH_CHECK_CLIENT_ID, Ping, Pong, Upload
+
+        path = os.path.join(self.mktemp(), "keys.json")
+        keys.add_client(path, "scanner-7")
+        factory = UploadServerFactory(MemoryStorage(), "node-a", Clock(),
+                                      keys=keys.KeyStore(path, sync_run, Clock()))
+        wire = Wire(factory)
+        [welcome] = wire.send(encode(Hello(HEALTH_CHECK_CLIENT_ID)))
+        self.assertIsInstance(welcome, Welcome)
+        self.assertEqual(wire.send(encode(Ping(5))), [Pong(5)])
+        [err] = wire.send(encode(Upload("x.tif", 1, b"\0" * 32)))
+        self.assertEqual(err.code, ErrorCode.HANDSHAKE_REJECTED)
+        self.assertTrue(wire.transport.disconnecting)

@@ -25,6 +25,7 @@ NOT_WIRE = (UploadAlreadyComplete, UnknownErrorCode)
 
 #: The documented scope of every code (errors.py module and class docs).
 SCOPES = {
+    ErrorCode.QUOTA_EXCEEDED: Scope.COMMAND,
     ErrorCode.UPLOAD_TAKEN_OVER: Scope.CONNECTION,
     ErrorCode.MALFORMED_FRAME: Scope.CONNECTION,
     ErrorCode.UNSUPPORTED_VERSION: Scope.CONNECTION,
@@ -51,6 +52,7 @@ SCOPES = {
 
 #: Codes whose class says a retry may succeed.
 RETRYABLE = {
+    ErrorCode.QUOTA_EXCEEDED,
     ErrorCode.UPLOAD_TAKEN_OVER,
     ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.NO_BACKEND,
     ErrorCode.INTERNAL_ERROR, ErrorCode.UPLOAD_BUSY, ErrorCode.OFFSET_MISMATCH,

@@ -383,3 +383,34 @@ class TakeoverTests(SynchronousTestCase):
         h.factory.check_takeovers()
         self.assertEqual(h.received(), [])
         self.assertIsNotNone(h.proto.writer)
+
+
+class QuotaTests(SynchronousTestCase):
+    def test_open_uploads_per_client_are_limited(self) -> None:
+        """A client over its quota of open uploads is told so; finishing one frees a slot."""
+        storage = MemoryStorage()
+        clock = Clock()
+        factory = UploadServerFactory(storage, "s", clock, max_uploads_per_client=2)
+        harnesses = []
+        for _ in range(3):
+            h = Harness(storage)
+            h.factory = factory
+            h.proto = factory.buildProtocol(None)
+            h.transport = StringTransport()
+            h.proto.makeConnection(h.transport)
+            h.handshake()
+            harnesses.append(h)
+        a, b, c = harnesses
+        a.send(encode(Upload("a.tif", len(CONTENT), SHA)))
+        b.send(encode(Upload("b.tif", len(CONTENT), SHA)))
+        [err] = c.send(encode(Upload("c.tif", len(CONTENT), SHA)))
+        self.assertEqual(err.code, ErrorCode.QUOTA_EXCEEDED)
+        self.assertGreater(err.retry_after_ms, 0)
+        self.assertEqual(factory.open_uploads("tester"), 2)
+        a.send(data(0, CONTENT))
+        [done] = a.send(data(len(CONTENT), b""))
+        self.assertIsInstance(done, Completed)
+        [ok] = c.send(encode(Upload("c.tif", len(CONTENT), SHA)))
+        self.assertIsInstance(ok, Accepted)
+        b.proto.connectionLost(Failure(Exception("gone")))
+        self.assertEqual(factory.open_uploads("tester"), 1)

@@ -23,6 +23,7 @@ from imgresume.errors import (
     HandshakeRejected,
     ImgresumeError,
     InternalError,
+    QuotaExceeded,
     Scope,
     ShuttingDown,
     Timeout,
@@ -69,7 +70,8 @@ class UploadServerProtocol(Protocol):
     def __init__(self, factory: "UploadServerFactory") -> None:
         self.factory = factory
         self.machine = ServerConnection(factory.server_id, factory.limits)
-        self.writer: Any = None  # IUploadWriter while an upload is open
+        self._writer: Any = None  # IUploadWriter while an upload is open
+        self._health_only = False
         self._busy: Deferred[Any] | None = None
         self._pumping = False
         self._paused = False
@@ -81,6 +83,18 @@ class UploadServerProtocol(Protocol):
         self._last_heard = factory.clock.seconds()
         #: Fires once the connection is gone and its upload released.
         self.closed: Deferred[None] = Deferred()
+
+    @property
+    def writer(self) -> Any:
+        """The L{IUploadWriter} of the upload open on this connection, or None."""
+        return self._writer
+
+    @writer.setter
+    def writer(self, value: Any) -> None:
+        # The factory counts open uploads per client for the quota.
+        if (self._writer is None) != (value is None):
+            self.factory.count_upload(self.machine.client_id or "", +1 if value else -1)
+        self._writer = value
 
     # Connection lifecycle -------------------------------------------------
 
@@ -190,6 +204,8 @@ class UploadServerProtocol(Protocol):
             self._on_hello(event)
         elif isinstance(event, AuthReceived):
             self._on_auth(event)
+        elif isinstance(event, (UploadRequested, ResumeRequested)) and self._refused(event):
+            pass
         elif isinstance(event, UploadRequested):
             up = event.upload
             self.log.info(
@@ -243,6 +259,12 @@ class UploadServerProtocol(Protocol):
             self._welcome()
             return
         options = event.hello.options
+        if event.hello.client_id == HEALTH_CHECK_CLIENT_ID and "auth" not in options:
+            # A balancer's health check: welcome it for PING only, so that
+            # checking a server that requires keys needs no key.
+            self._health_only = True
+            self._welcome(how=" (health check only)")
+            return
         if options.get("auth") != auth.METHOD or not auth.NONCE_RE.match(
             options.get("nonce", "")
         ):
@@ -313,6 +335,29 @@ class UploadServerProtocol(Protocol):
             self._pump()
 
         d.addBoth(done)
+
+    def _refused(self, event: object) -> bool:
+        """
+        Refuse an UPLOAD or RESUME from a health-check session, or from a
+        client that already has its share of uploads open.
+        """
+        if self._health_only:
+            failed = self.machine.fail(HandshakeRejected(
+                "this connection was welcomed as a health check and may only PING"))
+            if isinstance(failed, ConnectionFailed):
+                self._after_fatal(failed.error)
+            return True
+        limit = self.factory.max_uploads_per_client
+        client = self.machine.client_id or ""
+        if not limit or self.factory.open_uploads(client) < limit:
+            return False
+        self.log.warn("client {client} is over its quota of {limit} open uploads",
+                      client=client, limit=limit)
+        self.machine.fail(QuotaExceeded(
+            f"client {client} already has {limit} uploads open on this server; "
+            "finish one first", retry_after=5.0,
+        ))
+        return True
 
     def _opened(self, writer: IUploadWriter, resumed: bool) -> None:
         self.writer = writer
@@ -449,6 +494,7 @@ class UploadServerFactory(Factory):
         takeover_check_interval: float = 1.0,
         keys: Any = None,
         cert_identity: bool = False,
+        max_uploads_per_client: int = 16,
     ) -> None:
         """
         @param keys: a L{imgresume.keys.KeyStore}: when given, every client
@@ -462,6 +508,8 @@ class UploadServerFactory(Factory):
         """
         self.storage = storage
         self.keys = keys
+        self.max_uploads_per_client = max_uploads_per_client
+        self._open_uploads: dict[str, int] = {}
         self.cert_identity = cert_identity
         self.server_id = server_id
         self.clock = clock
@@ -481,6 +529,18 @@ class UploadServerFactory(Factory):
     def stopFactory(self) -> None:
         if self._takeover_loop.running:
             self._takeover_loop.stop()
+
+    def open_uploads(self, client_id: str) -> int:
+        """Uploads C{client_id} has open on this server."""
+        return self._open_uploads.get(client_id, 0)
+
+    def count_upload(self, client_id: str, delta: int) -> None:
+        """Called by protocols as uploads open (+1) and close (-1)."""
+        count = self._open_uploads.get(client_id, 0) + delta
+        if count > 0:
+            self._open_uploads[client_id] = count
+        else:
+            self._open_uploads.pop(client_id, None)
 
     def check_takeovers(self) -> None:
         """Let every silent connection holding an upload yield it if asked."""

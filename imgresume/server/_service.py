@@ -122,6 +122,7 @@ def makeServerService(
     idle_timeout: float = 300.0,
     takeover_idle: float = 10.0,
     threads: int = 8,
+    max_uploads_per_client: int = 16,
     keys: str | None = None,
     cert_identity: bool = False,
     gc_interval: float = 900.0,
@@ -193,6 +194,7 @@ def makeServerService(
         takeover_idle=takeover_idle,
         keys=key_store,
         cert_identity=cert_identity,
+        max_uploads_per_client=max_uploads_per_client,
     )
     # PROXY headers from trusted balancers, connections per client address.
     trusted = TrustedProxies.parse(proxy_protocol_from)

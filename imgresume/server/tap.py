@@ -56,6 +56,8 @@ Examples:
         ["takeover-idle", None, "10s", "A connection silent this long gives its upload up "
          "to a newer connection that asks for it (a client that reconnected elsewhere)."],
         ["threads", None, "8", "Threads for disk work."],
+        ["max-uploads-per-client", None, "16", "Uploads one client id may have open on this "
+         "server at once (0: no limit); more are refused with QUOTA_EXCEEDED."],
         ["gc-interval", None, "15m", "How often abandoned uploads are looked for and "
          "removed; 0 disables garbage collection on this server."],
         ["expire-after", None, "7d", "A partial upload untouched this long is removed "
@@ -125,6 +127,7 @@ Examples:
                         "gc-interval", "expire-after", "expire-records-after"):
                 self[key] = parse_duration(self[key])
             self["threads"] = int(self["threads"])
+            self["max-uploads-per-client"] = int(self["max-uploads-per-client"])
         except ValueError as e:
             raise usage.UsageError(str(e))
         if self["limits"].chunk_size > self["limits"].max_payload:
@@ -182,6 +185,7 @@ def makeService(config: Options):
         idle_timeout=config["idle-timeout"],
         takeover_idle=config["takeover-idle"],
         threads=config["threads"],
+        max_uploads_per_client=config["max-uploads-per-client"],
         gc_interval=config["gc-interval"],
         expire_after=config["expire-after"],
         expire_records_after=config["expire-records-after"],
