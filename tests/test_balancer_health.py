@@ -838,3 +838,29 @@ class ClusterTests(TestCase):
         self.assertEqual(len(result.resumed_at), 1)
         self.assertGreater(result.resumed_at[0], 0)
         self.assertLessEqual(result.bytes_sent, size + WINDOW * CHUNK)
+
+
+class ConnectModeTests(TestCase):
+    async def test_connect_only_checks_pass_on_accept(self) -> None:
+        """--check-mode connect: a backend that accepts (even one speaking TLS) is healthy."""
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ServerEndpoint, clientFromString
+        from twisted.internet.protocol import Factory, Protocol
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Protocol))
+        self.addCleanup(port.stopListening)
+        backend = Backend("tls-ish", clientFromString(
+            reactor, f"tcp:127.0.0.1:{port.getHost().port}"))
+        tracker = BackendTracker([backend], reactor)
+        checker = HealthChecker(tracker, reactor, interval=0.05, timeout=1, fall=1,
+                                connectOnly=True)
+        checker.startService()
+        self.addCleanup(checker.stopService)
+        from twisted.internet.task import deferLater
+
+        await deferLater(reactor, 0.3, lambda: None)
+        status = checker.statusOf(backend)
+        self.assertGreater(status.checks, 1)
+        self.assertEqual(status.failures, 0)
+        self.assertTrue(tracker.isUp(backend))

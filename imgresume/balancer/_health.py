@@ -152,9 +152,11 @@ class _Check:
         nonce: int,
         clientID: str = HEALTH_CLIENT_ID,
         sendProxy: bool = False,
+        connectOnly: bool = False,
     ) -> None:
         self.backend = backend
         self._sendProxy = sendProxy
+        self._connectOnly = connectOnly
         self._clock = clock
         self._timeout = timeout
         self._nonce = nonce
@@ -230,6 +232,12 @@ class _Check:
         if self._phase != "connecting":
             # Cancelled or timed out, yet an endpoint connected anyway.
             transport.abortConnection()
+            return
+        if self._connectOnly:
+            # --check-mode connect: the backend speaks TLS or wants client
+            # credentials the balancer does not have; accepting is the check.
+            self._decide(CheckResult(True, ""))
+            transport.loseConnection()
             return
         self._phase = "welcome"
         if self._sendProxy:
@@ -363,6 +371,7 @@ class HealthChecker(Service):
         rise: int = 1,
         clientID: str = HEALTH_CLIENT_ID,
         sendProxy: bool = False,
+        connectOnly: bool = False,
     ) -> None:
         """
         @param tracker: the balancer's tracker; its backends are checked.
@@ -377,6 +386,9 @@ class HealthChecker(Service):
         @param sendProxy: start every check with a PROXY protocol v2 header
             (command LOCAL), for backends that require one from the
             balancer (C{--send-proxy}).
+        @param connectOnly: a check is only a TCP connect (C{--check-mode
+            connect}), for backends whose protocol the balancer cannot speak
+            (TLS terminated at the servers).
         """
         if not interval >= 0:
             raise ValueError(f"interval must be >= 0, not {interval!r}")
@@ -392,6 +404,7 @@ class HealthChecker(Service):
         self.rise = rise
         self.clientID = clientID
         self.sendProxy = sendProxy
+        self.connectOnly = connectOnly
         self._status = {backend: HealthStatus() for backend in tracker.backends}
         self._loops: list[LoopingCall] = []
         self._inflight: dict[Backend, _Check] = {}
@@ -451,7 +464,7 @@ class HealthChecker(Service):
     def _checkOnce(self, backend: Backend) -> Deferred[None]:
         check = _Check(
             backend, self.clock, self.timeout, next(self._nonces), self.clientID,
-            self.sendProxy,
+            self.sendProxy, self.connectOnly,
         )
         self._inflight[backend] = check
         d = check.whenEnded().addCallback(self._checked, backend)

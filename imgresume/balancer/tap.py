@@ -123,6 +123,14 @@ Example:
             _seconds,
         ],
         [
+            "check-mode",
+            None,
+            "protocol",
+            "protocol: a check speaks imgresume (HELLO, PING); connect: a check"
+            " only connects (for servers that terminate TLS themselves, whose"
+            " protocol the balancer cannot see).",
+        ],
+        [
             "check-interval",
             None,
             2.0,
@@ -191,6 +199,8 @@ Example:
     opt_b = opt_backend
 
     def postOptions(self) -> None:
+        if self["check-mode"] not in ("protocol", "connect"):
+            raise usage.UsageError("--check-mode must be protocol or connect")
         if not self["backends"]:
             raise usage.UsageError(
                 "at least one --backend ENDPOINT is required"
@@ -259,6 +269,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         fall=config["fall"],
         rise=config["rise"],
         sendProxy=config["send-proxy"],
+        connectOnly=config["check-mode"] == "connect",
     )
     checker.setName("health")
     top = MultiService()
