@@ -174,6 +174,21 @@ class UsageTests(CommandTestCase):
         """No subcommand at all."""
         await self.assertUsageError("name a command")
 
+    async def test_bad_endpoint(self) -> None:
+        """A --to that is not an endpoint string is a usage error, not a traceback."""
+        path, _ = self.make_file("a.tif", 10)
+        out, err, code = await self.imgresume("upload", "--to", "tpc:host:1", path)
+        self.assertEqual(code, 2, err)
+        self.assertIn("not a usable endpoint", err)
+        self.assertNotIn("Traceback", err)
+
+    async def test_options_after_files(self) -> None:
+        """Options may follow the FILEs, as the help's own example does."""
+        path, _ = self.make_file("a.tif", 10)
+        out, err, code = await self.imgresume("upload", path, "--to", "tpc:host:1", "--json")
+        self.assertEqual(code, 2, err)
+        self.assertIn("not a usable endpoint", err)
+
 
 class OptionsTests(SynchronousTestCase):
     """L{UploadOptions} parsing, in process."""

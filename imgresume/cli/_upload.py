@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python import usage
 
-from imgresume._options import EXIT_FAILED, EXIT_OK, BaseOptions
+from imgresume._options import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BaseOptions
 from imgresume.sizes import parse_duration, parse_size
 
 
@@ -99,13 +99,20 @@ def run_upload(reactor: Any, config: UploadOptions) -> Any:
         journal = None
     elif config["journal"]:
         journal = Journal(config["journal"])
-    uploader = Uploader(
-        config["to"], reactor=reactor, client_id=config["client-id"], key=key,
-        journal=journal,
-        max_attempts=config["max-attempts"], stall_timeout=config["stall-timeout"],
-        connect_timeout=config["connect-timeout"], backoff_max=config["backoff-max"],
-        chunk_size=config["chunk-size"] or None, window=config["window"],
-    )
+    try:
+        uploader = Uploader(
+            config["to"], reactor=reactor, client_id=config["client-id"], key=key,
+            journal=journal,
+            max_attempts=config["max-attempts"], stall_timeout=config["stall-timeout"],
+            connect_timeout=config["connect-timeout"], backoff_max=config["backoff-max"],
+            chunk_size=config["chunk-size"] or None, window=config["window"],
+        )
+    except Exception as e:  # endpoint string parsers raise whatever they like
+        print(f"imgresume: --to {config['to']}: not a usable endpoint: "
+              f"{type(e).__name__}: {e}\n(examples: tcp:lb.example:7000, "
+              "tls:lb.example:7000:trustRoots=/etc/ssl/certs, unix:/run/imgresume.sock)",
+              file=sys.stderr)
+        return defer.succeed(EXIT_USAGE)
     show = not config["quiet"] and sys.stderr.isatty()
     progress = ProgressBar(sys.stderr) if show else None
 
