@@ -99,6 +99,25 @@ class StorageConformanceMixin:
 
     # -- tests --------------------------------------------------------------
 
+    def test_status(self) -> None:
+        """status() reports offset and ownership without taking the upload."""
+        writer = self.create(client_id="alice")
+        self.writeAll(writer, PAYLOAD[:4096])
+        upload_id = writer.info.upload_id
+        st = self.successResultOf(self.storage.status(upload_id, "alice"))
+        self.assertEqual((st.state, st.offset, st.size, st.busy, st.name),
+                         ("partial", 4096, len(PAYLOAD), True, "a.tiff"))
+        self.assertFalse(self.successResultOf(writer.takeover_requested()))
+        self.failureResultOf(self.storage.status(upload_id, "mallory"), UnknownUpload)
+        self.failureResultOf(self.storage.status("0" * 32), UnknownUpload)
+        self.successResultOf(writer.release())
+        self.assertFalse(self.successResultOf(self.storage.status(upload_id)).busy)
+        mine = self.successResultOf(self.storage.resume(upload_id, "alice"))
+        self.writeAll(mine, PAYLOAD, start=4096)
+        done = self.successResultOf(mine.complete())
+        st = self.successResultOf(self.storage.status(upload_id))
+        self.assertEqual((st.state, st.offset, st.path), ("complete", len(PAYLOAD), done.path))
+
     def test_uploadsBelongToTheirClient(self) -> None:
         """Another client cannot resume, or learn of, an upload, partial or complete."""
         writer = self.create(client_id="alice")

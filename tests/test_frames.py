@@ -32,7 +32,9 @@ from imgresume.protocol._frames import (
     Ping,
     Pong,
     Resume,
+    Status,
     Upload,
+    UploadStatusFrame,
     Welcome,
     data_header,
     decode_body,
@@ -66,6 +68,9 @@ SAMPLES = [
     Pong(2**64 - 1),
     Challenge("node-\u00e9", b"\x05" * 32),
     Auth(b"\x09" * 32),
+    Status(UPLOAD_ID),
+    UploadStatusFrame(UPLOAD_ID, "scans/\u00e9.tif", 10**9, False, 5 << 20, True,
+                      "node-2", 1764115200000, 1764115260000, ""),
 ]
 
 
@@ -399,8 +404,8 @@ class MalformedTests(SynchronousTestCase):
         return self.assertRaises(MalformedFrame, dec.next_frame)
 
     def test_unknown_type(self) -> None:
-        """Types 0x00 and 0x0e..0xff are unknown."""
-        for kind in (0x00, 0x0E, 0x7F, 0xFF):
+        """Types 0x00 and 0x10..0xff are unknown."""
+        for kind in (0x00, 0x10, 0x7F, 0xFF):
             error = self.assertMalformed(_frame(kind, b""))
             self.assertIn(f"0x{kind:02x}", error.message)
 

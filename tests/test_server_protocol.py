@@ -414,3 +414,27 @@ class QuotaTests(SynchronousTestCase):
         self.assertIsInstance(ok, Accepted)
         b.proto.connectionLost(Failure(Exception("gone")))
         self.assertEqual(factory.open_uploads("tester"), 1)
+
+
+class StatusTests(SynchronousTestCase):
+    def test_status_of_partial_and_complete(self) -> None:
+        """STATUS answers offset and ownership, and COMPLETE with the path."""
+        from imgresume.protocol import Status, UploadStatusFrame
+
+        storage = MemoryStorage()
+        owner = Harness(storage)
+        acc = owner.start()
+        owner.send(data(0, CONTENT[:4096]))
+        asker = Harness(storage)
+        asker.handshake()
+        [st] = asker.send(encode(Status(acc.upload_id)))
+        self.assertIsInstance(st, UploadStatusFrame)
+        self.assertEqual((st.offset, st.busy, st.complete, st.size),
+                         (4096, True, False, len(CONTENT)))
+        owner.send(data(4096, CONTENT[4096:]))
+        [done] = owner.send(data(len(CONTENT), b""))
+        [st] = asker.send(encode(Status(acc.upload_id)))
+        self.assertEqual((st.complete, st.path, st.busy), (True, done.path, False))
+        [err] = asker.send(encode(Status("ab" * 16)))
+        self.assertEqual(err.code, ErrorCode.UNKNOWN_UPLOAD)
+        self.assertEqual(asker.send(encode(Ping(3))), [Pong(3)])

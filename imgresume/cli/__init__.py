@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from imgresume._options import EXIT_USAGE, BaseOptions
 from imgresume.cli._keys import KeysOptions, run_keys
+from imgresume.cli._status import LsOptions, StatusOptions, run_ls, run_status
 from imgresume.cli._storage import (
     CheckStorageOptions,
     GcOptions,
@@ -30,6 +31,8 @@ sharing one storage.  Servers run with `twistd imgresume`, the balancer with
 `twistd imgresume-lb`.  Run `imgresume COMMAND --help` for each command."""
     subCommands = [
         ["upload", None, UploadOptions, "Upload files (resumable)."],
+        ["status", None, StatusOptions, "Ask the servers where uploads stand."],
+        ["ls", None, LsOptions, "List the uploads in a storage directory."],
         ["keys", None, KeysOptions, "Manage client keys (add, revoke, list)."],
         ["gc", None, GcOptions, "Remove abandoned uploads from a storage directory."],
         ["check-storage", None, CheckStorageOptions,
@@ -58,10 +61,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(run_check_storage(config.subOptions))
     if config.subCommand == "keys":
         sys.exit(run_keys(config.subOptions))
+    if config.subCommand == "ls":
+        sys.exit(run_ls(config.subOptions))
     from twisted.internet.task import react
 
+    command = run_status if config.subCommand == "status" else run_upload
+
     def go(reactor: Any) -> Any:
-        return run_upload(reactor, config.subOptions).addCallback(_exit_code)
+        return command(reactor, config.subOptions).addCallback(_exit_code)
 
     react(go)
 

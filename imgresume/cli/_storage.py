@@ -11,6 +11,7 @@ from typing import Any
 from twisted.python import usage
 
 from imgresume._options import EXIT_FAILED, EXIT_OK, BaseOptions
+from imgresume.cli._status import format_age
 from imgresume.sizes import parse_duration
 
 
@@ -98,17 +99,6 @@ Examples:
         _storage_dir(self)
 
 
-def _format_age(seconds: float) -> str:
-    """C{seconds} for a human: C{45 s}, C{12 min}, C{3.5 h}, C{8.0 d}."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
-
-
 def run_gc(config: GcOptions, out: Any = None) -> int:
     """Run C{imgresume gc}; returns the exit code."""
     from imgresume.sizes import format_size
@@ -142,7 +132,7 @@ def run_gc(config: GcOptions, out: Any = None) -> int:
         if e.detail:
             why += f": {e.detail}"
         print(f"{verb:<12}  {e.upload_id}  {format_size(e.size):>10}  "
-              f"{_format_age(e.age):>8}  {e.name or '-'}  ({why})", file=out)
+              f"{format_age(e.age):>8}  {e.name or '-'}  ({why})", file=out)
     print(
         f"{len(report.removed)} {'to remove' if dry else 'removed'}, "
         f"{format_size(report.bytes_freed)} {'would be freed' if dry else 'freed'}; "

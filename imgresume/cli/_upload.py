@@ -83,8 +83,7 @@ def run_upload(reactor: Any, config: UploadOptions) -> Any:
     from twisted.internet.defer import Deferred
 
     from imgresume.cli._progress import ProgressBar
-    from imgresume.client import Journal, UploadFailed, Uploader
-
+    from imgresume.client import Journal, Uploader, UploadFailed
     from imgresume.keys import KeyFileError, read_key
 
     key = None

@@ -86,6 +86,10 @@ class Journal:
             os.unlink(tmp)
             raise
 
+    def upload_ids(self) -> list[str]:
+        """The upload ids of every unfinished upload in the journal."""
+        return sorted({entry["upload_id"] for entry in self._load().values()})
+
     def lookup(self, key: str) -> dict[str, Any] | None:
         """The entry for C{key}: C{upload_id} and C{sha256} (hex), or None."""
         return self._load().get(key)

@@ -326,7 +326,23 @@ class Uploader:
             )
         return self.backoff(max(state.failures, 1), getattr(error, "retry_after", 0.0))
 
-    async def _connect(self, attempt: UploadAttempt) -> None:
+    def status(self, upload_ids: list[str]) -> Deferred[list[Any]]:
+        """
+        Ask the server (through the balancer) about uploads, on one
+        connection: a list with, per id, the server's
+        L{imgresume.protocol.UploadStatusFrame} or an
+        L{imgresume.errors.UnknownUpload}.  No retries.
+        """
+        from imgresume.client._status import StatusQuery
+
+        async def ask() -> list[Any]:
+            query = StatusQuery(upload_ids, self.client_id, self.key)
+            await self._connect(query)
+            return await query.result
+
+        return Deferred.fromCoroutine(ask())
+
+    async def _connect(self, attempt: Any) -> None:
         d = connectProtocol(self.endpoint, attempt)
         timer = self.reactor.callLater(self.connect_timeout, d.cancel)
         try:

@@ -7,6 +7,7 @@ See C{docs/protocol.md} for the normative description.
 """
 
 from imgresume.protocol._client import (
+    StatusReceived,
     Challenged,
     ChunkAcked,
     ClientConnection,
@@ -34,7 +35,9 @@ from imgresume.protocol._frames import (
     Ping,
     Pong,
     Resume,
+    Status,
     Upload,
+    UploadStatusFrame,
     Welcome,
     decode_body,
     encode,
@@ -49,6 +52,7 @@ from imgresume.protocol._server import (
     ServerConnection,
     ServerLimits,
     ServerState,
+    StatusRequested,
     UploadRequested,
 )
 
@@ -60,5 +64,5 @@ __all__ = [
     "UploadCompleted", "ErrorReceived", "Ponged",
     "ServerConnection", "ServerLimits", "ServerState", "HelloReceived",
     "UploadRequested", "ResumeRequested", "ChunkReceived", "FinishRequested",
-    "ConnectionFailed",
+    "ConnectionFailed", "Status", "UploadStatusFrame", "StatusRequested", "StatusReceived",
 ]

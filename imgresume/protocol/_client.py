@@ -45,7 +45,9 @@ from imgresume.protocol._frames import (
     Ping,
     Pong,
     Resume,
+    Status,
     Upload,
+    UploadStatusFrame,
     Welcome,
     data_header,
     encode,
@@ -59,6 +61,7 @@ class ClientState(enum.Enum):
     AWAIT_WELCOME = "await-welcome"
     READY = "ready"
     AWAIT_ACCEPTED = "await-accepted"
+    AWAIT_STATUS = "await-status"
     SENDING = "sending"
     CLOSED = "closed"
 
@@ -106,13 +109,20 @@ class Challenged:
 
 
 @attrs.frozen
+class StatusReceived:
+    """The answer to L{ClientConnection.status}."""
+
+    status: UploadStatusFrame
+
+
+@attrs.frozen
 class Ponged:
     """Answer to a PING."""
 
     nonce: int
 
 
-ClientEvent = Challenged | Welcomed | UploadAccepted | ChunkAcked | UploadCompleted | ErrorReceived | Ponged
+ClientEvent = StatusReceived | Challenged | Welcomed | UploadAccepted | ChunkAcked | UploadCompleted | ErrorReceived | Ponged
 
 
 class ClientConnection:
@@ -173,6 +183,12 @@ class ClientConnection:
         self._expect(ClientState.READY)
         self._send(Resume(upload_id))
         self.state = ClientState.AWAIT_ACCEPTED
+
+    def status(self, upload_id: str) -> None:
+        """Ask for an upload's state (read only)."""
+        self._expect(ClientState.READY)
+        self._send(Status(upload_id))
+        self.state = ClientState.AWAIT_STATUS
 
     def ping(self, nonce: int) -> None:
         """Probe the server (after the handshake); it answers with L{Ponged}."""
@@ -273,6 +289,9 @@ class ClientConnection:
             self.welcome = frame
             self.state = ClientState.READY
             return Welcomed(frame)
+        if isinstance(frame, UploadStatusFrame) and state is ClientState.AWAIT_STATUS:
+            self.state = ClientState.READY
+            return StatusReceived(frame)
         if isinstance(frame, Accepted) and state is ClientState.AWAIT_ACCEPTED:
             if frame.offset > frame.size:
                 raise MalformedFrame("ACCEPTED offset is past the upload size")
@@ -312,7 +331,8 @@ class ClientConnection:
                 raise MalformedFrame("ERROR offset is past the upload size")
             self._rewinding = True
             self._answered(frame.offset)
-        elif self.state in (ClientState.AWAIT_ACCEPTED, ClientState.SENDING):
+        elif self.state in (ClientState.AWAIT_ACCEPTED, ClientState.SENDING,
+                            ClientState.AWAIT_STATUS):
             self._end_upload()
         else:
             raise UnexpectedFrame(f"server sent {error} in state {self.state.value}")

@@ -49,6 +49,8 @@ class FrameType(enum.IntEnum):
     PONG = 0x0B
     CHALLENGE = 0x0C
     AUTH = 0x0D
+    STATUS = 0x0E
+    UPLOAD_STATUS = 0x0F
 
 
 def _kv(value: Mapping[str, str]) -> dict[str, str]:
@@ -185,9 +187,32 @@ class Auth:
     mac: bytes
 
 
+@attrs.frozen
+class Status:
+    """Client -> server: what is the state of this upload?  (Read only.)"""
+
+    upload_id: str
+
+
+@attrs.frozen
+class UploadStatusFrame:
+    """Server -> client, answer to STATUS."""
+
+    upload_id: str
+    name: str
+    size: int
+    complete: bool
+    offset: int
+    busy: bool
+    owner: str
+    created_ms: int
+    updated_ms: int
+    path: str
+
+
 Frame = Union[
     Hello, Welcome, Upload, Resume, Accepted, Data, Ack, Completed, Error, Ping, Pong,
-    Challenge, Auth,
+    Challenge, Auth, Status, UploadStatusFrame,
 ]
 
 
@@ -295,6 +320,12 @@ class _Reader:
             )
 
 
+def _flag(value: int) -> bool:
+    if value > 1:
+        raise MalformedFrame(f"a flag byte must be 0 or 1, not {value}")
+    return bool(value)
+
+
 def upload_id_to_bytes(upload_id: str) -> bytes:
     """Wire form (16 bytes) of an upload id written as 32 hex digits."""
     raw = bytes.fromhex(upload_id)
@@ -362,6 +393,14 @@ def encode(frame: Frame) -> bytes:
         return _frame(FrameType.CHALLENGE, w.body())
     if isinstance(frame, Auth):
         return _frame(FrameType.AUTH, w.fixed(frame.mac, SHA256_SIZE).body())
+    if isinstance(frame, Status):
+        w.fixed(upload_id_to_bytes(frame.upload_id), UPLOAD_ID_SIZE)
+        return _frame(FrameType.STATUS, w.body())
+    if isinstance(frame, UploadStatusFrame):
+        w.fixed(upload_id_to_bytes(frame.upload_id), UPLOAD_ID_SIZE).str(frame.name)
+        w.u64(frame.size).u8(int(frame.complete)).u64(frame.offset).u8(int(frame.busy))
+        w.str(frame.owner).u64(frame.created_ms).u64(frame.updated_ms).str(frame.path)
+        return _frame(FrameType.UPLOAD_STATUS, w.body())
     raise TypeError(f"not a frame: {frame!r}")
 
 
@@ -410,7 +449,14 @@ def decode_body(kind: int, body: memoryview) -> Frame:
         frame = Pong(r.u64())
     elif ftype is FrameType.CHALLENGE:
         frame = Challenge(r.str(), r.fixed(NONCE_SIZE), r.str())
-    else:
+    elif ftype is FrameType.AUTH:
         frame = Auth(r.fixed(SHA256_SIZE))
+    elif ftype is FrameType.STATUS:
+        frame = Status(r.fixed(UPLOAD_ID_SIZE).hex())
+    else:
+        upload_id, name, size = r.fixed(UPLOAD_ID_SIZE).hex(), r.str(), r.u64()
+        complete, offset, busy = _flag(r.u8()), r.u64(), _flag(r.u8())
+        frame = UploadStatusFrame(upload_id, name, size, complete, offset, busy,
+                                  r.str(), r.u64(), r.u64(), r.str())
     r.done()
     return frame

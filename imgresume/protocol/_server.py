@@ -51,7 +51,9 @@ from imgresume.protocol._frames import (
     Ping,
     Pong,
     Resume,
+    Status,
     Upload,
+    UploadStatusFrame,
     Welcome,
     encode,
 )
@@ -82,6 +84,7 @@ class ServerState(enum.Enum):
     CHECKING_AUTH = "checking-auth"
     READY = "ready"
     OPENING = "opening"
+    QUERYING = "querying"
     RECEIVING = "receiving"
     WRITING = "writing"
     COMPLETING = "completing"
@@ -103,6 +106,13 @@ class AuthReceived:
     """The client's AUTH proof: check it, then accept_hello() or fail()."""
 
     mac: bytes
+
+
+@attrs.frozen
+class StatusRequested:
+    """Look the upload up (read only), then call L{ServerConnection.status_found}."""
+
+    upload_id: str
 
 
 @attrs.frozen
@@ -142,7 +152,7 @@ class ConnectionFailed:
 
 
 ServerEvent = (
-    HelloReceived | AuthReceived | UploadRequested | ResumeRequested | ChunkReceived
+    HelloReceived | AuthReceived | StatusRequested | UploadRequested | ResumeRequested | ChunkReceived
     | FinishRequested | ConnectionFailed
 )
 
@@ -150,7 +160,7 @@ ServerEvent = (
 LEGAL_FRAMES: dict[ServerState, tuple[type, ...]] = {
     ServerState.AWAIT_HELLO: (Hello,),
     ServerState.AWAIT_AUTH: (Auth,),
-    ServerState.READY: (Upload, Resume, Ping),
+    ServerState.READY: (Upload, Resume, Status, Ping),
     ServerState.RECEIVING: (Data, Ping),
 }
 
@@ -237,6 +247,9 @@ class ServerConnection:
         if isinstance(frame, Resume):
             self.state = ServerState.OPENING
             return ResumeRequested(frame.upload_id)
+        if isinstance(frame, Status):
+            self.state = ServerState.QUERYING
+            return StatusRequested(frame.upload_id)
         assert isinstance(frame, Data)
         return self._on_data(frame)
 
@@ -352,6 +365,12 @@ class ServerConnection:
         self.upload_id, self.size, self.offset = upload_id, size, offset
         self.state = ServerState.RECEIVING
 
+    def status_found(self, status: UploadStatusFrame) -> None:
+        """Answer a STATUS request."""
+        self._expect(ServerState.QUERYING)
+        self._send(status)
+        self.state = ServerState.READY
+
     def chunk_written(self, offset: int) -> None:
         """Storage made the chunk durable: acknowledge up to C{offset}."""
         self._expect(ServerState.WRITING)
@@ -376,14 +395,16 @@ class ServerConnection:
         """
         self._expect(
             ServerState.CHECKING_HELLO, ServerState.CHECKING_AUTH, ServerState.OPENING,
-            ServerState.WRITING, ServerState.COMPLETING,
+            ServerState.QUERYING, ServerState.WRITING, ServerState.COMPLETING,
         )
         if error.scope is Scope.CONNECTION or self.state in (
             ServerState.CHECKING_HELLO, ServerState.CHECKING_AUTH,
         ):
             return self._fail_connection(error)
         self._send(error_frame(error))
-        if error.scope is Scope.TRANSFER and self.state is not ServerState.OPENING:
+        if error.scope is Scope.TRANSFER and self.state in (
+            ServerState.WRITING, ServerState.COMPLETING,
+        ):
             if not 0 <= error.offset <= self.size:
                 raise RuntimeError(f"transfer error offset {error.offset} outside the upload")
             self.offset = error.offset

@@ -40,7 +40,9 @@ from imgresume.protocol import (
     ResumeRequested,
     ServerConnection,
     ServerLimits,
+    StatusRequested,
     UploadRequested,
+    UploadStatusFrame,
 )
 from imgresume.protocol import _auth as auth
 from imgresume.storage.interfaces import IUploadStorage, IUploadWriter, NewUpload
@@ -204,6 +206,11 @@ class UploadServerProtocol(Protocol):
             self._on_hello(event)
         elif isinstance(event, AuthReceived):
             self._on_auth(event)
+        elif isinstance(event, StatusRequested) and self._health_only:
+            self._refused(event)
+        elif isinstance(event, StatusRequested):
+            self._run(storage.status(event.upload_id, self.machine.client_id),
+                      self._status_found)
         elif isinstance(event, (UploadRequested, ResumeRequested)) and self._refused(event):
             pass
         elif isinstance(event, UploadRequested):
@@ -358,6 +365,12 @@ class UploadServerProtocol(Protocol):
             "finish one first", retry_after=5.0,
         ))
         return True
+
+    def _status_found(self, st: Any) -> None:
+        self.machine.status_found(UploadStatusFrame(
+            st.upload_id, st.name, st.size, st.state == "complete", st.offset, st.busy,
+            st.owner, int(st.created * 1000), int(st.updated * 1000), st.path,
+        ))
 
     def _opened(self, writer: IUploadWriter, resumed: bool) -> None:
         self.writer = writer

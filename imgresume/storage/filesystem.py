@@ -74,6 +74,7 @@ from imgresume.storage.interfaces import (
     NewUpload,
     TailCheck,
     UploadInfo,
+    UploadStatus,
 )
 
 log = Logger()
@@ -442,6 +443,30 @@ def _read_small(path: str) -> bytes:
     raise AssertionError("unreachable")
 
 
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _lock_is_held(lock_path: str) -> bool:
+    """Whether some writer holds an upload's lock (probed without keeping it)."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | _CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        if not _HAVE_OFD:
+            return False  # a probe would disturb this process's own POSIX locks
+        if not _try_lock(fd):
+            return True
+        _unlock(fd)
+        return False
+    finally:
+        os.close(fd)
+
+
 def _read_json(path: str) -> dict[str, Any] | None:
     """A small JSON record, or None if it is missing or unreadable."""
     try:
@@ -730,6 +755,44 @@ class FilesystemStorage:
         except OSError as e:
             raise _fail(e, f"cannot check {completed.path}") from e
         return completed
+
+    def status(
+        self, upload_id: str, client_id: str | None = None
+    ) -> Deferred[UploadStatus]:
+        """See L{IUploadStorage.status}."""
+        if not is_upload_id(upload_id):
+            return defer.fail(UnknownUpload(f"malformed upload id {upload_id!r:.80}"))
+        return self._run(self.status_sync, upload_id, client_id)
+
+    def status_sync(self, upload_id: str, client_id: str | None = None) -> UploadStatus:
+        """L{status}, blocking (for C{imgresume ls}, which runs without a reactor)."""
+        paths = _Paths(self._root, upload_id)
+        meta = self._read_own_meta(paths, upload_id, client_id)
+        lease = _read_json(paths.lease) or {}
+        owner = lease.get("owner") if isinstance(lease.get("owner"), str) else ""
+        if meta["state"] != "partial":
+            return UploadStatus(
+                upload_id, meta["name"], meta["size"], "complete", meta["size"], False,
+                owner, meta["created"], _mtime(paths.meta), meta.get("path", ""),
+            )
+        busy = upload_id in self._owned or _lock_is_held(paths.lock)
+        with _io(f"cannot read {paths.rel}"):
+            try:
+                data_fd = os.open(paths.data, os.O_RDONLY | _CLOEXEC)
+            except FileNotFoundError:
+                raise UnknownUpload(f"no upload with id {upload_id}") from None
+            try:
+                journal_fd = os.open(paths.journal, os.O_RDONLY | _CLOEXEC)
+                try:
+                    offset = _prove(data_fd, journal_fd, meta["size"])[0]
+                finally:
+                    os.close(journal_fd)
+            finally:
+                os.close(data_fd)
+        return UploadStatus(
+            upload_id, meta["name"], meta["size"], "partial", offset, busy, owner,
+            meta["created"], max(_mtime(paths.data), _mtime(paths.journal)),
+        )
 
     def _busy_in_process(self, upload_id: str, client_id: str | None) -> None:
         paths = _Paths(self._root, upload_id)

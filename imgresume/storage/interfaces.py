@@ -76,6 +76,26 @@ class CompletedUpload:
     path: str  # relative to the storage root, "/"-separated
 
 
+@attrs.frozen
+class UploadStatus:
+    """
+    What is known of an upload without owning it: for C{imgresume status}
+    and C{imgresume ls}.  C{offset} is proven from stored records, like a
+    resume's, but read without the lock, so it may already be behind.
+    """
+
+    upload_id: str
+    name: str
+    size: int
+    state: str  # "partial" | "complete"
+    offset: int
+    busy: bool  # a writer owns it right now
+    owner: str  # the server id in the lease ("" if unknown)
+    created: float
+    updated: float  # last change to its data or journal (seconds since the epoch)
+    path: str = ""  # where the completed file lies
+
+
 class IUploadStorage(Interface):
     """
     A place where partial and completed uploads live, shared by every server
@@ -111,6 +131,16 @@ class IUploadStorage(Interface):
         @raise imgresume.errors.UploadAlreadyComplete: it is finished; the
             exception carries the L{CompletedUpload}.
         @return: Deferred firing with an L{IUploadWriter}.
+        """
+
+    def status(upload_id: str, client_id: str | None = None):
+        """
+        Report on an upload without taking it over (and without asking its
+        owner to yield).
+
+        @raise imgresume.errors.UnknownUpload: no such upload, or it
+            belongs to another client.
+        @return: Deferred firing with an L{UploadStatus}.
         """
 
 

@@ -47,6 +47,7 @@ from imgresume.storage.interfaces import (
     NewUpload,
     TailCheck,
     UploadInfo,
+    UploadStatus,
 )
 
 log = Logger()
@@ -117,6 +118,22 @@ class MemoryStorage:
     ) -> Deferred[MemoryUploadWriter]:
         """See L{IUploadStorage.resume}."""
         return _run(self._resume, upload_id, client_id)
+
+    def status(self, upload_id: str, client_id: str | None = None) -> Deferred[UploadStatus]:
+        """See L{IUploadStorage.status}."""
+        return _run(self._status, upload_id, client_id)
+
+    def _status(self, upload_id: str, client_id: str | None) -> UploadStatus:
+        upload = self._uploads.get(upload_id) if is_upload_id(upload_id) else None
+        if upload is None or (client_id is not None and upload.info.client_id != client_id):
+            raise UnknownUpload(f"no upload with id {upload_id}")
+        info = upload.info
+        if upload.completed is not None:
+            return UploadStatus(info.upload_id, info.name, info.size, "complete", info.size,
+                                False, "", info.created, info.created, upload.completed.path)
+        offset = upload.records[-1].offset + upload.records[-1].length if upload.records else 0
+        return UploadStatus(info.upload_id, info.name, info.size, "partial", offset,
+                            upload_id in self._owned, "", info.created, self._now())
 
     def _create(self, request: NewUpload) -> MemoryUploadWriter:
         name = validate_name(request.name)
