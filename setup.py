@@ -11,9 +11,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
+    # twisted.plugins is listed so that the drop-ins in twisted/plugins/ (a
+    # directory without __init__.py, as Twisted requires) are installed.
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"])
     + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/imgresume_dropin.py"]},
     install_requires=[
         "Twisted[tls]>=24.7",
         "zope.interface>=6",
