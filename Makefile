@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-sharedfs sharedfs-up sharedfs-down venv clean
+.PHONY: demo test test-slow test-sharedfs sharedfs-up sharedfs-down bench venv clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ sharedfs-down:
 
 test-sharedfs: $(STAMP)
 	IMGRESUME_REQUIRE_SHAREDFS=1 $(PY) -m pytest tests/test_gluster.py $(PYTEST_ARGS)
+
+# Benchmarks (docs/benchmarks.md): figures as ratios against baselines
+# measured in the same run; BENCH_ARGS=--quick for a short run.
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp .pytest_cache demo-run

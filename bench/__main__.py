@@ -1,5 +1,5 @@
 """
-C{python -m bench}: run the imgresume benchmarks (docs/benchmarks.md).
+python -m bench: run the imgresume benchmarks (docs/benchmarks.md).
 
   python -m bench                  # full run: 1 GiB streams, 200 clients (< 15 min)
   python -m bench --quick          # 256 MiB streams, 50 clients (< 2 min)
@@ -28,7 +28,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="small sizes: 256 MiB streams, 50 clients, one round (< 2 min)")
+                   help="small sizes: 256 MiB streams (3 rounds), 50 clients (< 2 min)")
     p.add_argument("--only", action="append", choices=sorted(groups.GROUPS),
                    help="run only this group (repeatable); the groups it compares "
                         "against are measured inside it")

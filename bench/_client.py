@@ -6,7 +6,8 @@ backoff), every file uploaded at once, journal off.
   python -m bench._client SPEC_JSON
 
 SPEC_JSON (a JSON object, inline): C{endpoint}; C{files}, a list of
-[path, remote name]; optional C{window}, C{chunk_size}; optional C{kill_at},
+[path, remote name] or [path, remote name, client id] (default client id
+C{bench-client}); optional C{window}, C{chunk_size}; optional C{kill_at},
 fractions of the (first) file at which this process asks the harness to
 SIGKILL the server it is uploading to, by printing
 C{{"event": "kill", "server": ID}} on stdout (and C{{"event": "resumed"}}
@@ -77,7 +78,7 @@ class TracingEndpoint:
         return self.inner.connect(factory).addCallbacks(connected, failed)
 
 
-async def _one(reactor: Any, spec: dict[str, Any], path: str, name: str,
+async def _one(reactor: Any, spec: dict[str, Any], path: str, name: str, client_id: str,
                first: bool, cpu_marks: dict[str, float]) -> dict[str, Any]:
     import os
 
@@ -87,10 +88,9 @@ async def _one(reactor: Any, spec: dict[str, Any], path: str, name: str,
     trace: list[dict[str, Any]] = []
     kill_at = sorted(spec.get("kill_at") or []) if first else []
     endpoint = TracingEndpoint(clientFromString(reactor, spec["endpoint"]), trace)
-    uploader = Uploader(
-        endpoint, reactor=reactor, client_id="bench-client", journal=None,
-        window=spec.get("window") or 4, chunk_size=spec.get("chunk_size"),
-    )
+    tuning = {k: spec[k] for k in ("window", "chunk_size") if spec.get(k)}
+    uploader = Uploader(endpoint, reactor=reactor, client_id=client_id, journal=None,
+                        **tuning)  # otherwise the product's defaults
     kills: list[dict[str, Any]] = []
     acks: list[float] = []  # when each ACK arrived (first file only)
 
@@ -137,15 +137,41 @@ async def _one(reactor: Any, spec: dict[str, Any], path: str, name: str,
     return out
 
 
+def _watch_retries() -> dict[str, int]:
+    """
+    Count why attempts ended (the uploader logs "attempt N for NAME via
+    SERVER ended: ERROR" before it reconnects), by the error's first words.
+    """
+    from twisted.logger import formatEvent, globalLogBeginner
+
+    reasons: dict[str, int] = {}
+
+    def observe(event: dict[str, Any]) -> None:
+        if "error" in event and str(event.get("log_format", "")).startswith("attempt "):
+            reason = " ".join(str(event["error"]).split()[:6])
+            reasons[reason] = reasons.get(reason, 0) + 1
+        elif event.get("log_level") is not None and event["log_level"].name in (
+                "warn", "error", "critical"):
+            text = " ".join(formatEvent(event).split()[:8])
+            reasons[f"log: {text}"] = reasons.get(f"log: {text}", 0) + 1
+
+    globalLogBeginner.beginLoggingTo([observe], discardBuffer=True,
+                                     redirectStandardIO=False)
+    return reasons
+
+
 async def _main(reactor: Any, spec: dict[str, Any]) -> None:
     from twisted.internet import defer
 
+    retries = _watch_retries()
     cpu0 = _cpu()
     marks: dict[str, float] = {}
     t0 = time.monotonic()
     ds = [
-        defer.Deferred.fromCoroutine(_one(reactor, spec, path, name, i == 0, marks))
-        for i, (path, name) in enumerate(spec["files"])
+        defer.Deferred.fromCoroutine(
+            _one(reactor, spec, f[0], f[1], f[2] if len(f) > 2 else "bench-client", i == 0,
+                 marks))
+        for i, f in enumerate(spec["files"])
     ]
     uploads = await gatherResults(ds)
     t1 = time.monotonic()
@@ -155,6 +181,7 @@ async def _main(reactor: Any, spec: dict[str, Any]) -> None:
         "cpu": cpu1 - cpu0,
         "hash_cpu": (marks["hash_cpu"] - cpu0) if "hash_cpu" in marks else None,
         "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "retry_reasons": retries,
     })
 
 

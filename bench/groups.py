@@ -13,7 +13,13 @@ from typing import Any
 
 from bench import baselines
 from bench._common import Workdir, image_sizes, log, settle, write_random
-from bench.imgresume_runs import Cluster, many_clients, resume, single_stream
+from bench.imgresume_runs import (
+    Cluster,
+    many_clients,
+    resume,
+    single_stream,
+    storage_only,
+)
 
 
 def _source(work: Workdir, size: int) -> str:
@@ -26,7 +32,7 @@ def _source(work: Workdir, size: int) -> str:
 
 
 def _settle_all(work: Workdir, *clusters: Cluster) -> None:
-    settle(work.sub("dst"))
+    settle(work.sub("dst"), work.sub("storage-only"))
     for c in clusters:
         c.clear_storage()
 
@@ -57,6 +63,7 @@ def single(work: Workdir, opts: Any) -> dict[str, Any]:
             ("rsync-append-verify-fsync", lambda: rsyncd.upload(src, fsync=True)),
         ]
     runs += [
+        ("imgresume-storage-only", lambda: storage_only(work, src, opts.chunk_size)),
         ("imgresume-direct", lambda: single_stream(cluster, src, "direct", work,
                                                    opts.window, opts.chunk_size)),
         ("imgresume-lb", lambda: single_stream(cluster, src, "lb", work,

@@ -32,6 +32,7 @@ from bench._common import (
     now,
     proc_cpu,
     proc_rss,
+    run_python,
     settle,
     spawn_python,
 )
@@ -205,20 +206,44 @@ def single_stream(cluster: Cluster, src: str, via: str, work: Workdir,
     }
 
 
+def storage_only(work: Workdir, src: str, chunk_size: int | None = None) -> dict[str, Any]:
+    """
+    The server's storage path alone (L{bench._storage_only}): the same file
+    stored in the same packets by C{FilesystemStorage}, no network, no
+    reactor: how fast one stream could go if the protocol cost nothing.
+    """
+    root = work.fresh("storage-only")
+    res = run_python("bench._storage_only", [src, root, str(chunk_size or (1 << 20))])
+    return {
+        "name": "imgresume-storage-only",
+        "bytes": res["bytes"],
+        "seconds": res["seconds"],
+        "write_seconds": res["write_seconds"],
+        "completion_seconds": res["complete_seconds"],
+        "write_ms_median": res["write_ms_median"],
+        "pwrite_seconds": res["pwrite_seconds"],
+        "fdatasync_seconds": res["fdatasync_seconds"],
+        "packets": res["writes"],
+        "cpu": {"server": res["cpu"]},
+    }
+
+
 # -- many clients -----------------------------------------------------------
 
 
 def many_clients(cluster: Cluster, files: Sequence[str], procs: int,
                  work: Workdir) -> dict[str, Any]:
     """
-    Every file uploaded at once through the balancer, one Uploader per file,
-    spread over C{procs} client processes.  Server and balancer RSS are
+    Every file uploaded at once through the balancer, one Uploader and one
+    client id per file, spread over C{procs} client processes.  Server and balancer RSS are
     sampled every 0.2 s.
     """
     cluster.clear_storage()
-    groups = [list(files[i::procs]) for i in range(procs)]
-    specs = [{"endpoint": cluster.endpoint("lb"),
-              "files": [[p, f"many/{os.path.basename(p)}"] for p in g]} for g in groups if g]
+    # Every upload is its own client (its own client id), as if from its own host.
+    entries = [[p, f"many/{os.path.basename(p)}", f"bench-client-{i:04d}"]
+               for i, p in enumerate(files)]
+    groups = [entries[i::procs] for i in range(procs)]
+    specs = [{"endpoint": cluster.endpoint("lb"), "files": g} for g in groups if g]
     before = cluster.cpu()
     stderr = work.sub("logs", "client-many.stderr")
     running = [spawn_python("bench._client", [json.dumps(s)], stderr=stderr) for s in specs]
@@ -249,6 +274,7 @@ def many_clients(cluster: Cluster, files: Sequence[str], procs: int,
         "per_file_hash_seconds": [u["hashed"] - u["start"] for u in done],
         "attempts": sum(u.get("attempts", 0) for u in done),
         "servers_used": sorted({s for u in done for s in u["servers"]}),
+        "retry_reasons": _merge([r.get("retry_reasons", {}) for r in results]),
         "cpu": {
             "client": sum(r["cpu"] for r in results),
             "server": sum(v for k, v in cpu.items() if k != "lb"),
@@ -258,6 +284,14 @@ def many_clients(cluster: Cluster, files: Sequence[str], procs: int,
         "peak_rss": peak,
         "client_maxrss": [r["maxrss"] for r in results],
     }
+
+
+def _merge(counts: list[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 # -- resume -------------------------------------------------------------

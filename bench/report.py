@@ -50,6 +50,11 @@ def _stream_figures(samples: list[dict[str, Any]]) -> dict[str, Any]:
         out["completion_seconds"] = _med(samples, "completion_seconds")
         out["ack_interval_ms"] = _med(samples, "ack_interval_ms")
         out["packets"] = samples[0].get("packets")
+    if "write_ms_median" in samples[0]:
+        for key in ("write_seconds", "completion_seconds", "write_ms_median",
+                    "pwrite_seconds", "fdatasync_seconds"):
+            out[key] = _med(samples, key)
+        out["packets"] = samples[0]["packets"]
     return out
 
 
@@ -104,6 +109,10 @@ def summarise(groups: dict[str, Any]) -> dict[str, Any]:
                 f["peak_rss"] = {k: max(m["peak_rss"].get(k, 0) for m in samples)
                                  for k in samples[0]["peak_rss"]}
                 f["attempts"] = sum(m["attempts"] for m in samples)
+                f["retry_reasons"] = {}
+                for m in samples:
+                    for k, v in m.get("retry_reasons", {}).items():
+                        f["retry_reasons"][k] = f["retry_reasons"].get(k, 0) + v
             fig[name] = f
         base = fig.get("tcp-copy-many-fsync")
         for f in fig.values():
@@ -176,6 +185,7 @@ LABELS = {
     "dd-fsync": "dd bs=1M conv=fsync",
     "rsync-append-verify": "rsync daemon --append-verify",
     "rsync-append-verify-fsync": "rsync daemon --append-verify --fsync",
+    "imgresume-storage-only": "imgresume storage alone (no net, no reactor)",
     "imgresume-direct": "imgresume client -> server",
     "imgresume-lb": "imgresume client -> lb -> server",
 }
@@ -219,6 +229,12 @@ def table(results: dict[str, Any]) -> str:
                 lines.append(
                     f"{label:<46} {fig['rate'] / MB:>8.1f} {_r(fig['x_tcp_fsync']):>11} "
                     f"{_r(fig['x_rsync']):>11}   {_cpu(fig['cpu_s_per_gib'], 'client', 'server')}")
+            if "write_ms_median" in fig:
+                lines.append(
+                    f"    {fig['packets']} writes of {fig['bytes'] // fig['packets'] >> 10} KiB, "
+                    f"{fig['write_ms_median']:.2f} ms each (median; pwrite "
+                    f"{fig['pwrite_seconds']:.2f} s, fdatasync {fig['fdatasync_seconds']:.2f} s "
+                    f"in all); completion (read-back) {fig['completion_seconds']:.2f} s")
     if "concurrency" in s:
         f = s["concurrency"]
         lines.append("")
@@ -234,6 +250,8 @@ def table(results: dict[str, Any]) -> str:
             if "peak_rss" in fig:
                 rss = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in fig["peak_rss"].items())
                 lines.append(f"{'  peak RSS MiB: ' + rss:<46}")
+                for reason, n in list(fig["retry_reasons"].items())[:3]:
+                    lines.append(f"  reconnected {n}x: {reason}")
     if "resume" in s:
         f = s["resume"]
         lines.append("")
