@@ -52,7 +52,12 @@ class GarbageCollectorService(Service):
         interval: float,
         expire_after: float,
         expire_records_after: float = DEFAULT_RECORDS_OLDER_THAN,
+        metrics: Any = None,
     ) -> None:
+        """
+        @param metrics: a L{imgresume.metrics.ServerMetrics} told about each
+            finished run, or None.
+        """
         if interval <= 0:
             raise ValueError("the interval must be more than 0")
         self.root = root
@@ -61,6 +66,7 @@ class GarbageCollectorService(Service):
         self.interval = interval
         self.expire_after = expire_after
         self.expire_records_after = expire_records_after
+        self.metrics = metrics
         self.last: GcReport | None = None
         self._loop: LoopingCall | None = None
         self._running: Deferred[None] | None = None
@@ -121,6 +127,8 @@ class GarbageCollectorService(Service):
 
     def _collected(self, report: GcReport) -> None:
         self.last = report
+        if self.metrics is not None:
+            self.metrics.gc_report(report)
         completing = sum(1 for e in report.kept if e.action == COMPLETING)
         errors = sum(1 for e in report.kept if e.action == ERROR)
         log.info(

@@ -30,6 +30,7 @@ from imgresume.errors import (
     UploadAlreadyComplete,
     UploadTakenOver,
 )
+from imgresume.metrics import Registry, ServerMetrics
 from imgresume.protocol import (
     HEALTH_CHECK_CLIENT_ID,
     AuthReceived,
@@ -45,6 +46,7 @@ from imgresume.protocol import (
     UploadStatusFrame,
 )
 from imgresume.protocol import _auth as auth
+from imgresume.server._hooks import upload_event
 from imgresume.storage.interfaces import IUploadStorage, IUploadWriter, NewUpload
 from imgresume.tls import peer_certificate_identity
 
@@ -83,6 +85,9 @@ class UploadServerProtocol(Protocol):
         self._bytes_received = 0
         self._server_nonce: bytes | None = None
         self._last_heard = factory.clock.seconds()
+        #: What an UPLOAD or RESUME asked for and storage answered, for the
+        #: events of the upload in progress on this connection (None: none).
+        self._upload: dict[str, Any] | None = None
         #: Fires once the connection is gone and its upload released.
         self.closed: Deferred[None] = Deferred()
 
@@ -117,12 +122,14 @@ class UploadServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
+        self.factory.metrics.connections.inc()
         if hasattr(self.transport, "setTcpKeepAlive"):
             self.transport.setTcpKeepAlive(True)  # notice dead peers at the TCP level too
         self._reset_timer(self.factory.handshake_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         self._bytes_received += len(data)
+        self.factory.metrics.received_bytes.inc(len(data))
         self._last_heard = self.factory.clock.seconds()
         self.machine.receive_data(data)
         self._pump()
@@ -166,6 +173,7 @@ class UploadServerProtocol(Protocol):
     def _yield_if_requested(self, requested: bool) -> None:
         if not requested:
             return
+        self.factory.metrics.takeover_yields.inc()
         upload_id = self.machine.upload_id
         self.log.warn(
             "upload {upload_id}: yielding to a newer connection; {peer} has been "
@@ -222,14 +230,16 @@ class UploadServerProtocol(Protocol):
             request = NewUpload(
                 up.name, up.size, up.sha256, up.metadata, self.machine.client_id or ""
             )
+            self._begin_upload(event)
             self._run(storage.create(request), self._opened, resumed=False)
         elif isinstance(event, ResumeRequested):
+            self._begin_upload(event)
             self._run(
                 storage.resume(event.upload_id, self.machine.client_id),
                 self._opened, resumed=True,
             )
         elif isinstance(event, ChunkReceived):
-            self._run(self.writer.write(event.offset, event.payload), self.machine.chunk_written)
+            self._run(self.writer.write(event.offset, event.payload), self._chunk_written)
         elif isinstance(event, FinishRequested):
             self._run(self.writer.complete(), self._completed)
         elif isinstance(event, ConnectionFailed):
@@ -360,10 +370,13 @@ class UploadServerProtocol(Protocol):
             return False
         self.log.warn("client {client} is over its quota of {limit} open uploads",
                       client=client, limit=limit)
-        self.machine.fail(QuotaExceeded(
+        error = QuotaExceeded(
             f"client {client} already has {limit} uploads open on this server; "
             "finish one first", retry_after=5.0,
-        ))
+        )
+        self._begin_upload(event)
+        self._upload_failed(error)
+        self.machine.fail(error)
         return True
 
     def _status_found(self, st: Any) -> None:
@@ -384,8 +397,24 @@ class UploadServerProtocol(Protocol):
             how="resumed" if resumed else "created", upload_id=info.upload_id,
             name=info.name, offset=writer.offset, size=info.size,
         )
+        self._upload = {
+            "upload_id": info.upload_id, "name": info.name, "size": info.size,
+            "sha256": info.sha256, "metadata": info.metadata,
+        }
+        self._notify("upload.resumed" if resumed else "upload.created")
+
+    def _chunk_written(self, offset: int) -> None:
+        self.factory.metrics.stored_bytes.inc(offset - self.machine.offset)
+        self.machine.chunk_written(offset)
 
     def _completed(self, completed: Any) -> None:
+        # Without a writer: a resume answered from an earlier completion.
+        self._notify(
+            "upload.completed", upload_id=completed.upload_id, name=completed.name,
+            size=completed.size, sha256=completed.sha256, offset=completed.size,
+            path=completed.path, repeat=self.writer is None,
+        )
+        self._upload = None
         self.writer = None
         self.machine.upload_completed(
             completed.upload_id, completed.size, completed.sha256, completed.path
@@ -410,6 +439,8 @@ class UploadServerProtocol(Protocol):
             "upload {upload_id} error {code}: {message}",
             upload_id=self.machine.upload_id, code=error.code.name, message=error.message,
         )
+        if error.scope is not Scope.TRANSFER or self.writer is None:
+            self._upload_failed(error)  # the upload ends on this connection
         if error.scope is not Scope.TRANSFER and self.writer is not None:
             self._release_writer()
         if self._closing:
@@ -466,6 +497,7 @@ class UploadServerProtocol(Protocol):
             "closing connection from {peer}: {code}: {message}",
             peer=self.peer, code=error.code.name, message=error.message,
         )
+        self._upload_failed(error)
         self._flush()
         self._closing = True
         self._cancel_timer()
@@ -478,6 +510,36 @@ class UploadServerProtocol(Protocol):
         self._abort_call = None
         if self in self.factory.connections:
             self.transport.abortConnection()
+
+    # Upload events (metrics and hooks) ------------------------------------
+
+    def _begin_upload(self, event: UploadRequested | ResumeRequested) -> None:
+        """Remember what an UPLOAD or RESUME asks for, for its events."""
+        if isinstance(event, UploadRequested):
+            up = event.upload
+            self._upload = {"upload_id": None, "name": up.name, "size": up.size,
+                            "sha256": up.sha256, "metadata": up.metadata, "offset": 0}
+        else:
+            self._upload = {"upload_id": event.upload_id}
+
+    def _upload_failed(self, error: ImgresumeError) -> None:
+        """The upload asked for or open on this connection ended with C{error}."""
+        if self._upload is not None:
+            self._notify("upload.failed", error=error)
+            self._upload = None
+
+    def _notify(self, kind: str, **fields: Any) -> None:
+        """Hand one event about this connection's upload to the factory."""
+        context: dict[str, Any] = dict.fromkeys(
+            ("upload_id", "name", "size", "sha256", "metadata", "offset"))
+        context.update(self._upload or {})
+        if self.machine.upload_id is not None:
+            context["offset"] = self.machine.offset
+        context.update(fields)
+        self.factory.upload_event(upload_event(
+            kind, time=self.factory.clock.seconds(), server_id=self.factory.server_id,
+            client_id=self.machine.client_id, **context,
+        ))
 
     def _release_writer(self) -> Deferred[None]:
         writer, self.writer = self.writer, None
@@ -507,7 +569,9 @@ class UploadServerFactory(Factory):
         takeover_check_interval: float = 1.0,
         keys: Any = None,
         cert_identity: bool = False,
-        max_uploads_per_client: int = 16,
+        max_uploads_per_client: int = 64,
+        metrics: ServerMetrics | None = None,
+        events: Any = None,
     ) -> None:
         """
         @param keys: a L{imgresume.keys.KeyStore}: when given, every client
@@ -518,6 +582,10 @@ class UploadServerFactory(Factory):
         @param takeover_idle: a connection silent for this long gives up its
             upload when another connection asks for it.
         @param takeover_check_interval: how often connections are checked.
+        @param metrics: where this server's counters go (default: a registry
+            of its own, nobody scrapes).
+        @param events: an L{imgresume.server._hooks.IUploadEvents} told about
+            every upload created, resumed, completed or failed (the hooks).
         """
         self.storage = storage
         self.keys = keys
@@ -534,6 +602,11 @@ class UploadServerFactory(Factory):
         self._takeover_loop = LoopingCall(self.check_takeovers)
         self._takeover_loop.clock = clock
         self._takeover_check_interval = takeover_check_interval
+        self.metrics = metrics if metrics is not None else ServerMetrics(Registry())
+        self.metrics.connections_active.set_function(lambda: len(self.connections))
+        self.metrics.uploads_active.set_function(
+            lambda: sum(self._open_uploads.values()))
+        self.events = events
 
     def startFactory(self) -> None:
         if self._takeover_check_interval > 0:
@@ -554,6 +627,20 @@ class UploadServerFactory(Factory):
             self._open_uploads[client_id] = count
         else:
             self._open_uploads.pop(client_id, None)
+
+    def upload_event(self, event: dict[str, Any]) -> None:
+        """
+        An upload event from a connection (see
+        L{imgresume.server._hooks.upload_event}): counted, then given to the
+        hooks.  Never raises: a hook's trouble is never the upload's.
+        """
+        self.metrics.upload_event(event)
+        if self.events is not None:
+            try:
+                self.events.emit(event)
+            except Exception:
+                UploadServerProtocol.log.failure(
+                    "upload event {event} not delivered", event=event["event"])
 
     def check_takeovers(self) -> None:
         """Let every silent connection holding an upload yield it if asked."""

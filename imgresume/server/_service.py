@@ -21,8 +21,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from imgresume.metrics import Registry, ServerMetrics, metrics_service
 from imgresume.protocol import ServerLimits
 from imgresume.server._gc import GarbageCollectorService
+from imgresume.server._hooks import HookConfig, HookDispatcher
 from imgresume.server._proxytrust import (
     DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
     ProxyTrustFactory,
@@ -122,7 +124,7 @@ def makeServerService(
     idle_timeout: float = 300.0,
     takeover_idle: float = 10.0,
     threads: int = 8,
-    max_uploads_per_client: int = 16,
+    max_uploads_per_client: int = 64,
     keys: str | None = None,
     cert_identity: bool = False,
     gc_interval: float = 900.0,
@@ -130,6 +132,8 @@ def makeServerService(
     expire_records_after: float = DEFAULT_RECORDS_OLDER_THAN,
     proxy_protocol_from: Sequence[str] = (),
     max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    metrics_listen: str | None = None,
+    hooks: HookConfig | None = None,
 ) -> MultiService:
     """
     Build a server listening on the endpoint string C{listen}.
@@ -152,6 +156,11 @@ def makeServerService(
         (v1 or v2) naming the real client; see L{ProxyTrustFactory}.
     @param max_connections_per_address: connections allowed at once per
         real client address; 0 for no limit.
+    @param metrics_listen: a server endpoint string where the Prometheus
+        metrics are served over HTTP at C{/metrics}; None: not served (they
+        are still kept, as C{top.metrics}).
+    @param hooks: commands or URLs told about upload events (a
+        L{HookDispatcher} named C{"hooks"}, as C{top.hooks}).
 
     The storage self-test is not run here (it blocks); see
     L{imgresume.server._storagecheck.verify_storage}.
@@ -162,18 +171,22 @@ def makeServerService(
         reactor = _reactor
     top = OrderedMultiService()
     server_id = server_id or default_server_id()
+    metrics = ServerMetrics(Registry())
+    if metrics_listen is not None:
+        # Added first, so stopped last: scrapable while the server drains.
+        metrics_service(reactor, metrics_listen, metrics.registry).setServiceParent(top)
     if isinstance(storage, str):
         pool = ThreadPool(minthreads=1, maxthreads=threads, name="imgresume-storage")
         ThreadPoolService(pool).setServiceParent(top)
         storage = FilesystemStorage(
             storage, run=functools.partial(deferToThreadPool, reactor, pool),
-            owner=server_id,
+            owner=server_id, timings=metrics.storage_timing,
         )
     gc = None
     if gc_interval > 0 and isinstance(storage, FilesystemStorage):
         gc = GarbageCollectorService(
             storage._root, storage._run, reactor, gc_interval, expire_after,
-            expire_records_after,
+            expire_records_after, metrics=metrics,
         )
         gc.setServiceParent(top)
     key_store = None
@@ -184,6 +197,11 @@ def makeServerService(
             functools.partial(deferToThreadPool, reactor, reactor.getThreadPool()))
         key_store = KeyStore(keys, run, reactor)
         _KeyWatchService(key_store).setServiceParent(top)
+    dispatcher = None
+    if hooks is not None and hooks.enabled:
+        # Stopped after the drain, so the events of closing uploads go out.
+        dispatcher = HookDispatcher.from_config(hooks, reactor, metrics=metrics)
+        dispatcher.setServiceParent(top)
     factory = UploadServerFactory(
         storage,
         server_id,
@@ -195,6 +213,8 @@ def makeServerService(
         keys=key_store,
         cert_identity=cert_identity,
         max_uploads_per_client=max_uploads_per_client,
+        metrics=metrics,
+        events=dispatcher,
     )
     # PROXY headers from trusted balancers, connections per client address.
     trusted = TrustedProxies.parse(proxy_protocol_from)
@@ -211,4 +231,6 @@ def makeServerService(
     top.factory = factory  # type: ignore[attr-defined]
     top.listener = listener  # type: ignore[attr-defined]
     top.gc = gc  # type: ignore[attr-defined]
+    top.metrics = metrics  # type: ignore[attr-defined]
+    top.hooks = dispatcher  # type: ignore[attr-defined]
     return top

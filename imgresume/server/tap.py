@@ -56,7 +56,7 @@ Examples:
         ["takeover-idle", None, "10s", "A connection silent this long gives its upload up "
          "to a newer connection that asks for it (a client that reconnected elsewhere)."],
         ["threads", None, "8", "Threads for disk work."],
-        ["max-uploads-per-client", None, "16", "Uploads one client id may have open on this "
+        ["max-uploads-per-client", None, "64", "Uploads one client id may have open on this "
          "server at once (0: no limit); more are refused with QUOTA_EXCEEDED."],
         ["gc-interval", None, "15m", "How often abandoned uploads are looked for and "
          "removed; 0 disables garbage collection on this server."],
@@ -66,6 +66,20 @@ Examples:
          "resume of it answers) is kept this long; the completed file is never removed."],
         ["max-connections-per-address", None, "64", "Connections allowed at once from one "
          "client address (the real one, behind a trusted balancer); 0 = no limit."],
+        ["metrics", None, None, "Serve Prometheus metrics over HTTP at /metrics on this "
+         "server endpoint (e.g. tcp:9101:interface=127.0.0.1) [default: off]."],
+        ["hook-command", None, None, "Run this program (split like a shell command line, "
+         "run without a shell) for each upload event, with the event's JSON on stdin."],
+        ["hook-url", None, None, "POST each upload event's JSON to this http:// or "
+         "https:// URL."],
+        ["hook-attempts", None, "5", "Tries per event and hook before it is given up "
+         "(logged)."],
+        ["hook-backoff", None, "1s", "Wait before the first retry of a failed hook; "
+         "doubled at each retry, up to 5m."],
+        ["hook-timeout", None, "30s", "Time one hook run or request may take."],
+        ["hook-concurrency", None, "4", "Hook runs or requests at once."],
+        ["hook-queue", None, "10000", "Hook deliveries held at most; past it the oldest "
+         "queued one is dropped (logged)."],
     ]
     optFlags = [
         ["skip-storage-check", None, "Start even if the storage self-test finds a "
@@ -136,6 +150,37 @@ Examples:
             if self[key] <= 0:
                 raise usage.UsageError(f"--{key} must be more than 0")
         self._check_proxy_options()
+        self._check_hook_options()
+
+    def _check_hook_options(self) -> None:
+        from imgresume.server._hooks import HookConfig, parse_command
+
+        command = None
+        if self["hook-command"] is not None:
+            try:
+                command = parse_command(self["hook-command"])
+            except ValueError as e:
+                raise usage.UsageError(f"--hook-command: {e}")
+        url = self["hook-url"]
+        if url is not None and not url.lower().startswith(("http://", "https://")):
+            raise usage.UsageError("--hook-url must be an http:// or https:// URL")
+        try:
+            config = HookConfig(
+                command=command, url=url,
+                attempts=int(self["hook-attempts"]),
+                backoff=parse_duration(self["hook-backoff"]),
+                timeout=parse_duration(self["hook-timeout"]),
+                concurrency=int(self["hook-concurrency"]),
+                max_queue=int(self["hook-queue"]),
+            )
+        except ValueError as e:
+            raise usage.UsageError(f"hook option: {e}")
+        if min(config.attempts, config.concurrency, config.max_queue) < 1:
+            raise usage.UsageError(
+                "--hook-attempts, --hook-concurrency and --hook-queue must be at least 1")
+        if config.timeout <= 0:
+            raise usage.UsageError("--hook-timeout must be more than 0")
+        self["hooks"] = config
 
     def _check_proxy_options(self) -> None:
         from imgresume.server._proxytrust import TrustedProxies
@@ -191,4 +236,6 @@ def makeService(config: Options):
         expire_records_after=config["expire-records-after"],
         proxy_protocol_from=config["proxy-protocol-from"],
         max_connections_per_address=config["max-connections-per-address"],
+        metrics_listen=config["metrics"],
+        hooks=config["hooks"],
     )
