@@ -1,8 +1,9 @@
-# -*- test-case-name: tests.test_gluster -*-
+# -*- test-case-name: tests.test_gluster,tests.test_cephfs -*-
 """
-Finding the GlusterFS mounts that C{.ci/glusterfs.sh up} makes, for the tests
-that run imgresume on a real distributed filesystem (C{tests/test_gluster.py}).
-A helper module, not tests.
+Finding the GlusterFS mounts that C{.ci/glusterfs.sh up} makes and the
+CephFS mounts that C{.ci/ceph.sh up} makes, for the tests that run imgresume
+on a real distributed filesystem (C{tests/test_gluster.py},
+C{tests/test_cephfs.py}).  A helper module, not tests.
 
 The mounts are three FUSE mounts of one volume on this machine; each behaves
 like the mount of another host (own attribute, entry and data caches).  They
@@ -12,6 +13,11 @@ L{MOUNTS_FILE}, which the script writes.
 Without them the tests skip with a loud reason, unless
 C{IMGRESUME_REQUIRE_SHAREDFS=1} (set by C{.ci/run}): then they fail, so a
 broken CI setup cannot pass by skipping.
+
+The CephFS mounts are two C{ceph-fuse} mounts of one filesystem, each its own
+client session with its own caches.  They are found in
+C{$IMGRESUME_CEPHFS_MOUNTS} or else in L{CEPHFS_MOUNTS_FILE}; without them
+the tests skip loudly, or fail when C{IMGRESUME_REQUIRE_CEPH=1}.
 """
 
 from __future__ import annotations
@@ -35,6 +41,12 @@ MOUNTS_FILE = "/run/imgresume-ci/gluster-mounts"
 MOUNTS_ENV = "IMGRESUME_GLUSTER_MOUNTS"
 #: "1": a missing shared filesystem fails the tests instead of skipping them.
 REQUIRE_ENV = "IMGRESUME_REQUIRE_SHAREDFS"
+#: Written by C{.ci/ceph.sh up}: one CephFS mount point a line.
+CEPHFS_MOUNTS_FILE = "/run/imgresume-ci/cephfs-mounts"
+#: Overrides L{CEPHFS_MOUNTS_FILE}: mount points separated by ":".
+CEPHFS_MOUNTS_ENV = "IMGRESUME_CEPHFS_MOUNTS"
+#: "1": missing CephFS mounts fail the tests instead of skipping them.
+CEPH_REQUIRE_ENV = "IMGRESUME_REQUIRE_CEPH"
 #: How long a directory made through one mount may take to appear in another.
 VISIBLE_WITHIN = 10.0
 
@@ -43,26 +55,40 @@ class SharedFSUnavailable(UserWarning):
     """The shared-filesystem tests are being skipped."""
 
 
-def gluster_mounts() -> list[str]:
-    """
-    The mount points of the test volume: from C{$IMGRESUME_GLUSTER_MOUNTS}
-    if set, else from L{MOUNTS_FILE}; empty if neither names any.
-    """
-    text = os.environ.get(MOUNTS_ENV)
+def _listed_mounts(env: str, path: str) -> list[str]:
+    """The mount points in C{$env} (colon-separated) if set, else in C{path}."""
+    text = os.environ.get(env)
     if text:
         return [p for p in text.split(":") if p]
     try:
-        with open(MOUNTS_FILE, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip()]
     except OSError:
         return []
 
 
-def _problem(mounts: list[str], n: int) -> str | None:
+def gluster_mounts() -> list[str]:
+    """
+    The mount points of the test volume: from C{$IMGRESUME_GLUSTER_MOUNTS}
+    if set, else from L{MOUNTS_FILE}; empty if neither names any.
+    """
+    return _listed_mounts(MOUNTS_ENV, MOUNTS_FILE)
+
+
+def cephfs_mounts() -> list[str]:
+    """
+    The mount points of the test CephFS: from C{$IMGRESUME_CEPHFS_MOUNTS}
+    if set, else from L{CEPHFS_MOUNTS_FILE}; empty if neither names any.
+    """
+    return _listed_mounts(CEPHFS_MOUNTS_ENV, CEPHFS_MOUNTS_FILE)
+
+
+def _problem(mounts: list[str], n: int, env: str = MOUNTS_ENV,
+             path: str = MOUNTS_FILE) -> str | None:
     """Why C{mounts} cannot serve a test needing C{n} of them, or None."""
-    source = f"${MOUNTS_ENV}" if os.environ.get(MOUNTS_ENV) else MOUNTS_FILE
+    source = f"${env}" if os.environ.get(env) else path
     if not mounts:
-        return f"no mounts listed (looked in ${MOUNTS_ENV} and {MOUNTS_FILE})"
+        return f"no mounts listed (looked in ${env} and {path})"
     if len(mounts) < n:
         return f"{source} lists {len(mounts)} mounts, the test needs {n}"
     for m in mounts[:n]:
@@ -75,13 +101,17 @@ def _problem(mounts: list[str], n: int) -> str | None:
     return None
 
 
-def _fail_or_skip(testcase: TestCase, problem: str) -> None:
-    reason = (
-        "GlusterFS not mounted: run `bash .ci/glusterfs.sh up` (needs root and "
-        f"/dev/fuse); {problem}"
-    )
-    if os.environ.get(REQUIRE_ENV) == "1":
-        testcase.fail(f"{reason} [{REQUIRE_ENV}=1: failing instead of skipping]")
+_GLUSTER_MISSING = (
+    "GlusterFS not mounted: run `bash .ci/glusterfs.sh up` (needs root and /dev/fuse)"
+)
+_CEPHFS_MISSING = "CephFS not mounted: run `bash .ci/ceph.sh up` (needs root and /dev/fuse)"
+
+
+def _fail_or_skip(testcase: TestCase, problem: str, missing: str = _GLUSTER_MISSING,
+                  require_env: str = REQUIRE_ENV) -> None:
+    reason = f"{missing}; {problem}"
+    if os.environ.get(require_env) == "1":
+        testcase.fail(f"{reason} [{require_env}=1: failing instead of skipping]")
     warnings.warn(f"SKIPPING shared-filesystem test: {reason}", SharedFSUnavailable,
                   stacklevel=3)
     raise SkipTest(reason)
@@ -134,20 +164,48 @@ def require_gluster_mounts(testcase: TestCase, n: int = 3) -> list[str]:
     problem = _problem(mounts, n)
     if problem is not None:
         _fail_or_skip(testcase, problem)
+    return _test_dirs(testcase, mounts[:n], lambda why: _fail_or_skip(testcase, why))
+
+
+def _test_dirs(testcase: TestCase, mounts: list[str], fail) -> list[str]:
+    """
+    A fresh directory made through C{mounts[0]}, waited for until visible
+    through the others, removed after the test: its path through each mount.
+    C{fail(problem)} skips or fails the test.
+    """
     name = f"test-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    dirs = [os.path.join(m, name) for m in mounts[:n]]
+    dirs = [os.path.join(m, name) for m in mounts]
     try:
         os.mkdir(dirs[0])
     except OSError as e:
-        _fail_or_skip(testcase, f"cannot make a directory in {mounts[0]}: {e}")
+        fail(f"cannot make a directory in {mounts[0]}: {e}")
     testcase.addCleanup(_rmtree, dirs[0])
     for d in dirs[1:]:
         try:
             wait_visible(d)
         except AssertionError:
-            _fail_or_skip(
-                testcase,
+            fail(
                 f"{dirs[0]} made through {mounts[0]} is not visible as {d}: "
                 "are these mounts of one volume?",
             )
     return dirs
+
+
+def require_cephfs_mounts(testcase: TestCase, n: int = 2) -> list[str]:
+    """
+    A fresh directory on the test CephFS for this test, as seen through each
+    of C{n} C{ceph-fuse} mounts (one per simulated host), removed after the
+    test; as L{require_gluster_mounts}.
+
+    @raise SkipTest: the mounts are missing (with a loud reason); when
+        C{$IMGRESUME_REQUIRE_CEPH} is C{1} the test fails instead.
+    """
+    mounts = cephfs_mounts()
+
+    def fail(problem: str) -> None:
+        _fail_or_skip(testcase, problem, _CEPHFS_MISSING, CEPH_REQUIRE_ENV)
+
+    problem = _problem(mounts, n, CEPHFS_MOUNTS_ENV, CEPHFS_MOUNTS_FILE)
+    if problem is not None:
+        fail(problem)
+    return _test_dirs(testcase, mounts[:n], fail)

@@ -99,6 +99,18 @@ class StorageConformanceMixin:
 
     # -- tests --------------------------------------------------------------
 
+    def test_writeBatch(self) -> None:
+        """A batch of contiguous chunks is stored as if written one by one."""
+        writer = self.create()
+        chunks = [(o, PAYLOAD[o : o + 1000]) for o in range(0, 5000, 1000)]
+        self.assertEqual(self.successResultOf(writer.write_batch(chunks)), 5000)
+        self.failureResultOf(
+            writer.write_batch([(5000, b"x"), (5002, b"y")]), OffsetMismatch)
+        self.assertEqual(writer.offset, 5000)
+        self.writeAll(writer, PAYLOAD, start=5000)
+        done = self.successResultOf(writer.complete())
+        self.assertEqual(self.readCompleted(self.storage, done.path), PAYLOAD)
+
     def test_status(self) -> None:
         """status() reports offset and ownership without taking the upload."""
         writer = self.create(client_id="alice")

@@ -514,7 +514,8 @@ class FuzzTests(SynchronousTestCase):
                     self.assertIsInstance(
                         frame,
                         (Hello, Welcome, Upload, Resume, Accepted, Data, Ack,
-                         Completed, Error, Ping, Pong),
+                         Completed, Error, Ping, Pong, Challenge, Auth, Status,
+                         UploadStatusFrame),
                     )
         except ImgresumeError as error:
             self.assertIsInstance(error, (MalformedFrame, FrameTooLarge))

@@ -176,10 +176,10 @@ class HappyPathTests(SynchronousTestCase):
             self.assertEqual((server.upload_id, server.size, server.offset), (UPLOAD_ID, 10, 0))
 
             self.assertEqual(fed(server, data(0, b"012345")), ChunkReceived(0, b"012345"))
-            self.assertEqual(server.state, ServerState.WRITING)
+            self.assertEqual((server.state, server.chunks_pending), (ServerState.RECEIVING, 1))
             server.chunk_written(6)
             self.assertEqual(server.data_to_send(), [encode(Ack(6))])
-            self.assertEqual(server.state, ServerState.RECEIVING)
+            self.assertEqual((server.state, server.chunks_pending), (ServerState.RECEIVING, 0))
 
             self.assertEqual(fed(server, data(6, b"6789")), ChunkReceived(6, b"6789"))
             server.chunk_written(10)
@@ -478,20 +478,23 @@ class FailTests(SynchronousTestCase):
     """fail() answers a pending event; the error's scope picks the next state."""
 
     def writing(self) -> ServerConnection:
-        """A server in WRITING for a chunk at 0..4 of a 100-byte upload."""
+        """A server writing a chunk at 0..4 of a 100-byte upload."""
         server = receiving(size=100)
         fed(server, data(0, b"abcd"))
-        self.assertEqual(server.state, ServerState.WRITING)
+        self.assertEqual((server.state, server.chunks_pending), (ServerState.RECEIVING, 1))
         return server
 
-    def test_transfer_scope_from_writing(self) -> None:
-        """A TRANSFER error while writing returns to RECEIVING at the error's offset."""
+    def test_transfer_error_from_a_write_ends_the_upload(self) -> None:
+        """
+        Storage failing a chunk ends the upload on this connection whatever
+        the scope (later chunks may already be on their way): READY.
+        """
         server = self.writing()
+        fed(server, data(4, b"efgh"))
         self.assertIsNone(server.fail(ChecksumMismatch("disk disagrees", offset=0)))
         self.assertEqual(sent_frames(server), [Error(ErrorCode.CHECKSUM_MISMATCH, "disk disagrees", 0)])
-        self.assertEqual((server.state, server.offset), (ServerState.RECEIVING, 0))
-        self.assertEqual(server.upload_id, UPLOAD_ID)
-        self.assertEqual(fed(server, data(0, b"abcd")), ChunkReceived(0, b"abcd"))
+        self.assertEqual((server.state, server.upload_id, server.chunks_pending),
+                         (ServerState.READY, None, 0))
 
     def test_transfer_scope_from_completing(self) -> None:
         """A TRANSFER error while completing returns to RECEIVING at its offset."""
@@ -574,21 +577,34 @@ class FailTests(SynchronousTestCase):
 class PendingTests(SynchronousTestCase):
     """One event at a time: nothing more is read while an answer is pending."""
 
-    def test_no_event_while_pending(self) -> None:
-        """Buffered frames wait while a chunk is written, then are processed in order."""
+    def test_chunks_keep_coming_while_written(self) -> None:
+        """
+        Chunks are handed out while earlier ones are still being written (so
+        storage can batch them); ACKs go out in order as they are written.
+        """
         server = receiving(size=100)
         server.receive_data(data(0, b"aa") + data(2, b"bb") + encode(Ping(9)))
         self.assertEqual(server.next_event(), ChunkReceived(0, b"aa"))
-        self.assertIsNone(server.next_event())
-        self.assertEqual(server.data_to_send(), [])
-        self.assertGreater(server.buffered, 0)
-        server.chunk_written(2)
         self.assertEqual(server.next_event(), ChunkReceived(2, b"bb"))
         self.assertIsNone(server.next_event())
+        self.assertEqual(server.chunks_pending, 2)
+        self.assertEqual(sent_frames(server), [Pong(9)])
+        self.assertRaises(RuntimeError, server.chunk_written, 4)  # out of order
+        server.chunk_written(2)
         server.chunk_written(4)
-        self.assertIsNone(server.next_event())
-        self.assertEqual(sent_frames(server), [Ack(2), Ack(4), Pong(9)])
+        self.assertEqual(sent_frames(server), [Ack(2), Ack(4)])
         self.assertEqual(server.buffered, 0)
+
+    def test_finish_waits_for_pending_chunks(self) -> None:
+        """The empty DATA right behind a chunk completes only once that chunk is durable."""
+        server = receiving(size=2)
+        server.receive_data(data(0, b"aa") + data(2, b""))
+        self.assertEqual(server.next_event(), ChunkReceived(0, b"aa"))
+        self.assertIsNone(server.next_event())
+        self.assertEqual(server.state, ServerState.FINISHING)
+        server.chunk_written(2)
+        self.assertEqual(server.next_event(), FinishRequested(2))
+        self.assertEqual(server.state, ServerState.COMPLETING)
 
     def test_pending_hello(self) -> None:
         """An UPLOAD sent right behind HELLO is read only after accept_hello."""

@@ -86,6 +86,7 @@ class SlowStorage:
     def __init__(self, storage: Any) -> None:
         self.storage = storage
         self.pending: list[Deferred] = []
+        self.batches: list[list[int]] = []
         self.released = 0
 
     def create(self, request):
@@ -109,8 +110,9 @@ class SlowWriter:
         self.owner.pending.append(gate)
         return gate.addCallback(lambda _: result)
 
-    def write(self, offset, payload):
-        return self._later(self.writer.write(offset, payload))
+    def write_batch(self, chunks):
+        self.owner.batches.append([offset for offset, _ in chunks])
+        return self._later(self.writer.write_batch(chunks))
 
     def complete(self):
         return self._later(self.writer.complete())
@@ -219,7 +221,7 @@ class ErrorTests(SynchronousTestCase):
         acc = h.start()
         h.send(data(0, CONTENT[:4096]))
         writer = h.proto.writer
-        writer.write = lambda offset, payload: fail(StorageFull("no space left on storage"))
+        writer.write_batch = lambda chunks: fail(StorageFull("no space left on storage"))
         [err] = h.send(data(4096, CONTENT[4096:8192]))
         self.assertEqual(err.code, ErrorCode.STORAGE_FULL)
         self.assertIsNone(h.proto.writer)
@@ -232,7 +234,7 @@ class ErrorTests(SynchronousTestCase):
         """A bug in storage becomes INTERNAL_ERROR and a close, not a silent drop."""
         h = Harness(MemoryStorage())
         h.start()
-        h.proto.writer.write = lambda offset, payload: fail(ZeroDivisionError())
+        h.proto.writer.write_batch = lambda chunks: fail(ZeroDivisionError())
         [err] = h.send(data(0, CONTENT[:4096]))
         self.assertEqual(err.code, ErrorCode.INTERNAL_ERROR)
         self.assertTrue(h.transport.disconnecting)
@@ -248,20 +250,49 @@ class ErrorTests(SynchronousTestCase):
 
 
 class FlowTests(SynchronousTestCase):
-    def test_backpressure_while_storage_is_slow(self) -> None:
-        """While a write is pending and a full frame is buffered, reading pauses."""
+    def test_chunks_gathered_into_batches_while_storage_writes(self) -> None:
+        """
+        While one batch is being written the next chunks are gathered into
+        one batch (one flush for all), and once the gathered bytes reach the
+        limit and a frame waits, reading pauses; every chunk is acknowledged
+        in order.
+        """
         slow = SlowStorage(MemoryStorage())
         limits = ServerLimits(max_payload=4096, chunk_size=4096)
         h = Harness(slow, limits)
-        h.start()
-        h.send(data(0, CONTENT[:4096]), data(4096, CONTENT[4096:8192]))
+        h.factory.batch_limit = 8192
+        content = bytes(range(256)) * 64  # four chunks of 4096
+        h.handshake()
+        h.send(encode(Upload("b.tif", len(content), hashlib.sha256(content).digest())))
+        chunks = [data(o, content[o : o + 4096]) for o in range(0, len(content), 4096)]
+        h.send(*chunks)
         self.assertEqual(h.transport.producerState, "paused")
-        self.assertEqual(len(slow.pending), 1)
+        self.assertEqual(slow.batches, [[0]])
         slow.pending.pop(0).callback(None)
         self.assertEqual(h.received(), [Ack(4096)])
-        slow.pending.pop(0).callback(None)
-        self.assertEqual(h.received(), [Ack(8192)])
+        self.assertEqual(slow.batches, [[0], [4096, 8192]])
         self.assertEqual(h.transport.producerState, "producing")
+        slow.pending.pop(0).callback(None)
+        self.assertEqual(h.received(), [Ack(8192), Ack(12288)])
+        self.assertEqual(slow.batches[-1], [12288])
+        slow.pending.pop(0).callback(None)
+        self.assertEqual(h.received(), [Ack(16384)])
+        h.send(data(len(content), b""))
+        slow.pending.pop(0).callback(None)
+        [done] = h.received()
+        self.assertEqual(slow.storage.read_completed(done.path), content)
+
+    def test_error_waits_behind_pending_acknowledgements(self) -> None:
+        """A bad packet's ERROR is sent only after the ACKs of the packets before it."""
+        slow = SlowStorage(MemoryStorage())
+        h = Harness(slow)
+        h.start()
+        bad = encode(Data(4096, 12345, CONTENT[4096:8192]))
+        self.assertEqual(h.send(data(0, CONTENT[:4096]), bad), [])
+        slow.pending.pop(0).callback(None)
+        ack, err = h.received()
+        self.assertEqual(ack, Ack(4096))
+        self.assertEqual((err.code, err.offset), (ErrorCode.CHECKSUM_MISMATCH, 4096))
 
     def test_connection_lost_during_write_releases_after_it(self) -> None:
         """Ownership is released only after the write in flight has finished."""

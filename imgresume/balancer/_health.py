@@ -372,6 +372,7 @@ class HealthChecker(Service):
         clientID: str = HEALTH_CLIENT_ID,
         sendProxy: bool = False,
         connectOnly: bool = False,
+        metrics: Any = None,
     ) -> None:
         """
         @param tracker: the balancer's tracker; its backends are checked.
@@ -389,6 +390,8 @@ class HealthChecker(Service):
         @param connectOnly: a check is only a TCP connect (C{--check-mode
             connect}), for backends whose protocol the balancer cannot speak
             (TLS terminated at the servers).
+        @param metrics: a L{imgresume.metrics.BalancerMetrics} that counts
+            every check's result, or None.
         """
         if not interval >= 0:
             raise ValueError(f"interval must be >= 0, not {interval!r}")
@@ -405,6 +408,7 @@ class HealthChecker(Service):
         self.clientID = clientID
         self.sendProxy = sendProxy
         self.connectOnly = connectOnly
+        self.metrics = metrics
         self._status = {backend: HealthStatus() for backend in tracker.backends}
         self._loops: list[LoopingCall] = []
         self._inflight: dict[Backend, _Check] = {}
@@ -475,6 +479,9 @@ class HealthChecker(Service):
         del self._inflight[backend]
         if result is None or not self.running:
             return
+        if self.metrics is not None:
+            self.metrics.health_checks.inc(
+                backend=backend.name, result="pass" if result.healthy else "fail")
         status = self._status[backend]
         if result.healthy:
             status = replace(

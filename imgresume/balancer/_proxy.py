@@ -39,6 +39,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..metrics import BalancerMetrics, Registry
 from ._proxyheader import addressKey, proxyHeader
 from ._scheduler import Backend, BackendTracker, Scheduler
 
@@ -198,6 +199,8 @@ class FrontendProtocol(Protocol):
         self._id = self.factory.newConnectionID()
         self._client = _describeAddress(self.transport.getPeer())
         self._openedAt = self.factory.reactor.seconds()
+        self.factory.metrics.connections.inc()
+        self.factory.metrics.connections_active.inc()
         self._address = self.factory.admit(self.transport.getPeer())
         if self._address is False:
             self._refuseTooMany()
@@ -210,6 +213,7 @@ class FrontendProtocol(Protocol):
         if self._state == "proxying":
             assert self._peer is not None
             self._bytesUp += len(data)
+            self.factory.metrics.bytes.inc(len(data), direction="up")
             self._peer.transport.write(data)
         elif self._state == "connecting":
             self._earlyBytes += len(data)
@@ -233,6 +237,7 @@ class FrontendProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         previous, self._state = self._state, "closed"
+        self.factory.metrics.connections_active.dec()
         if isinstance(self._address, str):
             self.factory.release(self._address)
             self._address = None
@@ -276,6 +281,7 @@ class FrontendProtocol(Protocol):
         this connection's backend protocol.
         """
         self._bytesDown += len(data)
+        self.factory.metrics.bytes.inc(len(data), direction="down")
         self.transport.write(data)
 
     def backendConnectionLost(self, reason: Failure) -> None:
@@ -356,6 +362,7 @@ class FrontendProtocol(Protocol):
         for chunk in early:
             self._bytesUp += len(chunk)
             peerTransport.write(chunk)
+        self.factory.metrics.bytes.inc(sum(map(len, early)), direction="up")
         log.info(
             "client {client} -> backend {backend}"
             " (attempt {attempt} of {candidates})",
@@ -377,6 +384,7 @@ class FrontendProtocol(Protocol):
             reason = _describeFailure(failure)
         tracker = self.factory.tracker
         tracker.connectFailed(backend)
+        self.factory.metrics.connect_failures.inc(backend=backend.name)
         self._tried.append((backend, reason))
         log.warn(
             "backend {backend} failed for client {client}: {reason};"
@@ -395,6 +403,7 @@ class FrontendProtocol(Protocol):
 
     def _reject(self) -> None:
         self._state = "rejected"
+        self.factory.metrics.refused.inc(reason="no_backend")
         self._early = []
         tried = ", ".join(f"{b.name} {reason}" for b, reason in self._tried)
         count = len(self._tried)
@@ -415,6 +424,7 @@ class FrontendProtocol(Protocol):
 
     def _refuseTooMany(self) -> None:
         self._state = "rejected"
+        self.factory.metrics.refused.inc(reason="too_many")
         limit = self.factory.maxPerAddress
         key = addressKey(self.transport.getPeer())
         log.warn(
@@ -467,6 +477,7 @@ class BalancerFactory(Factory):
         rejectLinger: float = 2.0,
         sendProxy: bool = False,
         maxPerAddress: int = 0,
+        metrics: BalancerMetrics | None = None,
     ) -> None:
         """
         @param scheduler: orders the backends for each new client.
@@ -481,6 +492,9 @@ class BalancerFactory(Factory):
             address to each backend connection before relaying.
         @param maxPerAddress: client connections allowed at once per client
             IP address (UNIX socket clients are not counted); 0 for no limit.
+        @param metrics: where connections, bytes and connect failures are
+            counted (default: a registry of its own); it also reads the
+            tracker's per-backend state at each scrape.
         """
         self.scheduler = scheduler
         self.tracker = tracker
@@ -491,6 +505,8 @@ class BalancerFactory(Factory):
         self.maxPerAddress = maxPerAddress
         self._perAddress: dict[str, int] = {}
         self._lastConnectionID = 0
+        self.metrics = metrics if metrics is not None else BalancerMetrics(Registry())
+        self.metrics.watch(tracker)
 
     def newConnectionID(self) -> int:
         """

@@ -16,6 +16,7 @@ from twisted.internet.endpoints import clientFromString
 from twisted.python import usage
 
 from .._options import BaseOptions
+from ..metrics import BalancerMetrics, Registry, metrics_service
 from ..sizes import parse_duration
 from ._health import HealthChecker
 from ._proxy import BalancerFactory
@@ -170,6 +171,13 @@ Example:
             " gets a HANDSHAKE_REJECTED ERROR frame and is closed.",
             _limit,
         ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics over HTTP at /metrics on this server"
+            " endpoint (e.g. tcp:9102:interface=127.0.0.1) [default: off].",
+        ],
     ]
 
     optFlags = [
@@ -220,18 +228,20 @@ def buildBalancer(
     ejectFor: float = 2.0,
     sendProxy: bool = False,
     maxPerAddress: int = 0,
+    metrics: BalancerMetrics | None = None,
 ) -> BalancerFactory:
     """
     Assemble a round-robin balancer over C{backends} (client endpoint
     strings, parsed with C{reactor}) and return its server factory, ready to
     be given to any server endpoint. Used by L{makeService}; also the way to
-    run a balancer inside another program or a test.
+    run a balancer inside another program or a test. C{metrics} (default: a
+    registry of its own) is where it counts; see L{BalancerMetrics}.
     """
     parsed = [Backend(name, clientFromString(reactor, name)) for name in backends]
     tracker = BackendTracker(parsed, reactor, ejectFor=ejectFor)
     return BalancerFactory(
         RoundRobinScheduler(tracker), tracker, reactor, connectTimeout=connectTimeout,
-        sendProxy=sendProxy, maxPerAddress=maxPerAddress,
+        sendProxy=sendProxy, maxPerAddress=maxPerAddress, metrics=metrics,
     )
 
 
@@ -240,7 +250,8 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     Build the balancer service from parsed L{Options}. Called by twistd;
     C{reactor} defaults to the global one.
 
-    The result is a L{MultiService} holding the L{HealthChecker} (named
+    The result is a L{MultiService} holding the metrics listener (named
+    C{"metrics"}, with C{--metrics} only), the L{HealthChecker} (named
     C{"health"}; idle when C{--check-interval} is 0) and the listener (named
     C{"listener"}), started in that order.
     """
@@ -248,6 +259,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    metrics = BalancerMetrics(Registry())
     try:
         factory = buildBalancer(
             reactor,
@@ -256,8 +268,12 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             ejectFor=config["eject-for"],
             sendProxy=config["send-proxy"],
             maxPerAddress=config["max-connections-per-address"],
+            metrics=metrics,
         )
         listener = strports.service(config["listen"], factory, reactor=reactor)
+        scrape = None
+        if config["metrics"] is not None:
+            scrape = metrics_service(reactor, config["metrics"], metrics.registry)
     except (ValueError, TypeError, KeyError) as e:
         raise usage.UsageError(f"bad endpoint string: {e}") from e
     listener.setName("listener")
@@ -270,9 +286,13 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         rise=config["rise"],
         sendProxy=config["send-proxy"],
         connectOnly=config["check-mode"] == "connect",
+        metrics=metrics,
     )
     checker.setName("health")
     top = MultiService()
+    if scrape is not None:
+        scrape.setServiceParent(top)
     checker.setServiceParent(top)
     listener.setServiceParent(top)
+    top.metrics = metrics  # type: ignore[attr-defined]
     return top

@@ -16,6 +16,7 @@ L{imgresume.server._protocol.UploadServerProtocol}.
 
 from __future__ import annotations
 
+import collections
 import enum
 import re
 import zlib
@@ -86,7 +87,7 @@ class ServerState(enum.Enum):
     OPENING = "opening"
     QUERYING = "querying"
     RECEIVING = "receiving"
-    WRITING = "writing"
+    FINISHING = "finishing"
     COMPLETING = "completing"
     CLOSED = "closed"
 
@@ -196,7 +197,10 @@ class ServerConnection:
         self.upload_id: str | None = None
         self.size = 0
         self.offset = 0
-        self._pending_end = 0
+        #: Answers owed to DATA frames, in order: the end offset of a chunk
+        #: storage is writing (an int), or an ERROR frame that must wait for
+        #: the acknowledgements before it.
+        self._answers: collections.deque[int | Error] = collections.deque()
 
     # Input ----------------------------------------------------------------
 
@@ -210,11 +214,21 @@ class ServerConnection:
         if self.state is not ServerState.CLOSED:
             self._decoder.feed(data)
 
+    @property
+    def chunks_pending(self) -> int:
+        """Chunks handed out as L{ChunkReceived} and not yet L{chunk_written}."""
+        return sum(1 for a in self._answers if isinstance(a, int))
+
     def next_event(self) -> ServerEvent | None:
         """
         The next event needing the caller, or None when more bytes are
-        needed or an earlier event is still unanswered.
+        needed or an earlier event is still unanswered.  While an upload is
+        open, chunks keep coming (each a L{ChunkReceived}) while earlier ones
+        are being written, so storage can write them in batches.
         """
+        if self.state is ServerState.FINISHING and not self._answers:
+            self.state = ServerState.COMPLETING
+            return FinishRequested(self.size)
         while self.state in LEGAL_FRAMES:
             try:
                 frame = self._decoder.next_frame()
@@ -308,15 +322,24 @@ class ServerConnection:
                     f"end of upload signalled at {self.offset} of {self.size} bytes",
                     offset=self.offset,
                 )
+            elif self._answers:
+                # Complete once the chunks before it are durable.
+                self.state = ServerState.FINISHING
+                return None
             else:
                 self.state = ServerState.COMPLETING
                 return FinishRequested(self.size)
         else:
-            self.state = ServerState.WRITING
-            self._pending_end = end
+            self._answers.append(end)
+            self.offset = end
             return ChunkReceived(data.offset, data.payload)
-        self._send(error_frame(problem))
+        self._answers.append(error_frame(problem))
+        self._send_ready_answers()
         return None
+
+    def _send_ready_answers(self) -> None:
+        while self._answers and isinstance(self._answers[0], Error):
+            self._send(self._answers.popleft())
 
     # Answers from the caller ------------------------------------------------
 
@@ -372,13 +395,19 @@ class ServerConnection:
         self.state = ServerState.READY
 
     def chunk_written(self, offset: int) -> None:
-        """Storage made the chunk durable: acknowledge up to C{offset}."""
-        self._expect(ServerState.WRITING)
-        if offset != self._pending_end:
-            raise RuntimeError(f"chunk ends at {self._pending_end}, not {offset}")
-        self.offset = offset
+        """
+        Storage made the oldest pending chunk durable: acknowledge up to
+        C{offset} (its end), then send any answers queued behind it.
+        """
+        self._expect(ServerState.RECEIVING, ServerState.FINISHING)
+        if not self._answers or self._answers[0] != offset:
+            raise RuntimeError(
+                f"chunk_written({offset}) but the oldest pending answer is "
+                f"{self._answers[0] if self._answers else None!r}"
+            )
+        self._answers.popleft()
         self._send(Ack(offset))
-        self.state = ServerState.RECEIVING
+        self._send_ready_answers()
 
     def upload_completed(self, upload_id: str, size: int, sha256: bytes, path: str) -> None:
         """The upload is verified and in place (or was already): send COMPLETED."""
@@ -395,16 +424,19 @@ class ServerConnection:
         """
         self._expect(
             ServerState.CHECKING_HELLO, ServerState.CHECKING_AUTH, ServerState.OPENING,
-            ServerState.QUERYING, ServerState.WRITING, ServerState.COMPLETING,
+            ServerState.QUERYING, ServerState.RECEIVING, ServerState.FINISHING,
+            ServerState.COMPLETING,
         )
+        if self.state in (ServerState.RECEIVING, ServerState.FINISHING) and not any(
+            isinstance(a, int) for a in self._answers
+        ):
+            raise RuntimeError("fail() in state receiving needs a chunk being written")
         if error.scope is Scope.CONNECTION or self.state in (
             ServerState.CHECKING_HELLO, ServerState.CHECKING_AUTH,
         ):
             return self._fail_connection(error)
         self._send(error_frame(error))
-        if error.scope is Scope.TRANSFER and self.state in (
-            ServerState.WRITING, ServerState.COMPLETING,
-        ):
+        if error.scope is Scope.TRANSFER and self.state is ServerState.COMPLETING:
             if not 0 <= error.offset <= self.size:
                 raise RuntimeError(f"transfer error offset {error.offset} outside the upload")
             self.offset = error.offset
@@ -430,6 +462,9 @@ class ServerConnection:
         self._out.append(encode(frame))
 
     def _end_upload(self) -> None:
+        # Answers still owed to DATA frames are dropped: after an error that
+        # ends the upload the client stops sending and reconnects.
+        self._answers.clear()
         self.upload_id, self.size, self.offset = None, 0, 0
         self.state = ServerState.READY
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
@@ -63,10 +63,13 @@ class UploadServerProtocol(Protocol):
     """
     One client connection on a server.  Built by L{UploadServerFactory}.
 
-    At most one storage operation runs at a time for a connection; while it
-    runs, received bytes stay in the machine's buffer and reading pauses once
-    a full frame is waiting, so a client can never make the server buffer
-    more than about one frame.
+    Chunks are written in batches: while one batch is being made durable
+    (on the disk thread), the chunks that arrive meanwhile are gathered into
+    the next, which is then written with one flush for all of them (group
+    commit).  Every other storage operation runs alone.  What a connection
+    may hold in memory is bounded: one batch being written, one being
+    gathered (up to L{UploadServerFactory.batch_limit} bytes), and about one
+    frame in the machine's buffer; beyond that the server stops reading.
     """
 
     log = Logger()
@@ -77,6 +80,10 @@ class UploadServerProtocol(Protocol):
         self._writer: Any = None  # IUploadWriter while an upload is open
         self._health_only = False
         self._busy: Deferred[Any] | None = None
+        #: The batch of chunks being written, as a Deferred; and the next one.
+        self._writing: Deferred[None] | None = None
+        self._batch: list[tuple[int, bytes]] = []
+        self._batch_bytes = 0
         self._pumping = False
         self._paused = False
         self._closing = False
@@ -147,12 +154,11 @@ class UploadServerProtocol(Protocol):
             peer=self.peer, bytes=self._bytes_received,
             reason=reason.getErrorMessage(),
         )
-        if self._busy is not None:
-            # Let the storage call in flight finish, then give up ownership.
-            d = self._busy
-            d.addBoth(lambda _: self._release_writer())
-        else:
-            d = self._release_writer()
+        # Let the storage calls in flight finish, then give up ownership.
+        in_flight = [d for d in (self._busy, self._writing) if d is not None]
+        self._batch, self._batch_bytes = [], 0
+        d: Deferred[Any] = DeferredList(in_flight) if in_flight else succeed(None)
+        d.addBoth(lambda _: self._release_writer())
         d.addBoth(lambda _: self.closed.callback(None))
 
     def check_takeover(self, now: float) -> None:
@@ -165,6 +171,7 @@ class UploadServerProtocol(Protocol):
         """
         if (
             self.writer is None or self._busy is not None or self._closing
+            or self._writing is not None or self._batch
             or now - self._last_heard < self.factory.takeover_idle
         ):
             return
@@ -198,7 +205,7 @@ class UploadServerProtocol(Protocol):
             return  # a storage call fired synchronously inside the loop below
         self._pumping = True
         try:
-            while self._busy is None and not self._closing:
+            while not self._stalled() and not self._closing:
                 event = self.machine.next_event()
                 if event is None:
                     break
@@ -239,7 +246,9 @@ class UploadServerProtocol(Protocol):
                 self._opened, resumed=True,
             )
         elif isinstance(event, ChunkReceived):
-            self._run(self.writer.write(event.offset, event.payload), self._chunk_written)
+            self._batch.append((event.offset, event.payload))
+            self._batch_bytes += len(event.payload)
+            self._write_batch()
         elif isinstance(event, FinishRequested):
             self._run(self.writer.complete(), self._completed)
         elif isinstance(event, ConnectionFailed):
@@ -353,6 +362,33 @@ class UploadServerProtocol(Protocol):
 
         d.addBoth(done)
 
+    def _stalled(self) -> bool:
+        """Whether to stop taking events: storage busy, or the next batch full."""
+        return self._busy is not None or self._batch_bytes >= self.factory.batch_limit
+
+    def _write_batch(self) -> None:
+        """Start writing the gathered chunks, unless a batch is being written."""
+        if self._writing is not None or not self._batch or self._closing:
+            return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        writing: Deferred[None] = Deferred()
+        self._writing = writing
+
+        def done(result: Any) -> None:
+            self._writing = None
+            if isinstance(result, Failure):
+                self._batch, self._batch_bytes = [], 0  # the upload ends here
+                if not self._closing:
+                    self._storage_failed(result)
+            elif not self._closing:
+                for offset, payload in batch:
+                    self._chunk_written(offset + len(payload), size=len(payload))
+            writing.callback(None)
+            self._write_batch()
+            self._pump()
+
+        self.writer.write_batch(batch).addBoth(done)
+
     def _refused(self, event: object) -> bool:
         """
         Refuse an UPLOAD or RESUME from a health-check session, or from a
@@ -399,12 +435,14 @@ class UploadServerProtocol(Protocol):
         )
         self._upload = {
             "upload_id": info.upload_id, "name": info.name, "size": info.size,
-            "sha256": info.sha256, "metadata": info.metadata,
+            "sha256": info.sha256, "metadata": info.metadata, "offset": writer.offset,
         }
         self._notify("upload.resumed" if resumed else "upload.created")
 
-    def _chunk_written(self, offset: int) -> None:
-        self.factory.metrics.stored_bytes.inc(offset - self.machine.offset)
+    def _chunk_written(self, offset: int, size: int) -> None:
+        self.factory.metrics.stored_bytes.inc(size)
+        if self._upload is not None:
+            self._upload["offset"] = offset  # durable: what an event reports
         self.machine.chunk_written(offset)
 
     def _completed(self, completed: Any) -> None:
@@ -439,13 +477,13 @@ class UploadServerProtocol(Protocol):
             "upload {upload_id} error {code}: {message}",
             upload_id=self.machine.upload_id, code=error.code.name, message=error.message,
         )
-        if error.scope is not Scope.TRANSFER or self.writer is None:
-            self._upload_failed(error)  # the upload ends on this connection
         if error.scope is not Scope.TRANSFER and self.writer is not None:
             self._release_writer()
         if self._closing:
             return
         event = self.machine.fail(error)
+        if self.machine.upload_id is None:
+            self._upload_failed(error)  # the upload ended on this connection
         if isinstance(event, ConnectionFailed):
             self._after_fatal(error)
 
@@ -457,7 +495,7 @@ class UploadServerProtocol(Protocol):
             self.transport.writeSequence(out)
 
     def _apply_backpressure(self) -> None:
-        want_pause = self._busy is not None and self.machine.buffered >= self.factory.limits.max_payload
+        want_pause = self._stalled() and self.machine.buffered >= self.factory.limits.max_payload
         if want_pause and not self._paused and not self._closing:
             self.transport.pauseProducing()
             self._paused = True
@@ -480,7 +518,7 @@ class UploadServerProtocol(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        if self._busy is not None:
+        if self._busy is not None or self._writing is not None:
             # Storage is slow, not the client: wait for it.
             self._reset_timer(self.factory.idle_timeout)
             return
@@ -533,8 +571,6 @@ class UploadServerProtocol(Protocol):
         context: dict[str, Any] = dict.fromkeys(
             ("upload_id", "name", "size", "sha256", "metadata", "offset"))
         context.update(self._upload or {})
-        if self.machine.upload_id is not None:
-            context["offset"] = self.machine.offset
         context.update(fields)
         self.factory.upload_event(upload_event(
             kind, time=self.factory.clock.seconds(), server_id=self.factory.server_id,
@@ -598,6 +634,9 @@ class UploadServerFactory(Factory):
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.connections: set[UploadServerProtocol] = set()
+        #: Bytes of chunks a connection gathers for its next batch before it
+        #: stops reading (the batch being written is one more such amount).
+        self.batch_limit = max(2 * limits.max_payload, 8 * 1024 * 1024)
         self.takeover_idle = takeover_idle
         self._takeover_loop = LoopingCall(self.check_takeovers)
         self._takeover_loop.clock = clock

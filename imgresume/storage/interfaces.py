@@ -173,6 +173,15 @@ class IUploadWriter(Interface):
             next owner re-proves the offset from storage.
         """
 
+    def write_batch(chunks):
+        """
+        Store a sequence of contiguous C{(offset, data)} chunks, the first at
+        L{offset}, as if by L{write} for each, but durable together (a
+        backend may flush once for all of them).  The Deferred fires with
+        the new offset once every chunk is durable; on failure none of them
+        is acknowledged.  Same errors as L{write}.
+        """
+
     def complete():
         """
         Verify the stored bytes hash to the declared SHA-256, then make the

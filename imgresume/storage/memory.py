@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import time
 import zlib
-from typing import Callable
+from typing import Callable, Sequence
 
 import attrs
 from twisted.internet import defer
@@ -270,6 +270,22 @@ class MemoryUploadWriter:
     def write(self, offset: int, data: bytes) -> Deferred[int]:
         """See L{IUploadWriter.write}."""
         return _run(self._write, offset, data)
+
+    def write_batch(self, chunks: Sequence[tuple[int, bytes]]) -> Deferred[int]:
+        """See L{IUploadWriter.write_batch}."""
+        def write_all() -> int:
+            pos = self.offset
+            for offset, data in chunks:  # all or nothing, like the filesystem
+                if offset != pos:
+                    raise OffsetMismatch(
+                        f"write at {offset} but upload {self.info.upload_id} has {pos} "
+                        f"bytes; continue from {self.offset}", offset=self.offset)
+                pos += len(data)
+            for offset, data in chunks:
+                self._write(offset, data)
+            return self.offset
+
+        return _run(write_all)
 
     def _write(self, offset: int, data: bytes) -> int:
         self._check_open()
