@@ -21,6 +21,7 @@ from imgresume.protocol._client import (
 from imgresume.protocol._decoder import FrameDecoder
 from imgresume.protocol._frames import (
     HEALTH_CHECK_CLIENT_ID,
+    HEALTH_CHECK_CLIENT_IDS,
     MAGIC,
     PROTOCOL_VERSION,
     Accepted,
@@ -57,7 +58,7 @@ from imgresume.protocol._server import (
 )
 
 __all__ = [
-    "HEALTH_CHECK_CLIENT_ID", "MAGIC", "PROTOCOL_VERSION", "FrameType", "FrameDecoder", "encode", "decode_body",
+    "HEALTH_CHECK_CLIENT_ID", "HEALTH_CHECK_CLIENT_IDS", "MAGIC", "PROTOCOL_VERSION", "FrameType", "FrameDecoder", "encode", "decode_body",
     "Hello", "Welcome", "Upload", "Resume", "Accepted", "Data", "Ack", "Completed",
     "Error", "Ping", "Pong", "Challenge", "Auth", "Challenged", "AuthReceived",
     "ClientConnection", "ClientState", "Welcomed", "UploadAccepted", "ChunkAcked",

@@ -29,8 +29,12 @@ DATA_PREFIX = struct.Struct(">QI")
 UPLOAD_ID_SIZE = 16
 SHA256_SIZE = 32
 NONCE_SIZE = 32
-#: The client id of balancer health checks (servers do not log them).
+#: The client id of imgresume-lb's health checks.
 HEALTH_CHECK_CLIENT_ID = "imgresume-lb-health"
+#: Client ids servers treat as health checks: welcomed without a key (for
+#: PING only) and not logged.  "haproxy-check" is the id in
+#: docs/examples/haproxy.cfg.
+HEALTH_CHECK_CLIENT_IDS = frozenset({HEALTH_CHECK_CLIENT_ID, "haproxy-check"})
 
 
 class FrameType(enum.IntEnum):

@@ -32,7 +32,7 @@ from imgresume.errors import (
 )
 from imgresume.metrics import Registry, ServerMetrics
 from imgresume.protocol import (
-    HEALTH_CHECK_CLIENT_ID,
+    HEALTH_CHECK_CLIENT_IDS,
     AuthReceived,
     ChunkReceived,
     ConnectionFailed,
@@ -285,7 +285,7 @@ class UploadServerProtocol(Protocol):
             self._welcome()
             return
         options = event.hello.options
-        if event.hello.client_id == HEALTH_CHECK_CLIENT_ID and "auth" not in options:
+        if event.hello.client_id in HEALTH_CHECK_CLIENT_IDS and "auth" not in options:
             # A balancer's health check: welcome it for PING only, so that
             # checking a server that requires keys needs no key.
             self._health_only = True
@@ -332,7 +332,7 @@ class UploadServerProtocol(Protocol):
 
     def _is_health_check(self) -> bool:
         hello = self.machine.hello
-        return hello is not None and hello.client_id == HEALTH_CHECK_CLIENT_ID
+        return hello is not None and hello.client_id in HEALTH_CHECK_CLIENT_IDS
 
     def _welcome(self, options: dict[str, str] | None = None, how: str = "") -> None:
         self.machine.accept_hello(options)
