@@ -271,6 +271,9 @@ admin socket = \$run_dir/\$cluster-\$name.\$pid.asok
 log file = $LOG_DIR/\$cluster-\$name.\$pid.log
 # Fail a mount within 30 s instead of 300 when the MDS is not there.
 client mount timeout = 30
+# Each mount's object cache: 64 MiB instead of 200.
+client oc size = 67108864
+client oc max dirty = 33554432
 
 [client.rgw.a]
 rgw data = $DATA_DIR/rgw/\$cluster-\$id

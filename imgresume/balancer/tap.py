@@ -182,6 +182,18 @@ Example:
 
     optFlags = [
         [
+            "backends-authenticate",
+            None,
+            "Assert that every backend authenticates clients (twistd imgresume --keys,"
+            " or mtls: with --cert-identity): needed to listen beyond this host.",
+        ],
+        [
+            "insecure",
+            None,
+            "Allow listening beyond this host in front of backends that may not"
+            " authenticate clients (anyone who can connect may upload).",
+        ],
+        [
             "send-proxy",
             None,
             "Start every backend connection with a PROXY protocol v2 header"
@@ -207,6 +219,16 @@ Example:
     opt_b = opt_backend
 
     def postOptions(self) -> None:
+        from imgresume._endpoints import is_local_only
+
+        if (not is_local_only(self["listen"]) and not self["insecure"]
+                and not self["backends-authenticate"]):
+            raise usage.UsageError(
+                f"--listen {self['listen']} is reachable from other hosts: say"
+                " --backends-authenticate if every backend requires keys or client"
+                " certificates (twistd imgresume --keys), or --insecure to accept"
+                " that anyone who can connect may upload"
+            )
         if self["check-mode"] not in ("protocol", "connect"):
             raise usage.UsageError("--check-mode must be protocol or connect")
         if not self["backends"]:
