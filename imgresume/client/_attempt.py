@@ -88,7 +88,7 @@ class UploadAttempt(Protocol):
         client_id: str,
         key: bytes | None = None,
         upload_id: str | None = None,
-        window: int = 4,
+        window: int = 16,
         chunk_size: int | None = None,
         stall_timeout: float = 30.0,
         on_progress: Callable[[int], None] = lambda offset: None,
@@ -213,7 +213,7 @@ class UploadAttempt(Protocol):
             chunk = min(self.chunk_size or m.welcome.chunk_size, m.welcome.max_payload)
             length = min(chunk, m.size - offset)
             self._reading = True
-            d = self.source.read(offset, length)
+            d = self.source.read_with_crc(offset, length)
             d.addCallbacks(self._chunk_read, self._read_failed, callbackArgs=(offset,))
         elif (
             m.state is ClientState.SENDING and m.sent == m.size and not m.finishing
@@ -221,14 +221,15 @@ class UploadAttempt(Protocol):
         ):
             m.finish()
 
-    def _chunk_read(self, payload: bytes, offset: int) -> None:
+    def _chunk_read(self, read: tuple[bytes, int], offset: int) -> None:
+        payload, crc = read
         self._reading = False
         if self.result.called or not self.machine.can_send(self.window):
             return
         if offset != self.machine.sent:
             self._fill()  # a rewind happened while reading
             return
-        self.machine.send_data(offset, payload)
+        self.machine.send_data(offset, payload, crc)
         self.stats.bytes_sent += len(payload)
         self._flush()
         self._fill()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zlib
 from typing import Any, Callable
 
 import attrs
@@ -75,6 +76,15 @@ class LocalFile:
     def read(self, offset: int, length: int) -> Deferred[bytes]:
         """Read exactly C{length} bytes at C{offset} (in a thread)."""
         return self._run(self._read_exactly, offset, length)
+
+    def read_with_crc(self, offset: int, length: int) -> Deferred[tuple[bytes, int]]:
+        """Read like L{read} and compute the CRC-32 too, both in the thread."""
+
+        def read() -> tuple[bytes, int]:
+            data = self._read_exactly(offset, length)
+            return data, zlib.crc32(data)
+
+        return self._run(read)
 
     def sha256_of(self, offset: int, length: int) -> Deferred[bytes]:
         """SHA-256 of the bytes at [offset, offset+length), in a thread."""

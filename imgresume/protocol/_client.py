@@ -209,8 +209,12 @@ class ClientConnection:
             and self.sent < self.size
         )
 
-    def send_data(self, offset: int, payload: bytes) -> None:
-        """Send a DATA packet of C{payload} at C{offset} (must equal L{sent})."""
+    def send_data(self, offset: int, payload: bytes, crc32: int | None = None) -> None:
+        """
+        Send a DATA packet of C{payload} at C{offset} (must equal L{sent}).
+        C{crc32} may be given if the caller computed it already (off the
+        reactor thread, say); it must be C{zlib.crc32(payload)}.
+        """
         self._expect(ClientState.SENDING)
         if self._rewinding or self.finishing:
             raise RuntimeError("no DATA may be sent while rewinding or finishing")
@@ -223,7 +227,9 @@ class ClientConnection:
             raise ValueError(f"payload over the server's limit of {self.welcome.max_payload}")
         if offset + len(payload) > self.size:
             raise ValueError("payload reaches past the declared size")
-        self._out.append(data_header(offset, zlib.crc32(payload), len(payload)))
+        if crc32 is None:
+            crc32 = zlib.crc32(payload)
+        self._out.append(data_header(offset, crc32, len(payload)))
         self._out.append(payload)
         self.sent += len(payload)
         self.outstanding += 1

@@ -136,6 +136,8 @@ class ChunkReceived:
 
     offset: int
     payload: bytes
+    #: The payload's CRC-32, already checked: storage may record it as is.
+    crc32: int = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen
@@ -332,7 +334,7 @@ class ServerConnection:
         else:
             self._answers.append(end)
             self.offset = end
-            return ChunkReceived(data.offset, data.payload)
+            return ChunkReceived(data.offset, data.payload, data.crc32)
         self._answers.append(error_frame(problem))
         self._send_ready_answers()
         return None

@@ -82,7 +82,7 @@ class UploadServerProtocol(Protocol):
         self._busy: Deferred[Any] | None = None
         #: The batch of chunks being written, as a Deferred; and the next one.
         self._writing: Deferred[None] | None = None
-        self._batch: list[tuple[int, bytes]] = []
+        self._batch: list[tuple[int, bytes, int]] = []
         self._batch_bytes = 0
         self._pumping = False
         self._paused = False
@@ -246,7 +246,7 @@ class UploadServerProtocol(Protocol):
                 self._opened, resumed=True,
             )
         elif isinstance(event, ChunkReceived):
-            self._batch.append((event.offset, event.payload))
+            self._batch.append((event.offset, event.payload, event.crc32))
             self._batch_bytes += len(event.payload)
             self._write_batch()
         elif isinstance(event, FinishRequested):
@@ -381,7 +381,7 @@ class UploadServerProtocol(Protocol):
                 if not self._closing:
                     self._storage_failed(result)
             elif not self._closing:
-                for offset, payload in batch:
+                for offset, payload, _ in batch:
                     self._chunk_written(offset + len(payload), size=len(payload))
             writing.callback(None)
             self._write_batch()

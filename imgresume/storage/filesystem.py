@@ -1168,7 +1168,9 @@ class FilesystemUploadWriter:
 
     def write_batch(self, chunks: Sequence[tuple[int, bytes]]) -> Deferred[int]:
         """See L{IUploadWriter.write_batch}."""
-        return self._call(self._write_sync, [(o, bytes(d)) for o, d in chunks])
+        return self._call(self._write_sync, [
+            (c[0], bytes(c[1]), c[2] if len(c) > 2 else None) for c in chunks
+        ])
 
     def complete(self) -> Deferred[CompletedUpload]:
         """See L{IUploadWriter.complete}."""
@@ -1258,7 +1260,7 @@ class FilesystemUploadWriter:
         self._close_sync()
         return err
 
-    def _write_sync(self, chunks: list[tuple[int, bytes]]) -> int:
+    def _write_sync(self, chunks: list[tuple[int, bytes, int | None]]) -> int:
         """
         Store contiguous chunks starting at L{offset} with one flush of the
         data and one of the journal for all of them (group commit): the
@@ -1267,7 +1269,7 @@ class FilesystemUploadWriter:
         self._check_usable()
         info = self.info
         pos = self.offset
-        for chunk_offset, chunk in chunks:
+        for chunk_offset, chunk, _ in chunks:
             if chunk_offset != pos:
                 raise OffsetMismatch(
                     f"write at {chunk_offset} but upload {info.upload_id} has "
@@ -1280,7 +1282,7 @@ class FilesystemUploadWriter:
                 f"write up to {pos} passes the declared size {info.size}",
                 offset=self.offset,
             )
-        chunks = [(o, d) for o, d in chunks if d]
+        chunks = [c for c in chunks if c[1]]
         if not chunks:
             return self.offset
         offset = self.offset
@@ -1288,7 +1290,7 @@ class FilesystemUploadWriter:
         started = time.perf_counter()
         # 1. the bytes, at their offsets (never O_APPEND), then flush them.
         try:
-            for chunk_offset, chunk in chunks:
+            for chunk_offset, chunk, _ in chunks:
                 _pwrite_all(self._pwrite, self._data_fd, chunk, chunk_offset)
         except OSError as e:
             if e.errno in _NOSPACE:
@@ -1301,7 +1303,12 @@ class FilesystemUploadWriter:
         # 2. the journal records naming them, then flush those.
         records = []
         pos = offset
-        for _, chunk in chunks:
+        for _, chunk, crc in chunks:
+            if crc is not None and len(chunk) <= MAX_RECORD_LENGTH:
+                # The protocol already checked this CRC against the payload.
+                records.append(_pack_record(pos, len(chunk), crc))
+                pos += len(chunk)
+                continue
             view = memoryview(chunk)
             while view:
                 piece = view[:MAX_RECORD_LENGTH]

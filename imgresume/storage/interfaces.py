@@ -175,7 +175,9 @@ class IUploadWriter(Interface):
 
     def write_batch(chunks):
         """
-        Store a sequence of contiguous C{(offset, data)} chunks, the first at
+        Store a sequence of contiguous C{(offset, data)} chunks (or
+        C{(offset, data, crc32)}, the CRC-32 already checked against the
+        data, which a backend may record instead of computing it), the first at
         L{offset}, as if by L{write} for each, but durable together (a
         backend may flush once for all of them).  The Deferred fires with
         the new offset once every chunk is durable; on failure none of them

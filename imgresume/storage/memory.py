@@ -275,13 +275,14 @@ class MemoryUploadWriter:
         """See L{IUploadWriter.write_batch}."""
         def write_all() -> int:
             pos = self.offset
-            for offset, data in chunks:  # all or nothing, like the filesystem
+            pairs = [(c[0], c[1]) for c in chunks]
+            for offset, data in pairs:  # all or nothing, like the filesystem
                 if offset != pos:
                     raise OffsetMismatch(
                         f"write at {offset} but upload {self.info.upload_id} has {pos} "
                         f"bytes; continue from {self.offset}", offset=self.offset)
                 pos += len(data)
-            for offset, data in chunks:
+            for offset, data in pairs:
                 self._write(offset, data)
             return self.offset
 
