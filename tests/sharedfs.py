@@ -28,6 +28,7 @@ import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from unittest import SkipTest
 
 from twisted.logger import Logger
@@ -167,7 +168,8 @@ def require_gluster_mounts(testcase: TestCase, n: int = 3) -> list[str]:
     return _test_dirs(testcase, mounts[:n], lambda why: _fail_or_skip(testcase, why))
 
 
-def _test_dirs(testcase: TestCase, mounts: list[str], fail) -> list[str]:
+def _test_dirs(testcase: TestCase, mounts: list[str],
+               fail: Callable[[str], None]) -> list[str]:
     """
     A fresh directory made through C{mounts[0]}, waited for until visible
     through the others, removed after the test: its path through each mount.

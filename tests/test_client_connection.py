@@ -282,8 +282,8 @@ class WindowTests(SynchronousTestCase):
         self.assertFalse(ClientConnection("c").can_send(10))
 
     def test_ack_outside_range(self) -> None:
-        """An ACK not in (acked, sent] is MalformedFrame and closes the connection."""
-        for ack in (0, 10, 31):
+        """An ACK that goes back or passes what was sent is MalformedFrame and closes."""
+        for ack in (0, 9, 31):
             client = sending()
             client.send_data(0, b"x" * 10)
             fed(client, Ack(10))
@@ -291,6 +291,18 @@ class WindowTests(SynchronousTestCase):
             client.receive_data(encode(Ack(ack)))
             self.assertRaises(MalformedFrame, client.next_event)
             self.assertEqual(client.state, ClientState.CLOSED, ack)
+
+    def test_ack_may_stand_still(self) -> None:
+        """
+        A server whose storage commits in larger units (object store parts)
+        acknowledges packets without moving the offset; the client sends on.
+        """
+        client = sending()
+        client.send_data(0, b"x" * 10)
+        client.send_data(10, b"x" * 10)
+        self.assertEqual(fed(client, Ack(0)), ChunkAcked(0))
+        self.assertEqual(fed(client, Ack(20)), ChunkAcked(20))
+        self.assertEqual((client.acked, client.sent, client.outstanding), (20, 20, 0))
 
     def test_ack_without_packet(self) -> None:
         """An ACK with nothing in flight is UnexpectedFrame."""

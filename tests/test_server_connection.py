@@ -595,6 +595,21 @@ class PendingTests(SynchronousTestCase):
         self.assertEqual(sent_frames(server), [Ack(2), Ack(4)])
         self.assertEqual(server.buffered, 0)
 
+    def test_acknowledgement_below_chunk_end(self) -> None:
+        """
+        A storage that commits in larger units acknowledges less than it
+        holds; the next packet still continues at the end of the last one.
+        """
+        server = receiving(size=100)
+        server.receive_data(data(0, b"aaaa") + data(4, b"bbbb"))
+        self.assertEqual(server.next_event(), ChunkReceived(0, b"aaaa"))
+        self.assertEqual(server.next_event(), ChunkReceived(4, b"bbbb"))
+        server.chunk_written(4, durable=0)
+        self.assertRaises(RuntimeError, server.chunk_written, 8, durable=9)
+        server.chunk_written(8, durable=8)
+        self.assertEqual(sent_frames(server), [Ack(0), Ack(8)])
+        self.assertEqual((server.offset, server.durable), (8, 8))
+
     def test_finish_waits_for_pending_chunks(self) -> None:
         """The empty DATA right behind a chunk completes only once that chunk is durable."""
         server = receiving(size=2)

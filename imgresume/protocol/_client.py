@@ -161,6 +161,7 @@ class ClientConnection:
         self.outstanding = 0
         self.finishing = False
         self._rewinding = False
+        self._resume_at = 0
         self._decoder = FrameDecoder()
         self._out: list[bytes] = []
 
@@ -313,12 +314,14 @@ class ClientConnection:
             self._end_upload()
             return UploadCompleted(frame)
         if isinstance(frame, Ack) and state is ClientState.SENDING and self.outstanding:
-            if not (self.acked < frame.offset <= self.sent):
+            # ACKs never go back and never pass what was sent; they may stand
+            # still when the server's storage commits in larger units.
+            if not (self.acked <= frame.offset <= self.sent):
                 raise MalformedFrame(
-                    f"ACK for {frame.offset} outside the unacknowledged range "
-                    f"({self.acked}, {self.sent}]"
+                    f"ACK for {frame.offset} outside [{self.acked}, {self.sent}]"
                 )
-            self._answered(frame.offset)
+            self.acked = frame.offset
+            self._answered()
             return ChunkAcked(frame.offset)
         raise UnexpectedFrame(
             f"server sent {type(frame).__name__.upper()} in state {state.value}"
@@ -336,7 +339,11 @@ class ClientConnection:
             if frame.offset > self.size:
                 raise MalformedFrame("ERROR offset is past the upload size")
             self._rewinding = True
-            self._answered(frame.offset)
+            self._resume_at = frame.offset
+            # A server that found stored bytes failing verification cuts
+            # them back (INCOMPLETE): its offset is then below an earlier ACK.
+            self.acked = min(self.acked, frame.offset)
+            self._answered()
         elif self.state in (ClientState.AWAIT_ACCEPTED, ClientState.SENDING,
                             ClientState.AWAIT_STATUS):
             self._end_upload()
@@ -368,14 +375,12 @@ class ClientConnection:
 
     # Internals ---------------------------------------------------------------
 
-    def _answered(self, server_offset: int) -> None:
-        # server_offset may be below self.acked: a server that finds stored
-        # bytes failing verification at completion cuts them back (INCOMPLETE).
+    def _answered(self) -> None:
         self.outstanding -= 1
-        self.acked = server_offset
-        if self.outstanding == 0 and (self._rewinding or self.finishing):
-            # Every packet in flight is answered: continue where the server is.
-            self.sent = server_offset
+        if self.outstanding == 0 and self._rewinding:
+            # Every packet in flight is answered: continue where the server
+            # said, in the last ERROR.
+            self.sent = self._resume_at
             self._rewinding = self.finishing = False
 
     def _end_upload(self) -> None:

@@ -203,6 +203,7 @@ class ServerConnection:
         #: storage is writing (an int), or an ERROR frame that must wait for
         #: the acknowledgements before it.
         self._answers: collections.deque[int | Error] = collections.deque()
+        self._durable = 0
 
     # Input ----------------------------------------------------------------
 
@@ -374,6 +375,11 @@ class ServerConnection:
         self._decoder.limit = control_limit(self.limits.max_payload)
         self.state = ServerState.READY
 
+    @property
+    def durable(self) -> int:
+        """The offset last acknowledged (or accepted at), as reported to the client."""
+        return self._durable
+
     def upload_opened(
         self,
         upload_id: str,
@@ -388,6 +394,7 @@ class ServerConnection:
         start, length, digest = tail if tail is not None else (0, 0, b"\0" * 32)
         self._send(Accepted(upload_id, name, size, sha256, offset, start, length, digest))
         self.upload_id, self.size, self.offset = upload_id, size, offset
+        self._durable = offset
         self.state = ServerState.RECEIVING
 
     def status_found(self, status: UploadStatusFrame) -> None:
@@ -396,10 +403,15 @@ class ServerConnection:
         self._send(status)
         self.state = ServerState.READY
 
-    def chunk_written(self, offset: int) -> None:
+    def chunk_written(self, offset: int, durable: int | None = None) -> None:
         """
-        Storage made the oldest pending chunk durable: acknowledge up to
-        C{offset} (its end), then send any answers queued behind it.
+        Storage is done with the oldest pending chunk, which ends at
+        C{offset}: acknowledge, then send any answers queued behind it.
+
+        @param durable: what the ACK reports, if less than C{offset}: a
+            storage that commits in larger units (an object store's parts)
+            holds the chunk but has made bytes durable only up to here.
+            Never less than an earlier acknowledgement.
         """
         self._expect(ServerState.RECEIVING, ServerState.FINISHING)
         if not self._answers or self._answers[0] != offset:
@@ -407,8 +419,13 @@ class ServerConnection:
                 f"chunk_written({offset}) but the oldest pending answer is "
                 f"{self._answers[0] if self._answers else None!r}"
             )
+        acked = offset if durable is None else durable
+        if not self._durable <= acked <= offset:
+            raise RuntimeError(
+                f"durable offset {acked} outside [{self._durable}, {offset}]")
         self._answers.popleft()
-        self._send(Ack(offset))
+        self._durable = acked
+        self._send(Ack(acked))
         self._send_ready_answers()
 
     def upload_completed(self, upload_id: str, size: int, sha256: bytes, path: str) -> None:
@@ -442,6 +459,7 @@ class ServerConnection:
             if not 0 <= error.offset <= self.size:
                 raise RuntimeError(f"transfer error offset {error.offset} outside the upload")
             self.offset = error.offset
+            self._durable = min(self._durable, error.offset)
             self.state = ServerState.RECEIVING
         else:
             self._end_upload()

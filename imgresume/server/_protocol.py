@@ -381,8 +381,11 @@ class UploadServerProtocol(Protocol):
                 if not self._closing:
                     self._storage_failed(result)
             elif not self._closing:
+                # The storage reports how far bytes are durable: the batch's
+                # end, or less for one that commits in larger units.
                 for offset, payload, _ in batch:
-                    self._chunk_written(offset + len(payload), size=len(payload))
+                    end = offset + len(payload)
+                    self._chunk_written(end, size=len(payload), durable=min(result, end))
             writing.callback(None)
             self._write_batch()
             self._pump()
@@ -439,11 +442,11 @@ class UploadServerProtocol(Protocol):
         }
         self._notify("upload.resumed" if resumed else "upload.created")
 
-    def _chunk_written(self, offset: int, size: int) -> None:
+    def _chunk_written(self, offset: int, size: int, durable: int) -> None:
         self.factory.metrics.stored_bytes.inc(size)
         if self._upload is not None:
-            self._upload["offset"] = offset  # durable: what an event reports
-        self.machine.chunk_written(offset)
+            self._upload["offset"] = durable  # what an event reports
+        self.machine.chunk_written(offset, durable)
 
     def _completed(self, completed: Any) -> None:
         # Without a writer: a resume answered from an earlier completion.

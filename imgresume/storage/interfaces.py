@@ -152,13 +152,19 @@ class IUploadWriter(Interface):
     """
 
     info = Attribute("The L{UploadInfo}.")
-    offset = Attribute("int: bytes stored durably and proven; the next write offset.")
+    offset = Attribute(
+        "int: where the next write starts.  For a backend that commits every "
+        "write (the filesystem) also the durable, proven offset."
+    )
     tail = Attribute("L{TailCheck} of the last committed range at resume time.")
 
     def write(offset: int, data: bytes):
         """
         Store C{data} at C{offset}, which must equal L{offset}.  The Deferred
-        fires with the new offset only once the bytes are durable.
+        fires with the offset up to which bytes are durable, once they are:
+        the end of C{data} for a backend that commits every write, possibly
+        less for one that commits in larger units (it then holds the rest in
+        bounded memory or a spool until a unit is complete).
 
         @raise imgresume.errors.UploadTakenOver: a newer writer owns the
             upload (this writer's lease generation is stale); nothing is
