@@ -599,9 +599,10 @@ WINDOW = 4
 class ClusterOnCephFSTests(TestCase):
     """
     Two real C{twistd imgresume} servers, the first on mount 1 and the
-    second on mount 2, behind C{twistd imgresume-lb}: every failover moves
-    the upload to the other mount.  The in-process uploader sends through
-    the balancer while the serving server is SIGKILLed.
+    second on mount 2, behind C{twistd imgresume-lb}: a failover to the
+    surviving server moves the upload to the other mount.  The in-process
+    uploader sends through the balancer while the serving server is
+    SIGKILLed.
     """
 
     timeout = 120

@@ -469,3 +469,37 @@ class StatusTests(SynchronousTestCase):
         [err] = asker.send(encode(Status("ab" * 16)))
         self.assertEqual(err.code, ErrorCode.UNKNOWN_UPLOAD)
         self.assertEqual(asker.send(encode(Ping(3))), [Pong(3)])
+
+
+class MemoryLimitTests(SynchronousTestCase):
+    def test_server_wide_chunk_memory_limit(self) -> None:
+        """
+        When all connections together hold the server's chunk memory, they
+        stop reading; as writes finish they go on, and nothing is lost.
+        """
+        slow = SlowStorage(MemoryStorage())
+        limits = ServerLimits(max_payload=4096, chunk_size=4096)
+        a = Harness(slow, limits)
+        b = Harness(slow, limits)
+        b.factory = a.factory
+        b.proto = a.factory.buildProtocol(None)
+        b.transport = StringTransport()
+        b.proto.makeConnection(b.transport)
+        a.factory.chunk_memory_limit = 8192
+        a.start("a.tif")
+        b.start("b.tif")
+        a.send(data(0, CONTENT[:4096]), data(4096, CONTENT[4096:8192]))
+        self.assertEqual(a.factory.chunk_bytes, 8192)
+        b.send(data(0, CONTENT[:4096]), data(4096, CONTENT[4096:8192]))
+        self.assertEqual(b.transport.producerState, "paused")
+        self.assertEqual(len(slow.pending), 1)  # only a's first batch
+        slow.pending.pop(0).callback(None)
+        self.assertEqual(a.received(), [Ack(4096)])
+        # Memory freed: b was woken and its first chunk is being written.
+        self.assertEqual(sorted(slow.batches), [[0], [0], [4096]])
+        while slow.pending:
+            slow.pending.pop(0).callback(None)
+        self.assertEqual(a.received(), [Ack(8192)])
+        self.assertEqual(b.received(), [Ack(4096), Ack(8192)])
+        self.assertEqual(a.factory.chunk_bytes, 0)
+        self.assertEqual(b.transport.producerState, "producing")

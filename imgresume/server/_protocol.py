@@ -156,10 +156,15 @@ class UploadServerProtocol(Protocol):
         )
         # Let the storage calls in flight finish, then give up ownership.
         in_flight = [d for d in (self._busy, self._writing) if d is not None]
-        self._batch, self._batch_bytes = [], 0
+        self._drop_gathered()
         d: Deferred[Any] = DeferredList(in_flight) if in_flight else succeed(None)
         d.addBoth(lambda _: self._release_writer())
         d.addBoth(lambda _: self.closed.callback(None))
+
+    def wake(self) -> None:
+        """The server has memory for chunks again: go on reading and parsing."""
+        if not self._closing:
+            self._pump()
 
     def check_takeover(self, now: float) -> None:
         """
@@ -248,6 +253,7 @@ class UploadServerProtocol(Protocol):
         elif isinstance(event, ChunkReceived):
             self._batch.append((event.offset, event.payload, event.crc32))
             self._batch_bytes += len(event.payload)
+            self.factory.chunk_bytes += len(event.payload)
             self._write_batch()
         elif isinstance(event, FinishRequested):
             self._run(self.writer.complete(), self._completed)
@@ -363,8 +369,21 @@ class UploadServerProtocol(Protocol):
         d.addBoth(done)
 
     def _stalled(self) -> bool:
-        """Whether to stop taking events: storage busy, or the next batch full."""
-        return self._busy is not None or self._batch_bytes >= self.factory.batch_limit
+        """
+        Whether to stop taking events: storage busy, the next batch full, or
+        the server's memory for chunks (all connections together) used up.
+        """
+        return (
+            self._busy is not None
+            or self._batch_bytes >= self.factory.batch_limit
+            or self.factory.chunk_bytes >= self.factory.chunk_memory_limit
+        )
+
+    def _drop_gathered(self) -> None:
+        """Forget the chunks gathered for the next batch (never to be written)."""
+        dropped, self._batch, self._batch_bytes = self._batch_bytes, [], 0
+        if dropped:
+            self.factory.chunks_released(dropped)
 
     def _write_batch(self) -> None:
         """Start writing the gathered chunks, unless a batch is being written."""
@@ -376,8 +395,9 @@ class UploadServerProtocol(Protocol):
 
         def done(result: Any) -> None:
             self._writing = None
+            self.factory.chunks_released(sum(len(c[1]) for c in batch))
             if isinstance(result, Failure):
-                self._batch, self._batch_bytes = [], 0  # the upload ends here
+                self._drop_gathered()  # the upload ends here
                 if not self._closing:
                     self._storage_failed(result)
             elif not self._closing:
@@ -640,6 +660,10 @@ class UploadServerFactory(Factory):
         #: Bytes of chunks a connection gathers for its next batch before it
         #: stops reading (the batch being written is one more such amount).
         self.batch_limit = max(2 * limits.max_payload, 8 * 1024 * 1024)
+        #: Bytes of received chunks all connections may hold (gathered or
+        #: being written) before they stop reading; and what they hold now.
+        self.chunk_memory_limit = max(4 * self.batch_limit, 256 * 1024 * 1024)
+        self.chunk_bytes = 0
         self.takeover_idle = takeover_idle
         self._takeover_loop = LoopingCall(self.check_takeovers)
         self._takeover_loop.clock = clock
@@ -683,6 +707,17 @@ class UploadServerFactory(Factory):
             except Exception:
                 UploadServerProtocol.log.failure(
                     "upload event {event} not delivered", event=event["event"])
+
+    def chunks_released(self, size: int) -> None:
+        """
+        Chunks were written or dropped.  If that brings the server back under
+        its chunk memory limit, connections that stopped for it go on.
+        """
+        was_full = self.chunk_bytes >= self.chunk_memory_limit
+        self.chunk_bytes -= size
+        if was_full and self.chunk_bytes < self.chunk_memory_limit:
+            for proto in list(self.connections):
+                proto.wake()
 
     def check_takeovers(self) -> None:
         """Let every silent connection holding an upload yield it if asked."""
