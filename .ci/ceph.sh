@@ -55,7 +55,7 @@ MON_V1_PORT=6789
 OSD_SIZE="${IMGRESUME_CEPH_OSD_SIZE:-8G}"
 HEALTH_TIMEOUT="${IMGRESUME_CEPH_TIMEOUT:-180}"
 PACKAGES=(ceph-mon ceph-osd ceph-mgr ceph-mds radosgw ceph-fuse ceph-common)
-# In start order; `down` stops them in reverse.
+# In start order.
 DAEMONS=(mon.a mgr.a osd.0 mds.a client.rgw.a)
 
 T0=$(date +%s.%N)
@@ -127,7 +127,7 @@ daemon_pid() {
     [ -f "$f" ] || return 1
     pid=$(cat "$f" 2>/dev/null || true)
     [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$CONF" || return 1
+    tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF -- "$CONF" || return 1
     echo "$pid"
 }
 
@@ -142,6 +142,19 @@ daemon_argv() {
     esac
 }
 
+# Processes whose command line starts with "$1" and names our conf file.
+pids_of() {
+    local p cmd
+    for p in /proc/[0-9]*; do
+        cmd=$(tr '\0' ' ' 2>/dev/null <"$p/cmdline") || continue
+        case "$cmd" in
+            "$1 "*"-c $CONF "*) echo "${p#/proc/}" ;;
+        esac
+    done
+}
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 start_daemon() {
     local name=$1 pid
     if pid=$(daemon_pid "$name"); then
@@ -151,6 +164,23 @@ start_daemon() {
     mkdir -p "$RUN_DIR" "$LOG_DIR"
     local argv
     read -r -a argv <<<"$(daemon_argv "$name")"
+    # Ours, but its pid file is gone: adopt it rather than start a second one.
+    pid=$(pids_of "${argv[*]}" | head -n 1)
+    if [ -n "$pid" ]; then
+        echo "$pid" >"$(pid_file "$name")"
+        say "$name is running (pid $pid, pid file restored)"
+        return
+    fi
+    local port
+    case "$name" in
+        mon.a) port="$MON_PORT $MON_V1_PORT" ;;
+        client.rgw.a) port=$RGW_PORT ;;
+        *) port= ;;
+    esac
+    for port in $port; do
+        port_in_use "$port" \
+            && die "cannot start $name: 127.0.0.1:$port is already in use by another program (see IMGRESUME_CEPH_*_PORT at the top of $0)"
+    done
     # Foreground (-f) in a session of its own, in the background of this
     # script: it outlives the script and no terminal or systemd is involved.
     # Its own log goes to $LOG_DIR/ceph-$name.log, stray output to .out.
@@ -165,12 +195,14 @@ start_daemon() {
     timed "started $name (pid $pid)"
 }
 
-# SIGTERM to every pid given, at once; SIGKILL to those still there 10 s later.
+# stop_pids SECONDS PID...: SIGTERM to every pid, at once; SIGKILL to those
+# still there SECONDS later.
 stop_pids() {
-    local pid i left
+    local grace=$1 pid i left
+    shift
     [ $# -gt 0 ] || return 0
     kill "$@" 2>/dev/null || true
-    for i in $(seq 1 100); do
+    for i in $(seq 1 $((grace * 10))); do
         left=()
         for pid in "$@"; do
             kill -0 "$pid" 2>/dev/null && left+=("$pid")
@@ -178,19 +210,16 @@ stop_pids() {
         [ ${#left[@]} -eq 0 ] && return 0
         sleep 0.1
     done
-    say "pids ${left[*]} ignored SIGTERM for 10 s; SIGKILL"
+    say "pids ${left[*]} still there ${grace} s after SIGTERM; SIGKILL"
     kill -9 "${left[@]}" 2>/dev/null || true
 }
 
-# Daemons of this cluster whose pid file is gone (/run was wiped, a crashed
-# earlier run): their command line names our conf file, nothing else's does.
+# Daemons and ceph-fuse clients of this cluster whose pid file is gone (/run
+# was wiped, a crashed earlier run): their command line names our conf file.
 stray_pids() {
-    local p
-    for p in /proc/[0-9]*; do
-        [ -r "$p/cmdline" ] || continue
-        if tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "-c $CONF "; then
-            echo "${p#/proc/}"
-        fi
+    local d
+    for d in ceph-mon ceph-mgr ceph-osd ceph-mds radosgw ceph-fuse; do
+        pids_of "$d"
     done
 }
 
@@ -364,8 +393,11 @@ bootstrap_osd() {
     if [ -f "$osd_data/done" ]; then
         return
     fi
+    # The uuid outlives a failed attempt: 'ceph osd new' refuses another one
+    # for an id it has already registered.
     local uuid
-    uuid=$(cat /proc/sys/kernel/random/uuid)
+    [ -s "$DATA_DIR/osd-uuid" ] || cat /proc/sys/kernel/random/uuid >"$DATA_DIR/osd-uuid"
+    uuid=$(cat "$DATA_DIR/osd-uuid")
     rm -rf "$osd_data"
     mkdir -p "$osd_data"
     # Register osd.0 with the mon (its key is already there), then make its
@@ -501,7 +533,7 @@ wait_healthy() {
         now=$(date +%s)
         if [ $((now - start)) -ge "$HEALTH_TIMEOUT" ]; then
             c status >&2 2>&1 || true
-            die "cluster not ready after $HEALTH_TIMEOUT s: $left (logs: $LOG_DIR)"
+            die "cluster not ready after $HEALTH_TIMEOUT s: $left (logs: $LOG_DIR; a daemon that runs but does not serve is restarted by '$0 down' then '$0 up')"
         fi
         sleep 0.5
     done
@@ -595,7 +627,8 @@ mount_all() {
         fi
         mkdir -p "$m"
         # ceph-fuse daemonizes once the mount is made (or fails).  Default
-        # client options: the MDS's capabilities keep the mounts coherent.
+        # caching (kernel page cache and ceph object cache on): the design
+        # must survive it (docs/sharedfs.md, "CephFS").
         if ! timeout 60 ceph-fuse -c "$CONF" --id "$id" --client_fs "$FS_NAME" "$m" \
             </dev/null >"$LOG_DIR/ceph-fuse-$id.out" 2>&1; then
             cat "$LOG_DIR/ceph-fuse-$id.out" >&2
@@ -629,8 +662,7 @@ memory_report() {
         parts+=("$name $((rss / 1024))")
     done
     local p
-    for p in $(pgrep -x ceph-fuse 2>/dev/null || true); do
-        tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$CONF" || continue
+    for p in $(pids_of ceph-fuse); do
         rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
         total=$((total + rss))
         parts+=("ceph-fuse $((rss / 1024))")
@@ -684,22 +716,33 @@ down() {
         rmdir "$m" 2>/dev/null || true
     done
     rmdir "$MOUNT_BASE" 2>/dev/null || true
-    # The whole cluster goes, so the daemons are stopped together.
-    local name pids=()
-    for name in "${DAEMONS[@]}"; do
-        if pid=$(daemon_pid "$name"); then
-            say "stopping $name (pid $pid)"
-            pids+=("$pid")
-        fi
-        rm -f "$(pid_file "$name")"
+    timed "unmounted"
+    # The whole cluster goes.  The daemons stop in three groups, each group
+    # together: on SIGTERM the MDS and radosgw flush to the OSD and tell the
+    # mon, so those stay up until they are gone.  The MDS and radosgw of
+    # Ceph 16 then often hang in their shutdown: they get 2 s, then SIGKILL
+    # (their state is deleted anyway).
+    local name group grace pids
+    for group in "2 client.rgw.a mds.a" "5 osd.0 mgr.a" "5 mon.a"; do
+        grace=${group%% *}
+        group=${group#* }
+        pids=()
+        for name in $group; do
+            if pid=$(daemon_pid "$name"); then
+                say "stopping $name (pid $pid)"
+                pids+=("$pid")
+            fi
+            rm -f "$(pid_file "$name")"
+        done
+        stop_pids "$grace" "${pids[@]}"
     done
     # ceph-fuse clients that outlived a lazy unmount, daemons without a pid file.
+    pids=()
     for pid in $(stray_pids); do
-        case " ${pids[*]} " in *" $pid "*) continue ;; esac
-        say "stopping leftover process $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c 1-80))"
+        say "stopping leftover process $pid ($(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | cut -c 1-80))"
         pids+=("$pid")
     done
-    stop_pids "${pids[@]}"
+    stop_pids 10 "${pids[@]}"
     rm -rf "$DATA_DIR" "$RUN_DIR"
     rmdir /var/lib/imgresume-ci 2>/dev/null || true
     timed "down (logs kept in $LOG_DIR)"
