@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-sharedfs sharedfs-up sharedfs-down bench venv clean
+.PHONY: demo test test-slow test-sharedfs sharedfs-up sharedfs-down test-cephfs ceph-up ceph-down bench venv clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ sharedfs-up:
 
 sharedfs-down:
 	bash .ci/glusterfs.sh down
+
+ceph-up:
+	bash .ci/ceph.sh up
+
+ceph-down:
+	bash .ci/ceph.sh down
+
+test-cephfs: $(STAMP)
+	IMGRESUME_REQUIRE_CEPH=1 $(PY) -m pytest tests/test_cephfs.py $(PYTEST_ARGS)
 
 test-sharedfs: $(STAMP)
 	IMGRESUME_REQUIRE_SHAREDFS=1 $(PY) -m pytest tests/test_gluster.py $(PYTEST_ARGS)
