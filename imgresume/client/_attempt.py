@@ -88,7 +88,7 @@ class UploadAttempt(Protocol):
         client_id: str,
         key: bytes | None = None,
         upload_id: str | None = None,
-        window: int = 16,
+        window: int = 8,
         chunk_size: int | None = None,
         stall_timeout: float = 30.0,
         on_progress: Callable[[int], None] = lambda offset: None,
