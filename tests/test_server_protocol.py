@@ -503,3 +503,16 @@ class MemoryLimitTests(SynchronousTestCase):
         self.assertEqual(b.received(), [Ack(4096), Ack(8192)])
         self.assertEqual(a.factory.chunk_bytes, 0)
         self.assertEqual(b.transport.producerState, "producing")
+
+
+class TakeoverCheckFailureTests(SynchronousTestCase):
+    def test_failed_takeover_check_keeps_the_upload(self) -> None:
+        """A storage error while checking for a takeover is logged; the upload goes on."""
+        h = Harness(MemoryStorage())
+        h.start()
+        h.proto.writer.takeover_requested = lambda: fail(StorageError("EIO"))
+        h.clock.advance(h.factory.takeover_idle)
+        h.factory.check_takeovers()
+        self.assertEqual(h.received(), [])
+        self.assertIsNotNone(h.proto.writer)
+        self.assertEqual(h.send(data(0, CONTENT)), [Ack(len(CONTENT))])

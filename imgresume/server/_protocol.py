@@ -180,7 +180,16 @@ class UploadServerProtocol(Protocol):
             or now - self._last_heard < self.factory.takeover_idle
         ):
             return
-        self._run(self.writer.takeover_requested(), self._yield_if_requested)
+        asked = self.writer.takeover_requested()
+
+        def unknown(failure: Failure) -> bool:
+            # Cannot tell (storage hiccup): keep the upload, ask again later.
+            self.log.warn("upload {upload_id}: cannot check for a takeover request: "
+                          "{error}", upload_id=self.machine.upload_id,
+                          error=failure.getErrorMessage())
+            return False
+
+        self._run(asked.addErrback(unknown), self._yield_if_requested)
 
     def _yield_if_requested(self, requested: bool) -> None:
         if not requested:
