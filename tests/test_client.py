@@ -324,6 +324,22 @@ class UploadTests(ServerTestCase):
         self.assertEqual(storage.read_completed(second.path), content2)
         self.assertEqual(storage.read_completed(first.path), content1)
 
+    async def test_local_file_shrinks_mid_upload(self) -> None:
+        """A local file that can no longer be read fails at once, without retries."""
+        storage = MemoryStorage()
+        _, listening = self.start_server(storage)
+        path, _ = self.local_file(CHUNK * 8)
+        uploader = self.uploader(endpoint_of(listening), window=1, max_attempts=10)
+
+        def progress(p) -> None:
+            if p.phase == "uploading" and p.done >= CHUNK:
+                os.truncate(path, 0)
+
+        with self.assertRaises(UploadFailed) as caught:
+            await uploader.upload(path, progress=progress)
+        self.assertIn("cannot read the local file", str(caught.exception))
+        self.assertIsInstance(caught.exception.cause, OSError)
+
     async def test_missing_local_file(self) -> None:
         """A local file that cannot be opened fails at once with UploadFailed."""
         uploader = self.uploader(f"tcp:127.0.0.1:{free_port()}")

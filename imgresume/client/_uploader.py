@@ -304,6 +304,9 @@ class Uploader:
             attempt=state.attempts, name=name, server=stats.server_id or "?",
             error=describe(error),
         )
+        if isinstance(error, OSError):
+            # The local file, not the network: retrying cannot help.
+            raise UploadFailed(f"{name}: cannot read the local file: {error}", error)
         if isinstance(error, ResidualMismatch):
             state.upload_id = None  # the residual is not ours: start afresh
             state.rehash, state.from_journal = state.from_journal, False
