@@ -22,7 +22,8 @@ setup(
         "service-identity>=24",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6"],
+        "s3": ["boto3>=1.28"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "boto3>=1.28"],
     },
     entry_points={"console_scripts": ["imgresume = imgresume.cli:main"]},
 )

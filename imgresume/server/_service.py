@@ -113,6 +113,19 @@ class _DrainService(Service):
         return d
 
 
+def _s3_expiry(storage: Any, interval: float, older_than: float) -> Service:
+    """Every C{interval}, abort S3 uploads started more than C{older_than} ago."""
+    from twisted.application.internet import TimerService
+
+    def expire() -> Deferred[Any]:
+        return storage.expire(older_than).addErrback(
+            lambda f: log.failure("S3 expiry of abandoned uploads failed", f))
+
+    service = TimerService(interval, expire)
+    service.setName("gc")
+    return service
+
+
 def makeServerService(
     listen: str,
     storage: IUploadStorage | str,
@@ -134,12 +147,17 @@ def makeServerService(
     max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
     metrics_listen: str | None = None,
     hooks: HookConfig | None = None,
+    s3_options: dict[str, Any] | None = None,
 ) -> MultiService:
     """
     Build a server listening on the endpoint string C{listen}.
 
     @param storage: a storage provider, or a directory path for the shared
-        filesystem storage (run on a thread pool owned by the service).
+        filesystem storage, or C{s3://BUCKET/PREFIX} for the S3 storage
+        (either run on a thread pool owned by the service).
+    @param s3_options: keyword arguments for L{S3Storage
+        <imgresume.storage.s3.S3Storage>} (C{endpoint_url}, C{region},
+        C{part_size}, C{spool_dir}) when C{storage} is an s3:// URL.
     @param keys: a key file; when given, clients must authenticate (the
         file is watched and reloaded on change).
     @param cert_identity: a client with a verified TLS client certificate
@@ -178,10 +196,19 @@ def makeServerService(
     if isinstance(storage, str):
         pool = ThreadPool(minthreads=1, maxthreads=threads, name="imgresume-storage")
         ThreadPoolService(pool).setServiceParent(top)
-        storage = FilesystemStorage(
-            storage, run=functools.partial(deferToThreadPool, reactor, pool),
-            owner=server_id, timings=metrics.storage_timing,
-        )
+        if storage.startswith("s3://"):
+            from imgresume.storage.s3 import S3Storage
+
+            storage = S3Storage(
+                storage, functools.partial(deferToThreadPool, reactor, pool),
+                owner=server_id, **(s3_options or {}))
+            if gc_interval > 0:
+                _s3_expiry(storage, gc_interval, expire_after).setServiceParent(top)
+        else:
+            storage = FilesystemStorage(
+                storage, run=functools.partial(deferToThreadPool, reactor, pool),
+                owner=server_id, timings=metrics.storage_timing,
+            )
     gc = None
     if gc_interval > 0 and isinstance(storage, FilesystemStorage):
         gc = GarbageCollectorService(

@@ -42,7 +42,17 @@ Examples:
         ["listen", "l", "tcp:9000:interface=127.0.0.1",
          "Twisted server endpoint to listen on (tcp:PORT, ssl:..., mtls:..., unix:PATH, "
          "haproxy:...)."],
-        ["storage", "s", None, "Storage directory, shared by every server of the pool (required)."],
+        ["storage", "s", None, "Storage directory, shared by every server of the pool, or "
+         "s3://BUCKET/PREFIX for S3-compatible object storage (docs/s3.md) (required)."],
+        ["s3-endpoint", None, None, "With --storage s3://...: the S3 endpoint URL "
+         "[default: $AWS_ENDPOINT_URL, else AWS].  Credentials come from the usual "
+         "AWS_* environment variables or ~/.aws, never from the command line."],
+        ["s3-region", None, None, "With --storage s3://...: the region "
+         "[default: $AWS_DEFAULT_REGION]."],
+        ["s3-part-size", None, "5M", "With --storage s3://...: the smallest part size "
+         "(at least 5M); acknowledgements come at part boundaries."],
+        ["s3-spool-dir", None, None, "With --storage s3://...: hold each upload's "
+         "unfinished part in a temporary file here instead of in memory."],
         ["keys", "k", None, "Key file (`imgresume keys add`): every client must authenticate "
          "with its key.  Reloaded when it changes."],
         ["server-id", None, None, "Name of this server in logs and in the handshake "
@@ -129,7 +139,9 @@ Examples:
                 "keys add --help`), or listen on mtls:... with --cert-identity, or on a "
                 "loopback interface or a UNIX socket, or say --insecure"
             )
-        if not os.path.isdir(self["storage"]):
+        if self["storage"].startswith("s3://"):
+            self._check_s3_options()
+        elif not os.path.isdir(self["storage"]):
             raise usage.UsageError(f"--storage {self['storage']}: not a directory")
         try:
             self["limits"] = ServerLimits(
@@ -151,6 +163,20 @@ Examples:
                 raise usage.UsageError(f"--{key} must be more than 0")
         self._check_proxy_options()
         self._check_hook_options()
+
+    def _check_s3_options(self) -> None:
+        from imgresume.storage.s3 import MIN_PART_SIZE, parse_url
+
+        try:
+            parse_url(self["storage"])
+            part_size = parse_size(self["s3-part-size"])
+        except ValueError as e:
+            raise usage.UsageError(f"--storage / --s3-part-size: {e}")
+        if part_size < MIN_PART_SIZE:
+            raise usage.UsageError("--s3-part-size must be at least 5M (S3's smallest part)")
+        self["s3-options"] = {"endpoint_url": self["s3-endpoint"],
+                              "region": self["s3-region"], "part_size": part_size,
+                              "spool_dir": self["s3-spool-dir"]}
 
     def _check_hook_options(self) -> None:
         from imgresume.server._hooks import HookConfig, parse_command
@@ -214,7 +240,7 @@ def makeService(config: Options):
     from imgresume.server._service import makeServerService
     from imgresume.server._storagecheck import StorageCheckFailed, verify_storage
 
-    if not config["skip-storage-check"]:
+    if not config["skip-storage-check"] and not config["storage"].startswith("s3://"):
         try:
             verify_storage(config["storage"])
         except StorageCheckFailed as e:
@@ -238,4 +264,5 @@ def makeService(config: Options):
         max_connections_per_address=config["max-connections-per-address"],
         metrics_listen=config["metrics"],
         hooks=config["hooks"],
+        s3_options=config.get("s3-options"),
     )
