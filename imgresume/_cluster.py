@@ -100,7 +100,8 @@ class LocalCluster:
         if len(mounts) != servers:
             raise ValueError(f"{servers} servers but {len(mounts)} storage directories")
         for path in mounts:
-            os.makedirs(path, exist_ok=True)
+            if "://" not in path:  # an object store (s3://...) needs no directory
+                os.makedirs(path, exist_ok=True)
         #: The storage directory as the first server sees it.
         self.storage = mounts[0]
         os.makedirs(os.path.join(self.directory, "logs"), exist_ok=True)

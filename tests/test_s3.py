@@ -473,9 +473,6 @@ class S3FailoverTests(BucketMixin, TestCase):
         env = aws_environ(self)
         work = os.path.abspath(self.mktemp())
         os.makedirs(work)
-        cwd = os.getcwd()
-        os.chdir(work)  # LocalCluster makes a directory of each storage argument
-        self.addCleanup(os.chdir, cwd)
         cluster = LocalCluster(work, servers=2, storage=self.url, server_args=[
             "--s3-endpoint", env["IMGRESUME_S3_ENDPOINT"]]).start()
         self.addCleanup(cluster.stop)
