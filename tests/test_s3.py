@@ -141,13 +141,6 @@ class BucketMixin:
         return S3Storage(self.url, client=self.client, **kw)
 
 
-NOT_AT_PART_GRANULARITY = (
-    "assumes every write is durable at once; S3 commits whole parts of at "
-    "least 5 MiB (radosgw refuses smaller ones with EntityTooSmall), so a "
-    "10 KiB write is acknowledged only when the upload reaches its end; "
-    "the same property at part granularity is in S3PartTests")
-
-
 class S3StorageTests(BucketMixin, StorageConformanceMixin, TestCase):
     """The storage conformance suite on radosgw."""
 
@@ -185,14 +178,6 @@ class S3StorageTests(BucketMixin, StorageConformanceMixin, TestCase):
                          frozenset({DURABLE_ACK, SHARED, PROVEN_OFFSET, ATOMIC_COMPLETE}))
         self.assertNotIn(EXCLUSIVE_WRITER, self.storage.guarantees)
         self.assertEqual(self.storage.commit_granularity, 5 * MiB)
-
-
-for _name in ("test_writeBatch", "test_status", "test_uploadsBelongToTheirClient",
-              "test_takeoverRequestIsForOneGeneration", "test_resumeSameOffsetAndTail"):
-    def _skipped(self, _n=_name):
-        raise SkipTest(NOT_AT_PART_GRANULARITY)
-    _skipped.__doc__ = f"{_name}: not applicable ({NOT_AT_PART_GRANULARITY})."
-    setattr(S3StorageTests, _name, _skipped)
 
 
 def _no_corruption(self):
