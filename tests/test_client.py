@@ -739,6 +739,14 @@ class UploadAttemptTests(SynchronousTestCase):
         self.assertEqual(h.progress, [0, 12, 16])
         self.assertTrue(h.transport.disconnecting)
 
+    def test_window_advertised_by_the_server(self) -> None:
+        """The client keeps no more packets in flight than the server's WELCOME asks."""
+        h = AttemptHarness(self, self.CONTENT)
+        welcome = Welcome(1, "unit-server", 1024, 1 << 40, 1024, {"window": "1"})
+        self.assertEqual(h.receive(welcome), [h.request])
+        self.assertEqual(h.receive(h.accepted()), [h.data(0, 4)])
+        self.assertEqual(h.receive(Ack(4)), [h.data(4, 4)])
+
     def test_resume_verified_tail(self) -> None:
         """A RESUME whose tail matches the local bytes continues from its offset."""
         h = AttemptHarness(self, self.CONTENT, upload_id="ab" * 16)

@@ -129,6 +129,7 @@ class HappyPathTests(SynchronousTestCase):
         h = Harness(storage)
         welcome = h.handshake()
         self.assertEqual((welcome.server_id, welcome.chunk_size), ("test-server", 4096))
+        self.assertEqual(welcome.options["window"], str(h.factory.max_window))
         [acc] = h.send(encode(Upload("a.tif", len(CONTENT), SHA, {"dpi": "600"})))
         self.assertEqual((acc.offset, acc.size, acc.sha256), (0, len(CONTENT), SHA))
         acks = h.send(data(0, CONTENT[:4096]), data(4096, CONTENT[4096:]))

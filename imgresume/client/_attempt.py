@@ -139,6 +139,9 @@ class UploadAttempt(Protocol):
         m = self.machine
         if isinstance(event, Welcomed):
             self.stats.server_id = event.welcome.server_id
+            advertised = event.welcome.options.get("window", "")
+            if advertised.isdigit() and int(advertised) > 0:
+                self.window = min(self.window, int(advertised))
             if self.upload_id is not None:
                 m.resume(self.upload_id)
             else:

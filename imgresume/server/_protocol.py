@@ -350,13 +350,16 @@ class UploadServerProtocol(Protocol):
         return hello is not None and hello.client_id in HEALTH_CHECK_CLIENT_IDS
 
     def _welcome(self, options: dict[str, str] | None = None, how: str = "") -> None:
+        if options:  # the key's proof: this client authenticated
+            how = " (authenticated)"
+        # The deepest window of DATA packets this server wants in flight.
+        options = {**(options or {}), "window": str(self.factory.max_window)}
         self.machine.accept_hello(options)
         self._reset_timer(self.factory.idle_timeout)
         emit = _silent if self._is_health_check() else self.log.info
         emit(
             "handshake from {peer}: client {client}{how}",
-            peer=self.peer, client=self.machine.client_id,
-            how=" (authenticated)" if options else how,
+            peer=self.peer, client=self.machine.client_id, how=how,
         )
 
     def _run(self, d: Deferred[Any], on_success: Any, **kw: Any) -> None:
@@ -669,6 +672,9 @@ class UploadServerFactory(Factory):
         #: Bytes of chunks a connection gathers for its next batch before it
         #: stops reading (the batch being written is one more such amount).
         self.batch_limit = max(2 * limits.max_payload, 8 * 1024 * 1024)
+        #: Advertised in WELCOME (option "window"): the most DATA packets a
+        #: client should have in flight; more only wait in buffers.
+        self.max_window = 32
         #: Bytes of received chunks all connections may hold (gathered or
         #: being written) before they stop reading; and what they hold now.
         self.chunk_memory_limit = max(4 * self.batch_limit, 256 * 1024 * 1024)
