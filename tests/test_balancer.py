@@ -966,6 +966,22 @@ class OptionsTests(TestCase):
         for word in ("--check-interval", "--check-timeout", "--fall", "--rise", "PING"):
             self.assertIn(word, text)
 
+    def test_public_listen_needs_backends_authenticate_or_insecure(self) -> None:
+        """
+        Listening beyond this host is refused unless the operator says the
+        backends authenticate clients, or accepts --insecure.
+        """
+        base = ["--backend", "tcp:127.0.0.1:9001"]
+        error = self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["--listen", "tcp:7000", *base])
+        self.assertIn("--backends-authenticate", str(error))
+        for flag in ("--backends-authenticate", "--insecure"):
+            options = Options()
+            options.parseOptions(["--listen", "tcp:7000", flag, *base])
+            self.assertTrue(options[flag.lstrip("-")])
+        Options().parseOptions(["--listen", "tcp:7000:interface=127.0.0.1", *base])
+        Options().parseOptions(["--listen", "unix:/run/lb.sock", *base])
+
     def test_makeService(self) -> None:
         """
         L{makeService} listens where told, with a balancer over the given

@@ -73,12 +73,11 @@ class LocalFile:
 
         return self._run(_hash)
 
-    def read(self, offset: int, length: int) -> Deferred[bytes]:
-        """Read exactly C{length} bytes at C{offset} (in a thread)."""
-        return self._run(self._read_exactly, offset, length)
-
     def read_with_crc(self, offset: int, length: int) -> Deferred[tuple[bytes, int]]:
-        """Read like L{read} and compute the CRC-32 too, both in the thread."""
+        """
+        Read exactly C{length} bytes at C{offset} and compute their CRC-32,
+        both in a thread (off the reactor).
+        """
 
         def read() -> tuple[bytes, int]:
             data = self._read_exactly(offset, length)
