@@ -52,7 +52,7 @@ def request(data: bytes = PAYLOAD, name: str = "a.tiff", **kw: Any) -> NewUpload
 class StorageConformanceMixin:
     """
     Behaviour shared by every storage backend.  Subclasses implement
-    L{makeStorage}, L{readCompleted}, L{makeSibling} and L{corruptStored}.
+    L{makeStorage}, L{readCompleted}, L{makeSibling} and L{storeDamaged}.
     """
 
     # -- hooks --------------------------------------------------------------
@@ -73,8 +73,12 @@ class StorageConformanceMixin:
         """Return the bytes of the completed file at C{path}."""
         raise NotImplementedError
 
-    def corruptStored(self, storage: Any, upload_id: str, offset: int) -> None:
-        """Flip one stored byte of a partial upload, behind the writer's back."""
+    def storeDamaged(self, writer: Any, offset: int) -> None:
+        """
+        Make the next write covering C{offset} store that byte flipped, as a
+        failing disk would: the write is acknowledged, but what is stored
+        (and read back) differs from what was written.
+        """
         raise NotImplementedError
 
     # -- helpers ------------------------------------------------------------
@@ -397,13 +401,13 @@ class StorageConformanceMixin:
 
     def test_corruptionFoundAtComplete(self) -> None:
         """
-        If stored bytes change after they were acknowledged, complete()
-        cuts the upload back to the start of the damaged range and asks for
-        it again; resending it completes the upload.
+        If the stored bytes differ from what was written and acknowledged,
+        complete() cuts the upload back to the start of the damaged range
+        and asks for it again; resending it completes the upload.
         """
         writer = self.create()
+        self.storeDamaged(writer, 5000)
         self.writeAll(writer, PAYLOAD, chunk=4096)
-        self.corruptStored(self.storage, writer.info.upload_id, 5000)
         f = self.failureResultOf(writer.complete())
         f.trap(Incomplete)
         self.assertEqual(f.value.offset, 4096)

@@ -153,8 +153,8 @@ class S3StorageTests(BucketMixin, StorageConformanceMixin, TestCase):
     def readCompleted(self, storage, path):
         return storage.read_completed(path)
 
-    def corruptStored(self, storage, upload_id, offset):
-        raise NotImplementedError("stored parts cannot be changed in place")
+    def storeDamaged(self, writer, offset):
+        raise NotImplementedError("a test cannot make radosgw store wrong bytes")
 
     def writeAll(self, writer, data, start=0, chunk=4096):
         """

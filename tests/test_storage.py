@@ -25,6 +25,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from imgresume.errors import (
+    Incomplete,
     InvalidName,
     StorageError,
     StorageFull,
@@ -86,8 +87,17 @@ class MemoryStorageTests(StorageConformanceMixin, TestCase):
     def readCompleted(self, storage, path):
         return storage.read_completed(path)
 
-    def corruptStored(self, storage, upload_id, offset):
-        storage._uploads[upload_id].data[offset] ^= 0xFF
+    def storeDamaged(self, writer, offset):
+        real = writer._write
+
+        def damaging(at, data):
+            result = real(at, data)
+            if at <= offset < at + len(data):
+                writer._upload.data[offset] ^= 0xFF
+                writer._write = real
+            return result
+
+        writer._write = damaging
 
 
 class FilesystemMixin:
@@ -113,8 +123,18 @@ class FilesystemMixin:
     def readCompleted(self, storage, path):
         return self.root.preauthChild(path).getContent()
 
-    def corruptStored(self, storage, upload_id, offset):
-        self.flipByte(upload_id, "data", offset)
+    def storeDamaged(self, writer, offset):
+        real = writer._pwrite
+        data_fd = writer._data_fd
+
+        def damaging(fd, data, at):
+            if fd == data_fd and at <= offset < at + len(data):
+                data = bytearray(data)
+                data[offset - at] ^= 0xFF
+                writer._pwrite = real
+            return real(fd, data, at)
+
+        writer._pwrite = damaging
 
     def upath(self, upload_id: str, name: str = "") -> FilePath:
         p = self.root.child("incoming").child(upload_id)
@@ -601,10 +621,153 @@ class LockingTests(FilesystemMixin, TestCase):
         self.assertNoResult(wd)
         step()
         self.assertEqual(self.successResultOf(wd), 3)
-        self.assertEqual(len(pending), 1)
+        self.assertEqual(len(pending), 2)  # the release, then the read-back
         step()
         self.successResultOf(rd)
+        step()  # the read-back finds its descriptor closed and stops
         self.assertEqual(self.resumed(writer.info.upload_id).offset, 3)
+
+
+class ReadBackTests(FilesystemMixin, TestCase):
+    """
+    Completion's verification by reading back: it follows the writes on the
+    disk threads, so complete() only waits for the last bytes.
+    """
+
+    def setUp(self) -> None:
+        self.root = self.tempPath()
+        self.pending: list = []
+        self.verified: list[float] = []
+
+        def queued(f, *args):
+            d = defer.Deferred()
+            self.pending.append((d, f, args))
+            return d
+
+        def timings(what, seconds):
+            if what == "verify":
+                self.verified.append(seconds)
+
+        self.storage = FilesystemStorage(self.root, queued, timings=timings)
+
+    def runAll(self) -> None:
+        """Run the queued disk work, and what it queues, until none is left."""
+        while self.pending:
+            d, f, args = self.pending.pop(0)
+            try:
+                result = f(*args)
+            except Exception:
+                d.errback()
+            else:
+                d.callback(result)
+
+    def create(self, data: bytes = PAYLOAD):
+        d = self.storage.create(request(data))
+        self.runAll()
+        return self.successResultOf(d)
+
+    def test_verifiedAsWritten(self) -> None:
+        """
+        Each flushed batch is read back before complete() is called; the
+        completion reads nothing more and checks the whole digest.
+        """
+        writer = self.create()
+        for pos in range(0, len(PAYLOAD), 4096):
+            d = writer.write(pos, PAYLOAD[pos : pos + 4096])
+            self.runAll()
+            self.successResultOf(d)
+        self.assertEqual(len(self.verified), 3)
+        d = writer.complete()
+        self.runAll()
+        self.assertEqual(self.successResultOf(d).sha256, hashlib.sha256(PAYLOAD).digest())
+        self.assertEqual(len(self.verified), 3)
+
+    def test_completeWaitsForReadBack(self) -> None:
+        """
+        complete() called while the last bytes are still unread checks the
+        digest only after they are read back.
+        """
+        writer = self.create()
+        d = writer.write(0, PAYLOAD)
+        d0, f, args = self.pending.pop(0)
+        d0.callback(f(*args))
+        self.assertEqual(self.successResultOf(d), len(PAYLOAD))
+        self.assertEqual(len(self.pending), 1)  # the read-back, not run yet
+        done = writer.complete()
+        self.assertNoResult(done)
+        self.assertEqual(self.verified, [])
+        self.runAll()
+        self.assertEqual(len(self.verified), 1)
+        self.successResultOf(done)
+
+    def test_resumeVerifiesStoredPrefix(self) -> None:
+        """
+        A resumed upload reads back the prefix other connections stored
+        right away, before any new byte arrives.
+        """
+        writer = self.create()
+        d = writer.write(0, PAYLOAD[:5000])
+        self.runAll()
+        self.successResultOf(d)
+        d = writer.release()
+        self.runAll()
+        self.successResultOf(d)
+        self.verified.clear()
+        d = self.storage.resume(writer.info.upload_id)
+        self.runAll()
+        again = self.successResultOf(d)
+        self.assertEqual(again.offset, 5000)
+        self.assertEqual(len(self.verified), 1)
+        d = again.write(5000, PAYLOAD[5000:])
+        self.runAll()
+        self.successResultOf(d)
+        d = again.complete()
+        self.runAll()
+        completed = self.successResultOf(d)
+        self.assertEqual(self.root.preauthChild(completed.path).getContent(), PAYLOAD)
+
+    def test_bytesDamagedBeforeReadBack(self) -> None:
+        """
+        Bytes that change on the disk after their flush but before they are
+        read back are found: the upload is cut back to the damaged range.
+        """
+        writer = self.create()
+        d = writer.write(0, PAYLOAD[:4096])
+        d.addCallback(lambda _: self.flipByte(writer.info.upload_id, "data", 100))
+        self.runAll()
+        self.successResultOf(d)
+        d = writer.write(4096, PAYLOAD[4096:])
+        self.runAll()
+        self.successResultOf(d)
+        d = writer.complete()
+        self.runAll()
+        self.assertEqual(self.failureResultOf(d, Incomplete).value.offset, 0)
+        d = writer.write(0, PAYLOAD)
+        self.runAll()
+        self.successResultOf(d)
+        d = writer.complete()
+        self.runAll()
+        self.successResultOf(d)
+
+    def test_readBackFailure(self) -> None:
+        """
+        A stored file found shorter than its flushed offset when read back
+        fails complete() with a StorageError naming the upload; the upload
+        stays resumable.
+        """
+        writer = self.create()
+        d = writer.write(0, PAYLOAD)
+        d.addCallback(lambda _: os.truncate(self.upath(writer.info.upload_id, "data").path, 10))
+        self.runAll()
+        self.successResultOf(d)
+        d = writer.complete()
+        self.runAll()
+        f = self.failureResultOf(d, StorageError)
+        self.assertIn(writer.info.upload_id, f.value.message)
+        self.assertIn("resume", f.value.message)
+        d = writer.release()
+        self.runAll()
+        self.successResultOf(d)
 
 
 class FailureTests(FilesystemMixin, TestCase):

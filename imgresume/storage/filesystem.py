@@ -61,6 +61,7 @@ from imgresume.errors import (
     UploadTakenOver,
 )
 from imgresume.storage._ids import is_upload_id, new_upload_id
+from imgresume.storage._readback import ReadBack, ReadBackFailed
 from imgresume.storage._names import completion_candidates, validate_name
 from imgresume.storage.interfaces import (
     ATOMIC_COMPLETE,
@@ -616,8 +617,13 @@ class FilesystemStorage:
             d = self._run(self._busy_in_process, upload_id, client_id)
             return d
         d = self._run(self._resume_sync, upload_id, client_id)
-        d.addErrback(self._unclaimOnFailure, upload_id)
+        d.addCallbacks(self._resumed, self._unclaimOnFailure, errbackArgs=(upload_id,))
         return d
+
+    @staticmethod
+    def _resumed(writer: FilesystemUploadWriter) -> FilesystemUploadWriter:
+        writer.verify_stored()
+        return writer
 
     # -- disk work ----------------------------------------------------------
 
@@ -1150,6 +1156,7 @@ class FilesystemUploadWriter:
         self._pwrite: Callable[[int, bytes, int], int] = os.pwrite
         self._fdatasync: Callable[[int], None] = os.fdatasync
         self._fsync: Callable[[int], None] = os.fsync
+        self._readback = ReadBack(data_fd, storage._run, storage._timings)
 
     def __repr__(self) -> str:
         return (
@@ -1168,13 +1175,46 @@ class FilesystemUploadWriter:
 
     def write_batch(self, chunks: Sequence[tuple[int, bytes]]) -> Deferred[int]:
         """See L{IUploadWriter.write_batch}."""
-        return self._call(self._write_sync, [
+        d = self._call(self._write_sync, [
             (c[0], bytes(c[1]), c[2] if len(c) > 2 else None) for c in chunks
         ])
+        d.addCallback(self._flushed)
+        return d
+
+    def _flushed(self, durable: int) -> int:
+        self._readback.follow(durable)
+        return durable
+
+    def verify_stored(self) -> None:
+        """
+        Start reading back what is already stored (a resumed prefix) while
+        new bytes arrive.  Called by L{FilesystemStorage.resume}.
+        """
+        self._readback.follow(self.offset)
 
     def complete(self) -> Deferred[CompletedUpload]:
-        """See L{IUploadWriter.complete}."""
-        return self._call(self._complete_sync)
+        """
+        See L{IUploadWriter.complete}.  The stored bytes were read back and
+        hashed as they became durable; this waits for the last of them
+        (under the writer's lock, so nothing is written meanwhile), then
+        checks the digest and moves the file into place.
+        """
+        def verified_then_complete() -> Deferred[CompletedUpload]:
+            d = self._readback.until(self.offset)
+            d.addCallbacks(
+                lambda _: self._storage._run(self._complete_sync),
+                self._readback_failed,
+            )
+            return d
+
+        return self._serial.run(verified_then_complete)
+
+    def _readback_failed(self, failure: Failure) -> Failure:
+        failure.trap(ReadBackFailed)
+        raise StorageError(
+            f"cannot read back upload {self.info.upload_id}: {failure.value}; "
+            "resume the upload to try again"
+        ) from failure.value
 
     def abort(self) -> Deferred[None]:
         """See L{IUploadWriter.abort}."""
@@ -1227,6 +1267,7 @@ class FilesystemUploadWriter:
         if self._closed:
             return
         self._closed = True
+        self._readback.close()
         for fd in (self._data_fd, self._journal_fd):
             try:
                 os.close(fd)
@@ -1346,20 +1387,6 @@ class FilesystemUploadWriter:
         self._fdatasync(fd)
         timings("fdatasync", time.perf_counter() - started)
 
-    def _hash_stored(self) -> bytes:
-        """SHA-256 of the first C{size} bytes as stored (read back from disk)."""
-        _drop_cache(self._data_fd)
-        h = hashlib.sha256()
-        pos = 0
-        size = self.info.size
-        while pos < size:
-            b = os.pread(self._data_fd, min(READ_CHUNK, size - pos), pos)
-            if not b:
-                break
-            h.update(b)
-            pos += len(b)
-        return h.digest()
-
     def _complete_sync(self) -> CompletedUpload:
         self._check_usable()
         info = self.info
@@ -1368,8 +1395,7 @@ class FilesystemUploadWriter:
                 f"upload {info.upload_id} has {self.offset} of {info.size} bytes",
                 offset=self.offset,
             )
-        with _io(f"cannot read back upload {info.upload_id}"):
-            digest = self._hash_stored()
+        digest = self._readback.digest()
         if digest != info.sha256:
             self._mismatch(digest)
         self._check_lease()
@@ -1423,6 +1449,7 @@ class FilesystemUploadWriter:
                 raise self._poison(e, "truncating after corruption") from e
             self.offset = start
             self._count = index
+            self._readback.reset(start)
             log.warn(
                 "upload {upload_id}: stored bytes at {offset} no longer match "
                 "their CRC-32; cut back to {offset}",
