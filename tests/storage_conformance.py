@@ -43,10 +43,9 @@ PAYLOAD = bytes(range(256)) * 40 + b"tail"  # 10244 bytes
 
 
 def request(data: bytes = PAYLOAD, name: str = "a.tiff", **kw: Any) -> NewUpload:
-    """A L{NewUpload} for C{data}."""
-    return NewUpload(
-        name=name, size=len(data), sha256=hashlib.sha256(data).digest(), **kw
-    )
+    """A L{NewUpload} for C{data} (its SHA-256 declared unless C{sha256} is given)."""
+    kw.setdefault("sha256", hashlib.sha256(data).digest())
+    return NewUpload(name=name, size=len(data), **kw)
 
 
 class StorageConformanceMixin:
@@ -132,6 +131,60 @@ class StorageConformanceMixin:
         self.writeAll(writer, data, start=2 * p)
         done = self.successResultOf(writer.complete())
         self.assertEqual(self.readCompleted(self.storage, done.path), data)
+
+    def test_lateDigest(self) -> None:
+        """
+        An upload created without its SHA-256 is completed with it: the
+        stored bytes are checked against the digest given to complete().
+        """
+        data = self.sample()
+        writer = self.create(data, sha256=None)
+        self.assertIsNone(writer.info.sha256)
+        self.writeAll(writer, data)
+        digest = hashlib.sha256(data).digest()
+        done = self.successResultOf(writer.complete(digest))
+        self.assertEqual(done.sha256, digest)
+        self.assertEqual(self.readCompleted(self.storage, done.path), data)
+        again = self.failureResultOf(
+            self.makeSibling(self.storage).resume(done.upload_id), UploadAlreadyComplete)
+        self.assertEqual(again.value.completed.sha256, digest)
+
+    def test_lateDigestResumed(self) -> None:
+        """A resumed upload still has no digest; completing it takes one."""
+        data, p = self.sample(), self.piece(4096)
+        writer = self.create(data, sha256=None)
+        self.writeAll(writer, data[:p])
+        self.successResultOf(writer.release())
+        other = self.successResultOf(
+            self.makeSibling(self.storage).resume(writer.info.upload_id))
+        self.assertIsNone(other.info.sha256)
+        self.writeAll(other, data, start=other.offset)
+        done = self.successResultOf(other.complete(hashlib.sha256(data).digest()))
+        self.assertEqual(self.readCompleted(self.storage, done.path), data)
+
+    def test_lateDigestMismatch(self) -> None:
+        """A digest at the end that the stored bytes do not match removes the upload."""
+        data = self.sample()
+        writer = self.create(data, sha256=None)
+        self.writeAll(writer, data)
+        self.failureResultOf(writer.complete(b"\x00" * 31 + b"\x01"), DigestMismatch)
+        self.failureResultOf(
+            self.storage.resume(writer.info.upload_id), UnknownUpload)
+
+    def test_digestGivenExactlyOnce(self) -> None:
+        """
+        complete() takes a digest exactly when create() had none: a missing
+        or a second digest is a programming error (ValueError).
+        """
+        late = self.create(b"ab", sha256=None)
+        self.successResultOf(late.write(0, b"ab"))
+        self.failureResultOf(late.complete(), ValueError)
+        declared = self.create(b"cd", name="b.tiff")
+        self.successResultOf(declared.write(0, b"cd"))
+        self.failureResultOf(
+            declared.complete(hashlib.sha256(b"cd").digest()), ValueError)
+        self.successResultOf(late.complete(hashlib.sha256(b"ab").digest()))
+        self.successResultOf(declared.complete())
 
     def test_status(self) -> None:
         """status() reports offset and ownership without taking the upload."""

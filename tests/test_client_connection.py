@@ -34,11 +34,13 @@ from imgresume.protocol._client import (
 )
 from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
+    LATE_DIGEST,
     Accepted,
     Ack,
     Completed,
     Data,
     Error,
+    Finish,
     FrameType,
     Hello,
     Ping,
@@ -446,6 +448,34 @@ class FinishTests(SynchronousTestCase):
              client.finishing),
             (None, 0, 0, 0, 0, False),
         )
+
+    def test_late_digest(self) -> None:
+        """
+        An upload opened with LATE_DIGEST (when the server offers it) ends
+        with FINISH carrying the digest; COMPLETED then ends it.
+        """
+        client = ClientConnection("client-1")
+        client.hello()
+        self.assertFalse(client.late_digest_offered)
+        fed(client, Welcome(1, "srv-1", 64, 1 << 30, 32, {"late-digest": "1"}))
+        self.assertTrue(client.late_digest_offered)
+        client.upload(Upload("a.jpg", 10, LATE_DIGEST))
+        fed(client, Accepted(UPLOAD_ID, "a.jpg", 10, LATE_DIGEST, 0))
+        self.assertTrue(client.late_digest)
+        client.data_to_send()
+        client.send_data(0, b"x" * 10)
+        self.assertRaises(ValueError, client.finish)
+        client.finish(DIGEST)
+        self.assertEqual(sent_frames(client)[-1], Finish(DIGEST))
+        fed(client, Ack(10))
+        completed = Completed(UPLOAD_ID, 10, DIGEST, "/srv/a.jpg")
+        self.assertEqual(fed(client, completed), UploadCompleted(completed))
+
+    def test_declared_digest_cannot_finish_with_one(self) -> None:
+        """An upload that declared its SHA-256 ends with the empty DATA only."""
+        client = sending(size=0)
+        self.assertFalse(client.late_digest)
+        self.assertRaises(ValueError, client.finish, DIGEST)
 
     def test_empty_file(self) -> None:
         """A zero-byte upload can finish at once."""

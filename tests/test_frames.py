@@ -27,6 +27,7 @@ from imgresume.protocol._frames import (
     Completed,
     Data,
     Error,
+    Finish,
     FrameType,
     Hello,
     Ping,
@@ -71,6 +72,7 @@ SAMPLES = [
     Status(UPLOAD_ID),
     UploadStatusFrame(UPLOAD_ID, "scans/\u00e9.tif", 10**9, False, 5 << 20, True,
                       "node-2", 1764115200000, 1764115260000, ""),
+    Finish(DIGEST),
 ]
 
 
@@ -114,6 +116,7 @@ frames = st.one_of(
         lambda p: st.builds(Data, u64, st.just(zlib.crc32(p)), st.just(p))
     ),
     st.builds(Ack, u64),
+    st.builds(Finish, digest),
     st.builds(Completed, upload_id, u64, digest, text),
     st.builds(Error, u16, text, u64, u32),
     st.builds(Ping, u64),
@@ -233,6 +236,10 @@ class LayoutTests(SynchronousTestCase):
     def test_data_empty(self) -> None:
         """The end-of-upload DATA is a 12-byte body: offset and CRC-32 of nothing."""
         self.assertHex(Data(5, 0, b""), "06 0000000c 0000000000000005 00000000")
+
+    def test_finish(self) -> None:
+        """FINISH: the whole file's SHA-256, 32 raw bytes."""
+        self.assertHex(Finish(bytes(range(32))), "10 00000020 " + bytes(range(32)).hex())
 
     def test_ack(self) -> None:
         """ACK: a u64 offset."""
@@ -404,8 +411,8 @@ class MalformedTests(SynchronousTestCase):
         return self.assertRaises(MalformedFrame, dec.next_frame)
 
     def test_unknown_type(self) -> None:
-        """Types 0x00 and 0x10..0xff are unknown."""
-        for kind in (0x00, 0x10, 0x7F, 0xFF):
+        """Types 0x00 and 0x11..0xff are unknown."""
+        for kind in (0x00, 0x11, 0x7F, 0xFF):
             error = self.assertMalformed(_frame(kind, b""))
             self.assertIn(f"0x{kind:02x}", error.message)
 
@@ -515,7 +522,7 @@ class FuzzTests(SynchronousTestCase):
                         frame,
                         (Hello, Welcome, Upload, Resume, Accepted, Data, Ack,
                          Completed, Error, Ping, Pong, Challenge, Auth, Status,
-                         UploadStatusFrame),
+                         UploadStatusFrame, Finish),
                     )
         except ImgresumeError as error:
             self.assertIsInstance(error, (MalformedFrame, FrameTooLarge))

@@ -36,7 +36,7 @@ class WorkedExampleTests(SynchronousTestCase):
     def test_every_block_round_trips(self) -> None:
         """Each hex block is exactly one frame of the captioned type."""
         found = examples()
-        self.assertEqual(len(found), 15)
+        self.assertEqual(len(found), 17)
         for name, raw in found:
             decoder = FrameDecoder(control_limit(4 << 20))
             decoder.feed(raw)
@@ -66,3 +66,6 @@ class WorkedExampleTests(SynchronousTestCase):
         self.assertEqual(resumed.tail_sha256, hashlib.sha256(content[:6]).digest())
         self.assertEqual(frames["COMPLETED"][0].path, "complete/scans/a.tif")
         self.assertEqual(frames["ERROR"][0].offset, 6)
+        late = frames["UPLOAD"][1]
+        self.assertEqual((late.size, late.sha256), (10, b"\0" * 32))
+        self.assertEqual(frames["FINISH"][0].sha256, sha)

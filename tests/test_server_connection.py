@@ -29,11 +29,13 @@ from imgresume.errors import (
 from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
     HEADER,
+    LATE_DIGEST,
     Accepted,
     Ack,
     Completed,
     Data,
     Error,
+    Finish,
     FrameType,
     Hello,
     Ping,
@@ -126,6 +128,7 @@ EVERY_FRAME = {
     FrameType.ERROR: Error(ErrorCode.TIMEOUT, "x"),
     FrameType.PING: Ping(1),
     FrameType.PONG: Pong(1),
+    FrameType.FINISH: Finish(DIGEST),
 }
 
 #: How to reach each state that reads frames, and what is legal there.
@@ -153,7 +156,8 @@ class HappyPathTests(SynchronousTestCase):
         server.accept_hello({"region": "eu"})
         self.assertEqual(
             server.data_to_send(),
-            [encode(Welcome(1, "srv-1", 1024, 1 << 20, 512, {"region": "eu"}))],
+            [encode(Welcome(1, "srv-1", 1024, 1 << 20, 512,
+                            {"late-digest": "1", "region": "eu"}))],
         )
         self.assertEqual(server.state, ServerState.READY)
         self.assertEqual(server.client_id, "client-1")
@@ -268,7 +272,7 @@ class IllegalFrameTests(SynchronousTestCase):
                 self.assertFatal(server, fed(server, frame), UnexpectedFrame, where)
                 self.assertIsNone(server.next_event(), where)
                 checked += 1
-        self.assertEqual(checked, 10 + 8 + 9)
+        self.assertEqual(checked, 11 + 9 + 10)
 
     def test_illegal_after_pending_answer(self) -> None:
         """A frame buffered while an answer is pending is judged in the new state."""
@@ -670,3 +674,92 @@ class PendingTests(SynchronousTestCase):
         self.assertRaises(
             RuntimeError, server.upload_opened, UPLOAD_ID, "a", 1, DIGEST, 0
         )
+
+
+def late(size: int = 10, offset: int = 0) -> ServerConnection:
+    """A server in RECEIVING for an upload opened without its SHA-256."""
+    server = handshaken()
+    event = fed(server, Upload("a.jpg", size, LATE_DIGEST))
+    assert event == UploadRequested(Upload("a.jpg", size, LATE_DIGEST)), event
+    server.upload_opened(UPLOAD_ID, "a.jpg", size, LATE_DIGEST, offset)
+    server.data_to_send()
+    return server
+
+
+class LateDigestTests(SynchronousTestCase):
+    """Uploads whose SHA-256 comes at the end, in FINISH (docs/protocol.md)."""
+
+    def test_offered(self) -> None:
+        """WELCOME tells the client it may send the digest at the end."""
+        server = ServerConnection("srv-1", LIMITS)
+        fed(server, Hello("client-1"))
+        server.accept_hello({"window": "8"})
+        [welcome] = sent_frames(server)
+        self.assertEqual(welcome.options, {"late-digest": "1", "window": "8"})
+
+    def test_finish_carries_the_digest(self) -> None:
+        """FINISH after the last byte asks to complete with its digest."""
+        server = late()
+        self.assertEqual(fed(server, data(0, b"0123456789")), ChunkReceived(0, b"0123456789"))
+        server.chunk_written(10)
+        self.assertEqual(sent_frames(server), [Ack(10)])
+        self.assertEqual(fed(server, Finish(DIGEST)), FinishRequested(10, DIGEST))
+        self.assertEqual(server.state, ServerState.COMPLETING)
+
+    def test_finish_waits_for_pending_chunks(self) -> None:
+        """A FINISH right behind chunks still being written waits for them."""
+        server = late()
+        self.assertIsInstance(fed(server, data(0, b"0123456789")), ChunkReceived)
+        self.assertIsNone(fed(server, Finish(DIGEST)))
+        self.assertEqual(server.state, ServerState.FINISHING)
+        server.chunk_written(10)
+        self.assertEqual(server.next_event(), FinishRequested(10, DIGEST))
+
+    def test_finish_too_early(self) -> None:
+        """FINISH before every byte is INCOMPLETE; the upload goes on."""
+        server = late()
+        fed(server, data(0, b"01234"))
+        server.chunk_written(5)
+        self.assertIsNone(fed(server, Finish(DIGEST)))
+        [ack, error] = sent_frames(server)
+        self.assertEqual((error.code, error.offset), (ErrorCode.INCOMPLETE, 5))
+        self.assertEqual(server.state, ServerState.RECEIVING)
+
+    def test_empty_data_refused(self) -> None:
+        """An upload opened without its digest cannot end with an empty DATA."""
+        server = late(size=0)
+        event = fed(server, data(0, b""))
+        self.assertIsInstance(event, ConnectionFailed)
+        self.assertIsInstance(event.error, UnexpectedFrame)
+        self.assertIn("FINISH", event.error.message)
+
+    def test_finish_refused_for_declared_digest(self) -> None:
+        """An upload that declared its digest ends with an empty DATA, not FINISH."""
+        server = receiving(size=0)
+        event = fed(server, Finish(DIGEST))
+        self.assertIsInstance(event, ConnectionFailed)
+        self.assertIsInstance(event.error, UnexpectedFrame)
+
+    def test_resent_after_completion_failure(self) -> None:
+        """
+        When completion finds damaged bytes (INCOMPLETE from storage), the
+        client resends them and FINISH again, with the digest.
+        """
+        server = late()
+        fed(server, data(0, b"0123456789"))
+        server.chunk_written(10)
+        fed(server, Finish(DIGEST))
+        server.fail(Incomplete("stored bytes from 4 are damaged", offset=4))
+        self.assertEqual(server.state, ServerState.RECEIVING)
+        fed(server, data(4, b"456789"))
+        server.chunk_written(10)
+        self.assertEqual(fed(server, Finish(DIGEST)), FinishRequested(10, DIGEST))
+
+    def test_next_upload_declares_again(self) -> None:
+        """After a late-digest upload, the next upload's own rule applies."""
+        server = late(size=0)
+        self.assertEqual(fed(server, Finish(DIGEST)), FinishRequested(0, DIGEST))
+        server.upload_completed(UPLOAD_ID, 0, DIGEST, "complete/a.jpg")
+        fed(server, Upload("b.jpg", 0, DIGEST))
+        server.upload_opened(UPLOAD_ID, "b.jpg", 0, DIGEST, 0)
+        self.assertEqual(fed(server, data(0, b"")), FinishRequested(0, None))

@@ -21,7 +21,9 @@ from imgresume.protocol import (
     Completed,
     Data,
     Error,
+    Finish,
     FrameDecoder,
+    LATE_DIGEST,
     Hello,
     Ping,
     Pong,
@@ -114,8 +116,8 @@ class SlowWriter:
         self.owner.batches.append([chunk[0] for chunk in chunks])
         return self._later(self.writer.write_batch(chunks))
 
-    def complete(self):
-        return self._later(self.writer.complete())
+    def complete(self, sha256=None):
+        return self._later(self.writer.complete(sha256))
 
     def release(self):
         self.owner.released += 1
@@ -157,6 +159,31 @@ class HappyPathTests(SynchronousTestCase):
         second.send(data(4096, CONTENT[4096:]))
         [done] = second.send(data(len(CONTENT), b""))
         self.assertEqual(storage.read_completed(done.path), CONTENT)
+
+    def test_late_digest_resumed_on_a_second_server(self) -> None:
+        """
+        An upload opened without its SHA-256 is resumed elsewhere (ACCEPTED
+        says the digest is still to come) and ends with FINISH; a wrong
+        digest there is DIGEST_MISMATCH.
+        """
+        storage = MemoryStorage()
+        first = Harness(storage)
+        first.handshake()
+        [acc] = first.send(encode(Upload("a.tif", len(CONTENT), LATE_DIGEST)))
+        self.assertEqual(acc.sha256, LATE_DIGEST)
+        first.send(data(0, CONTENT[:4096]))
+        first.proto.connectionLost(Failure(Exception("gone")))
+        second = Harness(storage)
+        second.handshake()
+        [resumed] = second.send(encode(Resume(acc.upload_id)))
+        self.assertEqual((resumed.offset, resumed.sha256), (4096, LATE_DIGEST))
+        second.send(data(4096, CONTENT[4096:]))
+        [done] = second.send(encode(Finish(SHA)))
+        self.assertEqual((done.sha256, storage.read_completed(done.path)), (SHA, CONTENT))
+        [acc2] = second.send(encode(Upload("b.tif", 2, LATE_DIGEST)))
+        second.send(data(0, b"ab"))
+        [error] = second.send(encode(Finish(SHA)))
+        self.assertEqual(error.code, ErrorCode.DIGEST_MISMATCH)
 
     def test_resume_of_completed_upload_answers_completed(self) -> None:
         """A client that lost COMPLETED gets it again on RESUME."""
@@ -357,7 +384,7 @@ class StorageErrorTests(SynchronousTestCase):
         h = Harness(storage)
         h.start()
         h.send(data(0, CONTENT))
-        h.proto.writer.complete = lambda: fail(StorageError("read-back failed: EIO"))
+        h.proto.writer.complete = lambda sha256: fail(StorageError("read-back failed: EIO"))
         [err] = h.send(data(len(CONTENT), b""))
         self.assertEqual(err.code, ErrorCode.STORAGE_ERROR)
         self.assertIn("EIO", err.message)

@@ -22,6 +22,7 @@ from imgresume.protocol._decoder import FrameDecoder
 from imgresume.protocol._frames import (
     HEALTH_CHECK_CLIENT_ID,
     HEALTH_CHECK_CLIENT_IDS,
+    LATE_DIGEST,
     MAGIC,
     PROTOCOL_VERSION,
     Accepted,
@@ -31,6 +32,7 @@ from imgresume.protocol._frames import (
     Completed,
     Data,
     Error,
+    Finish,
     FrameType,
     Hello,
     Ping,
@@ -58,8 +60,8 @@ from imgresume.protocol._server import (
 )
 
 __all__ = [
-    "HEALTH_CHECK_CLIENT_ID", "HEALTH_CHECK_CLIENT_IDS", "MAGIC", "PROTOCOL_VERSION", "FrameType", "FrameDecoder", "encode", "decode_body",
-    "Hello", "Welcome", "Upload", "Resume", "Accepted", "Data", "Ack", "Completed",
+    "HEALTH_CHECK_CLIENT_ID", "HEALTH_CHECK_CLIENT_IDS", "LATE_DIGEST", "MAGIC", "PROTOCOL_VERSION", "FrameType", "FrameDecoder", "encode", "decode_body",
+    "Hello", "Welcome", "Upload", "Resume", "Accepted", "Data", "Ack", "Finish", "Completed",
     "Error", "Ping", "Pong", "Challenge", "Auth", "Challenged", "AuthReceived",
     "ClientConnection", "ClientState", "Welcomed", "UploadAccepted", "ChunkAcked",
     "UploadCompleted", "ErrorReceived", "Ponged",

@@ -28,6 +28,9 @@ CONTROL_MAX_BODY = 65536
 DATA_PREFIX = struct.Struct(">QI")
 UPLOAD_ID_SIZE = 16
 SHA256_SIZE = 32
+#: The SHA-256 an UPLOAD declares when the client sends it at the end, in
+#: FINISH, instead (only to a server whose WELCOME has C{late-digest}).
+LATE_DIGEST = b"\0" * SHA256_SIZE
 NONCE_SIZE = 32
 #: The client id of imgresume-lb's health checks.
 HEALTH_CHECK_CLIENT_ID = "imgresume-lb-health"
@@ -55,6 +58,7 @@ class FrameType(enum.IntEnum):
     AUTH = 0x0D
     STATUS = 0x0E
     UPLOAD_STATUS = 0x0F
+    FINISH = 0x10
 
 
 def _kv(value: Mapping[str, str]) -> dict[str, str]:
@@ -129,6 +133,17 @@ class Data:
     offset: int
     crc32: int
     payload: bytes
+
+
+@attrs.frozen
+class Finish:
+    """
+    Client -> server: the end of an upload opened without its SHA-256
+    (declared as L{LATE_DIGEST}), carrying the whole file's digest.  Takes
+    the place of the empty DATA packet.
+    """
+
+    sha256: bytes
 
 
 @attrs.frozen
@@ -216,7 +231,7 @@ class UploadStatusFrame:
 
 Frame = Union[
     Hello, Welcome, Upload, Resume, Accepted, Data, Ack, Completed, Error, Ping, Pong,
-    Challenge, Auth, Status, UploadStatusFrame,
+    Challenge, Auth, Status, UploadStatusFrame, Finish,
 ]
 
 
@@ -380,6 +395,8 @@ def encode(frame: Frame) -> bytes:
         return _frame(FrameType.ACCEPTED, w.body())
     if isinstance(frame, Ack):
         return _frame(FrameType.ACK, w.u64(frame.offset).body())
+    if isinstance(frame, Finish):
+        return _frame(FrameType.FINISH, w.fixed(frame.sha256, SHA256_SIZE).body())
     if isinstance(frame, Completed):
         w.fixed(upload_id_to_bytes(frame.upload_id), UPLOAD_ID_SIZE)
         w.u64(frame.size).fixed(frame.sha256, SHA256_SIZE).str(frame.path)
@@ -442,6 +459,8 @@ def decode_body(kind: int, body: memoryview) -> Frame:
         )
     elif ftype is FrameType.ACK:
         frame = Ack(r.u64())
+    elif ftype is FrameType.FINISH:
+        frame = Finish(r.fixed(SHA256_SIZE))
     elif ftype is FrameType.COMPLETED:
         frame = Completed(r.fixed(UPLOAD_ID_SIZE).hex(), r.u64(), r.fixed(SHA256_SIZE), r.str())
     elif ftype is FrameType.ERROR:

@@ -39,6 +39,7 @@ from imgresume.errors import (
 )
 from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
+    LATE_DIGEST,
     PROTOCOL_VERSION,
     Accepted,
     Ack,
@@ -47,6 +48,7 @@ from imgresume.protocol._frames import (
     Completed,
     Data,
     Error,
+    Finish,
     Frame,
     Hello,
     Ping,
@@ -145,6 +147,9 @@ class FinishRequested:
     """All bytes are in; verify and complete, then L{ServerConnection.upload_completed}."""
 
     size: int
+    #: The whole file's SHA-256 from FINISH, for an upload opened without
+    #: one; None when UPLOAD declared it.
+    sha256: bytes | None = None
 
 
 @attrs.frozen
@@ -164,7 +169,7 @@ LEGAL_FRAMES: dict[ServerState, tuple[type, ...]] = {
     ServerState.AWAIT_HELLO: (Hello,),
     ServerState.AWAIT_AUTH: (Auth,),
     ServerState.READY: (Upload, Resume, Status, Ping),
-    ServerState.RECEIVING: (Data, Ping),
+    ServerState.RECEIVING: (Data, Finish, Ping),
 }
 
 
@@ -204,6 +209,9 @@ class ServerConnection:
         #: the acknowledgements before it.
         self._answers: collections.deque[int | Error] = collections.deque()
         self._durable = 0
+        #: Whether the open upload's SHA-256 comes at the end, in FINISH.
+        self._late_digest = False
+        self._digest: bytes | None = None
 
     # Input ----------------------------------------------------------------
 
@@ -231,7 +239,7 @@ class ServerConnection:
         """
         if self.state is ServerState.FINISHING and not self._answers:
             self.state = ServerState.COMPLETING
-            return FinishRequested(self.size)
+            return FinishRequested(self.size, self._digest)
         while self.state in LEGAL_FRAMES:
             try:
                 frame = self._decoder.next_frame()
@@ -267,6 +275,13 @@ class ServerConnection:
         if isinstance(frame, Status):
             self.state = ServerState.QUERYING
             return StatusRequested(frame.upload_id)
+        if isinstance(frame, Finish):
+            if not self._late_digest:
+                raise UnexpectedFrame(
+                    "FINISH ends only an upload opened without its SHA-256; "
+                    "end this one with an empty DATA packet"
+                )
+            return self._on_end(frame.sha256)
         assert isinstance(frame, Data)
         return self._on_data(frame)
 
@@ -320,18 +335,12 @@ class ServerConnection:
                 offset=self.offset,
             )
         elif not data.payload:
-            if self.offset < self.size:
-                problem = Incomplete(
-                    f"end of upload signalled at {self.offset} of {self.size} bytes",
-                    offset=self.offset,
+            if self._late_digest:
+                raise UnexpectedFrame(
+                    "this upload was opened without its SHA-256: end it with "
+                    "FINISH carrying the digest, not an empty DATA packet"
                 )
-            elif self._answers:
-                # Complete once the chunks before it are durable.
-                self.state = ServerState.FINISHING
-                return None
-            else:
-                self.state = ServerState.COMPLETING
-                return FinishRequested(self.size)
+            return self._on_end(None)
         else:
             self._answers.append(end)
             self.offset = end
@@ -339,6 +348,23 @@ class ServerConnection:
         self._answers.append(error_frame(problem))
         self._send_ready_answers()
         return None
+
+    def _on_end(self, sha256: bytes | None) -> ServerEvent | None:
+        """The client says every byte is sent (empty DATA, or FINISH)."""
+        if self.offset < self.size:
+            self._answers.append(error_frame(Incomplete(
+                f"end of upload signalled at {self.offset} of {self.size} bytes",
+                offset=self.offset,
+            )))
+            self._send_ready_answers()
+            return None
+        self._digest = sha256
+        if self._answers:
+            # Complete once the chunks before it are durable.
+            self.state = ServerState.FINISHING
+            return None
+        self.state = ServerState.COMPLETING
+        return FinishRequested(self.size, sha256)
 
     def _send_ready_answers(self) -> None:
         while self._answers and isinstance(self._answers[0], Error):
@@ -369,7 +395,8 @@ class ServerConnection:
                 max_payload=self.limits.max_payload,
                 max_file_size=self.limits.max_file_size,
                 chunk_size=self.limits.chunk_size,
-                options=options or {},
+                # This machine takes the SHA-256 at the end (FINISH).
+                options={"late-digest": "1", **(options or {})},
             )
         )
         self._decoder.limit = control_limit(self.limits.max_payload)
@@ -389,12 +416,17 @@ class ServerConnection:
         offset: int,
         tail: tuple[int, int, bytes] | None = None,
     ) -> None:
-        """Storage created or resumed the upload: send ACCEPTED."""
+        """
+        Storage created or resumed the upload: send ACCEPTED.  A C{sha256}
+        of L{LATE_DIGEST} means the client sends it at the end, in FINISH.
+        """
         self._expect(ServerState.OPENING)
         start, length, digest = tail if tail is not None else (0, 0, b"\0" * 32)
         self._send(Accepted(upload_id, name, size, sha256, offset, start, length, digest))
         self.upload_id, self.size, self.offset = upload_id, size, offset
         self._durable = offset
+        self._late_digest = sha256 == LATE_DIGEST
+        self._digest = None
         self.state = ServerState.RECEIVING
 
     def status_found(self, status: UploadStatusFrame) -> None:
@@ -486,6 +518,7 @@ class ServerConnection:
         # ends the upload the client stops sending and reconnects.
         self._answers.clear()
         self.upload_id, self.size, self.offset = None, 0, 0
+        self._late_digest = False
         self.state = ServerState.READY
 
     def _expect(self, *states: ServerState) -> None:

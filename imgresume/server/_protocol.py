@@ -33,6 +33,7 @@ from imgresume.errors import (
 from imgresume.metrics import Registry, ServerMetrics
 from imgresume.protocol import (
     HEALTH_CHECK_CLIENT_IDS,
+    LATE_DIGEST,
     AuthReceived,
     ChunkReceived,
     ConnectionFailed,
@@ -249,7 +250,8 @@ class UploadServerProtocol(Protocol):
                 name=up.name, size=up.size, client=self.machine.client_id,
             )
             request = NewUpload(
-                up.name, up.size, up.sha256, up.metadata, self.machine.client_id or ""
+                up.name, up.size, None if up.sha256 == LATE_DIGEST else up.sha256,
+                up.metadata, self.machine.client_id or "",
             )
             self._begin_upload(event)
             self._run(storage.create(request), self._opened, resumed=False)
@@ -265,7 +267,7 @@ class UploadServerProtocol(Protocol):
             self.factory.chunk_bytes += len(event.payload)
             self._write_batch()
         elif isinstance(event, FinishRequested):
-            self._run(self.writer.complete(), self._completed)
+            self._run(self.writer.complete(event.sha256), self._completed)
         elif isinstance(event, ConnectionFailed):
             self._after_fatal(event.error)
 
@@ -460,7 +462,8 @@ class UploadServerProtocol(Protocol):
         self.writer = writer
         info, tail = writer.info, writer.tail
         self.machine.upload_opened(
-            info.upload_id, info.name, info.size, info.sha256, writer.offset,
+            info.upload_id, info.name, info.size,
+            LATE_DIGEST if info.sha256 is None else info.sha256, writer.offset,
             (tail.start, tail.length, tail.sha256),
         )
         self.log.info(

@@ -76,6 +76,7 @@ from imgresume.storage.interfaces import (
     TailCheck,
     UploadInfo,
     UploadStatus,
+    expected_digest,
 )
 
 log = Logger()
@@ -499,7 +500,7 @@ def _info(meta: dict[str, Any]) -> UploadInfo:
         upload_id=meta["upload_id"],
         name=meta["name"],
         size=meta["size"],
-        sha256=bytes.fromhex(meta["sha256"]),
+        sha256=None if meta["sha256"] is None else bytes.fromhex(meta["sha256"]),
         metadata=dict(meta["metadata"]),
         client_id=meta["client_id"],
         created=meta["created"],
@@ -594,8 +595,10 @@ class FilesystemStorage:
         """See L{IUploadStorage.create}."""
         try:
             name = validate_name(request.name)
-            if request.size < 0 or len(request.sha256) != 32:
-                raise ValueError("size must be >= 0 and sha256 a 32-byte digest")
+            if request.size < 0 or (
+                request.sha256 is not None and len(request.sha256) != 32
+            ):
+                raise ValueError("size must be >= 0 and sha256 a 32-byte digest or None")
         except Exception:
             return defer.fail()
         upload_id = new_upload_id()
@@ -652,7 +655,7 @@ class FilesystemStorage:
             "upload_id": upload_id,
             "name": name,
             "size": request.size,
-            "sha256": bytes(request.sha256).hex(),
+            "sha256": None if request.sha256 is None else bytes(request.sha256).hex(),
             "metadata": dict(request.metadata),
             "client_id": request.client_id,
             "created": self._now(),
@@ -741,7 +744,7 @@ class FilesystemStorage:
                 path = meta["path"]
                 ok = ok and path.startswith("complete/") and _safe_relpath(
                     path.removeprefix("complete/")
-                )
+                ) and meta["sha256"] is not None
             _info(meta)
         except (ValueError, KeyError, TypeError, AttributeError):
             ok = False
@@ -1192,17 +1195,22 @@ class FilesystemUploadWriter:
         """
         self._readback.follow(self.offset)
 
-    def complete(self) -> Deferred[CompletedUpload]:
+    def complete(self, sha256: bytes | None = None) -> Deferred[CompletedUpload]:
         """
         See L{IUploadWriter.complete}.  The stored bytes were read back and
         hashed as they became durable; this waits for the last of them
         (under the writer's lock, so nothing is written meanwhile), then
         checks the digest and moves the file into place.
         """
+        try:
+            expected = expected_digest(self.info, sha256)
+        except ValueError:
+            return defer.fail()
+
         def verified_then_complete() -> Deferred[CompletedUpload]:
             d = self._readback.until(self.offset)
             d.addCallbacks(
-                lambda _: self._storage._run(self._complete_sync),
+                lambda _: self._storage._run(self._complete_sync, expected),
                 self._readback_failed,
             )
             return d
@@ -1387,7 +1395,7 @@ class FilesystemUploadWriter:
         self._fdatasync(fd)
         timings("fdatasync", time.perf_counter() - started)
 
-    def _complete_sync(self) -> CompletedUpload:
+    def _complete_sync(self, expected: bytes) -> CompletedUpload:
         self._check_usable()
         info = self.info
         if self.offset != info.size:
@@ -1396,8 +1404,8 @@ class FilesystemUploadWriter:
                 offset=self.offset,
             )
         digest = self._readback.digest()
-        if digest != info.sha256:
-            self._mismatch(digest)
+        if digest != expected:
+            self._mismatch(digest, expected)
         self._check_lease()
         try:
             if os.fstat(self._data_fd).st_size > info.size:
@@ -1405,6 +1413,7 @@ class FilesystemUploadWriter:
                 self._fsync(self._data_fd)
         except OSError as e:
             raise self._poison(e, "trimming data") from e
+        self._meta["sha256"] = digest.hex()
         completed = self._storage._finish_completion(self._paths, self._meta)
         self._close_sync()
         log.info(
@@ -1415,7 +1424,7 @@ class FilesystemUploadWriter:
         )
         return completed
 
-    def _mismatch(self, digest: bytes) -> None:
+    def _mismatch(self, digest: bytes, expected: bytes) -> None:
         """
         The stored bytes do not hash to the declared digest: find out whether
         storage lost bytes (resend from the first bad range) or the client's
@@ -1464,7 +1473,7 @@ class FilesystemUploadWriter:
         self._abort_sync()
         raise DigestMismatch(
             f"stored bytes hash to {digest.hex()}, not the declared "
-            f"{info.sha256.hex()}; every range matched its CRC-32 as "
+            f"{expected.hex()}; every range matched its CRC-32 as "
             "received, so the source changed during the upload; upload removed"
         )
 

@@ -34,7 +34,8 @@ class NewUpload:
 
     name: str
     size: int
-    sha256: bytes
+    #: None when the client sends the SHA-256 at the end (to complete()).
+    sha256: bytes | None
     metadata: Mapping[str, str] = attrs.field(factory=dict)
     client_id: str = ""
 
@@ -46,7 +47,7 @@ class UploadInfo:
     upload_id: str  # 32 lowercase hex digits (128 random bits)
     name: str
     size: int
-    sha256: bytes
+    sha256: bytes | None  # None: the client gives it to complete()
     metadata: Mapping[str, str]
     client_id: str
     created: float  # seconds since the epoch
@@ -190,10 +191,14 @@ class IUploadWriter(Interface):
         is acknowledged.  Same errors as L{write}.
         """
 
-    def complete():
+    def complete(sha256=None):
         """
         Verify the stored bytes hash to the declared SHA-256, then make the
         file visible at its final path atomically and release ownership.
+
+        @param sha256: the whole file's SHA-256, for an upload created
+            without one (C{NewUpload.sha256} None); must be None otherwise.
+            See L{expected_digest}.
 
         @raise imgresume.errors.Incomplete: C{offset < size}.
         @raise imgresume.errors.DigestMismatch: the stored bytes hash to
@@ -216,3 +221,21 @@ class IUploadWriter(Interface):
 
         @return: Deferred firing with a bool.
         """
+
+
+def expected_digest(info: UploadInfo, sha256: bytes | None) -> bytes:
+    """
+    The SHA-256 a completion must find: the one declared at creation, or
+    the one given to C{complete()} for an upload created without one.
+    Backends call it first thing in C{complete()}.
+
+    @raise ValueError: neither or both were given, or not 32 bytes.
+    """
+    if (info.sha256 is None) == (sha256 is None):
+        raise ValueError(
+            "complete() takes a SHA-256 exactly when the upload was created without one"
+        )
+    digest = info.sha256 if sha256 is None else sha256
+    if len(digest) != 32:
+        raise ValueError("a SHA-256 is 32 bytes")
+    return bytes(digest)

@@ -42,6 +42,7 @@ from imgresume.storage.interfaces import (
     ATOMIC_COMPLETE,
     EXCLUSIVE_WRITER,
     CompletedUpload,
+    expected_digest,
     IUploadStorage,
     IUploadWriter,
     NewUpload,
@@ -137,15 +138,15 @@ class MemoryStorage:
 
     def _create(self, request: NewUpload) -> MemoryUploadWriter:
         name = validate_name(request.name)
-        if request.size < 0 or len(request.sha256) != 32:
-            raise ValueError("size must be >= 0 and sha256 a 32-byte digest")
+        if request.size < 0 or (request.sha256 is not None and len(request.sha256) != 32):
+            raise ValueError("size must be >= 0 and sha256 a 32-byte digest or None")
         self._check_parents(name)
         upload_id = new_upload_id()
         info = UploadInfo(
             upload_id=upload_id,
             name=name,
             size=request.size,
-            sha256=bytes(request.sha256),
+            sha256=None if request.sha256 is None else bytes(request.sha256),
             metadata=dict(request.metadata),
             client_id=request.client_id,
             created=self._now(),
@@ -210,7 +211,7 @@ class MemoryStorage:
         )
         return MemoryUploadWriter(self, upload, offset, tail)
 
-    def _complete_file(self, upload: _Upload) -> CompletedUpload:
+    def _complete_file(self, upload: _Upload, digest: bytes) -> CompletedUpload:
         info = upload.info
         dirs = {
             "/".join(p.split("/")[:i])
@@ -229,7 +230,7 @@ class MemoryStorage:
             upload_id=info.upload_id,
             name=info.name,
             size=info.size,
-            sha256=info.sha256,
+            sha256=digest,
             path=path,
         )
         upload.data = bytearray()
@@ -314,13 +315,14 @@ class MemoryUploadWriter:
         self.offset += len(data)
         return self.offset
 
-    def complete(self) -> Deferred[CompletedUpload]:
+    def complete(self, sha256: bytes | None = None) -> Deferred[CompletedUpload]:
         """See L{IUploadWriter.complete}."""
-        return _run(self._complete)
+        return _run(self._complete, sha256)
 
-    def _complete(self) -> CompletedUpload:
+    def _complete(self, sha256: bytes | None) -> CompletedUpload:
         self._check_open()
         info = self.info
+        expected = expected_digest(info, sha256)
         if self.offset != info.size:
             raise Incomplete(
                 f"upload {info.upload_id} has {self.offset} of {info.size} "
@@ -329,7 +331,7 @@ class MemoryUploadWriter:
             )
         data = self._upload.data
         digest = hashlib.sha256(data).digest()
-        if len(data) != info.size or digest != info.sha256:
+        if len(data) != info.size or digest != expected:
             for i, rec in enumerate(self._upload.records):
                 chunk = bytes(data[rec.offset : rec.offset + rec.length])
                 if len(chunk) != rec.length or zlib.crc32(chunk) != rec.crc:
@@ -351,10 +353,10 @@ class MemoryUploadWriter:
             self._remove()
             raise DigestMismatch(
                 f"stored bytes hash to {digest.hex()}, not the declared "
-                f"{info.sha256.hex()}; every range matched its CRC-32, so the "
+                f"{expected.hex()}; every range matched its CRC-32, so the "
                 "source changed during the upload; upload removed"
             )
-        completed = self._storage._complete_file(self._upload)
+        completed = self._storage._complete_file(self._upload, expected)
         self._close()
         log.info(
             "upload {upload_id} completed at {path}",

@@ -32,6 +32,7 @@ import time
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -64,6 +65,7 @@ from imgresume.storage.interfaces import (
     TailCheck,
     UploadInfo,
     UploadStatus,
+    expected_digest,
 )
 
 log = Logger()
@@ -310,8 +312,8 @@ class S3Storage:
             raise InvalidName(
                 f"name {name[:60]!r}... is too long for this S3 storage: its key "
                 f"would pass S3's {MAX_KEY_BYTES} bytes")
-        if request.size < 0 or len(request.sha256) != 32:
-            raise ValueError("size must be >= 0 and sha256 a 32-byte digest")
+        if request.size < 0 or (request.sha256 is not None and len(request.sha256) != 32):
+            raise ValueError("size must be >= 0 and sha256 a 32-byte digest or None")
         self._check_parents(name)
         upload_id = new_upload_id()
         part_size = part_size_for(request.size, self.commit_granularity)
@@ -322,7 +324,7 @@ class S3Storage:
             "upload_id": upload_id,
             "name": name,
             "size": request.size,
-            "sha256": request.sha256.hex(),
+            "sha256": None if request.sha256 is None else request.sha256.hex(),
             "metadata": dict(request.metadata),
             "client_id": request.client_id,
             "created": self._now(),
@@ -568,7 +570,8 @@ class S3Storage:
 def _info(meta: dict[str, Any]) -> UploadInfo:
     return UploadInfo(
         upload_id=meta["upload_id"], name=meta["name"], size=meta["size"],
-        sha256=bytes.fromhex(meta["sha256"]), metadata=dict(meta["metadata"]),
+        sha256=None if meta["sha256"] is None else bytes.fromhex(meta["sha256"]),
+        metadata=dict(meta["metadata"]),
         client_id=meta["client_id"], created=meta["created"])
 
 
@@ -623,9 +626,13 @@ class S3UploadWriter:
         """See L{IUploadWriter.write_batch}."""
         return self._call("cannot write", self._write_sync, [(c[0], c[1]) for c in chunks])
 
-    def complete(self) -> Deferred[CompletedUpload]:
+    def complete(self, sha256: bytes | None = None) -> Deferred[CompletedUpload]:
         """See L{IUploadWriter.complete}."""
-        return self._call("cannot complete", self._complete_sync)
+        try:
+            expected = expected_digest(self.info, sha256)
+        except ValueError:
+            return defer.fail()
+        return self._call("cannot complete", self._complete_sync, expected)
 
     def abort(self) -> Deferred[None]:
         """See L{IUploadWriter.abort}."""
@@ -728,7 +735,7 @@ class S3UploadWriter:
         self._spool.seek(0)
         self._spool.truncate()
 
-    def _complete_sync(self) -> CompletedUpload:
+    def _complete_sync(self, expected: bytes) -> CompletedUpload:
         self._check_open()
         s = self._storage
         info = self.info
@@ -738,6 +745,12 @@ class S3UploadWriter:
         if info.size == 0 and not self._parts:
             self._store_part()  # S3 wants at least one part
         self._fence()
+        if self._meta["sha256"] is None:
+            # Given at the end: record it before the object is assembled, so
+            # a completion interrupted after that is finished (and checked)
+            # by the next resume.
+            self._meta["sha256"] = expected.hex()
+            s._put_json(s._ukey(info.upload_id, "meta.json"), self._meta)
         key = self._key("object")
         s.client.complete_multipart_upload(
             Bucket=s.bucket, Key=key, UploadId=self._meta["multipart_upload_id"],
