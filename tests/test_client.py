@@ -39,10 +39,12 @@ from imgresume.client import (
     Uploader,
 )
 from imgresume.client._attempt import UploadAttempt
+from imgresume.client._connection import UploadConnection
 from imgresume.client._journal import journal_key
 from imgresume.client._source import LocalFile
-from imgresume.errors import ErrorCode, FileTooLarge, InvalidName
+from imgresume.errors import ErrorCode, FileTooLarge, InvalidName, StorageFull
 from imgresume.protocol import (
+    ClientConnection,
     Accepted,
     Ack,
     Completed,
@@ -254,11 +256,28 @@ class UploadTests(ServerTestCase):
         self.assertEqual(result.attempts, 1)
         self.assertEqual(result.servers, ["node-a"])
         self.assertEqual(storage.read_completed(result.path), content)
-        self.assertEqual(reports[0].phase, "hashing")
-        self.assertIn("uploading", {r.phase for r in reports})
+        # The server takes the digest at the end: no hashing before sending.
+        self.assertEqual({r.phase for r in reports}, {"uploading", "done"})
         self.assertEqual(reports[-1], Progress("scans/a.tif", "done", len(content),
                                                len(content), "node-a"))
         json.dumps(result.to_json())  # JSON-ready
+
+    async def test_server_without_late_digest(self) -> None:
+        """
+        To a server that does not offer to take the SHA-256 at the end, the
+        client hashes first (a "hashing" phase) and declares it in UPLOAD.
+        """
+        self.patch(ClientConnection, "late_digest_offered", property(lambda self: False))
+        storage = MemoryStorage()
+        _, listening = self.start_server(storage)
+        path, content = self.local_file(100_000)
+        reports: list[Progress] = []
+        result = await self.uploader(endpoint_of(listening)).upload(
+            path, "a.tif", progress=reports.append)
+        self.assertEqual(reports[0].phase, "hashing")
+        self.assertEqual(result.sha256, hashlib.sha256(content).hexdigest())
+        [upload] = storage._uploads.values()
+        self.assertEqual(upload.info.sha256, hashlib.sha256(content).digest())
 
     async def test_default_name(self) -> None:
         """Without a name, the file's base name is the remote name."""
@@ -460,11 +479,16 @@ class JournalResumeTests(ServerTestCase):
         except FileNotFoundError:
             return {}
 
+    def assertCompleteEntry(self, journal: Journal, upload_id: str) -> None:
+        """The journal holds one entry: C{upload_id}, marked complete."""
+        [entry] = self.journal_entries(journal).values()
+        self.assertEqual((entry["upload_id"], entry.get("complete")), (upload_id, True))
+
     async def test_resume_from_journal(self) -> None:
         """
         After an UploadFailed, the journal holds the upload id; a new
         Uploader with the same journal, against a fresh server on the same
-        storage, resumes it and then forgets the entry.
+        storage, resumes it and then marks the entry complete.
         """
         root = os.path.join(self.work, "storage")
         journal = Journal(os.path.join(self.work, "state", "journal.json"))
@@ -472,7 +496,8 @@ class JournalResumeTests(ServerTestCase):
             self.fs_storage(root), journal
         )
         [entry] = self.journal_entries(journal).values()
-        self.assertEqual(entry["sha256"], hashlib.sha256(content).hexdigest())
+        # The digest goes at the end (FINISH): none recorded while unfinished.
+        self.assertIsNone(entry["sha256"])
         self.assertTrue(os.path.isdir(os.path.join(root, "incoming", entry["upload_id"])))
 
         self.start_server(self.fs_storage(root), "node-b", port=port)
@@ -483,7 +508,10 @@ class JournalResumeTests(ServerTestCase):
         self.assertGreater(result.resumed_at[0], 0)
         self.assertLess(result.bytes_sent, len(content))
         self.assertEqual(result.bytes_sent, len(content) - result.resumed_at[0])
-        self.assertEqual(self.journal_entries(journal), {})
+        self.assertFalse(result.already_complete)
+        self.assertCompleteEntry(journal, result.upload_id)
+        [entry] = self.journal_entries(journal).values()
+        self.assertEqual(entry["sha256"], hashlib.sha256(content).hexdigest())
         with open(os.path.join(root, result.path), "rb") as f:
             self.assertEqual(f.read(), content)
 
@@ -498,7 +526,7 @@ class JournalResumeTests(ServerTestCase):
         self.assertNotEqual(result.upload_id, entry["upload_id"])
         self.assertEqual(result.resumed_at, [])
         self.assertEqual(result.bytes_sent, len(content))
-        self.assertEqual(self.journal_entries(journal), {})
+        self.assertCompleteEntry(journal, result.upload_id)
         self.assertEqual(storage.read_completed(result.path), content)
 
     async def test_local_file_changed_residual_mismatch(self) -> None:
@@ -524,7 +552,7 @@ class JournalResumeTests(ServerTestCase):
         self.assertEqual(result.sha256, hashlib.sha256(new_content).hexdigest())
         self.assertEqual(result.resumed_at, [])
         self.assertEqual(storage.read_completed(result.path), new_content)
-        self.assertEqual(self.journal_entries(journal), {})
+        self.assertCompleteEntry(journal, result.upload_id)
 
     async def test_unknown_upload_starts_fresh(self) -> None:
         """
@@ -546,22 +574,56 @@ class JournalResumeTests(ServerTestCase):
         self.assertEqual(result.resumed_at, [])
         self.assertEqual(result.bytes_sent, len(content))
         self.assertEqual(storage.read_completed(result.path), content)
-        self.assertIsNone(journal.lookup(key))
+        self.assertEqual(journal.lookup(key)["upload_id"], result.upload_id)
 
-    async def test_journal_forgotten_after_small_uploads(self) -> None:
+    async def test_journal_marks_small_uploads_complete(self) -> None:
         """
-        The journal entry written when an upload is accepted is gone once
-        it completes, even when the upload is too small for the write to
-        have finished first.
+        The journal entry written when an upload is accepted is marked
+        complete once it completes, even when the upload is too small for
+        the first write to have finished before.
         """
         storage = MemoryStorage()
         _, listening = self.start_server(storage)
         journal = Journal(os.path.join(self.work, "journal.json"))
         uploader = self.uploader(endpoint_of(listening), journal=journal)
+        results = []
         for i in range(8):
             path, _ = self.local_file(i, f"tiny-{i}.tif", seed=i)
-            await uploader.upload(path)
-        self.assertEqual(self.journal_entries(journal), {})
+            results.append(await uploader.upload(path))
+        entries = self.journal_entries(journal).values()
+        self.assertEqual(sorted(e["upload_id"] for e in entries),
+                         sorted(r.upload_id for r in results))
+        self.assertTrue(all(e["complete"] for e in entries))
+        self.assertEqual(journal.upload_ids(), [])
+
+    async def test_completed_file_confirmed_not_sent_again(self) -> None:
+        """
+        Uploading a file the journal knows complete sends no byte and does
+        not hash it: one RESUME, answered COMPLETED, gives the first
+        upload's result, and no second copy is stored.  With restart=True
+        it is uploaded again, as a new upload stored beside the first.
+        """
+        storage = MemoryStorage()
+        factory, listening = self.start_server(storage)
+        journal = Journal(os.path.join(self.work, "journal.json"))
+        path, content = self.local_file(300 * 1024)
+        first = await self.uploader(endpoint_of(listening), journal=journal).upload(path)
+        phases: list[str] = []
+        again = await self.uploader(endpoint_of(listening), journal=Journal(journal.path)).upload(
+            path, progress=lambda p: phases.append(p.phase))
+        self.assertEqual((again.upload_id, again.path), (first.upload_id, first.path))
+        self.assertEqual((again.bytes_sent, again.attempts, again.resumed_at), (0, 1, []))
+        self.assertTrue(again.already_complete)
+        self.assertFalse(first.already_complete)
+        self.assertEqual(phases, ["done"])
+        self.assertEqual(len(factory.protocols), 2)
+        fresh = await self.uploader(endpoint_of(listening), journal=journal).upload(
+            path, restart=True)
+        self.assertNotEqual(fresh.upload_id, first.upload_id)
+        self.assertEqual(fresh.bytes_sent, len(content))
+        self.assertNotEqual(fresh.path, first.path)
+        self.assertEqual(storage.read_completed(fresh.path), content)
+        self.assertCompleteEntry(journal, fresh.upload_id)
 
 
 class FailureTests(ServerTestCase):
@@ -657,7 +719,10 @@ class BackoffTests(SynchronousTestCase):
 
 
 class AttemptHarness:
-    """An L{UploadAttempt} over a L{StringTransport}, with a fake clock."""
+    """
+    An L{UploadAttempt} on an L{UploadConnection} over a L{StringTransport},
+    with a fake clock.
+    """
 
     def __init__(self, test: SynchronousTestCase, content: bytes,
                  upload_id: str | None = None, window: int = 2, chunk: int = 4) -> None:
@@ -673,14 +738,24 @@ class AttemptHarness:
         self.progress: list[int] = []
         self.ids: list[str] = []
         self.attempt = UploadAttempt(
-            self.source, self.request, self.clock, client_id="unit", upload_id=upload_id,
-            window=window, chunk_size=chunk, stall_timeout=10.0,
+            self.source, self.request, upload_id=upload_id, window=window, chunk_size=chunk,
             on_progress=self.progress.append, on_upload_id=self.ids.append,
         )
+        self.connection = UploadConnection(self.clock, client_id="unit", stall_timeout=10.0)
         self.transport = StringTransport()
-        self.attempt.makeConnection(self.transport)
+        self.connection.makeConnection(self.transport)
         self.decoder = FrameDecoder(control_limit(1 << 20))
         test.assertEqual(self.sent(), [Hello("unit")])
+
+    def start(self, welcome: Welcome | None = None) -> list[Any]:
+        """
+        Deliver the server's WELCOME (which the client does not answer),
+        then run the attempt; return what the client wrote.
+        """
+        if self.receive(welcome or self.welcome()) != []:
+            raise AssertionError("the client answered WELCOME on its own")
+        self.connection.run(self.attempt)
+        return self.sent()
 
     def sent(self) -> list[Any]:
         """Frames the client wrote since the last call."""
@@ -693,7 +768,7 @@ class AttemptHarness:
 
     def receive(self, frame: Any) -> list[Any]:
         """Deliver a server frame; return what the client wrote in answer."""
-        self.attempt.dataReceived(encode(frame))
+        self.connection.dataReceived(encode(frame))
         return self.sent()
 
     def data(self, offset: int, length: int) -> Data:
@@ -724,7 +799,7 @@ class UploadAttemptTests(SynchronousTestCase):
         carried, and completes.
         """
         h = AttemptHarness(self, self.CONTENT)
-        self.assertEqual(h.receive(h.welcome()), [h.request])
+        self.assertEqual(h.start(), [h.request])
         self.assertEqual(h.receive(h.accepted()), [h.data(0, 4), h.data(4, 4)])
         mismatch = Error(ErrorCode.OFFSET_MISMATCH, "8 bytes are stored", offset=8)
         self.assertEqual(h.receive(mismatch), [])  # one packet still in flight
@@ -737,20 +812,24 @@ class UploadAttemptTests(SynchronousTestCase):
         self.assertEqual(h.attempt.stats.rewinds, 2)
         self.assertEqual(h.attempt.stats.bytes_sent, 16)
         self.assertEqual(h.progress, [0, 12, 16])
-        self.assertTrue(h.transport.disconnecting)
+        # The connection is ready for the next file, and no timer runs.
+        self.assertTrue(h.attempt.reusable)
+        self.assertTrue(h.connection.idle)
+        self.assertFalse(h.transport.disconnecting)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
 
     def test_window_advertised_by_the_server(self) -> None:
         """The client keeps no more packets in flight than the server's WELCOME asks."""
         h = AttemptHarness(self, self.CONTENT)
         welcome = Welcome(1, "unit-server", 1024, 1 << 40, 1024, {"window": "1"})
-        self.assertEqual(h.receive(welcome), [h.request])
+        self.assertEqual(h.start(welcome), [h.request])
         self.assertEqual(h.receive(h.accepted()), [h.data(0, 4)])
         self.assertEqual(h.receive(Ack(4)), [h.data(4, 4)])
 
     def test_resume_verified_tail(self) -> None:
         """A RESUME whose tail matches the local bytes continues from its offset."""
         h = AttemptHarness(self, self.CONTENT, upload_id="ab" * 16)
-        self.assertEqual(h.receive(h.welcome()), [Resume("ab" * 16)])
+        self.assertEqual(h.start(), [Resume("ab" * 16)])
         tail = hashlib.sha256(self.CONTENT[4:8]).digest()
         frames = h.receive(h.accepted(8, tail_start=4, tail_length=4, tail_sha256=tail))
         self.assertEqual(frames, [h.data(8, 4), h.data(12, 4)])
@@ -763,7 +842,7 @@ class UploadAttemptTests(SynchronousTestCase):
         attempt with ResidualMismatch and sends no data.
         """
         h = AttemptHarness(self, self.CONTENT, upload_id="ab" * 16)
-        h.receive(h.welcome())
+        h.start()
         wrong = hashlib.sha256(b"XXXX").digest()
         frames = h.receive(h.accepted(8, tail_start=4, tail_length=4, tail_sha256=wrong))
         self.assertEqual(frames, [])
@@ -774,16 +853,17 @@ class UploadAttemptTests(SynchronousTestCase):
         """An ACCEPTED for another size or SHA-256 is a ResidualMismatch too."""
         for kwargs in ({"size": 17}, {"sha256": b"\1" * 32}):
             h = AttemptHarness(self, self.CONTENT, upload_id="ab" * 16)
-            h.receive(h.welcome())
+            h.start()
             self.assertEqual(h.receive(h.accepted(0, **kwargs)), [])
             self.failureResultOf(h.attempt.result, ResidualMismatch)
             self.assertEqual(h.ids, [])
+            self.assertTrue(h.transport.disconnecting)
 
     def test_stall_timeout(self) -> None:
         """With no frame for the stall timeout, the attempt aborts with Stalled."""
         h = AttemptHarness(self, self.CONTENT)
         h.clock.advance(9)
-        h.receive(h.welcome())
+        h.start()
         h.clock.advance(9)
         self.assertNoResult(h.attempt.result)
         h.clock.advance(1)
@@ -792,9 +872,30 @@ class UploadAttemptTests(SynchronousTestCase):
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
     def test_command_error_ends_attempt(self) -> None:
-        """A command-scope ERROR (INVALID_NAME) ends the attempt with that error."""
+        """
+        A command-scope ERROR (INVALID_NAME) answering the UPLOAD ends the
+        attempt with that error and leaves the connection ready for the
+        next file.
+        """
         h = AttemptHarness(self, self.CONTENT)
-        h.receive(h.welcome())
+        h.start()
         h.receive(Error(ErrorCode.INVALID_NAME, "no"))
         self.failureResultOf(h.attempt.result, InvalidName)
+        self.assertTrue(h.attempt.reusable)
+        self.assertTrue(h.connection.idle)
+        self.assertFalse(h.transport.disconnecting)
         self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_command_error_after_accepted_closes(self) -> None:
+        """
+        A command-scope ERROR after ACCEPTED (DATA may be in flight) ends
+        the attempt and closes the connection: it carries no further file.
+        """
+        h = AttemptHarness(self, self.CONTENT)
+        h.start()
+        h.receive(h.accepted())
+        h.receive(Error(ErrorCode.STORAGE_FULL, "full", retry_after_ms=1000))
+        self.failureResultOf(h.attempt.result, StorageFull)
+        self.assertFalse(h.attempt.reusable)
+        self.assertFalse(h.connection.idle)
+        self.assertTrue(h.transport.disconnecting)

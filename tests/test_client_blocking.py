@@ -199,19 +199,21 @@ class UploadFilesTests(TestCase):
         """
         Files are uploaded and verified; results come back as
         L{UploadResult}s; the reactor runs in a daemon thread of its own,
-        reused by a second call; the journal is left empty; the process
-        exits normally afterwards.
+        reused by a second call, whose two files share one connection; the
+        journal marks the first call's upload complete; the process exits
+        normally afterwards.
         """
         server = await TwistdServer(self).start()
         path1, content1 = self.make_file("a.tif", 1024 * 1024 + 7, 1)
         path2, content2 = self.make_file("b.tif", 300 * 1024, 2)
+        path3, content3 = self.make_file("c.tif", 1000, 3)
         out, err, code = await run_python(
-            [self.script, "ok", server.endpoint, path1, path2],
+            [self.script, "ok", server.endpoint, path1, path2, path3],
             child_env(XDG_STATE_HOME=self.state),
         )
         self.assertEqual(code, 0, err)
         report = json.loads(out)
-        first, second = report["results"]
+        first, second, third = report["results"]
         self.assertEqual(first["name"], "scans/first.tif")
         self.assertEqual(first["path"], "complete/scans/first.tif")
         self.assertEqual(first["size"], len(content1))
@@ -223,10 +225,13 @@ class UploadFilesTests(TestCase):
         self.assertEqual(second["sha256"], hashlib.sha256(content2).hexdigest())
         self.assertEqual(server.stored(first["path"]), content1)
         self.assertEqual(server.stored(second["path"]), content2)
+        self.assertEqual(server.stored(third["path"]), content3)
+        self.assertEqual(server.log().count("handshake from"), 2)  # one per call
         self.assertEqual(report["main"], "MainThread")
         self.assertEqual(report["threads"].count("imgresume-reactor"), 1)
         with open(os.path.join(self.state, "imgresume", "journal.json")) as f:
-            self.assertEqual(json.load(f), {})
+            [entry] = json.load(f).values()  # the second call kept no journal
+        self.assertEqual((entry["upload_id"], entry["complete"]), (first["upload_id"], True))
 
     async def test_upload_failed(self) -> None:
         """

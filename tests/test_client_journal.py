@@ -1,9 +1,11 @@
 # -*- test-case-name: tests.test_client_journal -*-
 """
 Tests for L{imgresume.client._journal}: the client's JSON journal of
-unfinished uploads (remember, look up, forget, atomic replacement, damaged
-files, pruning) and the keys that tie an entry to one version of one local
-file, one destination and one remote name.
+unfinished and completed uploads (remember, look up, forget, several
+changes in one write, atomic replacement, damaged files, pruning, the
+parsed file kept while unchanged), the keys that tie an entry to one
+version of one local file, one destination and one remote name, and
+L{JournalQueue}, which groups the uploader's changes into few writes.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from typing import Any
 
 import attrs
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume.client import Journal, Uploader, default_journal_path
-from imgresume.client._journal import journal_key
+from imgresume.client._journal import journal_entry, journal_key
+from imgresume.client._journal_queue import JournalQueue
 from imgresume.client._source import Fingerprint
 
 UPLOAD_ID = "0123456789abcdef0123456789abcdef"
@@ -153,6 +156,78 @@ class JournalTests(SynchronousTestCase):
         journal.remember("new", OTHER_ID, SHA)
         self.assertEqual(sorted(self.read()), ["new", "recent"])
 
+    def test_complete_entries(self) -> None:
+        """
+        An entry remembered complete is found with C{complete: True}; the
+        unfinished uploads (what C{imgresume status} asks about) leave it out.
+        """
+        self.journal.remember("done", UPLOAD_ID, SHA, complete=True)
+        self.journal.remember("partial", OTHER_ID, SHA)
+        self.assertIs(self.journal.lookup("done")["complete"], True)
+        self.assertNotIn("complete", self.journal.lookup("partial"))
+        self.assertEqual(Journal(self.path).upload_ids(), [OTHER_ID])
+
+    def test_update_is_one_write(self) -> None:
+        """update() applies several changes, additions and removals, in one write."""
+        self.journal.remember("gone", UPLOAD_ID, SHA)
+        replaced: list[str] = []
+        real_replace = os.replace
+        self.patch(os, "replace", lambda src, dst: replaced.append(dst) or real_replace(src, dst))
+        self.journal.update({"a": journal_entry(UPLOAD_ID, SHA),
+                             "b": journal_entry(OTHER_ID, SHA, complete=True), "gone": None})
+        self.assertEqual(replaced, [self.path])
+        self.assertEqual(sorted(self.read()), ["a", "b"])
+        self.assertIs(self.read()["b"]["complete"], True)
+
+    def test_completed_entries_capped(self) -> None:
+        """
+        Beyond max_completed completed entries, the oldest ones are dropped
+        when the journal is written; unfinished entries are never dropped
+        for it.
+        """
+        now = time.time()
+        self.write({
+            **{f"done-{i}": dict(journal_entry(UPLOAD_ID, SHA, complete=True),
+                                 updated=now - 100 + i) for i in range(4)},
+            "partial": dict(journal_entry(OTHER_ID, SHA), updated=now - 1000),
+        })
+        journal = Journal(self.path, max_completed=3)
+        journal.remember("done-new", OTHER_ID, SHA, complete=True)
+        self.assertEqual(sorted(self.read()), ["done-2", "done-3", "done-new", "partial"])
+
+    def test_digest_unknown_until_complete(self) -> None:
+        """
+        An unfinished upload whose digest goes at the end has none in the
+        journal (null); a complete entry without one is damaged: ignored.
+        """
+        self.write({
+            "late": journal_entry(UPLOAD_ID, None),
+            "done": journal_entry(OTHER_ID, None, complete=True),
+        })
+        self.assertIsNone(self.journal.lookup("late")["sha256"])
+        self.assertIsNone(self.journal.lookup("done"))
+
+    def test_bad_complete_flag_dropped(self) -> None:
+        """An entry whose C{complete} is not a boolean is damaged: ignored."""
+        self.write({"k": dict(journal_entry(UPLOAD_ID, SHA), complete="yes")})
+        self.assertIsNone(self.journal.lookup("k"))
+
+    def test_parsed_once_while_unchanged(self) -> None:
+        """
+        Lookups parse the file once while it does not change, also after
+        this journal's own writes; a write by another Journal is seen.
+        """
+        self.journal.remember("k", UPLOAD_ID, SHA)
+        parsed: list[int] = []
+        real_loads = json.loads
+        self.patch(json, "loads", lambda text: parsed.append(1) or real_loads(text))
+        for _ in range(5):
+            self.assertEqual(self.journal.lookup("k")["upload_id"], UPLOAD_ID)
+        self.assertEqual(parsed, [])
+        Journal(self.path).remember("k", OTHER_ID, SHA)
+        self.assertEqual(self.journal.lookup("k")["upload_id"], OTHER_ID)
+        self.assertEqual(len(parsed), 2)  # the other Journal's read, and this one's
+
     def test_default_max_age(self) -> None:
         """By default entries are kept for 30 days."""
         self.assertEqual(self.journal.max_age, 30 * 86400)
@@ -239,3 +314,80 @@ class DefaultPathTests(SynchronousTestCase):
         default = self.uploader("default").journal
         assert isinstance(default, Journal)
         self.assertEqual(default.path, "/var/state/imgresume/journal.json")
+
+
+class JournalQueueTests(SynchronousTestCase):
+    """L{JournalQueue} with a runner whose "threads" the test finishes by hand."""
+
+    def setUp(self) -> None:
+        path = os.path.join(os.path.abspath(self.mktemp()), "journal.json")
+        self.journal = Journal(path)
+        self.calls: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+        self.queue = JournalQueue(self.journal, self.hold)
+
+    def hold(self, f: Any, *args: Any) -> Deferred[Any]:
+        """The runner: hold the call until L{finish}."""
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def finish(self) -> None:
+        """Do the oldest held call now."""
+        f, args, d = self.calls.pop(0)
+        try:
+            result = f(*args)
+        except Exception:
+            d.errback()
+        else:
+            d.callback(result)
+
+    def test_changes_grouped(self) -> None:
+        """
+        While one write runs, later changes wait and go out together in the
+        next; each change's Deferred fires once its write is done.
+        """
+        first = self.queue.remember("a", UPLOAD_ID, SHA)
+        second = self.queue.remember("b", UPLOAD_ID, SHA)
+        third = self.queue.complete("a", UPLOAD_ID, SHA)
+        self.assertEqual(len(self.calls), 1)
+        self.finish()
+        self.successResultOf(first)
+        self.assertNoResult(second)
+        self.assertEqual(len(self.calls), 1)
+        self.assertEqual(sorted(self.calls[0][1][0]), ["a", "b"])
+        self.finish()
+        self.successResultOf(second)
+        self.successResultOf(third)
+        self.assertIs(self.journal.lookup("a")["complete"], True)
+        self.assertEqual(self.calls, [])
+
+    def test_lookup_sees_changes_not_written(self) -> None:
+        """
+        A lookup answers from changes still queued or being written, without
+        reading the file; other keys are read from the file.
+        """
+        self.queue.remember("a", UPLOAD_ID, SHA)
+        self.queue.forget("b")
+        self.assertEqual(self.successResultOf(self.queue.lookup("a"))["upload_id"], UPLOAD_ID)
+        self.assertIsNone(self.successResultOf(self.queue.lookup("b")))
+        d = self.queue.lookup("c")
+        self.assertEqual(len(self.calls), 2)  # the write, and the lookup
+        self.finish()
+        self.finish()
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_failed_write(self) -> None:
+        """
+        A write that fails fails the Deferreds of its changes; the changes
+        queued behind it are written next all the same.
+        """
+        def broken(*args: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        self.patch(self.journal, "update", broken)
+        failed = self.queue.remember("a", UPLOAD_ID, SHA)
+        later = self.queue.remember("b", UPLOAD_ID, SHA)
+        self.finish()
+        self.failureResultOf(failed, OSError)
+        self.assertNoResult(later)
+        self.assertEqual(len(self.calls), 1)

@@ -6,6 +6,10 @@ Deferred-returning::
     from imgresume.client import Uploader
     d = Uploader("tcp:lb.example:7000").upload("scan-0001.tiff")
 
+Many files over few connections (a scanner's batch)::
+
+    d = Uploader("tcp:lb.example:7000").upload_batch(paths, parallel=4)
+
 Blocking (from ordinary, non-Twisted code)::
 
     from imgresume.client import upload_files
@@ -15,18 +19,17 @@ See C{docs/client.md}.
 """
 
 from imgresume.client._attempt import ConnectionBroken, ResidualMismatch, Stalled
+from imgresume.client._batch import BatchItem, BatchResult, FileOutcome
 from imgresume.client._blocking import upload_files
+from imgresume.client._collect import CollectedFiles, RefusedFile, collect_files
 from imgresume.client._journal import Journal, default_journal_path
-from imgresume.client._uploader import (
-    Progress,
-    UploadFailed,
-    Uploader,
-    UploadResult,
-    default_client_id,
-)
+from imgresume.client._results import Progress, UploadFailed, UploadResult
+from imgresume.client._session import UploadSession
+from imgresume.client._uploader import Uploader, default_client_id
 
 __all__ = [
-    "Uploader", "UploadResult", "UploadFailed", "Progress", "Journal",
-    "default_journal_path", "default_client_id", "upload_files",
-    "ConnectionBroken", "Stalled", "ResidualMismatch",
+    "Uploader", "UploadSession", "UploadResult", "UploadFailed", "Progress",
+    "BatchItem", "FileOutcome", "BatchResult", "collect_files", "CollectedFiles",
+    "RefusedFile", "Journal", "default_journal_path", "default_client_id",
+    "upload_files", "ConnectionBroken", "Stalled", "ResidualMismatch",
 ]

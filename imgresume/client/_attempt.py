@@ -1,21 +1,21 @@
 # -*- test-case-name: tests.test_client -*-
 """
-One connection's worth of an upload: the Twisted adapter that drives a
-sans-IO L{ClientConnection} over a transport, reads the local file off the
-reactor thread and keeps a window of DATA packets in flight.
+One try at uploading one file, over a connection that has done its
+handshake: UPLOAD or RESUME, the residual check, a window of DATA packets
+read off the reactor thread, and the end (COMPLETED, or why not).
 
-The uploader (L{imgresume.client._uploader}) makes one L{UploadAttempt} per
-connection and decides, from how it ended, whether to reconnect.
+The session (L{imgresume.client._session}) makes one L{UploadAttempt} per
+try and runs it on an L{imgresume.client._connection.UploadConnection};
+from how it ended, the session decides whether to try again and whether
+the connection may carry the next file.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -24,16 +24,16 @@ from imgresume.errors import ImgresumeError, Scope
 from imgresume.protocol import (
     Accepted,
     ChunkAcked,
-    ClientConnection,
     ClientState,
     Completed,
     ErrorReceived,
-    Ponged,
     Upload,
     UploadAccepted,
     UploadCompleted,
-    Welcomed,
 )
+
+if TYPE_CHECKING:
+    from imgresume.client._connection import UploadConnection
 
 
 class AttemptFailed(Exception):
@@ -69,12 +69,27 @@ class AttemptStats:
     rewinds: int = 0
 
 
-class UploadAttempt(Protocol):
+class UploadAttempt:
     """
-    Upload (or resume) one file over one connection.
+    Upload (or resume) one file over one connection, once.
 
     C{result} fires with the server's L{Completed} or fails with an
-    L{ImgresumeError} from the server or an L{AttemptFailed}.
+    L{ImgresumeError} from the server, an L{AttemptFailed}, or an
+    L{OSError} reading the local file.  Once it has fired, C{reusable}
+    says whether the connection is back in the ready state with nothing in
+    flight, so that the next file may use it: after COMPLETED, or after a
+    command error that answered the UPLOAD or RESUME itself.  Otherwise the
+    connection is closed.
+
+    C{on_upload_id} is called with the upload id once the server accepted
+    the upload; if it returns a Deferred (the journal write that records the
+    id), the upload is not ended before it fires, so that the server never
+    completes an upload the journal cannot name after a crash.
+
+    For an upload whose SHA-256 goes at the end (C{request.sha256} is
+    L{LATE_DIGEST}), C{digest()} gives a Deferred of the whole file's
+    SHA-256, which is being computed while the packets go out; the upload
+    ends with FINISH once every packet is acknowledged and the digest known.
     """
 
     log = Logger()
@@ -83,70 +98,46 @@ class UploadAttempt(Protocol):
         self,
         source: LocalFile,
         request: Upload,
-        clock: IReactorTime,
         *,
-        client_id: str,
-        key: bytes | None = None,
         upload_id: str | None = None,
         window: int = 8,
         chunk_size: int | None = None,
-        stall_timeout: float = 30.0,
         on_progress: Callable[[int], None] = lambda offset: None,
-        on_upload_id: Callable[[str], None] = lambda upload_id: None,
+        on_upload_id: Callable[[str], Deferred[Any] | None] = lambda upload_id: None,
+        digest: Callable[[], Deferred[bytes]] | None = None,
     ) -> None:
         self.source = source
         self.request = request
-        self.clock = clock
         self.upload_id = upload_id
         self.window = max(1, window)
         self.chunk_size = chunk_size
-        self.stall_timeout = stall_timeout
         self.on_progress = on_progress
         self.on_upload_id = on_upload_id
-        self.machine = ClientConnection(client_id, key=key)
+        self._digest = digest
+        self._late_digest: bytes | None = None
         self.stats = AttemptStats()
         self.result: Deferred[Completed] = Deferred()
+        self.reusable = False
+        self._connection: UploadConnection | None = None
         self._reading = False
-        self._timer: IDelayedCall | None = None
+        self._recording = False
 
-    # Connection --------------------------------------------------------
+    # Called by the connection -------------------------------------------------
 
-    def connectionMade(self) -> None:
-        self.machine.hello()
-        self._flush()
-        self._arm_stall_timer()
+    def start(self, connection: "UploadConnection") -> None:
+        """Send UPLOAD or RESUME on C{connection} (handshake done, ready)."""
+        self._connection = connection
+        self.stats.server_id = connection.server_id
+        if connection.window_advice is not None:
+            self.window = min(self.window, connection.window_advice)
+        if self.upload_id is not None:
+            connection.machine.resume(self.upload_id)
+        else:
+            connection.machine.upload(self.request)
 
-    def dataReceived(self, data: bytes) -> None:
-        self._arm_stall_timer()
-        self.machine.receive_data(data)
-        try:
-            while not self.result.called:
-                event = self.machine.next_event()
-                if event is None:
-                    break
-                self._on_event(event)
-        except ImgresumeError as e:
-            self._end(Failure(e))
-        self._flush()
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._cancel_stall_timer()
-        self._end(Failure(ConnectionBroken(f"connection lost: {reason.getErrorMessage()}")))
-
-    # Events --------------------------------------------------------------
-
-    def _on_event(self, event: object) -> None:
-        m = self.machine
-        if isinstance(event, Welcomed):
-            self.stats.server_id = event.welcome.server_id
-            advertised = event.welcome.options.get("window", "")
-            if advertised.isdigit() and int(advertised) > 0:
-                self.window = min(self.window, int(advertised))
-            if self.upload_id is not None:
-                m.resume(self.upload_id)
-            else:
-                m.upload(self.request)
-        elif isinstance(event, UploadAccepted):
+    def event(self, event: object) -> None:
+        """An event of the connection's state machine about this upload."""
+        if isinstance(event, UploadAccepted):
             self._accepted(event.accepted)
         elif isinstance(event, ChunkAcked):
             self.stats.acked = event.offset
@@ -155,9 +146,13 @@ class UploadAttempt(Protocol):
         elif isinstance(event, ErrorReceived):
             self._error(event.error)
         elif isinstance(event, UploadCompleted):
-            self._end(event.completed)
-        elif isinstance(event, Ponged):
-            pass
+            self._end(event.completed, reusable=True)
+
+    def fail(self, failure: Failure) -> None:
+        """The connection broke (or stalled, or the server broke the protocol)."""
+        self._end(failure, reusable=False)
+
+    # Events --------------------------------------------------------------
 
     def _accepted(self, accepted: Accepted) -> None:
         req = self.request
@@ -168,10 +163,13 @@ class UploadAttempt(Protocol):
             self._end(Failure(ResidualMismatch(
                 f"upload {accepted.upload_id} on the server is for a different file "
                 f"({accepted.size} bytes) than {req.name} ({req.size} bytes)"
-            )))
+            )), reusable=False)
             return
         self.upload_id = accepted.upload_id
-        self.on_upload_id(accepted.upload_id)
+        recorded = self.on_upload_id(accepted.upload_id)
+        if recorded is not None and not recorded.called:
+            self._recording = True
+            recorded.addBoth(self._recorded)
         self.on_progress(accepted.offset)
         if accepted.tail_length == 0:
             self._fill()
@@ -182,14 +180,15 @@ class UploadAttempt(Protocol):
 
         def compare(digest: bytes) -> None:
             self._reading = False
+            if self.result.called:
+                return
             if digest != accepted.tail_sha256:
                 self._end(Failure(ResidualMismatch(
                     f"bytes {accepted.tail_start}-{accepted.tail_start + accepted.tail_length}"
                     f" stored for upload {accepted.upload_id} differ from the local file"
-                )))
+                )), reusable=False)
             else:
                 self._fill()
-                self._flush()
 
         d.addCallbacks(compare, self._read_failed)
 
@@ -202,14 +201,23 @@ class UploadAttempt(Protocol):
             )
             self._fill()
         else:
-            self._end(Failure(error))
+            # A command error that answered UPLOAD or RESUME leaves nothing
+            # in flight: the connection is ready for another command.  After
+            # ACCEPTED, DATA may be in flight, which the server would answer
+            # with UNEXPECTED_FRAME: that connection is closed.
+            reusable = (
+                error.scope is Scope.COMMAND and self.stats.accepted_offset is None
+                and self._machine_ready()
+            )
+            self._end(Failure(error), reusable=reusable)
 
     # Sending ---------------------------------------------------------------
 
     def _fill(self) -> None:
-        m = self.machine
         if self._reading or self.result.called:
             return
+        assert self._connection is not None
+        m = self._connection.machine
         if m.can_send(self.window):
             offset = m.sent
             assert m.welcome is not None
@@ -220,62 +228,65 @@ class UploadAttempt(Protocol):
             d.addCallbacks(self._chunk_read, self._read_failed, callbackArgs=(offset,))
         elif (
             m.state is ClientState.SENDING and m.sent == m.size and not m.finishing
-            and m.outstanding == 0
+            and m.outstanding == 0 and not self._recording
         ):
-            m.finish()
+            if not m.late_digest:
+                m.finish()
+            elif self._late_digest is not None:
+                m.finish(self._late_digest)
+            elif self._digest is None:
+                self._end(Failure(RuntimeError(
+                    "the server holds this upload without its SHA-256, and this "
+                    "attempt has no digest to end it with")), reusable=False)
+                return
+            else:
+                # Every byte is acknowledged; the hash is still running.
+                self._reading = True
+                self._digest().addCallbacks(self._digest_known, self._read_failed)
+        self._connection.flush()
+
+    def _digest_known(self, digest: bytes) -> None:
+        self._reading = False
+        self._late_digest = digest
+        self._fill()
+
+    def _recorded(self, result: Any) -> None:
+        """The upload id is recorded (or could not be: the caller logged why)."""
+        self._recording = False
+        self._fill()
 
     def _chunk_read(self, read: tuple[bytes, int], offset: int) -> None:
         payload, crc = read
         self._reading = False
-        if self.result.called or not self.machine.can_send(self.window):
+        if self.result.called:
+            return  # the attempt ended while reading; the connection went on
+        assert self._connection is not None
+        m = self._connection.machine
+        if not m.can_send(self.window):
             return
-        if offset != self.machine.sent:
+        if offset != m.sent:
             self._fill()  # a rewind happened while reading
             return
-        self.machine.send_data(offset, payload, crc)
+        m.send_data(offset, payload, crc)
         self.stats.bytes_sent += len(payload)
-        self._flush()
         self._fill()
-        self._flush()
 
     def _read_failed(self, failure: Failure) -> None:
         self._reading = False
-        self._end(failure)
+        self._end(failure, reusable=False)
 
     # Plumbing --------------------------------------------------------------
 
-    def _flush(self) -> None:
-        out = self.machine.data_to_send()
-        if out and self.transport is not None:
-            self.transport.writeSequence(out)
+    def _machine_ready(self) -> bool:
+        return self._connection is not None and self._connection.machine.state is ClientState.READY
 
-    def _end(self, outcome: Any) -> None:
+    def _end(self, outcome: Any, reusable: bool) -> None:
         if self.result.called:
             return
-        self._cancel_stall_timer()
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self.reusable = reusable
+        if self._connection is not None:
+            self._connection.attempt_ended(self)
         if isinstance(outcome, Failure):
             self.result.errback(outcome)
         else:
             self.result.callback(outcome)
-
-    def _arm_stall_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.stall_timeout)
-        else:
-            self._timer = self.clock.callLater(self.stall_timeout, self._stalled)
-
-    def _cancel_stall_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _stalled(self) -> None:
-        self._timer = None
-        failure = Failure(Stalled(
-            f"no answer from the server for {self.stall_timeout:g} s; reconnecting"
-        ))
-        if self.transport is not None:
-            self.transport.abortConnection()
-        self._end(failure)

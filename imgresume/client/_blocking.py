@@ -38,11 +38,11 @@ def upload_files(
     endpoint: str, paths: Sequence[str], names: Sequence[str] | None = None, **options: Any
 ) -> list:
     """
-    Upload C{paths} one after another and return their
-    L{imgresume.client.UploadResult}s; raises L{imgresume.client.UploadFailed}
-    on the first file that cannot be completed.  C{options} are passed to
-    L{imgresume.client.Uploader}.  Must not be called from the reactor
-    thread.
+    Upload C{paths} one after another, over one connection while nothing
+    breaks, and return their L{imgresume.client.UploadResult}s; raises
+    L{imgresume.client.UploadFailed} on the first file that cannot be
+    completed.  C{options} are passed to L{imgresume.client.Uploader}.
+    Must not be called from the reactor thread.
     """
     from imgresume.client._uploader import Uploader
 
@@ -51,8 +51,9 @@ def upload_files(
     async def run_all() -> list:
         uploader = Uploader(endpoint, reactor=reactor, **options)
         results = []
-        for i, path in enumerate(paths):
-            results.append(await uploader.upload(path, names[i] if names else None))
+        async with uploader.session() as session:
+            for i, path in enumerate(paths):
+                results.append(await session.upload(path, names[i] if names else None))
         return results
 
     from twisted.internet.defer import Deferred

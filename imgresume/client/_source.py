@@ -29,6 +29,10 @@ class Fingerprint:
     device: int
 
 
+class HashStopped(Exception):
+    """A background hash was stopped before its end (the upload ended)."""
+
+
 class LocalFile:
     """
     An open local file.  Created by the uploader with L{LocalFile.open};
@@ -55,13 +59,23 @@ class LocalFile:
 
         return run(_open)
 
-    def sha256(self, progress: Callable[[int], None] | None = None) -> Deferred[bytes]:
-        """Hash the whole file in a thread; C{progress(bytes_done)} may be called from it."""
+    def sha256(
+        self,
+        progress: Callable[[int], None] | None = None,
+        stopped: Callable[[], bool] = lambda: False,
+    ) -> Deferred[bytes]:
+        """
+        Hash the whole file in a thread; C{progress(bytes_done)} may be
+        called from it.  If C{stopped()} becomes true, the hash stops (the
+        Deferred fails with L{HashStopped}) before the next block is read.
+        """
 
         def _hash() -> bytes:
             h = hashlib.sha256()
             offset = 0
             while offset < self.size:
+                if stopped():
+                    raise HashStopped(self.fingerprint.path)
                 block = os.pread(self._fd, READ_SIZE * 4, offset)
                 if not block:
                     raise OSError(f"{self.fingerprint.path} shrank while hashing")

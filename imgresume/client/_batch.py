@@ -1,0 +1,134 @@
+# -*- test-case-name: tests.test_client_session -*-
+"""
+A batch of files over a few connections: a shared queue, and as many
+upload sessions as files may go at once, each taking the next file when
+its last one is over.  Used by L{imgresume.client.Uploader.upload_batch}
+and, through it, by C{imgresume upload}.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+
+from imgresume.client._results import Progress, UploadFailed, UploadResult
+
+if TYPE_CHECKING:
+    from imgresume.client._session import UploadSession
+    from imgresume.client._uploader import Uploader
+
+log = Logger()
+
+
+@attrs.frozen
+class BatchItem:
+    """
+    One file of a batch: its local C{path}, its remote C{name} (None: the
+    base name) and the C{metadata} to store with it.  Made by the caller,
+    or by L{imgresume.client.collect_files}.
+    """
+
+    path: str
+    name: str | None = None
+    metadata: Mapping[str, str] = attrs.field(factory=dict, hash=False)
+
+
+@attrs.frozen
+class FileOutcome:
+    """How one file of a batch ended: C{result} if stored and verified, else C{error}."""
+
+    item: BatchItem
+    result: UploadResult | None = None
+    error: UploadFailed | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the file is stored and verified."""
+        return self.result is not None
+
+    @property
+    def name(self) -> str:
+        """The remote name asked for."""
+        return self.item.name or os.path.basename(self.item.path)
+
+
+@attrs.frozen
+class BatchResult:
+    """
+    What L{imgresume.client.Uploader.upload_batch} did: an outcome for
+    every file started, in the order given; the files not started (after a
+    failure, with C{stop_on_failure}); the connections opened.
+    """
+
+    outcomes: list[FileOutcome]
+    not_started: list[BatchItem]
+    connections: int
+
+    @property
+    def failed(self) -> list[FileOutcome]:
+        """The outcomes of the files that failed."""
+        return [o for o in self.outcomes if not o.ok]
+
+
+async def run_batch(
+    uploader: "Uploader",
+    files: Iterable[str | BatchItem],
+    *,
+    parallel: int,
+    restart: bool,
+    progress: Callable[[Progress], None] | None,
+    on_outcome: Callable[[FileOutcome], None] | None,
+    stop_on_failure: bool,
+) -> BatchResult:
+    """Upload C{files} over C{parallel} sessions of C{uploader}; see C{upload_batch}."""
+    if parallel < 1:
+        raise ValueError(f"parallel must be at least 1, not {parallel}")
+    items = [f if isinstance(f, BatchItem) else BatchItem(f) for f in files]
+    queue = deque(enumerate(items))
+    outcomes: dict[int, FileOutcome] = {}
+    stopping = False
+    sessions = [uploader.session() for _ in range(min(parallel, len(items)))]
+
+    async def lane(session: "UploadSession") -> None:
+        nonlocal stopping
+        async with session:
+            while queue and not stopping:
+                index, item = queue.popleft()
+                try:
+                    result = await session.upload(
+                        item.path, item.name, metadata=item.metadata, restart=restart,
+                        progress=progress,
+                    )
+                except UploadFailed as e:
+                    outcome = FileOutcome(item, error=e)
+                except Exception as e:
+                    # A bug, not a verdict on the file: say so, and go on.
+                    log.failure("uploading {path} failed unexpectedly", path=item.path)
+                    outcome = FileOutcome(item, error=UploadFailed(
+                        f"{item.path}: unexpected error: {type(e).__name__}: {e}", e))
+                else:
+                    outcome = FileOutcome(item, result=result)
+                outcomes[index] = outcome
+                stopping = stopping or (stop_on_failure and not outcome.ok)
+                if on_outcome is not None:
+                    try:
+                        on_outcome(outcome)
+                    except Exception:
+                        log.failure("the on_outcome callback failed for {path}", path=item.path)
+
+    lanes = await DeferredList(
+        [Deferred.fromCoroutine(lane(s)) for s in sessions], consumeErrors=True
+    )
+    for ok, value in lanes:
+        if not ok:
+            value.raiseException()
+    return BatchResult(
+        outcomes=[outcomes[i] for i in sorted(outcomes)],
+        not_started=[item for _, item in queue],
+        connections=sum(s.connections for s in sessions),
+    )

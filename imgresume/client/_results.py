@@ -1,0 +1,65 @@
+# -*- test-case-name: tests.test_client -*-
+"""
+What the client reports: the result of a completed upload, progress
+reports, and the exception for an upload that cannot be completed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+
+class UploadFailed(Exception):
+    """
+    The upload could not be completed; C{cause} is the last error.  The
+    residual (if any) stays on the server and the journal, so running the
+    same upload again resumes it.
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+@attrs.frozen
+class UploadResult:
+    """
+    A completed, verified upload.  Returned by L{Uploader.upload} and
+    L{UploadSession.upload}.
+
+    @ivar attempts: tries, each on a connection (a new one, or one the
+        previous file of a session left ready), including tries that failed
+        to connect.
+    @ivar already_complete: the server reported the upload complete before
+        this call sent any byte: an earlier run had finished it (the
+        journal knew its upload id), and this call only confirmed it.
+    """
+
+    name: str
+    upload_id: str
+    size: int
+    sha256: str
+    path: str
+    resumed_at: list[int]
+    bytes_sent: int
+    attempts: int
+    servers: list[str]
+    seconds: float
+    already_complete: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (what C{imgresume upload --json} prints)."""
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class Progress:
+    """A progress report: C{phase} is "hashing", "uploading" or "done"."""
+
+    name: str
+    phase: str
+    done: int
+    total: int
+    server_id: str | None = None

@@ -1,0 +1,423 @@
+# -*- test-case-name: tests.test_client_session -*-
+"""
+Uploads one after another over one connection: the per-file loop (hash,
+journal, attempts, backoff, the verdict) and the connection it keeps open
+between files, so that a batch of small files costs one handshake instead
+of one per file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Callable, Mapping
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.error import ConnectError
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from imgresume.client._attempt import ResidualMismatch, UploadAttempt
+from imgresume.client._connection import UploadConnection
+from imgresume.client._journal import journal_key
+from imgresume.client._results import Progress, UploadFailed, UploadResult
+from imgresume.client._source import LocalFile
+from imgresume.errors import ImgresumeError, UnknownUpload
+from imgresume.client._source import HashStopped
+from imgresume.protocol import LATE_DIGEST, Upload
+
+if TYPE_CHECKING:
+    from imgresume.client._uploader import Uploader
+
+
+class UploadSession:
+    """
+    A sequence of uploads over one connection.  Made by
+    L{imgresume.client.Uploader.session}; the caller calls L{upload} for
+    each file and L{close} at the end (or uses C{async with}).
+
+    After a file completes, the next one starts on the same connection
+    without a new handshake; so does the next file after one the server
+    refused outright (an invalid name, say).  A break, a stall or a
+    retryable error closes the connection, and the next try reconnects
+    through the endpoint (the balancer) with backoff, resuming from the
+    offset the server proves, exactly as a single upload does.
+
+    Uploads on one session run one at a time, in call order.  For several
+    at once, use several sessions (L{imgresume.client.Uploader.upload_batch}
+    does).
+    """
+
+    log = Logger()
+
+    def __init__(self, uploader: "Uploader") -> None:
+        self._uploader = uploader
+        self._connection: UploadConnection | None = None
+        self._lock = DeferredLock()
+        self._closed = False
+        #: Connections this session opened, each with its handshake.
+        self.connections = 0
+
+    def upload(
+        self,
+        path: str,
+        name: str | None = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        restart: bool = False,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> Deferred[UploadResult]:
+        """
+        Upload the file at C{path} as C{name} (default: its base name),
+        after the uploads already queued on this session.  The arguments
+        are those of L{imgresume.client.Uploader.upload}.
+
+        @return: Deferred firing with an L{UploadResult} once the server
+            has verified the stored file's SHA-256, or failing with
+            L{UploadFailed}.
+        """
+        if self._closed:
+            return fail(RuntimeError("this upload session is closed"))
+        return self._lock.run(lambda: Deferred.fromCoroutine(self._upload(
+            path, name, dict(metadata or {}), restart, progress or (lambda p: None)
+        )))
+
+    def close(self) -> Deferred[None]:
+        """
+        Close the session once the uploads queued on it are over; the
+        Deferred fires when its connection is closed.  Further L{upload}
+        calls fail.
+        """
+        self._closed = True
+        return self._lock.run(self._close_connection)
+
+    async def __aenter__(self) -> "UploadSession":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # One file ------------------------------------------------------------
+
+    async def _upload(
+        self,
+        path: str,
+        name: str | None,
+        metadata: dict[str, str],
+        restart: bool,
+        progress: Callable[[Progress], None],
+    ) -> UploadResult:
+        name = name or os.path.basename(path)
+        started = time.monotonic()
+        try:
+            source = await LocalFile.open(path, self._uploader.run)
+        except OSError as e:
+            raise UploadFailed(f"cannot read {path}: {e.strerror or e}", e)
+        digest = _Digest(source)
+        try:
+            return await self._upload_source(
+                source, digest, name, metadata, restart, progress, started)
+        finally:
+            await digest.stop()
+            source.close()
+
+    async def _upload_source(
+        self,
+        source: LocalFile,
+        digest: "_Digest",
+        name: str,
+        metadata: dict[str, str],
+        restart: bool,
+        progress: Callable[[Progress], None],
+        started: float,
+    ) -> UploadResult:
+        up = self._uploader
+        journal = up.journal_queue
+        key = journal_key(source.fingerprint, up.endpoint_text, name)
+        entry = None
+        if journal is not None and not restart:
+            entry = await journal.lookup(key)
+        reactor = up.reactor
+
+        async def hash_file() -> bytes:
+            progress(Progress(name, "hashing", 0, source.size))
+            return await source.sha256(
+                lambda done: reactor.callFromThread(
+                    progress, Progress(name, "hashing", done, source.size)
+                )
+            )
+
+        state = _Run(upload_id=None, from_journal=entry is not None)
+        if entry is not None:
+            state.upload_id = entry["upload_id"]
+            if entry["sha256"] is not None:
+                digest.value = bytes.fromhex(entry["sha256"])
+            # The upload was opened with this digest, or to take it at the end.
+            state.request = Upload(name, source.size, digest.value or LATE_DIGEST, metadata)
+            self.log.info(
+                "{what} {name} from the journal: upload {upload_id}",
+                what="confirming" if entry.get("complete") else "resuming",
+                name=name, upload_id=state.upload_id,
+            )
+
+        async def request_for(connection: UploadConnection) -> Upload:
+            """What to ask for: the open upload's terms, or a new upload's."""
+            if state.request is not None:
+                return state.request
+            if digest.value is None and connection.machine.late_digest_offered:
+                # Hash while sending: the digest goes in FINISH at the end.
+                digest.start()
+                state.request = Upload(name, source.size, LATE_DIGEST, metadata)
+            else:
+                if digest.value is None:
+                    digest.value = await hash_file()
+                state.request = Upload(name, source.size, digest.value, metadata)
+            return state.request
+
+        def on_upload_id(new_id: str) -> Deferred[None] | None:
+            if new_id != state.upload_id:
+                state.created_here = True
+            state.upload_id = new_id
+            if journal is None:
+                return None
+            assert state.request is not None
+            declared = state.request.sha256
+            return journal.remember(
+                key, new_id, None if declared == LATE_DIGEST else declared.hex()
+            ).addErrback(lambda f: self.log.failure("could not write the journal", f))
+
+        while True:
+            if state.upload_id is None:
+                state.request = None  # a fresh upload: its terms are chosen anew
+                if state.digest_stale:
+                    state.digest_stale, digest.value = False, None
+            resuming = state.upload_id is not None
+            state.attempts += 1
+            attempt = UploadAttempt(
+                source, None, upload_id=state.upload_id, window=up.window,
+                chunk_size=up.chunk_size, on_upload_id=on_upload_id, digest=digest.wait,
+            )
+            attempt.on_progress = _uploading(progress, name, source.size, attempt)
+            try:
+                connection = await self._ready_connection()
+                attempt.request = await request_for(connection)
+                completed = await connection.run(attempt)
+            except Exception as error:  # sorted by _after_failure
+                state.record(attempt, resuming and not isinstance(error, ResidualMismatch))
+                # Giving up raises here; a connection the attempt left ready
+                # then carries the next file.
+                delay = self._after_failure(state, attempt, error, name)
+                # A retry goes through the endpoint (the balancer) again.
+                self._drop_connection()
+                if delay:
+                    await deferLater(reactor, delay)
+            else:
+                state.record(attempt, resuming)
+                break
+
+        # A RESUME answered COMPLETED at once may leave a late digest unknown.
+        sha256 = await digest.wait()
+        if completed.sha256 != sha256 or completed.size != source.size:
+            if journal is not None:
+                await self._journal_written(journal.forget(key))
+            raise UploadFailed(
+                f"{name}: server reports {completed.size} bytes with SHA-256 "
+                f"{completed.sha256.hex()}; the local file has {source.size} bytes "
+                f"with {sha256.hex()}"
+            )
+        if journal is not None:
+            await self._journal_written(journal.complete(key, completed.upload_id, sha256.hex()))
+        progress(Progress(name, "done", completed.size, completed.size, state.servers[-1]))
+        return UploadResult(
+            name=name, upload_id=completed.upload_id, size=completed.size,
+            sha256=completed.sha256.hex(), path=completed.path,
+            resumed_at=state.resumed_at, bytes_sent=state.bytes_sent,
+            attempts=state.attempts, servers=state.servers,
+            seconds=round(time.monotonic() - started, 3),
+            already_complete=state.bytes_sent == 0 and attempt.stats.accepted_offset is None,
+        )
+
+    async def _journal_written(self, written: Deferred[None]) -> None:
+        """Wait for a journal write; a failure is logged (the upload stands)."""
+        try:
+            await written
+        except Exception:
+            self.log.failure("could not write the journal")
+
+    def _after_failure(
+        self, state: "_Run", attempt: UploadAttempt, error: Exception, name: str
+    ) -> float:
+        """
+        Decide what a failed attempt means: raise L{UploadFailed} to give up,
+        or return how long to wait before the next attempt.
+        """
+        up = self._uploader
+        stats = attempt.stats
+        progressed = stats.accepted_offset is not None and stats.acked > stats.accepted_offset
+        state.failures = 0 if progressed else state.failures + 1
+        self.log.info(
+            "attempt {attempt} for {name} via {server} ended: {error}",
+            attempt=state.attempts, name=name, server=stats.server_id or "?",
+            error=describe(error),
+        )
+        if isinstance(error, OSError):
+            # The local file, not the network: retrying cannot help.
+            raise UploadFailed(f"{name}: cannot read the local file: {error}", error)
+        if isinstance(error, ResidualMismatch):
+            state.upload_id = None  # the residual is not ours: start afresh
+            if state.from_journal:
+                # The journal's SHA-256 went with a residual that turned out
+                # not to be this file's: the file changed; hash it again.
+                state.digest_stale = True
+            state.from_journal = False
+            return 0.0
+        if isinstance(error, UnknownUpload):
+            state.unknown_retries += 1
+            if state.created_here and state.unknown_retries <= 3:
+                # Created moments ago: another host's view of the shared
+                # filesystem may lag behind.  Ask again before starting over.
+                return up.backoff(state.unknown_retries)
+            state.upload_id = None
+            return 0.0
+        if isinstance(error, ImgresumeError) and not error.retryable:
+            raise UploadFailed(f"{name}: {error}", error)
+        if state.failures >= up.max_attempts:
+            raise UploadFailed(
+                f"{name}: gave up after {state.failures} attempts without progress "
+                f"(last: {describe(error)}); running the same upload again resumes it",
+                error,
+            )
+        return up.backoff(max(state.failures, 1), getattr(error, "retry_after", 0.0))
+
+    # The connection --------------------------------------------------------
+
+    async def _ready_connection(self) -> UploadConnection:
+        """The connection the last file left ready, or a new one, welcomed."""
+        connection = self._connection
+        if connection is not None and connection.idle:
+            return connection
+        self._connection = None
+        up = self._uploader
+        connection = UploadConnection(
+            up.reactor, client_id=up.client_id, key=up.key, stall_timeout=up.stall_timeout
+        )
+        await up.connect(connection)
+        self.connections += 1
+        welcome = await connection.welcomed
+        self.log.debug("connection {number} of the session: welcomed by {server}",
+                       number=self.connections, server=welcome.server_id)
+        self._connection = connection
+        return connection
+
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+    def _close_connection(self) -> Deferred[None]:
+        connection, self._connection = self._connection, None
+        return connection.close() if connection is not None else succeed(None)
+
+
+class _Digest:
+    """
+    The local file's SHA-256 for one upload: known (from the journal, or
+    hashed before UPLOAD), or being computed in the background while the
+    packets go out (an upload whose digest goes in FINISH).  L{wait} may be
+    called by each attempt in turn.
+    """
+
+    log = Logger()
+
+    def __init__(self, source: LocalFile) -> None:
+        self._source = source
+        self.value: bytes | None = None
+        self._running: Deferred[bytes] | None = None
+        self._stopping = False
+        self._waiters: list[Deferred[bytes]] = []
+
+    def start(self) -> None:
+        """Start hashing in the background, unless known or under way."""
+        if self.value is not None or self._running is not None:
+            return
+        self._running = self._source.sha256(stopped=lambda: self._stopping)
+        self._running.addCallbacks(self._hashed, self._failed)
+
+    def wait(self) -> Deferred[bytes]:
+        """The digest, once known (starting the hash if need be)."""
+        if self.value is not None:
+            return succeed(self.value)
+        d: Deferred[bytes] = Deferred()
+        self._waiters.append(d)
+        self.start()
+        return d
+
+    def stop(self) -> Deferred[None]:
+        """Stop a running hash; fires once its thread let go of the file."""
+        self._stopping = True
+        if self._running is None:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self._running.addBoth(lambda _: done.callback(None))
+        return done
+
+    def _hashed(self, value: bytes) -> None:
+        self._running = None
+        self.value = value
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(value)
+
+    def _failed(self, failure: Failure) -> None:
+        self._running = None
+        waiters, self._waiters = self._waiters, []
+        if not waiters and not failure.check(HashStopped):
+            self.log.failure("hashing the local file failed", failure)
+        for d in waiters:
+            d.errback(failure)
+
+
+@attrs.define
+class _Run:
+    """Bookkeeping of one file's upload across attempts."""
+
+    upload_id: str | None
+    from_journal: bool
+    #: What was asked for: the UPLOAD of the open upload (its digest, or
+    #: LATE_DIGEST); None until chosen, and again for a fresh upload.
+    request: Upload | None = None
+    digest_stale: bool = False
+    created_here: bool = False
+    unknown_retries: int = 0
+    attempts: int = 0
+    failures: int = 0
+    bytes_sent: int = 0
+    resumed_at: list[int] = attrs.Factory(list)
+    servers: list[str] = attrs.Factory(list)
+
+    def record(self, attempt: UploadAttempt, resumed: bool) -> None:
+        """Add up one attempt; C{resumed}: it continued an existing upload."""
+        stats = attempt.stats
+        self.bytes_sent += stats.bytes_sent
+        if stats.server_id:
+            self.servers.append(stats.server_id)
+        if resumed and stats.accepted_offset is not None:
+            self.resumed_at.append(stats.accepted_offset)
+
+
+def _uploading(
+    progress: Callable[[Progress], None], name: str, size: int, attempt: UploadAttempt
+) -> Callable[[int], None]:
+    """The attempt's progress callback: its offsets as "uploading" reports."""
+    return lambda offset: progress(
+        Progress(name, "uploading", offset, size, attempt.stats.server_id))
+
+
+def describe(error: BaseException) -> str:
+    """A one-line human description of why an attempt failed."""
+    if isinstance(error, ConnectError):
+        return f"cannot connect: {error}"
+    return str(error) or type(error).__name__
+
