@@ -67,7 +67,7 @@ Examples:
         ["connect-timeout", None, "10s", "Give up on one connection attempt after this long."],
         ["backoff-max", None, "20s", "Longest wait between reconnection attempts."],
         ["chunk-size", None, None, "Payload per data packet [default: what the server recommends]."],
-        ["window", None, "8", "Data packets in flight before waiting for acknowledgements."],
+        ["window", None, "16", "Data packets in flight before waiting for acknowledgements."],
     ]
     optFlags = [
         ["json", None, "Print one JSON object per file on stdout."],

@@ -100,7 +100,7 @@ class UploadAttempt:
         request: Upload,
         *,
         upload_id: str | None = None,
-        window: int = 8,
+        window: int = 16,
         chunk_size: int | None = None,
         on_progress: Callable[[int], None] = lambda offset: None,
         on_upload_id: Callable[[str], Deferred[Any] | None] = lambda upload_id: None,

@@ -76,7 +76,7 @@ class Uploader:
         backoff_max: float = 20.0,
         connect_timeout: float = 10.0,
         stall_timeout: float = 60.0,
-        window: int = 8,
+        window: int = 16,
         chunk_size: int | None = None,
         run: Runner | None = None,
         rng: random.Random | None = None,
