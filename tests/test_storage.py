@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 import zlib
 
 from twisted.internet import defer
@@ -665,6 +666,22 @@ class ReadBackTests(FilesystemMixin, TestCase):
         d = self.storage.create(request(data))
         self.runAll()
         return self.successResultOf(d)
+
+    def test_noBufferPerUpload(self) -> None:
+        """
+        Open uploads hold no read buffer of their own (the disk threads
+        share theirs): 32 open writers cost far less than 32 MiB.
+        """
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.get_traced_memory()[0]
+        writers = [self.create() for _ in range(32)]
+        grown = tracemalloc.get_traced_memory()[0] - before
+        self.assertLess(grown, 4 << 20)
+        for writer in writers:
+            d = writer.release()
+            self.runAll()
+            self.successResultOf(d)
 
     def test_verifiedAsWritten(self) -> None:
         """

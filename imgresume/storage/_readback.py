@@ -34,6 +34,17 @@ PIECE = 1 << 20
 #: file) is verified in several tasks so it never holds a thread for long.
 SLICE = 32 << 20
 
+#: One read buffer per disk thread, not per upload: a server with 1,000
+#: uploads open would otherwise hold 1,000 of them.
+_threads = threading.local()
+
+
+def _piece_buffer() -> memoryview:
+    buffer = getattr(_threads, "buffer", None)
+    if buffer is None:
+        buffer = _threads.buffer = memoryview(bytearray(PIECE))
+    return buffer
+
 
 class ReadBackFailed(Exception):
     """Reading the stored bytes back failed; C{error} is the C{OSError}."""
@@ -66,7 +77,6 @@ class ReadBack:
         self._timings = timings
         self._mutex = threading.Lock()
         self._hash = hashlib.sha256()
-        self._buffer = memoryview(bytearray(PIECE))
         #: Bytes from offset 0 read back and hashed so far.
         self.verified = 0
         self._target = 0
@@ -150,14 +160,15 @@ class ReadBack:
                 os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
             except (AttributeError, OSError):
                 pass
+            buffer = _piece_buffer()
             pos = start
             while pos < end:
-                n = os.preadv(fd, [self._buffer[: min(PIECE, end - pos)]], pos)
+                n = os.preadv(fd, [buffer[: min(PIECE, end - pos)]], pos)
                 if n == 0:
                     raise OSError(
                         0, f"the data file ends at {pos}, below the flushed offset {end}"
                     )
-                self._hash.update(self._buffer[:n])
+                self._hash.update(buffer[:n])
                 pos += n
             self.verified = pos
         if self._timings is not None:
