@@ -7,6 +7,7 @@ its handling of malformed input.
 from __future__ import annotations
 
 import struct
+import random
 import zlib
 
 from hypothesis import HealthCheck, given, settings
@@ -310,6 +311,48 @@ class IncrementalTests(SynchronousTestCase):
         raw = b"".join(encode(f) for f in sent)
         points = sorted({c % (len(raw) + 1) for c in cuts} | {0, len(raw)})
         dec = decoder(1024)
+        got = []
+        for start, end in zip(points, points[1:]):
+            dec.feed(raw[start:end])
+            got.extend(drain(dec))
+        self.assertEqual(got, sent)
+        self.assertEqual(dec.buffered, 0)
+
+
+class LargeFrameTests(SynchronousTestCase):
+    """
+    DATA frames of 64 KiB and more go into a buffer of their own, and their
+    payload comes out as a view of it (one copy from socket to storage).
+    """
+
+    BIG = bytes(random.Random(5).getrandbits(8) for _ in range(200_000))
+
+    def frames(self) -> list:
+        return [Data(7, zlib.crc32(self.BIG), self.BIG), Ping(3),
+                Data(200_007, zlib.crc32(self.BIG[:70_000]), self.BIG[:70_000])]
+
+    def test_payload_is_a_view_of_its_own_buffer(self) -> None:
+        """A large payload fed in socket-sized reads is a memoryview of its bytes."""
+        dec = decoder(1 << 20)
+        raw = encode(self.frames()[0])
+        for start in range(0, len(raw), 65536):
+            self.assertIsNone(dec.next_frame())
+            dec.feed(raw[start : start + 65536])
+            self.assertEqual(dec.buffered, min(start + 65536, len(raw)) - 5
+                             if start else min(65536, len(raw)))
+        frame = dec.next_frame()
+        self.assertIsInstance(frame.payload, memoryview)
+        self.assertEqual((frame.offset, bytes(frame.payload)), (7, self.BIG))
+        self.assertEqual(dec.buffered, 0)
+
+    @FAST
+    @given(st.lists(st.integers(0, 10**6), max_size=12))
+    def test_random_splits(self, cuts) -> None:
+        """Large and small frames cut anywhere decode to the frames sent."""
+        sent = self.frames()
+        raw = b"".join(encode(f) for f in sent)
+        points = sorted({c % (len(raw) + 1) for c in cuts} | {0, len(raw)})
+        dec = decoder(1 << 20)
         got = []
         for start, end in zip(points, points[1:]):
             dec.feed(raw[start:end])

@@ -502,33 +502,45 @@ class StatusTests(SynchronousTestCase):
 class MemoryLimitTests(SynchronousTestCase):
     def test_server_wide_chunk_memory_limit(self) -> None:
         """
-        When all connections together hold the server's chunk memory, they
-        stop reading; as writes finish they go on, and nothing is lost.
+        When all connections together hold the server's memory for received
+        data, a large frame whose header arrives is not let in: its
+        connection stops reading.  Once writes make room for all of it, that
+        connection reads on, and nothing is lost.
         """
         slow = SlowStorage(MemoryStorage())
-        limits = ServerLimits(max_payload=4096, chunk_size=4096)
+        payload = bytes(range(256)) * 512  # 128 KiB: more than a small frame
+        size = len(payload)
+        content = payload * 2
+        limits = ServerLimits(max_payload=size, chunk_size=size)
         a = Harness(slow, limits)
         b = Harness(slow, limits)
         b.factory = a.factory
         b.proto = a.factory.buildProtocol(None)
         b.transport = StringTransport()
         b.proto.makeConnection(b.transport)
-        a.factory.chunk_memory_limit = 8192
-        a.start("a.tif")
-        b.start("b.tif")
-        a.send(data(0, CONTENT[:4096]), data(4096, CONTENT[4096:8192]))
-        self.assertEqual(a.factory.chunk_bytes, 8192)
-        b.send(data(0, CONTENT[:4096]), data(4096, CONTENT[4096:8192]))
+        a.factory.chunk_memory_limit = 2 * size
+        for h, name in ((a, "a.tif"), (b, "b.tif")):
+            h.handshake()
+            h.send(encode(Upload(name, len(content), hashlib.sha256(content).digest())))
+        a.send(data(0, payload), data(size, payload))
+        self.assertEqual(a.factory.chunk_bytes, 2 * size)
+        first = data(0, payload)
+        b.send(first[:100])
         self.assertEqual(b.transport.producerState, "paused")
+        self.assertEqual(a.factory.chunk_bytes, 2 * size)
         self.assertEqual(len(slow.pending), 1)  # only a's first batch
         slow.pending.pop(0).callback(None)
-        self.assertEqual(a.received(), [Ack(4096)])
-        # Memory freed: b was woken and its first chunk is being written.
-        self.assertEqual(sorted(slow.batches), [[0], [0], [4096]])
+        self.assertEqual(a.received(), [Ack(size)])
+        # a's second chunk is being written: still no room for b's frame.
+        self.assertEqual(slow.batches, [[0], [size]])
+        self.assertEqual(b.transport.producerState, "paused")
+        slow.pending.pop(0).callback(None)
+        self.assertEqual(a.received(), [Ack(2 * size)])
+        self.assertEqual(b.transport.producerState, "producing")
+        b.send(first[100:], data(size, payload))
         while slow.pending:
             slow.pending.pop(0).callback(None)
-        self.assertEqual(a.received(), [Ack(8192)])
-        self.assertEqual(b.received(), [Ack(4096), Ack(8192)])
+        self.assertEqual(b.received(), [Ack(size), Ack(2 * size)])
         self.assertEqual(a.factory.chunk_bytes, 0)
         self.assertEqual(b.transport.producerState, "producing")
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_frames -*-
+# -*- test-case-name: tests.test_frames,tests.test_server_memory -*-
 """
 Incremental frame decoder: bytes in, whole frames out.
 
@@ -16,6 +16,7 @@ from imgresume.protocol._frames import (
     DATA_PREFIX,
     HEADER,
     HEADER_SIZE,
+    Data,
     Frame,
     FrameType,
     decode_body,
@@ -32,26 +33,89 @@ def control_limit(max_payload: int) -> Callable[[int], int]:
     return limit
 
 
+class FrameCursor:
+    """
+    Follows frame boundaries in a stream of received bytes without keeping
+    the bytes: how many frames have begun, and how much of the latest one
+    is still to come.  A server reads it to reserve memory for a frame as
+    soon as its header is in, before the body arrives.
+
+    C{limit(kind)} caps the body size it believes, like L{FrameDecoder}'s:
+    a frame announcing more is refused by the decoder anyway.
+    """
+
+    def __init__(self, limit: Callable[[int], int]) -> None:
+        self.limit = limit
+        #: Frames whose header has arrived.
+        self.frames = 0
+        #: Size of the latest of them, header included (as capped), and its
+        #: bytes still to come (0: between frames).
+        self.size = 0
+        self.remaining = 0
+        self._header = b""
+
+    def feed(self, data: bytes) -> None:
+        """Follow received bytes (the same, in the same order, as the decoder's)."""
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.remaining:
+                step = min(self.remaining, end - pos)
+                self.remaining -= step
+                pos += step
+                continue
+            take = HEADER_SIZE - len(self._header)
+            self._header += data[pos : pos + take]
+            pos += take
+            if len(self._header) == HEADER_SIZE:
+                kind, length = HEADER.unpack(self._header)
+                self._header = b""
+                self.frames += 1
+                self.remaining = min(length, self.limit(kind))
+                self.size = HEADER_SIZE + self.remaining
+
+
 class FrameDecoder:
     """
     Buffers received bytes and yields frames one at a time.
 
     Used by both sans-IO connections.  C{limit(kind)} gives the largest body
     accepted for a frame type; it may be replaced as limits are negotiated.
+
+    A large DATA frame is received into a buffer of its own, allocated once
+    its header is in, and its payload is handed out as a C{memoryview} of
+    that buffer: each payload byte is copied once on its way from the socket
+    to the storage, not three times (into the stream buffer, out of it, and
+    into a C{bytes}).
     """
+
+    #: Bodies at least this long get a buffer of their own.
+    OWN_BUFFER = 64 * 1024
 
     def __init__(self, limit: Callable[[int], int] = control_limit(0)) -> None:
         self.limit = limit
         self._buffer = bytearray()
+        #: The body being received into its own buffer, how much of it is
+        #: in, and its frame type.
+        self._body: bytearray | None = None
+        self._filled = 0
+        self._kind = 0
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as frames."""
-        return len(self._buffer)
+        return len(self._buffer) + self._filled
 
     def feed(self, data: bytes) -> None:
         """Add received bytes."""
-        self._buffer += data
+        body = self._body
+        if body is None or self._filled == len(body):
+            self._buffer += data
+            return
+        take = min(len(body) - self._filled, len(data))
+        body[self._filled : self._filled + take] = memoryview(data)[:take]
+        self._filled += take
+        if take < len(data):
+            self._buffer += memoryview(data)[take:]
 
     def next_frame(self) -> Frame | None:
         """
@@ -60,6 +124,16 @@ class FrameDecoder:
         @raise FrameTooLarge: a header announces a body over the limit.
         @raise imgresume.errors.MalformedFrame: a body does not parse.
         """
+        body = self._body
+        if body is not None:
+            if self._filled < len(body):
+                return None
+            self._body, self._filled = None, 0
+            if self._kind == FrameType.DATA and len(body) >= DATA_PREFIX.size:
+                offset, crc = DATA_PREFIX.unpack_from(body)
+                return Data(offset, crc, memoryview(body)[DATA_PREFIX.size :])
+            with memoryview(body) as view:
+                return decode_body(self._kind, view)
         buf = self._buffer
         if len(buf) < HEADER_SIZE:
             return None
@@ -70,6 +144,14 @@ class FrameDecoder:
                 f"frame type 0x{kind:02x} announces {length} bytes; the limit is {limit}"
             )
         end = HEADER_SIZE + length
+        if len(buf) < end and length >= self.OWN_BUFFER:
+            # Receive the rest of this body straight into its own buffer.
+            body = bytearray(length)
+            have = len(buf) - HEADER_SIZE
+            body[:have] = memoryview(buf)[HEADER_SIZE:]
+            del buf[:]
+            self._body, self._filled, self._kind = body, have, kind
+            return None
         if len(buf) < end:
             return None
         with memoryview(buf) as view:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_server_protocol,tests.test_tls -*-
+# -*- test-case-name: tests.test_server_protocol,tests.test_server_memory,tests.test_tls -*-
 """
 The Twisted adapter between a TCP (or TLS, or UNIX) connection and the
 sans-IO L{ServerConnection}: it feeds received bytes to the machine, runs the
@@ -47,6 +47,7 @@ from imgresume.protocol import (
     UploadStatusFrame,
 )
 from imgresume.protocol import _auth as auth
+from imgresume.protocol._decoder import FrameCursor, control_limit
 from imgresume.server._hooks import upload_event
 from imgresume.storage.interfaces import IUploadStorage, IUploadWriter, NewUpload
 from imgresume.tls import peer_certificate_identity
@@ -58,6 +59,13 @@ def _silent(*args: Any, **kwargs: Any) -> None:
 
 #: Seconds a closing connection may take to flush before it is aborted.
 CLOSE_GRACE = 5.0
+#: Default memory for received data, all connections together (see
+#: L{UploadServerFactory.chunk_memory_limit}).
+DATA_MEMORY = 32 * 1024 * 1024
+#: Frames up to this size (header included) are let in without waiting for
+#: room: every control frame (a balancer's health check gets its PONG however
+#: busy the server is) and the last, short chunk of a file.
+SMALL_FRAME = 64 * 1024
 
 
 class UploadServerProtocol(Protocol):
@@ -69,8 +77,12 @@ class UploadServerProtocol(Protocol):
     the next, which is then written with one flush for all of them (group
     commit).  Every other storage operation runs alone.  What a connection
     may hold in memory is bounded: one batch being written, one being
-    gathered (up to L{UploadServerFactory.batch_limit} bytes), and about one
-    frame in the machine's buffer; beyond that the server stops reading.
+    gathered (up to L{UploadServerFactory.batch_limit} bytes), and in the
+    machine's buffer the frame being received (or, while the next batch is
+    full, up to one largest payload) plus one read; beyond that the server
+    stops reading.  All connections together hold at most
+    L{UploadServerFactory.chunk_memory_limit} of received data: a frame is
+    let in only once the server has room for all of it (see L{_admit}).
     """
 
     log = Logger()
@@ -87,6 +99,12 @@ class UploadServerProtocol(Protocol):
         self._batch_bytes = 0
         self._pumping = False
         self._paused = False
+        #: Where frames begin in the received bytes; the frame (by number)
+        #: with room reserved for it; what this connection's buffer counts
+        #: in the factory's chunk_bytes.
+        self._cursor = FrameCursor(control_limit(factory.limits.max_payload))
+        self._admitted = 0
+        self._held = 0
         self._closing = False
         self._timer: IDelayedCall | None = None
         self._abort_call: IDelayedCall | None = None
@@ -139,6 +157,7 @@ class UploadServerProtocol(Protocol):
         self._bytes_received += len(data)
         self.factory.metrics.received_bytes.inc(len(data))
         self._last_heard = self.factory.clock.seconds()
+        self._cursor.feed(data)
         self.machine.receive_data(data)
         self._pump()
 
@@ -157,14 +176,19 @@ class UploadServerProtocol(Protocol):
         )
         # Let the storage calls in flight finish, then give up ownership.
         in_flight = [d for d in (self._busy, self._writing) if d is not None]
+        self.factory.stop_waiting(self)
         self._drop_gathered()
+        held, self._held = self._held, 0
+        self.factory.chunks_released(held)
         d: Deferred[Any] = DeferredList(in_flight) if in_flight else succeed(None)
         d.addBoth(lambda _: self._release_writer())
         d.addBoth(lambda _: self.closed.callback(None))
 
     def wake(self) -> None:
-        """The server has memory for chunks again: go on reading and parsing."""
-        if not self._closing:
+        """The server has memory for received data again: go on reading and parsing."""
+        if self._closing:
+            self.factory.stop_waiting(self)
+        else:
             self._pump()
 
     def check_takeover(self, now: float) -> None:
@@ -220,7 +244,7 @@ class UploadServerProtocol(Protocol):
             return  # a storage call fired synchronously inside the loop below
         self._pumping = True
         try:
-            while not self._stalled() and not self._closing:
+            while not self._stalled() and not self._closing and self._may_parse():
                 event = self.machine.next_event()
                 if event is None:
                     break
@@ -384,14 +408,73 @@ class UploadServerProtocol(Protocol):
 
     def _stalled(self) -> bool:
         """
-        Whether to stop taking events: storage busy, the next batch full, or
-        the server's memory for chunks (all connections together) used up.
+        Whether to stop taking events: storage busy, or the next batch full.
+        (Frames already received are taken even when the server's memory is
+        used up: they are counted in it already.)
         """
-        return (
-            self._busy is not None
-            or self._batch_bytes >= self.factory.batch_limit
-            or self.factory.chunk_bytes >= self.factory.chunk_memory_limit
-        )
+        return self._busy is not None or self._batch_bytes >= self.factory.batch_limit
+
+    def _admit(self) -> tuple[bool, bool]:
+        """
+        Count what this connection's buffer holds in the server's memory for
+        received data, reserving room for the frame arriving once it fits;
+        return (may go on reading, waits for the server's memory).
+
+        A frame whose header is in counts whole from the moment it is let
+        in: at once if it is small, else when the server has room for the
+        rest of it, or holds nothing else.  Until then the connection stops
+        reading and waits for room, and the bytes of that frame it has (at
+        most one read) are not counted, so that connections waiting cannot
+        keep one another out.  A stalled connection reads ahead only while
+        its buffer holds less than one largest payload.
+        """
+        factory, cursor = self.factory, self._cursor
+        if self not in factory.connections:
+            return False, False  # lost: connectionLost counted its bytes out
+        buffered = self.machine.buffered
+        ahead = not self._stalled() or buffered < factory.limits.max_payload
+        if cursor.remaining and ahead:
+            self._let_in()
+        admitted = self._admitted == cursor.frames
+        if admitted:
+            held = buffered + cursor.remaining
+        elif cursor.remaining:
+            held = max(0, buffered - (cursor.size - cursor.remaining))
+        else:
+            held = buffered
+        factory.chunk_bytes += held - self._held
+        self._held = held
+        if cursor.remaining:
+            return admitted, ahead and not admitted
+        return ahead, False
+
+    def _let_in(self) -> bool:
+        """
+        Whether the frame arriving is let in: it is if it is small, or once
+        the server has room for the rest of it, or holds nothing else.
+        """
+        factory, cursor = self.factory, self._cursor
+        if self._admitted != cursor.frames:
+            others = factory.chunk_bytes - self._held
+            if cursor.size <= SMALL_FRAME or others <= 0 or (
+                others + self.machine.buffered + cursor.remaining
+                <= factory.chunk_memory_limit
+            ):
+                self._admitted = cursor.frames
+        return self._admitted == cursor.frames
+
+    def _may_parse(self) -> bool:
+        """
+        Whether the machine may parse on: not into a frame that is not let
+        in, so that nothing is buffered for its body (the decoder may give a
+        large frame a buffer of its own as soon as it parses the header).
+        """
+        cursor = self._cursor
+        if not cursor.remaining or self._admitted == cursor.frames:
+            return True
+        if self.machine.buffered > cursor.size - cursor.remaining:
+            return True  # whole frames before it come first
+        return self._let_in()
 
     def _drop_gathered(self) -> None:
         """Forget the chunks gathered for the next batch (never to be written)."""
@@ -533,7 +616,13 @@ class UploadServerProtocol(Protocol):
             self.transport.writeSequence(out)
 
     def _apply_backpressure(self) -> None:
-        want_pause = self._stalled() and self.machine.buffered >= self.factory.limits.max_payload
+        held = self._held
+        may_read, waits = self._admit()
+        want_pause = not may_read
+        if waits and not self._closing:
+            self.factory.wait_for_memory(self)
+        else:
+            self.factory.stop_waiting(self)
         if want_pause and not self._paused and not self._closing:
             self.transport.pauseProducing()
             self._paused = True
@@ -542,6 +631,8 @@ class UploadServerProtocol(Protocol):
             self._paused = False
         if not self._closing and self.machine.client_id is not None:
             self._reset_timer(self.factory.idle_timeout)
+        if self._held < held:
+            self.factory.wake_waiting()
 
     def _reset_timer(self, seconds: float) -> None:
         if self._timer is not None and self._timer.active():
@@ -579,6 +670,7 @@ class UploadServerProtocol(Protocol):
         self._cancel_timer()
         if self._paused:
             self.transport.resumeProducing()
+            self._paused = False
         self.transport.loseConnection()
         self._abort_call = self.factory.clock.callLater(CLOSE_GRACE, self._abort_if_open)
 
@@ -678,10 +770,15 @@ class UploadServerFactory(Factory):
         #: Advertised in WELCOME (option "window"): the most DATA packets a
         #: client should have in flight; more only wait in buffers.
         self.max_window = 32
-        #: Bytes of received chunks all connections may hold (gathered or
-        #: being written) before they stop reading; and what they hold now.
-        self.chunk_memory_limit = max(4 * self.batch_limit, 256 * 1024 * 1024)
+        #: Bytes of received data all connections may hold (frames being
+        #: received, counted whole once let in; chunks gathered or being
+        #: written) before they stop reading; and what they hold now.
+        self.chunk_memory_limit = max(4 * self.batch_limit, DATA_MEMORY)
         self.chunk_bytes = 0
+        #: Connections that stopped reading until there is memory again, in
+        #: the order they stopped.
+        self._waiting: dict[UploadServerProtocol, None] = {}
+        self._waking = False
         self.takeover_idle = takeover_idle
         self._takeover_loop = LoopingCall(self.check_takeovers)
         self._takeover_loop.clock = clock
@@ -728,14 +825,36 @@ class UploadServerFactory(Factory):
 
     def chunks_released(self, size: int) -> None:
         """
-        Chunks were written or dropped.  If that brings the server back under
-        its chunk memory limit, connections that stopped for it go on.
+        Received data was written or dropped: count it out, and let
+        connections waiting for memory go on if there is room again.
         """
-        was_full = self.chunk_bytes >= self.chunk_memory_limit
         self.chunk_bytes -= size
-        if was_full and self.chunk_bytes < self.chunk_memory_limit:
-            for proto in list(self.connections):
-                proto.wake()
+        self.wake_waiting()
+
+    def wait_for_memory(self, proto: UploadServerProtocol) -> None:
+        """C{proto} stopped reading until the server has memory for it."""
+        self._waiting.setdefault(proto, None)
+
+    def stop_waiting(self, proto: UploadServerProtocol) -> None:
+        """C{proto} no longer waits for memory."""
+        self._waiting.pop(proto, None)
+
+    def wake_waiting(self) -> None:
+        """
+        Wake connections waiting for memory, oldest first, until one still
+        finds no room: nobody overtakes a frame that does not fit yet.
+        """
+        if self._waking:
+            return  # the loop below is running further up the stack
+        self._waking = True
+        try:
+            for proto in list(self._waiting):
+                if proto in self._waiting:
+                    proto.wake()
+                    if proto in self._waiting:
+                        break
+        finally:
+            self._waking = False
 
     def check_takeovers(self) -> None:
         """Let every silent connection holding an upload yield it if asked."""

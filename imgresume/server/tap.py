@@ -66,6 +66,10 @@ Examples:
         ["takeover-idle", None, "10s", "A connection silent this long gives its upload up "
          "to a newer connection that asks for it (a client that reconnected elsewhere)."],
         ["threads", None, "8", "Threads for disk work."],
+        ["max-data-memory", None, None, "Received upload data all connections together may "
+         "hold in memory (frames arriving, chunks waiting for the disk); past it they stop "
+         "reading until writes catch up [default: 32M, or 4 x the batch limit (2 x "
+         "--max-payload, at least 8M) if more]."],
         ["max-uploads-per-client", None, "64", "Uploads one client id may have open on this "
          "server at once (0: no limit); more are refused with QUOTA_EXCEEDED."],
         ["gc-interval", None, "15m", "How often abandoned uploads are looked for and "
@@ -153,11 +157,15 @@ Examples:
                         "gc-interval", "expire-after", "expire-records-after"):
                 self[key] = parse_duration(self[key])
             self["threads"] = int(self["threads"])
+            if self["max-data-memory"] is not None:
+                self["max-data-memory"] = parse_size(self["max-data-memory"])
             self["max-uploads-per-client"] = int(self["max-uploads-per-client"])
         except ValueError as e:
             raise usage.UsageError(str(e))
         if self["limits"].chunk_size > self["limits"].max_payload:
             raise usage.UsageError("--chunk-size must not exceed --max-payload")
+        if self["max-data-memory"] is not None and self["max-data-memory"] <= 0:
+            raise usage.UsageError("--max-data-memory must be more than 0")
         for key in ("expire-after", "expire-records-after"):
             if self[key] <= 0:
                 raise usage.UsageError(f"--{key} must be more than 0")
@@ -245,7 +253,7 @@ def makeService(config: Options):
             verify_storage(config["storage"])
         except StorageCheckFailed as e:
             raise SystemExit(f"imgresume: {e}") from None
-    return makeServerService(
+    service = makeServerService(
         config["listen"],
         config["storage"],
         keys=config["keys"],
@@ -266,3 +274,6 @@ def makeService(config: Options):
         hooks=config["hooks"],
         s3_options=config.get("s3-options"),
     )
+    if config["max-data-memory"] is not None:
+        service.factory.chunk_memory_limit = config["max-data-memory"]
+    return service

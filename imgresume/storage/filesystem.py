@@ -1178,8 +1178,10 @@ class FilesystemUploadWriter:
 
     def write_batch(self, chunks: Sequence[tuple[int, bytes]]) -> Deferred[int]:
         """See L{IUploadWriter.write_batch}."""
+        # Payloads may be any buffer (the decoder hands out memoryviews of
+        # the frames it received): written as they are, never copied.
         d = self._call(self._write_sync, [
-            (c[0], bytes(c[1]), c[2] if len(c) > 2 else None) for c in chunks
+            (c[0], c[1], c[2] if len(c) > 2 else None) for c in chunks
         ])
         d.addCallback(self._flushed)
         return d
