@@ -3,7 +3,7 @@ python -m bench: run the imgresume benchmarks (docs/benchmarks.md).
 
   python -m bench                  # full run: 1 GiB streams, 200 clients (< 15 min)
   python -m bench --quick          # 256 MiB streams, 50 clients (< 2 min)
-  python -m bench --only single    # one group: single, concurrency, resume, profile
+  python -m bench --only single    # one group: single, concurrency, resume, latency, scale, profile
   python -m bench --out bench/results/
 
 Every figure is printed as a ratio against baselines measured in the same
@@ -23,6 +23,7 @@ from bench._common import ROOT, GiB, MiB, Workdir, log, machine_info
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    from bench._delayrelay import parse_rate
     from imgresume.sizes import parse_size
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
@@ -43,6 +44,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--clients", type=int, help="concurrent uploads [200; 50 with --quick]")
     p.add_argument("--client-procs", type=int, default=4,
                    help="client processes sharing the concurrent uploads [4]")
+    p.add_argument("--scale-uploads", type=int, default=1000,
+                   help="uploads open at once in the scale group [1000; files up to "
+                        "2 MB instead of 20 MB with --quick]")
     p.add_argument("--many-repeat", type=int, help="rounds of the concurrency group "
                    "[3; 1 with --quick]")
     p.add_argument("--kills", type=int,
@@ -50,6 +54,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--window", type=int, help="client window (packets in flight) [client default]")
     p.add_argument("--chunk-size", type=parse_size,
                    help="client payload per packet [what the server recommends]")
+    p.add_argument("--rtt-ms", type=float, default=50.0,
+                   help="round trip of the latency group's emulated link [50]")
+    p.add_argument("--link-rate", type=parse_rate, default=parse_rate("100M"),
+                   help="bandwidth cap of that link, bytes/s each way, decimal "
+                        "suffixes k M G [100M]")
     p.add_argument("--workdir", help="where the temporary files go (the disk under "
                    "test) [the system temp dir]")
     p.add_argument("--keep", action="store_true", help="keep the work directory")

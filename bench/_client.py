@@ -93,6 +93,7 @@ async def _one(reactor: Any, spec: dict[str, Any], path: str, name: str, client_
                         **tuning)  # otherwise the product's defaults
     kills: list[dict[str, Any]] = []
     acks: list[float] = []  # when each ACK arrived (first file only)
+    ack_offsets: list[int] = []  # and the offset it acknowledged
 
     def progress(p: Any) -> None:
         if p.phase == "hashing" and first and p.done >= p.total and "hash_cpu" not in cpu_marks:
@@ -110,6 +111,7 @@ async def _one(reactor: Any, spec: dict[str, Any], path: str, name: str, client_
         rec["last_ack"] = p.done
         if first:
             acks.append(t)
+            ack_offsets.append(p.done)
             if p.done == size:
                 out["all_acked"] = t
         if kill_at and p.done >= kill_at[0] * size and p.done < size and "kill" not in rec:
@@ -123,6 +125,7 @@ async def _one(reactor: Any, spec: dict[str, Any], path: str, name: str, client_
                            "kills": kills}
     if first:
         out["acks"] = acks
+        out["ack_offsets"] = ack_offsets
     try:
         result = await uploader.upload(path, name, progress=progress)
     except Exception as e:  # noqa: BLE001 - every failure is a counted failure

@@ -130,6 +130,29 @@ def proc_rss(pid: int) -> int:
     return 0
 
 
+def proc_hwm(pid: int) -> int:
+    """Peak resident set size (VmHWM) in bytes of a running process."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def raise_nofile() -> None:
+    """
+    Raise this process's soft limit of open files to its hard limit; the
+    processes it starts afterwards inherit it.  For servers, balancer and
+    clients with many connections (each holds a socket, and a server also
+    files, per upload).
+    """
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft = 65536 if hard == resource.RLIM_INFINITY else hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def rusage_cpu(ru: Any) -> float:
     return ru.ru_utime + ru.ru_stime
 

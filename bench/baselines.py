@@ -24,7 +24,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from bench._common import (
@@ -39,11 +40,13 @@ from bench._common import (
 )
 
 
-def tcp_copy(work: Workdir, files: Sequence[str], fsync: bool, name: str) -> dict[str, Any]:
+def tcp_copy(work: Workdir, files: Sequence[str], fsync: bool, name: str,
+             via: Callable[[int], AbstractContextManager[int]] | None = None) -> dict[str, Any]:
     """
     Copy C{files} (all at once) through a receiver process over loopback.
     The time runs from the first sender's connect to the last file written
-    (and fsynced).
+    (and fsynced).  C{via}: given the receiver's port, a context manager
+    for the port the senders connect to instead (a relay in front of it).
     """
     outdir = work.fresh("dst")
     recv = subprocess.Popen(
@@ -53,13 +56,14 @@ def tcp_copy(work: Workdir, files: Sequence[str], fsync: bool, name: str) -> dic
     )
     try:
         port = json.loads(recv.stdout.readline())["port"]
-        send = subprocess.Popen(
-            [sys.executable, "-m", "bench._tcpcopy", "send", str(port), *files],
-            env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True,
-        )
-        s_out, s_err = send.communicate(timeout=3600)
-        r_out, r_err = recv.communicate(timeout=600)
+        with (via or nullcontext)(port) as send_port:
+            send = subprocess.Popen(
+                [sys.executable, "-m", "bench._tcpcopy", "send", str(send_port), *files],
+                env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True,
+            )
+            s_out, s_err = send.communicate(timeout=3600)
+            r_out, r_err = recv.communicate(timeout=600)
     finally:
         if recv.poll() is None:
             recv.kill()

@@ -20,6 +20,8 @@ from bench.imgresume_runs import (
     single_stream,
     storage_only,
 )
+from bench.latency import latency
+from bench.scale import scale
 
 
 def _source(work: Workdir, size: int) -> str:
@@ -147,6 +149,8 @@ GROUPS: dict[str, Callable[[Workdir, Any], dict[str, Any]]] = {
     "concurrency": concurrency,
     "resume": resume_cost,
     "profile": profile,
+    "scale": scale,
+    "latency": latency,
 }
 #: What runs without --only (the profile is on demand: --only profile or --profile).
-DEFAULT = ["single", "concurrency", "resume"]
+DEFAULT = ["single", "concurrency", "resume", "latency", "scale"]

@@ -5,10 +5,11 @@ C{twistd imgresume-lb} in front, and the client (L{bench._client}, the
 public L{Uploader}) in its own process.
 
 Every integrity check is on, because the product has no switch to turn
-any off: the client hashes the file (SHA-256) before it connects, every DATA
-packet carries a CRC-32 the server checks, the server fsyncs data and
-journal before each ACK and reads the stored file back to check its SHA-256
-before COMPLETED.
+any off: the client hashes the whole file (SHA-256, while it sends; FINISH
+carries it), every DATA packet carries a CRC-32 the server checks, the
+server fsyncs data and journal before each ACK and reads every stored byte
+back (as it is flushed, cached pages dropped) to check the SHA-256 before
+COMPLETED.
 
 CPU: servers and balancer from /proc/<pid>/stat (all threads) before and
 after each measurement; the client from getrusage inside its process.
@@ -32,6 +33,7 @@ from bench._common import (
     now,
     proc_cpu,
     proc_rss,
+    raise_nofile,
     run_python,
     settle,
     spawn_python,
@@ -43,16 +45,31 @@ class Cluster:
     C{servers} imgresume servers on free TCP ports of 127.0.0.1 sharing one
     storage directory, and a balancer in front of them.  Per-address
     connection limits are off (every benchmark client is 127.0.0.1) and so
-    is garbage collection; everything else is the default.
+    is garbage collection; everything else is the default.  With C{backlog},
+    every listener's accept queue is that long (Twisted's default is 50);
+    with C{metrics}, every process serves its metrics on a port of its own
+    (L{metrics_url}).  Every process may open as many files as the hard
+    limit allows (the harness raises its own soft limit; they inherit it).
     """
 
-    def __init__(self, work: Workdir, name: str, servers: int) -> None:
+    def __init__(self, work: Workdir, name: str, servers: int, *,
+                 backlog: int | None = None, metrics: bool = False) -> None:
         from imgresume._cluster import free_tcp_port, twistd_argv
 
+        raise_nofile()  # for this process, and every process it starts
         self.work = work
         self.storage = work.fresh(f"storage-{name}")
         self.argv: dict[str, list[str]] = {}
         self.ports: dict[str, int] = {}
+        self.metrics_ports: dict[str, int] = {}
+        queue = f":backlog={backlog}" if backlog else ""
+
+        def extra(node: str) -> list[str]:
+            if not metrics:
+                return []
+            self.metrics_ports[node] = free_tcp_port()
+            return ["--metrics", f"tcp:{self.metrics_ports[node]}:interface=127.0.0.1"]
+
         self.procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
         for i in range(1, servers + 1):
@@ -61,17 +78,17 @@ class Cluster:
             self.ports[node] = port
             self.argv[node] = twistd_argv(
                 "--logfile", work.sub("logs", f"{name}-{node}.log"), "imgresume",
-                "--listen", f"tcp:{port}:interface=127.0.0.1", "--storage", self.storage,
-                "--server-id", node, "--max-connections-per-address", "0",
-                "--gc-interval", "0",
+                "--listen", f"tcp:{port}:interface=127.0.0.1{queue}", "--storage",
+                self.storage, "--server-id", node, "--max-connections-per-address", "0",
+                "--gc-interval", "0", *extra(node),
             )
         port = free_tcp_port()
         self.ports["lb"] = port
         self.argv["lb"] = twistd_argv(
             "--logfile", work.sub("logs", f"{name}-lb.log"), "imgresume-lb",
-            "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--listen", f"tcp:{port}:interface=127.0.0.1{queue}",
             *[a for n in self.servers for a in ("--backend", f"tcp:127.0.0.1:{self.ports[n]}")],
-            "--max-connections-per-address", "0",
+            "--max-connections-per-address", "0", *extra("lb"),
         )
         self.stderr = work.sub("logs", f"{name}.stderr")
 
@@ -81,6 +98,10 @@ class Cluster:
 
     def endpoint(self, node: str) -> str:
         return f"tcp:127.0.0.1:{self.ports[node]}"
+
+    def metrics_url(self, node: str) -> str:
+        """Where C{node} serves its metrics (a cluster made with C{metrics=True})."""
+        return f"http://127.0.0.1:{self.metrics_ports[node]}/metrics"
 
     def start_node(self, node: str) -> None:
         from imgresume._cluster import wait_until_connectable

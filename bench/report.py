@@ -11,6 +11,7 @@ import os
 import time
 from typing import Any
 
+from bench import latency, scale
 from bench._common import GiB, median, per_gib, percentile
 
 MB = 1e6
@@ -164,6 +165,12 @@ def summarise(groups: dict[str, Any]) -> dict[str, Any]:
                 "also": f"max {fig['reconnect_to_first_ack_ms_max']:.1f} ms over "
                         f"{len(breaks)} resumes",
             })
+    if "scale" in groups and "samples" in groups["scale"]:
+        summary["scale"], scale_targets = scale.summarise(groups["scale"])
+        targets += scale_targets
+    if "latency" in groups and "samples" in groups["latency"]:
+        summary["latency"], latency_targets = latency.summarise(groups["latency"])
+        targets += latency_targets
     summary["targets"] = targets
     return summary
 
@@ -269,13 +276,18 @@ def table(results: dict[str, Any]) -> str:
                      f"{f['bytes_resent'] / 2**20:8.1f} MiB in all "
                      f"({f['bytes_resent'] / max(1, f['breaks']) / 2**20:.1f} per resume); "
                      f"ACKed bytes lost: {f['acked_bytes_lost']}")
+    if "scale" in s:
+        lines += ["", *scale.table_lines(s["scale"])]
+    if "latency" in s:
+        lines += ["", *latency.table_lines(s["latency"])]
     if s.get("targets"):
         lines.append("")
         lines.append("targets (issue 5), stated not asserted:")
         for t in s["targets"]:
             v = t["value"]
-            shown = ("-" if v is None else f"{v:.1f} ms" if "ms" in t["target"]
-                     else str(v) if isinstance(v, int) else f"{v:.2f}x")
+            shown = t.get("shown") or (
+                "-" if v is None else f"{v:.1f} ms" if "ms" in t["target"]
+                else str(v) if isinstance(v, int) else f"{v:.2f}x")
             verdict = {True: "met", False: "NOT MET", None: "not measured"}[t["met"]]
             lines.append(f"  {t['target']}: {shown} -- {verdict}" +
                          (f"  ({t['also']})" if t.get("also") else ""))
