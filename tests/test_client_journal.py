@@ -16,8 +16,7 @@ import time
 from typing import Any
 
 import attrs
-
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -26,6 +25,7 @@ from imgresume.client import Journal, Uploader, default_journal_path
 from imgresume.client._journal import journal_entry, journal_key
 from imgresume.client._journal_queue import JournalQueue
 from imgresume.client._source import Fingerprint
+from tests.queued import QueuedRunner
 
 UPLOAD_ID = "0123456789abcdef0123456789abcdef"
 OTHER_ID = "fedcba9876543210fedcba9876543210"
@@ -322,24 +322,8 @@ class JournalQueueTests(SynchronousTestCase):
     def setUp(self) -> None:
         path = os.path.join(os.path.abspath(self.mktemp()), "journal.json")
         self.journal = Journal(path)
-        self.calls: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
-        self.queue = JournalQueue(self.journal, self.hold)
-
-    def hold(self, f: Any, *args: Any) -> Deferred[Any]:
-        """The runner: hold the call until L{finish}."""
-        d: Deferred[Any] = Deferred()
-        self.calls.append((f, args, d))
-        return d
-
-    def finish(self) -> None:
-        """Do the oldest held call now."""
-        f, args, d = self.calls.pop(0)
-        try:
-            result = f(*args)
-        except Exception:
-            d.errback()
-        else:
-            d.callback(result)
+        self.runner = QueuedRunner()
+        self.queue = JournalQueue(self.journal, self.runner)
 
     def test_changes_grouped(self) -> None:
         """
@@ -349,17 +333,17 @@ class JournalQueueTests(SynchronousTestCase):
         first = self.queue.remember("a", UPLOAD_ID, SHA)
         second = self.queue.remember("b", UPLOAD_ID, SHA)
         third = self.queue.complete("a", UPLOAD_ID, SHA)
-        self.assertEqual(len(self.calls), 1)
-        self.finish()
+        self.assertEqual(len(self.runner), 1)
+        self.runner.step()
         self.successResultOf(first)
         self.assertNoResult(second)
-        self.assertEqual(len(self.calls), 1)
-        self.assertEqual(sorted(self.calls[0][1][0]), ["a", "b"])
-        self.finish()
+        self.assertEqual(len(self.runner), 1)
+        self.assertEqual(sorted(self.runner.calls[0][1][0]), ["a", "b"])
+        self.runner.step()
         self.successResultOf(second)
         self.successResultOf(third)
         self.assertIs(self.journal.lookup("a")["complete"], True)
-        self.assertEqual(self.calls, [])
+        self.assertEqual(self.runner.calls, [])
 
     def test_lookup_sees_changes_not_written(self) -> None:
         """
@@ -371,9 +355,9 @@ class JournalQueueTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.queue.lookup("a"))["upload_id"], UPLOAD_ID)
         self.assertIsNone(self.successResultOf(self.queue.lookup("b")))
         d = self.queue.lookup("c")
-        self.assertEqual(len(self.calls), 2)  # the write, and the lookup
-        self.finish()
-        self.finish()
+        self.assertEqual(len(self.runner), 2)  # the write, and the lookup
+        self.runner.step()
+        self.runner.step()
         self.assertIsNone(self.successResultOf(d))
 
     def test_failed_write(self) -> None:
@@ -387,7 +371,7 @@ class JournalQueueTests(SynchronousTestCase):
         self.patch(self.journal, "update", broken)
         failed = self.queue.remember("a", UPLOAD_ID, SHA)
         later = self.queue.remember("b", UPLOAD_ID, SHA)
-        self.finish()
+        self.runner.step()
         self.failureResultOf(failed, OSError)
         self.assertNoResult(later)
-        self.assertEqual(len(self.calls), 1)
+        self.assertEqual(len(self.runner), 1)

@@ -45,6 +45,7 @@ from imgresume.storage.interfaces import (
     TailCheck,
 )
 from imgresume.storage.memory import MemoryStorage
+from tests.queued import QueuedRunner
 from tests.storage_conformance import (
     EMPTY_TAIL,
     PAYLOAD,
@@ -601,31 +602,21 @@ class LockingTests(FilesystemMixin, TestCase):
         release() called while a write is still on the disk thread runs
         after it, so no fd is closed under a running write.
         """
-        pending = []
-
-        def queued(f, *args):
-            d = defer.Deferred()
-            pending.append((d, f, args))
-            return d
-
-        def step():
-            d, f, args = pending.pop(0)
-            d.callback(f(*args))
-
-        storage = FilesystemStorage(self.root, queued)
+        run = QueuedRunner()
+        storage = FilesystemStorage(self.root, run)
         d = storage.create(request())
-        step()
+        run.step()
         writer = self.successResultOf(d)
         wd = writer.write(0, b"abc")
         rd = writer.release()
-        self.assertEqual(len(pending), 1)
+        self.assertEqual(len(run), 1)
         self.assertNoResult(wd)
-        step()
+        run.step()
         self.assertEqual(self.successResultOf(wd), 3)
-        self.assertEqual(len(pending), 2)  # the release, then the read-back
-        step()
+        self.assertEqual(len(run), 2)  # the release, then the read-back
+        run.step()
         self.successResultOf(rd)
-        step()  # the read-back finds its descriptor closed and stops
+        run.step()  # the read-back finds its descriptor closed and stops
         self.assertEqual(self.resumed(writer.info.upload_id).offset, 3)
 
 
@@ -637,30 +628,18 @@ class ReadBackTests(FilesystemMixin, TestCase):
 
     def setUp(self) -> None:
         self.root = self.tempPath()
-        self.pending: list = []
+        self.run = QueuedRunner()
         self.verified: list[float] = []
-
-        def queued(f, *args):
-            d = defer.Deferred()
-            self.pending.append((d, f, args))
-            return d
 
         def timings(what, seconds):
             if what == "verify":
                 self.verified.append(seconds)
 
-        self.storage = FilesystemStorage(self.root, queued, timings=timings)
+        self.storage = FilesystemStorage(self.root, self.run, timings=timings)
 
     def runAll(self) -> None:
         """Run the queued disk work, and what it queues, until none is left."""
-        while self.pending:
-            d, f, args = self.pending.pop(0)
-            try:
-                result = f(*args)
-            except Exception:
-                d.errback()
-            else:
-                d.callback(result)
+        self.run.run_all()
 
     def create(self, data: bytes = PAYLOAD):
         d = self.storage.create(request(data))
@@ -706,10 +685,9 @@ class ReadBackTests(FilesystemMixin, TestCase):
         """
         writer = self.create()
         d = writer.write(0, PAYLOAD)
-        d0, f, args = self.pending.pop(0)
-        d0.callback(f(*args))
+        self.run.step()
         self.assertEqual(self.successResultOf(d), len(PAYLOAD))
-        self.assertEqual(len(self.pending), 1)  # the read-back, not run yet
+        self.assertEqual(len(self.run), 1)  # the read-back, not run yet
         done = writer.complete()
         self.assertNoResult(done)
         self.assertEqual(self.verified, [])
