@@ -295,7 +295,7 @@ def _build_info(registry: Registry) -> None:
 class ServerMetrics:
     """
     The metrics of one upload server (C{twistd imgresume}).  Built by
-    L{imgresume.server.makeServerService}; updated by the protocol factory
+    L{imgresume.server.make_server_service}; updated by the protocol factory
     (L{upload_event} for each upload event, and directly for bytes,
     connections and takeovers), by the storage's disk threads
     (L{storage_timing}) and by garbage collection (L{gc_report}).
@@ -396,7 +396,7 @@ class BalancerMetrics:
     """
     The metrics of one balancer (C{twistd imgresume-lb}).  Built by
     L{imgresume.balancer.tap.makeService} (or given to
-    L{imgresume.balancer.buildBalancer}); updated by the proxy and the
+    L{imgresume.balancer.build_balancer}); updated by the proxy and the
     health checker.  L{watch} reads the per-backend gauges from a
     L{BackendTracker} at each scrape.
     """
@@ -436,10 +436,10 @@ class BalancerMetrics:
     def watch(self, tracker: Any) -> None:
         """Read the per-backend gauges from C{tracker} at each scrape."""
         self.backend_up.set_function(lambda: [
-            ({"backend": b.name}, 1 if tracker.isUp(b) else 0) for b in tracker.backends
+            ({"backend": b.name}, 1 if tracker.is_up(b) else 0) for b in tracker.backends
         ])
         self.backend_connections.set_function(lambda: [
-            ({"backend": b.name}, tracker.stateOf(b).active) for b in tracker.backends
+            ({"backend": b.name}, tracker.state_of(b).active) for b in tracker.backends
         ])
         for backend in tracker.backends:
             self.connect_failures.inc(0, backend=backend.name)

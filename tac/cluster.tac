@@ -11,7 +11,7 @@ import os
 from twisted.application.service import Application
 
 from imgresume.balancer import tap
-from imgresume.server import makeServerService
+from imgresume.server import make_server_service
 
 storage = os.path.abspath(os.environ.get("IMGRESUME_STORAGE", "imgresume-storage"))
 os.makedirs(storage, exist_ok=True)
@@ -20,7 +20,7 @@ application = Application("imgresume-cluster")
 backends = []
 for i in (1, 2, 3):
     port = 9000 + i
-    makeServerService(
+    make_server_service(
         f"tcp:{port}:interface=127.0.0.1", storage, server_id=f"node-{i}"
     ).setServiceParent(application)
     backends.append(f"tcp:127.0.0.1:{port}")

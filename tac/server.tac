@@ -8,10 +8,10 @@ import os
 
 from twisted.application.service import Application
 
-from imgresume.server import makeServerService
+from imgresume.server import make_server_service
 
 application = Application("imgresume-server")
-makeServerService(
+make_server_service(
     os.environ.get("IMGRESUME_LISTEN", "tcp:9001:interface=127.0.0.1"),
     os.environ.get("IMGRESUME_STORAGE", "/srv/imgresume"),
     server_id=os.environ.get("IMGRESUME_SERVER_ID"),

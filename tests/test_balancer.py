@@ -64,9 +64,9 @@ from imgresume.balancer import (
     FrontendProtocol,
     HealthChecker,
     RoundRobinScheduler,
-    buildBalancer,
+    build_balancer,
 )
-from imgresume.balancer._proxy import _describeFailure, _errorFrame
+from imgresume.balancer._backend import describe_failure, error_frame
 from imgresume.balancer.tap import Options, makeService
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -152,7 +152,7 @@ class TrackerTests(TestCase):
         self.clock.advance(1000)
         self.a = Backend("a", RefusingEndpoint())
         self.b = Backend("b", RefusingEndpoint())
-        self.tracker = BackendTracker([self.a, self.b], self.clock, ejectFor=2.0)
+        self.tracker = BackendTracker([self.a, self.b], self.clock, eject_for=2.0)
 
     def test_initialState(self) -> None:
         """
@@ -160,10 +160,10 @@ class TrackerTests(TestCase):
         """
         self.assertEqual(self.tracker.backends, (self.a, self.b))
         for backend in (self.a, self.b):
-            state = self.tracker.stateOf(backend)
-            self.assertTrue(self.tracker.isUp(backend))
+            state = self.tracker.state_of(backend)
+            self.assertTrue(self.tracker.is_up(backend))
             self.assertEqual(
-                (state.active, state.total, state.failures, state.lastFailure),
+                (state.active, state.total, state.failures, state.last_failure),
                 (0, 0, 0, None),
             )
 
@@ -179,42 +179,42 @@ class TrackerTests(TestCase):
         Successful connects count up C{active} and C{total}; closes count
         C{active} down, never below zero.
         """
-        self.tracker.connectSucceeded(self.a)
-        self.tracker.connectSucceeded(self.a)
-        self.tracker.connectionClosed(self.a)
-        state = self.tracker.stateOf(self.a)
+        self.tracker.connect_succeeded(self.a)
+        self.tracker.connect_succeeded(self.a)
+        self.tracker.connection_closed(self.a)
+        state = self.tracker.state_of(self.a)
         self.assertEqual((state.active, state.total), (1, 2))
-        self.tracker.connectionClosed(self.a)
-        self.tracker.connectionClosed(self.a)
-        self.assertEqual(self.tracker.stateOf(self.a).active, 0)
+        self.tracker.connection_closed(self.a)
+        self.tracker.connection_closed(self.a)
+        self.assertEqual(self.tracker.state_of(self.a).active, 0)
 
     def test_failureEjectsForAWhile(self) -> None:
         """
         A failed connect records the time, counts a consecutive failure and
-        marks the backend down for C{ejectFor} seconds only.
+        marks the backend down for C{eject_for} seconds only.
         """
-        self.tracker.connectFailed(self.a)
-        state = self.tracker.stateOf(self.a)
-        self.assertEqual((state.failures, state.lastFailure), (1, 1000.0))
-        self.assertFalse(self.tracker.isUp(self.a))
-        self.assertTrue(self.tracker.isUp(self.b))
+        self.tracker.connect_failed(self.a)
+        state = self.tracker.state_of(self.a)
+        self.assertEqual((state.failures, state.last_failure), (1, 1000.0))
+        self.assertFalse(self.tracker.is_up(self.a))
+        self.assertTrue(self.tracker.is_up(self.b))
         self.clock.advance(1.9)
-        self.assertFalse(self.tracker.isUp(self.a))
+        self.assertFalse(self.tracker.is_up(self.a))
         self.clock.advance(0.1)
-        self.assertTrue(self.tracker.isUp(self.a))
-        self.tracker.connectFailed(self.a)
-        self.assertEqual(self.tracker.stateOf(self.a).failures, 2)
+        self.assertTrue(self.tracker.is_up(self.a))
+        self.tracker.connect_failed(self.a)
+        self.assertEqual(self.tracker.state_of(self.a).failures, 2)
 
     def test_successResetsFailures(self) -> None:
         """
         A successful connect clears the consecutive failure count and any
         down mark, keeping the time of the last failure.
         """
-        self.tracker.connectFailed(self.a)
-        self.tracker.connectSucceeded(self.a)
-        state = self.tracker.stateOf(self.a)
-        self.assertEqual((state.failures, state.lastFailure), (0, 1000.0))
-        self.assertTrue(self.tracker.isUp(self.a))
+        self.tracker.connect_failed(self.a)
+        self.tracker.connect_succeeded(self.a)
+        state = self.tracker.state_of(self.a)
+        self.assertEqual((state.failures, state.last_failure), (0, 1000.0))
+        self.assertTrue(self.tracker.is_up(self.a))
 
     def test_markDownAndUp(self) -> None:
         """
@@ -222,16 +222,16 @@ class TrackerTests(TestCase):
         C{markUp()}; neither a shorter passive ejection nor a successful
         client connect ends it.
         """
-        self.tracker.markDown(self.b)
-        self.tracker.connectFailed(self.b)
+        self.tracker.mark_down(self.b)
+        self.tracker.connect_failed(self.b)
         self.clock.advance(3600)
-        self.assertFalse(self.tracker.isUp(self.b))
-        self.tracker.connectSucceeded(self.b)
-        self.assertFalse(self.tracker.isUp(self.b))
-        self.assertEqual(self.tracker.stateOf(self.b).active, 1)
-        self.tracker.markUp(self.b)
-        self.assertTrue(self.tracker.isUp(self.b))
-        self.assertEqual(self.tracker.stateOf(self.b).failures, 0)
+        self.assertFalse(self.tracker.is_up(self.b))
+        self.tracker.connect_succeeded(self.b)
+        self.assertFalse(self.tracker.is_up(self.b))
+        self.assertEqual(self.tracker.state_of(self.b).active, 1)
+        self.tracker.mark_up(self.b)
+        self.assertTrue(self.tracker.is_up(self.b))
+        self.assertEqual(self.tracker.state_of(self.b).failures, 0)
 
 
 class RoundRobinSchedulerTests(TestCase):
@@ -242,7 +242,7 @@ class RoundRobinSchedulerTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.backends = [Backend(name, RefusingEndpoint()) for name in "abc"]
-        self.tracker = BackendTracker(self.backends, self.clock, ejectFor=2.0)
+        self.tracker = BackendTracker(self.backends, self.clock, eject_for=2.0)
         self.scheduler = RoundRobinScheduler(self.tracker)
 
     def names(self) -> str:
@@ -261,7 +261,7 @@ class RoundRobinSchedulerTests(TestCase):
         A backend that is down goes to the end of every plan, and its turns
         are shared evenly by the others.
         """
-        self.tracker.connectFailed(self.backends[1])
+        self.tracker.connect_failed(self.backends[1])
         self.assertEqual(
             [self.names() for _ in range(4)], ["acb", "cab", "acb", "cab"]
         )
@@ -273,7 +273,7 @@ class RoundRobinSchedulerTests(TestCase):
         With every backend down, plans still list them all, in rotation.
         """
         for backend in self.backends:
-            self.tracker.connectFailed(backend)
+            self.tracker.connect_failed(backend)
         self.assertEqual([self.names() for _ in range(3)], ["abc", "bca", "cab"])
 
     @settings(max_examples=200, deadline=None)
@@ -290,20 +290,20 @@ class RoundRobinSchedulerTests(TestCase):
         """
         clock = Clock()
         backends = [Backend(str(i), RefusingEndpoint()) for i in range(count)]
-        tracker = BackendTracker(backends, clock, ejectFor=2.0)
+        tracker = BackendTracker(backends, clock, eject_for=2.0)
         scheduler = RoundRobinScheduler(tracker)
         for action, index in steps + [("plan", 0)]:
             backend = backends[index % count]
             if action == "fail":
-                tracker.connectFailed(backend)
+                tracker.connect_failed(backend)
             elif action == "up":
-                tracker.markUp(backend)
+                tracker.mark_up(backend)
             elif action == "tick":
                 clock.advance(index / 2)
             else:
                 plan = scheduler.plan()
                 self.assertEqual(sorted(map(id, plan)), sorted(map(id, backends)))
-                flags = [tracker.isUp(b) for b in plan]
+                flags = [tracker.is_up(b) for b in plan]
                 self.assertEqual(flags, sorted(flags, reverse=True))
 
 
@@ -317,7 +317,7 @@ class ErrorFrameTests(TestCase):
         The frame is type 0x09, a u32 body length, then code, offset,
         retry-after and a length-prefixed UTF-8 message, all big-endian.
         """
-        frame = _errorFrame(0x0008, "no backend: \N{SNOWMAN}", 1000)
+        frame = error_frame(0x0008, "no backend: \N{SNOWMAN}", 1000)
         self.assertEqual(frame, expectedErrorFrame("no backend: \N{SNOWMAN}"))
         self.assertEqual(frame[:5], b"\x09\x00\x00\x00\x1f")
 
@@ -325,7 +325,7 @@ class ErrorFrameTests(TestCase):
         """
         An overlong message is cut to 1024 bytes on a character boundary.
         """
-        frame = _errorFrame(0x0008, "\N{SNOWMAN}" * 1000, 1000)
+        frame = error_frame(0x0008, "\N{SNOWMAN}" * 1000, 1000)
         (length,) = struct.unpack(">H", frame[5 + 14 : 5 + 16])
         message = frame[5 + 16 :]
         self.assertEqual(len(message), length)
@@ -343,12 +343,12 @@ class DescribeFailureTests(TestCase):
         Refusals read "refused", OS errors their C{strerror}, anything else
         its message.
         """
-        self.assertEqual(_describeFailure(Failure(ConnectionRefusedError())), "refused")
+        self.assertEqual(describe_failure(Failure(ConnectionRefusedError())), "refused")
         self.assertEqual(
-            _describeFailure(Failure(ConnectError(errno.ENOENT))),
+            describe_failure(Failure(ConnectError(errno.ENOENT))),
             os.strerror(errno.ENOENT),
         )
-        self.assertEqual(_describeFailure(Failure(ValueError("odd"))), "odd")
+        self.assertEqual(describe_failure(Failure(ValueError("odd"))), "odd")
 
 
 class FrontendMemoryTests(TestCase):
@@ -367,7 +367,7 @@ class FrontendMemoryTests(TestCase):
             RoundRobinScheduler(self.tracker),
             self.tracker,
             self.clock,
-            connectTimeout=5.0,
+            connect_timeout=5.0,
         )
         self.client = StringTransport()
         self.proto = self.factory.buildProtocol(self.client.getPeer())
@@ -435,7 +435,7 @@ class FrontendMemoryTests(TestCase):
         self.clock.advance(0.1)
         self.assertEqual(self.hanging.cancelled, 1)
         self.assertEqual(len(self.second.attempts), 1)
-        self.assertEqual(self.tracker.stateOf(self.backends[0]).failures, 1)
+        self.assertEqual(self.tracker.state_of(self.backends[0]).failures, 1)
         self.completeConnect(self.second)
         self.assertEqual(self.client.producerState, "producing")
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -449,7 +449,7 @@ class FrontendMemoryTests(TestCase):
         self.assertEqual(self.hanging.cancelled, 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.second.attempts, [])
-        self.assertEqual(self.tracker.stateOf(self.backends[0]).failures, 0)
+        self.assertEqual(self.tracker.state_of(self.backends[0]).failures, 0)
 
     def test_rejectLingers(self) -> None:
         """
@@ -463,7 +463,7 @@ class FrontendMemoryTests(TestCase):
         self.assertEqual(self.client.producerState, "producing")
         self.proto.dataReceived(b"ignored" * 1000)
         self.assertFalse(self.client.disconnecting)
-        self.clock.advance(self.factory.rejectLinger)
+        self.clock.advance(self.factory.reject_linger)
         self.assertTrue(self.client.disconnecting)
 
 
@@ -607,8 +607,8 @@ class TrackedFrontend(FrontendProtocol):
         if self._peer is not None:
             self.maxToBackend = max(self.maxToBackend, buffered(self._peer.transport))
 
-    def backendDataReceived(self, data: bytes) -> None:
-        super().backendDataReceived(data)
+    def backend_data_received(self, data: bytes) -> None:
+        super().backend_data_received(data)
         self.maxToClient = max(self.maxToClient, buffered(self.transport))
 
     def connectionLost(self, reason: Any) -> None:
@@ -676,7 +676,7 @@ class RealSocketTests(TestCase):
             b if isinstance(b, Backend) else Backend(b, clientFromString(reactor, b))
             for b in backends
         ]
-        self.tracker = BackendTracker(parsed, reactor, ejectFor=kwargs.pop("ejectFor", 2.0))
+        self.tracker = BackendTracker(parsed, reactor, eject_for=kwargs.pop("eject_for", 2.0))
         self.factory = TrackedBalancerFactory(
             RoundRobinScheduler(self.tracker), self.tracker, reactor, **kwargs
         )
@@ -724,7 +724,7 @@ class RealSocketTests(TestCase):
         self.assertEqual([e["backend"] for e in accepted], backends * 2)
         yield self.allClosed()
         for backend in self.tracker.backends:
-            state = self.tracker.stateOf(backend)
+            state = self.tracker.state_of(backend)
             self.assertEqual((state.active, state.total), (0, 2))
         closed = events(self.observer, "closed {client}")
         self.assertEqual(len(closed), 6)
@@ -752,9 +752,9 @@ class RealSocketTests(TestCase):
         self.assertNotIn(b"", seen)
         [failed] = events(self.observer, "failed for client")
         self.assertEqual((failed["backend"], failed["reason"]), (dead, "refused"))
-        deadState = self.tracker.stateOf(self.tracker.backends[1])
+        deadState = self.tracker.state_of(self.tracker.backends[1])
         self.assertEqual((deadState.failures, deadState.total), (1, 0))
-        self.assertFalse(self.tracker.isUp(self.tracker.backends[1]))
+        self.assertFalse(self.tracker.is_up(self.tracker.backends[1]))
 
     @inlineCallbacks
     def test_unixBackend(self) -> None:
@@ -858,13 +858,13 @@ class RealSocketTests(TestCase):
         a backend cancels the attempt: no timer, no connection, no blame.
         """
         hanging = HangingEndpoint()
-        port = yield self.startBalancer([Backend("hanging", hanging)], connectTimeout=30)
+        port = yield self.startBalancer([Backend("hanging", hanging)], connect_timeout=30)
         client = yield self.connect(port)
         yield hanging.attempted
         client.transport.loseConnection()
         yield self.factory.frontends[0].lost
         self.assertEqual(hanging.cancelled, 1)
-        state = self.tracker.stateOf(self.tracker.backends[0])
+        state = self.tracker.state_of(self.tracker.backends[0])
         self.assertEqual((state.active, state.failures), (0, 0))
         self.assertEqual(len(events(self.observer, "disconnected while connecting")), 1)
 
@@ -1002,7 +1002,7 @@ class OptionsTests(TestCase):
         self.assertEqual(
             [b.name for b in factory.tracker.backends], ["tcp:h:1", "tcp:h:2"]
         )
-        self.assertEqual(factory.connectTimeout, 5.0)
+        self.assertEqual(factory.connect_timeout, 5.0)
         checker = service.getServiceNamed("health")
         self.assertIsInstance(checker, HealthChecker)
         self.assertIs(checker.tracker, factory.tracker)
@@ -1029,10 +1029,10 @@ class OptionsTests(TestCase):
         L{buildBalancer} parses backend endpoint strings into a ready
         factory.
         """
-        factory = buildBalancer(
-            MemoryReactor(), ["tcp:h:1", "unix:/tmp/x.sock"], connectTimeout=1.5
+        factory = build_balancer(
+            MemoryReactor(), ["tcp:h:1", "unix:/tmp/x.sock"], connect_timeout=1.5
         )
-        self.assertEqual(factory.connectTimeout, 1.5)
+        self.assertEqual(factory.connect_timeout, 1.5)
         self.assertEqual(len(factory.tracker.backends), 2)
 
 

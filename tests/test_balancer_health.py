@@ -41,7 +41,7 @@ from imgresume.balancer import (
     BackendTracker,
     HealthChecker,
     RoundRobinScheduler,
-    buildBalancer,
+    build_balancer,
 )
 from imgresume.client import Progress, Uploader
 from imgresume.errors import ErrorCode
@@ -246,12 +246,12 @@ class ConversationTests(CheckerTestCase):
         attempt.answer(encode(Pong(ping.nonce)))
         self.assertFalse(transport.connected)
         self.assertFalse(transport.disconnected, "closed with abortConnection")
-        status = checker.statusOf(self.a)
+        status = checker.status_of(self.a)
         self.assertEqual(
-            (status.healthy, status.checks, status.failures, status.serverID),
+            (status.healthy, status.checks, status.failures, status.server_id),
             (True, 1, 0, "node-7"),
         )
-        self.assertTrue(self.tracker.isUp(self.a))
+        self.assertTrue(self.tracker.is_up(self.a))
         self.clock.advance(1.9)
         self.assertEqual(len(self.endpoint(self.a).attempts), 1)
         self.clock.advance(0.1)
@@ -270,8 +270,8 @@ class ConversationTests(CheckerTestCase):
         checker = self.checker()
         [pump] = endpoint.pumps
         pump.flush()
-        status = checker.statusOf(backend)
-        self.assertEqual((status.checks, status.healthy, status.serverID), (1, True, "node-9"))
+        status = checker.status_of(backend)
+        self.assertEqual((status.checks, status.healthy, status.server_id), (1, True, "node-9"))
         self.assertEqual(server.connections, set())
         self.assertEqual(transitions(self.observer, "handshake from"), [])
         self.assertEqual(HEALTH_CLIENT_ID, HEALTH_CHECK_CLIENT_ID)
@@ -280,11 +280,11 @@ class ConversationTests(CheckerTestCase):
         """
         The one check of C{backend} so far failed for C{reason} (a prefix).
         """
-        status = checker.statusOf(backend)
+        status = checker.status_of(backend)
         self.assertEqual((status.checks, status.failures), (1, 1))
-        assert status.lastReason is not None
+        assert status.last_reason is not None
         self.assertTrue(
-            status.lastReason.startswith(reason), f"{status.lastReason!r} !~ {reason!r}"
+            status.last_reason.startswith(reason), f"{status.last_reason!r} !~ {reason!r}"
         )
 
     def test_refused(self) -> None:
@@ -304,7 +304,7 @@ class ConversationTests(CheckerTestCase):
         attempt = self.endpoint(self.a).last
         self.clock.advance(0.49)
         self.assertFalse(attempt.cancelled)
-        self.assertEqual(checker.statusOf(self.a).checks, 0)
+        self.assertEqual(checker.status_of(self.a).checks, 0)
         self.clock.advance(0.01)
         self.assertTrue(attempt.cancelled)
         self.assertFailed(checker, self.a, "connect timed out after 0.5s")
@@ -332,7 +332,7 @@ class ConversationTests(CheckerTestCase):
         attempt.answer(welcome())
         self.clock.advance(1)
         self.assertFailed(checker, self.a, "no PONG within 1s")
-        self.assertEqual(checker.statusOf(self.a).serverID, "node-1")
+        self.assertEqual(checker.status_of(self.a).server_id, "node-1")
 
     def test_garbage(self) -> None:
         """
@@ -415,14 +415,14 @@ class CountingTests(CheckerTestCase):
         checker = self.checker(fall=2)
         self.endpoint(self.b).last.answerHealthy()
         self.endpoint(self.a).last.refuse()
-        self.assertTrue(self.tracker.isUp(self.a))
-        self.assertTrue(checker.statusOf(self.a).healthy)
+        self.assertTrue(self.tracker.is_up(self.a))
+        self.assertTrue(checker.status_of(self.a).healthy)
         self.clock.advance(2)
         self.endpoint(self.b).last.answerHealthy()
         self.endpoint(self.a).last.refuse()
-        self.assertFalse(self.tracker.isUp(self.a))
-        self.assertEqual(self.tracker.stateOf(self.a).downUntil, math.inf)
-        self.assertFalse(checker.statusOf(self.a).healthy)
+        self.assertFalse(self.tracker.is_up(self.a))
+        self.assertEqual(self.tracker.state_of(self.a).down_until, math.inf)
+        self.assertFalse(checker.status_of(self.a).healthy)
         [down] = transitions(self.observer, "is down")
         self.assertEqual(down["log_level"], LogLevel.warn)
         self.assertEqual(
@@ -434,9 +434,9 @@ class CountingTests(CheckerTestCase):
             self.endpoint(self.b).last.answerHealthy()
             self.endpoint(self.a).last.refuse()
         self.assertEqual(len(transitions(self.observer, "is down")), 1)
-        self.assertEqual(checker.statusOf(self.a).failures, 5)
+        self.assertEqual(checker.status_of(self.a).failures, 5)
         self.clock.advance(3600)
-        self.assertFalse(self.tracker.isUp(self.a))
+        self.assertFalse(self.tracker.is_up(self.a))
 
     def test_failuresMustBeConsecutive(self) -> None:
         """
@@ -449,8 +449,8 @@ class CountingTests(CheckerTestCase):
         self.endpoint(self.a).last.answerHealthy()
         self.clock.advance(2)
         self.endpoint(self.a).last.refuse()
-        self.assertTrue(self.tracker.isUp(self.a))
-        self.assertEqual(checker.statusOf(self.a).failures, 1)
+        self.assertTrue(self.tracker.is_up(self.a))
+        self.assertEqual(checker.status_of(self.a).failures, 1)
 
     def test_riseMarksUp(self) -> None:
         """
@@ -461,7 +461,7 @@ class CountingTests(CheckerTestCase):
         endpoint = self.endpoint(self.a)
         endpoint.last.refuse()
         self.endpoint(self.b).last.answerHealthy()
-        self.assertFalse(self.tracker.isUp(self.a))
+        self.assertFalse(self.tracker.is_up(self.a))
         for outcome in ["healthy", "refuse", "healthy"]:
             self.clock.advance(2)
             self.endpoint(self.b).last.answerHealthy()
@@ -469,13 +469,13 @@ class CountingTests(CheckerTestCase):
                 endpoint.last.answerHealthy("node-a")
             else:
                 endpoint.last.refuse()
-            self.assertFalse(self.tracker.isUp(self.a), outcome)
+            self.assertFalse(self.tracker.is_up(self.a), outcome)
         self.assertEqual(transitions(self.observer, "is up"), [])
         self.clock.advance(2)
         self.endpoint(self.b).last.answerHealthy()
         endpoint.last.answerHealthy("node-a")
-        self.assertTrue(self.tracker.isUp(self.a))
-        self.assertEqual(self.tracker.stateOf(self.a).downUntil, None)
+        self.assertTrue(self.tracker.is_up(self.a))
+        self.assertEqual(self.tracker.state_of(self.a).down_until, None)
         [up] = transitions(self.observer, "is up")
         self.assertEqual(
             (up["backend"], up["successes"], up["serverID"], up["up"], up["total"]),
@@ -521,7 +521,7 @@ class SchedulingTests(CheckerTestCase):
         self.assertEqual(len(slow.attempts), 1)
         self.clock.advance(0.01)
         self.assertTrue(slow.attempts[0].cancelled)
-        self.assertEqual(checker.statusOf(self.a).failures, 1)
+        self.assertEqual(checker.status_of(self.a).failures, 1)
         self.clock.advance(1)
         self.assertEqual(len(slow.attempts), 2)
         self.assertEqual(sum(a.pending for a in slow.attempts), 1)
@@ -552,8 +552,8 @@ class SchedulingTests(CheckerTestCase):
         self.assertTrue(transport.disconnected)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         for backend in (self.a, self.b):
-            self.assertEqual(checker.statusOf(backend).checks, 0)
-            self.assertTrue(self.tracker.isUp(backend))
+            self.assertEqual(checker.status_of(backend).checks, 0)
+            self.assertTrue(self.tracker.is_up(backend))
         self.clock.advance(10)
         self.assertEqual(len(self.endpoint(self.a).attempts), 1)
         self.assertEqual(transitions(self.observer, "is down"), [])
@@ -617,7 +617,7 @@ class RealSocketTests(TestCase):
         cleanup.
         """
         self.observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        self.factory = buildBalancer(reactor, backends, connectTimeout=2.0)
+        self.factory = build_balancer(reactor, backends, connect_timeout=2.0)
         self.lb = await self.listen(self.factory)
         self.checker = HealthChecker(
             self.factory.tracker,
@@ -680,31 +680,31 @@ class RealSocketTests(TestCase):
         tracker = self.factory.tracker
         b1, b2, b3 = tracker.backends
         await waitFor(
-            lambda: all(self.checker.statusOf(b).checks for b in tracker.backends),
+            lambda: all(self.checker.status_of(b).checks for b in tracker.backends),
             5,
             "checked",
         )
         portNumber = self.ports[1].getHost().port
         await self.ports[1].stopListening()
-        took = await waitFor(lambda: not tracker.isUp(b2), 5, "marked down")
+        took = await waitFor(lambda: not tracker.is_up(b2), 5, "marked down")
         self.assertLess(took, self.INTERVAL * self.FALL + self.CHECK_TIMEOUT + 2.0)
-        self.assertFalse(self.checker.statusOf(b2).healthy)
-        self.assertIn("connect failed: refused", self.checker.statusOf(b2).lastReason)
-        before = tracker.stateOf(b2).total
+        self.assertFalse(self.checker.status_of(b2).healthy)
+        self.assertIn("connect failed: refused", self.checker.status_of(b2).last_reason)
+        before = tracker.state_of(b2).total
 
         results = await self.upload(6)
         self.assertEqual({r.servers[0] for r in results}, {"node-1", "node-3"})
         self.assertEqual([r.attempts for r in results], [1] * 6)
-        self.assertEqual(tracker.stateOf(b2).total, before)
+        self.assertEqual(tracker.state_of(b2).total, before)
         self.assertEqual(transitions(self.observer, "failed for client"), [])
-        self.assertGreaterEqual(tracker.stateOf(b1).total, 3)
-        self.assertGreaterEqual(tracker.stateOf(b3).total, 3)
+        self.assertGreaterEqual(tracker.state_of(b1).total, 3)
+        self.assertGreaterEqual(tracker.state_of(b3).total, 3)
 
         self.ports[1] = await self.listen(self.servers[1], portNumber)
-        await waitFor(lambda: tracker.isUp(b2), 5, "marked up")
+        await waitFor(lambda: tracker.is_up(b2), 5, "marked up")
         results = await self.upload(6)
         self.assertEqual({r.servers[0] for r in results}, {"node-1", "node-2", "node-3"})
-        self.assertEqual(tracker.stateOf(b2).total, before + 2)
+        self.assertEqual(tracker.state_of(b2).total, before + 2)
         [down] = transitions(self.observer, "is down")
         [up] = transitions(self.observer, "is up")
         self.assertEqual((down["backend"], up["backend"]), (b2.name, b2.name))
@@ -723,13 +723,13 @@ class RealSocketTests(TestCase):
             ]
         )
         real, hanging = self.factory.tracker.backends
-        await waitFor(lambda: not self.factory.tracker.isUp(hanging), 5, "marked down")
+        await waitFor(lambda: not self.factory.tracker.is_up(hanging), 5, "marked down")
         self.assertEqual(
-            self.checker.statusOf(hanging).lastReason,
+            self.checker.status_of(hanging).last_reason,
             f"no WELCOME within {self.CHECK_TIMEOUT:g}s",
         )
-        self.assertTrue(self.factory.tracker.isUp(real))
-        self.assertTrue(self.checker.statusOf(real).healthy)
+        self.assertTrue(self.factory.tracker.is_up(real))
+        self.assertTrue(self.checker.status_of(real).healthy)
 
 
 class ClusterTests(TestCase):
@@ -854,13 +854,13 @@ class ConnectModeTests(TestCase):
             reactor, f"tcp:127.0.0.1:{port.getHost().port}"))
         tracker = BackendTracker([backend], reactor)
         checker = HealthChecker(tracker, reactor, interval=0.05, timeout=1, fall=1,
-                                connectOnly=True)
+                                connect_only=True)
         checker.startService()
         self.addCleanup(checker.stopService)
         from twisted.internet.task import deferLater
 
         await deferLater(reactor, 0.3, lambda: None)
-        status = checker.statusOf(backend)
+        status = checker.status_of(backend)
         self.assertGreater(status.checks, 1)
         self.assertEqual(status.failures, 0)
-        self.assertTrue(tracker.isUp(backend))
+        self.assertTrue(tracker.is_up(backend))

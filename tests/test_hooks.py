@@ -45,7 +45,7 @@ from imgresume.protocol import (
     encode,
 )
 from imgresume.protocol._decoder import control_limit
-from imgresume.server import UploadServerFactory, makeServerService
+from imgresume.server import UploadServerFactory, make_server_service
 from imgresume.server._hooks import HookConfig, HookDispatcher, HookFailed, upload_event
 from imgresume.server.tap import Options as ServerOptions
 from imgresume.storage.memory import MemoryStorage
@@ -460,7 +460,7 @@ class LiveTests(TestCase):
     async def server(self, **hooks: Any) -> tuple[Any, str]:
         """A started server with these hook settings, and its client endpoint."""
         hooks.setdefault("backoff", 0.05)
-        top = makeServerService(
+        top = make_server_service(
             "tcp:0:interface=127.0.0.1", MemoryStorage(), reactor=reactor,
             server_id="node-live", gc_interval=0, hooks=HookConfig(**hooks),
         )

@@ -31,7 +31,7 @@ from imgresume._cluster import LocalCluster
 from imgresume.errors import StorageError, UnknownUpload, UploadAlreadyComplete
 from imgresume.protocol import ChunkAcked, ClientConnection, ErrorReceived, Upload
 from imgresume.protocol import UploadAccepted, UploadCompleted, Welcomed
-from imgresume.server import makeServerService
+from imgresume.server import make_server_service
 from imgresume.server._gc import GarbageCollectorService
 from imgresume.server.tap import Options as ServerOptions
 from imgresume.storage import filesystem
@@ -565,14 +565,14 @@ class GarbageCollectorServiceTests(TestCase):
         root = tempfile.mkdtemp(prefix="imgresume-gc-")
         self.addCleanup(shutil.rmtree, root, True)
         reactor = MemoryReactorClock()
-        top = makeServerService("tcp:0", root, reactor=reactor, gc_interval=30,
+        top = make_server_service("tcp:0", root, reactor=reactor, gc_interval=30,
                                 expire_after=120, expire_records_after=3600)
         gc = top.getServiceNamed("gc")
         self.assertIs(gc, top.gc)
         self.assertEqual((gc.interval, gc.expire_after, gc.expire_records_after),
                          (30, 120, 3600))
         self.assertEqual(gc.root, os.path.abspath(root))
-        top = makeServerService("tcp:0", root, reactor=reactor, gc_interval=0)
+        top = make_server_service("tcp:0", root, reactor=reactor, gc_interval=0)
         self.assertIsNone(top.gc)
         self.assertNotIn("gc", [s.name for s in top])
 

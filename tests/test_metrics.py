@@ -29,7 +29,7 @@ from imgresume.client import Uploader
 from imgresume.metrics import CONTENT_TYPE, Registry, ServerMetrics
 from imgresume.protocol import Data, FrameDecoder, Hello, Resume, Status, Upload, encode
 from imgresume.protocol._decoder import control_limit
-from imgresume.server import UploadServerFactory, makeServerService
+from imgresume.server import UploadServerFactory, make_server_service
 from imgresume.storage.memory import MemoryStorage
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -302,7 +302,7 @@ class ServerEndpointTests(TestCase):
         """
         work = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(work, "storage"))
-        top = makeServerService(
+        top = make_server_service(
             "tcp:0:interface=127.0.0.1", os.path.join(work, "storage"), reactor=reactor,
             server_id="metrics-test", gc_interval=0,
             metrics_listen="tcp:0:interface=127.0.0.1",

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_proxy_protocol -*-
 """
-The real client address behind a balancer: the balancer's PROXY protocol v2
-encoder (C{imgresume.balancer._proxyheader}), the server's trust of PROXY
+The real client address behind a balancer: the PROXY protocol header
+(C{imgresume.addresses}: the balancer's v2 encoder, the server's v1/v2
+parser, the address a connection is counted by), the server's trust of PROXY
 headers from configured networks only and its per-address connection limit
 (C{imgresume.server._proxytrust}), the balancer's own per-address limit and
 health checks with a LOCAL header, and a real C{twistd imgresume-lb
@@ -37,21 +38,22 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imgresume._cluster import LocalCluster
-from imgresume.balancer import Backend, buildBalancer
-from imgresume.balancer._health import _Check
-from imgresume.balancer._proxyheader import SIGNATURE, localHeader, proxyHeader
+from imgresume.addresses import (
+    SIGNATURE,
+    ProxyHeaderError,
+    address_key,
+    local_header,
+    parse_proxy_header,
+    proxy_header,
+)
+from imgresume.balancer import Backend, build_balancer
+from imgresume.balancer._check import HealthCheck
 from imgresume.client import Progress, Uploader
 from imgresume.errors import ErrorCode
 from imgresume.protocol import Error, FrameDecoder, Hello, Welcome, encode
 from imgresume.protocol._decoder import control_limit
 from imgresume.server import UploadServerFactory
-from imgresume.server._proxytrust import (
-    ProxyHeaderError,
-    ProxyTrustFactory,
-    TrustedProxies,
-    addressKey,
-    parseProxyHeader,
-)
+from imgresume.server._proxytrust import ProxyTrustFactory, TrustedProxies
 from imgresume.server.tap import Options as ServerOptions
 from imgresume.storage.memory import MemoryStorage
 
@@ -96,7 +98,7 @@ class EncoderTests(SynchronousTestCase):
 
     def test_ipv4(self) -> None:
         """An IPv4 client gives a TCP4 header that parses back to the same addresses."""
-        header = proxyHeader(CLIENT4, SERVER4)
+        header = proxy_header(CLIENT4, SERVER4)
         self.assertEqual(header[:12], SIGNATURE)
         self.assertEqual(header[12:14], b"\x21\x11")
         self.assertEqual(len(header), 16 + 12)
@@ -106,7 +108,7 @@ class EncoderTests(SynchronousTestCase):
 
     def test_ipv6(self) -> None:
         """An IPv6 client gives a TCP6 header with the same addresses and ports."""
-        header = proxyHeader(CLIENT6, SERVER6)
+        header = proxy_header(CLIENT6, SERVER6)
         self.assertEqual(header[12:14], b"\x21\x21")
         self.assertEqual(len(header), 16 + 36)
         info = self.roundTrip(header)
@@ -119,21 +121,21 @@ class EncoderTests(SynchronousTestCase):
 
     def test_ipv4MappedIsIPv4(self) -> None:
         """A client on a dual-stack listener (C{::ffff:a.b.c.d}) is sent as TCP4."""
-        info = self.roundTrip(proxyHeader(
+        info = self.roundTrip(proxy_header(
             IPv6Address("TCP", "::ffff:203.0.113.7", 5), IPv6Address("TCP", "::ffff:10.0.0.1", 7)))
         self.assertEqual(info.source, IPv4Address("TCP", "203.0.113.7", 5))
         self.assertEqual(info.destination, IPv4Address("TCP", "10.0.0.1", 7))
 
     def test_mixedFamilies(self) -> None:
         """An IPv4 client on an IPv6 address is sent as TCP6, the IPv4 side mapped."""
-        info = self.roundTrip(proxyHeader(CLIENT4, SERVER6))
+        info = self.roundTrip(proxy_header(CLIENT4, SERVER6))
         self.assertEqual(
             ipaddress.ip_address(info.source.host).ipv4_mapped,
             ipaddress.ip_address(CLIENT4.host))
 
     def test_unixClientIsUnspec(self) -> None:
         """A UNIX socket client gives PROXY with family UNSPEC: no address to believe."""
-        header = proxyHeader(UNIXAddress(None), UNIXAddress(b"/run/lb.sock"))
+        header = proxy_header(UNIXAddress(None), UNIXAddress(b"/run/lb.sock"))
         self.assertEqual(header, SIGNATURE + b"\x21\x00\x00\x00")
         info = self.roundTrip(header)
         self.assertIsNone(info.source)
@@ -141,7 +143,7 @@ class EncoderTests(SynchronousTestCase):
 
     def test_local(self) -> None:
         """The health check's header is command LOCAL with no address."""
-        header = localHeader()
+        header = local_header()
         self.assertEqual(header, SIGNATURE + b"\x20\x00\x00\x00")
         info = self.roundTrip(header)
         self.assertIsNone(info.source)
@@ -161,7 +163,7 @@ class EncoderTests(SynchronousTestCase):
 
         proto = HAProxyWrappingFactory(Factory.forProtocol(Inner)).buildProtocol(BALANCER)
         proto.makeConnection(StringTransport(peerAddress=BALANCER))
-        proto.dataReceived(proxyHeader(CLIENT4, SERVER4) + HELLO)
+        proto.dataReceived(proxy_header(CLIENT4, SERVER4) + HELLO)
         self.assertEqual(seen, [(CLIENT4, HELLO)])
 
 
@@ -176,32 +178,32 @@ class ParserTests(SynchronousTestCase):
 
     def test_v1(self) -> None:
         """A v1 TCP4 header and the bytes after it."""
-        info, rest = parseProxyHeader(v1(CLIENT4, SERVER4) + HELLO)
+        info, rest = parse_proxy_header(v1(CLIENT4, SERVER4) + HELLO)
         self.assertEqual((info.source, info.destination, rest), (CLIENT4, SERVER4, HELLO))
 
     def test_v1ipv6(self) -> None:
         """A v1 TCP6 header."""
-        info, _ = parseProxyHeader(v1(CLIENT6, SERVER6))
+        info, _ = parse_proxy_header(v1(CLIENT6, SERVER6))
         self.assertEqual(info.source, CLIENT6)
 
     def test_v2Canonical(self) -> None:
         """IPv6 addresses from a v2 header come out compressed (for logs and counting)."""
-        info, _ = parseProxyHeader(proxyHeader(CLIENT6, SERVER6))
+        info, _ = parse_proxy_header(proxy_header(CLIENT6, SERVER6))
         self.assertEqual(info.source.host, "2001:db8::7")
 
     def test_v1Unknown(self) -> None:
         """C{PROXY UNKNOWN} (which Twisted's own parser refuses) names no client."""
         for line in (b"PROXY UNKNOWN\r\n", b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n"):
-            info, rest = parseProxyHeader(line + b"x")
+            info, rest = parse_proxy_header(line + b"x")
             self.assertIsNone(info.source)
             self.assertEqual(rest, b"x")
 
     def test_incomplete(self) -> None:
         """Every proper prefix of a header asks for more bytes, v1 and v2 alike."""
-        for header in (v1(CLIENT4, SERVER4), proxyHeader(CLIENT6, SERVER6), localHeader()):
+        for header in (v1(CLIENT4, SERVER4), proxy_header(CLIENT6, SERVER6), local_header()):
             for n in range(1, len(header)):
-                self.assertIsNone(parseProxyHeader(header[:n]), (header, n))
-            self.assertIsNotNone(parseProxyHeader(header))
+                self.assertIsNone(parse_proxy_header(header[:n]), (header, n))
+            self.assertIsNotNone(parse_proxy_header(header))
 
     def test_malformed(self) -> None:
         """Malformed headers raise L{ProxyHeaderError}, never anything else."""
@@ -220,7 +222,7 @@ class ParserTests(SynchronousTestCase):
             SIGNATURE + b"\x21\x41\x00\x00",  # family 4
         ]
         for data in bad:
-            self.assertRaises(ProxyHeaderError, parseProxyHeader, data)
+            self.assertRaises(ProxyHeaderError, parse_proxy_header, data)
 
 
 class TrustedProxiesTests(SynchronousTestCase):
@@ -269,10 +271,10 @@ class TrustedProxiesTests(SynchronousTestCase):
 
     def test_addressKey(self) -> None:
         """Connections are counted by IP address, a mapped one as IPv4; UNIX peers are not."""
-        self.assertEqual(addressKey(CLIENT4), "203.0.113.7")
-        self.assertEqual(addressKey(IPv6Address("TCP", "::ffff:203.0.113.7", 9)), "203.0.113.7")
-        self.assertEqual(addressKey(IPv6Address("TCP", "2001:DB8:0::7", 9)), "2001:db8::7")
-        self.assertIsNone(addressKey(UNIXAddress(b"/x")))
+        self.assertEqual(address_key(CLIENT4), "203.0.113.7")
+        self.assertEqual(address_key(IPv6Address("TCP", "::ffff:203.0.113.7", 9)), "203.0.113.7")
+        self.assertEqual(address_key(IPv6Address("TCP", "2001:DB8:0::7", 9)), "2001:db8::7")
+        self.assertIsNone(address_key(UNIXAddress(b"/x")))
 
 
 # -- the server side, in memory ----------------------------------------------
@@ -292,7 +294,7 @@ class ServerHarness:
         )
         self.factory = ProxyTrustFactory(
             self.server, self.clock, TrustedProxies.parse([trusted]), limit,
-            headerTimeout=10, refuseLinger=2,
+            header_timeout=10, refuse_linger=2,
         )
 
     def connect(self, peer: Any = BALANCER, *chunks: bytes) -> tuple[Any, StringTransport]:
@@ -330,7 +332,7 @@ class ServerTrustTests(SynchronousTestCase):
 
     def test_trustedV2(self) -> None:
         """A trusted peer's v2 header sets the address the server protocol sees and logs."""
-        proto, transport = self.h.connect(BALANCER, proxyHeader(CLIENT4, SERVER4) + HELLO)
+        proto, transport = self.h.connect(BALANCER, proxy_header(CLIENT4, SERVER4) + HELLO)
         self.assertWelcomed(transport)
         inner = proto.wrappedProtocol
         self.assertEqual(inner.transport.getPeer(), CLIENT4)
@@ -351,7 +353,7 @@ class ServerTrustTests(SynchronousTestCase):
         A header that arrives a byte at a time (first read far below the 16
         bytes Twisted's wrapper needs) works, for v1 and v2.
         """
-        for header in (proxyHeader(CLIENT6, SERVER6), v1(CLIENT4, SERVER4)):
+        for header in (proxy_header(CLIENT6, SERVER6), v1(CLIENT4, SERVER4)):
             proto, transport = self.h.connect(BALANCER)
             for i in range(len(header)):
                 proto.dataReceived(header[i:i + 1])
@@ -362,7 +364,7 @@ class ServerTrustTests(SynchronousTestCase):
 
     def test_unixPeerTrusted(self) -> None:
         """With C{unix} in the list, a UNIX socket peer (a local balancer) must send a header."""
-        proto, transport = self.h.connect(UNIXAddress(None), proxyHeader(CLIENT4, SERVER4), HELLO)
+        proto, transport = self.h.connect(UNIXAddress(None), proxy_header(CLIENT4, SERVER4), HELLO)
         self.assertWelcomed(transport)
         self.assertEqual(proto.wrappedProtocol.peer, "203.0.113.7:40001")
 
@@ -374,7 +376,7 @@ class ServerTrustTests(SynchronousTestCase):
         both headers, whose first bytes read as an unknown type and a huge
         length, are answered FRAME_TOO_LARGE; MALFORMED_FRAME is as good.)
         """
-        for header in (proxyHeader(CLIENT4, SERVER4), v1(CLIENT4, SERVER4)):
+        for header in (proxy_header(CLIENT4, SERVER4), v1(CLIENT4, SERVER4)):
             proto, transport = self.h.connect(STRANGER, header + HELLO)
             self.assertEqual(proto.wrappedProtocol.transport.getPeer(), STRANGER)
             [error] = frames(transport.value())
@@ -417,13 +419,13 @@ class ServerTrustTests(SynchronousTestCase):
 
     def test_localHeader(self) -> None:
         """A LOCAL header (a balancer's health check) is served under the balancer's address."""
-        proto, transport = self.h.connect(BALANCER, localHeader() + HELLO)
+        proto, transport = self.h.connect(BALANCER, local_header() + HELLO)
         self.assertWelcomed(transport)
         self.assertEqual(proto.wrappedProtocol.transport.getPeer(), BALANCER)
 
     def test_closeReachesServer(self) -> None:
         """Closing the connection closes the server protocol (its upload is released)."""
-        proto, _ = self.h.connect(BALANCER, proxyHeader(CLIENT4, SERVER4) + HELLO)
+        proto, _ = self.h.connect(BALANCER, proxy_header(CLIENT4, SERVER4) + HELLO)
         inner = proto.wrappedProtocol
         self.assertIn(inner, self.h.server.connections)
         self.h.close(proto)
@@ -442,7 +444,7 @@ class ServerLimitTests(SynchronousTestCase):
         self.h = ServerHarness(limit=2)
 
     def via(self, client: Any) -> tuple[Any, StringTransport]:
-        return self.h.connect(BALANCER, proxyHeader(client, SERVER4) + HELLO)
+        return self.h.connect(BALANCER, proxy_header(client, SERVER4) + HELLO)
 
     def assertRefused(self, transport: StringTransport, address: str) -> None:
         [error] = frames(transport.value())
@@ -489,14 +491,14 @@ class ServerLimitTests(SynchronousTestCase):
     def test_localNotCounted(self) -> None:
         """The balancer's own (LOCAL) connections never use a client's slots."""
         for _ in range(5):
-            _, t = self.h.connect(BALANCER, localHeader() + HELLO)
+            _, t = self.h.connect(BALANCER, local_header() + HELLO)
             self.assertIsInstance(frames(t.value())[0], Welcome)
 
     def test_unlimited(self) -> None:
         """0 means no limit."""
         h = ServerHarness(limit=0)
         for port in range(100):
-            _, t = h.connect(BALANCER, proxyHeader(IPv4Address("TCP", "203.0.113.7", port),
+            _, t = h.connect(BALANCER, proxy_header(IPv4Address("TCP", "203.0.113.7", port),
                                                    SERVER4) + HELLO)
             self.assertIsInstance(frames(t.value())[0], Welcome)
 
@@ -552,7 +554,7 @@ class BalancerTests(TestCase):
         backend = Factory.forProtocol(Recorder)
         backend.connections = []
         backendPort = await self.listen(backend)
-        self.factory = buildBalancer(reactor, [f"tcp:127.0.0.1:{backendPort}"], **kw)
+        self.factory = build_balancer(reactor, [f"tcp:127.0.0.1:{backendPort}"], **kw)
         return await self.listen(self.factory), backend
 
     async def connect(self, port: int) -> Client:
@@ -571,7 +573,7 @@ class BalancerTests(TestCase):
         The backend receives a v2 header with the client's own address and
         port before the client's first byte.
         """
-        lbPort, backend = await self.balancer(sendProxy=True)
+        lbPort, backend = await self.balancer(send_proxy=True)
         client = await self.connect(lbPort)
         client.transport.write(b"hello")
         await waitFor(lambda: backend.connections and backend.connections[0].received.endswith(
@@ -595,7 +597,7 @@ class BalancerTests(TestCase):
         The N+1th client connection from one address gets a
         HANDSHAKE_REJECTED ERROR frame and is closed; closing one frees a slot.
         """
-        lbPort, backend = await self.balancer(maxPerAddress=2)
+        lbPort, backend = await self.balancer(max_per_address=2)
         first = await self.connect(lbPort)
         await self.connect(lbPort)
         await waitFor(lambda: len(backend.connections) == 2)
@@ -606,7 +608,7 @@ class BalancerTests(TestCase):
         self.assertIn("too many connections from 127.0.0.1: at most 2", error.message)
         self.assertEqual(len(backend.connections), 2)
         first.transport.loseConnection()
-        await waitFor(lambda: self.factory._perAddress == {"127.0.0.1": 1})
+        await waitFor(lambda: self.factory.limit.open_counts() == {"127.0.0.1": 1})
         fourth = await self.connect(lbPort)
         fourth.transport.write(b"x")
         await waitFor(lambda: len(backend.connections) == 3)
@@ -624,12 +626,12 @@ class BalancerTests(TestCase):
         backend = Backend("b", TCP4ClientEndpoint(reactor, "127.0.0.1", port))
         results = []
         for send in (True, False):
-            check = _Check(backend, reactor, 2.0, 7, sendProxy=send)
-            ended = check.whenEnded()
+            check = HealthCheck(backend, reactor, 2.0, 7, send_proxy=send)
+            ended = check.when_ended()
             check.start()
             results.append(await ended)
         self.assertTrue(results[0].healthy, results[0])
-        self.assertEqual(results[0].serverID, "trusting")
+        self.assertEqual(results[0].server_id, "trusting")
         self.assertFalse(results[1].healthy)
 
     async def test_twistedHaproxyEndpointBehindBalancer(self) -> None:
@@ -647,8 +649,8 @@ class BalancerTests(TestCase):
         port = await proxyEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")).listen(
             Factory.forProtocol(Inner))
         self.addCleanup(port.stopListening)
-        factory = buildBalancer(reactor, [f"tcp:127.0.0.1:{port.getHost().port}"],
-                                sendProxy=True)
+        factory = build_balancer(reactor, [f"tcp:127.0.0.1:{port.getHost().port}"],
+                                send_proxy=True)
         lbPort = await self.listen(factory)
         client = await self.connect(lbPort)
         client.transport.write(b"x")

@@ -4,7 +4,7 @@ The imgresume round-robin TCP balancer (C{twistd imgresume-lb}).
 
 Public API:
 
-  - L{buildBalancer}: backend endpoint strings in, a server factory out.
+  - L{build_balancer}: backend endpoint strings in, a server factory out.
   - L{BalancerFactory}: the server factory; one L{FrontendProtocol} per client.
   - L{Backend}, L{BackendTracker}, L{BackendState}: backends and what is
     known about them.
@@ -15,8 +15,10 @@ Public API:
 See C{docs/balancer.md}.
 """
 
-from ._health import HEALTH_CLIENT_ID, CheckResult, HealthChecker, HealthStatus
-from ._proxy import NO_BACKEND, BalancerFactory, FrontendProtocol
+from ._backend import NO_BACKEND
+from ._check import HEALTH_CLIENT_ID, CheckResult
+from ._health import HealthChecker, HealthStatus
+from ._proxy import BalancerFactory, FrontendProtocol
 from ._scheduler import (
     Backend,
     BackendState,
@@ -24,7 +26,7 @@ from ._scheduler import (
     RoundRobinScheduler,
     Scheduler,
 )
-from .tap import buildBalancer
+from .tap import build_balancer
 
 __all__ = [
     "HEALTH_CLIENT_ID",
@@ -39,5 +41,5 @@ __all__ = [
     "HealthStatus",
     "RoundRobinScheduler",
     "Scheduler",
-    "buildBalancer",
+    "build_balancer",
 ]

@@ -22,40 +22,30 @@ high-water mark.
 
 from __future__ import annotations
 
-import os
-import struct
 from typing import Any, Literal
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.error import (
-    ConnectError,
-    ConnectionRefusedError,
-    DNSLookupError,
-    NoRouteError,
-)
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from ..addresses import ConnectionsPerAddress, address_key, describe_address, proxy_header
+from ..errors import ErrorCode
 from ..metrics import BalancerMetrics, Registry
-from ._proxyheader import addressKey, proxyHeader
+from ._backend import (
+    NO_BACKEND,
+    NO_BACKEND_RETRY_AFTER_MS,
+    BackendFactory,
+    BackendProtocol,
+    close_after_flush,
+    describe_failure,
+    error_frame,
+)
 from ._scheduler import Backend, BackendTracker, Scheduler
 
 log = Logger()
-
-# The imgresume ERROR frame, encoded here rather than imported so the balancer
-# does not depend on the protocol package: header = u8 type + u32 body length;
-# body = u16 code + u64 offset + u32 retry_after_ms + u16 message length +
-# UTF-8 message. All big-endian.
-_FRAME_HEADER = struct.Struct(">BI")
-_ERROR_BODY = struct.Struct(">HQIH")
-_ERROR_FRAME_TYPE = 0x09
-NO_BACKEND = 0x0008
-HANDSHAKE_REJECTED = 0x0005
-_NO_BACKEND_RETRY_AFTER_MS = 1000
-_MAX_ERROR_MESSAGE = 1024
 
 # While connecting, client bytes are held up to this much, then reading is
 # paused until a backend is connected.
@@ -64,97 +54,6 @@ _EARLY_HIGH_WATER = 64 * 1024
 # decoded after being paused: at most about one read's worth. Anything beyond
 # this is a bug or an attack, and the client is dropped rather than buffered.
 _MAX_EARLY_BYTES = 4 * _EARLY_HIGH_WATER
-
-
-def _errorFrame(
-    code: int, message: str, retryAfterMs: int = 0, offset: int = 0
-) -> bytes:
-    """
-    Encode one imgresume ERROR frame. Messages longer than
-    C{_MAX_ERROR_MESSAGE} bytes are cut (on a character boundary) and end in
-    C{"..."}.
-    """
-    encoded = message.encode("utf-8")
-    if len(encoded) > _MAX_ERROR_MESSAGE:
-        cut = encoded[: _MAX_ERROR_MESSAGE - 3].decode("utf-8", "ignore")
-        encoded = cut.encode("utf-8") + b"..."
-    body = _ERROR_BODY.pack(code, offset, retryAfterMs, len(encoded)) + encoded
-    return _FRAME_HEADER.pack(_ERROR_FRAME_TYPE, len(body)) + body
-
-
-def _describeAddress(address: IAddress) -> str:
-    """
-    A short form of a peer address for logs: C{host:port}, C{unix:path}.
-    """
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is not None and port is not None:
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    name = getattr(address, "name", None)
-    if name is not None:
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
-        return f"unix:{name}"
-    return str(address)
-
-
-def _describeFailure(failure: Failure) -> str:
-    """
-    A short reason for a failed connect, for logs and the ERROR message.
-    """
-    if failure.check(ConnectionRefusedError):
-        return "refused"
-    if failure.check(DNSLookupError):
-        return "DNS lookup failed"
-    if failure.check(NoRouteError):
-        return "no route"
-    errno = getattr(failure.value, "osError", None)
-    if failure.check(ConnectError) and isinstance(errno, int):
-        return os.strerror(errno)
-    return failure.getErrorMessage() or failure.type.__name__
-
-
-def _closeAfterFlush(transport: Any) -> None:
-    """
-    Close the survivor of a proxied pair once its write buffer is flushed.
-
-    Its producer (the other, now closed, transport) is unregistered first: a
-    transport that drains its buffer while its streaming producer is paused
-    resumes the producer instead of finishing its own close.
-    """
-    transport.unregisterProducer()
-    transport.loseConnection()
-
-
-class _BackendProtocol(Protocol):
-    """
-    The balancer's connection to one backend. Thin on purpose: everything it
-    hears goes to its L{FrontendProtocol}.
-    """
-
-    def __init__(self, frontend: FrontendProtocol) -> None:
-        self._frontend = frontend
-
-    def dataReceived(self, data: bytes) -> None:
-        self._frontend.backendDataReceived(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._frontend.backendConnectionLost(reason)
-
-
-class _BackendFactory(Factory):
-    """
-    Builds the one L{_BackendProtocol} of a connect attempt. Quiet: one is
-    made per client connection.
-    """
-
-    noisy = False
-
-    def __init__(self, frontend: FrontendProtocol) -> None:
-        self._frontend = frontend
-
-    def buildProtocol(self, addr: IAddress) -> _BackendProtocol:
-        return _BackendProtocol(self._frontend)
 
 
 _State = Literal["connecting", "proxying", "rejected", "closed"]
@@ -180,57 +79,63 @@ class FrontendProtocol(Protocol):
         self._tried: list[tuple[Backend, str]] = []
         self._attempt: Backend | None = None
         self._connecting: Deferred[Any] | None = None
-        self._connectTimer: IDelayedCall | None = None
-        self._timedOut = False
+        self._connect_timer: IDelayedCall | None = None
+        self._timed_out = False
         self._backend: Backend | None = None
-        self._peer: _BackendProtocol | None = None
+        self._peer: BackendProtocol | None = None
         self._early: list[bytes] = []
-        self._earlyBytes = 0
-        self._earlyPaused = False
-        self._lingerCall: IDelayedCall | None = None
-        self._closedBy: str | None = None
-        self._bytesUp = 0
-        self._bytesDown = 0
+        self._early_bytes = 0
+        self._early_paused = False
+        self._linger_call: IDelayedCall | None = None
+        self._closed_by: str | None = None
+        self._bytes_up = 0
+        self._bytes_down = 0
         self._address: str | None | Literal[False] = None
+
+    def _log(self, level: LogLevel, format: str, **fields: Any) -> None:
+        """
+        Log one event of this connection: every event carries its
+        C{connection} number and its C{client}.
+        """
+        log.emit(level, format, connection=self._id, client=self._client, **fields)
 
     # -- client side ---------------------------------------------------
 
     def connectionMade(self) -> None:
-        self._id = self.factory.newConnectionID()
-        self._client = _describeAddress(self.transport.getPeer())
-        self._openedAt = self.factory.reactor.seconds()
+        self._id = self.factory.new_connection_id()
+        self._client = describe_address(self.transport.getPeer())
+        self._opened_at = self.factory.reactor.seconds()
         self.factory.metrics.connections.inc()
         self.factory.metrics.connections_active.inc()
         self._address = self.factory.admit(self.transport.getPeer())
         if self._address is False:
-            self._refuseTooMany()
+            self._refuse_too_many()
             return
         self._plan = list(self.factory.scheduler.plan())
         self._candidates = len(self._plan)
-        self._connectNext()
+        self._connect_next()
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == "proxying":
             assert self._peer is not None
-            self._bytesUp += len(data)
+            self._bytes_up += len(data)
             self.factory.metrics.bytes.inc(len(data), direction="up")
             self._peer.transport.write(data)
         elif self._state == "connecting":
-            self._earlyBytes += len(data)
-            if self._earlyBytes > _MAX_EARLY_BYTES:
-                log.warn(
+            self._early_bytes += len(data)
+            if self._early_bytes > _MAX_EARLY_BYTES:
+                self._log(
+                    LogLevel.warn,
                     "client {client} sent {earlyBytes} bytes while reading was"
                     " paused; dropping it",
-                    connection=self._id,
-                    client=self._client,
-                    earlyBytes=self._earlyBytes,
+                    earlyBytes=self._early_bytes,
                 )
                 self.transport.abortConnection()
                 return
             self._early.append(data)
-            if self._earlyBytes >= _EARLY_HIGH_WATER and not self._earlyPaused:
+            if self._early_bytes >= _EARLY_HIGH_WATER and not self._early_paused:
                 # Nowhere to send more yet: stop reading.
-                self._earlyPaused = True
+                self._early_paused = True
                 self.transport.pauseProducing()
         # "rejected": discarded, so that closing does not reset the
         # connection under the ERROR frame. "closed": nothing to do.
@@ -241,77 +146,75 @@ class FrontendProtocol(Protocol):
         if isinstance(self._address, str):
             self.factory.release(self._address)
             self._address = None
-        if self._closedBy is None:
-            self._closedBy = "client"
-        if self._lingerCall is not None and self._lingerCall.active():
-            self._lingerCall.cancel()
-        self._lingerCall = None
+        if self._closed_by is None:
+            self._closed_by = "client"
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
+        self._linger_call = None
         if previous == "connecting" and self._connecting is not None:
             assert self._attempt is not None
-            log.info(
+            self._log(
+                LogLevel.info,
                 "client {client} disconnected while connecting to {backend};"
                 " connect attempt cancelled",
-                connection=self._id,
-                client=self._client,
                 backend=self._attempt.name,
             )
-            # Errbacks into _backendFailed, which sees the "closed" state.
+            # Errbacks into _backend_failed, which sees the "closed" state.
             self._connecting.cancel()
         elif previous == "proxying":
             assert self._peer is not None and self._backend is not None
-            _closeAfterFlush(self._peer.transport)
-            log.info(
+            close_after_flush(self._peer.transport)
+            self._log(
+                LogLevel.info,
                 "closed {client} <-> {backend} (closed by {closedBy}):"
                 " {bytesUp} bytes up, {bytesDown} bytes down in"
                 " {duration:.3f}s",
-                connection=self._id,
-                client=self._client,
                 backend=self._backend.name,
-                closedBy=self._closedBy,
-                bytesUp=self._bytesUp,
-                bytesDown=self._bytesDown,
-                duration=self.factory.reactor.seconds() - self._openedAt,
+                closedBy=self._closed_by,
+                bytesUp=self._bytes_up,
+                bytesDown=self._bytes_down,
+                duration=self.factory.reactor.seconds() - self._opened_at,
             )
 
     # -- backend side ----------------------------------------------------
 
-    def backendDataReceived(self, data: bytes) -> None:
+    def backend_data_received(self, data: bytes) -> None:
         """
         Bytes from the backend, to be forwarded to the client. Called by
         this connection's backend protocol.
         """
-        self._bytesDown += len(data)
+        self._bytes_down += len(data)
         self.factory.metrics.bytes.inc(len(data), direction="down")
         self.transport.write(data)
 
-    def backendConnectionLost(self, reason: Failure) -> None:
+    def backend_connection_lost(self, reason: Failure) -> None:
         """
         The backend connection ended: close the client side once what the
         backend sent has been flushed. Called by this connection's backend
         protocol.
         """
         assert self._backend is not None
-        self.factory.tracker.connectionClosed(self._backend)
+        self.factory.tracker.connection_closed(self._backend)
         if self._state == "proxying":
-            self._closedBy = "backend"
-            _closeAfterFlush(self.transport)
+            self._closed_by = "backend"
+            close_after_flush(self.transport)
 
     # -- connecting ----------------------------------------------------
 
-    def _connectNext(self) -> None:
+    def _connect_next(self) -> None:
         if not self._plan:
             self._reject()
             return
         backend = self._attempt = self._plan.pop(0)
-        self._timedOut = False
-        d = maybeDeferred(backend.endpoint.connect, _BackendFactory(self))
+        self._timed_out = False
+        d = maybeDeferred(backend.endpoint.connect, BackendFactory(self))
         self._connecting = d
-        self._connectTimer = self.factory.reactor.callLater(
-            self.factory.connectTimeout, self._connectTimedOut, d
+        self._connect_timer = self.factory.reactor.callLater(
+            self.factory.connect_timeout, self._connect_timed_out, d
         )
         d.addCallbacks(
-            self._backendConnected,
-            self._backendFailed,
+            self._backend_connected,
+            self._backend_failed,
             callbackArgs=(backend,),
             errbackArgs=(backend,),
         )
@@ -324,80 +227,78 @@ class FrontendProtocol(Protocol):
             )
         )
 
-    def _connectTimedOut(self, attempt: Deferred[Any]) -> None:
-        self._connectTimer = None
-        self._timedOut = True
+    def _connect_timed_out(self, attempt: Deferred[Any]) -> None:
+        self._connect_timer = None
+        self._timed_out = True
         attempt.cancel()
 
-    def _connectDone(self) -> None:
+    def _connect_done(self) -> None:
         self._connecting = None
-        if self._connectTimer is not None and self._connectTimer.active():
-            self._connectTimer.cancel()
-        self._connectTimer = None
+        if self._connect_timer is not None and self._connect_timer.active():
+            self._connect_timer.cancel()
+        self._connect_timer = None
 
-    def _backendConnected(self, peer: _BackendProtocol, backend: Backend) -> None:
-        self._connectDone()
+    def _backend_connected(self, peer: BackendProtocol, backend: Backend) -> None:
+        self._connect_done()
         self._backend = backend
         self._peer = peer
-        self.factory.tracker.connectSucceeded(backend)
+        self.factory.tracker.connect_succeeded(backend)
         if self._state != "connecting":
             # Not reachable while connects are cancelled on client loss;
             # never leave a backend connection behind if it happens anyway.
             peer.transport.loseConnection()
             return
         self._state = "proxying"
-        peerTransport = peer.transport
-        if self._earlyPaused:
+        peer_transport = peer.transport
+        if self._early_paused:
             self.transport.resumeProducing()
         # Flow control both ways: a full write buffer on one side pauses
         # reading on the other.
-        peerTransport.registerProducer(self.transport, True)
-        self.transport.registerProducer(peerTransport, True)
-        if self.factory.sendProxy:
+        peer_transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(peer_transport, True)
+        if self.factory.send_proxy:
             # The backend learns the client's real address before any byte.
-            peerTransport.write(
-                proxyHeader(self.transport.getPeer(), self.transport.getHost())
+            peer_transport.write(
+                proxy_header(self.transport.getPeer(), self.transport.getHost())
             )
         early, self._early = self._early, []
         for chunk in early:
-            self._bytesUp += len(chunk)
-            peerTransport.write(chunk)
+            self._bytes_up += len(chunk)
+            peer_transport.write(chunk)
         self.factory.metrics.bytes.inc(sum(map(len, early)), direction="up")
-        log.info(
+        self._log(
+            LogLevel.info,
             "client {client} -> backend {backend}"
             " (attempt {attempt} of {candidates})",
-            connection=self._id,
-            client=self._client,
             backend=backend.name,
             attempt=len(self._tried) + 1,
             candidates=self._candidates,
         )
 
-    def _backendFailed(self, failure: Failure, backend: Backend) -> None:
-        self._connectDone()
+    def _backend_failed(self, failure: Failure, backend: Backend) -> None:
+        self._connect_done()
         if self._state != "connecting":
             # The client left and connectionLost cancelled this attempt.
             return
-        if self._timedOut:
-            reason = f"timed out after {self.factory.connectTimeout:g}s"
+        if self._timed_out:
+            reason = f"timed out after {self.factory.connect_timeout:g}s"
         else:
-            reason = _describeFailure(failure)
+            reason = describe_failure(failure)
         tracker = self.factory.tracker
-        tracker.connectFailed(backend)
+        tracker.connect_failed(backend)
         self.factory.metrics.connect_failures.inc(backend=backend.name)
         self._tried.append((backend, reason))
-        log.warn(
+        self._log(
+            LogLevel.warn,
             "backend {backend} failed for client {client}: {reason};"
             " marked down for {ejectFor:g}s, {remaining} left to try",
-            connection=self._id,
-            client=self._client,
             backend=backend.name,
             reason=reason,
-            failures=tracker.stateOf(backend).failures,
-            ejectFor=tracker.ejectFor,
+            failures=tracker.state_of(backend).failures,
+            ejectFor=tracker.eject_for,
             remaining=len(self._plan),
         )
-        self._connectNext()
+        self._connect_next()
 
     # -- no backend ------------------------------------------------------
 
@@ -411,37 +312,34 @@ class FrontendProtocol(Protocol):
             f"no backend available: tried {count}"
             f" backend{'' if count == 1 else 's'} ({tried})"
         )
-        log.error(
+        self._log(
+            LogLevel.error,
             "no backend available for client {client}: {message}",
-            connection=self._id,
-            client=self._client,
             message=message,
             tried=[b.name for b, _ in self._tried],
         )
-        self._sendErrorAndClose(
-            _errorFrame(NO_BACKEND, message, _NO_BACKEND_RETRY_AFTER_MS)
+        self._send_error_and_close(
+            error_frame(NO_BACKEND, message, NO_BACKEND_RETRY_AFTER_MS)
         )
 
-    def _refuseTooMany(self) -> None:
+    def _refuse_too_many(self) -> None:
         self._state = "rejected"
         self.factory.metrics.refused.inc(reason="too_many")
-        limit = self.factory.maxPerAddress
-        key = addressKey(self.transport.getPeer())
-        log.warn(
+        limit = self.factory.limit
+        key = address_key(self.transport.getPeer())
+        assert key is not None  # only counted clients are refused
+        self._log(
+            LogLevel.warn,
             "client {client} refused: {limit} connections from {address} already"
             " open (--max-connections-per-address)",
-            connection=self._id,
-            client=self._client,
             address=key,
-            limit=limit,
+            limit=limit.maximum,
         )
-        self._sendErrorAndClose(_errorFrame(
-            HANDSHAKE_REJECTED,
-            f"too many connections from {key}: at most {limit} at a time per"
-            " client address; close some, then retry",
-        ))
+        self._send_error_and_close(
+            error_frame(ErrorCode.HANDSHAKE_REJECTED, limit.refusal(key))
+        )
 
-    def _sendErrorAndClose(self, frame: bytes) -> None:
+    def _send_error_and_close(self, frame: bytes) -> None:
         self.transport.write(frame)
         # Keep reading (and discarding) so that closing with unread client
         # bytes does not turn into a TCP reset that can destroy the frame
@@ -449,12 +347,12 @@ class FrontendProtocol(Protocol):
         # FIN right after the frame; wrapped ones (TLS, HAProxy) cannot
         # half-close, so they close when the client does or when the linger
         # period ends.
-        if self._earlyPaused:
+        if self._early_paused:
             self.transport.resumeProducing()
         if isinstance(self.transport, FileDescriptor):
             self.transport.loseWriteConnection()
-        self._lingerCall = self.factory.reactor.callLater(
-            self.factory.rejectLinger, self.transport.loseConnection
+        self._linger_call = self.factory.reactor.callLater(
+            self.factory.reject_linger, self.transport.loseConnection
         )
 
 
@@ -462,7 +360,7 @@ class BalancerFactory(Factory):
     """
     The listening side of the balancer: builds a L{FrontendProtocol} for each
     accepted client and holds what they share (scheduler, tracker, reactor,
-    timeouts). Built by L{imgresume.balancer.buildBalancer}; handed to a
+    timeouts). Built by L{imgresume.balancer.build_balancer}; handed to a
     server endpoint by L{imgresume.balancer.tap.makeService}.
     """
 
@@ -473,10 +371,10 @@ class BalancerFactory(Factory):
         scheduler: Scheduler,
         tracker: BackendTracker,
         reactor: IReactorTime,
-        connectTimeout: float = 5.0,
-        rejectLinger: float = 2.0,
-        sendProxy: bool = False,
-        maxPerAddress: int = 0,
+        connect_timeout: float = 5.0,
+        reject_linger: float = 2.0,
+        send_proxy: bool = False,
+        max_per_address: int = 0,
         metrics: BalancerMetrics | None = None,
     ) -> None:
         """
@@ -484,13 +382,13 @@ class BalancerFactory(Factory):
         @param tracker: told about every connect outcome and close.
         @param reactor: the clock for timeouts (endpoints carry their own
             reactor for connecting).
-        @param connectTimeout: seconds to wait for one backend to accept
+        @param connect_timeout: seconds to wait for one backend to accept
             before trying the next.
-        @param rejectLinger: after sending a NO_BACKEND ERROR frame, seconds
+        @param reject_linger: after sending a NO_BACKEND ERROR frame, seconds
             to wait for the client to close before closing it.
-        @param sendProxy: write a PROXY protocol v2 header with the client's
+        @param send_proxy: write a PROXY protocol v2 header with the client's
             address to each backend connection before relaying.
-        @param maxPerAddress: client connections allowed at once per client
+        @param max_per_address: client connections allowed at once per client
             IP address (UNIX socket clients are not counted); 0 for no limit.
         @param metrics: where connections, bytes and connect failures are
             counted (default: a registry of its own); it also reads the
@@ -499,41 +397,37 @@ class BalancerFactory(Factory):
         self.scheduler = scheduler
         self.tracker = tracker
         self.reactor = reactor
-        self.connectTimeout = connectTimeout
-        self.rejectLinger = rejectLinger
-        self.sendProxy = sendProxy
-        self.maxPerAddress = maxPerAddress
-        self._perAddress: dict[str, int] = {}
-        self._lastConnectionID = 0
+        self.connect_timeout = connect_timeout
+        self.reject_linger = reject_linger
+        self.send_proxy = send_proxy
+        #: Client connections open per client address, and their limit.
+        self.limit = ConnectionsPerAddress(max_per_address)
+        self._last_connection_id = 0
         self.metrics = metrics if metrics is not None else BalancerMetrics(Registry())
         self.metrics.watch(tracker)
 
-    def newConnectionID(self) -> int:
+    def new_connection_id(self) -> int:
         """
         A fresh number identifying one client connection in the logs.
         Called by L{FrontendProtocol.connectionMade}.
         """
-        self._lastConnectionID += 1
-        return self._lastConnectionID
+        self._last_connection_id += 1
+        return self._last_connection_id
 
     def admit(self, peer: IAddress) -> str | None | Literal[False]:
         """
         Count a new client connection from C{peer}: its address key (to
         L{release} when it closes), L{None} if it is not counted (a UNIX
-        socket client), or C{False} if C{maxPerAddress} connections from the
+        socket client), or C{False} if C{max_per_address} connections from the
         same address are already open (then nothing is counted).
         """
-        key = addressKey(peer)
+        key = address_key(peer)
         if key is None:
             return None
-        count = self._perAddress.get(key, 0)
-        if self.maxPerAddress and count >= self.maxPerAddress:
+        if not self.limit.acquire(key):
             return False
-        self._perAddress[key] = count + 1
         return key
 
     def release(self, key: str) -> None:
         """A client connection counted by L{admit} under C{key} closed."""
-        count = self._perAddress.pop(key, 0) - 1
-        if count > 0:
-            self._perAddress[key] = count
+        self.limit.release(key)

@@ -8,7 +8,7 @@ runs.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
@@ -32,24 +32,26 @@ _seconds.coerceDoc = (  # type: ignore[attr-defined]
 )
 
 
-def _count(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(f"must be at least 1, not {number}")
-    return number
+def _whole_number(least: int, refusal: str, doc: str) -> Callable[[str], int]:
+    """
+    An option coercer: a whole number of at least C{least}; C{refusal} is
+    the error (formatted with C{number}), C{doc} what C{--help} says.
+    """
+
+    def coerce(value: str) -> int:
+        number = int(value)
+        if number < least:
+            raise ValueError(refusal.format(number=number))
+        return number
+
+    coerce.coerceDoc = doc  # type: ignore[attr-defined]
+    return coerce
 
 
-_count.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
-
-
-def _limit(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError(f"must be 0 (no limit) or more, not {number}")
-    return number
-
-
-_limit.coerceDoc = "A whole number; 0 means no limit."  # type: ignore[attr-defined]
+_count = _whole_number(1, "must be at least 1, not {number}", "A whole number, at least 1.")
+_limit = _whole_number(
+    0, "must be 0 (no limit) or more, not {number}", "A whole number; 0 means no limit."
+)
 
 
 class Options(BaseOptions):
@@ -242,14 +244,14 @@ Example:
             raise usage.UsageError("--check-timeout must be more than 0")
 
 
-def buildBalancer(
+def build_balancer(
     reactor: Any,
     backends: Sequence[str],
     *,
-    connectTimeout: float = 5.0,
-    ejectFor: float = 2.0,
-    sendProxy: bool = False,
-    maxPerAddress: int = 0,
+    connect_timeout: float = 5.0,
+    eject_for: float = 2.0,
+    send_proxy: bool = False,
+    max_per_address: int = 0,
     metrics: BalancerMetrics | None = None,
 ) -> BalancerFactory:
     """
@@ -260,10 +262,10 @@ def buildBalancer(
     registry of its own) is where it counts; see L{BalancerMetrics}.
     """
     parsed = [Backend(name, clientFromString(reactor, name)) for name in backends]
-    tracker = BackendTracker(parsed, reactor, ejectFor=ejectFor)
+    tracker = BackendTracker(parsed, reactor, eject_for=eject_for)
     return BalancerFactory(
-        RoundRobinScheduler(tracker), tracker, reactor, connectTimeout=connectTimeout,
-        sendProxy=sendProxy, maxPerAddress=maxPerAddress, metrics=metrics,
+        RoundRobinScheduler(tracker), tracker, reactor, connect_timeout=connect_timeout,
+        send_proxy=send_proxy, max_per_address=max_per_address, metrics=metrics,
     )
 
 
@@ -278,18 +280,18 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     C{"listener"}), started in that order.
     """
     if reactor is None:
-        from twisted.internet import reactor as globalReactor
+        from twisted.internet import reactor as global_reactor
 
-        reactor = globalReactor
+        reactor = global_reactor
     metrics = BalancerMetrics(Registry())
     try:
-        factory = buildBalancer(
+        factory = build_balancer(
             reactor,
             config["backends"],
-            connectTimeout=config["connect-timeout"],
-            ejectFor=config["eject-for"],
-            sendProxy=config["send-proxy"],
-            maxPerAddress=config["max-connections-per-address"],
+            connect_timeout=config["connect-timeout"],
+            eject_for=config["eject-for"],
+            send_proxy=config["send-proxy"],
+            max_per_address=config["max-connections-per-address"],
             metrics=metrics,
         )
         listener = strports.service(config["listen"], factory, reactor=reactor)
@@ -306,8 +308,8 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         timeout=config["check-timeout"],
         fall=config["fall"],
         rise=config["rise"],
-        sendProxy=config["send-proxy"],
-        connectOnly=config["check-mode"] == "connect",
+        send_proxy=config["send-proxy"],
+        connect_only=config["check-mode"] == "connect",
         metrics=metrics,
     )
     checker.setName("health")

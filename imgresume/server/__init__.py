@@ -4,8 +4,8 @@ machine, and the service that runs it with a storage backend.
 """
 
 from imgresume.server._protocol import UploadServerFactory, UploadServerProtocol
-from imgresume.server._service import default_server_id, makeServerService
+from imgresume.server._service import default_server_id, make_server_service
 
 __all__ = [
-    "UploadServerFactory", "UploadServerProtocol", "makeServerService", "default_server_id",
+    "UploadServerFactory", "UploadServerProtocol", "make_server_service", "default_server_id",
 ]

@@ -6,8 +6,8 @@ L{ProxyTrustFactory} wraps a server's protocol factory:
 
   - A connection whose transport peer is in one of the networks the server
     trusts (L{TrustedProxies}: C{--proxy-protocol-from}) must start with a
-    PROXY protocol header, version 1 or 2 (parsed with Twisted's parsers,
-    L{twisted.protocols.haproxy}).  The client address it carries becomes
+    PROXY protocol header, version 1 or 2 (L{imgresume.addresses.parse_proxy_header}
+    reads it with Twisted's parsers, L{twisted.protocols.haproxy}).  The client address it carries becomes
     what C{transport.getPeer()} returns to the wrapped protocol, so its logs
     name the real client.  A missing, malformed or late header closes the
     connection, with a logged reason.
@@ -15,8 +15,9 @@ L{ProxyTrustFactory} wraps a server's protocol factory:
     is: a PROXY header it sends is not honoured, it is just bytes (which the
     imgresume protocol refuses as C{MALFORMED_FRAME}).
   - Connections are counted per real client address (C{--max-connections-
-    per-address}).  One more than allowed gets one C{HANDSHAKE_REJECTED}
-    ERROR frame and is closed; closing a connection frees its slot.
+    per-address}, L{imgresume.addresses.ConnectionsPerAddress}).  One more
+    than allowed gets one C{HANDSHAKE_REJECTED} ERROR frame and is closed;
+    closing a connection frees its slot.
 
 Unlike Twisted's own C{haproxy:} endpoint (which trusts every peer, and
 gives up on a first read shorter than 16 bytes), this decides the header
@@ -26,25 +27,28 @@ version from as many reads as it takes.
 from __future__ import annotations
 
 import ipaddress
-import struct
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._info import ProxyInfo
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
+from imgresume.addresses import (
+    ConnectionsPerAddress,
+    ProxyHeaderError,
+    address_key,
+    client_ip,
+    describe_address,
+    parse_proxy_header,
+)
 from imgresume.errors import ErrorCode
 from imgresume.protocol import Error, encode
 
@@ -56,52 +60,7 @@ DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 64
 #: The keyword of C{--proxy-protocol-from} that trusts UNIX socket peers.
 UNIX_KEYWORD = "unix"
 
-_V2_SIGNATURE = V2Parser.PREFIX
-_V1_SIGNATURE = V1Parser.PROXYSTR + b" "
-#: Longest v1 header, CRLF included (HAProxy's proxy-protocol.txt).
-_V1_MAX = 107
-
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _ip(address: IAddress | None) -> _IP | None:
-    """
-    The IP address of a Twisted TCP address (an IPv4-mapped IPv6 address as
-    IPv4, a scope id dropped), or L{None} for UNIX and other addresses.
-    """
-    if not isinstance(address, (IPv4Address, IPv6Address)):
-        return None
-    try:
-        ip = ipaddress.ip_address(address.host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-def addressKey(address: IAddress | None) -> str | None:
-    """
-    What connections are counted by: the client's IP address in its
-    canonical text form (C{::ffff:192.0.2.1} counts as C{192.0.2.1}), or
-    L{None} for a peer without one (a UNIX socket), which is not counted.
-    """
-    ip = _ip(address)
-    return None if ip is None else str(ip)
-
-
-def describeAddress(address: IAddress | None) -> str:
-    """A peer for logs: C{192.0.2.1:5000}, C{[2001:db8::1]:5000}, C{unix:PATH}."""
-    if isinstance(address, (IPv4Address, IPv6Address)):
-        host = address.host
-        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
-    if isinstance(address, UNIXAddress):
-        name = address.name
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
-        return f"unix:{name}" if name else "unix"
-    return str(address)
 
 
 @dataclass(frozen=True)
@@ -164,7 +123,7 @@ class TrustedProxies:
         """Whether a connection from transport peer C{peer} must send a PROXY header."""
         if isinstance(peer, UNIXAddress):
             return self.unix
-        ip = _ip(peer)
+        ip = client_ip(peer)
         return ip is not None and any(
             ip.version == net.version and ip in net for net in self.networks
         )
@@ -174,127 +133,14 @@ class TrustedProxies:
         return ",".join(items) or "nobody"
 
 
-class ProxyHeaderError(Exception):
-    """A connection from a trusted proxy did not start with a usable PROXY header."""
-
-
-def _checkedAddress(address: IAddress | None, version: int) -> IAddress | None:
+def too_many_connections_frame(limit: ConnectionsPerAddress, key: str) -> bytes:
     """
-    A parsed address, checked (Twisted's v1 parser takes any text as a host
-    and any integer as a port) and in canonical form (its v2 parser writes
-    IPv6 addresses uncompressed: C{0:0:0:0:0:0:0:1}; an IPv4-mapped IPv6
-    address becomes the IPv4 address).
+    The ERROR frame a connection from C{key} over the per-address C{limit}
+    receives.  C{HANDSHAKE_REJECTED}: the server refuses this client before
+    the handshake, for who (where) it is, and the code is not retryable, so
+    an imgresume client stops instead of opening yet more connections.
     """
-    if not isinstance(address, (IPv4Address, IPv6Address)):
-        return address
-    try:
-        ip = ipaddress.ip_address(address.host)
-    except ValueError:
-        raise ProxyHeaderError(f"PROXY v{version} header: bad address {address.host!r}")
-    if (ip.version == 4) != isinstance(address, IPv4Address):
-        raise ProxyHeaderError(f"PROXY v{version} header: {ip} in the wrong family")
-    if not 0 <= address.port <= 0xFFFF:
-        raise ProxyHeaderError(f"PROXY v{version} header: bad port {address.port}")
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return IPv4Address(address.type, str(ip.ipv4_mapped), address.port)
-    return type(address)(address.type, str(ip), address.port)
-
-
-def parseProxyHeader(data: bytes) -> tuple[ProxyInfo, bytes] | None:
-    """
-    Parse the PROXY header (v1 or v2) at the start of C{data}, the bytes a
-    trusted connection has sent so far.
-
-    @return: L{None} if more bytes are needed; otherwise the header's
-        L{ProxyInfo} (C{source} and C{destination} are L{None} for C{LOCAL},
-        C{UNKNOWN} and C{UNSPEC} headers) and the bytes that followed it.
-    @raise ProxyHeaderError: the bytes cannot begin a PROXY header, or they
-        begin a malformed one.
-    """
-    if _V2_SIGNATURE.startswith(data[:12]):
-        if len(data) < 16:
-            return None  # Twisted's V2Parser cannot decide on fewer bytes
-        if data[12] >> 4 != 2:
-            raise ProxyHeaderError(f"PROXY v2 signature with version {data[12] >> 4}")
-        size = 16 + struct.unpack("!H", data[14:16])[0]
-        if len(data) < size:
-            return None
-        try:
-            info = V2Parser.parse(data[:size])
-        except (InvalidProxyHeader, KeyError, ValueError, struct.error) as e:
-            raise ProxyHeaderError(f"malformed PROXY v2 header ({type(e).__name__})")
-        version, rest = 2, data[size:]
-    elif _V1_SIGNATURE.startswith(data[: len(_V1_SIGNATURE)]):
-        if len(data) < len(_V1_SIGNATURE):
-            return None
-        end = data.find(b"\r\n", 0, _V1_MAX)
-        if end < 0:
-            if len(data) >= _V1_MAX:
-                raise ProxyHeaderError(f"PROXY v1 header longer than {_V1_MAX} bytes")
-            return None
-        line = data[:end]
-        try:
-            if line == b"PROXY UNKNOWN" or line.startswith(b"PROXY UNKNOWN "):
-                # Valid per the specification; Twisted's parser refuses the
-                # bare form.
-                info = ProxyInfo(line, None, None)
-            else:
-                info = V1Parser.parse(line)
-        except (InvalidProxyHeader, ValueError) as e:  # UnicodeDecodeError is one
-            raise ProxyHeaderError(f"malformed PROXY v1 header ({type(e).__name__})")
-        version, rest = 1, data[end + 2:]
-    else:
-        raise ProxyHeaderError("no PROXY header: the connection started with other bytes")
-    return ProxyInfo(
-        info.header,
-        _checkedAddress(info.source, version),
-        _checkedAddress(info.destination, version),
-    ), rest
-
-
-class ConnectionsPerAddress:
-    """
-    Open connections counted by client address, with an upper bound.
-
-    @ivar maximum: connections allowed per address; 0 for no limit.
-    """
-
-    def __init__(self, maximum: int) -> None:
-        if maximum < 0:
-            raise ValueError(f"maximum must be >= 0, not {maximum!r}")
-        self.maximum = maximum
-        self._open: Counter[str] = Counter()
-
-    def acquire(self, key: str) -> bool:
-        """Count one more connection from C{key}, unless it already has the maximum."""
-        if self.maximum and self._open[key] >= self.maximum:
-            return False
-        self._open[key] += 1
-        return True
-
-    def release(self, key: str) -> None:
-        """One connection from C{key} is gone."""
-        self._open[key] -= 1
-        if self._open[key] <= 0:
-            del self._open[key]
-
-    def count(self, key: str) -> int:
-        """Connections open from C{key}."""
-        return self._open[key]
-
-
-def tooManyConnectionsFrame(key: str, maximum: int) -> bytes:
-    """
-    The ERROR frame a connection over the per-address limit receives.
-    C{HANDSHAKE_REJECTED}: the server refuses this client before the
-    handshake, for who (where) it is, and the code is not retryable, so an
-    imgresume client stops instead of opening yet more connections.
-    """
-    return encode(Error(
-        ErrorCode.HANDSHAKE_REJECTED,
-        f"too many connections from {key}: at most {maximum} at a time per client "
-        "address; close some, then retry",
-    ))
+    return encode(Error(ErrorCode.HANDSHAKE_REJECTED, limit.refusal(key)))
 
 
 class ProxyTrustProtocol(ProtocolWrapper):
@@ -329,7 +175,7 @@ class ProxyTrustProtocol(ProtocolWrapper):
         if self.factory.trusted.trusts(self.transport.getPeer()):
             self._state = "header"
             self._timer = self.factory.clock.callLater(
-                self.factory.headerTimeout, self._headerTimedOut
+                self.factory.header_timeout, self._header_timed_out
             )
         else:
             self._open(b"")
@@ -350,13 +196,13 @@ class ProxyTrustProtocol(ProtocolWrapper):
         elif self._state == "header":
             self._buffer += data
             try:
-                parsed = parseProxyHeader(self._buffer)
+                parsed = parse_proxy_header(self._buffer)
             except ProxyHeaderError as e:
-                self._dropProxy(str(e))
+                self._drop_proxy(str(e))
                 return
             if parsed is None:
                 return
-            self._cancelTimer()
+            self._cancel_timer()
             self._info, rest = parsed
             self._buffer = b""
             self._open(rest)
@@ -364,7 +210,7 @@ class ProxyTrustProtocol(ProtocolWrapper):
 
     def connectionLost(self, reason: Failure) -> None:
         self._state = "closed"
-        self._cancelTimer()
+        self._cancel_timer()
         if self._key is not None:
             self.factory.limit.release(self._key)
             self._key = None
@@ -380,13 +226,13 @@ class ProxyTrustProtocol(ProtocolWrapper):
         if self._info is not None and self._info.source is not None:
             log.debug(
                 "PROXY header from {proxy}: client {client}",
-                proxy=describeAddress(self.transport.getPeer()),
-                client=describeAddress(self._info.source),
+                proxy=describe_address(self.transport.getPeer()),
+                client=describe_address(self._info.source),
             )
         # LOCAL / UNKNOWN / UNSPEC headers (a health check, a client of the
         # proxy on a UNIX socket) name no client: not counted.
         key = None if self._info is not None and self._info.source is None else (
-            addressKey(peer))
+            address_key(peer))
         if key is not None and not self.factory.limit.acquire(key):
             self._refuse(peer, key)
             return
@@ -407,11 +253,11 @@ class ProxyTrustProtocol(ProtocolWrapper):
         log.warn(
             "connection from {client} refused: {count} connections from {address}"
             " already open (--max-connections-per-address {maximum})",
-            client=describeAddress(peer), address=key, count=limit.count(key),
+            client=describe_address(peer), address=key, count=limit.count(key),
             maximum=limit.maximum,
         )
         self._state = "refused"
-        self.transport.write(tooManyConnectionsFrame(key, limit.maximum))
+        self.transport.write(too_many_connections_frame(limit, key))
         # Keep reading (and dropping) what the client sends: closing with
         # unread bytes would reset the connection, and a reset can destroy
         # the ERROR frame before the client reads it.  A socket sends FIN
@@ -419,24 +265,24 @@ class ProxyTrustProtocol(ProtocolWrapper):
         if isinstance(self.transport, FileDescriptor):
             self.transport.loseWriteConnection()
         self._timer = self.factory.clock.callLater(
-            self.factory.refuseLinger, self.transport.loseConnection
+            self.factory.refuse_linger, self.transport.loseConnection
         )
 
-    def _dropProxy(self, reason: str) -> None:
+    def _drop_proxy(self, reason: str) -> None:
         log.warn(
             "closing connection from trusted proxy {proxy}: {reason}",
-            proxy=describeAddress(self.transport.getPeer()), reason=reason,
+            proxy=describe_address(self.transport.getPeer()), reason=reason,
         )
         self._state = "closed"
-        self._cancelTimer()
+        self._cancel_timer()
         self._buffer = b""
         self.transport.loseConnection()
 
-    def _headerTimedOut(self) -> None:
+    def _header_timed_out(self) -> None:
         self._timer = None
-        self._dropProxy(f"no complete PROXY header within {self.factory.headerTimeout:g} s")
+        self._drop_proxy(f"no complete PROXY header within {self.factory.header_timeout:g} s")
 
-    def _cancelTimer(self) -> None:
+    def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -446,7 +292,7 @@ class ProxyTrustFactory(WrappingFactory):
     """
     Wraps a server's protocol factory with PROXY header trust and the
     per-address connection limit (see the module docstring).  Built by
-    L{imgresume.server.makeServerService}.
+    L{imgresume.server.make_server_service}.
     """
 
     protocol = ProxyTrustProtocol  # type: ignore[assignment]
@@ -454,27 +300,28 @@ class ProxyTrustFactory(WrappingFactory):
 
     def __init__(
         self,
-        wrappedFactory: Factory,
+        wrapped_factory: Factory,
         clock: IReactorTime,
         trusted: TrustedProxies = TrustedProxies(),
-        maxPerAddress: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
-        headerTimeout: float = 30.0,
-        refuseLinger: float = 2.0,
+        max_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+        header_timeout: float = 30.0,
+        refuse_linger: float = 2.0,
     ) -> None:
         """
+        @param wrapped_factory: the server's protocol factory.
         @param trusted: peers that must (and alone may) send a PROXY header.
-        @param maxPerAddress: connections allowed at once per real client
+        @param max_per_address: connections allowed at once per real client
             address; 0 for no limit.
-        @param headerTimeout: seconds a trusted peer has to send its header.
-        @param refuseLinger: seconds a connection refused for the limit is
+        @param header_timeout: seconds a trusted peer has to send its header.
+        @param refuse_linger: seconds a connection refused for the limit is
             kept open (reading and dropping) for its ERROR frame to arrive.
         """
-        super().__init__(wrappedFactory)
+        super().__init__(wrapped_factory)
         self.clock = clock
         self.trusted = trusted
-        self.limit = ConnectionsPerAddress(maxPerAddress)
-        self.headerTimeout = headerTimeout
-        self.refuseLinger = refuseLinger
+        self.limit = ConnectionsPerAddress(max_per_address)
+        self.header_timeout = header_timeout
+        self.refuse_linger = refuse_linger
 
     def buildProtocol(self, addr: IAddress) -> ProxyTrustProtocol:
         return self.protocol(self)  # type: ignore[call-arg]

@@ -126,7 +126,7 @@ def _s3_expiry(storage: Any, interval: float, older_than: float) -> Service:
     return service
 
 
-def makeServerService(
+def make_server_service(
     listen: str,
     storage: IUploadStorage | str,
     *,
@@ -249,7 +249,7 @@ def makeServerService(
     if trusted or max_connections_per_address:
         wrapped = ProxyTrustFactory(
             factory, reactor, trusted, max_connections_per_address,
-            headerTimeout=handshake_timeout,
+            header_timeout=handshake_timeout,
         )
     listener = StreamServerEndpointService(serverFromString(reactor, listen), wrapped)
     listener._raiseSynchronously = True

@@ -245,7 +245,7 @@ def makeService(config: Options):
     nothing is listening yet and no event waits for it, and a refusal ends
     twistd with the message on its stderr before it daemonizes.
     """
-    from imgresume.server._service import makeServerService
+    from imgresume.server._service import make_server_service
     from imgresume.server._storagecheck import StorageCheckFailed, verify_storage
 
     if not config["skip-storage-check"] and not config["storage"].startswith("s3://"):
@@ -253,7 +253,7 @@ def makeService(config: Options):
             verify_storage(config["storage"])
         except StorageCheckFailed as e:
             raise SystemExit(f"imgresume: {e}") from None
-    service = makeServerService(
+    service = make_server_service(
         config["listen"],
         config["storage"],
         keys=config["keys"],

@@ -146,7 +146,7 @@ class S3Storage:
     """
     Uploads as S3 multipart uploads, their state in the bucket itself.
 
-    Created by L{imgresume.server.makeServerService} for C{--storage
+    Created by L{imgresume.server.make_server_service} for C{--storage
     s3://...}; called by the server protocol adapter.
 
     @ivar commit_granularity: the smallest part size this storage uses; a
