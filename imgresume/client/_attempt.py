@@ -12,7 +12,7 @@ the connection may carry the next file.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -24,6 +24,7 @@ from imgresume.errors import ImgresumeError, Scope
 from imgresume.protocol import (
     Accepted,
     ChunkAcked,
+    ClientConnection,
     ClientState,
     Completed,
     ErrorReceived,
@@ -31,9 +32,6 @@ from imgresume.protocol import (
     UploadAccepted,
     UploadCompleted,
 )
-
-if TYPE_CHECKING:
-    from imgresume.client._connection import UploadConnection
 
 
 class AttemptFailed(Exception):
@@ -55,6 +53,28 @@ class ResidualMismatch(AttemptFailed):
     The residual on the server is not a prefix of this local file (different
     size, SHA-256 or last committed range): start a fresh upload.
     """
+
+
+class AttemptConnection(Protocol):
+    """
+    What an L{UploadAttempt} needs from the connection it runs on (an
+    L{imgresume.client._connection.UploadConnection}): the handshake's
+    results, the state machine to drive, a way to send what the machine
+    queued, and to be told when the attempt is over.
+    """
+
+    #: The server's id, from its WELCOME.
+    server_id: str | None
+    #: The most DATA packets in flight the server asked for, if it did.
+    window_advice: int | None
+    #: The connection's sans-IO protocol machine, past the handshake.
+    machine: ClientConnection
+
+    def flush(self) -> None:
+        """Write what the state machine has queued."""
+
+    def attempt_ended(self, attempt: UploadAttempt) -> None:
+        """C{attempt} is over: keep the connection for the next, or close it."""
 
 
 @attrs.define
@@ -118,13 +138,13 @@ class UploadAttempt:
         self.stats = AttemptStats()
         self.result: Deferred[Completed] = Deferred()
         self.reusable = False
-        self._connection: UploadConnection | None = None
+        self._connection: AttemptConnection | None = None
         self._reading = False
         self._recording = False
 
     # Called by the connection -------------------------------------------------
 
-    def start(self, connection: "UploadConnection") -> None:
+    def start(self, connection: AttemptConnection) -> None:
         """Send UPLOAD or RESUME on C{connection} (handshake done, ready)."""
         self._connection = connection
         self.stats.server_id = connection.server_id

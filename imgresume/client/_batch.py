@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from imgresume.client._results import Progress, UploadFailed, UploadResult
-
-if TYPE_CHECKING:
-    from imgresume.client._session import UploadSession
-    from imgresume.client._uploader import Uploader
+from imgresume.client._session import UploadSession
 
 log = Logger()
+
+
+class SessionMaker(Protocol):
+    """
+    What a batch needs from its uploader (an L{imgresume.client.Uploader}):
+    new sessions, one per lane.
+    """
+
+    def session(self) -> UploadSession:
+        """A new L{UploadSession}."""
 
 
 @attrs.frozen
@@ -76,7 +83,7 @@ class BatchResult:
 
 
 async def run_batch(
-    uploader: "Uploader",
+    uploader: SessionMaker,
     files: Iterable[str | BatchItem],
     *,
     parallel: int,
@@ -94,7 +101,7 @@ async def run_batch(
     stopping = False
     sessions = [uploader.session() for _ in range(min(parallel, len(items)))]
 
-    async def lane(session: "UploadSession") -> None:
+    async def lane(session: UploadSession) -> None:
         nonlocal stopping
         async with session:
             while queue and not stopping:

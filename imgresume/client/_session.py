@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,14 +23,36 @@ from twisted.python.failure import Failure
 from imgresume.client._attempt import ResidualMismatch, UploadAttempt
 from imgresume.client._connection import UploadConnection
 from imgresume.client._journal import journal_key
+from imgresume.client._journal_queue import JournalQueue
 from imgresume.client._results import Progress, UploadFailed, UploadResult
-from imgresume.client._source import LocalFile
+from imgresume.client._source import LocalFile, Runner
 from imgresume.errors import ImgresumeError, UnknownUpload
 from imgresume.client._source import HashStopped
 from imgresume.protocol import LATE_DIGEST, Upload
 
-if TYPE_CHECKING:
-    from imgresume.client._uploader import Uploader
+class SessionUploader(Protocol):
+    """
+    What an L{UploadSession} needs from the uploader that made it (an
+    L{imgresume.client.Uploader}): its settings, its journal writer, its
+    backoff and a way to connect.
+    """
+
+    reactor: Any
+    client_id: str
+    key: bytes | None
+    endpoint_text: str
+    max_attempts: int
+    stall_timeout: float
+    window: int
+    chunk_size: int | None
+    run: Runner
+    journal_queue: JournalQueue | None
+
+    def backoff(self, failures: int, retry_after: float = 0.0) -> float:
+        """Seconds to wait after C{failures} consecutive failures."""
+
+    async def connect(self, protocol: IProtocol) -> None:
+        """Connect C{protocol} through the endpoint, or fail."""
 
 
 class UploadSession:
@@ -52,7 +75,7 @@ class UploadSession:
 
     log = Logger()
 
-    def __init__(self, uploader: "Uploader") -> None:
+    def __init__(self, uploader: SessionUploader) -> None:
         self._uploader = uploader
         self._connection: UploadConnection | None = None
         self._lock = DeferredLock()
