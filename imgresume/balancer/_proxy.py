@@ -28,7 +28,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..addresses import ConnectionsPerAddress, address_key, describe_address, proxy_header
@@ -92,13 +92,6 @@ class FrontendProtocol(Protocol):
         self._bytes_down = 0
         self._address: str | None | Literal[False] = None
 
-    def _log(self, level: LogLevel, format: str, **fields: Any) -> None:
-        """
-        Log one event of this connection: every event carries its
-        C{connection} number and its C{client}.
-        """
-        log.emit(level, format, connection=self._id, client=self._client, **fields)
-
     # -- client side ---------------------------------------------------
 
     def connectionMade(self) -> None:
@@ -124,10 +117,11 @@ class FrontendProtocol(Protocol):
         elif self._state == "connecting":
             self._early_bytes += len(data)
             if self._early_bytes > _MAX_EARLY_BYTES:
-                self._log(
-                    LogLevel.warn,
+                log.warn(
                     "client {client} sent {earlyBytes} bytes while reading was"
                     " paused; dropping it",
+                    connection=self._id,
+                    client=self._client,
                     earlyBytes=self._early_bytes,
                 )
                 self.transport.abortConnection()
@@ -153,10 +147,11 @@ class FrontendProtocol(Protocol):
         self._linger_call = None
         if previous == "connecting" and self._connecting is not None:
             assert self._attempt is not None
-            self._log(
-                LogLevel.info,
+            log.info(
                 "client {client} disconnected while connecting to {backend};"
                 " connect attempt cancelled",
+                connection=self._id,
+                client=self._client,
                 backend=self._attempt.name,
             )
             # Errbacks into _backend_failed, which sees the "closed" state.
@@ -164,11 +159,12 @@ class FrontendProtocol(Protocol):
         elif previous == "proxying":
             assert self._peer is not None and self._backend is not None
             close_after_flush(self._peer.transport)
-            self._log(
-                LogLevel.info,
+            log.info(
                 "closed {client} <-> {backend} (closed by {closedBy}):"
                 " {bytesUp} bytes up, {bytesDown} bytes down in"
                 " {duration:.3f}s",
+                connection=self._id,
+                client=self._client,
                 backend=self._backend.name,
                 closedBy=self._closed_by,
                 bytesUp=self._bytes_up,
@@ -266,10 +262,11 @@ class FrontendProtocol(Protocol):
             self._bytes_up += len(chunk)
             peer_transport.write(chunk)
         self.factory.metrics.bytes.inc(sum(map(len, early)), direction="up")
-        self._log(
-            LogLevel.info,
+        log.info(
             "client {client} -> backend {backend}"
             " (attempt {attempt} of {candidates})",
+            connection=self._id,
+            client=self._client,
             backend=backend.name,
             attempt=len(self._tried) + 1,
             candidates=self._candidates,
@@ -288,10 +285,11 @@ class FrontendProtocol(Protocol):
         tracker.connect_failed(backend)
         self.factory.metrics.connect_failures.inc(backend=backend.name)
         self._tried.append((backend, reason))
-        self._log(
-            LogLevel.warn,
+        log.warn(
             "backend {backend} failed for client {client}: {reason};"
             " marked down for {ejectFor:g}s, {remaining} left to try",
+            connection=self._id,
+            client=self._client,
             backend=backend.name,
             reason=reason,
             failures=tracker.state_of(backend).failures,
@@ -312,9 +310,10 @@ class FrontendProtocol(Protocol):
             f"no backend available: tried {count}"
             f" backend{'' if count == 1 else 's'} ({tried})"
         )
-        self._log(
-            LogLevel.error,
+        log.error(
             "no backend available for client {client}: {message}",
+            connection=self._id,
+            client=self._client,
             message=message,
             tried=[b.name for b, _ in self._tried],
         )
@@ -328,10 +327,11 @@ class FrontendProtocol(Protocol):
         limit = self.factory.limit
         key = address_key(self.transport.getPeer())
         assert key is not None  # only counted clients are refused
-        self._log(
-            LogLevel.warn,
+        log.warn(
             "client {client} refused: {limit} connections from {address} already"
             " open (--max-connections-per-address)",
+            connection=self._id,
+            client=self._client,
             address=key,
             limit=limit.maximum,
         )
