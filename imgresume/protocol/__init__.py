@@ -45,15 +45,15 @@ from imgresume.protocol._frames import (
     decode_body,
     encode,
 )
-from imgresume.protocol._server import (
+from imgresume.protocol._rules import ServerLimits
+from imgresume.protocol._server import ServerConnection
+from imgresume.protocol._server_events import (
     AuthReceived,
     ChunkReceived,
     ConnectionFailed,
     FinishRequested,
     HelloReceived,
     ResumeRequested,
-    ServerConnection,
-    ServerLimits,
     ServerState,
     StatusRequested,
     UploadRequested,

@@ -17,11 +17,7 @@ L{imgresume.server._protocol.UploadServerProtocol}.
 from __future__ import annotations
 
 import collections
-import enum
-import re
 import zlib
-
-import attrs
 
 from imgresume.errors import (
     ChecksumMismatch,
@@ -29,7 +25,6 @@ from imgresume.errors import (
     HandshakeRejected,
     ImgresumeError,
     Incomplete,
-    InvalidMetadata,
     InvalidName,
     OffsetMismatch,
     Scope,
@@ -60,128 +55,27 @@ from imgresume.protocol._frames import (
     Welcome,
     encode,
 )
-
-CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._@:+-]{1,128}\Z")
-METADATA_KEY_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
-MAX_METADATA_ENTRIES = 64
-MAX_METADATA_VALUE = 4096
-MAX_NAME_BYTES = 1024
-MAX_MESSAGE_BYTES = 1024
-
-
-@attrs.frozen
-class ServerLimits:
-    """Limits a server announces in WELCOME and enforces."""
-
-    max_payload: int = 4 * 1024 * 1024
-    chunk_size: int = 1024 * 1024
-    max_file_size: int = 1 << 40
-
-
-class ServerState(enum.Enum):
-    """States of a server connection; see the table in docs/protocol.md."""
-
-    AWAIT_HELLO = "await-hello"
-    CHECKING_HELLO = "checking-hello"
-    AWAIT_AUTH = "await-auth"
-    CHECKING_AUTH = "checking-auth"
-    READY = "ready"
-    OPENING = "opening"
-    QUERYING = "querying"
-    RECEIVING = "receiving"
-    FINISHING = "finishing"
-    COMPLETING = "completing"
-    CLOSED = "closed"
-
-
-# Events handed to the caller ------------------------------------------------
-
-
-@attrs.frozen
-class HelloReceived:
-    """A well-formed HELLO with a shared version: accept or reject it."""
-
-    hello: Hello
-
-
-@attrs.frozen
-class AuthReceived:
-    """The client's AUTH proof: check it, then accept_hello() or fail()."""
-
-    mac: bytes
-
-
-@attrs.frozen
-class StatusRequested:
-    """Look the upload up (read only), then call L{ServerConnection.status_found}."""
-
-    upload_id: str
-
-
-@attrs.frozen
-class UploadRequested:
-    """Create an upload, then call L{ServerConnection.upload_opened}."""
-
-    upload: Upload
-
-
-@attrs.frozen
-class ResumeRequested:
-    """Open an upload by id, then call L{ServerConnection.upload_opened}."""
-
-    upload_id: str
-
-
-@attrs.frozen
-class ChunkReceived:
-    """Store C{payload} at C{offset}, then call L{ServerConnection.chunk_written}."""
-
-    offset: int
-    payload: bytes
-    #: The payload's CRC-32, already checked: storage may record it as is.
-    crc32: int = attrs.field(default=None, eq=False)
-
-
-@attrs.frozen
-class FinishRequested:
-    """All bytes are in; verify and complete, then L{ServerConnection.upload_completed}."""
-
-    size: int
-    #: The whole file's SHA-256 from FINISH, for an upload opened without
-    #: one; None when UPLOAD declared it.
-    sha256: bytes | None = None
-
-
-@attrs.frozen
-class ConnectionFailed:
-    """A fatal error was queued for the client; flush and close."""
-
-    error: ImgresumeError
-
-
-ServerEvent = (
-    HelloReceived | AuthReceived | StatusRequested | UploadRequested | ResumeRequested | ChunkReceived
-    | FinishRequested | ConnectionFailed
+from imgresume.protocol._rules import (
+    CLIENT_ID_RE,
+    ServerLimits,
+    check_metadata,
+    error_frame,
+)
+from imgresume.protocol._server_events import (
+    LEGAL_FRAMES,
+    AuthReceived,
+    ChunkReceived,
+    ConnectionFailed,
+    FinishRequested,
+    HelloReceived,
+    ResumeRequested,
+    ServerEvent,
+    ServerState,
+    StatusRequested,
+    UploadRequested,
 )
 
-#: Frames a client may send in each state that reads frames.
-LEGAL_FRAMES: dict[ServerState, tuple[type, ...]] = {
-    ServerState.AWAIT_HELLO: (Hello,),
-    ServerState.AWAIT_AUTH: (Auth,),
-    ServerState.READY: (Upload, Resume, Status, Ping),
-    ServerState.RECEIVING: (Data, Finish, Ping),
-}
-
-
-def error_frame(error: ImgresumeError) -> Error:
-    """The ERROR frame that carries an exception to the peer."""
-    message = error.message.encode("utf-8")[:MAX_MESSAGE_BYTES].decode("utf-8", "ignore")
-    return Error(
-        code=int(error.code),
-        message=message,
-        offset=min(max(error.offset, 0), 2**64 - 1),
-        retry_after_ms=min(max(int(error.retry_after * 1000), 0), 2**32 - 1),
-    )
+MAX_NAME_BYTES = 1024
 
 
 class ServerConnection:
@@ -309,7 +203,7 @@ class ServerConnection:
         elif len(upload.name.encode("utf-8")) > MAX_NAME_BYTES:
             problem = InvalidName(f"name is longer than {MAX_NAME_BYTES} bytes")
         else:
-            problem = _check_metadata(upload.metadata)
+            problem = check_metadata(upload.metadata)
         if problem is not None:
             self._send(error_frame(problem))
             return None
@@ -533,19 +427,3 @@ class ServerConnection:
             self._send(error_frame(error))
         self.state = ServerState.CLOSED
         return ConnectionFailed(error)
-
-
-def _check_metadata(metadata: dict[str, str]) -> ImgresumeError | None:
-    if len(metadata) > MAX_METADATA_ENTRIES:
-        return InvalidMetadata(f"at most {MAX_METADATA_ENTRIES} metadata entries")
-    for key, value in metadata.items():
-        if not METADATA_KEY_RE.match(key):
-            return InvalidMetadata(
-                "metadata keys are 1-128 characters of A-Z a-z 0-9 . _ -"
-            )
-        if len(value.encode("utf-8")) > MAX_METADATA_VALUE:
-            return InvalidMetadata(
-                f"metadata value for {key!r} is over {MAX_METADATA_VALUE} bytes"
-            )
-    return None
-

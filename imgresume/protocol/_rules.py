@@ -1,0 +1,61 @@
+# -*- test-case-name: tests.test_server_connection,tests.test_errors -*-
+"""
+What a server checks without its storage, and how a broken rule travels.
+
+The limits a server announces in WELCOME and enforces (L{ServerLimits}),
+the form of a client id (L{CLIENT_ID_RE}) and of upload metadata
+(L{check_metadata}), and the ERROR frame that carries an exception to the
+peer (L{error_frame}).  Used by the server machine,
+L{imgresume.protocol._server.ServerConnection}.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+from imgresume.errors import ImgresumeError, InvalidMetadata
+from imgresume.protocol._frames import Error
+
+CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._@:+-]{1,128}\Z")
+METADATA_KEY_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_VALUE = 4096
+MAX_MESSAGE_BYTES = 1024
+
+
+@attrs.frozen
+class ServerLimits:
+    """Limits a server announces in WELCOME and enforces."""
+
+    max_payload: int = 4 * 1024 * 1024
+    chunk_size: int = 1024 * 1024
+    max_file_size: int = 1 << 40
+
+
+def error_frame(error: ImgresumeError) -> Error:
+    """The ERROR frame that carries an exception to the peer."""
+    message = error.message.encode("utf-8")[:MAX_MESSAGE_BYTES].decode("utf-8", "ignore")
+    return Error(
+        code=int(error.code),
+        message=message,
+        offset=min(max(error.offset, 0), 2**64 - 1),
+        retry_after_ms=min(max(int(error.retry_after * 1000), 0), 2**32 - 1),
+    )
+
+
+def check_metadata(metadata: dict[str, str]) -> ImgresumeError | None:
+    """Why the metadata of an UPLOAD is refused, or None if it is fine."""
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        return InvalidMetadata(f"at most {MAX_METADATA_ENTRIES} metadata entries")
+    for key, value in metadata.items():
+        if not METADATA_KEY_RE.match(key):
+            return InvalidMetadata(
+                "metadata keys are 1-128 characters of A-Z a-z 0-9 . _ -"
+            )
+        if len(value.encode("utf-8")) > MAX_METADATA_VALUE:
+            return InvalidMetadata(
+                f"metadata value for {key!r} is over {MAX_METADATA_VALUE} bytes"
+            )
+    return None

@@ -1,0 +1,121 @@
+# -*- test-case-name: tests.test_server_connection -*-
+"""
+The server machine's side of its conversation with its caller: the states
+of a connection (L{ServerState}), the frames a client may send in each
+(L{LEGAL_FRAMES}), and the events the machine hands out (L{ServerEvent}),
+each answered through a method of
+L{imgresume.protocol._server.ServerConnection}.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+from imgresume.errors import ImgresumeError
+from imgresume.protocol._frames import (
+    Auth,
+    Data,
+    Finish,
+    Hello,
+    Ping,
+    Resume,
+    Status,
+    Upload,
+)
+
+
+class ServerState(enum.Enum):
+    """States of a server connection; see the table in docs/protocol.md."""
+
+    AWAIT_HELLO = "await-hello"
+    CHECKING_HELLO = "checking-hello"
+    AWAIT_AUTH = "await-auth"
+    CHECKING_AUTH = "checking-auth"
+    READY = "ready"
+    OPENING = "opening"
+    QUERYING = "querying"
+    RECEIVING = "receiving"
+    FINISHING = "finishing"
+    COMPLETING = "completing"
+    CLOSED = "closed"
+
+
+# Events handed to the caller ------------------------------------------------
+
+
+@attrs.frozen
+class HelloReceived:
+    """A well-formed HELLO with a shared version: accept or reject it."""
+
+    hello: Hello
+
+
+@attrs.frozen
+class AuthReceived:
+    """The client's AUTH proof: check it, then accept_hello() or fail()."""
+
+    mac: bytes
+
+
+@attrs.frozen
+class StatusRequested:
+    """Look the upload up (read only), then call L{imgresume.protocol._server.ServerConnection.status_found}."""
+
+    upload_id: str
+
+
+@attrs.frozen
+class UploadRequested:
+    """Create an upload, then call L{imgresume.protocol._server.ServerConnection.upload_opened}."""
+
+    upload: Upload
+
+
+@attrs.frozen
+class ResumeRequested:
+    """Open an upload by id, then call L{imgresume.protocol._server.ServerConnection.upload_opened}."""
+
+    upload_id: str
+
+
+@attrs.frozen
+class ChunkReceived:
+    """Store C{payload} at C{offset}, then call L{imgresume.protocol._server.ServerConnection.chunk_written}."""
+
+    offset: int
+    payload: bytes
+    #: The payload's CRC-32, already checked: storage may record it as is.
+    crc32: int = attrs.field(default=None, eq=False)
+
+
+@attrs.frozen
+class FinishRequested:
+    """All bytes are in; verify and complete, then L{imgresume.protocol._server.ServerConnection.upload_completed}."""
+
+    size: int
+    #: The whole file's SHA-256 from FINISH, for an upload opened without
+    #: one; None when UPLOAD declared it.
+    sha256: bytes | None = None
+
+
+@attrs.frozen
+class ConnectionFailed:
+    """A fatal error was queued for the client; flush and close."""
+
+    error: ImgresumeError
+
+
+ServerEvent = (
+    HelloReceived | AuthReceived | StatusRequested | UploadRequested | ResumeRequested | ChunkReceived
+    | FinishRequested | ConnectionFailed
+)
+
+#: Frames a client may send in each state that reads frames.
+LEGAL_FRAMES: dict[ServerState, tuple[type, ...]] = {
+    ServerState.AWAIT_HELLO: (Hello,),
+    ServerState.AWAIT_AUTH: (Auth,),
+    ServerState.READY: (Upload, Resume, Status, Ping),
+    ServerState.RECEIVING: (Data, Finish, Ping),
+}
