@@ -6,8 +6,9 @@ L{ProxyTrustFactory} wraps a server's protocol factory:
 
   - A connection whose transport peer is in one of the networks the server
     trusts (L{TrustedProxies}: C{--proxy-protocol-from}) must start with a
-    PROXY protocol header, version 1 or 2 (L{imgresume.addresses.parse_proxy_header}
-    reads it with Twisted's parsers, L{twisted.protocols.haproxy}).  The client address it carries becomes
+    PROXY protocol header, version 1 or 2 (read by
+    L{imgresume.addresses.parse_proxy_header} with Twisted's parsers,
+    L{twisted.protocols.haproxy}).  The client address it carries becomes
     what C{transport.getPeer()} returns to the wrapped protocol, so its logs
     name the real client.  A missing, malformed or late header closes the
     connection, with a logged reason.
