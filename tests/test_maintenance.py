@@ -29,13 +29,13 @@ from twisted.trial.unittest import TestCase
 
 from imgresume._cluster import LocalCluster
 from imgresume.errors import StorageError, UnknownUpload, UploadAlreadyComplete
+from imgresume.names import new_upload_id
 from imgresume.protocol import ChunkAcked, ClientConnection, ErrorReceived, Upload
 from imgresume.protocol import UploadAccepted, UploadCompleted, Welcomed
 from imgresume.server import makeServerService
 from imgresume.server._gc import GarbageCollectorService
 from imgresume.server.tap import Options as ServerOptions
 from imgresume.storage import filesystem
-from imgresume.storage._ids import new_upload_id
 from imgresume.storage.filesystem import FilesystemStorage
 from imgresume.storage.maintenance import (
     BUSY,

@@ -35,8 +35,8 @@ from imgresume.errors import (
     UploadBusy,
     UploadTakenOver,
 )
+from imgresume.names import is_upload_id, new_upload_id
 from imgresume.storage import filesystem
-from imgresume.storage._ids import is_upload_id, new_upload_id
 from imgresume.storage.filesystem import RECORD_SIZE, FilesystemStorage
 from imgresume.storage.interfaces import (
     DURABLE_ACK,
@@ -62,7 +62,7 @@ def syncRun(f, *args, **kwargs):
 
 
 class UploadIdTests(TestCase):
-    """Tests for L{imgresume.storage._ids}."""
+    """Tests for the upload ids of L{imgresume.names}."""
 
     def test_newIdsAreWellFormed(self) -> None:
         """New ids are 32 lowercase hex digits and differ."""

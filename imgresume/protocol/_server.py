@@ -37,6 +37,7 @@ from imgresume.errors import (
     UnexpectedFrame,
     UnsupportedVersion,
 )
+from imgresume.names import MAX_NAME_BYTES
 from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
     LATE_DIGEST,
@@ -65,7 +66,6 @@ CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._@:+-]{1,128}\Z")
 METADATA_KEY_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_VALUE = 4096
-MAX_NAME_BYTES = 1024
 MAX_MESSAGE_BYTES = 1024
 
 

@@ -48,7 +48,7 @@ import attrs
 from twisted.logger import Logger
 
 from imgresume.errors import ImgresumeError, UnknownUpload, UploadBusy
-from imgresume.storage._ids import is_upload_id
+from imgresume.names import is_upload_id
 from imgresume.storage.filesystem import FilesystemStorage, _acquire, _Lock, _Paths
 
 log = Logger()
