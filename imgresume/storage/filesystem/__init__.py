@@ -33,7 +33,8 @@ one concern each:
   - C{_publish}: symlink-safe, no-clobber completion into C{complete/};
   - C{_readback}: the read-back hash that follows the writes;
   - C{_writer}: L{FilesystemUploadWriter};
-  - C{_storage}: L{FilesystemStorage}.
+  - C{_storage}: L{FilesystemStorage};
+  - C{_selftest_child}: the other process of the self-test.
 """
 
 from imgresume.storage.filesystem._storage import FilesystemStorage
