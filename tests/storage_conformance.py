@@ -27,7 +27,7 @@ from imgresume.errors import (
     UploadAlreadyComplete,
     UploadBusy,
 )
-from imgresume.storage._ids import is_upload_id
+from imgresume.names import is_upload_id
 from imgresume.storage.interfaces import (
     ATOMIC_COMPLETE,
     EXCLUSIVE_WRITER,

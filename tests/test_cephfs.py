@@ -41,7 +41,8 @@ from twisted.trial.unittest import TestCase
 from imgresume._cluster import LocalCluster
 from imgresume.client import Progress, Uploader
 from imgresume.errors import UploadBusy
-from imgresume.storage.filesystem import FilesystemStorage, _try_lock
+from imgresume.storage.filesystem import FilesystemStorage
+from imgresume.storage.filesystem._locks import try_lock as _try_lock
 from imgresume.storage.interfaces import NewUpload
 from tests.sharedfs import require_cephfs_mounts
 from tests.test_gluster import (

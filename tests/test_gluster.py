@@ -47,7 +47,8 @@ from twisted.trial.unittest import TestCase
 from imgresume._cluster import LocalCluster
 from imgresume.client import Progress, Uploader
 from imgresume.errors import UploadBusy
-from imgresume.storage.filesystem import FilesystemStorage, _try_lock
+from imgresume.storage.filesystem import FilesystemStorage
+from imgresume.storage.filesystem._locks import try_lock as _try_lock
 from imgresume.storage.interfaces import NewUpload
 from tests.sharedfs import require_gluster_mounts
 
@@ -118,7 +119,7 @@ def lock_prober(path: str) -> subprocess.Popen:
     """
     code = (
         "import os, sys\n"
-        "from imgresume.storage.filesystem import _try_lock\n"
+        "from imgresume.storage.filesystem._locks import try_lock as _try_lock\n"
         "fd = os.open(sys.argv[1], os.O_RDWR)\n"
         "for line in sys.stdin:\n"
         "    print('locked' if _try_lock(fd) else 'busy', flush=True)\n"

@@ -26,11 +26,6 @@ KNOWN_PRIVATE_IMPORTS: frozenset[tuple[str, str]] = frozenset({
     # protocol/ should re-export what it needs.
     ("imgresume.server._protocol", "imgresume.protocol._auth"),
     ("imgresume.server._protocol", "imgresume.protocol._decoder"),
-    # The remote-name rules (storage/_names.py, storage/_ids.py) move where
-    # the client and the CLI can use them without the storage package.
-    ("imgresume.client._collect", "imgresume.storage._names"),
-    ("imgresume.cli._upload", "imgresume.storage._names"),
-    ("imgresume.cli._status", "imgresume.storage._ids"),
     # The demo moves with the test/demo cluster helpers (imgresume._cluster),
     # or imgresume.cli exports ProgressBar.
     ("imgresume.demo", "imgresume.cli._progress"),

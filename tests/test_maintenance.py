@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_maintenance -*-
 """
-Tests for L{imgresume.storage.maintenance} (garbage collection of abandoned
+Tests for L{imgresume.storage.filesystem.gc} (garbage collection of abandoned
 uploads), for the server's L{GarbageCollectorService}, and, on real
 processes, for a C{twistd imgresume} server that expires an abandoned
 upload and keeps a completed file.
@@ -29,15 +29,14 @@ from twisted.trial.unittest import TestCase
 
 from imgresume._cluster import LocalCluster
 from imgresume.errors import StorageError, UnknownUpload, UploadAlreadyComplete
+from imgresume.names import new_upload_id
 from imgresume.protocol import ChunkAcked, ClientConnection, ErrorReceived, Upload
 from imgresume.protocol import UploadAccepted, UploadCompleted, Welcomed
 from imgresume.server import make_server_service
 from imgresume.server._gc import GarbageCollectorService
 from imgresume.server.tap import Options as ServerOptions
-from imgresume.storage import filesystem
-from imgresume.storage._ids import new_upload_id
-from imgresume.storage.filesystem import FilesystemStorage
-from imgresume.storage.maintenance import (
+from imgresume.storage.filesystem import FilesystemStorage, _locks, _publish
+from imgresume.storage.filesystem.gc import (
     BUSY,
     COMPLETING,
     EXPIRED_PARTIAL,
@@ -172,7 +171,7 @@ class CollectGarbageTests(StorageFixture, TestCase):
         child = subprocess.Popen(
             [sys.executable, "-c",
              "import sys\n"
-             "from imgresume.storage.filesystem import _acquire\n"
+             "from imgresume.storage.filesystem._locks import acquire as _acquire\n"
              "lock = _acquire(sys.argv[1], 'x', 1.0)\n"
              "print('held', flush=True)\n"
              "sys.stdin.read()\n",
@@ -232,7 +231,7 @@ class CollectGarbageTests(StorageFixture, TestCase):
         def broken_link(*args, **kwargs):
             raise OSError(errno.EIO, "Input/output error")
 
-        self.patch(filesystem, "_link", broken_link)
+        self.patch(_publish, "_link", broken_link)
         self.failureResultOf(writer.complete(), StorageError)
         self.successResultOf(writer.release())
         upload_id = writer.info.upload_id
@@ -242,7 +241,7 @@ class CollectGarbageTests(StorageFixture, TestCase):
         report = self.gc(older_than=0, completed_records_older_than=0)
         self.assertEqual(report.removed, [])
         self.assertEqual(self.actions(report.kept), {upload_id: COMPLETING})
-        self.patch(filesystem, "_link", os.link)
+        self.patch(_publish, "_link", os.link)
         f = self.failureResultOf(self.storage.resume(upload_id), UploadAlreadyComplete)
         with open(os.path.join(self.root, f.value.completed.path), "rb") as data:
             self.assertEqual(data.read(), PAYLOAD)
@@ -311,7 +310,7 @@ class CollectGarbageTests(StorageFixture, TestCase):
         """A directory without meta.json whose lock is held (a slow create) is skipped."""
         upload_id = self.incompleteCreate()
         self.age(self.udir(upload_id), 2 * HOUR)
-        lock = filesystem._acquire(os.path.join(self.udir(upload_id), "lock"), upload_id, 1)
+        lock = _locks.acquire(os.path.join(self.udir(upload_id), "lock"), upload_id, 1)
         self.addCleanup(lock.release)
         report = self.gc()
         self.assertEqual(self.actions(report.skipped_busy), {upload_id: BUSY})
@@ -360,7 +359,7 @@ class CollectGarbageTests(StorageFixture, TestCase):
                 lock = os.path.join(self.udir(upload_id), "lock")
                 probe = os.open(lock, os.O_RDWR) if os.path.exists(lock) else None
                 if probe is not None:
-                    held.append(not filesystem._try_lock(probe))
+                    held.append(not _locks.try_lock(probe))
                     os.close(probe)
                 if os.path.basename(path) == "data":
                     raise OSError(errno.EIO, "Input/output error")

@@ -1,5 +1,5 @@
 """
-Tests for L{imgresume.storage._names}: which remote names are accepted, what
+Tests for L{imgresume.names}: which remote names are accepted, what
 each refusal says, and that an accepted name never leaves the root.
 """
 
@@ -14,7 +14,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume.errors import InvalidName
-from imgresume.storage._names import (
+from imgresume.names import (
     MAX_COMPONENT_BYTES,
     completion_candidates,
     validate_name,

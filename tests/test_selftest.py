@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_selftest -*-
 """
-Tests for L{imgresume.storage.selftest} (what the filesystem under a storage
+Tests for L{imgresume.storage.filesystem.selftest} (what the filesystem under a storage
 root really provides), for the C{imgresume check-storage} and C{imgresume
 gc} commands, and for a server that refuses to start on a storage that
 fails the self-test.
@@ -27,9 +27,8 @@ from imgresume._cluster import twistd_argv, wait_until_connectable
 from imgresume.server import _storagecheck
 from imgresume.server.tap import Options as ServerOptions
 from imgresume.server.tap import makeService
-from imgresume.storage import filesystem, selftest
-from imgresume.storage.filesystem import FilesystemStorage
-from imgresume.storage.selftest import (
+from imgresume.storage.filesystem import FilesystemStorage, selftest
+from imgresume.storage.filesystem.selftest import (
     ATOMIC_RENAME,
     EXCLUSIVE_CREATE,
     EXCLUSIVE_CREATE_CHILD,
@@ -180,7 +179,7 @@ class CheckStorageTests(TempRoot, TestCase):
         A lock that does not exclude (here: the lock function always says
         yes without locking) fails both lock checks.
         """
-        self.patch(filesystem, "_try_lock", lambda fd: True)
+        self.patch(selftest, "try_lock", lambda fd: True)
         checks = self.checks()
         self.assertIs(checks[LOCK_OPENS].ok, False)
         self.assertIs(checks[LOCK_CHILD].ok, False)
@@ -192,7 +191,7 @@ class CheckStorageTests(TempRoot, TestCase):
         def try_lock(fd):
             raise OSError(errno.ENOLCK, "No locks available")
 
-        self.patch(filesystem, "_try_lock", try_lock)
+        self.patch(selftest, "try_lock", try_lock)
         check = self.checks()[LOCK_OPENS]
         self.assertIs(check.ok, False)
         self.assertIn("No locks available", check.detail)
@@ -235,7 +234,7 @@ class CheckStorageTests(TempRoot, TestCase):
 
     def test_childCannotRun(self) -> None:
         """Without a working child process, the cross-process checks fail, with the reason."""
-        self.patch(selftest.sys, "executable", os.path.join(self.root, "no-python"))
+        self.patch(sys, "executable", os.path.join(self.root, "no-python"))
         checks = self.checks()
         self.assertIs(checks[EXCLUSIVE_CREATE_CHILD].ok, False)
         self.assertIn("child process", checks[EXCLUSIVE_CREATE_CHILD].detail)

@@ -35,9 +35,9 @@ from imgresume.errors import (
     UploadBusy,
     UploadTakenOver,
 )
-from imgresume.storage import filesystem
-from imgresume.storage._ids import is_upload_id, new_upload_id
-from imgresume.storage.filesystem import RECORD_SIZE, FilesystemStorage
+from imgresume.names import is_upload_id, new_upload_id
+from imgresume.storage.filesystem import FilesystemStorage, _durable, _journal, _locks, _publish
+from imgresume.storage.filesystem._journal import RECORD_SIZE
 from imgresume.storage.interfaces import (
     DURABLE_ACK,
     PROVEN_OFFSET,
@@ -62,7 +62,7 @@ def syncRun(f, *args, **kwargs):
 
 
 class UploadIdTests(TestCase):
-    """Tests for L{imgresume.storage._ids}."""
+    """Tests for the upload ids of L{imgresume.names}."""
 
     def test_newIdsAreWellFormed(self) -> None:
         """New ids are 32 lowercase hex digits and differ."""
@@ -222,14 +222,14 @@ class FilesystemLayoutTests(FilesystemMixin, TestCase):
         self.assertEqual(len(raw), 2 * RECORD_SIZE)
         for i, (off, length) in enumerate([(0, 100), (100, 150)]):
             rec = raw[i * 20 : (i + 1) * 20]
-            body = filesystem.RECORD.pack(
+            body = _journal.RECORD.pack(
                 off, length, zlib.crc32(PAYLOAD[off : off + length])
             )
             self.assertEqual(rec, body + zlib.crc32(body).to_bytes(4, "big"))
 
     def test_longWriteSplitIntoRecords(self) -> None:
         """A write longer than one record may cover uses several records."""
-        self.patch(filesystem, "MAX_RECORD_LENGTH", 400)
+        self.patch(_journal, "MAX_RECORD_LENGTH", 400)
         writer = self.create()
         self.successResultOf(writer.write(0, PAYLOAD[:1000]))
         raw = self.upath(writer.info.upload_id, "journal").getContent()
@@ -288,7 +288,7 @@ class FilesystemLayoutTests(FilesystemMixin, TestCase):
             self.assertTrue(json.loads(FilePath(src).getContent()))
             return os.replace(src, dst)
 
-        self.patch(filesystem, "_replace", replace)
+        self.patch(_durable, "_replace", replace)
         self.create()
         self.assertEqual([os.path.basename(dst) for _, dst in calls], ["lease", "meta.json"])
 
@@ -374,7 +374,7 @@ class ProvenOffsetTests(FilesystemMixin, TestCase):
         """A partial record at the end of the journal is ignored, then overwritten."""
         upload_id = self.partial(upto=5000)
         self.appendTo(upload_id, "data", PAYLOAD[5000:6000])
-        rec = filesystem._pack_record(5000, 1000, zlib.crc32(PAYLOAD[5000:6000]))
+        rec = _journal.pack_record(5000, 1000, zlib.crc32(PAYLOAD[5000:6000]))
         self.appendTo(upload_id, "journal", rec[:13])
         writer = self.assertProven(upload_id, 5000, 4000, 1000)
         self.successResultOf(writer.write(5000, PAYLOAD[5000:5500]))
@@ -384,7 +384,7 @@ class ProvenOffsetTests(FilesystemMixin, TestCase):
     def test_recordWithoutData(self) -> None:
         """A valid record whose bytes never reached the data file is dropped."""
         upload_id = self.partial(upto=5000)
-        rec = filesystem._pack_record(5000, 1000, zlib.crc32(PAYLOAD[5000:6000]))
+        rec = _journal.pack_record(5000, 1000, zlib.crc32(PAYLOAD[5000:6000]))
         self.appendTo(upload_id, "journal", rec)
         self.assertProven(upload_id, 5000, 4000, 1000)
 
@@ -392,7 +392,7 @@ class ProvenOffsetTests(FilesystemMixin, TestCase):
         """A valid record whose bytes only partly reached the file is dropped."""
         upload_id = self.partial(upto=5000)
         self.appendTo(upload_id, "data", PAYLOAD[5000:5500])
-        rec = filesystem._pack_record(5000, 1000, zlib.crc32(PAYLOAD[5000:6000]))
+        rec = _journal.pack_record(5000, 1000, zlib.crc32(PAYLOAD[5000:6000]))
         self.appendTo(upload_id, "journal", rec)
         self.assertProven(upload_id, 5000, 4000, 1000)
 
@@ -421,7 +421,7 @@ class ProvenOffsetTests(FilesystemMixin, TestCase):
     def test_nonContiguousRecordEndsJournal(self) -> None:
         """A record that does not start where the previous ended ends it."""
         upload_id = self.partial(upto=5000)
-        rec = filesystem._pack_record(6000, 10, zlib.crc32(PAYLOAD[6000:6010]))
+        rec = _journal.pack_record(6000, 10, zlib.crc32(PAYLOAD[6000:6010]))
         self.appendTo(upload_id, "journal", rec)
         self.assertProven(upload_id, 5000, 4000, 1000)
 
@@ -430,7 +430,7 @@ class ProvenOffsetTests(FilesystemMixin, TestCase):
         upload_id = self.partial(upto=5000)
         junk = b"x" * (len(PAYLOAD) + 1 - 5000)
         self.appendTo(upload_id, "data", junk)
-        self.appendTo(upload_id, "journal", filesystem._pack_record(
+        self.appendTo(upload_id, "journal", _journal.pack_record(
             5000, len(junk), zlib.crc32(junk)))
         self.assertProven(upload_id, 5000, 4000, 1000)
 
@@ -468,10 +468,10 @@ class ProvenOffsetTests(FilesystemMixin, TestCase):
         def failing(fd):
             raise OSError(errno.EIO, "I/O error")
 
-        self.patch(filesystem.os, "fsync", failing)
+        self.patch(os, "fsync", failing)
         f = self.failureResultOf(self.storage.resume(upload_id), StorageError)
         self.assertNotIn(self.root.path, f.value.message)
-        self.patch(filesystem.os, "fsync", realFsync)
+        self.patch(os, "fsync", realFsync)
         self.assertEqual(self.resumed(upload_id, self.storage).offset, 5000)
 
 
@@ -489,7 +489,7 @@ class LockingTests(FilesystemMixin, TestCase):
         Two opens of the lock file in one process exclude each other, and
         closing the refused one keeps the holder's lock (unlike lockf).
         """
-        if not filesystem._HAVE_OFD:
+        if not _locks.HAVE_OFD:
             raise self.skipTest("no OFD locks on this platform")
         path = self.tempPath().path
         FilePath(path).touch()
@@ -498,10 +498,10 @@ class LockingTests(FilesystemMixin, TestCase):
         fd3 = os.open(path, os.O_RDWR)
         self.addCleanup(os.close, fd1)
         self.addCleanup(os.close, fd3)
-        self.assertTrue(filesystem._try_lock(fd1))
-        self.assertFalse(filesystem._try_lock(fd2))
+        self.assertTrue(_locks.try_lock(fd1))
+        self.assertFalse(_locks.try_lock(fd2))
         os.close(fd2)
-        self.assertFalse(filesystem._try_lock(fd3))
+        self.assertFalse(_locks.try_lock(fd3))
 
     def test_secondInstanceBusy(self) -> None:
         """
@@ -537,7 +537,7 @@ class LockingTests(FilesystemMixin, TestCase):
         Where OFD locks are missing, lockf plus the process table still keep
         two instances in one process apart.
         """
-        self.patch(filesystem, "_HAVE_OFD", False)
+        self.patch(_locks, "HAVE_OFD", False)
         writer = self.create()
         other = self.makeSibling(self.storage)
         upload_id = writer.info.upload_id
@@ -552,7 +552,7 @@ class LockingTests(FilesystemMixin, TestCase):
         """Start a process that locks C{path} and answers 'locked' or 'busy'."""
         code = (
             "import os, sys\n"
-            "from imgresume.storage.filesystem import _try_lock\n"
+            "from imgresume.storage.filesystem._locks import try_lock as _try_lock\n"
             "fd = os.open(sys.argv[1], os.O_RDWR)\n"
             "print('locked' if _try_lock(fd) else 'busy', flush=True)\n"
             "sys.stdin.readline()\n"
@@ -894,20 +894,20 @@ class FailureTests(FilesystemMixin, TestCase):
         def crash(src, dst):
             raise OSError(errno.EIO, "simulated crash")
 
-        self.patch(filesystem, "_replace", crash)
+        self.patch(_durable, "_replace", crash)
         self.failureResultOf(self.storage.create(request()), StorageError)
         self.assertEqual(self.root.child("incoming").listdir(), [])
 
-        self.patch(filesystem, "_replace", os.replace)
+        self.patch(_durable, "_replace", os.replace)
         writer = self.create(b"abc")
         self.successResultOf(writer.write(0, b"abc"))
-        self.patch(filesystem, "_replace", crash)
+        self.patch(_durable, "_replace", crash)
         self.failureResultOf(writer.complete(), StorageError)
         upload_id = writer.info.upload_id
         self.assertEqual(self.meta(upload_id)["state"], "partial")
         self.assertEqual(self.root.child("complete").listdir(), [])
         self.successResultOf(writer.release())
-        self.patch(filesystem, "_replace", os.replace)
+        self.patch(_durable, "_replace", os.replace)
         again = self.resumed(upload_id)
         self.assertEqual(again.offset, 3)
         self.assertEqual(self.successResultOf(again.complete()).path, "complete/a.tiff")
@@ -922,12 +922,12 @@ class FailureTests(FilesystemMixin, TestCase):
 
         writer = self.create(b"abc")
         self.successResultOf(writer.write(0, b"abc"))
-        self.patch(filesystem, "_link", crash)
+        self.patch(_publish, "_link", crash)
         self.failureResultOf(writer.complete(), StorageError)
         upload_id = writer.info.upload_id
         self.assertEqual(self.meta(upload_id)["state"], "completing")
         self.successResultOf(writer.release())
-        self.patch(filesystem, "_link", os.link)
+        self.patch(_publish, "_link", os.link)
         f = self.failureResultOf(
             self.makeSibling(self.storage).resume(upload_id), UploadAlreadyComplete
         )
@@ -951,10 +951,10 @@ class FailureTests(FilesystemMixin, TestCase):
                 raise OSError(errno.EIO, "simulated crash")
             os.replace(src, dst)
 
-        self.patch(filesystem, "_replace", crashOnSecond)
+        self.patch(_durable, "_replace", crashOnSecond)
         self.failureResultOf(writer.complete(), StorageError)
         self.successResultOf(writer.release())
-        self.patch(filesystem, "_replace", os.replace)
+        self.patch(_durable, "_replace", os.replace)
         upload_id = writer.info.upload_id
         self.assertEqual(self.meta(upload_id)["state"], "completing")
         f = self.failureResultOf(self.storage.resume(upload_id), UploadAlreadyComplete)
@@ -1001,10 +1001,10 @@ class NoClobberTests(FilesystemMixin, TestCase):
         """If the name is taken between the check and the link, another is used."""
         def racingLink(src, dst, **kw):
             self.root.descendant(["complete", "a.tiff"]).setContent(b"racer")
-            self.patch(filesystem, "_link", os.link)
+            self.patch(_publish, "_link", os.link)
             return os.link(src, dst, **kw)
 
-        self.patch(filesystem, "_link", racingLink)
+        self.patch(_publish, "_link", racingLink)
         writer, d = self.finish(b"mine", "a.tiff")
         completed = self.successResultOf(d)
         self.assertNotEqual(completed.path, "complete/a.tiff")

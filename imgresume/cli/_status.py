@@ -52,7 +52,7 @@ Examples:
     def postOptions(self) -> None:
         if not self["to"]:
             raise usage.UsageError("--to ENDPOINT is required")
-        from imgresume.storage._ids import is_upload_id
+        from imgresume.names import is_upload_id
 
         for upload_id in self["ids"]:
             if not is_upload_id(upload_id):

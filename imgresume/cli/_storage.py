@@ -102,7 +102,7 @@ Examples:
 def run_gc(config: GcOptions, out: Any = None) -> int:
     """Run C{imgresume gc}; returns the exit code."""
     from imgresume.sizes import format_size
-    from imgresume.storage.maintenance import (
+    from imgresume.storage.filesystem.gc import (
         BUSY,
         FRESH_INCOMPLETE,
         FRESH_PARTIAL,
@@ -145,7 +145,7 @@ def run_gc(config: GcOptions, out: Any = None) -> int:
 
 def run_check_storage(config: CheckStorageOptions, out: Any = None) -> int:
     """Run C{imgresume check-storage}; returns the exit code."""
-    from imgresume.storage.selftest import check_storage, fatal, warnings
+    from imgresume.storage.filesystem.selftest import check_storage, fatal, warnings
 
     out = out or sys.stdout
     checks = check_storage(config["storage"])

@@ -84,7 +84,7 @@ Examples:
 
     def postOptions(self) -> None:
         from imgresume.errors import InvalidName
-        from imgresume.storage._names import validate_name
+        from imgresume.names import validate_name
 
         if not self["to"]:
             raise usage.UsageError("--to ENDPOINT is required (e.g. --to tcp:127.0.0.1:7000)")

@@ -15,7 +15,7 @@ import attrs
 
 from imgresume.client._batch import BatchItem
 from imgresume.errors import InvalidName
-from imgresume.storage._names import validate_name
+from imgresume.names import validate_name
 
 
 @attrs.frozen

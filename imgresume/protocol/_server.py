@@ -32,6 +32,7 @@ from imgresume.errors import (
     UnexpectedFrame,
     UnsupportedVersion,
 )
+from imgresume.names import MAX_NAME_BYTES
 from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
     LATE_DIGEST,
@@ -74,8 +75,6 @@ from imgresume.protocol._server_events import (
     StatusRequested,
     UploadRequested,
 )
-
-MAX_NAME_BYTES = 1024
 
 
 class ServerConnection:

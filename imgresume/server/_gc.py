@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imgresume.sizes import format_size
-from imgresume.storage.maintenance import (
+from imgresume.storage.filesystem.gc import (
     COMPLETING,
     DEFAULT_RECORDS_OLDER_THAN,
     ERROR,

@@ -32,8 +32,8 @@ from imgresume.server._proxytrust import (
 )
 from imgresume.server._protocol import UploadServerFactory
 from imgresume.storage.filesystem import FilesystemStorage
+from imgresume.storage.filesystem.gc import DEFAULT_RECORDS_OLDER_THAN
 from imgresume.storage.interfaces import IUploadStorage
-from imgresume.storage.maintenance import DEFAULT_RECORDS_OLDER_THAN
 
 log = Logger()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
-from imgresume.storage.selftest import Check, check_storage, fatal, warnings
+from imgresume.storage.filesystem.selftest import Check, check_storage, fatal, warnings
 
 log = Logger()
 

@@ -36,8 +36,12 @@ from imgresume.errors import (
     UploadBusy,
     UploadTakenOver,
 )
-from imgresume.storage._ids import is_upload_id, new_upload_id
-from imgresume.storage._names import completion_candidates, validate_name
+from imgresume.names import (
+    completion_candidates,
+    is_upload_id,
+    new_upload_id,
+    validate_name,
+)
 from imgresume.storage.interfaces import (
     ATOMIC_COMPLETE,
     EXCLUSIVE_WRITER,

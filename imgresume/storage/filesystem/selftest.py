@@ -20,26 +20,24 @@ that it always removes:
   - free space, and C{incoming/} and C{complete/} on one filesystem.
 
 Blocking: run it before the reactor starts, or on a thread.  The child
-process is the same Python running the storage's own C{_try_lock}.
+process is the same Python running the storage's own C{try_lock}.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import select
 import secrets
 import shutil
-import subprocess
-import sys
 import time
 from typing import Any, Callable
 
 import attrs
 
-import imgresume
 from imgresume.sizes import format_size
-from imgresume.storage import filesystem
+from imgresume.storage.filesystem._durable import drop_cache, pread_full, pwrite_all
+from imgresume.storage.filesystem._locks import HAVE_OFD, try_lock, unlock
+from imgresume.storage.filesystem._selftest_child import Child
 
 #: A warning when less than this is free under the root.
 DEFAULT_MIN_FREE = 1 << 30
@@ -144,7 +142,7 @@ class _Probe:
         self.scratch = scratch
         self.timeout = timeout
         self.fds: list[int] = []
-        self.child: _Child | None = None
+        self.child: Child | None = None
 
     def path(self, name: str) -> str:
         return os.path.join(self.scratch, name)
@@ -158,7 +156,7 @@ class _Probe:
         fd = os.open(self.path(name), _CREATE, 0o644)
         try:
             if content:
-                filesystem._pwrite_all(os.pwrite, fd, content, 0)
+                pwrite_all(os.pwrite, fd, content, 0)
         finally:
             os.close(fd)
 
@@ -273,15 +271,15 @@ class _Probe:
         first = self.open("lock")
         second = self.open("lock")
         try:
-            locked = filesystem._try_lock(first)
+            locked = try_lock(first)
         except OSError as e:
             return [Check(LOCK_OPENS, False, f"cannot lock a file: {_text(e)}")]
         if not locked:
             return [Check(LOCK_OPENS, False, "cannot lock a file nobody holds")]
         checks = []
-        if filesystem._HAVE_OFD:
+        if HAVE_OFD:
             try:
-                again = filesystem._try_lock(second)
+                again = try_lock(second)
             except OSError as e:
                 checks.append(Check(LOCK_OPENS, False, f"second open: {_text(e)}"))
             else:
@@ -310,12 +308,7 @@ class _Probe:
         else:
             checks.append(Check(LOCK_CHILD, False, f"child process: {answer}"))
             return checks
-        unlock = getattr(filesystem, "_unlock", None)
-        if unlock is not None:
-            unlock(first)
-        else:  # pragma: no cover - closing the fd releases the lock too
-            self.fds.remove(first)
-            os.close(first)
+        unlock(first)
         # A network filesystem may take a moment to pass the release on.
         deadline = time.monotonic() + 2.0
         while True:
@@ -340,7 +333,7 @@ class _Probe:
 
     def fsync_file(self) -> Check:
         fd = self.open("sync", _CREATE)
-        filesystem._pwrite_all(os.pwrite, fd, b"durable", 0)
+        pwrite_all(os.pwrite, fd, b"durable", 0)
         try:
             os.fdatasync(fd)
             os.fsync(fd)
@@ -366,12 +359,12 @@ class _Probe:
         writes = [(4096, b"B" * 4096), (0, b"A" * 4096), (8192 - 50, b"C" * 100)]
         expected = bytearray(8192 + 50)
         for offset, data in writes:
-            filesystem._pwrite_all(os.pwrite, fd, data, offset)
+            pwrite_all(os.pwrite, fd, data, offset)
             expected[offset : offset + len(data)] = data
         os.fdatasync(fd)
         other = self.open("pwrite", os.O_RDONLY | _CLOEXEC)
-        filesystem._drop_cache(other)
-        got = filesystem._pread_full(other, len(expected) + 10, 0)
+        drop_cache(other)
+        got = pread_full(other, len(expected) + 10, 0)
         if got != bytes(expected):
             return Check(POSITIONAL_WRITES, False,
                          "bytes written at offsets read back differently")
@@ -382,102 +375,8 @@ class _Probe:
 
     def ask(self, command: str) -> str:
         if self.child is None:
-            self.child = _Child(self.scratch, self.timeout)
+            self.child = Child(self.scratch, self.timeout)
         return self.child.ask(command)
-
-
-# Run by the child: answers one line per command read on stdin.
-_CHILD = r"""
-import os, sys
-from imgresume.storage.filesystem import _try_lock
-scratch = sys.argv[1]
-flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-def answer(text):
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-for line in sys.stdin:
-    command = line.strip()
-    try:
-        if command == "excl":
-            try:
-                os.close(os.open(os.path.join(scratch, "excl"), flags, 0o644))
-            except FileExistsError:
-                answer("eexist")
-            else:
-                answer("created")
-        elif command == "lock":
-            fd = os.open(os.path.join(scratch, "lock"), os.O_RDWR)
-            try:
-                answer("locked" if _try_lock(fd) else "busy")
-            finally:
-                os.close(fd)
-        else:
-            answer("unknown command")
-    except OSError as e:
-        answer("error: %s" % (e.strerror or e,))
-"""
-
-
-class _Child:
-    """A child Python answering probes, with a deadline on every answer."""
-
-    def __init__(self, scratch: str, timeout: float) -> None:
-        self.timeout = timeout
-        env = dict(os.environ)
-        top = os.path.dirname(os.path.dirname(os.path.abspath(imgresume.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [top, env.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, scratch],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=env, close_fds=True,
-        )
-        self.buffer = b""
-
-    def ask(self, command: str) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        try:
-            self.proc.stdin.write(command.encode("ascii") + b"\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            raise RuntimeError(self.died()) from None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + self.timeout
-        while b"\n" not in self.buffer:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no answer in {self.timeout:g} s")
-            ready, _, _ = select.select([fd], [], [], left)
-            if ready:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    raise RuntimeError(self.died())
-                self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line.decode("utf-8", "replace")
-
-    def died(self) -> str:
-        self.close()
-        err = b""
-        if self.proc.stderr is not None:
-            err = self.proc.stderr.read()
-        last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
-        return f"exited with {self.proc.returncode}: {last[0]}"
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                assert self.proc.stdin is not None
-                self.proc.stdin.close()
-                self.proc.wait(timeout=self.timeout)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if f is not None and not f.closed:
-                try:
-                    f.close()
-                except OSError:
-                    pass
 
 
 # -- checks on the root itself -------------------------------------------------

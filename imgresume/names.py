@@ -1,17 +1,28 @@
-# -*- test-case-name: tests.test_names -*-
+# -*- test-case-name: tests.test_names,tests.test_storage.UploadIdTests -*-
 """
-Validation of client-chosen remote names, and the alternate names used when a
-completed file of the same name already exists.
+The names both ends of an upload agree on: client-chosen remote names, the
+alternate names used when a completed file of the same name already exists,
+and upload ids.
 
 A name is a relative, "/"-separated path below the storage's C{complete/}
 directory.  It is checked, never repaired: the only change made to an
 accepted name is Unicode NFC normalisation, so that the same visible name
 from two clients maps to one file.  Everything else that is odd is refused
 with L{InvalidName} and a message saying what is wrong.
+
+An upload id is 128 random bits as 32 lowercase hex digits.  It is both a
+capability (whoever knows it may resume the upload) and a directory name
+under C{incoming/}, so the check is strict: nothing but C{[0-9a-f]{32}} ever
+reaches a path.
+
+Used by the client (to refuse a bad name before sending it), by the
+protocol (the name limit) and by every storage backend.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 import unicodedata
 from typing import Iterator
 
@@ -22,6 +33,8 @@ MAX_NAME_BYTES = 1024
 #: Longest accepted path component, in UTF-8 bytes (NAME_MAX of common
 #: filesystems).
 MAX_COMPONENT_BYTES = 255
+
+_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 
 _WINDOWS_RESERVED = frozenset(
     ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
@@ -172,3 +185,16 @@ def completion_candidates(name: str, upload_id: str) -> Iterator[str]:
     tags.extend(f"{upload_id}-{n}" for n in range(1, 100))
     for tag in tags:
         yield parent + slash + _fit(stem, tag, suffix)
+
+
+def new_upload_id() -> str:
+    """Return a fresh upload id (C{secrets.token_hex(16)})."""
+    return secrets.token_hex(16)
+
+
+def is_upload_id(s: object) -> bool:
+    """
+    Return whether C{s} is a well-formed upload id: a C{str} of exactly 32
+    lowercase hex digits (no surrounding whitespace, no newline).
+    """
+    return isinstance(s, str) and _UPLOAD_ID.fullmatch(s) is not None

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_maintenance -*-
 """
-Garbage collection of abandoned uploads in a L{FilesystemStorage} root.
+Garbage collection of abandoned uploads in a L{FilesystemStorage
+<imgresume.storage.filesystem.FilesystemStorage>} root.
 
 Plain blocking functions: the server runs L{collect_garbage} on its disk
 thread pool (never on the reactor thread), C{imgresume gc} calls it
@@ -48,8 +49,9 @@ import attrs
 from twisted.logger import Logger
 
 from imgresume.errors import ImgresumeError, UnknownUpload, UploadBusy
-from imgresume.storage._ids import is_upload_id
-from imgresume.storage.filesystem import FilesystemStorage, _acquire, _Lock, _Paths
+from imgresume.names import is_upload_id
+from imgresume.storage.filesystem._layout import Paths, read_meta, remove
+from imgresume.storage.filesystem._locks import Lock, acquire
 
 log = Logger()
 
@@ -189,10 +191,6 @@ def collect_garbage(
     return report
 
 
-def _no_run(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    raise AssertionError("garbage collection does its own disk work")  # pragma: no cover
-
-
 class _Collector:
     """One run of L{collect_garbage}."""
 
@@ -200,9 +198,6 @@ class _Collector:
         self.report = report
         self.stop = stop
         self.root = report.root
-        # Only for its record-reading and removal code, so both follow the
-        # storage's own rules; nothing goes through its run().
-        self.storage = FilesystemStorage(self.root, run=_no_run)
 
     def run(self) -> None:
         incoming = os.path.join(self.root, "incoming")
@@ -259,10 +254,10 @@ class _Collector:
     # -- uploads ------------------------------------------------------------
 
     def upload(self, upload_id: str) -> None:
-        paths = _Paths(self.root, upload_id)
+        paths = Paths(self.root, upload_id)
         now = self.report.now
         try:
-            meta = self.storage._read_meta(paths, upload_id)
+            meta = read_meta(paths, upload_id)
         except ImgresumeError as e:
             # A record this version cannot read: an operator's business.
             self.report.kept.append(
@@ -281,7 +276,7 @@ class _Collector:
         if action != COMPLETING:
             self.temp_files(paths, upload_id, now)
 
-    def judge(self, paths: _Paths, meta: dict[str, Any] | None) -> tuple[str, float]:
+    def judge(self, paths: Paths, meta: dict[str, Any] | None) -> tuple[str, float]:
         """What to do with an upload given its record; and its age."""
         r = self.report
         age = r.now - _touched(paths, meta is None)
@@ -295,7 +290,7 @@ class _Collector:
             return (EXPIRED_RECORD if expired else RECENT_RECORD), age
         return COMPLETING, age
 
-    def lock(self, paths: _Paths, upload_id: str) -> _Lock | None | bool:
+    def lock(self, paths: Paths, upload_id: str) -> Lock | None | bool:
         """
         Take an upload's lock without blocking.
 
@@ -305,11 +300,11 @@ class _Collector:
         if _lstat(paths.lock) is None:
             return None
         try:
-            return _acquire(paths.lock, upload_id, 0.0)
+            return acquire(paths.lock, upload_id, 0.0)
         except (UploadBusy, UnknownUpload):
             return False
 
-    def remove(self, paths: _Paths, upload_id: str, meta: dict[str, Any] | None) -> None:
+    def remove(self, paths: Paths, upload_id: str, meta: dict[str, Any] | None) -> None:
         lock = self.lock(paths, upload_id)
         if lock is False:
             age = self.report.now - _touched(paths, meta is None)
@@ -320,7 +315,7 @@ class _Collector:
         try:
             # Judge again under the lock: the authoritative record, and the
             # times a writer who just let go left.
-            meta = self.storage._read_meta(paths, upload_id)
+            meta = read_meta(paths, upload_id)
             if meta is None and _lstat(paths.dir) is None:
                 return  # removed meanwhile
             action, age = self.judge(paths, meta)
@@ -332,7 +327,7 @@ class _Collector:
                 return
             if not self.report.dry_run:
                 # meta.json first, the lock file last, then the directory.
-                self.storage._remove(paths)
+                remove(paths)
             self.removed(GcEntry(upload_id, _name(meta), size, age, action))
         except Exception as e:
             self.error(upload_id, _name(meta), e)
@@ -340,7 +335,7 @@ class _Collector:
             if lock:
                 lock.release()
 
-    def temp_files(self, paths: _Paths, upload_id: str, now: float) -> None:
+    def temp_files(self, paths: Paths, upload_id: str, now: float) -> None:
         """Remove old C{.*.tmp} files of an upload that stays, under its lock."""
         stale = []
         for entry, st in _entries(paths.dir):
@@ -424,7 +419,7 @@ def _entries(directory: str) -> Iterator[tuple[str, os.stat_result]]:
             yield name, st
 
 
-def _touched(paths: _Paths, incomplete: bool) -> float:
+def _touched(paths: Paths, incomplete: bool) -> float:
     """
     When an upload was last touched: the newest mtime of its record, data,
     journal, lease and takeover request.  For a directory without

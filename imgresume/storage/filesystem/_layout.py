@@ -1,0 +1,202 @@
+# -*- test-case-name: tests.test_storage.FilesystemLayoutTests -*-
+"""
+The on-disk layout of one upload, C{incoming/<upload_id>/}, and its small
+records: C{meta.json} (what the upload is and its state), C{lease} (the
+generation and owner of the current writer) and C{takeover} (a newer
+connection's request to take over).  Used by the storage, its writers and
+garbage collection, so all of them read and remove uploads by one set of
+rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from imgresume.errors import StorageError
+from imgresume.storage.filesystem._durable import (
+    atomic_write,
+    fsync_dir,
+    io_errors,
+    read_small,
+)
+from imgresume.storage.interfaces import CompletedUpload, UploadInfo
+
+#: Version of meta.json; bump on any incompatible change.
+FORMAT_VERSION = 1
+
+
+class Paths:
+    """The files of one upload, under the storage root C{root}."""
+
+    def __init__(self, root: str, upload_id: str) -> None:
+        self.rel = f"incoming/{upload_id}"
+        self.dir = os.path.join(root, "incoming", upload_id)
+        self.meta = os.path.join(self.dir, "meta.json")
+        self.data = os.path.join(self.dir, "data")
+        self.journal = os.path.join(self.dir, "journal")
+        self.lock = os.path.join(self.dir, "lock")
+        self.lease = os.path.join(self.dir, "lease")
+        self.takeover = os.path.join(self.dir, "takeover")
+
+
+def safe_relpath(rel: str) -> bool:
+    """
+    Whether C{rel} is a plain relative path: no empty, ".", ".." or hidden
+    components, no NUL.  For paths read back from meta.json, whose total
+    length may exceed what L{validate_name} accepts (alternate names).
+    """
+    return (
+        isinstance(rel, str)
+        and "\0" not in rel
+        and all(p and not p.startswith(".") for p in rel.split("/"))
+    )
+
+
+def mtime(path: str) -> float:
+    """The modification time of C{path}, or 0 if it cannot be had."""
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def dump(record: dict[str, Any]) -> bytes:
+    """A record (meta.json, lease, takeover) as stored."""
+    return (json.dumps(record, sort_keys=True, indent=1) + "\n").encode("utf-8")
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """A small JSON record, or None if it is missing or unreadable."""
+    try:
+        value = json.loads(read_small(path))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# -- meta.json -----------------------------------------------------------------
+
+
+def upload_info(meta: dict[str, Any]) -> UploadInfo:
+    """The L{UploadInfo} an upload's meta.json describes."""
+    return UploadInfo(
+        upload_id=meta["upload_id"],
+        name=meta["name"],
+        size=meta["size"],
+        sha256=None if meta["sha256"] is None else bytes.fromhex(meta["sha256"]),
+        metadata=dict(meta["metadata"]),
+        client_id=meta["client_id"],
+        created=meta["created"],
+    )
+
+
+def completed(meta: dict[str, Any]) -> CompletedUpload:
+    """The L{CompletedUpload} the meta.json of a completed upload describes."""
+    return CompletedUpload(
+        upload_id=meta["upload_id"],
+        name=meta["name"],
+        size=meta["size"],
+        sha256=bytes.fromhex(meta["sha256"]),
+        path=meta["path"],
+    )
+
+
+def read_meta(paths: Paths, upload_id: str) -> dict[str, Any] | None:
+    """
+    An upload's meta.json, checked; C{None} if there is none (the upload is
+    unknown, or only half created or removed).
+
+    @raise StorageError: the record is unreadable or invalid.
+    """
+    with io_errors(f"cannot read {paths.rel}/meta.json"):
+        try:
+            raw = read_small(paths.meta)
+        except FileNotFoundError:
+            return None
+    try:
+        meta = json.loads(raw)
+        ok = (
+            meta["format"] == FORMAT_VERSION
+            and meta["upload_id"] == upload_id
+            and meta["state"] in ("partial", "completing", "complete")
+            and isinstance(meta["size"], int)
+            and meta["size"] >= 0
+        )
+        if meta["state"] != "partial":
+            path = meta["path"]
+            ok = ok and path.startswith("complete/") and safe_relpath(
+                path.removeprefix("complete/")
+            ) and meta["sha256"] is not None
+        upload_info(meta)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise StorageError(f"{paths.rel}/meta.json is not a valid record")
+    return meta
+
+
+def remove(paths: Paths) -> None:
+    """
+    Remove an upload's files and directory (under its lock): meta.json goes
+    first, so an upload half removed is unknown, never resumable; the lock
+    file last.
+    """
+    with io_errors(f"cannot remove {paths.rel}"):
+        for p in (paths.meta, paths.data, paths.journal, paths.lease,
+                  paths.takeover, paths.lock):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        # Temp files left by a crash during an atomic rewrite.
+        for entry in os.listdir(paths.dir):
+            if entry.startswith(".") and entry.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(paths.dir, entry))
+                except FileNotFoundError:
+                    pass
+        os.rmdir(paths.dir)
+        fsync_dir(os.path.dirname(paths.dir))
+
+
+# -- leases and takeover requests ------------------------------------------------
+
+
+def lease_generation(paths: Paths) -> int:
+    """The generation in an upload's lease (0 if there is none yet)."""
+    lease = read_json(paths.lease)
+    gen = lease.get("generation") if lease else 0
+    return gen if isinstance(gen, int) and gen >= 0 else 0
+
+
+def next_generation(paths: Paths) -> int:
+    """
+    A generation higher than any before it, even if this host reads an old
+    lease (another host's view of a shared filesystem can lag by a second):
+    microseconds since the epoch, or one more than the lease says if that is
+    higher (clocks behind).
+    """
+    return max(lease_generation(paths) + 1, time.time_ns() // 1000)
+
+
+def write_lease(paths: Paths, generation: int, owner: str, now: float) -> None:
+    """Record the new writer's generation (under the lock)."""
+    atomic_write(paths.dir, "lease", dump(
+        {"generation": generation, "owner": owner, "since": now}
+    ))
+
+
+def write_takeover(paths: Paths, generation: int, by: str, now: float) -> None:
+    """Ask the writer of C{generation} to give the upload up."""
+    atomic_write(paths.dir, "takeover", dump(
+        {"generation": generation, "requested": now, "by": by}
+    ))
+
+
+def takeover_requested(paths: Paths, generation: int) -> bool:
+    """Whether a newer connection asked the writer of C{generation} to yield."""
+    request = read_json(paths.takeover)
+    return bool(request) and request.get("generation") == generation
