@@ -22,7 +22,6 @@ from imgresume.protocol._decoder import FrameDecoder
 from imgresume.protocol._frames import (
     HEALTH_CHECK_CLIENT_ID,
     HEALTH_CHECK_CLIENT_IDS,
-    LATE_DIGEST,
     MAGIC,
     PROTOCOL_VERSION,
     Accepted,
@@ -60,7 +59,7 @@ from imgresume.protocol._server import (
 )
 
 __all__ = [
-    "HEALTH_CHECK_CLIENT_ID", "HEALTH_CHECK_CLIENT_IDS", "LATE_DIGEST", "MAGIC", "PROTOCOL_VERSION", "FrameType", "FrameDecoder", "encode", "decode_body",
+    "HEALTH_CHECK_CLIENT_ID", "HEALTH_CHECK_CLIENT_IDS", "MAGIC", "PROTOCOL_VERSION", "FrameType", "FrameDecoder", "encode", "decode_body",
     "Hello", "Welcome", "Upload", "Resume", "Accepted", "Data", "Ack", "Finish", "Completed",
     "Error", "Ping", "Pong", "Challenge", "Auth", "Challenged", "AuthReceived",
     "ClientConnection", "ClientState", "Welcomed", "UploadAccepted", "ChunkAcked",

@@ -33,7 +33,6 @@ from imgresume.errors import (
 from imgresume.metrics import Registry, ServerMetrics
 from imgresume.protocol import (
     HEALTH_CHECK_CLIENT_IDS,
-    LATE_DIGEST,
     AuthReceived,
     ChunkReceived,
     ConnectionFailed,
@@ -274,8 +273,7 @@ class UploadServerProtocol(Protocol):
                 name=up.name, size=up.size, client=self.machine.client_id,
             )
             request = NewUpload(
-                up.name, up.size, None if up.sha256 == LATE_DIGEST else up.sha256,
-                up.metadata, self.machine.client_id or "",
+                up.name, up.size, up.sha256, up.metadata, self.machine.client_id or "",
             )
             self._begin_upload(event)
             self._run(storage.create(request), self._opened, resumed=False)
@@ -545,8 +543,7 @@ class UploadServerProtocol(Protocol):
         self.writer = writer
         info, tail = writer.info, writer.tail
         self.machine.upload_opened(
-            info.upload_id, info.name, info.size,
-            LATE_DIGEST if info.sha256 is None else info.sha256, writer.offset,
+            info.upload_id, info.name, info.size, info.sha256, writer.offset,
             (tail.start, tail.length, tail.sha256),
         )
         self.log.info(
