@@ -46,7 +46,9 @@ from imgresume.protocol import (
 )
 from imgresume.protocol._decoder import control_limit
 from imgresume.server import UploadServerFactory, makeServerService
-from imgresume.server._hooks import HookConfig, HookDispatcher, HookFailed, upload_event
+from imgresume.server._hook_targets import HookFailed
+from imgresume.server._hooks import HookConfig, HookDispatcher
+from imgresume.server._upload_events import upload_event
 from imgresume.server.tap import Options as ServerOptions
 from imgresume.storage.memory import MemoryStorage
 
