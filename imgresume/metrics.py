@@ -361,7 +361,7 @@ class ServerMetrics:
             "imgresume_hook_pending", "Hook deliveries queued, waiting to retry or running.")
 
     def upload_event(self, event: Mapping[str, Any]) -> None:
-        """Count one upload event (see L{imgresume.server._hooks.upload_event})."""
+        """Count one upload event (see L{imgresume.server._upload_events.upload_event})."""
         kind = event["event"]
         if kind == "upload.created":
             self.uploads_created.inc()

@@ -327,6 +327,6 @@ class HealthCheckSessionTests(SynchronousTestCase):
         [welcome] = wire.send(encode(Hello(HEALTH_CHECK_CLIENT_ID)))
         self.assertIsInstance(welcome, Welcome)
         self.assertEqual(wire.send(encode(Ping(5))), [Pong(5)])
-        [err] = wire.send(encode(Upload("x.tif", 1, b"\0" * 32)))
+        [err] = wire.send(encode(Upload("x.tif", 1, None)))
         self.assertEqual(err.code, ErrorCode.HANDSHAKE_REJECTED)
         self.assertTrue(wire.transport.disconnecting)

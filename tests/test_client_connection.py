@@ -34,7 +34,6 @@ from imgresume.protocol._client import (
 )
 from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
-    LATE_DIGEST,
     Accepted,
     Ack,
     Completed,
@@ -451,7 +450,7 @@ class FinishTests(SynchronousTestCase):
 
     def test_late_digest(self) -> None:
         """
-        An upload opened with LATE_DIGEST (when the server offers it) ends
+        An upload opened without its SHA-256 (when the server offers it) ends
         with FINISH carrying the digest; COMPLETED then ends it.
         """
         client = ClientConnection("client-1")
@@ -459,9 +458,9 @@ class FinishTests(SynchronousTestCase):
         self.assertFalse(client.late_digest_offered)
         fed(client, Welcome(1, "srv-1", 64, 1 << 30, 32, {"late-digest": "1"}))
         self.assertTrue(client.late_digest_offered)
-        client.upload(Upload("a.jpg", 10, LATE_DIGEST))
-        fed(client, Accepted(UPLOAD_ID, "a.jpg", 10, LATE_DIGEST, 0))
-        self.assertTrue(client.late_digest)
+        client.upload(Upload("a.jpg", 10, None))
+        fed(client, Accepted(UPLOAD_ID, "a.jpg", 10, None, 0))
+        self.assertTrue(client.sha256_in_finish)
         client.data_to_send()
         client.send_data(0, b"x" * 10)
         self.assertRaises(ValueError, client.finish)
@@ -474,7 +473,7 @@ class FinishTests(SynchronousTestCase):
     def test_declared_digest_cannot_finish_with_one(self) -> None:
         """An upload that declared its SHA-256 ends with the empty DATA only."""
         client = sending(size=0)
-        self.assertFalse(client.late_digest)
+        self.assertFalse(client.sha256_in_finish)
         self.assertRaises(ValueError, client.finish, DIGEST)
 
     def test_empty_file(self) -> None:

@@ -19,6 +19,7 @@ from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
     CONTROL_MAX_BODY,
     HEADER,
+    LATE_DIGEST,
     MAGIC,
     PROTOCOL_VERSION,
     Accepted,
@@ -105,14 +106,17 @@ u64 = st.integers(0, 2**64 - 1)
 text = st.text(max_size=40)
 kv = st.dictionaries(text, text, max_size=5)
 digest = st.binary(min_size=32, max_size=32)
+#: A whole file's digest as UPLOAD and ACCEPTED carry it: None for one that
+#: comes at the end (on the wire, LATE_DIGEST).
+file_digest = st.none() | digest.filter(lambda d: d != LATE_DIGEST)
 upload_id = st.binary(min_size=16, max_size=16).map(bytes.hex)
 
 frames = st.one_of(
     st.builds(Hello, text, u16, u16, kv),
     st.builds(Welcome, u16, text, u32, u64, u32, kv),
-    st.builds(Upload, text, u64, digest, kv),
+    st.builds(Upload, text, u64, file_digest, kv),
     st.builds(Resume, upload_id),
-    st.builds(Accepted, upload_id, text, u64, digest, u64, u64, u32, digest),
+    st.builds(Accepted, upload_id, text, u64, file_digest, u64, u64, u32, digest),
     st.binary(max_size=300).flatmap(
         lambda p: st.builds(Data, u64, st.just(zlib.crc32(p)), st.just(p))
     ),
@@ -170,6 +174,22 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual((hello.version_min, hello.version_max), (1, 1))
         self.assertEqual(PROTOCOL_VERSION, 1)
         self.assertEqual(decode_one(encode(hello)), hello)
+
+    def test_digest_sent_at_the_end(self) -> None:
+        """
+        UPLOAD and ACCEPTED carry a digest that comes at the end (None) as
+        LATE_DIGEST, 32 zero bytes, and decode it back to None; the frames
+        refuse LATE_DIGEST itself.
+        """
+        upload = Upload("n", 10, None, {"k": "v"})
+        self.assertEqual(encode(upload), encode(Upload("n", 10, DIGEST, {"k": "v"})).replace(
+            DIGEST, LATE_DIGEST))
+        self.assertEqual(decode_one(encode(upload)), upload)
+        accepted = Accepted(UPLOAD_ID, "n", 10, None, 4)
+        self.assertIn(LATE_DIGEST + (4).to_bytes(8, "big"), encode(accepted))
+        self.assertEqual(decode_one(encode(accepted)), accepted)
+        self.assertRaises(ValueError, Upload, "n", 10, LATE_DIGEST)
+        self.assertRaises(ValueError, Accepted, UPLOAD_ID, "n", 10, LATE_DIGEST, 0)
 
     def test_accepted_tail_defaults(self) -> None:
         """An Accepted without a tail sends zeros for start, length and digest."""

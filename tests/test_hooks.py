@@ -46,7 +46,9 @@ from imgresume.protocol import (
 )
 from imgresume.protocol._decoder import control_limit
 from imgresume.server import UploadServerFactory, make_server_service
-from imgresume.server._hooks import HookConfig, HookDispatcher, HookFailed, upload_event
+from imgresume.server._hook_targets import HookFailed
+from imgresume.server._hooks import HookConfig, HookDispatcher
+from imgresume.server._upload_events import upload_event
 from imgresume.server.tap import Options as ServerOptions
 from imgresume.storage.memory import MemoryStorage
 
@@ -192,6 +194,28 @@ class EventTests(SynchronousTestCase):
         self.assertEqual((unknown["event"], unknown["upload_id"], unknown["error"]["code"]),
                          ("upload.failed", "f" * 32, "UNKNOWN_UPLOAD"))
         self.assertEqual(len(self.recorder.events), 6)
+
+    def test_late_digest_refused_by_quota(self) -> None:
+        """
+        An upload whose SHA-256 comes at the end (its UPLOAD declares 32 zero
+        bytes on the wire) reports C{sha256} null in its events: in the
+        upload.created of one accepted, and in the upload.failed of one the
+        client's quota refuses.
+        """
+        self.factory = UploadServerFactory(
+            self.storage, "node-a", self.clock, max_uploads_per_client=1,
+            events=self.recorder,
+        )
+        late = encode(Upload("late.tif", len(CONTENT), SHA)).replace(SHA, bytes(32))
+        first, second = self.connect(), self.connect()
+        first.dataReceived(late)
+        second.dataReceived(late)
+        created, failed = self.recorder.events
+        self.assertEqual((created["event"], created["sha256"]), ("upload.created", None))
+        self.assertEqual((failed["event"], failed["error"]["code"]),
+                         ("upload.failed", "QUOTA_EXCEEDED"))
+        self.assertEqual((failed["name"], failed["size"]), ("late.tif", len(CONTENT)))
+        self.assertIsNone(failed["sha256"])
 
     def test_emit_raising_is_not_the_uploads_problem(self) -> None:
         """A sink that raises is logged; the upload completes anyway."""

@@ -22,10 +22,6 @@ import imgresume
 #: are gone and this list must be emptied: an entry that no longer occurs
 #: fails the test.
 KNOWN_PRIVATE_IMPORTS: frozenset[tuple[str, str]] = frozenset({
-    # server/_protocol.py is being rewritten (handshake policy, admission);
-    # protocol/ should re-export what it needs.
-    ("imgresume.server._protocol", "imgresume.protocol._auth"),
-    ("imgresume.server._protocol", "imgresume.protocol._decoder"),
     # The demo moves with the test/demo cluster helpers (imgresume._cluster),
     # or imgresume.cli exports ProgressBar.
     ("imgresume.demo", "imgresume.cli._progress"),

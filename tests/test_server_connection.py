@@ -29,7 +29,6 @@ from imgresume.errors import (
 from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
     HEADER,
-    LATE_DIGEST,
     Accepted,
     Ack,
     Completed,
@@ -679,9 +678,9 @@ class PendingTests(SynchronousTestCase):
 def late(size: int = 10, offset: int = 0) -> ServerConnection:
     """A server in RECEIVING for an upload opened without its SHA-256."""
     server = handshaken()
-    event = fed(server, Upload("a.jpg", size, LATE_DIGEST))
-    assert event == UploadRequested(Upload("a.jpg", size, LATE_DIGEST)), event
-    server.upload_opened(UPLOAD_ID, "a.jpg", size, LATE_DIGEST, offset)
+    event = fed(server, Upload("a.jpg", size, None))
+    assert event == UploadRequested(Upload("a.jpg", size, None)), event
+    server.upload_opened(UPLOAD_ID, "a.jpg", size, None, offset)
     server.data_to_send()
     return server
 

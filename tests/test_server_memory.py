@@ -32,7 +32,7 @@ from imgresume.protocol import (
 )
 from imgresume.protocol._decoder import FrameCursor, control_limit
 from imgresume.server import UploadServerFactory
-from imgresume.server._protocol import DATA_MEMORY
+from imgresume.server._factory import DATA_MEMORY
 from imgresume.server.tap import Options, makeService
 from imgresume.storage.memory import MemoryStorage
 from tests.test_server_protocol import SlowStorage, data

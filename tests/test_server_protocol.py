@@ -23,7 +23,6 @@ from imgresume.protocol import (
     Error,
     Finish,
     FrameDecoder,
-    LATE_DIGEST,
     Hello,
     Ping,
     Pong,
@@ -169,18 +168,18 @@ class HappyPathTests(SynchronousTestCase):
         storage = MemoryStorage()
         first = Harness(storage)
         first.handshake()
-        [acc] = first.send(encode(Upload("a.tif", len(CONTENT), LATE_DIGEST)))
-        self.assertEqual(acc.sha256, LATE_DIGEST)
+        [acc] = first.send(encode(Upload("a.tif", len(CONTENT), None)))
+        self.assertEqual(acc.sha256, None)
         first.send(data(0, CONTENT[:4096]))
         first.proto.connectionLost(Failure(Exception("gone")))
         second = Harness(storage)
         second.handshake()
         [resumed] = second.send(encode(Resume(acc.upload_id)))
-        self.assertEqual((resumed.offset, resumed.sha256), (4096, LATE_DIGEST))
+        self.assertEqual((resumed.offset, resumed.sha256), (4096, None))
         second.send(data(4096, CONTENT[4096:]))
         [done] = second.send(encode(Finish(SHA)))
         self.assertEqual((done.sha256, storage.read_completed(done.path)), (SHA, CONTENT))
-        [acc2] = second.send(encode(Upload("b.tif", 2, LATE_DIGEST)))
+        [acc2] = second.send(encode(Upload("b.tif", 2, None)))
         second.send(data(0, b"ab"))
         [error] = second.send(encode(Finish(SHA)))
         self.assertEqual(error.code, ErrorCode.DIGEST_MISMATCH)

@@ -107,7 +107,7 @@ class UploadAttempt:
     completes an upload the journal cannot name after a crash.
 
     For an upload whose SHA-256 goes at the end (C{request.sha256} is
-    L{LATE_DIGEST}), C{digest()} gives a Deferred of the whole file's
+    None), C{digest()} gives a Deferred of the whole file's
     SHA-256, which is being computed while the packets go out; the upload
     ends with FINISH once every packet is acknowledged and the digest known.
     """
@@ -134,7 +134,8 @@ class UploadAttempt:
         self.on_progress = on_progress
         self.on_upload_id = on_upload_id
         self._digest = digest
-        self._late_digest: bytes | None = None
+        #: The whole file's SHA-256 for FINISH, once C{digest()} gave it.
+        self._sha256_for_finish: bytes | None = None
         self.stats = AttemptStats()
         self.result: Deferred[Completed] = Deferred()
         self.reusable = False
@@ -250,10 +251,10 @@ class UploadAttempt:
             m.state is ClientState.SENDING and m.sent == m.size and not m.finishing
             and m.outstanding == 0 and not self._recording
         ):
-            if not m.late_digest:
+            if not m.sha256_in_finish:
                 m.finish()
-            elif self._late_digest is not None:
-                m.finish(self._late_digest)
+            elif self._sha256_for_finish is not None:
+                m.finish(self._sha256_for_finish)
             elif self._digest is None:
                 self._end(Failure(RuntimeError(
                     "the server holds this upload without its SHA-256, and this "
@@ -267,7 +268,7 @@ class UploadAttempt:
 
     def _digest_known(self, digest: bytes) -> None:
         self._reading = False
-        self._late_digest = digest
+        self._sha256_for_finish = digest
         self._fill()
 
     def _recorded(self, result: Any) -> None:

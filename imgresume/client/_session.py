@@ -28,7 +28,7 @@ from imgresume.client._results import Progress, UploadFailed, UploadResult
 from imgresume.client._source import LocalFile, Runner
 from imgresume.errors import ImgresumeError, UnknownUpload
 from imgresume.client._source import HashStopped
-from imgresume.protocol import LATE_DIGEST, Upload
+from imgresume.protocol import Upload
 
 class SessionUploader(Protocol):
     """
@@ -178,7 +178,7 @@ class UploadSession:
             if entry["sha256"] is not None:
                 digest.value = bytes.fromhex(entry["sha256"])
             # The upload was opened with this digest, or to take it at the end.
-            state.request = Upload(name, source.size, digest.value or LATE_DIGEST, metadata)
+            state.request = Upload(name, source.size, digest.value, metadata)
             self.log.info(
                 "{what} {name} from the journal: upload {upload_id}",
                 what="confirming" if entry.get("complete") else "resuming",
@@ -192,7 +192,7 @@ class UploadSession:
             if digest.value is None and connection.machine.late_digest_offered:
                 # Hash while sending: the digest goes in FINISH at the end.
                 digest.start()
-                state.request = Upload(name, source.size, LATE_DIGEST, metadata)
+                state.request = Upload(name, source.size, None, metadata)
             else:
                 if digest.value is None:
                     digest.value = await hash_file()
@@ -208,7 +208,7 @@ class UploadSession:
             assert state.request is not None
             declared = state.request.sha256
             return journal.remember(
-                key, new_id, None if declared == LATE_DIGEST else declared.hex()
+                key, new_id, None if declared is None else declared.hex()
             ).addErrback(lambda f: self.log.failure("could not write the journal", f))
 
         while True:
@@ -409,7 +409,8 @@ class _Run:
     upload_id: str | None
     from_journal: bool
     #: What was asked for: the UPLOAD of the open upload (its digest, or
-    #: LATE_DIGEST); None until chosen, and again for a fresh upload.
+    #: None for one sent at the end); None until chosen, and again for a
+    #: fresh upload.
     request: Upload | None = None
     digest_stale: bool = False
     created_here: bool = False

@@ -4,6 +4,12 @@ client and server state machines.  No reactor and no sockets here; the
 Twisted adapters live in L{imgresume.server} and L{imgresume.client}.
 
 See C{docs/protocol.md} for the normative description.
+
+Besides frames and machines, this package lends the server adapter what it
+needs of the codec and of the handshake: L{FrameCursor} and
+L{control_limit} (to count received frames before they are parsed) and the
+HMAC proofs of the challenge-response handshake (L{client_proof},
+L{server_proof}, L{proofs_equal}, L{AUTH_METHOD}, L{AUTH_NONCE_RE}).
 """
 
 from imgresume.protocol._client import (
@@ -18,11 +24,14 @@ from imgresume.protocol._client import (
     UploadCompleted,
     Welcomed,
 )
-from imgresume.protocol._decoder import FrameDecoder
+from imgresume.protocol._auth import METHOD as AUTH_METHOD
+from imgresume.protocol._auth import NONCE_RE as AUTH_NONCE_RE
+from imgresume.protocol._auth import client_proof, server_proof
+from imgresume.protocol._auth import same as proofs_equal
+from imgresume.protocol._decoder import FrameCursor, FrameDecoder, control_limit
 from imgresume.protocol._frames import (
     HEALTH_CHECK_CLIENT_ID,
     HEALTH_CHECK_CLIENT_IDS,
-    LATE_DIGEST,
     MAGIC,
     PROTOCOL_VERSION,
     Accepted,
@@ -60,7 +69,9 @@ from imgresume.protocol._server_events import (
 )
 
 __all__ = [
-    "HEALTH_CHECK_CLIENT_ID", "HEALTH_CHECK_CLIENT_IDS", "LATE_DIGEST", "MAGIC", "PROTOCOL_VERSION", "FrameType", "FrameDecoder", "encode", "decode_body",
+    "HEALTH_CHECK_CLIENT_ID", "HEALTH_CHECK_CLIENT_IDS", "MAGIC", "PROTOCOL_VERSION", "FrameType", "FrameDecoder", "encode", "decode_body",
+    "FrameCursor", "control_limit",
+    "AUTH_METHOD", "AUTH_NONCE_RE", "client_proof", "server_proof", "proofs_equal",
     "Hello", "Welcome", "Upload", "Resume", "Accepted", "Data", "Ack", "Finish", "Completed",
     "Error", "Ping", "Pong", "Challenge", "Auth", "Challenged", "AuthReceived",
     "ClientConnection", "ClientState", "Welcomed", "UploadAccepted", "ChunkAcked",

@@ -32,7 +32,6 @@ from imgresume.errors import (
 from imgresume.protocol import _auth as auth
 from imgresume.protocol._decoder import FrameDecoder
 from imgresume.protocol._frames import (
-    LATE_DIGEST,
     PROTOCOL_VERSION,
     Accepted,
     Ack,
@@ -163,7 +162,7 @@ class ClientConnection:
         self.outstanding = 0
         self.finishing = False
         #: Whether the open upload's SHA-256 goes in FINISH, at the end.
-        self.late_digest = False
+        self.sha256_in_finish = False
         self._rewinding = False
         self._resume_at = 0
         self._decoder = FrameDecoder()
@@ -243,19 +242,19 @@ class ClientConnection:
     def late_digest_offered(self) -> bool:
         """
         Whether the server takes the SHA-256 at the end: an UPLOAD may then
-        declare L{LATE_DIGEST} and the client hash while it sends.
+        declare none (C{sha256} None) and the client hash while it sends.
         """
         return self.welcome is not None and self.welcome.options.get("late-digest") == "1"
 
     def finish(self, sha256: bytes | None = None) -> None:
         """
-        End the upload: an empty DATA packet, or for an upload opened with
-        L{LATE_DIGEST}, FINISH carrying the whole file's C{sha256}.
+        End the upload: an empty DATA packet, or for an upload opened
+        without its SHA-256, FINISH carrying the whole file's C{sha256}.
         """
         self._expect(ClientState.SENDING)
         if self.sent != self.size or self._rewinding:
             raise RuntimeError("finish() before every byte was sent")
-        if self.late_digest != (sha256 is not None):
+        if self.sha256_in_finish != (sha256 is not None):
             raise ValueError(
                 "an upload opened without its SHA-256 ends with finish(sha256); "
                 "one that declared it, with finish()"
@@ -326,7 +325,7 @@ class ClientConnection:
             if frame.offset > frame.size:
                 raise MalformedFrame("ACCEPTED offset is past the upload size")
             self.upload_id, self.size = frame.upload_id, frame.size
-            self.late_digest = frame.sha256 == LATE_DIGEST
+            self.sha256_in_finish = frame.sha256 is None
             self.acked = self.sent = frame.offset
             self.outstanding, self.finishing, self._rewinding = 0, False, False
             self.state = ClientState.SENDING

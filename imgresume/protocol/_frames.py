@@ -28,8 +28,8 @@ CONTROL_MAX_BODY = 65536
 DATA_PREFIX = struct.Struct(">QI")
 UPLOAD_ID_SIZE = 16
 SHA256_SIZE = 32
-#: The SHA-256 an UPLOAD declares when the client sends it at the end, in
-#: FINISH, instead (only to a server whose WELCOME has C{late-digest}).
+#: The wire's SHA-256, in UPLOAD and ACCEPTED, of a file whose digest comes in
+#: FINISH (C{late-digest}); only the codec knows it: above, that digest is None.
 LATE_DIGEST = b"\0" * SHA256_SIZE
 NONCE_SIZE = 32
 #: The client id of imgresume-lb's health checks.
@@ -87,13 +87,18 @@ class Welcome:
     options: Mapping[str, str] = attrs.field(factory=dict, converter=_kv)
 
 
+def _not_late_digest(instance: object, attribute: object, value: bytes | None) -> None:
+    if value == LATE_DIGEST:
+        raise ValueError("a SHA-256 that comes at the end, in FINISH, is None")
+
+
 @attrs.frozen
 class Upload:
-    """Client -> server: start a new upload."""
+    """Client -> server: start a new upload (C{sha256} None: it comes in FINISH)."""
 
     name: str
     size: int
-    sha256: bytes
+    sha256: bytes | None = attrs.field(validator=_not_late_digest)
     metadata: Mapping[str, str] = attrs.field(factory=dict, converter=_kv)
 
 
@@ -110,12 +115,13 @@ class Accepted:
     Server -> client, answer to UPLOAD or RESUME: the upload id, what the
     server holds for it, the offset to send from, and the SHA-256 of the
     last committed range so the client can check the residual is its file.
+    C{sha256} is the file's digest as UPLOAD declared it (None: in FINISH).
     """
 
     upload_id: str
     name: str
     size: int
-    sha256: bytes
+    sha256: bytes | None = attrs.field(validator=_not_late_digest)
     offset: int
     tail_start: int = 0
     tail_length: int = 0
@@ -139,8 +145,8 @@ class Data:
 class Finish:
     """
     Client -> server: the end of an upload opened without its SHA-256
-    (declared as L{LATE_DIGEST}), carrying the whole file's digest.  Takes
-    the place of the empty DATA packet.
+    (UPLOAD's C{sha256} None), carrying the whole file's digest.  Takes the
+    place of the empty DATA packet.
     """
 
     sha256: bytes
@@ -261,6 +267,10 @@ class _Writer:
         self.parts.append(v)
         return self
 
+    def digest(self, v: bytes | None) -> "_Writer":
+        """A whole file's SHA-256: L{LATE_DIGEST} for one that comes at the end (None)."""
+        return self.fixed(LATE_DIGEST if v is None else v, SHA256_SIZE)
+
     def str(self, v: str) -> "_Writer":
         raw = v.encode("utf-8")
         if len(raw) > 0xFFFF:
@@ -309,6 +319,11 @@ class _Reader:
 
     def fixed(self, n: int) -> bytes:
         return bytes(self._take(n))
+
+    def digest(self) -> bytes | None:
+        """A whole file's SHA-256: None for L{LATE_DIGEST} (it comes at the end)."""
+        raw = self.fixed(SHA256_SIZE)
+        return None if raw == LATE_DIGEST else raw
 
     def str(self) -> str:
         raw = self._take(self.u16())
@@ -381,15 +396,14 @@ def encode(frame: Frame) -> bytes:
         w.u64(frame.max_file_size).u32(frame.chunk_size).kv(frame.options)
         return _frame(FrameType.WELCOME, w.body())
     if isinstance(frame, Upload):
-        w.str(frame.name).u64(frame.size).fixed(frame.sha256, SHA256_SIZE)
-        w.kv(frame.metadata)
+        w.str(frame.name).u64(frame.size).digest(frame.sha256).kv(frame.metadata)
         return _frame(FrameType.UPLOAD, w.body())
     if isinstance(frame, Resume):
         w.fixed(upload_id_to_bytes(frame.upload_id), UPLOAD_ID_SIZE)
         return _frame(FrameType.RESUME, w.body())
     if isinstance(frame, Accepted):
         w.fixed(upload_id_to_bytes(frame.upload_id), UPLOAD_ID_SIZE).str(frame.name)
-        w.u64(frame.size).fixed(frame.sha256, SHA256_SIZE).u64(frame.offset)
+        w.u64(frame.size).digest(frame.sha256).u64(frame.offset)
         w.u64(frame.tail_start).u32(frame.tail_length)
         w.fixed(frame.tail_sha256, SHA256_SIZE)
         return _frame(FrameType.ACCEPTED, w.body())
@@ -449,12 +463,12 @@ def decode_body(kind: int, body: memoryview) -> Frame:
     elif ftype is FrameType.WELCOME:
         frame = Welcome(r.u16(), r.str(), r.u32(), r.u64(), r.u32(), r.kv())
     elif ftype is FrameType.UPLOAD:
-        frame = Upload(r.str(), r.u64(), r.fixed(SHA256_SIZE), r.kv())
+        frame = Upload(r.str(), r.u64(), r.digest(), r.kv())
     elif ftype is FrameType.RESUME:
         frame = Resume(r.fixed(UPLOAD_ID_SIZE).hex())
     elif ftype is FrameType.ACCEPTED:
         frame = Accepted(
-            r.fixed(UPLOAD_ID_SIZE).hex(), r.str(), r.u64(), r.fixed(SHA256_SIZE),
+            r.fixed(UPLOAD_ID_SIZE).hex(), r.str(), r.u64(), r.digest(),
             r.u64(), r.u64(), r.u32(), r.fixed(SHA256_SIZE),
         )
     elif ftype is FrameType.ACK:

@@ -35,7 +35,6 @@ from imgresume.errors import (
 from imgresume.names import MAX_NAME_BYTES
 from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
-    LATE_DIGEST,
     PROTOCOL_VERSION,
     Accepted,
     Ack,
@@ -103,7 +102,7 @@ class ServerConnection:
         self._answers: collections.deque[int | Error] = collections.deque()
         self._durable = 0
         #: Whether the open upload's SHA-256 comes at the end, in FINISH.
-        self._late_digest = False
+        self._sha256_in_finish = False
         self._digest: bytes | None = None
 
     # Input ----------------------------------------------------------------
@@ -169,7 +168,7 @@ class ServerConnection:
             self.state = ServerState.QUERYING
             return StatusRequested(frame.upload_id)
         if isinstance(frame, Finish):
-            if not self._late_digest:
+            if not self._sha256_in_finish:
                 raise UnexpectedFrame(
                     "FINISH ends only an upload opened without its SHA-256; "
                     "end this one with an empty DATA packet"
@@ -228,7 +227,7 @@ class ServerConnection:
                 offset=self.offset,
             )
         elif not data.payload:
-            if self._late_digest:
+            if self._sha256_in_finish:
                 raise UnexpectedFrame(
                     "this upload was opened without its SHA-256: end it with "
                     "FINISH carrying the digest, not an empty DATA packet"
@@ -305,20 +304,20 @@ class ServerConnection:
         upload_id: str,
         name: str,
         size: int,
-        sha256: bytes,
+        sha256: bytes | None,
         offset: int,
         tail: tuple[int, int, bytes] | None = None,
     ) -> None:
         """
         Storage created or resumed the upload: send ACCEPTED.  A C{sha256}
-        of L{LATE_DIGEST} means the client sends it at the end, in FINISH.
+        of None means the client sends it at the end, in FINISH.
         """
         self._expect(ServerState.OPENING)
         start, length, digest = tail if tail is not None else (0, 0, b"\0" * 32)
         self._send(Accepted(upload_id, name, size, sha256, offset, start, length, digest))
         self.upload_id, self.size, self.offset = upload_id, size, offset
         self._durable = offset
-        self._late_digest = sha256 == LATE_DIGEST
+        self._sha256_in_finish = sha256 is None
         self._digest = None
         self.state = ServerState.RECEIVING
 
@@ -411,7 +410,7 @@ class ServerConnection:
         # ends the upload the client stops sending and reconnects.
         self._answers.clear()
         self.upload_id, self.size, self.offset = None, 0, 0
-        self._late_digest = False
+        self._sha256_in_finish = False
         self.state = ServerState.READY
 
     def _expect(self, *states: ServerState) -> None:

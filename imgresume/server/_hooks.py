@@ -4,17 +4,19 @@ Hooks: telling another system (an archive, OCR, an indexer) about upload
 events as they happen.
 
 The protocol adapter builds one event per upload created, resumed,
-completed or failed (L{upload_event}) and hands it to its factory's
-L{IUploadEvents}.  L{HookDispatcher} is the one that delivers them: it
-queues each event for every target, a command (L{CommandHook}: the JSON on
-its stdin) or a URL (L{URLHook}: an HTTP POST of the JSON), and runs at most
+completed or failed (L{imgresume.server._upload_events}) and hands it to
+its factory's L{IUploadEvents}.  L{HookDispatcher} is the one that delivers
+them: it queues each event for every target, a command or a URL (the
+targets are in L{imgresume.server._hook_targets}), and runs at most
 C{concurrency} deliveries at once, retrying a failed one with exponential
 backoff.  Nothing here ever waits on the upload or makes it wait: C{emit}
 only appends to a bounded queue, and processes and HTTP requests are
 asynchronous.  A hook that fails is logged, never fatal.
 
 Delivery is best effort, at least once while the server runs: see
-C{docs/hooks.md}.
+C{docs/hooks.md}.  L{HookConfig} is the configuration C{twistd imgresume}
+builds from its C{--hook-*} options (L{parse_command} reads
+C{--hook-command}).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import json
 import os
 import shlex
 import shutil
-import uuid
 from typing import Any, Mapping, Sequence
 
 import attrs
@@ -37,82 +38,15 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IBodyProducer
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
-import imgresume
+from imgresume.server._hook_targets import CommandHook, HookFailed, URLHook
+from imgresume.server._upload_events import IUploadEvents
 
 log = Logger()
-
-#: The events, in the order one upload can produce them.
-EVENTS = ("upload.created", "upload.resumed", "upload.completed", "upload.failed")
-
-#: Bytes of a failed hook's output (or HTTP answer) kept for the log.
-OUTPUT_KEPT = 2000
-
-
-class IUploadEvents(Interface):
-    """Something told about upload events: hooks, or anything a test wants."""
-
-    def emit(event: dict[str, Any]) -> None:
-        """
-        Take one event built by L{upload_event}.  Called on the reactor
-        thread by the protocol adapter; must return at once and not raise.
-        """
-
-
-def upload_event(
-    kind: str,
-    *,
-    time: float,
-    server_id: str,
-    client_id: str | None,
-    upload_id: str | None,
-    name: str | None,
-    size: int | None,
-    sha256: bytes | None,
-    metadata: Mapping[str, str] | None,
-    offset: int | None,
-    path: str | None = None,
-    error: Any = None,
-    repeat: bool = False,
-) -> dict[str, Any]:
-    """
-    One event as the JSON-ready dict hooks receive (the schema is in
-    C{docs/hooks.md}).  C{error} is the L{imgresume.errors.ImgresumeError}
-    of an C{upload.failed}; C{repeat} marks an C{upload.completed} answered
-    from the record of an earlier completion.
-    """
-    if kind not in EVENTS:
-        raise ValueError(f"unknown event {kind!r}")
-    event: dict[str, Any] = {
-        "event": kind,
-        "id": uuid.uuid4().hex,
-        "time": time,
-        "server_id": server_id,
-        "client_id": client_id,
-        "upload_id": upload_id,
-        "name": name,
-        "size": size,
-        "sha256": sha256.hex() if sha256 is not None else None,
-        "metadata": dict(metadata) if metadata is not None else None,
-        "offset": offset,
-    }
-    if kind == "upload.completed":
-        event["path"] = path
-        event["repeat"] = repeat
-    if kind == "upload.failed":
-        event["error"] = {
-            "code": error.code.name,
-            "message": error.message,
-            "retryable": bool(error.retryable),
-        }
-    return event
 
 
 @attrs.frozen
@@ -162,173 +96,6 @@ def parse_command(text: str) -> tuple[str, ...]:
     if program is None:
         raise ValueError(f"{argv[0]}: no such executable program (on PATH or as given)")
     return (os.path.abspath(program), *argv[1:])
-
-
-class HookFailed(Exception):
-    """One attempt of a hook failed; the message says how."""
-
-
-# ---------------------------------------------------------------------------
-# Targets: deliver(event, body) -> Deferred that fires on success; cancelling
-# it stops the attempt.
-
-
-class _HookProcess(ProcessProtocol):
-    """One run of a hook command: writes the JSON, keeps the output's tail."""
-
-    def __init__(self, body: bytes, done: Deferred[None]) -> None:
-        self._body = body
-        self._done = done
-        self._output = b""
-
-    def connectionMade(self) -> None:
-        self.transport.write(self._body)
-        self.transport.closeStdin()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self._output = (self._output + data)[-OUTPUT_KEPT:]
-
-    def kill(self) -> None:
-        try:
-            self.transport.signalProcess("KILL")
-        except ProcessExitedAlready:
-            pass
-        # A grandchild may still hold the pipes: stop waiting for them.
-        self.transport.loseConnection()
-
-    def processEnded(self, reason: Failure) -> None:
-        if self._done.called:
-            return  # cancelled (timed out); already reported
-        if reason.check(ProcessDone):
-            self._done.callback(None)
-            return
-        status = reason.value
-        how = (f"was killed by signal {status.signal}" if getattr(status, "signal", None)
-               else f"exited with status {getattr(status, 'exitCode', '?')}")
-        output = self._output.decode("utf-8", "replace").strip()
-        self._done.errback(HookFailed(how + (f": {output}" if output else "")))
-
-
-class CommandHook:
-    """
-    Runs a program per event, without a shell, with the event's JSON on its
-    stdin and the environment of the server plus C{IMGRESUME_EVENT} (the
-    event name) and C{IMGRESUME_UPLOAD_ID}.
-    """
-
-    def __init__(self, argv: Sequence[str], reactor: Any) -> None:
-        self.argv = list(argv)
-        self._reactor = reactor
-
-    def __str__(self) -> str:
-        return f"command {shlex.join(self.argv)}"
-
-    def deliver(self, event: Mapping[str, Any], body: bytes) -> Deferred[None]:
-        protocol: _HookProcess
-        done: Deferred[None] = Deferred(lambda _: protocol.kill())
-        protocol = _HookProcess(body, done)
-        env = dict(os.environ)
-        env["IMGRESUME_EVENT"] = event["event"]
-        env["IMGRESUME_UPLOAD_ID"] = event.get("upload_id") or ""
-        self._reactor.spawnProcess(protocol, self.argv[0], self.argv, env=env)
-        return done
-
-    def close(self) -> Deferred[None]:
-        return succeed(None)
-
-
-class URLHook:
-    """
-    POSTs each event's JSON to a URL with C{twisted.web.client.Agent}, over
-    persistent connections.  Headers: C{Content-Type: application/json},
-    C{X-Imgresume-Event} (the event name) and C{Idempotency-Key} (the
-    event's id, the same on every retry).
-    """
-
-    def __init__(self, url: str, reactor: Any, connect_timeout: float = 30.0) -> None:
-        from twisted.web.client import Agent, HTTPConnectionPool
-
-        self.url = url
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.retryAutomatically = False  # the dispatcher retries, and counts
-        self._agent = Agent(reactor, connectTimeout=connect_timeout, pool=self._pool)
-
-    def __str__(self) -> str:
-        return f"url {self.url}"
-
-    def deliver(self, event: Mapping[str, Any], body: bytes) -> Deferred[None]:
-        from twisted.web.http_headers import Headers
-
-        headers = Headers({
-            b"Content-Type": [b"application/json"],
-            b"User-Agent": [f"imgresume/{imgresume.__version__}".encode()],
-            b"X-Imgresume-Event": [event["event"].encode()],
-            b"Idempotency-Key": [event["id"].encode()],
-        })
-        d = self._agent.request(b"POST", self.url.encode("utf-8"), headers,
-                                _BytesProducer(body))
-
-        def answered(response: Any) -> Deferred[None]:
-            def check(content: bytes) -> None:
-                if not 200 <= response.code < 300:
-                    text = content[:OUTPUT_KEPT].decode("utf-8", "replace").strip()
-                    phrase = response.phrase.decode("latin-1", "replace")
-                    raise HookFailed(
-                        f"HTTP {response.code} {phrase}" + (f": {text}" if text else ""))
-
-            reader = _BodyHead()
-            response.deliverBody(reader)
-            return reader.done.addCallback(check)
-
-        return d.addCallback(answered)
-
-    def close(self) -> Deferred[None]:
-        return self._pool.closeCachedConnections()
-
-
-class _BodyHead(Protocol):
-    """Reads an HTTP answer's body, keeping its first bytes for the log."""
-
-    def __init__(self) -> None:
-        self.done: Deferred[bytes] = Deferred(lambda _: self.transport.stopProducing())
-        self._head = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        if len(self._head) < OUTPUT_KEPT:
-            self._head = (self._head + data)[:OUTPUT_KEPT]
-
-    def connectionLost(self, reason: Failure) -> None:
-        from twisted.web.client import ResponseDone
-        from twisted.web.http import PotentialDataLoss
-
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(self._head)
-        else:
-            self.done.errback(reason)
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """An HTTP request body that is all in memory already."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 # ---------------------------------------------------------------------------
@@ -583,7 +350,4 @@ class HookDispatcher(Service):
         return finished
 
 
-__all__ = [
-    "EVENTS", "IUploadEvents", "HookConfig", "HookDispatcher", "CommandHook", "URLHook",
-    "HookFailed", "parse_command", "upload_event",
-]
+__all__ = ["HookConfig", "HookDispatcher", "parse_command"]

@@ -23,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from imgresume.metrics import Registry, ServerMetrics, metrics_service
 from imgresume.protocol import ServerLimits
+from imgresume.server._factory import UploadServerFactory
 from imgresume.server._gc import GarbageCollectorService
 from imgresume.server._hooks import HookConfig, HookDispatcher
 from imgresume.server._proxytrust import (
@@ -30,7 +31,6 @@ from imgresume.server._proxytrust import (
     ProxyTrustFactory,
     TrustedProxies,
 )
-from imgresume.server._protocol import UploadServerFactory
 from imgresume.storage.filesystem import FilesystemStorage
 from imgresume.storage.filesystem.gc import DEFAULT_RECORDS_OLDER_THAN
 from imgresume.storage.interfaces import IUploadStorage
