@@ -2,7 +2,7 @@
 # A one-node Ceph cluster on this machine, bound to loopback only: one mon,
 # one mgr, one BlueStore OSD on a sparse file, one MDS with a CephFS
 # filesystem, and radosgw (S3) on 127.0.0.1.  CephFS is mounted twice with
-# ceph-fuse, one mount per simulated host, for tests/test_cephfs.py; the S3
+# ceph-fuse, one mount per simulated host, for tests/system/test_cephfs.py; the S3
 # endpoint and a user's keys are written for the S3 backend's tests.
 # See docs/sharedfs.md ("CephFS").
 #

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A GlusterFS volume on this machine, mounted three times over FUSE, so the
-# shared-filesystem tests (tests/test_gluster.py) can run one imgresume
+# shared-filesystem tests (tests/system/test_gluster.py) can run one imgresume
 # server per mount as if each ran on its own host.  See docs/sharedfs.md.
 #
 #   bash .ci/glusterfs.sh up       install, start glusterd, create + start the

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_failover,tests.test_tls -*-
+# -*- test-case-name: tests.system.test_failover,tests.test_tls -*-
 """
 A local cluster of real processes: N C{twistd imgresume} servers over one
 storage directory and one C{twistd imgresume-lb} in front of them.  Used by

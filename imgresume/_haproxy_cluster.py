@@ -1,11 +1,11 @@
-# -*- test-case-name: tests.test_haproxy -*-
+# -*- test-case-name: tests.system.test_haproxy -*-
 """
 A real C{haproxy} in front of N real C{twistd imgresume} servers that
 listen with the PROXY protocol, all child processes over one storage
 directory.  The HAProxy configuration is rendered from the shipped example,
 C{docs/examples/haproxy.cfg}, by L{render_config}: only addresses, paths,
 logging and check intervals change, so the tests run what operators copy.
-Used by C{tests/test_haproxy.py}; not part of the public API.
+Used by C{tests/system/test_haproxy.py}; not part of the public API.
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ class KeysCommandTests(TestCase):
         import subprocess
         import sys
 
-        from tests.test_client_blocking import TwistdServer
+        from tests.support.processes import TwistdServer
 
         work = os.path.abspath(self.mktemp())
         os.makedirs(work)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_proxy_protocol -*-
+# -*- test-case-name: tests.server.test_proxy_protocol -*-
 """
 The PROXY protocol version 2 header the balancer writes to a backend before
 anything else (C{--send-proxy}), so that the server knows the client's real

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.cli.test_upload -*-
 """
 The C{imgresume} command: C{imgresume upload ...} and friends.  Installed
 as a console script by C{setup.py}; also runnable as C{python -m imgresume}.

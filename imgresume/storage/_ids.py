@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_storage -*-
+# -*- test-case-name: tests.storage.test_ids -*-
 """
 Upload ids: 128 random bits as 32 lowercase hex digits.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_names -*-
+# -*- test-case-name: tests.storage.test_names -*-
 """
 Validation of client-chosen remote names, and the alternate names used when a
 completed file of the same name already exists.

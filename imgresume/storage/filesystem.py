@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_storage.FilesystemStorageTests -*-
+# -*- test-case-name: tests.storage.test_filesystem.FilesystemStorageTests -*-
 """
 The filesystem L{IUploadStorage}: partial and completed uploads in one
 directory tree that every server process, on every host, mounts (local disk,
