@@ -24,7 +24,7 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from imgresume._cluster import LocalCluster, free_tcp_port
+from imgresume.testing import LocalCluster, free_tcp_port
 from imgresume.client import Uploader
 from imgresume.metrics import CONTENT_TYPE, Registry, ServerMetrics
 from imgresume.protocol import Data, FrameDecoder, Hello, Resume, Status, Upload, encode

@@ -35,7 +35,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from imgresume import keys
-from imgresume._cluster import LocalCluster
+from imgresume.testing import LocalCluster
 from imgresume._endpoints import is_local_only, requires_client_certificate
 from imgresume.client import Progress, Uploader, UploadFailed
 from imgresume.errors import HandshakeRejected

@@ -34,7 +34,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.test import iosim
 from twisted.trial.unittest import TestCase
 
-from imgresume._cluster import LocalCluster
+from imgresume.testing import LocalCluster
 from imgresume.balancer import (
     HEALTH_CLIENT_ID,
     Backend,

@@ -24,7 +24,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from imgresume._cluster import free_tcp_port
+from imgresume.testing import free_tcp_port
 from tests.support.processes import REPO_ROOT, TwistdServer, child_env, run_python
 
 

@@ -30,7 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from imgresume._cluster import LocalCluster, free_tcp_port
+from imgresume.testing import LocalCluster, free_tcp_port
 from imgresume.client import Uploader
 from imgresume.metrics import Registry, ServerMetrics
 from imgresume.protocol import (

@@ -36,7 +36,7 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from imgresume._cluster import LocalCluster
+from imgresume.testing import LocalCluster
 from imgresume.balancer import Backend, buildBalancer
 from imgresume.balancer._health import _Check
 from imgresume.balancer._proxyheader import SIGNATURE, localHeader, proxyHeader

@@ -27,7 +27,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
-from imgresume._cluster import LocalCluster
+from imgresume.testing import LocalCluster
 from imgresume.errors import StorageError, UnknownUpload, UploadAlreadyComplete
 from imgresume.protocol import ChunkAcked, ClientConnection, ErrorReceived, Upload
 from imgresume.protocol import UploadAccepted, UploadCompleted, Welcomed

@@ -452,7 +452,7 @@ class S3FailoverTests(BucketMixin, TestCase):
         balancer on the other server at a part boundary, and the completed
         object hashes to the file's SHA-256.
         """
-        from imgresume._cluster import LocalCluster
+        from imgresume.testing import LocalCluster
         from imgresume.client import Progress, Uploader
 
         env = aws_environ(self)

@@ -23,7 +23,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from imgresume._cluster import twistd_argv, wait_until_connectable
+from imgresume.testing import twistd_argv, wait_until_connectable
 from imgresume.server import _storagecheck
 from imgresume.server.tap import Options as ServerOptions
 from imgresume.server.tap import makeService

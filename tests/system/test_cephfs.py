@@ -38,7 +38,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from imgresume._cluster import LocalCluster
+from imgresume.testing import LocalCluster
 from imgresume.client import Progress, Uploader
 from imgresume.errors import UploadBusy
 from imgresume.storage.filesystem import FilesystemStorage, _try_lock

@@ -18,7 +18,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from imgresume._cluster import LocalCluster
+from imgresume.testing import LocalCluster
 from imgresume.client import Journal, Progress, UploadFailed, Uploader
 from imgresume.errors import ErrorCode, StorageFull, UploadBusy
 from imgresume.protocol import FrameDecoder, Hello, Resume, encode

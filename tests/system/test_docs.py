@@ -41,7 +41,7 @@ import unicodedata
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from imgresume._cluster import free_tcp_port, wait_until_connectable
+from imgresume.testing import free_tcp_port, wait_until_connectable
 from tests.support.processes import REPO_ROOT
 
 DOCS = os.path.join(REPO_ROOT, "docs")

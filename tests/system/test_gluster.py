@@ -44,7 +44,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
-from imgresume._cluster import LocalCluster
+from imgresume.testing import LocalCluster
 from imgresume.client import Progress, Uploader
 from imgresume.errors import UploadBusy
 from imgresume.storage.filesystem import FilesystemStorage, _try_lock

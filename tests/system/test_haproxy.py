@@ -30,7 +30,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from imgresume._haproxy_cluster import (
+from imgresume.testing import (
     BACKEND,
     CHECK_CLIENT_ID,
     EXAMPLE_CONFIG,

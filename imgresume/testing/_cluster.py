@@ -1,8 +1,8 @@
-# -*- test-case-name: tests.system.test_failover,tests.test_tls -*-
+# -*- test-case-name: tests.system.test_failover,tests.system.test_tls_cluster -*-
 """
 A local cluster of real processes: N C{twistd imgresume} servers over one
 storage directory and one C{twistd imgresume-lb} in front of them.  Used by
-C{make demo} and by the failover tests; not part of the public API.
+C{make demo} and by the failover tests.
 
 Servers listen on UNIX sockets in a short-named temporary directory (no
 port races; socket paths are limited to about 100 bytes), or on free TCP

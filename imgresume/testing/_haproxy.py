@@ -5,7 +5,7 @@ listen with the PROXY protocol, all child processes over one storage
 directory.  The HAProxy configuration is rendered from the shipped example,
 C{docs/examples/haproxy.cfg}, by L{render_config}: only addresses, paths,
 logging and check intervals change, so the tests run what operators copy.
-Used by C{tests/system/test_haproxy.py}; not part of the public API.
+Used by C{tests/system/test_haproxy.py}.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 
-from imgresume._cluster import LocalCluster, Node
+from imgresume.testing._cluster import LocalCluster, Node
 from imgresume.protocol import Hello, encode
 
 #: The shipped example configuration, the template of every test config.
 EXAMPLE_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     "docs", "examples", "haproxy.cfg",
 )
 
