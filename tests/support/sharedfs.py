@@ -2,8 +2,10 @@
 """
 Finding the GlusterFS mounts that C{.ci/glusterfs.sh up} makes and the
 CephFS mounts that C{.ci/ceph.sh up} makes, for the tests that run imgresume
-on a real distributed filesystem (C{tests/system/test_gluster.py},
-C{tests/system/test_cephfs.py}).  A helper module, not tests.
+on a real distributed filesystem (L{tests.support.sharedfs_suite}, run by
+C{tests/system/test_gluster.py} and C{tests/system/test_cephfs.py}), and
+measuring what one mount sees of another's writes and locks.  A helper
+module, not tests.
 
 The mounts are three FUSE mounts of one volume on this machine; each behaves
 like the mount of another host (own attribute, entry and data caches).  They
@@ -23,8 +25,12 @@ the tests skip loudly, or fail when C{IMGRESUME_REQUIRE_CEPH=1}.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
+import struct
+import subprocess
+import sys
 import time
 import uuid
 import warnings
@@ -33,6 +39,9 @@ from unittest import SkipTest
 
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
+
+from tests.support.cluster import sha256_file
+from tests.support.processes import child_env
 
 log = Logger()
 
@@ -50,6 +59,12 @@ CEPHFS_MOUNTS_ENV = "IMGRESUME_CEPHFS_MOUNTS"
 CEPH_REQUIRE_ENV = "IMGRESUME_REQUIRE_CEPH"
 #: How long a directory made through one mount may take to appear in another.
 VISIBLE_WITHIN = 10.0
+#: How long a mount may take to show another mount's change before a test
+#: calls it a failure (GlusterFS's default attribute and metadata cache
+#: timeouts are 1 s; CephFS revokes capabilities within milliseconds).
+CONVERGE = 10.0
+#: The struct flock the filesystem storage packs for F_OFD_SETLK.
+FLOCK = struct.Struct("hhqqi0q")
 
 
 class SharedFSUnavailable(UserWarning):
@@ -211,3 +226,83 @@ def require_cephfs_mounts(testcase: TestCase, n: int = 2) -> list[str]:
     if problem is not None:
         fail(problem)
     return _test_dirs(testcase, mounts[:n], fail)
+
+
+# --- measuring through the mounts -------------------------------------------
+
+
+def report(message: str, **fields: object) -> None:
+    """Log a measurement and print it where a test run's reader sees it."""
+    text = message.format(**fields)
+    log.info("[sharedfs] " + message, **fields)
+    print(f"[sharedfs] {text}", file=sys.stderr, flush=True)
+
+
+def ofd_lock(fd: int) -> bool:
+    """Try an exclusive OFD lock on the whole file; False if busy."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def ofd_unlock(fd: int) -> None:
+    """Release the OFD lock C{fd} holds on the whole file."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
+
+
+def converged_sha256(path: str, expected: str, timeout: float = CONVERGE) -> tuple[str, float]:
+    """
+    The SHA-256 of C{path}, re-read until it equals C{expected} or
+    C{timeout} passes (a mount may show another's writes late).
+
+    @return: the last digest and the seconds it took.
+    """
+    start = time.monotonic()
+    while True:
+        try:
+            digest = sha256_file(path)
+        except OSError:
+            digest = ""
+        waited = time.monotonic() - start
+        if digest == expected or waited > timeout:
+            return digest, waited
+        time.sleep(0.05)
+
+
+def lock_prober(path: str) -> subprocess.Popen:
+    """
+    Start another process that opens C{path} and, for each line read from
+    its stdin, answers whether it could take the OFD lock ("locked"/"busy").
+    """
+    code = (
+        "import os, sys\n"
+        "from imgresume.storage.filesystem import _try_lock\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "for line in sys.stdin:\n"
+        "    print('locked' if _try_lock(fd) else 'busy', flush=True)\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, path], env=child_env(), text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )
+
+
+def ask(proc: subprocess.Popen) -> str:
+    """Ask a L{lock_prober} to try the lock: "locked" or "busy"."""
+    proc.stdin.write("?\n")
+    proc.stdin.flush()
+    return proc.stdout.readline().strip()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill a L{lock_prober} (if still running) and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for f in (proc.stdin, proc.stdout):
+        if f is not None:
+            f.close()
