@@ -45,11 +45,12 @@ from imgresume.balancer import (
 )
 from imgresume.client import Progress, Uploader
 from imgresume.errors import ErrorCode
-from imgresume.protocol import FrameDecoder, encode
+from imgresume.protocol import encode
 from imgresume.protocol._frames import Error, Hello, Ping, Pong, Welcome
 from imgresume.server import UploadServerFactory
 from imgresume.protocol import HEALTH_CHECK_CLIENT_ID
 from imgresume.storage.memory import MemoryStorage
+from tests.support.wire import decode_frames
 
 CHUNK = 256 * 1024
 WINDOW = 4
@@ -66,12 +67,7 @@ def framesSent(transport: StringTransportWithDisconnection) -> list[Any]:
     """
     The frames the checker wrote to C{transport}, decoded.
     """
-    decoder = FrameDecoder()
-    decoder.feed(transport.value())
-    frames = []
-    while (frame := decoder.next_frame()) is not None:
-        frames.append(frame)
-    return frames
+    return decode_frames(transport.value())
 
 
 def transitions(observer: EventLoggingObserver, text: str) -> list[dict[str, Any]]:

@@ -41,7 +41,8 @@ from imgresume.client._results import UploadResult
 from imgresume.protocol import ServerLimits
 from imgresume.storage.memory import MemoryStorage
 from tests.support.processes import TwistdServer, child_env, run_python
-from tests.client.test_session import InstantReactor, MemoryNetwork, sync_run
+from tests.support.memorynet import InstantReactor, MemoryNetwork
+from tests.support.runners import sync_run
 
 RESULT_FIELDS = {"name", "upload_id", "size", "sha256", "path", "resumed_at", "bytes_sent"}
 

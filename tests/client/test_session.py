@@ -15,16 +15,12 @@ import hashlib
 import os
 import random
 import zlib
-from typing import Any, Callable
+from typing import Any
 
-from zope.interface import implementer
-
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume.client import (
@@ -48,83 +44,16 @@ from imgresume.protocol import (
     Completed,
     Data,
     Error,
-    FrameDecoder,
     Hello,
     Upload,
     Welcome,
     encode,
 )
-from imgresume.protocol._decoder import control_limit
-from imgresume.server import UploadServerFactory
-from imgresume.storage.memory import MemoryStorage
+from tests.support.memorynet import InstantReactor, MemoryNetwork
+from tests.support.runners import sync_run
+from tests.support.wire import frames_written, new_decoder
 
 CHUNK = 4096
-
-
-def sync_run(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-    """A runner that does the "blocking" work at once, on this thread."""
-    return maybeDeferred(f, *args, **kwargs)
-
-
-class InstantReactor(Clock):
-    """
-    A fake clock that is also enough of a reactor for the uploader: with a
-    runner that does file work on this thread, C{callFromThread} runs the
-    call at once.
-    """
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
-
-
-@implementer(IStreamClientEndpoint)
-class MemoryNetwork:
-    """
-    A client endpoint whose every connection is joined through L{iosim} to
-    a new protocol of one real L{UploadServerFactory} over a
-    L{MemoryStorage}, all on one fake clock.  L{run} pumps the bytes and
-    lets time pass until a Deferred fires.
-    """
-
-    def __init__(self, clock: InstantReactor, storage: MemoryStorage | None = None,
-                 **factory_kwargs: Any) -> None:
-        self.clock = clock
-        self.storage = storage or MemoryStorage(busy_retry_after=0.05)
-        self.factory = UploadServerFactory(self.storage, "mem", clock, **factory_kwargs)
-        self.pumps: list[iosim.IOPump] = []
-
-    def __repr__(self) -> str:
-        # What the journal keys entries by: the same for every network.
-        return "MemoryNetwork()"
-
-    def connect(self, factory: Any) -> Deferred[Any]:
-        client = factory.buildProtocol(None)
-        server = self.factory.buildProtocol(None)
-        self.pumps.append(iosim.connect(
-            server, iosim.FakeTransport(server, isServer=True),
-            client, iosim.FakeTransport(client, isServer=False),
-            greet=False, clock=self.clock,
-        ))
-        return succeed(client)
-
-    def cut(self) -> None:
-        """Break the newest connection, as a crashed server would."""
-        self.pumps[-1].serverIO.abortConnection()
-
-    def run(self, d: Deferred[Any], limit: int = 100_000) -> Any:
-        """Pump and let time pass until C{d} fires; its result (a failure raises)."""
-        outcome: list[Any] = []
-        d.addBoth(outcome.append)
-        for _ in range(limit):
-            if outcome:
-                break
-            if not any([pump.pump() for pump in self.pumps]):  # every pump, each time
-                self.clock.advance(0.01)
-        else:
-            raise AssertionError("the Deferred never fired")
-        if isinstance(outcome[0], Failure):
-            outcome[0].raiseException()
-        return outcome[0]
 
 
 class NetworkTestCase(SynchronousTestCase):
@@ -360,16 +289,11 @@ class ConnectionHarness:
         self.connection = UploadConnection(self.clock, client_id="unit", stall_timeout=10.0)
         self.transport = StringTransport()
         self.connection.makeConnection(self.transport)
-        self.decoder = FrameDecoder(control_limit(1 << 20))
+        self.decoder = new_decoder()
 
     def sent(self) -> list[Any]:
         """Frames the client wrote since the last call."""
-        self.decoder.feed(self.transport.value())
-        self.transport.clear()
-        frames = []
-        while (frame := self.decoder.next_frame()) is not None:
-            frames.append(frame)
-        return frames
+        return frames_written(self.transport, self.decoder)
 
     def receive(self, frame: Any) -> list[Any]:
         """Deliver a server frame; return what the client wrote in answer."""

@@ -13,22 +13,18 @@ import hashlib
 import json
 import os
 import random
-import socket
 import time
 import zlib
-from typing import Any, Callable
-
-from zope.interface import implementer
+from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume.client import (
     Journal,
@@ -50,7 +46,6 @@ from imgresume.protocol import (
     Completed,
     Data,
     Error,
-    FrameDecoder,
     Hello,
     Resume,
     ServerLimits,
@@ -58,90 +53,17 @@ from imgresume.protocol import (
     Welcome,
     encode,
 )
-from imgresume.protocol._decoder import control_limit
-from imgresume.server import UploadServerFactory, UploadServerProtocol
-from imgresume.storage.filesystem import FilesystemStorage
 from imgresume.storage.memory import MemoryStorage
-
-CHUNK = 64 * 1024
-WINDOW = 4
-
-
-def sync_run(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-    """A runner that does the "blocking" work at once, on this thread."""
-    return maybeDeferred(f, *args, **kwargs)
-
-
-def write_file(path: str, size: int, seed: int = 0) -> bytes:
-    """Write C{size} reproducible pseudo-random bytes to C{path}; return them."""
-    content = random.Random(seed).randbytes(size)
-    with open(path, "wb") as f:
-        f.write(content)
-    return content
-
-
-def free_port() -> int:
-    """A 127.0.0.1 TCP port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class CuttingServerProtocol(UploadServerProtocol):
-    """
-    A real server connection that, once per factory, aborts itself after
-    receiving C{factory.cut_after} bytes (after handling them), as a crashed
-    server or a broken network path would.
-    """
-
-    received = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
-        self.received += len(data)
-        factory = self.factory
-        if (
-            factory.cut_after is not None
-            and not factory.cut_done
-            and self.received >= factory.cut_after
-        ):
-            factory.cut_done = True
-            if factory.on_cut is not None:
-                factory.on_cut()
-            self.transport.abortConnection()
-
-
-class CuttingServerFactory(UploadServerFactory):
-    """
-    L{UploadServerFactory} on the real reactor that remembers every
-    connection (so tests can wait for all of them to close) and can cut one.
-    """
-
-    noisy = False
-
-    def __init__(
-        self,
-        storage: Any,
-        server_id: str,
-        *,
-        cut_after: int | None = None,
-        on_cut: Callable[[], None] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(storage, server_id, reactor, **kwargs)
-        self.cut_after = cut_after
-        self.cut_done = False
-        self.on_cut = on_cut
-        self.protocols: list[UploadServerProtocol] = []
-
-    def buildProtocol(self, addr: Any) -> UploadServerProtocol:
-        proto = CuttingServerProtocol(self)
-        self.protocols.append(proto)
-        return proto
-
-    def all_closed(self) -> Deferred[Any]:
-        """Fires once every connection this factory made has closed."""
-        return DeferredList([p.closed for p in self.protocols])
+from imgresume.testing import free_tcp_port
+from tests.support.runners import sync_run
+from tests.support.servers import (
+    CHUNK,
+    WINDOW,
+    RoundRobinEndpoint,
+    ServerTestCase,
+    endpoint_of,
+)
+from tests.support.wire import frames_written, new_decoder
 
 
 class SilentProtocol(Protocol):
@@ -153,81 +75,6 @@ class SilentProtocol(Protocol):
 
     def connectionLost(self, reason: Any) -> None:
         self.lost.callback(None)
-
-
-@implementer(IStreamClientEndpoint)
-class RoundRobinEndpoint:
-    """
-    The smallest load balancer: each connection goes to the next endpoint
-    of a fixed list, in turn.
-    """
-
-    def __init__(self, endpoints: list[IStreamClientEndpoint]) -> None:
-        self.endpoints = endpoints
-        self.used: list[int] = []
-
-    def connect(self, factory: Any) -> Deferred[Any]:
-        index = len(self.used) % len(self.endpoints)
-        self.used.append(index)
-        return self.endpoints[index].connect(factory)
-
-    def __repr__(self) -> str:
-        return f"RoundRobinEndpoint({len(self.endpoints)} endpoints)"
-
-
-class ServerTestCase(TestCase):
-    """Helpers to run servers on 127.0.0.1 and clients against them."""
-
-    timeout = 20
-
-    def setUp(self) -> None:
-        self.work = os.path.abspath(self.mktemp())
-        os.makedirs(self.work)
-
-    def start_server(
-        self, storage: Any, server_id: str = "node-a", port: int = 0, **kwargs: Any
-    ) -> tuple[CuttingServerFactory, Any]:
-        """
-        Listen on 127.0.0.1 with a L{CuttingServerFactory}; on cleanup stop
-        listening and wait until every server-side connection has closed.
-        """
-        factory = CuttingServerFactory(storage, server_id, **kwargs)
-        listening = reactor.listenTCP(port, factory, interface="127.0.0.1")
-
-        async def stop() -> None:
-            await maybeDeferred(listening.stopListening)
-            await factory.all_closed()
-
-        self.addCleanup(lambda: Deferred.fromCoroutine(stop()))
-        return factory, listening
-
-    def fs_storage(self, root: str | None = None) -> FilesystemStorage:
-        """A filesystem storage on C{root} (default: one in the test's temp dir)."""
-        if root is None:
-            root = os.path.join(self.work, "storage")
-        os.makedirs(root, exist_ok=True)
-        return FilesystemStorage(root, busy_retry_after=0.05)
-
-    def uploader(self, endpoint: Any, **kwargs: Any) -> Uploader:
-        """An L{Uploader} with fast retries, small chunks and no journal by default."""
-        kwargs.setdefault("journal", None)
-        kwargs.setdefault("backoff_base", 0.01)
-        kwargs.setdefault("backoff_max", 0.1)
-        kwargs.setdefault("connect_timeout", 2.0)
-        kwargs.setdefault("stall_timeout", 5.0)
-        kwargs.setdefault("chunk_size", CHUNK)
-        kwargs.setdefault("window", WINDOW)
-        return Uploader(endpoint, reactor=reactor, client_id="test-client", **kwargs)
-
-    def local_file(self, size: int, name: str = "scan.tif", seed: int = 0) -> tuple[str, bytes]:
-        """A local file of C{size} bytes in the test's directory, and its bytes."""
-        path = os.path.join(self.work, name)
-        return path, write_file(path, size, seed)
-
-
-def endpoint_of(listening: Any) -> str:
-    """The client endpoint string of a listening port."""
-    return f"tcp:127.0.0.1:{listening.getHost().port}"
 
 
 class UploadTests(ServerTestCase):
@@ -361,7 +208,7 @@ class UploadTests(ServerTestCase):
 
     async def test_missing_local_file(self) -> None:
         """A local file that cannot be opened fails at once with UploadFailed."""
-        uploader = self.uploader(f"tcp:127.0.0.1:{free_port()}")
+        uploader = self.uploader(f"tcp:127.0.0.1:{free_tcp_port()}")
         with self.assertRaises(UploadFailed) as caught:
             await uploader.upload(os.path.join(self.work, "nope.tif"))
         self.assertIsInstance(caught.exception.cause, FileNotFoundError)
@@ -425,7 +272,7 @@ class ResumeTests(ServerTestCase):
         Nothing listens when the upload starts; the server comes up 0.3 s
         later and the upload completes, without claiming a resume.
         """
-        port = free_port()
+        port = free_tcp_port()
         storage = MemoryStorage()
         started: list[Any] = []
 
@@ -676,7 +523,7 @@ class FailureTests(ServerTestCase):
         connection attempts, says so, and takes bounded time.
         """
         started = time.monotonic()
-        uploader = self.uploader(f"tcp:127.0.0.1:{free_port()}", max_attempts=3)
+        uploader = self.uploader(f"tcp:127.0.0.1:{free_tcp_port()}", max_attempts=3)
         path, _ = self.local_file(1000)
         with self.assertRaises(UploadFailed) as caught:
             await uploader.upload(path)
@@ -744,7 +591,7 @@ class AttemptHarness:
         self.connection = UploadConnection(self.clock, client_id="unit", stall_timeout=10.0)
         self.transport = StringTransport()
         self.connection.makeConnection(self.transport)
-        self.decoder = FrameDecoder(control_limit(1 << 20))
+        self.decoder = new_decoder()
         test.assertEqual(self.sent(), [Hello("unit")])
 
     def start(self, welcome: Welcome | None = None) -> list[Any]:
@@ -759,12 +606,7 @@ class AttemptHarness:
 
     def sent(self) -> list[Any]:
         """Frames the client wrote since the last call."""
-        self.decoder.feed(self.transport.value())
-        self.transport.clear()
-        frames = []
-        while (frame := self.decoder.next_frame()) is not None:
-            frames.append(frame)
-        return frames
+        return frames_written(self.transport, self.decoder)
 
     def receive(self, frame: Any) -> list[Any]:
         """Deliver a server frame; return what the client wrote in answer."""

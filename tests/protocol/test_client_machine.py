@@ -32,7 +32,6 @@ from imgresume.protocol._client import (
     UploadCompleted,
     Welcomed,
 )
-from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
     LATE_DIGEST,
     Accepted,
@@ -60,6 +59,7 @@ from imgresume.protocol._server import (
     ServerState,
     UploadRequested,
 )
+from tests.support.wire import drain, new_decoder
 
 UPLOAD_ID = "fedcba9876543210fedcba9876543210"
 DIGEST = b"\x5a" * 32
@@ -68,11 +68,9 @@ WELCOME = Welcome(1, "srv-1", max_payload=64, max_file_size=1 << 30, chunk_size=
 
 def sent_frames(client: ClientConnection) -> list:
     """Drain and decode what the client queued for the server."""
-    dec = FrameDecoder(control_limit(1 << 20))
+    dec = new_decoder()
     dec.feed(b"".join(client.data_to_send()))
-    out = []
-    while (frame := dec.next_frame()) is not None:
-        out.append(frame)
+    out = drain(dec)
     assert dec.buffered == 0
     return out
 

@@ -42,6 +42,8 @@ from imgresume.protocol._frames import (
     decode_body,
     encode,
 )
+from tests.support.wire import drain
+from tests.support.wire import new_decoder as decoder
 
 FAST = settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -75,19 +77,6 @@ SAMPLES = [
                       "node-2", 1764115200000, 1764115260000, ""),
     Finish(DIGEST),
 ]
-
-
-def decoder(max_payload: int = 1 << 20) -> FrameDecoder:
-    """A decoder that accepts DATA payloads up to C{max_payload}."""
-    return FrameDecoder(control_limit(max_payload))
-
-
-def drain(dec: FrameDecoder) -> list:
-    """Every whole frame C{dec} holds."""
-    out = []
-    while (frame := dec.next_frame()) is not None:
-        out.append(frame)
-    return out
 
 
 def decode_one(raw: bytes, max_payload: int = 1 << 20):

@@ -26,7 +26,6 @@ from imgresume.errors import (
     UnsupportedVersion,
     UploadBusy,
 )
-from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
     HEADER,
     LATE_DIGEST,
@@ -56,24 +55,19 @@ from imgresume.protocol._server import (
     ServerState,
     UploadRequested,
 )
+from tests.support.wire import data_frame as data
+from tests.support.wire import drain, new_decoder
 
 UPLOAD_ID = "0123456789abcdef0123456789abcdef"
 DIGEST = b"\x11" * 32
 LIMITS = ServerLimits(max_payload=1024, chunk_size=512, max_file_size=1 << 20)
 
 
-def data(offset: int, payload: bytes) -> bytes:
-    """An encoded DATA frame with a correct CRC-32."""
-    return encode(Data(offset, zlib.crc32(payload), payload))
-
-
 def sent_frames(server: ServerConnection) -> list:
     """Drain and decode what the server queued for the client."""
-    dec = FrameDecoder(control_limit(1 << 20))
+    dec = new_decoder()
     dec.feed(b"".join(server.data_to_send()))
-    out = []
-    while (frame := dec.next_frame()) is not None:
-        out.append(frame)
+    out = drain(dec)
     assert dec.buffered == 0
     return out
 

@@ -38,17 +38,16 @@ from imgresume.protocol import (
     Ack,
     Completed,
     Data,
-    FrameDecoder,
     Hello,
     Resume,
     Upload,
     encode,
 )
-from imgresume.protocol._decoder import control_limit
 from imgresume.server import UploadServerFactory, makeServerService
 from imgresume.server._hooks import HookConfig, HookDispatcher, HookFailed, upload_event
 from imgresume.server.tap import Options as ServerOptions
 from imgresume.storage.memory import MemoryStorage
+from tests.support.wire import decode_frames
 
 CONTENT = bytes(range(256)) * 40
 SHA = hashlib.sha256(CONTENT).digest()
@@ -205,11 +204,7 @@ class EventTests(SynchronousTestCase):
         proto.dataReceived(encode(Data(0, zlib.crc32(CONTENT), CONTENT)))
         proto.dataReceived(encode(Data(len(CONTENT), 0, b"")))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
-        decoder = FrameDecoder(control_limit(1 << 20))
-        decoder.feed(proto.transport.value())
-        frames = []
-        while (frame := decoder.next_frame()) is not None:
-            frames.append(type(frame))
+        frames = [type(frame) for frame in decode_frames(proto.transport.value())]
         self.assertEqual(frames, [Accepted, Ack, Completed])
 
 

@@ -21,7 +21,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from imgresume.errors import ErrorCode
 from imgresume.protocol import (
     Ack,
-    FrameDecoder,
     FrameType,
     Hello,
     Ping,
@@ -35,7 +34,9 @@ from imgresume.server import UploadServerFactory
 from imgresume.server._protocol import DATA_MEMORY
 from imgresume.server.tap import Options, makeService
 from imgresume.storage.memory import MemoryStorage
-from tests.server.test_protocol import SlowStorage, data
+from tests.support.storages import SlowStorage
+from tests.support.wire import data_frame as data
+from tests.support.wire import frames_written
 
 PAYLOAD = bytes(range(256)) * 512  # 128 KiB: frames bigger than SMALL_FRAME
 P = len(PAYLOAD)
@@ -100,13 +101,7 @@ class Server:
 
 def acks(transport: StringTransport) -> list[Any]:
     """The frames the server wrote to C{transport} since the last call."""
-    decoder = FrameDecoder(control_limit(1 << 20))
-    decoder.feed(transport.value())
-    transport.clear()
-    out = []
-    while (frame := decoder.next_frame()) is not None:
-        out.append(frame)
-    return out
+    return frames_written(transport)
 
 
 class AdmissionTests(SynchronousTestCase):

@@ -5,10 +5,9 @@ and release of ownership.
 """
 
 import hashlib
-import zlib
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -22,7 +21,6 @@ from imgresume.protocol import (
     Data,
     Error,
     Finish,
-    FrameDecoder,
     LATE_DIGEST,
     Hello,
     Ping,
@@ -33,16 +31,14 @@ from imgresume.protocol import (
     Welcome,
     encode,
 )
-from imgresume.protocol._decoder import control_limit
 from imgresume.server import UploadServerFactory
 from imgresume.storage.memory import MemoryStorage
+from tests.support.storages import SlowStorage
+from tests.support.wire import data_frame as data
+from tests.support.wire import frames_written, new_decoder
 
 CONTENT = bytes(range(256)) * 40  # 10240 bytes
 SHA = hashlib.sha256(CONTENT).digest()
-
-
-def data(offset: int, payload: bytes) -> bytes:
-    return encode(Data(offset, zlib.crc32(payload), payload))
 
 
 class Harness:
@@ -57,7 +53,7 @@ class Harness:
         self.proto = self.factory.buildProtocol(None)
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)
-        self.decoder = FrameDecoder(control_limit(1 << 20))
+        self.decoder = new_decoder()
 
     def send(self, *frames: bytes) -> list:
         for raw in frames:
@@ -65,12 +61,7 @@ class Harness:
         return self.received()
 
     def received(self) -> list:
-        self.decoder.feed(self.transport.value())
-        self.transport.clear()
-        out = []
-        while (frame := self.decoder.next_frame()) is not None:
-            out.append(frame)
-        return out
+        return frames_written(self.transport, self.decoder)
 
     def handshake(self) -> Welcome:
         [welcome] = self.send(encode(Hello("tester")))
@@ -80,48 +71,6 @@ class Harness:
         self.handshake()
         [accepted] = self.send(encode(Upload(name, len(CONTENT), SHA)))
         return accepted
-
-
-class SlowStorage:
-    """Wraps a storage so each writer call waits until the test fires it."""
-
-    def __init__(self, storage: Any) -> None:
-        self.storage = storage
-        self.pending: list[Deferred] = []
-        self.batches: list[list[int]] = []
-        self.released = 0
-
-    def create(self, request):
-        return self.storage.create(request).addCallback(SlowWriter, self)
-
-    def resume(self, upload_id):
-        return self.storage.resume(upload_id).addCallback(SlowWriter, self)
-
-
-class SlowWriter:
-    def __init__(self, writer: Any, owner: SlowStorage) -> None:
-        self.writer, self.owner = writer, owner
-        self.info, self.tail = writer.info, writer.tail
-
-    @property
-    def offset(self) -> int:
-        return self.writer.offset
-
-    def _later(self, result: Deferred) -> Deferred:
-        gate: Deferred = Deferred()
-        self.owner.pending.append(gate)
-        return gate.addCallback(lambda _: result)
-
-    def write_batch(self, chunks):
-        self.owner.batches.append([chunk[0] for chunk in chunks])
-        return self._later(self.writer.write_batch(chunks))
-
-    def complete(self, sha256=None):
-        return self._later(self.writer.complete(sha256))
-
-    def release(self):
-        self.owner.released += 1
-        return self.writer.release()
 
 
 class HappyPathTests(SynchronousTestCase):

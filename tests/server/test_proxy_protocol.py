@@ -42,8 +42,7 @@ from imgresume.balancer._health import _Check
 from imgresume.balancer._proxyheader import SIGNATURE, localHeader, proxyHeader
 from imgresume.client import Progress, Uploader
 from imgresume.errors import ErrorCode
-from imgresume.protocol import Error, FrameDecoder, Hello, Welcome, encode
-from imgresume.protocol._decoder import control_limit
+from imgresume.protocol import Error, Hello, Welcome, encode
 from imgresume.server import UploadServerFactory
 from imgresume.server._proxytrust import (
     ProxyHeaderError,
@@ -54,6 +53,7 @@ from imgresume.server._proxytrust import (
 )
 from imgresume.server.tap import Options as ServerOptions
 from imgresume.storage.memory import MemoryStorage
+from tests.support.wire import decode_frames as frames
 
 CLIENT4 = IPv4Address("TCP", "203.0.113.7", 40001)
 SERVER4 = IPv4Address("TCP", "198.51.100.1", 9000)
@@ -62,16 +62,6 @@ SERVER6 = IPv6Address("TCP", "2001:db8::1", 9000)
 BALANCER = IPv4Address("TCP", "10.0.0.5", 55000)
 STRANGER = IPv4Address("TCP", "192.0.2.99", 55001)
 HELLO = encode(Hello("tester"))
-
-
-def frames(data: bytes) -> list[Any]:
-    """Every imgresume frame in C{data}."""
-    decoder = FrameDecoder(control_limit(1 << 20))
-    decoder.feed(data)
-    out = []
-    while (frame := decoder.next_frame()) is not None:
-        out.append(frame)
-    return out
 
 
 def v1(source: IPv4Address | IPv6Address, dest: IPv4Address | IPv6Address) -> bytes:

@@ -52,15 +52,11 @@ from imgresume.storage.maintenance import (
     collect_garbage,
 )
 from tests.support.processes import child_env
+from tests.support.runners import sync_run
 from tests.support.storage_conformance import PAYLOAD, request
 
 HOUR = 3600.0
 DAY = 86400.0
-
-
-def syncRun(f, *args, **kwargs):
-    """A C{run} that does the disk work at once, for unit tests."""
-    return defer.maybeDeferred(f, *args, **kwargs)
 
 
 class StorageFixture:
@@ -69,7 +65,7 @@ class StorageFixture:
     def setUp(self) -> None:
         self.root = tempfile.mkdtemp(prefix="imgresume-gc-")
         self.addCleanup(shutil.rmtree, self.root, True)
-        self.storage = FilesystemStorage(self.root, syncRun)
+        self.storage = FilesystemStorage(self.root, sync_run)
 
     def udir(self, upload_id: str) -> str:
         return os.path.join(self.root, "incoming", upload_id)
@@ -334,7 +330,7 @@ class CollectGarbageTests(StorageFixture, TestCase):
         self.age(self.udir(upload_id), 2 * DAY)
         self.gc()
         self.failureResultOf(self.storage.resume(upload_id), UnknownUpload)
-        other = FilesystemStorage(self.root, syncRun)
+        other = FilesystemStorage(self.root, sync_run)
         self.failureResultOf(other.resume(upload_id), UnknownUpload)
 
     def test_removalOrderMetaFirst(self) -> None:

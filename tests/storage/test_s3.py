@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -35,15 +35,11 @@ from imgresume.storage.interfaces import (
     NewUpload,
 )
 from tests.support.storage_conformance import StorageConformanceMixin
-from tests.client.test_uploader import RoundRobinEndpoint, ServerTestCase
+from tests.support.runners import sync_run
+from tests.support.servers import RoundRobinEndpoint, ServerTestCase
 
 ENV_FILE = os.environ.get("IMGRESUME_S3_ENV", "/run/imgresume-ci/ceph-s3.env")
 MiB = 1 << 20
-
-
-def sync_run(f, *args):
-    """Run blocking storage work at once (the conformance tests need it)."""
-    return defer.maybeDeferred(f, *args)
 
 
 def _load_env() -> dict[str, str]:

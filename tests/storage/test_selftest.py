@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 
-from twisted.internet import defer
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -49,16 +48,12 @@ from imgresume.storage.selftest import (
     warnings,
 )
 from tests.support.processes import child_env
+from tests.support.runners import sync_run
 from tests.support.storage_conformance import PAYLOAD, request
 
 #: procfs refuses to create anything in it, even for root: a real
 #: directory on which the self-test's first fatal check fails.
 UNUSABLE = "/proc"
-
-
-def syncRun(f, *args, **kwargs):
-    """A C{run} that does the disk work at once, for unit tests."""
-    return defer.maybeDeferred(f, *args, **kwargs)
 
 
 def imgresume(*args: str) -> subprocess.CompletedProcess:
@@ -107,7 +102,7 @@ class CheckStorageTests(TempRoot, TestCase):
 
     def test_usedStorage(self) -> None:
         """On a storage in use, incoming/ and complete/ are checked to share a filesystem."""
-        storage = FilesystemStorage(self.root, syncRun)
+        storage = FilesystemStorage(self.root, sync_run)
         writer = self.successResultOf(storage.create(request()))
         self.successResultOf(writer.write(0, PAYLOAD))
         self.successResultOf(writer.complete())
@@ -298,7 +293,7 @@ class GcCommandTests(TempRoot, TestCase):
     """C{imgresume gc} as a subprocess, on uploads made in this process."""
 
     def abandoned(self) -> str:
-        storage = FilesystemStorage(self.root, syncRun)
+        storage = FilesystemStorage(self.root, sync_run)
         writer = self.successResultOf(storage.create(request(name="old.tiff")))
         self.successResultOf(writer.write(0, PAYLOAD[:4000]))
         self.successResultOf(writer.release())

@@ -24,6 +24,7 @@ from imgresume.errors import ErrorCode, StorageFull, UploadBusy
 from imgresume.protocol import FrameDecoder, Hello, Resume, encode
 from tests.support.marks import slow
 from tests.support.relay import FreezingRelay
+from tests.support.wire import drain
 
 CHUNK = 256 * 1024
 WINDOW = 4
@@ -274,10 +275,7 @@ class SilentPeerTests(ChaosTestCase):
                 break
             decoder.feed(chunk)
         s.close()
-        out = []
-        while (frame := decoder.next_frame()) is not None:
-            out.append(frame)
-        return [time.monotonic() - started, *out]
+        return [time.monotonic() - started, *drain(decoder)]
 
     async def test_silent_connections_are_closed_and_release_uploads(self) -> None:
         """
