@@ -22,6 +22,7 @@ from imgresume.protocol import Challenge, ClientConnection, Hello, Welcome, enco
 from imgresume.protocol import _auth as auth
 from imgresume.server import UploadServerFactory
 from imgresume.storage.memory import MemoryStorage
+from tests.support.options import server_options
 from tests.support.runners import sync_run
 from tests.support.wire import frames_written, new_decoder
 
@@ -223,11 +224,7 @@ class EndToEndTests(TestCase):
 
 class SecureByDefaultTests(SynchronousTestCase):
     def parse(self, *args: str):
-        from imgresume.server.tap import Options
-
-        options = Options()
-        options.parseOptions(["--storage", self.mktemp_dir(), *args])
-        return options
+        return server_options(self, *args)
 
     def mktemp_dir(self) -> str:
         path = self.mktemp()

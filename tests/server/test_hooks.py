@@ -47,6 +47,7 @@ from imgresume.server import UploadServerFactory, makeServerService
 from imgresume.server._hooks import HookConfig, HookDispatcher, HookFailed, upload_event
 from imgresume.server.tap import Options as ServerOptions
 from imgresume.storage.memory import MemoryStorage
+from tests.support.options import server_options
 from tests.support.wire import decode_frames
 
 CONTENT = bytes(range(256)) * 40
@@ -388,14 +389,7 @@ class OptionsTests(SynchronousTestCase):
     """The hook options of C{twistd imgresume}."""
 
     def parse(self, *args: str) -> ServerOptions:
-        options = ServerOptions()
-        options.parseOptions(["--storage", self.mktemp_dir(), *args])
-        return options
-
-    def mktemp_dir(self) -> str:
-        path = self.mktemp()
-        os.makedirs(path)
-        return path
+        return server_options(self, *args)
 
     def test_hooks(self) -> None:
         """The command is split like a shell's and found on PATH; the rest parsed."""

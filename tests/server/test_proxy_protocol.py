@@ -40,7 +40,7 @@ from imgresume.testing import LocalCluster
 from imgresume.balancer import Backend, buildBalancer
 from imgresume.balancer._health import _Check
 from imgresume.balancer._proxyheader import SIGNATURE, localHeader, proxyHeader
-from imgresume.client import Progress, Uploader
+from imgresume.client import Uploader
 from imgresume.errors import ErrorCode
 from imgresume.protocol import Error, Hello, Welcome, encode
 from imgresume.server import UploadServerFactory
@@ -53,6 +53,7 @@ from imgresume.server._proxytrust import (
 )
 from imgresume.server.tap import Options as ServerOptions
 from imgresume.storage.memory import MemoryStorage
+from tests.support.cluster import KillServingServer
 from tests.support.wire import decode_frames as frames
 
 CLIENT4 = IPv4Address("TCP", "203.0.113.7", 40001)
@@ -727,17 +728,9 @@ class SendProxyClusterTests(TestCase):
         """The serving server is SIGKILLed mid-upload; the client resumes on the other."""
         size = 24 * 1024 * 1024 + 77
         path, digest = self.makeFile(size)
-        killed: list[str] = []
-
-        def progress(p: Progress) -> None:
-            if not killed and p.phase == "uploading" and p.server_id and p.done > size // 3:
-                killed.append(p.server_id)
-                self.cluster.kill(p.server_id)
-
-        result = await self.uploader().upload(path, "big.tif", progress=progress)
-        self.assertEqual(len(killed), 1)
+        kill = KillServingServer(self.cluster, after=size // 3)
+        result = await self.uploader().upload(path, "big.tif", progress=kill)
+        kill.check(self, result)
         self.assertEqual(result.sha256, digest)
-        self.assertEqual(result.servers[0], killed[0])
-        self.assertNotIn(killed[0], result.servers[1:])
         self.assertGreater(result.resumed_at[0], size // 3)
         self.assertNotIn("trusted proxy", self.serverLogs())

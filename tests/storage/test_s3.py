@@ -34,9 +34,10 @@ from imgresume.storage.interfaces import (
     SHARED,
     NewUpload,
 )
-from tests.support.storage_conformance import StorageConformanceMixin
+from tests.support.cluster import KillServingServer
 from tests.support.runners import sync_run
 from tests.support.servers import RoundRobinEndpoint, ServerTestCase
+from tests.support.storage_conformance import StorageConformanceMixin
 
 ENV_FILE = os.environ.get("IMGRESUME_S3_ENV", "/run/imgresume-ci/ceph-s3.env")
 MiB = 1 << 20
@@ -449,7 +450,7 @@ class S3FailoverTests(BucketMixin, TestCase):
         object hashes to the file's SHA-256.
         """
         from imgresume.testing import LocalCluster
-        from imgresume.client import Progress, Uploader
+        from imgresume.client import Uploader
 
         env = aws_environ(self)
         work = os.path.abspath(self.mktemp())
@@ -462,20 +463,12 @@ class S3FailoverTests(BucketMixin, TestCase):
         path = os.path.join(work, "scan.tif")
         with open(path, "wb") as f:
             f.write(content)
-        killed: list[str] = []
-
-        def progress(p: Progress) -> None:
-            if not killed and p.phase == "uploading" and p.server_id and p.done > size // 3:
-                killed.append(p.server_id)
-                cluster.kill(p.server_id)
-
+        kill = KillServingServer(cluster, after=size // 3)
         uploader = Uploader(cluster.lb_endpoint, reactor=reactor, journal=None,
                             client_id="test", chunk_size=256 * 1024, window=8,
                             backoff_base=0.25, backoff_max=4.0, max_attempts=30)
-        result = await uploader.upload(path, "scans/killed.tif", progress=progress)
-        self.assertEqual(len(killed), 1)
-        self.assertEqual(result.servers[0], killed[0])
-        self.assertNotIn(killed[0], result.servers[1:])
+        result = await uploader.upload(path, "scans/killed.tif", progress=kill)
+        kill.check(self, result)
         self.assertGreaterEqual(result.resumed_at[0], 5 * MiB)
         self.assertEqual(result.resumed_at[0] % (5 * MiB), 0)
         self.assertLessEqual(result.bytes_sent, size + 5 * MiB + 8 * 256 * 1024)

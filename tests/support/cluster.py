@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imgresume.client import Progress
+if TYPE_CHECKING:
+    from imgresume.client import Progress
 
 
 def write_random(path: str, size: int) -> str:
@@ -47,3 +48,12 @@ class KillServingServer:
                 and p.done > self.after):
             self.killed.append(p.server_id)
             self.cluster.kill(p.server_id)
+
+    def check(self, test: Any, result: Any) -> None:
+        """
+        C{test} asserts that one server was killed, that the upload
+        (C{result}) started on it, and that it never went back to it.
+        """
+        test.assertEqual(len(self.killed), 1)
+        test.assertEqual(result.servers[0], self.killed[0])
+        test.assertNotIn(self.killed[0], result.servers[1:])

@@ -5,7 +5,6 @@ a full disk, silent peers.  Each test checks the stored file's SHA-256 and
 reports how many bytes were sent again.
 """
 
-import hashlib
 import os
 import random
 import socket
@@ -22,19 +21,13 @@ from imgresume.testing import LocalCluster
 from imgresume.client import Journal, Progress, UploadFailed, Uploader
 from imgresume.errors import ErrorCode, StorageFull, UploadBusy
 from imgresume.protocol import FrameDecoder, Hello, Resume, encode
+from tests.support.cluster import sha256_file, write_random
 from tests.support.marks import slow
 from tests.support.relay import FreezingRelay
 from tests.support.wire import drain
 
 CHUNK = 256 * 1024
 WINDOW = 4
-
-
-def make_file(path: str, size: int) -> str:
-    data = os.urandom(size)
-    with open(path, "wb") as f:
-        f.write(data)
-    return hashlib.sha256(data).hexdigest()
 
 
 def sleep(seconds: float):
@@ -72,8 +65,7 @@ class ChaosTestCase(TestCase):
         return Uploader(endpoint, reactor=reactor, client_id="chaos", **kw)
 
     def stored_sha256(self, rel: str) -> str:
-        with open(os.path.join(self.cluster.storage, rel), "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        return sha256_file(os.path.join(self.cluster.storage, rel))
 
     def server_log(self, name: str) -> str:
         with open(self.cluster.servers[name].log, encoding="utf-8") as f:
@@ -95,7 +87,7 @@ class ZombieConnectionTests(ChaosTestCase):
         self.addCleanup(port.stopListening)
         size = 32 * 1024 * 1024
         path = os.path.join(self.work, "zombie.tif")
-        digest = make_file(path, size)
+        digest = write_random(path, size)
         frozen: list = []
 
         def progress(p: Progress) -> None:
@@ -127,7 +119,7 @@ class ConcurrentResumeTests(ChaosTestCase):
         cluster = self.start_cluster()
         size = 48 * 1024 * 1024
         path = os.path.join(self.work, "dup.tif")
-        digest = make_file(path, size)
+        digest = write_random(path, size)
         journal = Journal(os.path.join(self.work, "journal.json"))
         # Small packets, one at a time, so the first is still writing while
         # the second one tries.
@@ -165,7 +157,7 @@ class KillLoopTests(ChaosTestCase):
         cluster = self.start_cluster()
         size = 96 * 1024 * 1024
         path = os.path.join(self.work, "chaos.tif")
-        digest = make_file(path, size)
+        digest = write_random(path, size)
         rng = random.Random(1234)
         kills: list[str] = []
         marks = iter(range(size // 30, size, size // 30))
@@ -230,14 +222,14 @@ class DiskFullTests(ChaosTestCase):
         storage = self.mount_small_tmpfs("24m")
         cluster = self.start_cluster(storage=storage)
         small = os.path.join(self.work, "small.tif")
-        small_digest = make_file(small, 2 * 1024 * 1024)
+        small_digest = write_random(small, 2 * 1024 * 1024)
         journal = Journal(os.path.join(self.work, "journal.json"))
         done_small = await self.uploader(cluster.lb_endpoint).upload(small, "small.tif")
         filler = os.path.join(storage, "filler")
         with open(filler, "wb") as f:
             f.write(b"\0" * (12 * 1024 * 1024))
         big = os.path.join(self.work, "big.tif")
-        big_digest = make_file(big, 16 * 1024 * 1024)
+        big_digest = write_random(big, 16 * 1024 * 1024)
         up = self.uploader(cluster.lb_endpoint, journal=journal, max_attempts=2)
         try:
             await up.upload(big, "big.tif")
@@ -290,7 +282,7 @@ class SilentPeerTests(ChaosTestCase):
         self.assertLess(elapsed, 4)
         # A partial upload held by a connection that then goes silent.
         path = os.path.join(self.work, "p.tif")
-        make_file(path, 8 * CHUNK)
+        write_random(path, 8 * CHUNK)
         seen: list = []
         journal = Journal(os.path.join(self.work, "journal.json"))
         up = self.uploader(cluster.lb_endpoint, journal=journal, window=1)

@@ -12,7 +12,6 @@ C{IMGRESUME_REQUIRE_HAPROXY=1} (as in CI) a missing HAProxy is a failure.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -44,6 +43,7 @@ from imgresume.testing import (
 from imgresume.client import Progress, Uploader
 from imgresume.errors import ErrorCode
 from imgresume.protocol import Error, Welcome, encode
+from tests.support.cluster import KillServingServer, sha256_file, write_random
 
 CHUNK = 256 * 1024
 WINDOW = 4
@@ -71,14 +71,6 @@ def haproxy_or_skip(test: SynchronousTestCase) -> str:
             test.fail(NOT_INSTALLED + ", and IMGRESUME_REQUIRE_HAPROXY=1 requires them.")
         raise SkipTest(NOT_INSTALLED + "; IMGRESUME_REQUIRE_HAPROXY=1 makes this a failure.")
     return HAPROXY
-
-
-def make_file(path: str, size: int) -> str:
-    """Write C{size} random bytes to C{path}; return their SHA-256 in hex."""
-    data = os.urandom(size)
-    with open(path, "wb") as f:
-        f.write(data)
-    return hashlib.sha256(data).hexdigest()
 
 
 def example() -> str:
@@ -223,8 +215,7 @@ class HAProxyTestCase(TestCase):
                         window=WINDOW, client_id="test", **kw)
 
     def stored_sha256(self, path: str) -> str:
-        with open(os.path.join(self.cluster.storage, path), "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        return sha256_file(os.path.join(self.cluster.storage, path))
 
     async def wait_for_log(self, read, pattern: str, timeout: float = 10.0) -> str:
         """
@@ -246,7 +237,7 @@ class UploadTests(HAProxyTestCase):
         """An upload through HAProxy is stored with the right SHA-256."""
         self.wait_all_up()
         path = os.path.join(self.work, "scan.tif")
-        digest = make_file(path, 5 * CHUNK + 123)
+        digest = write_random(path, 5 * CHUNK + 123)
         result = await self.uploader().upload(path, "scans/scan.tif")
         self.assertEqual(result.sha256, digest)
         self.assertEqual(self.stored_sha256(result.path), digest)
@@ -269,7 +260,7 @@ class UploadTests(HAProxyTestCase):
         """
         self.wait_all_up()
         path = os.path.join(self.work, "small.tif")
-        make_file(path, CHUNK)
+        write_random(path, CHUNK)
         result = await self.uploader().upload(path)
         [port] = self.endpoint.ports
         server = result.servers[0]
@@ -298,20 +289,12 @@ class FailoverTests(HAProxyTestCase):
         self.wait_all_up()
         size = 32 * 1024 * 1024 + 12345
         path = os.path.join(self.work, "scan.tif")
-        digest = make_file(path, size)
-        killed: list[str] = []
-
-        def progress(p: Progress) -> None:
-            if not killed and p.phase == "uploading" and p.server_id and p.done > size // 3:
-                killed.append(p.server_id)
-                self.cluster.kill(p.server_id)
-
-        result = await self.uploader().upload(path, "scans/scan.tif", progress=progress)
-        self.assertEqual(len(killed), 1)
+        digest = write_random(path, size)
+        kill = KillServingServer(self.cluster, after=size // 3)
+        result = await self.uploader().upload(path, "scans/scan.tif", progress=kill)
+        kill.check(self, result)
         self.assertEqual(result.sha256, digest)
         self.assertEqual(self.stored_sha256(result.path), digest)
-        self.assertEqual(result.servers[0], killed[0])
-        self.assertNotIn(killed[0], result.servers[1:])
         self.assertEqual(len(result.resumed_at), 1)
         self.assertGreater(result.resumed_at[0], size // 3)
         self.assertLessEqual(result.bytes_sent, size + WINDOW * CHUNK)
@@ -350,7 +333,7 @@ class HealthCheckTests(HAProxyTestCase):
         runtime_command(self.cluster.stats_socket, f"disable health {BACKEND}/node-1")
         self.cluster.kill("node-1")
         path = os.path.join(self.work, "small.tif")
-        digest = make_file(path, CHUNK + 1)
+        digest = write_random(path, CHUNK + 1)
         for i in range(4):
             result = await self.uploader().upload(path, f"f{i}.tif")
             self.assertEqual(result.attempts, 1)
@@ -376,7 +359,7 @@ class MisconfiguredServerTests(HAProxyTestCase):
         """
         self.cluster.wait_for_status({"node-1": "UP", "node-2": "UP", "node-3": "DOWN"})
         path = os.path.join(self.work, "small.tif")
-        make_file(path, CHUNK)
+        write_random(path, CHUNK)
         for i in range(3):
             result = await self.uploader().upload(path, f"f{i}.tif")
             self.assertEqual(result.attempts, 1)
@@ -403,7 +386,7 @@ class ReloadTests(HAProxyTestCase):
         self.wait_all_up()
         size = 32 * 1024 * 1024
         path = os.path.join(self.work, "scan.tif")
-        digest = make_file(path, size)
+        digest = write_random(path, size)
         reloaded: list[int] = []
 
         def progress(p: Progress) -> None:
