@@ -44,10 +44,10 @@ ceph-down:
 	bash .ci/ceph.sh down
 
 test-cephfs: $(STAMP)
-	IMGRESUME_REQUIRE_CEPH=1 $(PY) -m pytest tests/test_cephfs.py $(PYTEST_ARGS)
+	IMGRESUME_REQUIRE_CEPH=1 $(PY) -m pytest tests/system/test_cephfs.py $(PYTEST_ARGS)
 
 test-sharedfs: $(STAMP)
-	IMGRESUME_REQUIRE_SHAREDFS=1 $(PY) -m pytest tests/test_gluster.py $(PYTEST_ARGS)
+	IMGRESUME_REQUIRE_SHAREDFS=1 $(PY) -m pytest tests/system/test_gluster.py $(PYTEST_ARGS)
 
 # Benchmarks (docs/benchmarks.md): figures as ratios against baselines
 # measured in the same run; BENCH_ARGS=--quick for a short run.

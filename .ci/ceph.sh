@@ -2,7 +2,7 @@
 # A one-node Ceph cluster on this machine, bound to loopback only: one mon,
 # one mgr, one BlueStore OSD on a sparse file, one MDS with a CephFS
 # filesystem, and radosgw (S3) on 127.0.0.1.  CephFS is mounted twice with
-# ceph-fuse, one mount per simulated host, for tests/test_cephfs.py; the S3
+# ceph-fuse, one mount per simulated host, for tests/system/test_cephfs.py; the S3
 # endpoint and a user's keys are written for the S3 backend's tests.
 # See docs/sharedfs.md ("CephFS").
 #
@@ -30,16 +30,14 @@
 # IMGRESUME_CEPH_EARLY_REPLY (1: keep the MDS's early replies, Ceph's
 # default; CI turns them off, see set_mds_options).
 set -euo pipefail
-
-export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
-export DEBIAN_FRONTEND=noninteractive
+# shellcheck source=.ci/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 CLUSTER=ceph
 FS_NAME=imgresume
 DATA_DIR=/var/lib/imgresume-ci/ceph
 CONF="$DATA_DIR/ceph.conf"
 KEYRING="$DATA_DIR/keyring"
-STATE_DIR=/run/imgresume-ci
 RUN_DIR="$STATE_DIR/ceph"
 LOG_DIR=/var/log/imgresume-ci/ceph
 MOUNT_BASE=/mnt/imgresume-cephfs
@@ -57,19 +55,6 @@ HEALTH_TIMEOUT="${IMGRESUME_CEPH_TIMEOUT:-180}"
 PACKAGES=(ceph-mon ceph-osd ceph-mgr ceph-mds radosgw ceph-fuse ceph-common)
 # In start order.
 DAEMONS=(mon.a mgr.a osd.0 mds.a client.rgw.a)
-
-T0=$(date +%s.%N)
-say() { echo "ceph.sh: $*"; }
-die() {
-    echo "ceph.sh: ERROR: $*" >&2
-    exit 1
-}
-elapsed() { awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}'; }
-timed() { say "[$(elapsed) s] $*"; }
-
-need_root() {
-    [ "$(id -u)" = 0 ] || die "must run as root (it installs packages, starts daemons and mounts)"
-}
 
 # The system's python3 (the ceph CLI's own), not whatever is first on PATH.
 py() { /usr/bin/python3 "$@"; }
@@ -89,19 +74,9 @@ install_packages() {
     done
     [ ${#missing[@]} -eq 0 ] && return
     command -v apt-get >/dev/null || die "${missing[*]} not installed and there is no apt-get to install them"
-    local log
-    log=$(mktemp)
-    local install=(apt-get install -y -q -o Dpkg::Use-Pty=0 --no-install-recommends "${missing[@]}")
     say "installing ${missing[*]}"
-    if ! "${install[@]}" </dev/null >"$log" 2>&1; then
-        say "install failed; running apt-get update and trying again"
-        apt-get update -q </dev/null >>"$log" 2>&1 || true
-        if ! "${install[@]}" </dev/null >>"$log" 2>&1; then
-            tail -n 30 "$log" >&2
-            die "apt-get could not install ${missing[*]} (log above)"
-        fi
-    fi
-    rm -f "$log"
+    apt_install --no-install-recommends "${missing[@]}" \
+        || die "apt-get could not install ${missing[*]} (log above)"
     for p in ceph-mon ceph-osd ceph-mgr ceph-mds radosgw radosgw-admin ceph-fuse ceph \
         ceph-authtool monmaptool; do
         command -v "$p" >/dev/null || die "$p is missing after installing ${PACKAGES[*]}"
@@ -193,25 +168,6 @@ start_daemon() {
         die "$name exited at once (logs above: $LOG_DIR/$name.out, $LOG_DIR/$CLUSTER-$name.log)"
     fi
     timed "started $name (pid $pid)"
-}
-
-# stop_pids SECONDS PID...: SIGTERM to every pid, at once; SIGKILL to those
-# still there SECONDS later.
-stop_pids() {
-    local grace=$1 pid i left
-    shift
-    [ $# -gt 0 ] || return 0
-    kill "$@" 2>/dev/null || true
-    for i in $(seq 1 $((grace * 10))); do
-        left=()
-        for pid in "$@"; do
-            kill -0 "$pid" 2>/dev/null && left+=("$pid")
-        done
-        [ ${#left[@]} -eq 0 ] && return 0
-        sleep 0.1
-    done
-    say "pids ${left[*]} still there ${grace} s after SIGTERM; SIGKILL"
-    kill -9 "${left[@]}" 2>/dev/null || true
 }
 
 # Daemons and ceph-fuse clients of this cluster whose pid file is gone (/run
@@ -605,14 +561,12 @@ s3_smoke_test() {
 
 # --- mounts -----------------------------------------------------------------
 
-is_ceph_mount() {
-    [ "$(findmnt -n -o FSTYPE --mountpoint "$1" 2>/dev/null | tail -n 1)" = fuse.ceph-fuse ]
-}
+FSTYPE=fuse.ceph-fuse
 
-mount_healthy() { is_ceph_mount "$1" && timeout 10 ls "$1" >/dev/null 2>&1; }
+mount_healthy() { mount_answers "$FSTYPE" "$1"; }
 
 mount_all() {
-    [ -e /dev/fuse ] || die "cannot mount: /dev/fuse does not exist (in a container, run it with --device /dev/fuse and CAP_SYS_ADMIN)"
+    need_fuse
     local i m id
     for i in "${!MOUNTS[@]}"; do
         m=${MOUNTS[$i]}
@@ -621,10 +575,7 @@ mount_all() {
             say "$m is mounted"
             continue
         fi
-        if mountpoint -q "$m" 2>/dev/null || is_ceph_mount "$m"; then
-            say "$m is a dead or foreign mount; unmounting it"
-            umount "$m" 2>/dev/null || umount -l "$m" || die "cannot unmount $m"
-        fi
+        unmount_stale "$FSTYPE" "$m"
         mkdir -p "$m"
         # ceph-fuse daemonizes once the mount is made (or fails).  Default
         # caching (kernel page cache and ceph object cache on): the design
@@ -637,20 +588,6 @@ mount_all() {
         wait_for 10 "mounted CephFS at $m (client.$id)" mount_healthy "$m" \
             || die "$m was mounted but does not answer (client logs: $LOG_DIR/$CLUSTER-client.$id.*.log)"
     done
-}
-
-smoke_test() {
-    # A file written through m1 must read back through m2 at once: they are
-    # mounts of one filesystem, and CephFS is coherent across clients.
-    local name=".ceph-sh-probe-$$" m
-    echo probe >"${MOUNTS[0]}/$name"
-    for m in "${MOUNTS[@]:1}"; do
-        [ "$(cat "$m/$name" 2>/dev/null || true)" = probe ] || {
-            rm -f "${MOUNTS[0]}/$name"
-            die "a file written through ${MOUNTS[0]} is not readable through $m"
-        }
-    done
-    rm -f "${MOUNTS[0]}/$name"
 }
 
 memory_report() {
@@ -673,7 +610,7 @@ memory_report() {
 up() {
     need_root
     install_packages
-    [ -e /dev/fuse ] || die "cannot mount CephFS: /dev/fuse does not exist (in a container, run it with --device /dev/fuse and CAP_SYS_ADMIN)"
+    need_fuse CephFS
     mkdir -p "$STATE_DIR" "$RUN_DIR" "$LOG_DIR"
     bootstrap_mon
     # Rewritten at every `up`, so a changed script applies to a running
@@ -697,25 +634,19 @@ up() {
         || die "radosgw does not answer on 127.0.0.1:$RGW_PORT after 60 s (log: $LOG_DIR/$CLUSTER-client.rgw.a.log)"
     s3_user
     mount_all
-    smoke_test
-    printf '%s\n' "${MOUNTS[@]}" >"$MOUNTS_FILE.tmp"
-    mv "$MOUNTS_FILE.tmp" "$MOUNTS_FILE"
+    # A file written through m1 must read back through m2 at once: they are
+    # mounts of one filesystem, and CephFS is coherent across clients.
+    smoke_test 0 "${MOUNTS[@]}"
+    write_lines "$MOUNTS_FILE" "${MOUNTS[@]}"
     memory_report
     timed "up: CephFS $FS_NAME at ${MOUNTS[*]} (listed in $MOUNTS_FILE); S3 at http://127.0.0.1:$RGW_PORT (keys in $S3_ENV)"
 }
 
 down() {
     need_root
-    local m pid
+    local pid
     rm -f "$MOUNTS_FILE" "$S3_ENV"
-    for m in "${MOUNTS[@]}"; do
-        if is_ceph_mount "$m" || mountpoint -q "$m" 2>/dev/null; then
-            say "unmounting $m"
-            umount "$m" 2>/dev/null || umount -l "$m" || say "WARNING: cannot unmount $m"
-        fi
-        rmdir "$m" 2>/dev/null || true
-    done
-    rmdir "$MOUNT_BASE" 2>/dev/null || true
+    unmount_all "$FSTYPE" "$MOUNT_BASE" "${MOUNTS[@]}"
     timed "unmounted"
     # The whole cluster goes.  The daemons stop in three groups, each group
     # together: on SIGTERM the MDS and radosgw flush to the OSD and tell the
@@ -805,12 +736,4 @@ status() {
     return $ok
 }
 
-case "${1:-}" in
-    up) up ;;
-    down) down ;;
-    status) status ;;
-    *)
-        echo "usage: $0 up|down|status" >&2
-        exit 2
-        ;;
-esac
+dispatch "$@"

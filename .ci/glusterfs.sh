@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A GlusterFS volume on this machine, mounted three times over FUSE, so the
-# shared-filesystem tests (tests/test_gluster.py) can run one imgresume
+# shared-filesystem tests (tests/system/test_gluster.py) can run one imgresume
 # server per mount as if each ran on its own host.  See docs/sharedfs.md.
 #
 #   bash .ci/glusterfs.sh up       install, start glusterd, create + start the
@@ -15,9 +15,8 @@
 # invalidation instead).  `up` writes the mount points, one a line, to
 # $MOUNTS_FILE.
 set -euo pipefail
-
-export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
-export DEBIAN_FRONTEND=noninteractive
+# shellcheck source=.ci/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 VOLUME=imgresume
 # The gluster CLI refuses "localhost" and 127.0.0.1 as a brick host, but any
@@ -28,32 +27,19 @@ BRICKS_DIR=/var/lib/imgresume-ci/bricks
 BRICKS=("$BRICKS_DIR/b1" "$BRICKS_DIR/b2")
 MOUNT_BASE=/mnt/imgresume-gluster
 MOUNTS=("$MOUNT_BASE/m1" "$MOUNT_BASE/m2" "$MOUNT_BASE/m3")
-STATE_DIR=/run/imgresume-ci
 MOUNTS_FILE="$STATE_DIR/gluster-mounts"
 STARTED_MARK="$STATE_DIR/glusterd-started-here"
 GLUSTERD_PID=/run/glusterd.pid
 LOG_DIR=/var/log/glusterfs
 
-say() { echo "glusterfs.sh: $*"; }
-die() {
-    echo "glusterfs.sh: ERROR: $*" >&2
-    exit 1
-}
-
 # The gluster CLI, never interactive, never hanging on a dead glusterd.
 g() { timeout 60 gluster --mode=script "$@" </dev/null; }
-
-need_root() {
-    [ "$(id -u)" = 0 ] || die "must run as root (it installs packages, starts glusterd and mounts)"
-}
 
 glusterd_answers() { timeout 10 gluster --mode=script volume list </dev/null >/dev/null 2>&1; }
 
 volume_exists() { g volume info "$VOLUME" >/dev/null 2>&1; }
 
-is_gluster_mount() {
-    [ "$(findmnt -n -o FSTYPE --mountpoint "$1" 2>/dev/null | tail -n 1)" = fuse.glusterfs ]
-}
+FSTYPE=fuse.glusterfs
 
 bricks_online() {
     g volume status "$VOLUME" --xml 2>/dev/null | awk -v dir="<path>$BRICKS_DIR/" '
@@ -62,7 +48,7 @@ bricks_online() {
         END {print n + 0}'
 }
 
-mount_healthy() { is_gluster_mount "$1" && timeout 10 ls "$1" >/dev/null 2>&1; }
+mount_healthy() { mount_answers "$FSTYPE" "$1"; }
 
 install_packages() {
     if command -v glusterd >/dev/null && command -v gluster >/dev/null \
@@ -70,20 +56,9 @@ install_packages() {
         return
     fi
     command -v apt-get >/dev/null || die "glusterd is not installed and there is no apt-get to install it"
-    local log
-    log=$(mktemp)
-    local install=(apt-get install -y -q -o Dpkg::Use-Pty=0 --no-install-recommends
-                   glusterfs-server glusterfs-client)
     say "installing glusterfs-server and glusterfs-client"
-    if ! "${install[@]}" </dev/null >"$log" 2>&1; then
-        say "install failed; running apt-get update and trying again"
-        apt-get update -q </dev/null >>"$log" 2>&1 || true
-        if ! "${install[@]}" </dev/null >>"$log" 2>&1; then
-            tail -n 30 "$log" >&2
-            die "apt-get could not install glusterfs-server glusterfs-client (log above)"
-        fi
-    fi
-    rm -f "$log"
+    apt_install --no-install-recommends glusterfs-server glusterfs-client \
+        || die "apt-get could not install glusterfs-server glusterfs-client (log above)"
     command -v glusterd >/dev/null || die "glusterd is missing after installing glusterfs-server"
 }
 
@@ -171,17 +146,14 @@ start_volume() {
 }
 
 mount_all() {
-    [ -e /dev/fuse ] || die "cannot mount: /dev/fuse does not exist (in a container, run it with --device /dev/fuse and CAP_SYS_ADMIN)"
+    need_fuse
     local m log
     for m in "${MOUNTS[@]}"; do
         if mount_healthy "$m"; then
             say "$m is mounted"
             continue
         fi
-        if mountpoint -q "$m" 2>/dev/null || is_gluster_mount "$m"; then
-            say "$m is a dead or foreign mount; unmounting it"
-            umount "$m" 2>/dev/null || umount -l "$m" || die "cannot unmount $m"
-        fi
+        unmount_stale "$FSTYPE" "$m"
         mkdir -p "$m"
         # Default options on purpose (attribute, entry and quick-read caches
         # on): the design has to survive another host's stale view.
@@ -200,24 +172,6 @@ mount_all() {
     done
 }
 
-smoke_test() {
-    # A file created through the first mount must become visible through
-    # every other one: otherwise these are not mounts of one volume.
-    local name=".glusterfs-sh-probe-$$" m i
-    echo probe >"${MOUNTS[0]}/$name"
-    for m in "${MOUNTS[@]:1}"; do
-        for i in $(seq 1 100); do
-            [ "$(cat "$m/$name" 2>/dev/null || true)" = probe ] && break
-            sleep 0.1
-        done
-        [ "$(cat "$m/$name" 2>/dev/null || true)" = probe ] || {
-            rm -f "${MOUNTS[0]}/$name"
-            die "a file written through ${MOUNTS[0]} is not visible through $m after 10 s"
-        }
-    done
-    rm -f "${MOUNTS[0]}/$name"
-}
-
 up() {
     need_root
     install_packages
@@ -226,40 +180,17 @@ up() {
     cache_invalidation
     start_volume
     mount_all
-    smoke_test
-    mkdir -p "$STATE_DIR"
-    printf '%s\n' "${MOUNTS[@]}" >"$MOUNTS_FILE.tmp"
-    mv "$MOUNTS_FILE.tmp" "$MOUNTS_FILE"
+    # A file created through the first mount must become visible through
+    # every other one (GlusterFS may take a moment).
+    smoke_test 10 "${MOUNTS[@]}"
+    write_lines "$MOUNTS_FILE" "${MOUNTS[@]}"
     say "up: volume $VOLUME mounted at ${MOUNTS[*]} (listed in $MOUNTS_FILE)"
-}
-
-kill_pidfile() {
-    local f=$1 pid i
-    [ -f "$f" ] || return 0
-    pid=$(cat "$f" 2>/dev/null || true)
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-        kill "$pid" 2>/dev/null || true
-        for i in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$f"
 }
 
 down() {
     need_root
-    local m
     rm -f "$MOUNTS_FILE"
-    for m in "${MOUNTS[@]}"; do
-        if is_gluster_mount "$m" || mountpoint -q "$m" 2>/dev/null; then
-            say "unmounting $m"
-            umount "$m" 2>/dev/null || umount -l "$m" || say "WARNING: cannot unmount $m"
-        fi
-        rmdir "$m" 2>/dev/null || true
-    done
-    rmdir "$MOUNT_BASE" 2>/dev/null || true
+    unmount_all "$FSTYPE" "$MOUNT_BASE" "${MOUNTS[@]}"
     if ! command -v glusterd >/dev/null; then
         say "glusterd is not installed; nothing more to do"
         return
@@ -332,12 +263,4 @@ status() {
     return $ok
 }
 
-case "${1:-}" in
-    up) up ;;
-    down) down ;;
-    status) status ;;
-    *)
-        echo "usage: $0 up|down|status" >&2
-        exit 2
-        ;;
-esac
+dispatch "$@"

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_bench_delayrelay -*-
+# -*- test-case-name: tests.bench.test_delayrelay -*-
 """
 A delay-injecting TCP relay: an emulated link with a one-way delay and a
 bandwidth cap between a client and a server on the same host (no kernel

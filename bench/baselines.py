@@ -105,7 +105,7 @@ class RsyncDaemon:
     """
 
     def __init__(self, work: Workdir) -> None:
-        from imgresume._cluster import free_tcp_port
+        from imgresume.testing import free_tcp_port
 
         self.work = work
         self.rsync = shutil.which("rsync")
@@ -117,7 +117,7 @@ class RsyncDaemon:
         return self.rsync is not None
 
     def start(self) -> RsyncDaemon:
-        from imgresume._cluster import wait_until_connectable
+        from imgresume.testing import wait_until_connectable
 
         conf = self.work.sub("rsyncd.conf")
         root = os.geteuid() == 0

@@ -54,7 +54,7 @@ class Cluster:
 
     def __init__(self, work: Workdir, name: str, servers: int, *,
                  backlog: int | None = None, metrics: bool = False) -> None:
-        from imgresume._cluster import free_tcp_port, twistd_argv
+        from imgresume.testing import free_tcp_port, twistd_argv
 
         raise_nofile()  # for this process, and every process it starts
         self.work = work
@@ -104,7 +104,7 @@ class Cluster:
         return f"http://127.0.0.1:{self.metrics_ports[node]}/metrics"
 
     def start_node(self, node: str) -> None:
-        from imgresume._cluster import wait_until_connectable
+        from imgresume.testing import wait_until_connectable
 
         with open(self.stderr, "ab") as err:
             proc = subprocess.Popen(

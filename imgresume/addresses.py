@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_proxy_protocol -*-
+# -*- test-case-name: tests.server.test_proxy_protocol -*-
 """
 Client addresses and the PROXY protocol header, for the balancer and the
 server alike.

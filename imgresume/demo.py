@@ -20,8 +20,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 
-from imgresume._cluster import LocalCluster
-from imgresume.cli._progress import ProgressBar
+from imgresume.testing import LocalCluster
+from imgresume.cli import ProgressBar
 from imgresume.client import Progress, Uploader
 from imgresume.sizes import format_size
 

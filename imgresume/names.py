@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_names,tests.test_storage.UploadIdTests -*-
+# -*- test-case-name: tests.storage.test_names -*-
 """
 The names both ends of an upload agree on: client-chosen remote names, the
 alternate names used when a completed file of the same name already exists,

@@ -9,7 +9,7 @@ import json
 import os
 import stat
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -18,15 +18,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from imgresume import keys
 from imgresume.client import UploadFailed, Uploader
 from imgresume.errors import ErrorCode, HandshakeRejected, UnknownUpload
-from imgresume.protocol import Challenge, ClientConnection, FrameDecoder, Hello, Welcome, encode
+from imgresume.protocol import Challenge, ClientConnection, Hello, Welcome, encode
 from imgresume.protocol import _auth as auth
-from imgresume.protocol._decoder import control_limit
 from imgresume.server import UploadServerFactory
 from imgresume.storage.memory import MemoryStorage
-
-
-def sync_run(f, *a, **kw):
-    return defer.maybeDeferred(f, *a, **kw)
+from tests.support.options import server_options
+from tests.support.runners import sync_run
+from tests.support.wire import frames_written, new_decoder
 
 
 class KeyFileTests(SynchronousTestCase):
@@ -86,17 +84,12 @@ class Wire:
         self.proto = factory.buildProtocol(None)
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)
-        self.decoder = FrameDecoder(control_limit(1 << 20))
+        self.decoder = new_decoder()
 
     def send(self, *raw: bytes) -> list:
         for r in raw:
             self.proto.dataReceived(r)
-        self.decoder.feed(self.transport.value())
-        self.transport.clear()
-        out = []
-        while (f := self.decoder.next_frame()) is not None:
-            out.append(f)
-        return out
+        return frames_written(self.transport, self.decoder)
 
 
 class HandshakeTests(SynchronousTestCase):
@@ -231,11 +224,7 @@ class EndToEndTests(TestCase):
 
 class SecureByDefaultTests(SynchronousTestCase):
     def parse(self, *args: str):
-        from imgresume.server.tap import Options
-
-        options = Options()
-        options.parseOptions(["--storage", self.mktemp_dir(), *args])
-        return options
+        return server_options(self, *args)
 
     def mktemp_dir(self) -> str:
         path = self.mktemp()
@@ -268,7 +257,7 @@ class KeysCommandTests(TestCase):
         import subprocess
         import sys
 
-        from tests.test_client_blocking import TwistdServer
+        from tests.support.processes import TwistdServer
 
         work = os.path.abspath(self.mktemp())
         os.makedirs(work)

@@ -16,17 +16,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import imgresume
 
-#: Imports of another package's private module that are known and owned by
-#: other parts of the issue 11 restructure, which remove them.  Each entry
-#: is (importer, imported).  Once those branches are merged, these imports
-#: are gone and this list must be emptied: an entry that no longer occurs
-#: fails the test.
-KNOWN_PRIVATE_IMPORTS: frozenset[tuple[str, str]] = frozenset({
-    # The demo moves with the test/demo cluster helpers (imgresume._cluster),
-    # or imgresume.cli exports ProgressBar.
-    ("imgresume.demo", "imgresume.cli._progress"),
-})
-
 Edges = dict[str, set[str]]
 
 
@@ -170,17 +159,9 @@ class LayoutTests(SynchronousTestCase):
 
     def test_noPrivateImports(self) -> None:
         """
-        No module imports another package's private module, except the known
-        ones listed in C{KNOWN_PRIVATE_IMPORTS}.
+        No module imports another package's private module.
         """
-        self.assertEqual(sorted(private_imports(self.edges) - KNOWN_PRIVATE_IMPORTS), [])
-
-    def test_knownPrivateImportsStillThere(self) -> None:
-        """
-        Every entry of C{KNOWN_PRIVATE_IMPORTS} still occurs: once an import
-        is gone, its entry goes too.
-        """
-        self.assertEqual(sorted(KNOWN_PRIVATE_IMPORTS - private_imports(self.edges)), [])
+        self.assertEqual(sorted(private_imports(self.edges)), [])
 
 
 class CheckerTests(SynchronousTestCase):

@@ -24,13 +24,13 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from imgresume._cluster import LocalCluster, free_tcp_port
+from imgresume.testing import LocalCluster, free_tcp_port
 from imgresume.client import Uploader
 from imgresume.metrics import CONTENT_TYPE, Registry, ServerMetrics
-from imgresume.protocol import Data, FrameDecoder, Hello, Resume, Status, Upload, encode
-from imgresume.protocol._decoder import control_limit
+from imgresume.protocol import Data, Hello, Resume, Status, Upload, encode
 from imgresume.server import UploadServerFactory, make_server_service
 from imgresume.storage.memory import MemoryStorage
+from tests.support.wire import frames_written
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -233,13 +233,7 @@ class ServerCountsTests(SynchronousTestCase):
         return proto, transport
 
     def frames(self, transport: StringTransport) -> list:
-        decoder = FrameDecoder(control_limit(1 << 20))
-        decoder.feed(transport.value())
-        transport.clear()
-        out = []
-        while (frame := decoder.next_frame()) is not None:
-            out.append(frame)
-        return out
+        return frames_written(transport)
 
     def samples(self) -> Samples:
         return parse(self.metrics.registry.render().decode())[0]

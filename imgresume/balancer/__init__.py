@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_balancer -*-
+# -*- test-case-name: tests.balancer.test_proxy -*-
 """
 The imgresume round-robin TCP balancer (C{twistd imgresume-lb}).
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_balancer -*-
+# -*- test-case-name: tests.balancer.test_proxy -*-
 """
 The backend side of a proxied pair, and what the balancer tells about
 backends and clients it cannot serve.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_balancer_health,tests.test_proxy_protocol -*-
+# -*- test-case-name: tests.balancer.test_health,tests.server.test_proxy_protocol -*-
 """
 One health check of one backend (L{HealthCheck}): a complete, short
 imgresume conversation driven by the sans-IO L{ClientConnection}::

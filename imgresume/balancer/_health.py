@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_balancer_health -*-
+# -*- test-case-name: tests.balancer.test_health -*-
 """
 Active health checks: the balancer asks every backend, at a fixed interval,
 whether it still speaks the imgresume protocol, and takes it out of the

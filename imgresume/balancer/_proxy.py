@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_balancer -*-
+# -*- test-case-name: tests.balancer.test_proxy -*-
 """
 The proxy: one L{FrontendProtocol} per accepted client, joined to one backend
 connection with portforward-style backpressure.

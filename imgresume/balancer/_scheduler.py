@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_balancer -*-
+# -*- test-case-name: tests.balancer.test_proxy -*-
 """
 Which backend gets the next client: the backends, their tracked state and the
 schedulers that order them.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_balancer -*-
+# -*- test-case-name: tests.balancer.test_proxy -*-
 """
 C{twistd imgresume-lb}: command-line options and service assembly for the
 round-robin balancer. Named by the drop-in

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.cli.test_upload -*-
 """
 The C{imgresume} command: C{imgresume upload ...} and friends.  Installed
 as a console script by C{setup.py}; also runnable as C{python -m imgresume}.
@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from imgresume._options import EXIT_USAGE, BaseOptions
 from imgresume.cli._keys import KeysOptions, run_keys
+from imgresume.cli._progress import ProgressBar
 from imgresume.cli._status import LsOptions, StatusOptions, run_ls, run_status
 from imgresume.cli._storage import (
     CheckStorageOptions,
@@ -22,6 +23,9 @@ from imgresume.cli._storage import (
     run_gc,
 )
 from imgresume.cli._upload import UploadOptions, run_upload
+
+#: ProgressBar is shared with imgresume.demo.
+__all__ = ["Options", "ProgressBar", "main"]
 
 
 class Options(BaseOptions):

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.cli.test_upload -*-
 """
 Progress for humans, fed with L{Progress} reports: a one-line bar for one
 file (L{ProgressBar}), a live display of a batch for terminals

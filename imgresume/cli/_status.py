@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_status -*-
+# -*- test-case-name: tests.cli.test_status -*-
 """C{imgresume status} (ask the servers) and C{imgresume ls} (read a storage directory)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_maintenance,tests.test_selftest -*-
+# -*- test-case-name: tests.storage.test_maintenance,tests.storage.test_selftest -*-
 """C{imgresume gc} and C{imgresume check-storage}: operations on a storage directory."""
 
 from __future__ import annotations

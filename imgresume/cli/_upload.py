@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.cli.test_upload -*-
 """C{imgresume upload}: resumable upload of local files and directories."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client -*-
+# -*- test-case-name: tests.client.test_uploader -*-
 """
 One try at uploading one file, over a connection that has done its
 handshake: UPLOAD or RESUME, the residual check, a window of DATA packets

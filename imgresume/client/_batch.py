@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client_session -*-
+# -*- test-case-name: tests.client.test_session -*-
 """
 A batch of files over a few connections: a shared queue, and as many
 upload sessions as files may go at once, each taking the next file when

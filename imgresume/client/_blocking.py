@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client_blocking -*-
+# -*- test-case-name: tests.client.test_blocking -*-
 """
 A blocking wrapper for applications that do not run a reactor: the reactor
 runs in a background thread (started on first use) and each call waits for

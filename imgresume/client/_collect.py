@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client_collect -*-
+# -*- test-case-name: tests.client.test_collect -*-
 """
 From command-line arguments (files and directories) to the files of a
 batch and their remote names, checked against the server's name rules

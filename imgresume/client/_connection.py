@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client_session -*-
+# -*- test-case-name: tests.client.test_session -*-
 """
 One client connection that carries uploads one after another: the Twisted
 adapter that drives a sans-IO L{ClientConnection} over a transport, does

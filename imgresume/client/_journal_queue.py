@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client_journal -*-
+# -*- test-case-name: tests.client.test_journal -*-
 """
 The uploader's asynchronous front of a L{Journal}: lookups and changes run
 off the reactor thread, and changes are written in groups, one write at a

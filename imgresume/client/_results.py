@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client -*-
+# -*- test-case-name: tests.client.test_uploader -*-
 """
 What the client reports: the result of a completed upload, progress
 reports, and the exception for an upload that cannot be completed.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client_session -*-
+# -*- test-case-name: tests.client.test_session -*-
 """
 Uploads one after another over one connection: the per-file loop (hash,
 journal, attempts, backoff, the verdict) and the connection it keeps open

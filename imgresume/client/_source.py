@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client -*-
+# -*- test-case-name: tests.client.test_uploader -*-
 """
 The local file being uploaded: its identity, its SHA-256 and positional
 reads, all done off the reactor thread through a runner.

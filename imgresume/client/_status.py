@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_status -*-
+# -*- test-case-name: tests.cli.test_status -*-
 """
 Asking a server about uploads (STATUS), one connection for several ids.
 Used by L{imgresume.client.Uploader.status} and C{imgresume status}.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client -*-
+# -*- test-case-name: tests.client.test_uploader -*-
 """
 The resumable uploader: connect, upload, and on any break reconnect with
 exponential backoff and jitter and resume from the offset the server proves,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client_connection -*-
+# -*- test-case-name: tests.protocol.test_client_machine -*-
 """
 The client side of the protocol as a sans-IO state machine.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_frames,tests.test_server_memory -*-
+# -*- test-case-name: tests.protocol.test_frames,tests.server.test_memory -*-
 """
 Incremental frame decoder: bytes in, whole frames out.
 

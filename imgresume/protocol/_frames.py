@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_frames -*-
+# -*- test-case-name: tests.protocol.test_frames -*-
 """
 Frame value objects and their byte layout.
 

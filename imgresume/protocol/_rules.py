@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_server_connection,tests.test_errors -*-
+# -*- test-case-name: tests.protocol.test_server_machine,tests.test_errors -*-
 """
 What a server checks without its storage, and how a broken rule travels.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_server_connection -*-
+# -*- test-case-name: tests.protocol.test_server_machine -*-
 """
 The server side of the protocol as a sans-IO state machine.
 

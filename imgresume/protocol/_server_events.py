@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_server_connection -*-
+# -*- test-case-name: tests.protocol.test_server_machine -*-
 """
 The server machine's side of its conversation with its caller: the states
 of a connection (L{ServerState}), the frames a client may send in each

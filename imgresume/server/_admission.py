@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_server_memory,tests.test_server_protocol -*-
+# -*- test-case-name: tests.server.test_memory,tests.server.test_protocol -*-
 """
 Admission: the limits that hold for all of a server's connections together,
 each kept by one object the factory owns and its connections call.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_server_protocol,tests.test_server_memory -*-
+# -*- test-case-name: tests.server.test_protocol,tests.server.test_memory -*-
 """
 Batching and back-pressure: a connection's received data on its way from
 the socket to storage, and when the connection stops reading.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_server_protocol,tests.test_server_memory,tests.test_hooks -*-
+# -*- test-case-name: tests.server.test_protocol,tests.server.test_memory,tests.server.test_hooks -*-
 """
 The server's protocol factory: its settings, its connections, and what they
 share (the quota of open uploads, the memory budget for received data, the

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_maintenance -*-
+# -*- test-case-name: tests.storage.test_maintenance -*-
 """
 The server's periodic garbage collection of abandoned uploads: a service
 that runs L{collect_garbage} on the disk thread pool.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hooks -*-
+# -*- test-case-name: tests.server.test_hooks -*-
 """
 Hook targets: the two ways an upload event leaves the server.
 

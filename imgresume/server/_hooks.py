@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hooks -*-
+# -*- test-case-name: tests.server.test_hooks -*-
 """
 Hooks: telling another system (an archive, OCR, an indexer) about upload
 events as they happen.

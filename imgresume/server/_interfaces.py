@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_server_protocol -*-
+# -*- test-case-name: tests.server.test_protocol -*-
 """
 What a connection needs of the server it belongs to, as a typing protocol:
 L{imgresume.server._protocol.UploadServerProtocol} is written against

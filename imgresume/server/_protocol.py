@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_server_protocol,tests.test_server_memory,tests.test_tls -*-
+# -*- test-case-name: tests.server.test_protocol,tests.server.test_memory,tests.test_tls -*-
 """
 The Twisted adapter between a TCP (or TLS, or UNIX) connection and the
 sans-IO L{ServerConnection}: it feeds received bytes to the machine, runs

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_proxy_protocol -*-
+# -*- test-case-name: tests.server.test_proxy_protocol -*-
 """
 Who a connection really comes from, and how many connections it may have.
 

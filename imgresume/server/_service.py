@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_failover,tests.test_maintenance -*-
+# -*- test-case-name: tests.system.test_failover,tests.storage.test_maintenance -*-
 """
 Assembling a running server: a thread pool for disk work, the filesystem
 storage on it, the protocol factory and a listening endpoint, as one

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_selftest -*-
+# -*- test-case-name: tests.storage.test_selftest -*-
 """The storage self-test as run by a server before it starts listening."""
 
 from __future__ import annotations

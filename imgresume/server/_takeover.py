@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_server_protocol -*-
+# -*- test-case-name: tests.server.test_protocol -*-
 """
 Takeover: when a connection gives its upload up to a newer one.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hooks,tests.test_metrics -*-
+# -*- test-case-name: tests.server.test_hooks,tests.test_metrics -*-
 """
 Upload events: what the hooks and the metrics are told about each upload.
 

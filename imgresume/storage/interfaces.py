@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_storage -*-
+# -*- test-case-name: tests.storage.test_memory,tests.storage.test_filesystem -*-
 """
 The storage API every imgresume backend implements.
 
@@ -10,7 +10,7 @@ reactor never blocks on disk.
 
 Implementations: L{imgresume.storage.filesystem.FilesystemStorage} (shared
 filesystem, the main one) and L{imgresume.storage.memory.MemoryStorage} (fast
-tests).  Both pass the conformance mixin in C{tests/storage_conformance.py}.
+tests).  Both pass the conformance mixin in C{tests/support/storage_conformance.py}.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_storage.MemoryStorageTests -*-
+# -*- test-case-name: tests.storage.test_memory -*-
 """
 An in-memory L{IUploadStorage}: fast, synchronous, neither durable nor shared
 across processes.

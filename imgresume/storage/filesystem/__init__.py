@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_storage -*-
+# -*- test-case-name: tests.storage.test_filesystem -*-
 """
 The filesystem L{IUploadStorage <imgresume.storage.interfaces.IUploadStorage>}:
 partial and completed uploads in one directory tree that every server

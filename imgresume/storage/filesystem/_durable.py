@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_storage -*-
+# -*- test-case-name: tests.storage.test_filesystem -*-
 """
 Durable-write primitives of the filesystem storage, and the mapping of
 C{OSError} to the storage's errors.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_storage.ProvenOffsetTests -*-
+# -*- test-case-name: tests.storage.test_filesystem.ProvenOffsetTests -*-
 """
 The journal of an upload and the proof of its offset.
 

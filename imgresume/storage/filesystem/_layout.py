@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_storage.FilesystemLayoutTests -*-
+# -*- test-case-name: tests.storage.test_filesystem.FilesystemLayoutTests -*-
 """
 The on-disk layout of one upload, C{incoming/<upload_id>/}, and its small
 records: C{meta.json} (what the upload is and its state), C{lease} (the

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_storage.LockingTests -*-
+# -*- test-case-name: tests.storage.test_filesystem.LockingTests -*-
 """
 Write ownership of an upload: an exclusive, non-blocking lock on its
 C{lock} file, taken by the storage on create and resume, by garbage

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_storage.NoClobberTests -*-
+# -*- test-case-name: tests.storage.test_filesystem.NoClobberTests -*-
 """
 Completion: a verified upload's data file appears under C{complete/} as a
 hard link, at the first free name of L{completion_candidates}, never

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_storage.ReadBackTests -*-
+# -*- test-case-name: tests.storage.test_filesystem -*-
 """
 Read-back verification that follows the writes: the SHA-256 of what is
 stored, computed while the upload is still arriving.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_selftest.CheckStorageTests -*-
+# -*- test-case-name: tests.storage.test_selftest.CheckStorageTests -*-
 """
 The other process of the self-test (L{imgresume.storage.filesystem.selftest}):
 a child Python, started by L{Child}, that answers one probe per line read on

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_storage.FilesystemStorageTests -*-
+# -*- test-case-name: tests.storage.test_filesystem.FilesystemStorageTests -*-
 """
 L{FilesystemStorage}, the front end of the filesystem backend: creates,
 resumes and reports uploads, and hands each one it opens to a

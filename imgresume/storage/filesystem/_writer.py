@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_storage -*-
+# -*- test-case-name: tests.storage.test_filesystem -*-
 """
 The writer of one upload in a L{FilesystemStorage
 <imgresume.storage.filesystem.FilesystemStorage>}: its data written at

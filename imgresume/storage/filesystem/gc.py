@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_maintenance -*-
+# -*- test-case-name: tests.storage.test_maintenance -*-
 """
 Garbage collection of abandoned uploads in a L{FilesystemStorage
 <imgresume.storage.filesystem.FilesystemStorage>} root.

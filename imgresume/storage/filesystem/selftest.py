@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_selftest -*-
+# -*- test-case-name: tests.storage.test_selftest -*-
 """
 A self-test of the filesystem under a storage root: does it really provide
 what L{imgresume.storage.filesystem} relies on (see C{docs/storage.md},

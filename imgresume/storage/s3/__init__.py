@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_s3 -*-
+# -*- test-case-name: tests.storage.test_s3 -*-
 """
 The S3 L{IUploadStorage <imgresume.storage.interfaces.IUploadStorage>}:
 uploads kept in an S3-compatible object store (AWS S3, Ceph radosgw, MinIO),

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_s3 -*-
+# -*- test-case-name: tests.storage.test_s3 -*-
 """
 What the S3 storage knows of S3 itself: its limits, C{s3://} URLs, the boto3
 client (imported only when one is built: boto3 is an optional extra), the

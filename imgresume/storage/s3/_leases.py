@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_s3.S3PartTests -*-
+# -*- test-case-name: tests.storage.test_s3.S3PartTests -*-
 """
 Writer generations of the uploads in an S3 storage.
 

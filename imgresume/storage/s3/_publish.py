@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_s3.S3PartTests -*-
+# -*- test-case-name: tests.storage.test_s3.S3PartTests -*-
 """
 The end of an upload in an S3 storage: completion (the assembled object
 hashed as stored, a final name claimed, the object copied there) and

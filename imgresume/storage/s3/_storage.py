@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_s3.S3StorageTests -*-
+# -*- test-case-name: tests.storage.test_s3.S3StorageTests -*-
 """
 L{S3Storage}, the front end of the S3 backend: creates, resumes (from the
 parts the store lists and their records), reports and expires uploads, and

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_s3 -*-
+# -*- test-case-name: tests.storage.test_s3 -*-
 """
 The writer of one upload in an S3 storage: bytes gathered in a spool of at
 most one part, each full part stored with UploadPart (and its Content-MD5)

@@ -1,0 +1,1 @@
+"""Tests of imgresume.cli: the imgresume command."""

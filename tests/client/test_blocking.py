@@ -1,0 +1,148 @@
+# -*- test-case-name: tests.client.test_blocking -*-
+"""
+Tests for L{imgresume.client.upload_files}, the blocking wrapper.
+
+The test runner already runs the global reactor in this process, so the
+wrapper's real job (start the reactor in a background thread, wait there)
+is exercised in a child Python process, against a real C{twistd imgresume}
+server in another child process.  In this process we only check that a call
+from the reactor thread is refused instead of deadlocking.
+
+L{TwistdServer} and L{run_python} are in L{tests.support.processes}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import textwrap
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from imgresume.client import upload_files
+from tests.support.processes import TwistdServer, child_env, run_python
+
+CLIENT_SCRIPT = textwrap.dedent("""\
+    import json, sys, threading, time
+    from imgresume.client import UploadFailed, upload_files
+
+    mode, endpoint, *paths = sys.argv[1:]
+    fast = dict(backoff_base=0.01, backoff_max=0.05, connect_timeout=2, chunk_size=65536)
+    if mode == "ok":
+        # default journal (under $XDG_STATE_HOME), a remote name, then a
+        # second call that reuses the reactor thread the first one started
+        first = upload_files(endpoint, paths[:1], names=["scans/first.tif"], **fast)
+        rest = upload_files(endpoint, paths[1:], journal=None, **fast)
+        print(json.dumps({
+            "results": [r.to_json() for r in first + rest],
+            "threads": sorted(t.name for t in threading.enumerate()),
+            "main": threading.current_thread().name,
+        }))
+    elif mode == "fail":
+        started = time.monotonic()
+        try:
+            upload_files(endpoint, paths, journal=None, max_attempts=2, **fast)
+        except UploadFailed as e:
+            print(json.dumps({"error": str(e), "cause": type(e.cause).__name__,
+                              "seconds": time.monotonic() - started}))
+""")
+
+
+class UploadFilesTests(TestCase):
+    """L{upload_files} from a plain (non-reactor) thread, in a child process."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.work = os.path.abspath(self.mktemp())
+        os.makedirs(self.work)
+        self.script = os.path.join(self.work, "client.py")
+        with open(self.script, "w") as f:
+            f.write(CLIENT_SCRIPT)
+        self.state = os.path.join(self.work, "state")
+
+    def make_file(self, name: str, size: int, seed: int) -> tuple[str, bytes]:
+        """A file of C{size} reproducible bytes in the test's directory."""
+        path = os.path.join(self.work, name)
+        content = random.Random(seed).randbytes(size)
+        with open(path, "wb") as f:
+            f.write(content)
+        return path, content
+
+    async def test_upload_files(self) -> None:
+        """
+        Files are uploaded and verified; results come back as
+        L{UploadResult}s; the reactor runs in a daemon thread of its own,
+        reused by a second call, whose two files share one connection; the
+        journal marks the first call's upload complete; the process exits
+        normally afterwards.
+        """
+        server = await TwistdServer(self).start()
+        path1, content1 = self.make_file("a.tif", 1024 * 1024 + 7, 1)
+        path2, content2 = self.make_file("b.tif", 300 * 1024, 2)
+        path3, content3 = self.make_file("c.tif", 1000, 3)
+        out, err, code = await run_python(
+            [self.script, "ok", server.endpoint, path1, path2, path3],
+            child_env(XDG_STATE_HOME=self.state),
+        )
+        self.assertEqual(code, 0, err)
+        report = json.loads(out)
+        first, second, third = report["results"]
+        self.assertEqual(first["name"], "scans/first.tif")
+        self.assertEqual(first["path"], "complete/scans/first.tif")
+        self.assertEqual(first["size"], len(content1))
+        self.assertEqual(first["sha256"], hashlib.sha256(content1).hexdigest())
+        self.assertEqual(first["resumed_at"], [])
+        self.assertEqual(first["bytes_sent"], len(content1))
+        self.assertEqual(first["servers"], ["twistd-node"])
+        self.assertEqual(second["name"], "b.tif")
+        self.assertEqual(second["sha256"], hashlib.sha256(content2).hexdigest())
+        self.assertEqual(server.stored(first["path"]), content1)
+        self.assertEqual(server.stored(second["path"]), content2)
+        self.assertEqual(server.stored(third["path"]), content3)
+        self.assertEqual(server.log().count("handshake from"), 2)  # one per call
+        self.assertEqual(report["main"], "MainThread")
+        self.assertEqual(report["threads"].count("imgresume-reactor"), 1)
+        with open(os.path.join(self.state, "imgresume", "journal.json")) as f:
+            [entry] = json.load(f).values()  # the second call kept no journal
+        self.assertEqual((entry["upload_id"], entry["complete"]), (first["upload_id"], True))
+
+    async def test_upload_failed(self) -> None:
+        """
+        Nothing listens at the endpoint: L{UploadFailed} is raised in the
+        calling thread once the attempts are used up.
+        """
+        socket_dir = tempfile.mkdtemp(prefix="imgr-")  # short: UNIX paths are limited
+        self.addCleanup(shutil.rmtree, socket_dir, True)
+        socket_path = os.path.join(socket_dir, "nobody.sock")
+        path, _ = self.make_file("a.tif", 1000, 3)
+        out, err, code = await run_python(
+            [self.script, "fail", f"unix:{socket_path}", path], child_env()
+        )
+        self.assertEqual(code, 0, err)
+        report = json.loads(out)
+        self.assertIn("gave up after 2 attempts", report["error"])
+        self.assertEqual(report["cause"], "ConnectError")
+        self.assertLess(report["seconds"], 5)
+
+
+class ReactorThreadTests(TestCase):
+    """L{upload_files} must not be called from the reactor thread."""
+
+    async def test_refused_in_reactor_thread(self) -> None:
+        """
+        Called from the thread running the reactor (as here, under the test
+        runner), it raises RuntimeError at once instead of deadlocking.
+        """
+        await deferLater(reactor, 0, lambda: None)  # surely inside the running reactor
+        self.assertTrue(reactor.running)
+        error = self.assertRaises(
+            RuntimeError, upload_files, "tcp:127.0.0.1:1", ["/nonexistent"], journal=None
+        )
+        self.assertIn("would block the reactor", str(error))

@@ -1,0 +1,1 @@
+"""Tests of imgresume.protocol: frames, the decoder, the sans-IO client and server machines."""

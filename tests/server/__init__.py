@@ -1,0 +1,1 @@
+"""Tests of imgresume.server: the Twisted adapter, its memory budget, hooks, PROXY-header trust."""

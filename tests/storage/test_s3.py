@@ -1,0 +1,476 @@
+# -*- test-case-name: tests.storage.test_s3 -*-
+"""
+L{imgresume.storage.s3.S3Storage} against a real S3 service: the radosgw of
+the one-node CI Ceph cluster (C{bash .ci/ceph.sh up} writes
+C{/run/imgresume-ci/ceph-s3.env}).  Each test class gets its own bucket,
+each test its own key prefix.
+
+Without radosgw every test skips with a loud reason; with
+C{IMGRESUME_REQUIRE_CEPH=1} they fail instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.trial.unittest import SkipTest, TestCase
+
+from imgresume.errors import (
+    StorageError,
+    UnknownUpload,
+    UploadAlreadyComplete,
+    UploadTakenOver,
+)
+from imgresume.storage.interfaces import (
+    ATOMIC_COMPLETE,
+    DURABLE_ACK,
+    EXCLUSIVE_WRITER,
+    PROVEN_OFFSET,
+    SHARED,
+    NewUpload,
+)
+from tests.support.cluster import KillServingServer
+from tests.support.runners import sync_run
+from tests.support.servers import RoundRobinEndpoint, ServerTestCase
+from tests.support.storage_conformance import StorageConformanceMixin
+
+ENV_FILE = os.environ.get("IMGRESUME_S3_ENV", "/run/imgresume-ci/ceph-s3.env")
+MiB = 1 << 20
+
+
+def _load_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    with open(ENV_FILE) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                k, v = line.split("=", 1)
+                env[k] = v
+    return env
+
+
+def s3_client_or_skip() -> Any:
+    """
+    A boto3 client for the CI radosgw, or SkipTest with a loud reason
+    (a failure under C{IMGRESUME_REQUIRE_CEPH=1}).
+    """
+    try:
+        import boto3
+        from botocore.config import Config
+
+        env = _load_env()
+        client = boto3.client(
+            "s3",
+            endpoint_url=env["IMGRESUME_S3_ENDPOINT"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name=env.get("AWS_DEFAULT_REGION", "us-east-1"),
+            config=Config(retries={"max_attempts": 2}, connect_timeout=3),
+        )
+        client.list_buckets()
+        return client
+    except Exception as e:
+        reason = (f"S3 TESTS NOT RUN: no radosgw ({type(e).__name__}: {e}); "
+                  f"start it with `bash .ci/ceph.sh up` ({ENV_FILE})")
+        if os.environ.get("IMGRESUME_REQUIRE_CEPH") == "1":
+            raise AssertionError(reason) from e
+        print(f"\n*** {reason}", file=sys.stderr)
+        raise SkipTest(reason) from None
+
+
+def aws_environ(case: TestCase) -> dict[str, str]:
+    """
+    Put the CI S3 user's credentials in C{os.environ} (where boto3, and
+    servers started as subprocesses, find them) until C{case} ends.
+
+    @return: the whole env file.
+    """
+    env = _load_env()
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        old = os.environ.get(key)
+        os.environ[key] = env[key]
+        case.addCleanup(
+            lambda k=key, v=old: os.environ.pop(k, None) if v is None
+            else os.environ.__setitem__(k, v))
+    return env
+
+
+class BucketMixin:
+    """One bucket per test class, one key prefix per test."""
+
+    bucket: str | None = None
+
+    def setUp(self) -> None:
+        cls = type(self)
+        self.client = s3_client_or_skip()
+        if cls.bucket is None:
+            cls.bucket = f"imgresume-{cls.__name__.lower()}-{os.urandom(4).hex()}"
+            self.client.create_bucket(Bucket=cls.bucket)
+        prefix = f"{self.id().rsplit('.', 1)[-1]}-{os.urandom(3).hex()}"
+        self.url = f"s3://{cls.bucket}/{prefix}"
+        self.addCleanup(self.emptyPrefix, prefix + "/")
+        super().setUp()
+
+    def emptyPrefix(self, prefix: str) -> None:
+        """Delete what a test left under its prefix (objects, multipart uploads)."""
+        bucket = type(self).bucket
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+            if keys:
+                self.client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+        uploads = self.client.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+        for up in uploads.get("Uploads", ()):
+            self.client.abort_multipart_upload(
+                Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+
+    def s3Storage(self, **kw: Any):
+        from imgresume.storage.s3 import S3Storage
+
+        kw.setdefault("run", sync_run)
+        kw.setdefault("busy_retry_after", 0.05)
+        return S3Storage(self.url, client=self.client, **kw)
+
+
+class S3StorageTests(BucketMixin, StorageConformanceMixin, TestCase):
+    """The storage conformance suite on radosgw."""
+
+    def makeStorage(self):
+        return self.s3Storage(owner="node-a")
+
+    def makeSibling(self, storage):
+        return self.s3Storage(owner="node-b")
+
+    def readCompleted(self, storage, path):
+        return storage.read_completed(path)
+
+    def storeDamaged(self, writer, offset):
+        raise NotImplementedError("a test cannot make radosgw store wrong bytes")
+
+    def writeAll(self, writer, data, start=0, chunk=4096):
+        """
+        Like the mixin's, but a write is acknowledged up to the last whole
+        part (or the end of the upload), not the end of its data.
+        """
+        for pos in range(start, len(data), chunk):
+            end = min(pos + chunk, len(data))
+            got = self.successResultOf(writer.write(pos, data[pos:end]))
+            self.assertEqual(got, end if end == len(data)
+                             else end - end % writer.part_size)
+        self.assertEqual(writer.offset, len(data))
+
+    def test_guarantees(self) -> None:
+        """
+        S3 declares durable acknowledgements, sharing, proven offsets and
+        atomic completion, but not EXCLUSIVE_WRITER: its lease is fenced
+        by a check before each part, not atomically (docs/s3.md).
+        """
+        self.assertEqual(self.storage.guarantees,
+                         frozenset({DURABLE_ACK, SHARED, PROVEN_OFFSET, ATOMIC_COMPLETE}))
+        self.assertNotIn(EXCLUSIVE_WRITER, self.storage.guarantees)
+        self.assertEqual(self.storage.commit_granularity, 5 * MiB)
+
+
+def _no_corruption(self):
+    raise SkipTest("a stored part cannot be changed in place in S3; its MD5 is "
+                   "checked on receipt and its bytes once more at completion")
+
+
+_no_corruption.__doc__ = "test_corruptionFoundAtComplete: not applicable to S3."
+S3StorageTests.test_corruptionFoundAtComplete = _no_corruption
+
+
+def _long_names(self):
+    raise SkipTest("S3 keys are at most 1024 bytes: a name of 1024 bytes plus "
+                   "'complete/' and the prefix cannot be stored (S3LimitTests)")
+
+
+_long_names.__doc__ = "test_longNameCollision: not applicable to S3 (key length)."
+S3StorageTests.test_longNameCollision = _long_names
+
+
+def payload(size: int, seed: int = 1) -> bytes:
+    """C{size} pseudo-random bytes."""
+    import random
+
+    return random.Random(seed).randbytes(size)
+
+
+def request(data: bytes, name: str = "big.tiff", **kw: Any) -> NewUpload:
+    """A L{NewUpload} for C{data}."""
+    return NewUpload(name=name, size=len(data), sha256=hashlib.sha256(data).digest(), **kw)
+
+
+class S3PartTests(BucketMixin, TestCase):
+    """Resume, status and takeover at part granularity (5 MiB parts)."""
+
+    def test_resumeFromListPartsOnAnotherServer(self) -> None:
+        """
+        Two full parts and some spooled bytes are written on one server; a
+        second S3Storage (another server, nothing shared but the bucket)
+        resumes at the end of the second part with its tail digest, and
+        finishes the upload.  The first server spools to a directory.
+        """
+        data = payload(12 * MiB + 123)
+        spool = os.path.abspath(self.mktemp())
+        os.makedirs(spool)
+        a = self.s3Storage(owner="node-a", spool_dir=spool)
+        writer = self.successResultOf(a.create(request(data, client_id="alice")))
+        self.assertEqual(writer.part_size, 5 * MiB)
+        got = self.successResultOf(writer.write_batch(
+            [(0, data[: 4 * MiB]), (4 * MiB, data[4 * MiB : 11 * MiB])]))
+        self.assertEqual((got, writer.offset), (10 * MiB, 11 * MiB))
+        upload_id = writer.info.upload_id
+        st = self.successResultOf(a.status(upload_id, "alice"))
+        self.assertEqual((st.state, st.offset, st.busy, st.owner),
+                         ("partial", 10 * MiB, True, "node-a"))
+        self.successResultOf(writer.release())
+
+        b = self.s3Storage(owner="node-b")
+        self.failureResultOf(b.resume(upload_id, "mallory"), UnknownUpload)
+        self.failureResultOf(b.status(upload_id, "mallory"), UnknownUpload)
+        again = self.successResultOf(b.resume(upload_id, "alice"))
+        self.assertEqual(again.offset, 10 * MiB)
+        self.assertEqual(
+            (again.tail.start, again.tail.length, again.tail.sha256),
+            (5 * MiB, 5 * MiB, hashlib.sha256(data[5 * MiB : 10 * MiB]).digest()))
+        self.assertGreater(again.generation, writer.generation)
+        self.assertEqual(self.successResultOf(again.write(10 * MiB, data[10 * MiB :])),
+                         len(data))
+        done = self.successResultOf(again.complete())
+        self.assertEqual(a.read_completed(done.path), data)
+        self.failureResultOf(b.resume(upload_id, "mallory"), UnknownUpload)
+        f = self.failureResultOf(a.resume(upload_id, "alice"), UploadAlreadyComplete)
+        self.assertEqual(f.value.completed, done)
+
+    def test_staleWriterTakenOver(self) -> None:
+        """
+        A writer whose lease went stale (its server stalled past the lease
+        time) is taken over, and its next part upload fails UploadTakenOver.
+        """
+        clock = [1000.0]
+        a = self.s3Storage(owner="node-a", now=lambda: clock[0], lease_ttl=30)
+        data = payload(6 * MiB)
+        writer = self.successResultOf(a.create(request(data)))
+        clock[0] += 31
+        b = self.s3Storage(owner="node-b", now=lambda: clock[0])
+        newer = self.successResultOf(b.resume(writer.info.upload_id))
+        self.failureResultOf(writer.write(0, data[: 5 * MiB]), UploadTakenOver)
+        self.assertEqual(self.successResultOf(newer.write(0, data)), len(data))
+        self.successResultOf(newer.complete())
+
+    def test_interruptedCompletionFinishedOnResume(self) -> None:
+        """
+        A server that dies after CompleteMultipartUpload but before the
+        completion record (here: the copy to the final key fails) leaves an
+        upload that the next resume, on any server, finishes and reports
+        complete.
+        """
+        data = payload(5 * MiB + 10)
+        a = self.s3Storage(owner="node-a")
+        writer = self.successResultOf(a.create(request(data, "c/x.tif")))
+        self.successResultOf(writer.write(0, data))
+        real = self.client.copy
+
+        def crash(*args, **kw):
+            raise ConnectionError("server died")
+
+        self.client.copy = crash
+        try:
+            self.failureResultOf(writer.complete(), StorageError)
+        finally:
+            self.client.copy = real
+        self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 1)
+        self.successResultOf(writer.release())
+        b = self.s3Storage(owner="node-b")
+        f = self.failureResultOf(b.resume(writer.info.upload_id), UploadAlreadyComplete)
+        self.assertEqual(f.value.completed.path, "complete/c/x.tif")
+        self.assertEqual(b.read_completed("complete/c/x.tif"), data)
+        f = self.failureResultOf(a.resume(writer.info.upload_id), UploadAlreadyComplete)
+        self.assertEqual(f.value.completed.path, "complete/c/x.tif")
+
+    def test_failedPartPoisonsWriter(self) -> None:
+        """
+        A failed UploadPart fails the write with StorageError and every later
+        call of that writer; after release a resume re-proves the offset
+        from ListParts (the part before it survives).
+        """
+        data = payload(11 * MiB)
+        s = self.s3Storage()
+        writer = self.successResultOf(s.create(request(data)))
+        self.assertEqual(self.successResultOf(writer.write(0, data[: 5 * MiB])), 5 * MiB)
+        real = self.client.upload_part
+
+        def broken(**kw):
+            raise ConnectionError("network down")
+
+        self.client.upload_part = broken
+        try:
+            self.failureResultOf(writer.write(5 * MiB, data[5 * MiB : 10 * MiB]),
+                                 StorageError)
+        finally:
+            self.client.upload_part = real
+        self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 1)
+        self.failureResultOf(writer.write(10 * MiB, data[10 * MiB :]), StorageError)
+        self.successResultOf(writer.release())
+        again = self.successResultOf(s.resume(writer.info.upload_id))
+        self.assertEqual(again.offset, 5 * MiB)
+        self.successResultOf(again.write(5 * MiB, data[5 * MiB :]))
+        done = self.successResultOf(again.complete())
+        self.assertEqual(s.read_completed(done.path), data)
+
+    def test_expireAbortsAbandonedUploads(self) -> None:
+        """
+        expire() aborts multipart uploads older than the limit and removes
+        their records, but never one a writer holds.
+        """
+        s = self.s3Storage()
+        writer = self.successResultOf(s.create(request(b"abc")))
+        self.assertEqual(self.successResultOf(s.expire(3600)), [])
+        self.assertEqual(self.successResultOf(s.expire(-60)), [])  # held
+        self.successResultOf(writer.release())
+        self.assertEqual(self.successResultOf(s.expire(-60)), [writer.info.upload_id])
+        self.failureResultOf(s.resume(writer.info.upload_id), UnknownUpload)
+
+
+class PartSizeTests(TestCase):
+    """The part size chosen from the declared size (no S3 needed)."""
+
+    def test_partSizes(self) -> None:
+        """Parts are at least 5 MiB, whole MiB, and at most 10,000 per upload."""
+        from imgresume.storage.s3 import MAX_PARTS, part_size_for
+
+        self.assertEqual(part_size_for(0), 5 * MiB)
+        self.assertEqual(part_size_for(50_000 * MiB), 5 * MiB)
+        self.assertEqual(part_size_for(50_000 * MiB + 1), 6 * MiB)
+        big = 5 * (1 << 40)  # 5 TiB, S3's largest object
+        self.assertLessEqual(-(-big // part_size_for(big)), MAX_PARTS)
+        self.assertEqual(part_size_for(100, minimum=8 * MiB), 8 * MiB)
+
+
+class S3LimitTests(BucketMixin, TestCase):
+    """S3's own limits, refused up front."""
+
+    def test_keyTooLong(self) -> None:
+        """A name whose key would pass S3's 1024 bytes is refused at create."""
+        from imgresume.errors import InvalidName
+
+        name = "/".join(["d" * 255] * 3 + ["e" * 5, "a" * 245 + ".tiff"])
+        f = self.failureResultOf(self.s3Storage().create(request(b"1", name)), InvalidName)
+        self.assertIn("1024", f.value.message)
+
+class S3ServerTests(BucketMixin, ServerTestCase):
+    """A real upload through the server adapter over S3Storage and TCP."""
+
+    timeout = 120
+
+    async def test_cutMidUploadResumedOnSecondServer(self) -> None:
+        """
+        ~20 MiB through an in-process server on S3Storage; the connection is
+        cut at ~12 MiB and that server stops listening; the client resumes on
+        a second server (own S3Storage instance) at a part boundary, and the
+        completed object's SHA-256 is the file's.
+        """
+        from twisted.internet.threads import deferToThread
+
+        def threaded(f, *args):
+            return deferToThread(f, *args)
+
+        listening_a: list[Any] = []
+        factory_a, port_a = self.start_server(
+            self.s3Storage(owner="node-a", run=threaded), "node-a",
+            cut_after=12 * MiB, on_cut=lambda: listening_a[0].stopListening())
+        listening_a.append(port_a)
+        _, port_b = self.start_server(self.s3Storage(owner="node-b", run=threaded), "node-b")
+        endpoint = RoundRobinEndpoint([
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port_a.getHost().port),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port_b.getHost().port),
+        ])
+        path, content = self.local_file(20 * MiB + 777)
+        result = await self.uploader(endpoint, stall_timeout=30.0).upload(path, "scans/s3.tif")
+        self.assertTrue(factory_a.cut_done)
+        self.assertEqual((result.servers[0], result.servers[-1]), ("node-a", "node-b"))
+        self.assertEqual(len(result.resumed_at), 1)
+        self.assertIn(result.resumed_at[0], (5 * MiB, 10 * MiB))
+        self.assertEqual(result.sha256, hashlib.sha256(content).hexdigest())
+        stored = await deferToThread(self.s3Storage().read_completed, result.path)
+        self.assertEqual(hashlib.sha256(stored).hexdigest(), hashlib.sha256(content).hexdigest())
+
+
+class S3TapTests(BucketMixin, ServerTestCase):
+    """C{twistd imgresume --storage s3://...}: options to a running server."""
+
+    timeout = 60
+
+    async def test_optionsToUpload(self) -> None:
+        """
+        The twistd plugin's options and makeService build a server on
+        S3Storage (endpoint from --s3-endpoint, credentials from the AWS_*
+        environment, expiry of abandoned uploads as the "gc" service), and a
+        client uploads through it.
+        """
+        from imgresume.server.tap import Options, makeService
+        from imgresume.storage.s3 import S3Storage
+
+        env = aws_environ(self)
+        config = Options()
+        config.parseOptions([
+            "--listen", "tcp:0:interface=127.0.0.1", "--storage", self.url,
+            "--s3-endpoint", env["IMGRESUME_S3_ENDPOINT"], "--server-id", "tap-node",
+        ])
+        top = makeService(config)
+        self.assertIsInstance(top.factory.storage, S3Storage)
+        self.assertEqual(top.getServiceNamed("gc").call[0].__name__, "expire")
+        top.startService()
+        self.addCleanup(top.stopService)
+        port = top.listener._waitingForPort.result.getHost().port
+        path, content = self.local_file(7 * MiB + 3)
+        result = await self.uploader(f"tcp:127.0.0.1:{port}").upload(path, "tap.tif")
+        self.assertEqual(result.servers, ["tap-node"])
+        stored = self.s3Storage().read_completed(result.path)
+        self.assertEqual(hashlib.sha256(stored).digest(), hashlib.sha256(content).digest())
+
+
+class S3FailoverTests(BucketMixin, TestCase):
+    """Real C{twistd} servers on S3 behind the real balancer, one SIGKILLed."""
+
+    timeout = 180
+
+    async def test_sigkillServingServerMidUpload(self) -> None:
+        """
+        The server receiving a 30 MiB upload is SIGKILLed after a third of
+        it; its lease expires (15 s), the client resumes through the
+        balancer on the other server at a part boundary, and the completed
+        object hashes to the file's SHA-256.
+        """
+        from imgresume.testing import LocalCluster
+        from imgresume.client import Uploader
+
+        env = aws_environ(self)
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        cluster = LocalCluster(work, servers=2, storage=self.url, server_args=[
+            "--s3-endpoint", env["IMGRESUME_S3_ENDPOINT"]]).start()
+        self.addCleanup(cluster.stop)
+        size = 30 * MiB + 4321
+        content = payload(size, seed=7)
+        path = os.path.join(work, "scan.tif")
+        with open(path, "wb") as f:
+            f.write(content)
+        kill = KillServingServer(cluster, after=size // 3)
+        uploader = Uploader(cluster.lb_endpoint, reactor=reactor, journal=None,
+                            client_id="test", chunk_size=256 * 1024, window=8,
+                            backoff_base=0.25, backoff_max=4.0, max_attempts=30)
+        result = await uploader.upload(path, "scans/killed.tif", progress=kill)
+        kill.check(self, result)
+        self.assertGreaterEqual(result.resumed_at[0], 5 * MiB)
+        self.assertEqual(result.resumed_at[0] % (5 * MiB), 0)
+        self.assertLessEqual(result.bytes_sent, size + 5 * MiB + 8 * 256 * 1024)
+        stored = self.s3Storage().read_completed(result.path)
+        self.assertEqual(hashlib.sha256(stored).digest(), hashlib.sha256(content).digest())

@@ -1,0 +1,137 @@
+"""
+Real processes for tests: the repository's root and an environment that
+imports this checkout, a Python child run to completion without blocking the
+reactor (L{run_python}), and a real C{twistd imgresume} child on a UNIX
+socket (L{TwistdServer}).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+#: The checkout the tests run from (the directory holding C{imgresume/}).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment, with the repository first on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+class _Collect(ProcessProtocol):
+    """Collects a child's stdout and stderr; C{ended} fires with its exit code."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.err = bytearray()
+        self.ended: Deferred[int | None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(getattr(reason.value, "exitCode", None))
+
+
+async def run_python(
+    args: list[str], env: dict[str, str], timeout: float = 30.0
+) -> tuple[str, str, int | None]:
+    """
+    Run C{python ARGS} to completion without blocking the reactor; kill it
+    after C{timeout} seconds.
+
+    @return: its stdout, stderr and exit code.
+    """
+    proto = _Collect()
+    transport = reactor.spawnProcess(
+        proto, sys.executable, [sys.executable, *args], env=env, path=REPO_ROOT
+    )
+
+    def kill() -> None:
+        proto.err += f"\n[killed after {timeout:g} s]".encode()
+        transport.signalProcess("KILL")
+
+    timer = reactor.callLater(timeout, kill)
+    try:
+        code = await proto.ended
+    finally:
+        if timer.active():
+            timer.cancel()
+    return proto.out.decode(), proto.err.decode(), code
+
+
+class TwistdServer:
+    """
+    A real C{twistd -n imgresume} child process listening on a UNIX socket,
+    over a storage directory.  Start with L{start}; L{stop} sends SIGTERM.
+    """
+
+    def __init__(self, test: TestCase, *options: str) -> None:
+        # Short path: UNIX socket paths are limited to about 100 bytes.
+        self.socket_dir = tempfile.mkdtemp(prefix="imgr-")
+        test.addCleanup(shutil.rmtree, self.socket_dir, True)
+        self.socket = os.path.join(self.socket_dir, "s.sock")
+        self.endpoint = f"unix:{self.socket}"
+        self.storage = os.path.abspath(test.mktemp())
+        os.makedirs(self.storage)
+        self.options = list(options)
+        self.proto = _Collect()
+        self.transport: Any = None
+        test.addCleanup(self.stop)
+
+    async def start(self, timeout: float = 15.0) -> "TwistdServer":
+        """Spawn the server and wait until its socket accepts connections."""
+        self.transport = reactor.spawnProcess(
+            self.proto, sys.executable,
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "imgresume", "--listen", self.endpoint,
+             "--storage", self.storage, "--server-id", "twistd-node", *self.options],
+            env=child_env(), path=self.storage,
+        )
+        for _ in range(int(timeout / 0.05)):
+            if self.proto.ended.called:
+                raise AssertionError(f"twistd exited early:\n{self.log()}")
+            if self._accepts():
+                return self
+            await deferLater(reactor, 0.05, lambda: None)
+        raise AssertionError(f"twistd did not listen within {timeout:g} s:\n{self.log()}")
+
+    def _accepts(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(self.socket)
+            except OSError:
+                return False
+        return True
+
+    def log(self) -> str:
+        """Everything the server wrote so far."""
+        return (self.proto.out + self.proto.err).decode(errors="replace")
+
+    def stop(self) -> Deferred[Any]:
+        """SIGTERM the server (if running); fires when it has exited."""
+        if self.transport is not None and not self.proto.ended.called:
+            self.transport.signalProcess("TERM")
+        return self.proto.ended
+
+    def stored(self, path: str) -> bytes:
+        """The bytes of a completed file (a C{path} from an upload result)."""
+        with open(os.path.join(self.storage, path), "rb") as f:
+            return f.read()
