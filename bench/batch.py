@@ -400,19 +400,19 @@ def batch_targets(key: str, name: str, img: dict[str, Any] | None,
     failures = (f"{img['failures']} failed, {img['missing'] + img['mismatched']} "
                 "missing or wrong in complete/")
     if key in ("256k", "2m"):
-        v = img["x_rsync_fsync"]
+        v = ratio(img, rsf)
         out.append({
             "target": f"batch {name}: imgresume >= {TARGET_VS_RSYNC_FSYNC}x "
                       "rsync -r --append-verify --fsync (files/s, best of rounds)",
             "value": v, "met": _verdict_ratio(v, TARGET_VS_RSYNC_FSYNC),
             "also": (f"{img['files_per_s']:.0f} against {rsf['files_per_s']:.0f} files/s; "
-                     f"median {_x(img['x_rsync_fsync_median'])}; without the client's "
+                     f"median {_x(ratio(img, rsf, 'files_per_s_median'))}; without the client's "
                      f"{img['startup_seconds']:.2f} s start-up "
-                     f"{_x(img['x_rsync_fsync_after_startup'])}; {failures}")
+                     f"{_x(img['files_per_s_after_startup'] / rsf['files_per_s'])}; {failures}")
             if rsf else "rsync missing: not measured",
         })
     if key == "256k":
-        v = img["x_rsync"]
+        v = ratio(img, rs)
         out.append({
             "target": f"batch {name}: imgresume >= {TARGET_256K_VS_RSYNC}x "
                       "rsync -r --append-verify (no --fsync)",
@@ -432,7 +432,7 @@ def batch_targets(key: str, name: str, img: dict[str, Any] | None,
             "shown": f"{img['verified']} of {img['checked']} verified",
             "also": (f"{failures}, {img['extra']} extra, {img['incoming_partial']} partial "
                      f"left; {img['files_per_s']:.0f} files/s, "
-                     f"{_x(img['x_rsync_fsync'])} rsync --fsync, {_x(img['x_rsync'])} rsync"),
+                     f"{_x(ratio(img, rsf))} rsync --fsync, {_x(ratio(img, rs))} rsync"),
         })
         out.append({
             "target": f"batch {name}: peak RSS per server <= {TARGET_RSS / MB:.0f} MB",
