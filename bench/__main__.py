@@ -1,8 +1,8 @@
 """
 python -m bench: run the imgresume benchmarks (docs/benchmarks.md).
 
-  python -m bench                  # full run: 1 GiB streams, 200 clients (< 15 min)
-  python -m bench --quick          # 256 MiB streams, 50 clients (< 2 min)
+  python -m bench                  # full run: 1 GiB streams, 200 clients, batches (< 15 min)
+  python -m bench --quick          # 256 MiB streams, 50 clients, small batches (~3 min)
   python -m bench --only single    # one group: single, concurrency, resume, latency, scale,
                                    # batch, profile, batch-profile
   python -m bench --out bench/results/
