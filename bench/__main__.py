@@ -1,9 +1,10 @@
 """
 python -m bench: run the imgresume benchmarks (docs/benchmarks.md).
 
-  python -m bench                  # full run: 1 GiB streams, 200 clients (< 15 min)
-  python -m bench --quick          # 256 MiB streams, 50 clients (< 2 min)
-  python -m bench --only single    # one group: single, concurrency, resume, latency, scale, profile
+  python -m bench                  # full run: 1 GiB streams, 200 clients, batches (< 15 min)
+  python -m bench --quick          # 256 MiB streams, 50 clients, small batches (~3 min)
+  python -m bench --only single    # one group: single, concurrency, resume, latency, scale,
+                                   # batch, profile, batch-profile
   python -m bench --out bench/results/
 
 Every figure is printed as a ratio against baselines measured in the same
@@ -29,7 +30,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="small sizes: 256 MiB streams (3 rounds), 50 clients (< 2 min)")
+                   help="small sizes: 256 MiB streams (3 rounds), 50 clients, batches "
+                        "of 200 / 100 / 1,000 files (1 round)")
     p.add_argument("--only", action="append", choices=sorted(groups.GROUPS),
                    help="run only this group (repeatable); the groups it compares "
                         "against are measured inside it")
@@ -59,6 +61,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--link-rate", type=parse_rate, default=parse_rate("100M"),
                    help="bandwidth cap of that link, bytes/s each way, decimal "
                         "suffixes k M G [100M]")
+    p.add_argument("--batch-parallel", type=int, default=4,
+                   help="the batch group's imgresume upload --parallel [4]")
+    p.add_argument("--batch-repeat", type=int,
+                   help="rounds of the batch group [3; 1 with --quick]")
+    p.add_argument("--profile-files", type=int, default=200,
+                   help="files of 256 KiB in the batch-profile group [200]")
     p.add_argument("--workdir", help="where the temporary files go (the disk under "
                    "test) [the system temp dir]")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -70,6 +78,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.clients = args.clients or (50 if quick else 200)
     args.many_repeat = args.many_repeat or (1 if quick else 3)
     args.kills = args.kills or (3 if quick else 5)
+    args.batch_repeat = args.batch_repeat or (1 if quick else 3)
     args.groups = args.only or groups.DEFAULT + (["profile"] if args.profile else [])
     return args
 
@@ -105,9 +114,10 @@ def main(argv: list[str]) -> int:
     results["summary"] = report.summarise(results["groups"])
     path = report.write_json(results, args.out)
     print(report.table(results))
-    if "profile" in results["groups"] and "text" in results["groups"]["profile"]:
-        print()
-        print(results["groups"]["profile"]["text"])
+    for name in ("profile", "batch-profile"):
+        if name in results["groups"] and "text" in results["groups"][name]:
+            print()
+            print(results["groups"][name]["text"])
     print(f"\n(results: {os.path.relpath(path)}; {results['wall_seconds']:.0f} s)")
     return 1 if failed else 0
 

@@ -186,6 +186,51 @@ class RsyncDaemon:
         }
 
 
+    def upload_tree(self, src_dir: str, fsync: bool, timeout: float = 3600.0) -> dict[str, Any]:
+        """
+        One C{rsync -r --append-verify [--fsync] SRC_DIR rsync://.../bench/}
+        into an empty dst: the directory's files, as a scanner's batch.
+        Checked afterwards: every file there, with its size.
+        """
+        assert self.proc is not None
+        self.work.fresh("dst")
+        daemon0 = proc_cpu(self.proc.pid, children=True)
+        argv = [self.rsync, "-r", "--append-verify", *(["--fsync"] if fsync else []),
+                src_dir.rstrip("/"), f"rsync://127.0.0.1:{self.port}/bench/"]
+        t0 = now()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        rc, client_cpu = wait_rusage(proc, timeout=timeout)
+        seconds = now() - t0
+        if rc != 0:
+            raise RuntimeError(f"rsync failed ({rc}): {proc.stderr.read().decode()[-800:]}")
+        deadline = now() + 10
+        while self._children() and now() < deadline:  # let the daemon reap its child
+            time.sleep(0.01)
+        dst = self.work.sub("dst", os.path.basename(src_dir.rstrip("/")))
+        missing = 0
+        files = nbytes = 0
+        for dirpath, _, names in os.walk(src_dir):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                size = os.path.getsize(path)
+                files += 1
+                nbytes += size
+                copy = os.path.join(dst, os.path.relpath(path, src_dir))
+                if not os.path.exists(copy) or os.path.getsize(copy) != size:
+                    missing += 1
+        return {
+            "name": "rsync-append-verify" + ("-fsync" if fsync else ""),
+            "bytes": nbytes,
+            "files": files,
+            "failures": missing,
+            "seconds": seconds,
+            "cpu": {"client": client_cpu,
+                    "server": proc_cpu(self.proc.pid, children=True) - daemon0},
+            "argv": " ".join(argv),
+        }
+
+
 def rsync_missing_note() -> str:
     note = ("rsync is not installed: the rsync baselines (and every ratio to them) "
             "are SKIPPED. Install it (Debian: apt-get install -y rsync) and run again.")

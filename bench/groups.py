@@ -20,6 +20,7 @@ from bench.imgresume_runs import (
     single_stream,
     storage_only,
 )
+from bench.batch import batch
 from bench.latency import latency
 from bench.scale import scale
 
@@ -137,6 +138,12 @@ def resume_cost(work: Workdir, opts: Any) -> dict[str, Any]:
     return {"samples": {"imgresume-resume": [m]}}
 
 
+def batch_profile(work: Workdir, opts: Any) -> dict[str, Any]:
+    from bench.batch_profile import batch_profile as run
+
+    return run(work, opts)
+
+
 def profile(work: Workdir, opts: Any) -> dict[str, Any]:
     from bench.profile import profile_single
 
@@ -151,6 +158,9 @@ GROUPS: dict[str, Callable[[Workdir, Any], dict[str, Any]]] = {
     "profile": profile,
     "scale": scale,
     "latency": latency,
+    "batch": batch,
+    "batch-profile": batch_profile,
 }
-#: What runs without --only (the profile is on demand: --only profile or --profile).
-DEFAULT = ["single", "concurrency", "resume", "latency", "scale"]
+#: What runs without --only (the profiles are on demand: --only profile or
+#: --profile, --only batch-profile).
+DEFAULT = ["single", "concurrency", "resume", "latency", "scale", "batch"]

@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any
 
-from bench import latency, scale
+from bench import batch, latency, scale
 from bench._common import GiB, median, per_gib, percentile
 
 MB = 1e6
@@ -171,6 +171,9 @@ def summarise(groups: dict[str, Any]) -> dict[str, Any]:
     if "latency" in groups and "samples" in groups["latency"]:
         summary["latency"], latency_targets = latency.summarise(groups["latency"])
         targets += latency_targets
+    if "batch" in groups and "samples" in groups["batch"]:
+        summary["batch"], batch_targets = batch.summarise(groups["batch"])
+        targets += batch_targets
     summary["targets"] = targets
     return summary
 
@@ -280,9 +283,11 @@ def table(results: dict[str, Any]) -> str:
         lines += ["", *scale.table_lines(s["scale"])]
     if "latency" in s:
         lines += ["", *latency.table_lines(s["latency"])]
+    if "batch" in s:
+        lines += ["", *batch.table_lines(s["batch"])]
     if s.get("targets"):
         lines.append("")
-        lines.append("targets (issue 5), stated not asserted:")
+        lines.append("targets (issue 5; batch: issue 16), stated not asserted:")
         for t in s["targets"]:
             v = t["value"]
             shown = t.get("shown") or (
