@@ -83,8 +83,11 @@ class AttemptStats:
 
     server_id: str | None = None
     upload_id: str | None = None
+    #: The offset ACCEPTED said to send from (None: not accepted).
     accepted_offset: int | None = None
+    #: What the server has acknowledged as durable.
     acked: int = 0
+    #: Payload bytes sent, those sent again after a rewind included.
     bytes_sent: int = 0
     rewinds: int = 0
 
@@ -100,6 +103,9 @@ class UploadAttempt:
     flight, so that the next file may use it: after COMPLETED, or after a
     command error that answered the UPLOAD or RESUME itself.  Otherwise the
     connection is closed.
+
+    C{on_progress} is called with what the server has acknowledged (from
+    ACCEPTED's offset, then each ACK's).
 
     C{on_upload_id} is called with the upload id once the server accepted
     the upload; if it returns a Deferred (the journal write that records the
@@ -122,7 +128,7 @@ class UploadAttempt:
         upload_id: str | None = None,
         window: int = 16,
         chunk_size: int | None = None,
-        on_progress: Callable[[int], None] = lambda offset: None,
+        on_progress: Callable[[int], None] = lambda acked: None,
         on_upload_id: Callable[[str], Deferred[Any] | None] = lambda upload_id: None,
         digest: Callable[[], Deferred[bytes]] | None = None,
     ) -> None:
@@ -161,8 +167,8 @@ class UploadAttempt:
         if isinstance(event, UploadAccepted):
             self._accepted(event.accepted)
         elif isinstance(event, ChunkAcked):
-            self.stats.acked = event.offset
-            self.on_progress(event.offset)
+            self.stats.acked = event.acked
+            self.on_progress(event.acked)
             self._fill()
         elif isinstance(event, ErrorReceived):
             self._error(event.error)
@@ -240,7 +246,7 @@ class UploadAttempt:
         assert self._connection is not None
         m = self._connection.machine
         if m.can_send(self.window):
-            offset = m.sent
+            offset = m.offset
             assert m.welcome is not None
             chunk = min(self.chunk_size or m.welcome.chunk_size, m.welcome.max_payload)
             length = min(chunk, m.size - offset)
@@ -248,7 +254,7 @@ class UploadAttempt:
             d = self.source.read_with_crc(offset, length)
             d.addCallbacks(self._chunk_read, self._read_failed, callbackArgs=(offset,))
         elif (
-            m.state is ClientState.SENDING and m.sent == m.size and not m.finishing
+            m.state is ClientState.SENDING and m.offset == m.size and not m.finishing
             and m.outstanding == 0 and not self._recording
         ):
             if not m.sha256_in_finish:
@@ -285,7 +291,7 @@ class UploadAttempt:
         m = self._connection.machine
         if not m.can_send(self.window):
             return
-        if offset != m.sent:
+        if offset != m.offset:
             self._fill()  # a rewind happened while reading
             return
         m.send_data(offset, payload, crc)

@@ -434,9 +434,9 @@ class _Run:
 def _uploading(
     progress: Callable[[Progress], None], name: str, size: int, attempt: UploadAttempt
 ) -> Callable[[int], None]:
-    """The attempt's progress callback: its offsets as "uploading" reports."""
-    return lambda offset: progress(
-        Progress(name, "uploading", offset, size, attempt.stats.server_id))
+    """The attempt's progress callback: what the server acked, as "uploading" reports."""
+    return lambda acked: progress(
+        Progress(name, "uploading", acked, size, attempt.stats.server_id))
 
 
 def describe(error: BaseException) -> str:

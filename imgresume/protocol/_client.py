@@ -9,6 +9,12 @@ server answers every DATA frame with exactly one ACK or ERROR, in order, so
 after a transfer error the client waits for the answers to the packets still
 in flight and then continues from the offset the server last reported.
 
+Names along the data path: a DATA packet starts at its C{offset} and ends
+at C{offset + len(payload)}; C{ClientConnection.offset} is where the next
+one starts; C{ClientConnection.acked} is what the server has acknowledged
+as durable (the offset field of its last ACK, handed out as
+L{ChunkAcked.acked}).
+
 No reactor, no sockets: the Twisted adapter is
 L{imgresume.client._attempt.UploadAttempt}.
 """
@@ -83,9 +89,9 @@ class UploadAccepted:
 
 @attrs.frozen
 class ChunkAcked:
-    """Everything before C{offset} is durably stored."""
+    """The server acknowledged that everything before C{acked} is durably stored."""
 
-    offset: int
+    acked: int
 
 
 @attrs.frozen
@@ -154,17 +160,19 @@ class ClientConnection:
         self.welcome: Welcome | None = None
         self.upload_id: str | None = None
         self.size = 0
-        #: Offset the server last reported as stored.
+        #: What the server has acknowledged: every byte before it is durable.
         self.acked = 0
-        #: Offset the next DATA packet starts at.
-        self.sent = 0
+        #: Where the next DATA packet starts (the end of those sent, or where
+        #: the server said to continue from after an error).
+        self.offset = 0
         #: DATA frames sent and not yet answered.
         self.outstanding = 0
         self.finishing = False
         #: Whether the open upload's SHA-256 goes in FINISH, at the end.
         self.sha256_in_finish = False
         self._rewinding = False
-        self._resume_at = 0
+        #: Where to continue after a rewind: the last ERROR's offset.
+        self._rewind_offset = 0
         self._decoder = FrameDecoder()
         self._out: list[bytes] = []
 
@@ -210,20 +218,20 @@ class ClientConnection:
             and not self._rewinding
             and not self.finishing
             and self.outstanding < window
-            and self.sent < self.size
+            and self.offset < self.size
         )
 
     def send_data(self, offset: int, payload: bytes, crc32: int | None = None) -> None:
         """
-        Send a DATA packet of C{payload} at C{offset} (must equal L{sent}).
+        Send a DATA packet of C{payload} at C{offset} (must equal L{offset}).
         C{crc32} may be given if the caller computed it already (off the
         reactor thread, say); it must be C{zlib.crc32(payload)}.
         """
         self._expect(ClientState.SENDING)
         if self._rewinding or self.finishing:
             raise RuntimeError("no DATA may be sent while rewinding or finishing")
-        if offset != self.sent:
-            raise ValueError(f"next packet must start at {self.sent}, not {offset}")
+        if offset != self.offset:
+            raise ValueError(f"next packet must start at {self.offset}, not {offset}")
         if not payload:
             raise ValueError("empty payloads end the upload: use finish()")
         assert self.welcome is not None
@@ -235,7 +243,7 @@ class ClientConnection:
             crc32 = zlib.crc32(payload)
         self._out.append(data_header(offset, crc32, len(payload)))
         self._out.append(payload)
-        self.sent += len(payload)
+        self.offset += len(payload)
         self.outstanding += 1
 
     @property
@@ -252,7 +260,7 @@ class ClientConnection:
         without its SHA-256, FINISH carrying the whole file's C{sha256}.
         """
         self._expect(ClientState.SENDING)
-        if self.sent != self.size or self._rewinding:
+        if self.offset != self.size or self._rewinding:
             raise RuntimeError("finish() before every byte was sent")
         if self.sha256_in_finish != (sha256 is not None):
             raise ValueError(
@@ -326,7 +334,7 @@ class ClientConnection:
                 raise MalformedFrame("ACCEPTED offset is past the upload size")
             self.upload_id, self.size = frame.upload_id, frame.size
             self.sha256_in_finish = frame.sha256 is None
-            self.acked = self.sent = frame.offset
+            self.acked = self.offset = frame.offset
             self.outstanding, self.finishing, self._rewinding = 0, False, False
             self.state = ClientState.SENDING
             return UploadAccepted(frame)
@@ -339,9 +347,9 @@ class ClientConnection:
         if isinstance(frame, Ack) and state is ClientState.SENDING and self.outstanding:
             # ACKs never go back and never pass what was sent; they may stand
             # still when the server's storage commits in larger units.
-            if not (self.acked <= frame.offset <= self.sent):
+            if not (self.acked <= frame.offset <= self.offset):
                 raise MalformedFrame(
-                    f"ACK for {frame.offset} outside [{self.acked}, {self.sent}]"
+                    f"ACK for {frame.offset} outside [{self.acked}, {self.offset}]"
                 )
             self.acked = frame.offset
             self._answered()
@@ -362,7 +370,7 @@ class ClientConnection:
             if frame.offset > self.size:
                 raise MalformedFrame("ERROR offset is past the upload size")
             self._rewinding = True
-            self._resume_at = frame.offset
+            self._rewind_offset = frame.offset
             # A server that found stored bytes failing verification cuts
             # them back (INCOMPLETE): its offset is then below an earlier ACK.
             self.acked = min(self.acked, frame.offset)
@@ -403,12 +411,12 @@ class ClientConnection:
         if self.outstanding == 0 and self._rewinding:
             # Every packet in flight is answered: continue where the server
             # said, in the last ERROR.
-            self.sent = self._resume_at
+            self.offset = self._rewind_offset
             self._rewinding = self.finishing = False
 
     def _end_upload(self) -> None:
         self.upload_id, self.size = None, 0
-        self.acked = self.sent = self.outstanding = 0
+        self.acked = self.offset = self.outstanding = 0
         self.finishing = self._rewinding = False
         self.state = ClientState.READY
 

@@ -154,7 +154,11 @@ class Finish:
 
 @attrs.frozen
 class Ack:
-    """Server -> client: everything before C{offset} is durably stored."""
+    """
+    Server -> client: everything before C{offset} is durably stored.  (The
+    wire calls the field offset; the server machine sends its C{durable}
+    here and the client's keeps it as C{acked}.)
+    """
 
     offset: int
 

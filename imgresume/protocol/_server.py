@@ -10,6 +10,11 @@ L{upload_opened}, L{chunk_written}, ...) and sends what L{data_to_send}
 returns.  Everything the machine can check alone (frame legality, offsets,
 CRC-32, declared sizes, metadata limits) it answers itself with ERROR frames.
 
+Names along the data path: a chunk starts at its C{offset} and ends at its
+C{end}; L{ServerConnection.offset} is where the next DATA packet must
+start; L{ServerConnection.durable} is what the storage has made durable, as
+the last ACK reported it.
+
 No reactor, no sockets: the Twisted adapter is
 L{imgresume.server._protocol.UploadServerProtocol}.
 """
@@ -95,10 +100,12 @@ class ServerConnection:
         self._hello: Hello | None = None
         self.upload_id: str | None = None
         self.size = 0
+        #: Where the next DATA packet must start: the end of the chunks
+        #: taken so far.
         self.offset = 0
-        #: Answers owed to DATA frames, in order: the end offset of a chunk
-        #: storage is writing (an int), or an ERROR frame that must wait for
-        #: the acknowledgements before it.
+        #: Answers owed to DATA frames, in order: the end of a chunk storage
+        #: is writing (an int), or an ERROR frame that must wait for the
+        #: acknowledgements before it.
         self._answers: collections.deque[int | Error] = collections.deque()
         self._durable = 0
         #: Whether the open upload's SHA-256 comes at the end, in FINISH.
@@ -296,7 +303,7 @@ class ServerConnection:
 
     @property
     def durable(self) -> int:
-        """The offset last acknowledged (or accepted at), as reported to the client."""
+        """What the storage has made durable, as the last ACK (or ACCEPTED) reported it."""
         return self._durable
 
     def upload_opened(
@@ -327,29 +334,30 @@ class ServerConnection:
         self._send(status)
         self.state = ServerState.READY
 
-    def chunk_written(self, offset: int, durable: int | None = None) -> None:
+    def chunk_written(self, end: int, durable: int | None = None) -> None:
         """
         Storage is done with the oldest pending chunk, which ends at
-        C{offset}: acknowledge, then send any answers queued behind it.
+        C{end}: acknowledge, then send any answers queued behind it.
 
-        @param durable: what the ACK reports, if less than C{offset}: a
+        @param durable: what the ACK reports, if less than C{end}: a
             storage that commits in larger units (an object store's parts)
             holds the chunk but has made bytes durable only up to here.
             Never less than an earlier acknowledgement.
         """
         self._expect(ServerState.RECEIVING, ServerState.FINISHING)
-        if not self._answers or self._answers[0] != offset:
+        if not self._answers or self._answers[0] != end:
             raise RuntimeError(
-                f"chunk_written({offset}) but the oldest pending answer is "
+                f"chunk_written({end}) but the oldest pending answer is "
                 f"{self._answers[0] if self._answers else None!r}"
             )
-        acked = offset if durable is None else durable
-        if not self._durable <= acked <= offset:
+        if durable is None:
+            durable = end
+        if not self._durable <= durable <= end:
             raise RuntimeError(
-                f"durable offset {acked} outside [{self._durable}, {offset}]")
+                f"durable offset {durable} outside [{self._durable}, {end}]")
         self._answers.popleft()
-        self._durable = acked
-        self._send(Ack(acked))
+        self._durable = durable
+        self._send(Ack(durable))
         self._send_ready_answers()
 
     def upload_completed(self, upload_id: str, size: int, sha256: bytes, path: str) -> None:

@@ -82,7 +82,11 @@ class ResumeRequested:
 
 @attrs.frozen
 class ChunkReceived:
-    """Store C{payload} at C{offset}, then call L{imgresume.protocol._server.ServerConnection.chunk_written}."""
+    """
+    Store C{payload} at C{offset} (it ends at C{offset + len(payload)}), then
+    call L{imgresume.protocol._server.ServerConnection.chunk_written} with
+    that end.
+    """
 
     offset: int
     payload: bytes

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from imgresume.protocol import FrameCursor, control_limit
 from imgresume.server._admission import MemoryBudget
-from imgresume.storage.interfaces import IUploadWriter
+from imgresume.storage.interfaces import Chunk, IUploadWriter
 
 
 #: Frames up to this size (header included) are let in without waiting for
@@ -60,8 +60,8 @@ class ChunkBatches:
 
     def __init__(self, budget: MemoryBudget) -> None:
         self._budget = budget
-        #: The chunks gathered for the next batch: (offset, payload, crc32).
-        self._gathered: list[tuple[int, bytes, int]] = []
+        #: The chunks gathered for the next batch.
+        self._gathered: list[Chunk] = []
         self.gathered_bytes = 0
         #: The write of the batch in flight (None: none).
         self.writing: Deferred[Any] | None = None
@@ -75,11 +75,11 @@ class ChunkBatches:
         """Whether the next batch holds C{limit} bytes or more."""
         return self.gathered_bytes >= limit
 
-    def add(self, offset: int, payload: bytes, crc32: int) -> None:
+    def add(self, chunk: Chunk) -> None:
         """Gather a chunk (its CRC-32 already checked) for the next batch."""
-        self._gathered.append((offset, payload, crc32))
-        self.gathered_bytes += len(payload)
-        self._budget.count(len(payload))
+        self._gathered.append(chunk)
+        self.gathered_bytes += len(chunk.data)
+        self._budget.count(len(chunk.data))
 
     def drop_gathered(self) -> None:
         """Forget the chunks gathered for the next batch (never to be written)."""
@@ -100,9 +100,9 @@ class ChunkBatches:
         if self.writing is not None or not self._gathered:
             return None
         batch, self._gathered, self.gathered_bytes = self._gathered, [], 0
-        size = sum(len(payload) for _, payload, _ in batch)
+        size = sum(len(chunk.data) for chunk in batch)
 
-        def done(result: Any) -> Any:
+        def done(result: int | Failure) -> list[Written] | Failure:
             self.writing = None
             self._budget.release(size)
             if isinstance(result, Failure):
@@ -110,11 +110,11 @@ class ChunkBatches:
                 return result
             # The storage reports how far bytes are durable: the batch's
             # end, or less for one that commits in larger units.
-            written = []
-            for offset, payload, _ in batch:
-                end = offset + len(payload)
-                written.append(Written(end, len(payload), min(result, end)))
-            return written
+            durable = result
+            return [
+                Written(chunk.end, len(chunk.data), min(durable, chunk.end))
+                for chunk in batch
+            ]
 
         d = writer.write_batch(batch)
         self.writing = d

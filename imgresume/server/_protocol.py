@@ -48,7 +48,7 @@ from imgresume.server._handshake import Accept, Challenge, Decision, is_health_c
 from imgresume.server._interfaces import ServerSide
 from imgresume.server._takeover import Takeover
 from imgresume.server._upload_events import UploadEventContext
-from imgresume.storage.interfaces import IUploadWriter, NewUpload
+from imgresume.storage.interfaces import Chunk, IUploadWriter, NewUpload
 from imgresume.tls import peer_certificate_identity
 
 
@@ -242,7 +242,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             self._events.requested(client_id, event)
             self._run(storage.resume(event.upload_id, client_id), self._opened, resumed=True)
         elif isinstance(event, ChunkReceived):
-            self._batches.add(event.offset, event.payload, event.crc32)
+            self._batches.add(Chunk(event.offset, event.payload, event.crc32))
             self._write_next()
         elif isinstance(event, FinishRequested):
             self._run(self.writer.complete(event.sha256), self._completed)

@@ -96,6 +96,7 @@ class _Upload:
     size: int | None = None
     sha256: bytes | None = None
     metadata: Mapping[str, str] | None = None
+    #: The events' C{offset} field (docs/hooks.md): what is durable.
     offset: int | None = None
 
 

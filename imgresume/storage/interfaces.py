@@ -41,6 +41,26 @@ class NewUpload:
 
 
 @attrs.frozen
+class Chunk:
+    """
+    Bytes of an upload to store: they start at C{offset} and end at
+    L{end}.  Handed to L{IUploadWriter.write_batch} by the server adapter,
+    one per DATA packet.
+    """
+
+    offset: int
+    data: bytes
+    #: The CRC-32 of C{data}, already checked against it (the protocol did):
+    #: a backend may record it instead of computing it.  None: not known.
+    crc32: int | None = None
+
+    @property
+    def end(self) -> int:
+        """Where the chunk ends: C{offset + len(data)}."""
+        return self.offset + len(self.data)
+
+
+@attrs.frozen
 class UploadInfo:
     """What storage knows of an upload, fixed at creation."""
 
@@ -154,18 +174,19 @@ class IUploadWriter(Interface):
 
     info = Attribute("The L{UploadInfo}.")
     offset = Attribute(
-        "int: where the next write starts.  For a backend that commits every "
-        "write (the filesystem) also the durable, proven offset."
+        "int: where the next write starts (the end of what the writer took).  "
+        "For a backend that commits every write (the filesystem) also what is "
+        "durable, and proven."
     )
     tail = Attribute("L{TailCheck} of the last committed range at resume time.")
 
     def write(offset: int, data: bytes):
         """
         Store C{data} at C{offset}, which must equal L{offset}.  The Deferred
-        fires with the offset up to which bytes are durable, once they are:
-        the end of C{data} for a backend that commits every write, possibly
-        less for one that commits in larger units (it then holds the rest in
-        bounded memory or a spool until a unit is complete).
+        fires with C{durable}, the offset up to which bytes are durable, once
+        they are: the end of C{data} for a backend that commits every write,
+        possibly less for one that commits in larger units (it then holds
+        the rest in bounded memory or a spool until a unit is complete).
 
         @raise imgresume.errors.UploadTakenOver: a newer writer owns the
             upload (this writer's lease generation is stale); nothing is
@@ -182,13 +203,12 @@ class IUploadWriter(Interface):
 
     def write_batch(chunks):
         """
-        Store a sequence of contiguous C{(offset, data)} chunks (or
-        C{(offset, data, crc32)}, the CRC-32 already checked against the
-        data, which a backend may record instead of computing it), the first at
-        L{offset}, as if by L{write} for each, but durable together (a
-        backend may flush once for all of them).  The Deferred fires with
-        the new offset once every chunk is durable; on failure none of them
-        is acknowledged.  Same errors as L{write}.
+        Store a sequence of contiguous L{Chunk}s (each starts at the end of
+        the one before), the first at L{offset}, as if by L{write} for each,
+        but durable together (a backend may flush once for all of them).
+        The Deferred fires with C{durable}, as L{write}'s does, once every
+        chunk is stored; on failure none of them is acknowledged.  Same
+        errors as L{write}.
         """
 
     def complete(sha256=None):

@@ -45,6 +45,7 @@ from imgresume.names import (
 from imgresume.storage.interfaces import (
     ATOMIC_COMPLETE,
     EXCLUSIVE_WRITER,
+    Chunk,
     CompletedUpload,
     expected_digest,
     IUploadStorage,
@@ -276,19 +277,18 @@ class MemoryUploadWriter:
         """See L{IUploadWriter.write}."""
         return _run(self._write, offset, data)
 
-    def write_batch(self, chunks: Sequence[tuple[int, bytes]]) -> Deferred[int]:
+    def write_batch(self, chunks: Sequence[Chunk]) -> Deferred[int]:
         """See L{IUploadWriter.write_batch}."""
         def write_all() -> int:
-            pos = self.offset
-            pairs = [(c[0], c[1]) for c in chunks]
-            for offset, data in pairs:  # all or nothing, like the filesystem
-                if offset != pos:
+            end = self.offset
+            for chunk in chunks:  # all or nothing, like the filesystem
+                if chunk.offset != end:
                     raise OffsetMismatch(
-                        f"write at {offset} but upload {self.info.upload_id} has {pos} "
+                        f"write at {chunk.offset} but upload {self.info.upload_id} has {end} "
                         f"bytes; continue from {self.offset}", offset=self.offset)
-                pos += len(data)
-            for offset, data in pairs:
-                self._write(offset, data)
+                end = chunk.end
+            for chunk in chunks:
+                self._write(chunk.offset, chunk.data)
             return self.offset
 
         return _run(write_all)

@@ -191,7 +191,7 @@ class UploadTests(SynchronousTestCase):
         self.assertEqual(fed(client, accepted), UploadAccepted(accepted))
         self.assertEqual(client.state, ClientState.SENDING)
         self.assertEqual(
-            (client.upload_id, client.size, client.sent, client.acked, client.outstanding),
+            (client.upload_id, client.size, client.offset, client.acked, client.outstanding),
             (UPLOAD_ID, 100, 0, 0, 0),
         )
 
@@ -201,7 +201,7 @@ class UploadTests(SynchronousTestCase):
         client.resume(UPLOAD_ID)
         self.assertEqual(sent_frames(client), [Resume(UPLOAD_ID)])
         fed(client, Accepted(UPLOAD_ID, "a.jpg", 100, DIGEST, 30))
-        self.assertEqual((client.sent, client.acked), (30, 30))
+        self.assertEqual((client.offset, client.acked), (30, 30))
 
     def test_accepted_offset_past_size(self) -> None:
         """ACCEPTED with an offset past the size is MalformedFrame."""
@@ -233,7 +233,7 @@ class WindowTests(SynchronousTestCase):
         client = sending()
         self.assertTrue(client.can_send(1))
         client.send_data(0, b"x" * 10)
-        self.assertEqual((client.sent, client.outstanding), (10, 1))
+        self.assertEqual((client.offset, client.outstanding), (10, 1))
         self.assertFalse(client.can_send(1))
         self.assertEqual(fed(client, Ack(10)), ChunkAcked(10))
         self.assertEqual((client.acked, client.outstanding), (10, 0))
@@ -250,7 +250,7 @@ class WindowTests(SynchronousTestCase):
         self.assertTrue(client.can_send(5))
         fed(client, Ack(10))
         self.assertTrue(client.can_send(4))
-        self.assertEqual((client.acked, client.sent, client.outstanding), (10, 40, 3))
+        self.assertEqual((client.acked, client.offset, client.outstanding), (10, 40, 3))
 
     def test_data_frames_sent(self) -> None:
         """send_data queues a DATA frame with the payload's CRC-32."""
@@ -267,7 +267,7 @@ class WindowTests(SynchronousTestCase):
         self.assertEqual(fed(client, Ack(20)), ChunkAcked(20))
         self.assertEqual((client.acked, client.outstanding), (20, 1))
         self.assertEqual(fed(client, Ack(30)), ChunkAcked(30))
-        self.assertEqual((client.acked, client.sent, client.outstanding), (30, 30, 0))
+        self.assertEqual((client.acked, client.offset, client.outstanding), (30, 30, 0))
 
     def test_no_more_bytes(self) -> None:
         """can_send is False once every byte is sent."""
@@ -301,7 +301,7 @@ class WindowTests(SynchronousTestCase):
         client.send_data(10, b"x" * 10)
         self.assertEqual(fed(client, Ack(0)), ChunkAcked(0))
         self.assertEqual(fed(client, Ack(20)), ChunkAcked(20))
-        self.assertEqual((client.acked, client.sent, client.outstanding), (20, 20, 0))
+        self.assertEqual((client.acked, client.offset, client.outstanding), (20, 20, 0))
 
     def test_ack_without_packet(self) -> None:
         """An ACK with nothing in flight is UnexpectedFrame."""
@@ -324,9 +324,9 @@ class SendDataTests(SynchronousTestCase):
 
     def assertRefused(self, client: ClientConnection, offset: int, payload: bytes) -> None:
         """send_data raises ValueError and changes nothing."""
-        before = (client.sent, client.outstanding)
+        before = (client.offset, client.outstanding)
         self.assertRaises(ValueError, client.send_data, offset, payload)
-        self.assertEqual((client.sent, client.outstanding), before)
+        self.assertEqual((client.offset, client.outstanding), before)
         self.assertEqual(client.data_to_send(), [])
 
     def test_wrong_offset(self) -> None:
@@ -368,14 +368,14 @@ class RewindTests(SynchronousTestCase):
         self.assertIsInstance(event, ErrorReceived)
         self.assertIsInstance(event.error, ChecksumMismatch)
         self.assertEqual(event.error.offset, 0)
-        self.assertEqual((client.outstanding, client.sent, client.acked), (2, 30, 0))
+        self.assertEqual((client.outstanding, client.offset, client.acked), (2, 30, 0))
         self.assertFalse(client.can_send(10))
         self.assertRaises(RuntimeError, client.send_data, 30, b"x")
         self.assertIsInstance(fed(client, error(ErrorCode.OFFSET_MISMATCH, 0)).error, OffsetMismatch)
         self.assertEqual(client.outstanding, 1)
         self.assertFalse(client.can_send(10))
         fed(client, error(ErrorCode.OFFSET_MISMATCH, 0))
-        self.assertEqual((client.outstanding, client.sent, client.acked), (0, 0, 0))
+        self.assertEqual((client.outstanding, client.offset, client.acked), (0, 0, 0))
         self.assertTrue(client.can_send(1))
         self.assertEqual(client.state, ClientState.SENDING)
         client.send_data(0, b"y" * 10)
@@ -389,7 +389,7 @@ class RewindTests(SynchronousTestCase):
         fed(client, error(ErrorCode.CHECKSUM_MISMATCH, 10))
         self.assertFalse(client.can_send(10))
         fed(client, error(ErrorCode.OFFSET_MISMATCH, 10))
-        self.assertEqual((client.sent, client.acked, client.outstanding), (10, 10, 0))
+        self.assertEqual((client.offset, client.acked, client.outstanding), (10, 10, 0))
         self.assertTrue(client.can_send(1))
 
     def test_transfer_error_nothing_in_flight(self) -> None:
@@ -422,7 +422,7 @@ class FinishTests(SynchronousTestCase):
         client.send_data(0, b"x" * 10)
         client.send_data(10, b"x" * 10)
         fed(client, error(ErrorCode.CHECKSUM_MISMATCH, 0))
-        self.assertEqual(client.sent, client.size)
+        self.assertEqual(client.offset, client.size)
         self.assertRaises(RuntimeError, client.finish)
 
     def test_finish_and_complete(self) -> None:
@@ -441,7 +441,7 @@ class FinishTests(SynchronousTestCase):
         self.assertEqual(fed(client, completed), UploadCompleted(completed))
         self.assertEqual(client.state, ClientState.READY)
         self.assertEqual(
-            (client.upload_id, client.size, client.sent, client.acked, client.outstanding,
+            (client.upload_id, client.size, client.offset, client.acked, client.outstanding,
              client.finishing),
             (None, 0, 0, 0, 0, False),
         )
@@ -529,7 +529,7 @@ class FinishTests(SynchronousTestCase):
         fed(client, error(ErrorCode.CHECKSUM_MISMATCH, 0))
         fed(client, error(ErrorCode.OFFSET_MISMATCH, 0))
         self.assertFalse(client.finishing)
-        self.assertEqual((client.sent, client.outstanding), (0, 0))
+        self.assertEqual((client.offset, client.outstanding), (0, 0))
         self.assertTrue(client.can_send(1))
 
 
@@ -655,9 +655,9 @@ class LoopbackTests(SynchronousTestCase):
 
         def drive() -> None:
             while client.can_send(self.WINDOW):
-                offset = client.sent
+                offset = client.offset
                 client.send_data(offset, content[offset : offset + self.CHUNK])
-            if (client.state is ClientState.SENDING and client.sent == client.size
+            if (client.state is ClientState.SENDING and client.offset == client.size
                     and not client.finishing and client.outstanding == 0):
                 client.finish()
 
@@ -691,7 +691,7 @@ class LoopbackTests(SynchronousTestCase):
         self.assertTrue(all(isinstance(e, OffsetMismatch) for e in errors[1:]))
         # Packets 0 and 1 are ACKed; 2 (corrupted) and 3 behind it get ERRORs.
         self.assertEqual(len(errors), 2)
-        acks = [e.offset for e in client_events if isinstance(e, ChunkAcked)]
+        acks = [e.acked for e in client_events if isinstance(e, ChunkAcked)]
         self.assertEqual(acks, sorted(set(acks)))
         self.assertEqual(acks[-1], size)
         self.assertEqual(len(acks), 17)

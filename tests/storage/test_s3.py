@@ -32,6 +32,7 @@ from imgresume.storage.interfaces import (
     EXCLUSIVE_WRITER,
     PROVEN_OFFSET,
     SHARED,
+    Chunk,
     NewUpload,
 )
 from tests.support.cluster import KillServingServer
@@ -224,7 +225,7 @@ class S3PartTests(BucketMixin, TestCase):
         writer = self.successResultOf(a.create(request(data, client_id="alice")))
         self.assertEqual(writer.part_size, 5 * MiB)
         got = self.successResultOf(writer.write_batch(
-            [(0, data[: 4 * MiB]), (4 * MiB, data[4 * MiB : 11 * MiB])]))
+            [Chunk(0, data[: 4 * MiB]), Chunk(4 * MiB, data[4 * MiB : 11 * MiB])]))
         self.assertEqual((got, writer.offset), (10 * MiB, 11 * MiB))
         upload_id = writer.info.upload_id
         st = self.successResultOf(a.status(upload_id, "alice"))

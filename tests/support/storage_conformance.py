@@ -31,6 +31,7 @@ from imgresume.names import is_upload_id
 from imgresume.storage.interfaces import (
     ATOMIC_COMPLETE,
     EXCLUSIVE_WRITER,
+    Chunk,
     CompletedUpload,
     IUploadStorage,
     IUploadWriter,
@@ -123,10 +124,10 @@ class StorageConformanceMixin:
         """A batch of contiguous chunks is stored as if written one by one."""
         data, p = self.sample(), self.piece(1000)
         writer = self.create(data)
-        chunks = [(o, data[o : o + p]) for o in range(0, 2 * p, p)]
+        chunks = [Chunk(o, data[o : o + p]) for o in range(0, 2 * p, p)]
         self.assertEqual(self.successResultOf(writer.write_batch(chunks)), 2 * p)
         self.failureResultOf(
-            writer.write_batch([(2 * p, b"x"), (2 * p + 2, b"y")]), OffsetMismatch)
+            writer.write_batch([Chunk(2 * p, b"x"), Chunk(2 * p + 2, b"y")]), OffsetMismatch)
         self.assertEqual(writer.offset, 2 * p)
         self.writeAll(writer, data, start=2 * p)
         done = self.successResultOf(writer.complete())

@@ -43,7 +43,7 @@ class SlowWriter:
         return gate.addCallback(lambda _: result)
 
     def write_batch(self, chunks):
-        self.owner.batches.append([chunk[0] for chunk in chunks])
+        self.owner.batches.append([chunk.offset for chunk in chunks])
         return self._later(self.writer.write_batch(chunks))
 
     def complete(self, sha256=None):

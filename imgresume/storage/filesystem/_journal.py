@@ -18,7 +18,7 @@ import zlib
 from typing import Sequence
 
 from imgresume.storage.filesystem._durable import drop_cache, pread_full
-from imgresume.storage.interfaces import TailCheck
+from imgresume.storage.interfaces import Chunk, TailCheck
 
 RECORD = struct.Struct(">QII")
 RECORD_CRC = struct.Struct(">I")
@@ -50,25 +50,24 @@ def parse_record(raw: bytes) -> tuple[int, int, int] | None:
     return RECORD.unpack(body)
 
 
-def records(offset: int, chunks: Sequence[tuple[int, bytes, int | None]]) -> list[bytes]:
+def records(chunks: Sequence[Chunk]) -> list[bytes]:
     """
-    The records naming contiguous C{chunks} stored from C{offset}: one per
-    chunk, whose CRC-32 (the protocol already checked it against the
-    payload) is used when given; a chunk longer than L{MAX_RECORD_LENGTH},
-    or without a CRC, is covered by records computed here.
+    The records naming the stored, non-empty C{chunks}: one per chunk,
+    whose CRC-32 (the protocol already checked it against the payload) is
+    used when given; a chunk longer than L{MAX_RECORD_LENGTH}, or without a
+    CRC, is covered by records computed here.
     """
     out = []
-    pos = offset
-    for _, chunk, crc in chunks:
-        if crc is not None and len(chunk) <= MAX_RECORD_LENGTH:
-            out.append(pack_record(pos, len(chunk), crc))
-            pos += len(chunk)
+    for chunk in chunks:
+        if chunk.crc32 is not None and len(chunk.data) <= MAX_RECORD_LENGTH:
+            out.append(pack_record(chunk.offset, len(chunk.data), chunk.crc32))
             continue
-        view = memoryview(chunk)
+        offset = chunk.offset
+        view = memoryview(chunk.data)
         while view:
             piece = view[:MAX_RECORD_LENGTH]
-            out.append(pack_record(pos, len(piece), zlib.crc32(piece)))
-            pos += len(piece)
+            out.append(pack_record(offset, len(piece), zlib.crc32(piece)))
+            offset += len(piece)
             view = view[len(piece):]
     return out
 

@@ -8,7 +8,7 @@ back from the storage (this host's cached pages dropped first, so the bytes
 come from the disk or, on a network filesystem, from its servers) and hashed
 to the declared SHA-256.  Doing that at completion costs a whole second read
 of the file after the last packet, which on a large file is as long as the
-transfer.  Bytes below the acknowledged offset never change, so they can be
+transfer.  Bytes below the durable offset never change, so they can be
 verified as soon as they are flushed: L{ReadBack} hashes the durable prefix
 in slices on the storage's disk threads, lagging the writes, and completion
 only waits for the last slice.
@@ -79,7 +79,8 @@ class ReadBack:
         self._hash = hashlib.sha256()
         #: Bytes from offset 0 read back and hashed so far.
         self.verified = 0
-        self._target = 0
+        #: What the writer has made durable, as far as it told us.
+        self._durable = 0
         self._running = False
         self._failure: ReadBackFailed | None = None
         self._waiters: list[tuple[int, Deferred[None]]] = []
@@ -88,31 +89,31 @@ class ReadBack:
 
     def follow(self, durable: int) -> None:
         """Bytes up to C{durable} are flushed: verify them in the background."""
-        self._target = max(self._target, durable)
+        self._durable = max(self._durable, durable)
         if self._running or self._failure is not None or self._fd is None:
             return
-        if self.verified >= self._target:
+        if self.verified >= self._durable:
             return
         self._running = True
-        d = self._run(self._advance, self._target)
+        d = self._run(self._advance, self._durable)
         d.addCallbacks(self._advanced, self._failed)
 
-    def until(self, offset: int) -> Deferred[None]:
+    def until(self, durable: int) -> Deferred[None]:
         """
-        A Deferred that fires once bytes up to C{offset} are verified (or
+        A Deferred that fires once bytes up to C{durable} are verified (or
         fails with L{ReadBackFailed}).  The caller must not let the upload
         shrink meanwhile.
         """
         d: Deferred[None] = Deferred()
-        self._waiters.append((offset, d))
-        self.follow(offset)
+        self._waiters.append((durable, d))
+        self.follow(durable)
         self._wake()
         return d
 
     def _advanced(self, _: None) -> None:
         self._running = False
         self._wake()
-        self.follow(self._target)
+        self.follow(self._durable)
 
     def _failed(self, failure: Failure) -> None:
         self._running = False
@@ -130,28 +131,28 @@ class ReadBack:
 
     def _wake(self) -> None:
         waiting = []
-        for offset, d in self._waiters:
+        for durable, d in self._waiters:
             if self._failure is not None:
                 d.errback(self._failure)
             elif self._fd is None:
                 d.errback(ReadBackFailed(OSError("the upload's files are closed")))
-            elif self.verified >= offset:
+            elif self.verified >= durable:
                 d.callback(None)
             else:
-                waiting.append((offset, d))
+                waiting.append((durable, d))
         self._waiters = waiting
 
     # -- disk thread -------------------------------------------------------
 
-    def _advance(self, target: int) -> None:
-        """Read back and hash up to one slice of what lies below C{target}."""
+    def _advance(self, durable: int) -> None:
+        """Read back and hash up to one slice of what lies below C{durable}."""
         started = time.perf_counter()
         with self._mutex:
             fd = self._fd
             if fd is None:
                 return
             start = self.verified
-            end = min(target, start + SLICE)
+            end = min(durable, start + SLICE)
             if end <= start:
                 return
             try:
@@ -161,16 +162,16 @@ class ReadBack:
             except (AttributeError, OSError):
                 pass
             buffer = _piece_buffer()
-            pos = start
-            while pos < end:
-                n = os.preadv(fd, [buffer[: min(PIECE, end - pos)]], pos)
+            offset = start
+            while offset < end:
+                n = os.preadv(fd, [buffer[: min(PIECE, end - offset)]], offset)
                 if n == 0:
                     raise OSError(
-                        0, f"the data file ends at {pos}, below the flushed offset {end}"
+                        0, f"the data file ends at {offset}, below the flushed offset {end}"
                     )
                 self._hash.update(buffer[:n])
-                pos += n
-            self.verified = pos
+                offset += n
+            self.verified = offset
         if self._timings is not None:
             self._timings("verify", time.perf_counter() - started)
 
@@ -179,15 +180,15 @@ class ReadBack:
         with self._mutex:
             return self._hash.copy().digest()
 
-    def reset(self, offset: int) -> None:
+    def reset(self, durable: int) -> None:
         """
-        The upload was cut back to C{offset} (stored bytes found corrupt):
+        The upload was cut back to C{durable} (stored bytes found corrupt):
         start over from byte 0.  Called on the disk thread.
         """
         with self._mutex:
             self._hash = hashlib.sha256()
             self.verified = 0
-            self._target = min(self._target, offset)
+            self._durable = min(self._durable, durable)
 
     def close(self) -> None:
         """Close the descriptor; waits for a read in progress.  Idempotent."""

@@ -43,6 +43,7 @@ from imgresume.storage.filesystem._locks import Lock
 from imgresume.storage.filesystem._publish import finish_completion
 from imgresume.storage.filesystem._readback import ReadBack, ReadBackFailed
 from imgresume.storage.interfaces import (
+    Chunk,
     CompletedUpload,
     IUploadWriter,
     TailCheck,
@@ -128,15 +129,13 @@ class FilesystemUploadWriter:
 
     def write(self, offset: int, data: bytes) -> Deferred[int]:
         """See L{IUploadWriter.write}."""
-        return self.write_batch([(offset, data)])
+        return self.write_batch([Chunk(offset, data)])
 
-    def write_batch(self, chunks: Sequence[tuple[int, bytes]]) -> Deferred[int]:
+    def write_batch(self, chunks: Sequence[Chunk]) -> Deferred[int]:
         """See L{IUploadWriter.write_batch}."""
         # Payloads may be any buffer (the decoder hands out memoryviews of
         # the frames it received): written as they are, never copied.
-        d = self._call(self._write_sync, [
-            (c[0], c[1], c[2] if len(c) > 2 else None) for c in chunks
-        ])
+        d = self._call(self._write_sync, list(chunks))
         d.addCallback(self._flushed)
         return d
 
@@ -257,37 +256,38 @@ class FilesystemUploadWriter:
         self._close_sync()
         return err
 
-    def _write_sync(self, chunks: list[tuple[int, bytes, int | None]]) -> int:
+    def _write_sync(self, chunks: list[Chunk]) -> int:
         """
         Store contiguous chunks starting at L{offset} with one flush of the
         data and one of the journal for all of them (group commit): the
         write path's cost is its fsyncs, so a batch costs what one chunk did.
+        Returns what is durable: the end of the last chunk.
         """
         self._check_usable()
         info = self.info
-        pos = self.offset
-        for chunk_offset, chunk, _ in chunks:
-            if chunk_offset != pos:
+        end = self.offset
+        for chunk in chunks:
+            if chunk.offset != end:
                 raise OffsetMismatch(
-                    f"write at {chunk_offset} but upload {info.upload_id} has "
-                    f"{pos} bytes; continue from {self.offset}",
+                    f"write at {chunk.offset} but upload {info.upload_id} has "
+                    f"{end} bytes; continue from {self.offset}",
                     offset=self.offset,
                 )
-            pos += len(chunk)
-        if pos > info.size:
+            end = chunk.end
+        if end > info.size:
             raise SizeExceeded(
-                f"write up to {pos} passes the declared size {info.size}",
+                f"write up to {end} passes the declared size {info.size}",
                 offset=self.offset,
             )
-        chunks = [c for c in chunks if c[1]]
+        chunks = [chunk for chunk in chunks if chunk.data]
         if not chunks:
             return self.offset
         self._check_lease()
         started = time.perf_counter()
         # 1. the bytes, at their offsets (never O_APPEND), then flush them.
         try:
-            for chunk_offset, chunk, _ in chunks:
-                pwrite_all(self._pwrite, self._data_fd, chunk, chunk_offset)
+            for chunk in chunks:
+                pwrite_all(self._pwrite, self._data_fd, chunk.data, chunk.offset)
         except OSError as e:
             if e.errno in NOSPACE:
                 raise fail(e, f"cannot store upload {info.upload_id}") from e
@@ -297,7 +297,7 @@ class FilesystemUploadWriter:
         except OSError as e:
             raise self._poison(e, "flushing data") from e
         # 2. the journal records naming them, then flush those.
-        new = records(self.offset, chunks)
+        new = records(chunks)
         try:
             pwrite_all(
                 self._pwrite,
@@ -315,7 +315,7 @@ class FilesystemUploadWriter:
             raise self._poison(e, "flushing journal") from e
         # 3. only now is the write acknowledged.
         self._count += len(new)
-        self.offset = pos
+        self.offset = end
         if self._timings is not None:
             self._timings("write", time.perf_counter() - started)
         return self.offset

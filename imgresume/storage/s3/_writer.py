@@ -29,6 +29,7 @@ from imgresume.errors import (
     UploadTakenOver,
 )
 from imgresume.storage.interfaces import (
+    Chunk,
     CompletedUpload,
     IUploadWriter,
     TailCheck,
@@ -56,8 +57,8 @@ class S3UploadWriter:
     C{S3Storage.resume}; used by one connection.
 
     L{offset} is where the next write starts; the Deferreds of L{write} and
-    L{write_batch} fire with the durable offset: the end of the last stored
-    part.  The bytes in between wait in a spool of at most one part.
+    L{write_batch} fire with L{durable}: the end of the last stored part.
+    The bytes in between wait in a spool of at most one part.
     """
 
     def __init__(self, meta: dict[str, Any], parts: list[dict[str, Any]],
@@ -77,6 +78,7 @@ class S3UploadWriter:
         self._parts = parts
         self.info: UploadInfo = upload_info(meta)
         self.part_size: int = meta["part_size"]
+        #: What is durable: the end of the last stored part.
         self.durable: int = sum(p["size"] for p in parts)
         self.offset: int = self.durable
         self.tail = tail
@@ -98,11 +100,11 @@ class S3UploadWriter:
 
     def write(self, offset: int, data: bytes) -> Deferred[int]:
         """See L{IUploadWriter.write}."""
-        return self._call("cannot write", self._write_sync, [(offset, data)])
+        return self._call("cannot write", self._write_sync, [Chunk(offset, data)])
 
-    def write_batch(self, chunks: Sequence[tuple]) -> Deferred[int]:
+    def write_batch(self, chunks: Sequence[Chunk]) -> Deferred[int]:
         """See L{IUploadWriter.write_batch}."""
-        return self._call("cannot write", self._write_sync, [(c[0], c[1]) for c in chunks])
+        return self._call("cannot write", self._write_sync, list(chunks))
 
     def complete(self, sha256: bytes | None = None) -> Deferred[CompletedUpload]:
         """See L{IUploadWriter.complete}."""
@@ -149,24 +151,24 @@ class S3UploadWriter:
         self._heartbeat = self._leases.renew(
             self.info.upload_id, self.generation, self._heartbeat)
 
-    def _write_sync(self, chunks: list[tuple[int, bytes]]) -> int:
+    def _write_sync(self, chunks: list[Chunk]) -> int:
         self._check_open()
         info = self.info
-        pos = self.offset
-        for chunk_offset, chunk in chunks:
-            if chunk_offset != pos:
+        end = self.offset
+        for chunk in chunks:
+            if chunk.offset != end:
                 raise OffsetMismatch(
-                    f"write at {chunk_offset} but upload {info.upload_id} has "
+                    f"write at {chunk.offset} but upload {info.upload_id} has "
                     f"{self.offset} bytes; continue from {self.offset}", offset=self.offset)
-            pos += len(chunk)
-        if pos > info.size:
-            raise SizeExceeded(f"write up to {pos} passes the declared size {info.size}",
+            end = chunk.end
+        if end > info.size:
+            raise SizeExceeded(f"write up to {end} passes the declared size {info.size}",
                                offset=self.offset)
-        if pos == self.offset:
+        if end == self.offset:
             return self.durable
         self._renew()
-        for _, chunk in chunks:
-            view = memoryview(chunk)
+        for chunk in chunks:
+            view = memoryview(chunk.data)
             while view:
                 room = self.part_size - (self.offset - self.durable)
                 piece = view[:room]
