@@ -15,10 +15,12 @@ tests).  Both pass the conformance mixin in C{tests/support/storage_conformance.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import attrs
 from zope.interface import Attribute, Interface
+
+from imgresume.errors import OffsetMismatch, SizeExceeded
 
 #: Guarantees a backend may declare in L{IUploadStorage.guarantees}.
 DURABLE_ACK = "durable-ack"  # a write's Deferred fires only once bytes are durable
@@ -241,6 +243,31 @@ class IUploadWriter(Interface):
 
         @return: Deferred firing with a bool.
         """
+
+
+def batch_end(info: UploadInfo, offset: int, chunks: Sequence[Chunk]) -> int:
+    """
+    Where a batch of C{chunks} for a writer at C{offset} ends, once checked:
+    each chunk starts where the one before ended, the first at C{offset},
+    and the last ends within the declared size.  Backends call it first
+    thing in C{write_batch()}, before storing anything.
+
+    @raise imgresume.errors.OffsetMismatch: a chunk is out of place.
+    @raise imgresume.errors.SizeExceeded: the batch passes the size.
+    """
+    end = offset
+    for chunk in chunks:
+        if chunk.offset != end:
+            raise OffsetMismatch(
+                f"write at {chunk.offset} but upload {info.upload_id} has "
+                f"{end} bytes; continue from {offset}",
+                offset=offset,
+            )
+        end = chunk.end
+    if end > info.size:
+        raise SizeExceeded(
+            f"write up to {end} passes the declared size {info.size}", offset=offset)
+    return end
 
 
 def expected_digest(info: UploadInfo, sha256: bytes | None) -> bytes:

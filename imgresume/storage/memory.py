@@ -54,6 +54,7 @@ from imgresume.storage.interfaces import (
     TailCheck,
     UploadInfo,
     UploadStatus,
+    batch_end,
 )
 
 log = Logger()
@@ -280,13 +281,7 @@ class MemoryUploadWriter:
     def write_batch(self, chunks: Sequence[Chunk]) -> Deferred[int]:
         """See L{IUploadWriter.write_batch}."""
         def write_all() -> int:
-            end = self.offset
-            for chunk in chunks:  # all or nothing, like the filesystem
-                if chunk.offset != end:
-                    raise OffsetMismatch(
-                        f"write at {chunk.offset} but upload {self.info.upload_id} has {end} "
-                        f"bytes; continue from {self.offset}", offset=self.offset)
-                end = chunk.end
+            batch_end(self.info, self.offset, chunks)  # all or nothing
             for chunk in chunks:
                 self._write(chunk.offset, chunk.data)
             return self.offset

@@ -25,8 +25,6 @@ from imgresume.errors import (
     ImgresumeError,
     Incomplete,
     InternalError,
-    OffsetMismatch,
-    SizeExceeded,
     StorageError,
     UploadTakenOver,
 )
@@ -48,6 +46,7 @@ from imgresume.storage.interfaces import (
     IUploadWriter,
     TailCheck,
     UploadInfo,
+    batch_end,
     expected_digest,
 )
 
@@ -264,61 +263,41 @@ class FilesystemUploadWriter:
         Returns what is durable: the end of the last chunk.
         """
         self._check_usable()
-        info = self.info
-        end = self.offset
-        for chunk in chunks:
-            if chunk.offset != end:
-                raise OffsetMismatch(
-                    f"write at {chunk.offset} but upload {info.upload_id} has "
-                    f"{end} bytes; continue from {self.offset}",
-                    offset=self.offset,
-                )
-            end = chunk.end
-        if end > info.size:
-            raise SizeExceeded(
-                f"write up to {end} passes the declared size {info.size}",
-                offset=self.offset,
-            )
+        end = batch_end(self.info, self.offset, chunks)
         chunks = [chunk for chunk in chunks if chunk.data]
         if not chunks:
             return self.offset
         self._check_lease()
         started = time.perf_counter()
         # 1. the bytes, at their offsets (never O_APPEND), then flush them.
-        try:
-            for chunk in chunks:
-                pwrite_all(self._pwrite, self._data_fd, chunk.data, chunk.offset)
-        except OSError as e:
-            if e.errno in NOSPACE:
-                raise fail(e, f"cannot store upload {info.upload_id}") from e
-            raise self._poison(e, "writing data") from e
-        try:
-            self._timed_fdatasync(self._data_fd)
-        except OSError as e:
-            raise self._poison(e, "flushing data") from e
+        self._store(self._data_fd, "data", [(chunk.data, chunk.offset) for chunk in chunks])
         # 2. the journal records naming them, then flush those.
         new = records(chunks)
-        try:
-            pwrite_all(
-                self._pwrite,
-                self._journal_fd,
-                b"".join(new),
-                self._count * RECORD_SIZE,
-            )
-        except OSError as e:
-            if e.errno in NOSPACE:
-                raise fail(e, f"cannot store upload {info.upload_id}") from e
-            raise self._poison(e, "writing journal") from e
-        try:
-            self._timed_fdatasync(self._journal_fd)
-        except OSError as e:
-            raise self._poison(e, "flushing journal") from e
+        self._store(self._journal_fd, "journal", [(b"".join(new), self._count * RECORD_SIZE)])
         # 3. only now is the write acknowledged.
         self._count += len(new)
         self.offset = end
         if self._timings is not None:
             self._timings("write", time.perf_counter() - started)
         return self.offset
+
+    def _store(self, fd: int, what: str, pieces: list[tuple[bytes, int]]) -> None:
+        """
+        Write each C{(data, offset)} of C{pieces} to C{fd} (the C{what}
+        file), then flush it.  Out of space, nothing is acknowledged and the
+        writer stays usable; any other failure poisons it.
+        """
+        try:
+            for data, offset in pieces:
+                pwrite_all(self._pwrite, fd, data, offset)
+        except OSError as e:
+            if e.errno in NOSPACE:
+                raise fail(e, f"cannot store upload {self.info.upload_id}") from e
+            raise self._poison(e, f"writing {what}") from e
+        try:
+            self._timed_fdatasync(fd)
+        except OSError as e:
+            raise self._poison(e, f"flushing {what}") from e
 
     def _timed_fdatasync(self, fd: int) -> None:
         timings = self._timings

@@ -23,8 +23,6 @@ from imgresume.errors import (
     DigestMismatch,
     Incomplete,
     InternalError,
-    OffsetMismatch,
-    SizeExceeded,
     StorageError,
     UploadTakenOver,
 )
@@ -34,6 +32,7 @@ from imgresume.storage.interfaces import (
     IUploadWriter,
     TailCheck,
     UploadInfo,
+    batch_end,
     expected_digest,
 )
 from imgresume.storage.s3._bucket import Bucket, guard
@@ -154,17 +153,7 @@ class S3UploadWriter:
     def _write_sync(self, chunks: list[Chunk]) -> int:
         self._check_open()
         info = self.info
-        end = self.offset
-        for chunk in chunks:
-            if chunk.offset != end:
-                raise OffsetMismatch(
-                    f"write at {chunk.offset} but upload {info.upload_id} has "
-                    f"{self.offset} bytes; continue from {self.offset}", offset=self.offset)
-            end = chunk.end
-        if end > info.size:
-            raise SizeExceeded(f"write up to {end} passes the declared size {info.size}",
-                               offset=self.offset)
-        if end == self.offset:
+        if batch_end(info, self.offset, chunks) == self.offset:
             return self.durable
         self._renew()
         for chunk in chunks:
