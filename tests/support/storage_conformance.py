@@ -133,6 +133,21 @@ class StorageConformanceMixin:
         done = self.successResultOf(writer.complete())
         self.assertEqual(self.readCompleted(self.storage, done.path), data)
 
+    def test_writeBatchPastSize(self) -> None:
+        """
+        A batch whose last chunk passes the declared size is refused whole:
+        none of its chunks is stored, and the writer goes on from where it
+        was.
+        """
+        data = PAYLOAD[:1000]
+        writer = self.create(data)
+        batch = [Chunk(0, data[:600]), Chunk(600, data[600:] + b"past the end")]
+        self.failureResultOf(writer.write_batch(batch), SizeExceeded)
+        self.assertEqual(writer.offset, 0)
+        self.writeAll(writer, data)
+        done = self.successResultOf(writer.complete())
+        self.assertEqual(self.readCompleted(self.storage, done.path), data)
+
     def test_lateDigest(self) -> None:
         """
         An upload created without its SHA-256 is completed with it: the
