@@ -154,11 +154,7 @@ class Finish:
 
 @attrs.frozen
 class Ack:
-    """
-    Server -> client: everything before C{offset} is durably stored.  (The
-    wire calls the field offset; the server machine sends its C{durable}
-    here and the client's keeps it as C{acked}.)
-    """
+    """Server -> client: everything before C{offset} (the server's C{durable}) is durable."""
 
     offset: int
 
