@@ -141,6 +141,9 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         self._bytes_received += len(data)
         self.factory.metrics.received_bytes.inc(len(data))
         self._takeover.heard()
+        if self.machine.client_id is not None and not self._closing:
+            # Idle is time without a byte from the client (docs/protocol.md 3a).
+            self.setTimeout(self.factory.idle_timeout)
         self._admission.feed(data)
         self.machine.receive_data(data)
         self._pump()
@@ -423,8 +426,6 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         may_read, freed = self._admission.update(
             self.machine.buffered, self._stalled(), may_wait=not self._closing)
         self._backpressure.follow(self.transport, may_read, self._closing)
-        if not self._closing and self.machine.client_id is not None:
-            self.setTimeout(self.factory.idle_timeout)
         if freed:
             self.factory.memory.wake_waiting()
 
@@ -436,8 +437,10 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         if self._closing:
             self.transport.abortConnection()  # not closed within CLOSE_GRACE
             return
-        if self._busy is not None or self._batches.writing is not None:
-            # Storage is slow, not the client: wait for it.
+        if (self._busy is not None or self._batches.writing is not None
+                or self._backpressure.paused):
+            # Storage is slow (or this server stopped reading), not the
+            # client: wait for it.
             self.setTimeout(self.factory.idle_timeout)
             return
         self._close_with(Timeout(f"no frame for too long in state {self.machine.state.value}"))
