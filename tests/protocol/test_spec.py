@@ -626,6 +626,31 @@ class StateTests(SynchronousTestCase):
         self.assertEqual(slow.storage.read_completed(answers[-1].path), content)
 
 
+class IdleTests(SynchronousTestCase):
+    """Section 3a, the part that does not need real time: the server's own waits."""
+
+    def test_storage_wait_is_not_idle(self) -> None:
+        """
+        A client waiting for a write that takes three idle timeouts is not
+        timed out; after the ACK, a silent one is, within one idle timeout.
+
+        > The time does not run while the server waits for its own storage.
+        """
+        slow = SlowStorage(MemoryStorage())
+        server = Server(slow)
+        idle = server.factory.idle_timeout
+        c = server.connect()
+        c.send(encode(Upload("a.tif", len(CONTENT), SHA)))
+        self.assertEqual(c.send(data_frame(0, CONTENT[:4096])), [])
+        server.clock.advance(3 * idle)
+        self.assertEqual((c.send(), c.closed), ([], False))
+        slow.pending.pop(0).callback(None)
+        self.assertEqual(c.send(), [Ack(4096)])
+        server.clock.advance(idle)
+        [error] = c.send()
+        self.assertEqual(error.code, ErrorCode.TIMEOUT)
+
+
 class NameTests(SynchronousTestCase):
     """Section 6: remote names and the alternates of a taken one."""
 

@@ -364,6 +364,7 @@ class S3LimitTests(BucketMixin, TestCase):
         name = "/".join(["d" * 255] * 3 + ["e" * 5, "a" * 245 + ".tiff"])
         f = self.failureResultOf(self.s3Storage().create(request(b"1", name)), InvalidName)
         self.assertIn("1024", f.value.message)
+        self.assertIsNone(self.successResultOf(self.s3Storage().find_completed(name, 1)))
 
     def test_claimedNameIsTaken(self) -> None:
         """

@@ -102,6 +102,8 @@ def find_completed(bucket: Bucket, name: str, size: int) -> StoredFile | None:
     rel = validate_name(name)
     path = "complete/" + rel
     key = bucket.key(path)
+    if len(key.encode()) > MAX_KEY_BYTES:
+        return None  # nothing can be stored there (create() says why)
     try:
         head = bucket.client.head_object(Bucket=bucket.name, Key=key)
     except Exception as e:
