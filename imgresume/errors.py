@@ -54,6 +54,7 @@ class ErrorCode(enum.IntEnum):
     UPLOAD_BUSY = 0x0104
     UPLOAD_TAKEN_OVER = 0x0105
     QUOTA_EXCEEDED = 0x0106
+    NAME_TAKEN = 0x0107
 
     OFFSET_MISMATCH = 0x0200
     CHECKSUM_MISMATCH = 0x0201
@@ -168,6 +169,10 @@ UploadTakenOver = _error(
 QuotaExceeded = _error(
     "QuotaExceeded", ErrorCode.QUOTA_EXCEEDED, Scope.COMMAND, True,
     "The client has as many uploads open as it may; retry after C{retry_after}.",
+)
+NameTaken = _error(
+    "NameTaken", ErrorCode.NAME_TAKEN, Scope.COMMAND, False,
+    "A completed file has the name, and the upload asked not to be renamed (if-exists=fail).",
 )
 OffsetMismatch = _error(
     "OffsetMismatch", ErrorCode.OFFSET_MISMATCH, Scope.TRANSFER, True,

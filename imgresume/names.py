@@ -10,6 +10,12 @@ accepted name is Unicode NFC normalisation, so that the same visible name
 from two clients maps to one file.  Everything else that is odd is refused
 with L{InvalidName} and a message saying what is wrong.
 
+What happens when a completed file already has the name is the upload's
+C{if-exists} policy (L{IF_EXISTS_POLICIES}, asked for in the UPLOAD's
+metadata under L{IF_EXISTS_KEY}; L{if_exists_policy} reads it):
+C{rename} stores it beside under an alternate name, C{skip} stores nothing
+when the file there is identical, C{fail} refuses.
+
 An upload id is 128 random bits as 32 lowercase hex digits.  It is both a
 capability (whoever knows it may resume the upload) and a directory name
 under C{incoming/}, so the check is strict: nothing but C{[0-9a-f]{32}} ever
@@ -24,7 +30,7 @@ from __future__ import annotations
 import re
 import secrets
 import unicodedata
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from imgresume.errors import InvalidName
 
@@ -35,6 +41,13 @@ MAX_NAME_BYTES = 1024
 MAX_COMPONENT_BYTES = 255
 
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+
+#: The UPLOAD metadata key that carries the upload's policy for a name
+#: already taken by a completed file (docs/protocol.md, section 6).
+IF_EXISTS_KEY = "if-exists"
+#: The policies, the default first: store beside under another name; store
+#: nothing if the file there has the same size and SHA-256; refuse.
+IF_EXISTS_POLICIES = ("rename", "skip", "fail")
 
 _WINDOWS_RESERVED = frozenset(
     ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
@@ -120,7 +133,10 @@ def validate_name(name: str) -> str:
     characters (C0, DEL, C1, NUL), lone surrogates, bidirectional controls,
     line/paragraph separators, components ending with a space or a dot, and
     Windows device names (CON, PRN, AUX, NUL, COM1-9, LPT1-9, with or without
-    an extension, in any case).
+    an extension, in any case): a Windows machine reading C{complete/} would
+    open the device, not the file.  A colon is an ordinary character on the
+    POSIX storage (C{"C:/x"}, C{"10:30.tif"} are accepted): at worst such a
+    name is unusable on Windows, never another thing.
 
     Called by storage backends on every new upload.
 
@@ -162,12 +178,24 @@ def _fit(stem: str, tag: str, suffix: str) -> str:
             suffix = suffix[:-1]
 
 
-def completion_candidates(name: str, upload_id: str) -> Iterator[str]:
+def if_exists_policy(metadata: Mapping[str, str]) -> str:
+    """
+    The C{if-exists} policy an upload's metadata asks for (C{"rename"} when
+    it names none).  The server machine has checked the value at UPLOAD.
+    """
+    return metadata.get(IF_EXISTS_KEY, IF_EXISTS_POLICIES[0])
+
+
+def completion_candidates(
+    name: str, upload_id: str, if_exists: str = "rename"
+) -> Iterator[str]:
     """
     Yield the paths (relative to C{complete/}) a completed upload may take,
     best first: C{name} itself, then C{<stem>.<first 8 hex of id><suffix>},
     then C{<stem>.<id><suffix>}, then C{<stem>.<id>-<n><suffix>}.  A backend
     takes the first one that is free and never replaces an existing file.
+    An upload whose C{if_exists} policy is C{"fail"} may only take C{name}:
+    when it is taken the backend raises L{imgresume.errors.NameTaken}.
 
     C{name} must already be valid (L{validate_name}).  Stem and suffix split
     the last component like L{pathlib.PurePosixPath}: C{"a.tar.gz"} gives
@@ -175,6 +203,8 @@ def completion_candidates(name: str, upload_id: str) -> Iterator[str]:
     last component fits in L{MAX_COMPONENT_BYTES}.
     """
     yield name
+    if if_exists == "fail":
+        return
     parent, slash, leaf = name.rpartition("/")
     stem, dot, ext = leaf.rpartition(".")
     if not stem:

@@ -26,6 +26,7 @@ NOT_WIRE = (UploadAlreadyComplete, UnknownErrorCode)
 #: The documented scope of every code (errors.py module and class docs).
 SCOPES = {
     ErrorCode.QUOTA_EXCEEDED: Scope.COMMAND,
+    ErrorCode.NAME_TAKEN: Scope.COMMAND,
     ErrorCode.UPLOAD_TAKEN_OVER: Scope.CONNECTION,
     ErrorCode.MALFORMED_FRAME: Scope.CONNECTION,
     ErrorCode.UNSUPPORTED_VERSION: Scope.CONNECTION,

@@ -39,6 +39,13 @@ def bar_line(head: str, fraction: float, tail: str, width: int) -> str:
     return line[: width - 1].ljust(width - 1)
 
 
+def _stored_line(bar: str, path: str | None, label: str = "done") -> str:
+    """A finished file's bar line with where it is stored (not cut to the width)."""
+    if path is None:
+        return bar
+    return f"{bar.rstrip()}, {'already ' if label != 'done' else ''}stored as {path}"
+
+
 def _file_line(p: Progress, rate: float, width: int, label: str | None = None) -> str:
     """One file's bar: name, phase, percentage, sizes, rate, ETA, server."""
     fraction = p.done / p.total if p.total else 1.0
@@ -91,7 +98,10 @@ class ProgressBar:
         if p.phase != "done" and now - self._last_draw < self.interval:
             return
         self._last_draw = now
-        self.stream.write("\r" + self.render(p, now) + ("\n" if p.phase == "done" else ""))
+        if p.phase == "done":
+            self.stream.write("\r" + _stored_line(self.render(p, now), p.path) + "\n")
+        else:
+            self.stream.write("\r" + self.render(p, now))
         self.stream.flush()
 
     def render(self, p: Progress, now: float) -> str:
@@ -221,10 +231,16 @@ class BatchProgress:
         width = shutil.get_terminal_size((100, 20)).columns
         result = outcome.result
         if result is not None:
-            label = "already complete" if result.already_complete else "done"
             server = result.servers[-1] if result.servers else None
-            line = _file_line(Progress(outcome.name, "done", result.size, result.size, server),
-                              0.0, width, label)
+            if result.skipped:
+                line = (f"{outcome.name} skipped: already stored as {result.path} "
+                        f"({format_size(result.size)}"
+                        + (f", via {server})" if server else ")"))
+            else:
+                label = "already complete" if result.already_complete else "done"
+                line = _stored_line(_file_line(
+                    Progress(outcome.name, "done", result.size, result.size, server),
+                    0.0, width, label), result.path, label)
         else:
             reason = str(outcome.error)
             if reason.startswith(outcome.name + ": "):

@@ -45,6 +45,13 @@ killed, running it again resumes the unfinished files and confirms the
 finished ones with the server without sending them again (the upload ids
 are kept in a small local journal); --restart sends everything again.
 
+Every stored file is reported with the path it was stored at.  When a
+completed file already has the remote name, --if-exists says what the
+server does: rename (store the new one beside it, e.g. as
+a.e0af5ecb.tiff; the default), skip (store nothing if the file there has
+the same size and SHA-256, which the server checks; each file is then
+hashed before it is sent) or fail (refuse the file).
+
 Examples:
   imgresume upload --to tcp:lb.example:7000 scan-0001.tiff scan-0002.tiff
   imgresume upload --to tcp:lb.example:7000 --parallel 8 --prefix batch-7 scans/
@@ -68,6 +75,8 @@ Examples:
         ["backoff-max", None, "20s", "Longest wait between reconnection attempts."],
         ["chunk-size", None, None, "Payload per data packet [default: what the server recommends]."],
         ["window", None, "16", "Data packets in flight before waiting for acknowledgements."],
+        ["if-exists", None, "rename", "When a completed file already has the remote name: "
+         "rename (store beside it), skip (if it is the same file), or fail."],
     ]
     optFlags = [
         ["json", None, "Print one JSON object per file on stdout."],
@@ -115,6 +124,8 @@ Examples:
             raise usage.UsageError(str(e))
         if not 1 <= self["parallel"] <= MAX_PARALLEL:
             raise usage.UsageError(f"--parallel must be from 1 to {MAX_PARALLEL}")
+        if self["if-exists"] not in ("rename", "skip", "fail"):
+            raise usage.UsageError("--if-exists must be rename, skip or fail")
 
 
 def run_upload(reactor: Any, config: UploadOptions) -> Any:
@@ -141,6 +152,7 @@ def run_upload(reactor: Any, config: UploadOptions) -> Any:
             max_attempts=config["max-attempts"], stall_timeout=config["stall-timeout"],
             connect_timeout=config["connect-timeout"], backoff_max=config["backoff-max"],
             chunk_size=config["chunk-size"] or None, window=config["window"],
+            if_exists=config["if-exists"],
         )
     except Exception as e:  # endpoint string parsers raise whatever they like
         print(f"imgresume: --to {config['to']}: not a usable endpoint: "
@@ -240,7 +252,11 @@ class BatchCommand:
             if not live:
                 print(f"imgresume: upload failed: {outcome.error}", file=self.err, flush=True)
         elif not live and not self.config["quiet"] and not self.config["json"]:
-            if result.already_complete:
+            if result.skipped:
+                print(f"{result.name}: skipped: already stored as {result.path} "
+                      f"({result.size} bytes, sha256 {result.sha256} verified by the server)",
+                      file=self.out, flush=True)
+            elif result.already_complete:
                 print(f"{result.name}: already stored at {result.path} by an earlier run "
                       f"({result.size} bytes, sha256 {result.sha256} verified)",
                       file=self.out, flush=True)
@@ -258,9 +274,12 @@ class BatchCommand:
             return
         stored = [o.result for o in batch.outcomes if o.result is not None]
         already = sum(r.already_complete for r in stored)
+        skipped = sum(r.skipped for r in stored)
         line = f"imgresume: {len(stored)} of {files} files stored and verified"
-        if already:
-            line += f" ({already} already complete from an earlier run)"
+        notes = [f"{already} already complete from an earlier run"] if already else []
+        notes += [f"{skipped} skipped: already stored"] if skipped else []
+        if notes:
+            line += f" ({'; '.join(notes)})"
         sent = sum(r.bytes_sent for r in stored)
         line += (f"; {format_size(sent)} sent in {seconds:.1f} s over "
                  f"{batch.connections} connection{'s' if batch.connections != 1 else ''}")

@@ -23,7 +23,7 @@ from imgresume.client._batch import BatchItem, BatchResult, FileOutcome
 from imgresume.client._blocking import upload_files
 from imgresume.client._collect import CollectedFiles, RefusedFile, collect_files
 from imgresume.client._journal import Journal, default_journal_path
-from imgresume.client._results import Progress, UploadFailed, UploadResult
+from imgresume.client._results import IfExistsNotOffered, Progress, UploadFailed, UploadResult
 from imgresume.client._session import UploadSession
 from imgresume.client._uploader import Uploader, default_client_id
 
@@ -31,5 +31,5 @@ __all__ = [
     "Uploader", "UploadSession", "UploadResult", "UploadFailed", "Progress",
     "BatchItem", "FileOutcome", "BatchResult", "collect_files", "CollectedFiles",
     "RefusedFile", "Journal", "default_journal_path", "default_client_id",
-    "upload_files", "ConnectionBroken", "Stalled", "ResidualMismatch",
+    "upload_files", "ConnectionBroken", "Stalled", "ResidualMismatch", "IfExistsNotOffered",
 ]

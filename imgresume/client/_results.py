@@ -23,6 +23,18 @@ class UploadFailed(Exception):
         self.cause = cause
 
 
+class IfExistsNotOffered(Exception):
+    """
+    The C{cause} of an L{UploadFailed}: the uploader was asked for an
+    C{if_exists} policy (C{skip} or C{fail}) that the server does not
+    offer (an older server); nothing was sent.
+    """
+
+    def __init__(self, policy: str) -> None:
+        super().__init__(f"the server does not offer if-exists={policy}")
+        self.policy = policy
+
+
 @attrs.frozen
 class UploadResult:
     """
@@ -35,6 +47,10 @@ class UploadResult:
     @ivar already_complete: the server reported the upload complete before
         this call sent any byte: an earlier run had finished it (the
         journal knew its upload id), and this call only confirmed it.
+    @ivar skipped: nothing was sent because the server already holds a
+        file of this name with the same size and SHA-256 (the uploader's
+        C{if_exists} was C{"skip"}); C{path} is where it lies and
+        C{upload_id} is empty (no upload was made).
     """
 
     name: str
@@ -48,6 +64,7 @@ class UploadResult:
     servers: list[str]
     seconds: float
     already_complete: bool = False
+    skipped: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (what C{imgresume upload --json} prints)."""
@@ -56,10 +73,14 @@ class UploadResult:
 
 @attrs.frozen
 class Progress:
-    """A progress report: C{phase} is "hashing", "uploading" or "done"."""
+    """
+    A progress report: C{phase} is "hashing", "uploading" or "done"; a
+    "done" report carries the C{path} where the file is stored.
+    """
 
     name: str
     phase: str
     done: int
     total: int
     server_id: str | None = None
+    path: str | None = None

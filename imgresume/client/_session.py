@@ -24,11 +24,12 @@ from imgresume.client._attempt import ResidualMismatch, UploadAttempt
 from imgresume.client._connection import UploadConnection
 from imgresume.client._journal import journal_key
 from imgresume.client._journal_queue import JournalQueue
-from imgresume.client._results import Progress, UploadFailed, UploadResult
+from imgresume.client._results import IfExistsNotOffered, Progress, UploadFailed, UploadResult
 from imgresume.client._source import LocalFile, Runner
 from imgresume.errors import ImgresumeError, UnknownUpload
 from imgresume.client._source import HashStopped
-from imgresume.protocol import Upload
+from imgresume.names import IF_EXISTS_KEY
+from imgresume.protocol import SKIPPED_UPLOAD_ID, Upload
 
 class SessionUploader(Protocol):
     """
@@ -47,6 +48,7 @@ class SessionUploader(Protocol):
     chunk_size: int | None
     run: Runner
     journal_queue: JournalQueue | None
+    if_exists: str
 
     def backoff(self, failures: int, retry_after: float = 0.0) -> float:
         """Seconds to wait after C{failures} consecutive failures."""
@@ -189,14 +191,26 @@ class UploadSession:
             """What to ask for: the open upload's terms, or a new upload's."""
             if state.request is not None:
                 return state.request
-            if digest.value is None and connection.machine.late_digest_offered:
+            policy = up.if_exists
+            if not connection.machine.offers_if_exists(policy):
+                raise UploadFailed(
+                    f"{name}: server {connection.server_id} does not offer "
+                    f"if-exists={policy} (it predates it); nothing was sent: upgrade "
+                    "the servers, or let a clash be renamed (if-exists=rename)",
+                    IfExistsNotOffered(policy))
+            asked = {k: v for k, v in metadata.items() if k != IF_EXISTS_KEY}
+            if policy != "rename":
+                asked[IF_EXISTS_KEY] = policy
+            # To skip, the server compares the digest before any byte is sent.
+            if (digest.value is None and policy != "skip"
+                    and connection.machine.late_digest_offered):
                 # Hash while sending: the digest goes in FINISH at the end.
                 digest.start()
-                state.request = Upload(name, source.size, None, metadata)
+                state.request = Upload(name, source.size, None, asked)
             else:
                 if digest.value is None:
                     digest.value = await hash_file()
-                state.request = Upload(name, source.size, digest.value, metadata)
+                state.request = Upload(name, source.size, digest.value, asked)
             return state.request
 
         def on_upload_id(new_id: str) -> Deferred[None] | None:
@@ -250,16 +264,22 @@ class UploadSession:
                 f"{completed.sha256.hex()}; the local file has {source.size} bytes "
                 f"with {sha256.hex()}"
             )
+        # COMPLETED for an UPLOAD: the server holds this file already.
+        skipped = completed.upload_id == SKIPPED_UPLOAD_ID
         if journal is not None:
-            await self._journal_written(journal.complete(key, completed.upload_id, sha256.hex()))
-        progress(Progress(name, "done", completed.size, completed.size, state.servers[-1]))
+            await self._journal_written(journal.forget(key) if skipped else journal.complete(
+                key, completed.upload_id, sha256.hex()))
+        progress(Progress(name, "done", completed.size, completed.size, state.servers[-1],
+                          completed.path))
         return UploadResult(
-            name=name, upload_id=completed.upload_id, size=completed.size,
-            sha256=completed.sha256.hex(), path=completed.path,
+            name=name, upload_id="" if skipped else completed.upload_id,
+            size=completed.size, sha256=completed.sha256.hex(), path=completed.path,
             resumed_at=state.resumed_at, bytes_sent=state.bytes_sent,
             attempts=state.attempts, servers=state.servers,
             seconds=round(time.monotonic() - started, 3),
-            already_complete=state.bytes_sent == 0 and attempt.stats.accepted_offset is None,
+            already_complete=(not skipped and state.bytes_sent == 0
+                              and attempt.stats.accepted_offset is None),
+            skipped=skipped,
         )
 
     async def _journal_written(self, written: Deferred[None]) -> None:
@@ -276,6 +296,8 @@ class UploadSession:
         Decide what a failed attempt means: raise L{UploadFailed} to give up,
         or return how long to wait before the next attempt.
         """
+        if isinstance(error, UploadFailed):
+            raise error  # a verdict already (the server lacks what was asked for)
         up = self._uploader
         stats = attempt.stats
         progressed = stats.accepted_offset is not None and stats.acked > stats.accepted_offset

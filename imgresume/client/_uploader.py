@@ -29,6 +29,7 @@ from imgresume.client._journal_queue import JournalQueue
 from imgresume.client._results import Progress, UploadResult
 from imgresume.client._session import UploadSession
 from imgresume.client._source import Runner
+from imgresume.names import IF_EXISTS_POLICIES
 
 
 def default_client_id() -> str:
@@ -61,6 +62,13 @@ class Uploader:
         L{default_journal_path}) or None, which disables the journal.
     @param run: runs blocking file work off the reactor thread (default:
         the reactor's thread pool).
+    @param if_exists: what the server does when a completed file already
+        has the remote name: C{"rename"} (store beside it under another
+        name; the default), C{"skip"} (store nothing if that file has the
+        same size and SHA-256: the server compares, and the result says
+        C{skipped}) or C{"fail"} (refuse the file).  C{skip} and C{fail}
+        need a server that offers them; from one that does not, the file
+        fails with nothing sent (see docs/protocol.md).
     """
 
     def __init__(
@@ -80,7 +88,11 @@ class Uploader:
         chunk_size: int | None = None,
         run: Runner | None = None,
         rng: random.Random | None = None,
+        if_exists: str = "rename",
     ) -> None:
+        if if_exists not in IF_EXISTS_POLICIES:
+            raise ValueError(f"if_exists must be one of {', '.join(IF_EXISTS_POLICIES)}")
+        self.if_exists = if_exists
         if reactor is None:
             from twisted.internet import reactor as _reactor
 

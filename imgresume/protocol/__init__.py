@@ -30,10 +30,12 @@ from imgresume.protocol._auth import client_proof, server_proof
 from imgresume.protocol._auth import same as proofs_equal
 from imgresume.protocol._decoder import FrameCursor, FrameDecoder, control_limit
 from imgresume.protocol._frames import (
+    EMPTY_TAIL_SHA256,
     HEALTH_CHECK_CLIENT_ID,
     HEALTH_CHECK_CLIENT_IDS,
     MAGIC,
     PROTOCOL_VERSION,
+    SKIPPED_UPLOAD_ID,
     Accepted,
     Ack,
     Auth,
@@ -70,6 +72,7 @@ from imgresume.protocol._server_events import (
 
 __all__ = [
     "HEALTH_CHECK_CLIENT_ID", "HEALTH_CHECK_CLIENT_IDS", "MAGIC", "PROTOCOL_VERSION", "FrameType", "FrameDecoder", "encode", "decode_body",
+    "EMPTY_TAIL_SHA256", "SKIPPED_UPLOAD_ID",
     "FrameCursor", "control_limit",
     "AUTH_METHOD", "AUTH_NONCE_RE", "client_proof", "server_proof", "proofs_equal",
     "Hello", "Welcome", "Upload", "Resume", "Accepted", "Data", "Ack", "Finish", "Completed",

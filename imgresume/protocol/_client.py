@@ -254,6 +254,17 @@ class ClientConnection:
         """
         return self.welcome is not None and self.welcome.options.get("late-digest") == "1"
 
+    def offers_if_exists(self, policy: str) -> bool:
+        """
+        Whether the server applies this C{if-exists} policy (its WELCOME
+        lists it): an UPLOAD may then ask for it in its metadata.  Every
+        server renames (C{"rename"}), whether it lists it or not.
+        """
+        if policy == "rename":
+            return True
+        offered = self.welcome.options.get("if-exists", "") if self.welcome else ""
+        return policy in offered.split(",")
+
     def finish(self, sha256: bytes | None = None) -> None:
         """
         End the upload: an empty DATA packet, or for an upload opened

@@ -3,20 +3,29 @@
 Frame value objects and their byte layout.
 
 Every frame is C{u8 type} + C{u32 body length} (big-endian) + body.  Bodies
-are built from big-endian integers, fixed-size byte strings, C{str} (u16 byte
-length + UTF-8) and C{kv} (u16 count + that many C{str} key/value pairs).
+are built from the fields of L{imgresume.protocol._codec}: big-endian
+integers, fixed-size byte strings, C{str} and C{kv}.
 C{docs/protocol.md} is the normative description; this module is its code.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import struct
 from typing import Mapping, Union
 
 import attrs
 
 from imgresume.errors import MalformedFrame
+from imgresume.protocol._codec import (
+    LATE_DIGEST,
+    SHA256_SIZE,
+    USER_TEXT,
+    Reader,
+    Writer,
+    flag,
+)
 
 MAGIC = b"IMGR"
 PROTOCOL_VERSION = 1
@@ -27,11 +36,13 @@ CONTROL_MAX_BODY = 65536
 #: Bytes of a DATA body before the payload: u64 offset + u32 crc32.
 DATA_PREFIX = struct.Struct(">QI")
 UPLOAD_ID_SIZE = 16
-SHA256_SIZE = 32
-#: The wire's SHA-256, in UPLOAD and ACCEPTED, of a file whose digest comes in
-#: FINISH (C{late-digest}); only the codec knows it: above, that digest is None.
-LATE_DIGEST = b"\0" * SHA256_SIZE
 NONCE_SIZE = 32
+#: ACCEPTED's C{tail_sha256} when C{tail_length} is 0: the SHA-256 of no bytes.
+EMPTY_TAIL_SHA256 = hashlib.sha256(b"").digest()
+#: The upload id of a COMPLETED that answers an UPLOAD with C{if-exists} =
+#: C{skip}: no upload was made, a file with the same size and SHA-256 is
+#: already stored (16 zero bytes on the wire).
+SKIPPED_UPLOAD_ID = "0" * 32
 #: The client id of imgresume-lb's health checks.
 HEALTH_CHECK_CLIENT_ID = "imgresume-lb-health"
 #: Client ids servers treat as health checks: welcomed without a key (for
@@ -94,7 +105,14 @@ def _not_late_digest(instance: object, attribute: object, value: bytes | None) -
 
 @attrs.frozen
 class Upload:
-    """Client -> server: start a new upload (C{sha256} None: it comes in FINISH)."""
+    """
+    Client -> server: start a new upload (C{sha256} None: it comes in FINISH).
+
+    The name and the metadata are the user's text: bytes in them that are
+    not UTF-8 are decoded as lone surrogates (C{surrogateescape}) and
+    encoded back the same way, so the server can refuse them with
+    INVALID_NAME or INVALID_METADATA instead of dropping the connection.
+    """
 
     name: str
     size: int
@@ -125,7 +143,7 @@ class Accepted:
     offset: int
     tail_start: int = 0
     tail_length: int = 0
-    tail_sha256: bytes = b"\0" * SHA256_SIZE
+    tail_sha256: bytes = EMPTY_TAIL_SHA256
 
 
 @attrs.frozen
@@ -241,125 +259,6 @@ Frame = Union[
 ]
 
 
-class _Writer:
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def u8(self, v: int) -> "_Writer":
-        self.parts.append(struct.pack(">B", v))
-        return self
-
-    def u16(self, v: int) -> "_Writer":
-        self.parts.append(struct.pack(">H", v))
-        return self
-
-    def u32(self, v: int) -> "_Writer":
-        self.parts.append(struct.pack(">I", v))
-        return self
-
-    def u64(self, v: int) -> "_Writer":
-        self.parts.append(struct.pack(">Q", v))
-        return self
-
-    def fixed(self, v: bytes, size: int) -> "_Writer":
-        if len(v) != size:
-            raise ValueError(f"expected {size} bytes, got {len(v)}")
-        self.parts.append(v)
-        return self
-
-    def digest(self, v: bytes | None) -> "_Writer":
-        """A whole file's SHA-256: L{LATE_DIGEST} for one that comes at the end (None)."""
-        return self.fixed(LATE_DIGEST if v is None else v, SHA256_SIZE)
-
-    def str(self, v: str) -> "_Writer":
-        raw = v.encode("utf-8")
-        if len(raw) > 0xFFFF:
-            raise ValueError("string longer than 65535 bytes")
-        self.parts.append(struct.pack(">H", len(raw)))
-        self.parts.append(raw)
-        return self
-
-    def kv(self, v: Mapping[str, str]) -> "_Writer":
-        if len(v) > 0xFFFF:
-            raise ValueError("too many key/value pairs")
-        self.u16(len(v))
-        for key, value in v.items():
-            self.str(key).str(value)
-        return self
-
-    def body(self) -> bytes:
-        return b"".join(self.parts)
-
-
-class _Reader:
-    def __init__(self, body: memoryview, what: str) -> None:
-        self.body = body
-        self.pos = 0
-        self.what = what
-
-    def _take(self, n: int) -> memoryview:
-        end = self.pos + n
-        if end > len(self.body):
-            raise MalformedFrame(f"{self.what} frame is truncated")
-        piece = self.body[self.pos : end]
-        self.pos = end
-        return piece
-
-    def u8(self) -> int:
-        return self._take(1)[0]
-
-    def u16(self) -> int:
-        return struct.unpack(">H", self._take(2))[0]
-
-    def u32(self) -> int:
-        return struct.unpack(">I", self._take(4))[0]
-
-    def u64(self) -> int:
-        return struct.unpack(">Q", self._take(8))[0]
-
-    def fixed(self, n: int) -> bytes:
-        return bytes(self._take(n))
-
-    def digest(self) -> bytes | None:
-        """A whole file's SHA-256: None for L{LATE_DIGEST} (it comes at the end)."""
-        raw = self.fixed(SHA256_SIZE)
-        return None if raw == LATE_DIGEST else raw
-
-    def str(self) -> str:
-        raw = self._take(self.u16())
-        try:
-            return str(raw, "utf-8")
-        except UnicodeDecodeError:
-            raise MalformedFrame(f"{self.what} frame has a string that is not UTF-8")
-
-    def kv(self) -> dict[str, str]:
-        count = self.u16()
-        out: dict[str, str] = {}
-        for _ in range(count):
-            key = self.str()
-            if key in out:
-                raise MalformedFrame(f"{self.what} frame repeats the key {key!r}")
-            out[key] = self.str()
-        return out
-
-    def rest(self) -> bytes:
-        piece = bytes(self.body[self.pos :])
-        self.pos = len(self.body)
-        return piece
-
-    def done(self) -> None:
-        if self.pos != len(self.body):
-            raise MalformedFrame(
-                f"{self.what} frame has {len(self.body) - self.pos} trailing bytes"
-            )
-
-
-def _flag(value: int) -> bool:
-    if value > 1:
-        raise MalformedFrame(f"a flag byte must be 0 or 1, not {value}")
-    return bool(value)
-
-
 def upload_id_to_bytes(upload_id: str) -> bytes:
     """Wire form (16 bytes) of an upload id written as 32 hex digits."""
     raw = bytes.fromhex(upload_id)
@@ -384,7 +283,7 @@ def data_header(offset: int, crc32: int, length: int) -> bytes:
 
 def encode(frame: Frame) -> bytes:
     """Serialise one frame, header included."""
-    w = _Writer()
+    w = Writer()
     if isinstance(frame, Data):
         return data_header(frame.offset, frame.crc32, len(frame.payload)) + frame.payload
     if isinstance(frame, Hello):
@@ -396,7 +295,8 @@ def encode(frame: Frame) -> bytes:
         w.u64(frame.max_file_size).u32(frame.chunk_size).kv(frame.options)
         return _frame(FrameType.WELCOME, w.body())
     if isinstance(frame, Upload):
-        w.str(frame.name).u64(frame.size).digest(frame.sha256).kv(frame.metadata)
+        w.str(frame.name, USER_TEXT).u64(frame.size).digest(frame.sha256)
+        w.kv(frame.metadata, USER_TEXT)
         return _frame(FrameType.UPLOAD, w.body())
     if isinstance(frame, Resume):
         w.fixed(upload_id_to_bytes(frame.upload_id), UPLOAD_ID_SIZE)
@@ -444,13 +344,14 @@ def decode_body(kind: int, body: memoryview) -> Frame:
     Parse the body of a frame whose header said C{kind}.
 
     @raise MalformedFrame: unknown type, truncated or trailing bytes, bad
-        UTF-8, bad magic, repeated metadata keys.
+        UTF-8 (but in UPLOAD's name and metadata, see L{Upload}), bad
+        magic, repeated keys in a kv map.
     """
     try:
         ftype = FrameType(kind)
     except ValueError:
         raise MalformedFrame(f"unknown frame type 0x{kind:02x}")
-    r = _Reader(body, ftype.name)
+    r = Reader(body, ftype.name)
     frame: Frame
     if ftype is FrameType.DATA:
         offset, crc = DATA_PREFIX.unpack(r._take(DATA_PREFIX.size))
@@ -463,7 +364,7 @@ def decode_body(kind: int, body: memoryview) -> Frame:
     elif ftype is FrameType.WELCOME:
         frame = Welcome(r.u16(), r.str(), r.u32(), r.u64(), r.u32(), r.kv())
     elif ftype is FrameType.UPLOAD:
-        frame = Upload(r.str(), r.u64(), r.digest(), r.kv())
+        frame = Upload(r.str(USER_TEXT), r.u64(), r.digest(), r.kv(USER_TEXT))
     elif ftype is FrameType.RESUME:
         frame = Resume(r.fixed(UPLOAD_ID_SIZE).hex())
     elif ftype is FrameType.ACCEPTED:
@@ -492,7 +393,7 @@ def decode_body(kind: int, body: memoryview) -> Frame:
         frame = Status(r.fixed(UPLOAD_ID_SIZE).hex())
     else:
         upload_id, name, size = r.fixed(UPLOAD_ID_SIZE).hex(), r.str(), r.u64()
-        complete, offset, busy = _flag(r.u8()), r.u64(), _flag(r.u8())
+        complete, offset, busy = flag(r.u8()), r.u64(), flag(r.u8())
         frame = UploadStatusFrame(upload_id, name, size, complete, offset, busy,
                                   r.str(), r.u64(), r.u64(), r.str())
     r.done()

@@ -3,19 +3,22 @@
 What a server checks without its storage, and how a broken rule travels.
 
 The limits a server announces in WELCOME and enforces (L{ServerLimits}),
-the form of a client id (L{CLIENT_ID_RE}) and of upload metadata
-(L{check_metadata}), and the ERROR frame that carries an exception to the
-peer (L{error_frame}).  Used by the server machine,
-L{imgresume.protocol._server.ServerConnection}.
+the form of a client id (L{CLIENT_ID_RE}) and of upload metadata, with the
+C{if-exists} policy it may name (L{check_metadata}), and the ERROR frame
+that carries an exception to the peer (L{error_frame}).  Used by the server
+machine, L{imgresume.protocol._server.ServerConnection}.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Mapping
 
 import attrs
 
 from imgresume.errors import ImgresumeError, InvalidMetadata
+from imgresume.names import IF_EXISTS_KEY, IF_EXISTS_POLICIES
+from imgresume.protocol._codec import not_utf8
 from imgresume.protocol._frames import Error
 
 CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._@:+-]{1,128}\Z")
@@ -45,11 +48,19 @@ def error_frame(error: ImgresumeError) -> Error:
     )
 
 
-def check_metadata(metadata: dict[str, str]) -> ImgresumeError | None:
-    """Why the metadata of an UPLOAD is refused, or None if it is fine."""
+def check_metadata(
+    metadata: Mapping[str, str], digest_declared: bool = True
+) -> ImgresumeError | None:
+    """
+    Why the metadata of an UPLOAD is refused, or None if it is fine.  The
+    metadata may name the upload's C{if-exists} policy; C{skip} needs the
+    file's SHA-256 declared in the UPLOAD (C{digest_declared}), not in FINISH.
+    """
     if len(metadata) > MAX_METADATA_ENTRIES:
         return InvalidMetadata(f"at most {MAX_METADATA_ENTRIES} metadata entries")
     for key, value in metadata.items():
+        if not_utf8(key) or not_utf8(value):
+            return InvalidMetadata(f"metadata {key!r:.80} is not valid UTF-8")
         if not METADATA_KEY_RE.match(key):
             return InvalidMetadata(
                 "metadata keys are 1-128 characters of A-Z a-z 0-9 . _ -"
@@ -58,4 +69,15 @@ def check_metadata(metadata: dict[str, str]) -> ImgresumeError | None:
             return InvalidMetadata(
                 f"metadata value for {key!r} is over {MAX_METADATA_VALUE} bytes"
             )
+    policy = metadata.get(IF_EXISTS_KEY, IF_EXISTS_POLICIES[0])
+    if policy not in IF_EXISTS_POLICIES:
+        return InvalidMetadata(
+            f"{IF_EXISTS_KEY} must be one of {', '.join(IF_EXISTS_POLICIES)}, "
+            f"not {policy!r:.80}"
+        )
+    if policy == "skip" and not digest_declared:
+        return InvalidMetadata(
+            f"{IF_EXISTS_KEY}=skip needs the file's SHA-256 in UPLOAD: the server "
+            "compares it with the stored file's before any byte is sent"
+        )
     return None

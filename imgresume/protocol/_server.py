@@ -37,10 +37,13 @@ from imgresume.errors import (
     UnexpectedFrame,
     UnsupportedVersion,
 )
-from imgresume.names import MAX_NAME_BYTES
+from imgresume.names import IF_EXISTS_POLICIES, MAX_NAME_BYTES, if_exists_policy
+from imgresume.protocol._codec import not_utf8
 from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
+    EMPTY_TAIL_SHA256,
     PROTOCOL_VERSION,
+    SKIPPED_UPLOAD_ID,
     Accepted,
     Ack,
     Auth,
@@ -205,15 +208,17 @@ class ServerConnection:
                 f"declared size {upload.size} is over this server's limit of "
                 f"{self.limits.max_file_size} bytes"
             )
+        elif not_utf8(upload.name):
+            problem = InvalidName("name is not valid UTF-8")
         elif len(upload.name.encode("utf-8")) > MAX_NAME_BYTES:
             problem = InvalidName(f"name is longer than {MAX_NAME_BYTES} bytes")
         else:
-            problem = check_metadata(upload.metadata)
+            problem = check_metadata(upload.metadata, upload.sha256 is not None)
         if problem is not None:
             self._send(error_frame(problem))
             return None
         self.state = ServerState.OPENING
-        return UploadRequested(upload)
+        return UploadRequested(upload, if_exists_policy(upload.metadata))
 
     def _on_data(self, data: Data) -> ServerEvent | None:
         end = data.offset + len(data.payload)
@@ -294,8 +299,10 @@ class ServerConnection:
                 max_payload=self.limits.max_payload,
                 max_file_size=self.limits.max_file_size,
                 chunk_size=self.limits.chunk_size,
-                # This machine takes the SHA-256 at the end (FINISH).
-                options={"late-digest": "1", **(options or {})},
+                # This machine takes the SHA-256 at the end (FINISH), and
+                # hands every UPLOAD's if-exists policy to its caller.
+                options={"late-digest": "1", "if-exists": ",".join(IF_EXISTS_POLICIES),
+                         **(options or {})},
             )
         )
         self._decoder.limit = control_limit(self.limits.max_payload)
@@ -320,13 +327,23 @@ class ServerConnection:
         of None means the client sends it at the end, in FINISH.
         """
         self._expect(ServerState.OPENING)
-        start, length, digest = tail if tail is not None else (0, 0, b"\0" * 32)
+        start, length, digest = tail if tail is not None else (0, 0, EMPTY_TAIL_SHA256)
         self._send(Accepted(upload_id, name, size, sha256, offset, start, length, digest))
         self.upload_id, self.size, self.offset = upload_id, size, offset
         self._durable = offset
         self._sha256_in_finish = sha256 is None
         self._digest = None
         self.state = ServerState.RECEIVING
+
+    def upload_skipped(self, size: int, sha256: bytes, path: str) -> None:
+        """
+        The UPLOAD asked for C{if-exists} C{skip} and a completed file of
+        its name has its size and SHA-256: send COMPLETED for that file
+        (upload id L{SKIPPED_UPLOAD_ID}: no upload was made).
+        """
+        self._expect(ServerState.OPENING)
+        self._send(Completed(SKIPPED_UPLOAD_ID, size, sha256, path))
+        self._end_upload()
 
     def status_found(self, status: UploadStatusFrame) -> None:
         """Answer a STATUS request."""

@@ -68,9 +68,18 @@ class StatusRequested:
 
 @attrs.frozen
 class UploadRequested:
-    """Create an upload, then call L{imgresume.protocol._server.ServerConnection.upload_opened}."""
+    """
+    Create an upload, then call
+    L{imgresume.protocol._server.ServerConnection.upload_opened}.  Unless
+    C{if_exists} is C{"rename"}, first look for a completed file of the
+    name: for C{"fail"} refuse with L{imgresume.errors.NameTaken} if there
+    is one; for C{"skip"}, if it has the upload's size and SHA-256, call
+    L{imgresume.protocol._server.ServerConnection.upload_skipped} instead.
+    """
 
     upload: Upload
+    #: The UPLOAD's policy for a name already taken: rename, skip or fail.
+    if_exists: str = "rename"
 
 
 @attrs.frozen

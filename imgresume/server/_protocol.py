@@ -25,6 +25,7 @@ from imgresume.errors import (
     HandshakeRejected,
     ImgresumeError,
     InternalError,
+    NameTaken,
     Scope,
     ShuttingDown,
     Timeout,
@@ -48,7 +49,7 @@ from imgresume.server._handshake import Accept, Challenge, Decision, is_health_c
 from imgresume.server._interfaces import ServerSide
 from imgresume.server._takeover import Takeover
 from imgresume.server._upload_events import UploadEventContext
-from imgresume.storage.interfaces import Chunk, IUploadWriter, NewUpload
+from imgresume.storage.interfaces import Chunk, IUploadWriter, NewUpload, StoredFile
 from imgresume.tls import peer_certificate_identity
 
 
@@ -141,6 +142,9 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         self._bytes_received += len(data)
         self.factory.metrics.received_bytes.inc(len(data))
         self._takeover.heard()
+        if self.machine.client_id is not None and not self._closing:
+            # Idle is time without a byte from the client (docs/protocol.md 3a).
+            self.setTimeout(self.factory.idle_timeout)
         self._admission.feed(data)
         self.machine.receive_data(data)
         self._pump()
@@ -237,7 +241,11 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             )
             self._events.requested(client_id, event)
             request = NewUpload(up.name, up.size, up.sha256, up.metadata, client_id or "")
-            self._run(storage.create(request), self._opened, resumed=False)
+            if event.if_exists == "rename":
+                self._run(storage.create(request), self._opened, resumed=False)
+            else:
+                self._run(storage.find_completed(up.name, up.size), self._found,
+                          request=request, policy=event.if_exists)
         elif isinstance(event, ResumeRequested):
             self._events.requested(client_id, event)
             self._run(storage.resume(event.upload_id, client_id), self._opened, resumed=True)
@@ -346,6 +354,24 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             st.owner, int(st.created * 1000), int(st.updated * 1000), st.path,
         ))
 
+    def _found(self, found: StoredFile | None, request: NewUpload, policy: str) -> None:
+        """
+        What lies at the name of an UPLOAD whose if-exists policy is skip or
+        fail: refuse it (fail), answer with the file there (skip, same size
+        and SHA-256), or create the upload.
+        """
+        if found is not None and policy == "fail":
+            error = NameTaken(f"{found.path} already exists (if-exists=fail)")
+            self.log.info("upload refused: {path} already exists", path=found.path)
+            self._events.failed(error)
+            self.machine.fail(error)
+        elif found is not None and policy == "skip" and found.sha256 == request.sha256:
+            self.log.info("upload skipped: {path} is the same file", path=found.path)
+            self._events.skipped()
+            self.machine.upload_skipped(found.size, found.sha256, found.path)
+        else:
+            self._run(self.factory.storage.create(request), self._opened, resumed=False)
+
     def _opened(self, writer: IUploadWriter, resumed: bool) -> None:
         self.writer = writer
         info, tail = writer.info, writer.tail
@@ -423,8 +449,6 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         may_read, freed = self._admission.update(
             self.machine.buffered, self._stalled(), may_wait=not self._closing)
         self._backpressure.follow(self.transport, may_read, self._closing)
-        if not self._closing and self.machine.client_id is not None:
-            self.setTimeout(self.factory.idle_timeout)
         if freed:
             self.factory.memory.wake_waiting()
 
@@ -436,8 +460,10 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         if self._closing:
             self.transport.abortConnection()  # not closed within CLOSE_GRACE
             return
-        if self._busy is not None or self._batches.writing is not None:
-            # Storage is slow, not the client: wait for it.
+        if (self._busy is not None or self._batches.writing is not None
+                or self._backpressure.paused):
+            # Storage is slow (or this server stopped reading), not the
+            # client: wait for it.
             self.setTimeout(self.factory.idle_timeout)
             return
         self._close_with(Timeout(f"no frame for too long in state {self.machine.state.value}"))

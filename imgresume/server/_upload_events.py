@@ -105,7 +105,8 @@ class UploadEventContext:
     The upload asked for or open on one connection, as its events tell it.
     Owned by L{imgresume.server._protocol.UploadServerProtocol}, which
     calls it as the upload goes: L{requested}, L{opened}, L{progressed},
-    then L{completed} or L{failed}.  Each event is built here and handed to
+    then L{completed} or L{failed} (or, for an UPLOAD answered with a file
+    already stored, L{skipped}).  Each event is built here and handed to
     C{emit} (the factory's sink); nothing is called back on the connection.
     """
 
@@ -151,6 +152,13 @@ class UploadEventContext:
             size=completed.size, sha256=completed.sha256, offset=completed.size,
             path=completed.path, repeat=repeat,
         )
+        self._upload = None
+
+    def skipped(self) -> None:
+        """
+        The UPLOAD asked for was answered with the file already stored
+        under its name (if-exists=skip): no upload was made, no event.
+        """
         self._upload = None
 
     def failed(self, error: ImgresumeError) -> None:

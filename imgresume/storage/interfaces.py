@@ -100,6 +100,20 @@ class CompletedUpload:
 
 
 @attrs.frozen
+class StoredFile:
+    """
+    A completed file found under a name (L{IUploadStorage.find_completed}).
+    C{size} is None when what lies there is not a regular file (a
+    directory); C{sha256} is read from the stored bytes, and only when the
+    size is the one asked about (None otherwise).
+    """
+
+    path: str  # relative to the storage root, "/"-separated
+    size: int | None
+    sha256: bytes | None
+
+
+@attrs.frozen
 class UploadStatus:
     """
     What is known of an upload without owning it: for C{imgresume status}
@@ -166,6 +180,19 @@ class IUploadStorage(Interface):
         @return: Deferred firing with an L{UploadStatus}.
         """
 
+    def find_completed(name: str, size: int):
+        """
+        Look up what lies at C{complete/<name>} (the name itself, NFC
+        normalised; not the alternate names of a renamed upload), for an
+        UPLOAD whose C{if-exists} policy is C{skip} or C{fail}.  When it is
+        a file of C{size} bytes, its SHA-256 is computed from the stored
+        bytes (a read of the whole file); otherwise it is not read.
+
+        @raise imgresume.errors.InvalidName: the name is not acceptable.
+        @return: Deferred firing with a L{StoredFile}, or None when nothing
+            has that name.
+        """
+
 
 class IUploadWriter(Interface):
     """
@@ -225,6 +252,10 @@ class IUploadWriter(Interface):
         @raise imgresume.errors.Incomplete: C{offset < size}.
         @raise imgresume.errors.DigestMismatch: the stored bytes hash to
             something else (the upload is removed).
+        @raise imgresume.errors.NameTaken: the upload's metadata asks for
+            C{if-exists} C{fail} and a file already has its name (the
+            upload is kept, whole: completing it again succeeds once the
+            name is free).
         @return: Deferred firing with a L{CompletedUpload}.
         """
 

@@ -29,6 +29,7 @@ from imgresume.errors import (
     Incomplete,
     InternalError,
     InvalidName,
+    NameTaken,
     OffsetMismatch,
     SizeExceeded,
     UnknownUpload,
@@ -38,6 +39,7 @@ from imgresume.errors import (
 )
 from imgresume.names import (
     completion_candidates,
+    if_exists_policy,
     is_upload_id,
     new_upload_id,
     validate_name,
@@ -51,6 +53,7 @@ from imgresume.storage.interfaces import (
     IUploadStorage,
     IUploadWriter,
     NewUpload,
+    StoredFile,
     TailCheck,
     UploadInfo,
     UploadStatus,
@@ -129,6 +132,20 @@ class MemoryStorage:
     def status(self, upload_id: str, client_id: str | None = None) -> Deferred[UploadStatus]:
         """See L{IUploadStorage.status}."""
         return _run(self._status, upload_id, client_id)
+
+    def find_completed(self, name: str, size: int) -> Deferred[StoredFile | None]:
+        """See L{IUploadStorage.find_completed}."""
+        return _run(self._find_completed, name, size)
+
+    def _find_completed(self, name: str, size: int) -> StoredFile | None:
+        path = "complete/" + validate_name(name)
+        data = self.files.get(path)
+        if data is None:
+            if any(p.startswith(path + "/") for p in self.files):
+                return StoredFile(path, None, None)  # a directory
+            return None
+        digest = hashlib.sha256(data).digest() if len(data) == size else None
+        return StoredFile(path, len(data), digest)
 
     def _status(self, upload_id: str, client_id: str | None) -> UploadStatus:
         upload = self._uploads.get(upload_id) if is_upload_id(upload_id) else None
@@ -224,12 +241,16 @@ class MemoryStorage:
             for p in self.files
             for i in range(1, p.count("/") + 1)
         }
-        for rel in completion_candidates(info.name, info.upload_id):
+        policy = if_exists_policy(info.metadata)
+        for rel in completion_candidates(info.name, info.upload_id, policy):
             path = "complete/" + rel
             if path not in self.files and path not in dirs:
                 break
-        else:  # pragma: no cover - needs 101 colliding names
-            raise InvalidName(f"no free name for {info.name!r}")
+        else:
+            if policy == "fail":
+                raise NameTaken(f"complete/{info.name} already exists (if-exists=fail); "
+                                "the upload is kept")
+            raise InvalidName(f"no free name for {info.name!r}")  # pragma: no cover
         self._check_parents(rel)
         self.files[path] = bytes(upload.data)
         upload.completed = CompletedUpload(

@@ -17,11 +17,13 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.usage import UsageError
@@ -146,6 +148,65 @@ class UploadCommandTests(CommandTestCase):
             out, f"one.tif: 1000 bytes stored at complete/one.tif, sha256 {digest} verified\n"
         )
         self.assertIsNone(self.journal())
+
+    async def test_if_exists_skip_stores_once(self) -> None:
+        """
+        An identical file uploaded twice with --no-journal and --if-exists
+        skip is stored once: the second run sends nothing, says "skipped:
+        already stored as PATH", and with --json reports skipped with the
+        path; exit 0.
+        """
+        server = await TwistdServer(self).start()
+        path, content = self.make_file("big-scan.tiff", 300 * 1024)
+        digest = hashlib.sha256(content).hexdigest()
+        runs = []
+        for extra in ((), ("--json",)):
+            runs.append(await self.imgresume(
+                "upload", "--to", server.endpoint, "--no-journal", "--if-exists", "skip",
+                *extra, path))
+        (out1, err1, code1), (out2, err2, code2) = runs
+        self.assertEqual((code1, code2), (0, 0), err1 + err2)
+        self.assertEqual(out1, f"big-scan.tiff: {len(content)} bytes stored at "
+                               f"complete/big-scan.tiff, sha256 {digest} verified\n")
+        row = json.loads(out2)
+        self.assertEqual((row["skipped"], row["path"], row["bytes_sent"], row["upload_id"]),
+                         (True, "complete/big-scan.tiff", 0, ""))
+        out3, err3, code3 = await self.imgresume(
+            "upload", "--to", server.endpoint, "--no-journal", "--if-exists", "skip", path)
+        self.assertEqual(code3, 0, err3)
+        self.assertEqual(out3, f"big-scan.tiff: skipped: already stored as "
+                               f"complete/big-scan.tiff ({len(content)} bytes, sha256 {digest} "
+                               "verified by the server)\n")
+        stored = os.listdir(os.path.join(server.storage, "complete"))
+        self.assertEqual(stored, ["big-scan.tiff"])
+        self.assertEqual(server.stored("complete/big-scan.tiff"), content)
+
+    async def test_if_exists_rename_and_fail(self) -> None:
+        """
+        By default (rename) a second, different file of the name is stored
+        beside it and its line names the real path; with --if-exists fail
+        a third is refused with NAME_TAKEN and the command exits 1.
+        """
+        server = await TwistdServer(self).start()
+        path, _ = self.make_file("big-scan.tiff", 1000, 1)
+        out, err, code = await self.imgresume("upload", "--to", server.endpoint,
+                                              "--no-journal", path)
+        self.assertEqual(code, 0, err)
+        path, content = self.make_file("big-scan.tiff", 1000, 2)
+        out, err, code = await self.imgresume("upload", "--to", server.endpoint,
+                                              "--no-journal", path)
+        self.assertEqual(code, 0, err)
+        renamed = re.fullmatch(
+            r"big-scan.tiff: 1000 bytes stored at (complete/big-scan\.[0-9a-f]{8}\.tiff), "
+            r"sha256 [0-9a-f]{64} verified\n", out)
+        self.assertIsNotNone(renamed, out)
+        self.assertEqual(server.stored(renamed.group(1)), content)
+        path, _ = self.make_file("big-scan.tiff", 1000, 3)
+        out, err, code = await self.imgresume("upload", "--to", server.endpoint,
+                                              "--no-journal", "--if-exists", "fail", path)
+        self.assertEqual((out, code), ("", 1))
+        self.assertIn("complete/big-scan.tiff already exists (if-exists=fail)", err)
+        self.assertEqual(len(os.listdir(os.path.join(server.storage, "complete"))), 2)
 
     async def test_dead_endpoint(self) -> None:
         """
@@ -288,6 +349,22 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn(message, str(caught.exception))
 
 
+    def test_if_exists(self) -> None:
+        """--if-exists is rename by default, takes skip or fail, and nothing else."""
+        path = os.path.abspath(self.mktemp())
+        open(path, "wb").close()
+        options = UploadOptions()
+        options.parseOptions(["--to", "tcp:h:1", path])
+        self.assertEqual(options["if-exists"], "rename")
+        for policy in ("skip", "fail", "rename"):
+            options = UploadOptions()
+            options.parseOptions(["--to", "tcp:h:1", "--if-exists", policy, path])
+            self.assertEqual(options["if-exists"], policy)
+        with self.assertRaises(UsageError) as caught:
+            UploadOptions().parseOptions(["--to", "tcp:h:1", "--if-exists", "replace", path])
+        self.assertIn("--if-exists must be rename, skip or fail", str(caught.exception))
+
+
 class ProgressBarTests(SynchronousTestCase):
     """L{ProgressBar} on a fake clock, an 80-column terminal and a StringIO."""
 
@@ -330,6 +407,12 @@ class ProgressBarTests(SynchronousTestCase):
         self.assertIn("a.tif done [####", last)
         self.assertIn("100% 2.0 KiB/2.0 KiB via node-a", last)
         self.assertNotIn("ETA", last)
+
+    def test_done_shows_path(self) -> None:
+        """The "done" line ends with the path the file is stored at."""
+        self.bar(Progress("a.tif", "done", 2048, 2048, "node-a", "complete/a.0a1b2c3d.tif"))
+        last = self.stream.getvalue().split("\r")[-1]
+        self.assertTrue(last.endswith(" via node-a, stored as complete/a.0a1b2c3d.tif\n"), last)
 
     def test_throttled(self) -> None:
         """At most hz redraws a second: reports in between are skipped."""
@@ -619,8 +702,8 @@ class BatchProgressTests(SynchronousTestCase):
     def test_finished_lines_stay(self) -> None:
         """
         A finished file leaves a line above the live ones: done (or already
-        complete) with its size and server, or FAILED with the reason;
-        close() clears the live lines only.
+        complete) with its size, server and the path it is stored at, or
+        FAILED with the reason; close() clears the live lines only.
         """
         self.display(Progress("a.tif", "uploading", 0, 4096, "node-a"))
         self.display.finished(outcome("a.tif", 4096))
@@ -628,7 +711,7 @@ class BatchProgressTests(SynchronousTestCase):
         self.display.close()
         text = self.stream.getvalue()
         self.assertIn("a.tif done [", text)
-        self.assertIn("100% 4.0 KiB/4.0 KiB via node-a\n", text)
+        self.assertIn("100% 4.0 KiB/4.0 KiB via node-a, stored as complete/a.tif\n", text)
         self.assertIn("b.tif FAILED: gave up after 3 attempts\n", text)
         self.assertTrue(text.endswith("\x1b[J"))
         self.assertEqual((self.tally.stored, self.tally.failed), (1, 1))
@@ -670,6 +753,25 @@ class BatchProgressTests(SynchronousTestCase):
         """A file an earlier run finished is labelled so."""
         self.display.finished(outcome("a.tif", 4096, already=True))
         self.assertIn("a.tif already complete [", self.stream.getvalue())
+
+    def test_stored_path(self) -> None:
+        """
+        Every finished line names the path the file is stored at, beyond
+        the width of the bar (it is not cut); a skipped file says it was
+        already stored there.
+        """
+        result = UploadResult("big-scan.tiff", "ab" * 16, 4096, "00" * 32,
+                              "complete/big-scan.e0af5ecb.tiff", [], 4096, 1, ["node-3"], 0.1)
+        self.display.finished(FileOutcome(BatchItem("/d/big-scan.tiff"), result=result))
+        skipped = attrs.evolve(result, name="b.tif", upload_id="", bytes_sent=0, skipped=True,
+                               path="complete/b.tif")
+        self.display.finished(FileOutcome(BatchItem("/d/b.tif"), result=skipped))
+        text = self.stream.getvalue()
+        self.assertIn("big-scan.tiff done [", text)
+        self.assertIn(" via node-3, stored as complete/big-scan.e0af5ecb.tiff\n", text)
+        self.assertIn("b.tif skipped: already stored as complete/b.tif (4.0 KiB, via node-3)\n",
+                      text)
+        self.assertEqual(self.tally.stored, 2)
 
 
 class PlainProgressTests(SynchronousTestCase):

@@ -17,6 +17,8 @@ import time
 import zlib
 from typing import Any
 
+import attrs
+
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -27,6 +29,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume.client import (
+    IfExistsNotOffered,
     Journal,
     Progress,
     ResidualMismatch,
@@ -38,9 +41,10 @@ from imgresume.client._attempt import UploadAttempt
 from imgresume.client._connection import UploadConnection
 from imgresume.client._journal import journal_key
 from imgresume.client._source import LocalFile
-from imgresume.errors import ErrorCode, FileTooLarge, InvalidName, StorageFull
+from imgresume.errors import ErrorCode, FileTooLarge, InvalidName, NameTaken, StorageFull
 from imgresume.protocol import (
     ClientConnection,
+    ServerConnection,
     Accepted,
     Ack,
     Completed,
@@ -51,6 +55,7 @@ from imgresume.protocol import (
     ServerLimits,
     Upload,
     Welcome,
+    decode_body,
     encode,
 )
 from imgresume.storage.memory import MemoryStorage
@@ -106,7 +111,7 @@ class UploadTests(ServerTestCase):
         # The server takes the digest at the end: no hashing before sending.
         self.assertEqual({r.phase for r in reports}, {"uploading", "done"})
         self.assertEqual(reports[-1], Progress("scans/a.tif", "done", len(content),
-                                               len(content), "node-a"))
+                                               len(content), "node-a", result.path))
         json.dumps(result.to_json())  # JSON-ready
 
     async def test_server_without_late_digest(self) -> None:
@@ -530,6 +535,93 @@ class FailureTests(ServerTestCase):
         self.assertLess(time.monotonic() - started, 2.0)
         self.assertIn("3 attempts", str(caught.exception))
         self.assertIsInstance(caught.exception.cause, ConnectError)
+
+
+class IfExistsTests(ServerTestCase):
+    """The uploader's if_exists: the server's answer to a name already taken."""
+
+    async def test_skip_same_file(self) -> None:
+        """
+        Without a journal, the same file sent again with if_exists="skip" is
+        not stored again: it is hashed first, nothing is sent, the result
+        says skipped with the stored path and no upload id.
+        """
+        storage = MemoryStorage()
+        _, listening = self.start_server(storage)
+        path, content = self.local_file(100_000)
+        first = await self.uploader(endpoint_of(listening)).upload(path, "a.tif")
+        reports: list[Progress] = []
+        again = await self.uploader(endpoint_of(listening), if_exists="skip").upload(
+            path, "a.tif", progress=reports.append)
+        self.assertEqual((again.skipped, again.path, again.upload_id, again.bytes_sent),
+                         (True, first.path, "", 0))
+        self.assertFalse(again.already_complete)
+        self.assertEqual(again.sha256, hashlib.sha256(content).hexdigest())
+        self.assertEqual(reports[0].phase, "hashing")
+        self.assertEqual(reports[-1], Progress("a.tif", "done", len(content), len(content),
+                                               "node-a", "complete/a.tif"))
+        self.assertEqual(list(storage.files), ["complete/a.tif"])
+        self.assertEqual(len(storage._uploads), 1)
+        self.assertFalse(first.skipped)
+        self.assertTrue(json.dumps(again.to_json()))
+
+    async def test_skip_other_file_is_renamed(self) -> None:
+        """A different file under the name is not skipped: stored beside, path says where."""
+        storage = MemoryStorage()
+        _, listening = self.start_server(storage)
+        path, _ = self.local_file(1000)
+        await self.uploader(endpoint_of(listening)).upload(path, "a.tif")
+        other, content = self.local_file(1000, "other.tif", seed=1)
+        result = await self.uploader(endpoint_of(listening), if_exists="skip").upload(
+            other, "a.tif")
+        self.assertFalse(result.skipped)
+        self.assertNotEqual(result.path, "complete/a.tif")
+        self.assertEqual(storage.read_completed(result.path), content)
+
+    async def test_fail(self) -> None:
+        """if_exists="fail" with the name taken: UploadFailed (NameTaken), nothing stored."""
+        storage = MemoryStorage()
+        _, listening = self.start_server(storage)
+        path, _ = self.local_file(1000)
+        await self.uploader(endpoint_of(listening)).upload(path, "a.tif")
+        with self.assertRaises(UploadFailed) as caught:
+            await self.uploader(endpoint_of(listening), if_exists="fail").upload(path, "a.tif")
+        self.assertIsInstance(caught.exception.cause, NameTaken)
+        self.assertIn("complete/a.tif already exists", str(caught.exception))
+        self.assertEqual(list(storage.files), ["complete/a.tif"])
+
+    async def test_server_that_does_not_offer_it(self) -> None:
+        """
+        A server whose WELCOME does not offer if-exists (an older one) is
+        sent nothing for skip or fail: the file fails with
+        IfExistsNotOffered, on the same connection the next file (rename,
+        which every server does) goes on.
+        """
+        original = ServerConnection.accept_hello
+
+        def older(machine: ServerConnection, options: Any = None) -> None:
+            original(machine, options)
+            raw = machine._out.pop()
+            welcome = decode_body(raw[0], memoryview(raw[5:]))
+            machine._out.append(encode(attrs.evolve(welcome, options={
+                k: v for k, v in welcome.options.items() if k != "if-exists"})))
+
+        self.patch(ServerConnection, "accept_hello", older)
+        storage = MemoryStorage()
+        _, listening = self.start_server(storage)
+        path, _ = self.local_file(1000)
+        for policy in ("skip", "fail"):
+            with self.assertRaises(UploadFailed) as caught:
+                await self.uploader(endpoint_of(listening), if_exists=policy).upload(path)
+            self.assertIsInstance(caught.exception.cause, IfExistsNotOffered)
+            self.assertIn(f"does not offer if-exists={policy}", str(caught.exception))
+        self.assertEqual((storage._uploads, storage.files), ({}, {}))
+        result = await self.uploader(endpoint_of(listening), if_exists="rename").upload(path)
+        self.assertEqual(result.path, "complete/scan.tif")
+
+    def test_policy_checked(self) -> None:
+        """An if_exists the protocol does not define is a ValueError at once."""
+        self.assertRaises(ValueError, Uploader, "tcp:127.0.0.1:1", if_exists="overwrite")
 
 
 class BackoffTests(SynchronousTestCase):

@@ -33,6 +33,7 @@ from imgresume.protocol._client import (
     Welcomed,
 )
 from imgresume.protocol._frames import (
+    SKIPPED_UPLOAD_ID,
     Accepted,
     Ack,
     Completed,
@@ -223,6 +224,35 @@ class UploadTests(SynchronousTestCase):
         client = ready()
         client.receive_data(encode(Accepted(UPLOAD_ID, "a", 10, DIGEST, 0)))
         self.assertRaises(UnexpectedFrame, client.next_event)
+
+
+class IfExistsTests(SynchronousTestCase):
+    """The if-exists policies a server offers, and the answer to a skipped UPLOAD."""
+
+    def test_offered(self) -> None:
+        """
+        rename is always offered; skip and fail only when WELCOME lists them
+        (an older server's WELCOME does not).
+        """
+        client = ClientConnection("client-1")
+        client.hello()
+        fed(client, Welcome(1, "srv-1", 64, 1 << 30, 32, {"late-digest": "1"}))
+        self.assertEqual([client.offers_if_exists(p) for p in ("rename", "skip", "fail")],
+                         [True, False, False])
+        client = ClientConnection("client-1")
+        client.hello()
+        fed(client, Welcome(1, "srv-1", 64, 1 << 30, 32, {"if-exists": "rename,skip,fail"}))
+        self.assertEqual([client.offers_if_exists(p) for p in ("rename", "skip", "fail")],
+                         [True, True, True])
+        self.assertFalse(client.offers_if_exists("ski"))
+
+    def test_skipped(self) -> None:
+        """COMPLETED with no upload id answers the UPLOAD: the client is READY again."""
+        client = ready()
+        client.upload(Upload("a.jpg", 100, DIGEST, {"if-exists": "skip"}))
+        completed = Completed(SKIPPED_UPLOAD_ID, 100, DIGEST, "complete/a.jpg")
+        self.assertEqual(fed(client, completed), UploadCompleted(completed))
+        self.assertEqual(client.state, ClientState.READY)
 
 
 class WindowTests(SynchronousTestCase):

@@ -6,6 +6,7 @@ its handling of malformed input.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import random
 import zlib
@@ -181,10 +182,13 @@ class RoundTripTests(SynchronousTestCase):
         self.assertRaises(ValueError, Accepted, UPLOAD_ID, "n", 10, LATE_DIGEST, 0)
 
     def test_accepted_tail_defaults(self) -> None:
-        """An Accepted without a tail sends zeros for start, length and digest."""
+        """
+        An Accepted without a tail sends zeros for start and length, and the
+        SHA-256 of no bytes as the digest (what servers send, docs/protocol.md).
+        """
         accepted = Accepted(UPLOAD_ID, "n", 10, DIGEST, 0)
         raw = encode(accepted)
-        self.assertTrue(raw.endswith(b"\0" * (8 + 4 + 32)))
+        self.assertTrue(raw.endswith(b"\0" * (8 + 4) + hashlib.sha256(b"").digest()))
         self.assertEqual(decode_one(raw), accepted)
 
 
@@ -502,6 +506,20 @@ class MalformedTests(SynchronousTestCase):
         # Also in a value inside kv, and a lone surrogate in UTF-8 form.
         body = MAGIC + b"\0\x01\0\x01" + _str(b"c") + b"\0\x01" + _str(b"k") + _str(b"\xed\xa0\x80")
         self.assertMalformed(_frame(FrameType.HELLO, body))
+
+    def test_upload_text_not_utf8(self) -> None:
+        """
+        UPLOAD's name and metadata are the user's text: bytes that are not
+        UTF-8 decode (as lone surrogates) and encode back to the same bytes,
+        for the server to refuse with a command error.
+        """
+        body = (_str(b"a\xff.tif") + struct.pack(">Q", 1) + DIGEST
+                + b"\0\x01" + _str(b"k\xc3") + _str(b"\xed\xa0\x80"))
+        raw = _frame(FrameType.UPLOAD, body)
+        upload = decode_one(raw)
+        self.assertEqual(upload.name, "a\udcff.tif")
+        self.assertEqual(upload.metadata, {"k\udcc3": "\udced\udca0\udc80"})
+        self.assertEqual(encode(upload), raw)
 
     def test_bad_magic(self) -> None:
         """A HELLO that does not open with b'IMGR' is malformed."""

@@ -5,6 +5,7 @@ state machine, driven with raw client frames and no reactor.
 
 from __future__ import annotations
 
+import struct
 import zlib
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -150,7 +151,8 @@ class HappyPathTests(SynchronousTestCase):
         self.assertEqual(
             server.data_to_send(),
             [encode(Welcome(1, "srv-1", 1024, 1 << 20, 512,
-                            {"late-digest": "1", "region": "eu"}))],
+                            {"late-digest": "1", "if-exists": "rename,skip,fail",
+                             "region": "eu"}))],
         )
         self.assertEqual(server.state, ServerState.READY)
         self.assertEqual(server.client_id, "client-1")
@@ -396,6 +398,53 @@ class CommandErrorTests(SynchronousTestCase):
             Upload("a", 1, DIGEST, {"k": "\u00e9" * 2049}), ErrorCode.INVALID_METADATA
         )
         self.assertAllowed(Upload("a", 1, DIGEST, {"k": "\u00e9" * 2048}))
+
+
+    def test_name_not_utf8(self) -> None:
+        """
+        A name whose bytes are not UTF-8 is INVALID_NAME, a command error:
+        the frame is well formed, its text is the user's (not MALFORMED_FRAME,
+        which would close the connection).
+        """
+        name = b"scan-\xff.tif"
+        body = (struct.pack(">H", len(name)) + name + struct.pack(">Q", 1) + DIGEST
+                + b"\0\0")
+        raw = HEADER.pack(FrameType.UPLOAD, len(body)) + body
+        self.assertRefused(raw, ErrorCode.INVALID_NAME)
+
+    def test_metadata_not_utf8(self) -> None:
+        """A metadata key or value whose bytes are not UTF-8 is INVALID_METADATA."""
+        for key, value in ((b"k", b"\xff"), (b"\xc3", b"v")):
+            body = (b"\0\x01a" + struct.pack(">Q", 1) + DIGEST + b"\0\x01"
+                    + struct.pack(">H", len(key)) + key + struct.pack(">H", len(value)) + value)
+            raw = HEADER.pack(FrameType.UPLOAD, len(body)) + body
+            self.assertRefused(raw, ErrorCode.INVALID_METADATA)
+
+    def test_if_exists(self) -> None:
+        """
+        The metadata key if-exists takes rename, skip or fail (the event
+        carries it; rename when absent); skip needs the SHA-256 in UPLOAD.
+        """
+        for policy in ("rename", "skip", "fail"):
+            upload = Upload("a", 1, DIGEST, {"if-exists": policy})
+            self.assertEqual(fed(handshaken(), upload), UploadRequested(upload, policy))
+        self.assertEqual(fed(handshaken(), Upload("a", 1, DIGEST)).if_exists, "rename")
+        for value in ("overwrite", "SKIP", ""):
+            self.assertRefused(Upload("a", 1, DIGEST, {"if-exists": value}),
+                               ErrorCode.INVALID_METADATA)
+        self.assertRefused(Upload("a", 1, None, {"if-exists": "skip"}),
+                           ErrorCode.INVALID_METADATA)
+        upload = Upload("a", 1, None, {"if-exists": "fail"})
+        self.assertEqual(fed(handshaken(), upload), UploadRequested(upload, "fail"))
+
+    def test_upload_skipped(self) -> None:
+        """upload_skipped() answers the UPLOAD with COMPLETED for no upload; READY again."""
+        server = handshaken()
+        fed(server, Upload("a", 10, DIGEST, {"if-exists": "skip"}))
+        server.upload_skipped(10, DIGEST, "complete/a")
+        self.assertEqual(sent_frames(server), [Completed("0" * 32, 10, DIGEST, "complete/a")])
+        self.assertEqual(server.state, ServerState.READY)
+        self.assertRaises(RuntimeError, server.upload_skipped, 10, DIGEST, "complete/a")
 
 
 class TransferErrorTests(SynchronousTestCase):
@@ -688,7 +737,8 @@ class LateDigestTests(SynchronousTestCase):
         fed(server, Hello("client-1"))
         server.accept_hello({"window": "8"})
         [welcome] = sent_frames(server)
-        self.assertEqual(welcome.options, {"late-digest": "1", "window": "8"})
+        self.assertEqual(welcome.options, {"late-digest": "1", "window": "8",
+                                           "if-exists": "rename,skip,fail"})
 
     def test_finish_carries_the_digest(self) -> None:
         """FINISH after the last byte asks to complete with its digest."""

@@ -1,6 +1,8 @@
 """
 The worked examples in docs/protocol.md are real: every hex block decodes to
-the frame its caption names and re-encodes to the same bytes.
+the frame its caption names and re-encodes to the same bytes, and the frames
+a server sends in them are what a real server (the Twisted adapter over the
+memory storage) sends for the client frames before them.
 """
 
 import hashlib
@@ -8,10 +10,15 @@ import os
 import re
 import zlib
 
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from imgresume.protocol import FrameDecoder, encode
+from imgresume.protocol import SKIPPED_UPLOAD_ID, FrameDecoder, Hello, encode
 from imgresume.protocol._decoder import control_limit
+from imgresume.server import UploadServerFactory
+from imgresume.storage import memory
+from imgresume.storage.memory import MemoryStorage
 from tests.support.processes import REPO_ROOT
 
 DOC = os.path.join(REPO_ROOT, "docs", "protocol.md")
@@ -37,7 +44,7 @@ class WorkedExampleTests(SynchronousTestCase):
     def test_every_block_round_trips(self) -> None:
         """Each hex block is exactly one frame of the captioned type."""
         found = examples()
-        self.assertEqual(len(found), 17)
+        self.assertEqual(len(found), 22)
         for name, raw in found:
             decoder = FrameDecoder(control_limit(4 << 20))
             decoder.feed(raw)
@@ -70,3 +77,71 @@ class WorkedExampleTests(SynchronousTestCase):
         late = frames["UPLOAD"][1]
         self.assertEqual((late.size, late.sha256), (10, None))  # 32 zero bytes
         self.assertEqual(frames["FINISH"][0].sha256, sha)
+        # The same file uploaded again: if-exists.
+        welcome = frames["WELCOME"][2]
+        self.assertEqual(welcome.options, {"late-digest": "1", "window": "32",
+                                           "if-exists": "rename,skip,fail"})
+        skip, refuse = frames["UPLOAD"][2:]
+        self.assertEqual(skip.metadata, {"dpi": "600", "if-exists": "skip"})
+        self.assertEqual(refuse.metadata, {"dpi": "600", "if-exists": "fail"})
+        skipped = frames["COMPLETED"][1]
+        self.assertEqual((skipped.upload_id, skipped.size, skipped.sha256, skipped.path),
+                         (SKIPPED_UPLOAD_ID, 10, sha, "complete/scans/a.tif"))
+        self.assertEqual(frames["ERROR"][1].code, 0x0107)
+
+
+def raw_examples() -> dict[str, list[bytes]]:
+    """The bytes of every example frame, by name, in the order of the document."""
+    out: dict[str, list[bytes]] = {}
+    for name, raw in examples():
+        out.setdefault(name, []).append(raw)
+    return out
+
+
+class RealServerTests(SynchronousTestCase):
+    """
+    What the examples show a server sending is byte for byte what
+    imgresume's server sends (upload id and server id fixed as in the
+    example).
+    """
+
+    def server(self, storage: MemoryStorage, server_id: str = "node-a") -> tuple:
+        factory = UploadServerFactory(storage, server_id, Clock())
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(encode(Hello("scanner-7")))
+        welcome = transport.value()
+        transport.clear()
+        return proto, transport, welcome
+
+    def test_fresh_upload(self) -> None:
+        """
+        The ACCEPTED of the fresh upload, empty tail included, and the ACK:
+        as the server sends them.
+        """
+        raw = raw_examples()
+        self.patch(memory, "new_upload_id", lambda: "00112233445566778899aabbccddeeff")
+        proto, transport, _ = self.server(MemoryStorage())
+        proto.dataReceived(raw["UPLOAD"][0])
+        self.assertEqual(transport.value(), raw["ACCEPTED"][0])
+        transport.clear()
+        proto.dataReceived(raw["DATA"][0])
+        self.assertEqual(transport.value(), raw["ACK"][0])
+
+    def test_if_exists(self) -> None:
+        """
+        The WELCOME with the server's options, the COMPLETED of a skipped
+        UPLOAD and the NAME_TAKEN of a refused one: as the server sends them.
+        """
+        raw = raw_examples()
+        storage = MemoryStorage()
+        storage.files["complete/scans/a.tif"] = bytes.fromhex("49492a00000000000000")
+        proto, transport, welcome = self.server(storage, "node-b")
+        self.assertEqual(welcome, raw["WELCOME"][2])
+        proto.dataReceived(raw["UPLOAD"][2])
+        self.assertEqual(transport.value(), raw["COMPLETED"][1])
+        transport.clear()
+        proto.dataReceived(raw["UPLOAD"][3])
+        self.assertEqual(transport.value(), raw["ERROR"][1])
+        self.assertEqual(list(storage.files), ["complete/scans/a.tif"])

@@ -195,6 +195,42 @@ class EventTests(SynchronousTestCase):
                          ("upload.failed", "f" * 32, "UNKNOWN_UPLOAD"))
         self.assertEqual(len(self.recorder.events), 6)
 
+    def test_if_exists(self) -> None:
+        """
+        An UPLOAD skipped by if-exists=skip emits no event (no upload was
+        made), and a later timeout on its connection none either; one
+        refused by if-exists=fail emits upload.failed with NAME_TAKEN, and
+        so does a completion refused because the name was taken meanwhile
+        (the writer released for a later resume).
+        """
+        proto = self.connect()
+        proto.dataReceived(encode(Upload("a.tif", len(CONTENT), SHA)))
+        proto.dataReceived(encode(Data(0, zlib.crc32(CONTENT), CONTENT)))
+        proto.dataReceived(encode(Data(len(CONTENT), 0, b"")))
+        self.assertEqual(len(self.recorder.events), 2)
+        proto.dataReceived(encode(Upload("a.tif", len(CONTENT), SHA, {"if-exists": "skip"})))
+        self.assertEqual(len(self.recorder.events), 2)
+        proto.dataReceived(encode(Upload("a.tif", len(CONTENT), SHA, {"if-exists": "fail"})))
+        refused = self.recorder.events[-1]
+        self.assertEqual((refused["event"], refused["upload_id"], refused["name"],
+                          refused["error"]["code"], refused["error"]["retryable"]),
+                         ("upload.failed", None, "a.tif", "NAME_TAKEN", False))
+        proto.dataReceived(encode(Upload("a.tif", len(CONTENT), SHA, {"if-exists": "skip"})))
+        self.clock.advance(61)  # the idle timeout: no upload.failed for the skipped one
+        self.assertEqual(len(self.recorder.events), 3)
+
+        proto = self.connect()
+        proto.dataReceived(encode(Upload("b.tif", len(CONTENT), SHA, {"if-exists": "fail"})))
+        created = self.recorder.events[-1]
+        proto.dataReceived(encode(Data(0, zlib.crc32(CONTENT), CONTENT)))
+        self.storage.files["complete/b.tif"] = b"put there meanwhile"
+        proto.dataReceived(encode(Data(len(CONTENT), 0, b"")))
+        failed = self.recorder.events[-1]
+        self.assertEqual((failed["event"], failed["upload_id"], failed["error"]["code"]),
+                         ("upload.failed", created["upload_id"], "NAME_TAKEN"))
+        self.assertEqual(self.storage._owned, set())
+        self.assertEqual(self.storage.files["complete/b.tif"], b"put there meanwhile")
+
     def test_late_digest_refused_by_quota(self) -> None:
         """
         An upload whose SHA-256 comes at the end (its UPLOAD declares 32 zero

@@ -153,6 +153,27 @@ class AdmissionTests(SynchronousTestCase):
         server.write_next()
         self.assertEqual((tb.producerState, tc.producerState), ("producing", "paused"))
 
+    def test_waiting_connection_is_not_idle(self) -> None:
+        """
+        A connection the server stopped reading for want of memory is not
+        timed out as idle (its client cannot send); once let in again, its
+        idle time runs.
+        """
+        server = Server(limit=FRAME)
+        (a, _), (c, tc) = server.connect(), server.connect()
+        frame = data(0, PAYLOAD)
+        a.dataReceived(frame)  # its write waits, holding the memory
+        c.dataReceived(frame[:10])
+        self.assertEqual(tc.producerState, "paused")
+        idle = server.factory.idle_timeout
+        server.factory.clock.advance(3 * idle)
+        self.assertEqual((frames_written(tc), tc.disconnecting), ([], False))
+        server.write_next()
+        self.assertEqual(tc.producerState, "producing")
+        server.factory.clock.advance(2 * idle)
+        [error] = frames_written(tc)
+        self.assertEqual(error.code, ErrorCode.TIMEOUT)
+
     def test_stalled_connection_reads_ahead_one_payload(self) -> None:
         """
         With its next batch full, a connection reads ahead (counted) until

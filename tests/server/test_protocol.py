@@ -307,6 +307,36 @@ class FlowTests(SynchronousTestCase):
         [resumed] = again.send(encode(Resume(acc.upload_id)))
         self.assertIsInstance(resumed, Accepted)
 
+    def test_idle_timeout_despite_takeover_checks(self) -> None:
+        """
+        A silent client holding an upload is timed out although the takeover
+        check asks storage about its upload every second (that is the
+        server's work, not a byte from the client).
+        """
+        h = Harness(MemoryStorage())
+        h.factory.takeover_idle = 10
+        h.factory.startFactory()
+        self.addCleanup(h.factory.stopFactory)
+        h.start()
+        for _ in range(59):
+            h.clock.advance(1)
+        self.assertEqual(h.received(), [])
+        h.clock.advance(1)
+        [err] = h.received()
+        self.assertEqual(err.code, ErrorCode.TIMEOUT)
+
+    def test_idle_timeout_counts_from_the_last_byte(self) -> None:
+        """A byte from the client (a PING) starts the idle time again."""
+        h = Harness(MemoryStorage())
+        h.start()
+        h.clock.advance(50)
+        self.assertEqual(h.send(encode(Ping(1))), [Pong(1)])
+        h.clock.advance(59)
+        self.assertEqual(h.received(), [])
+        h.clock.advance(1)
+        [err] = h.received()
+        self.assertEqual(err.code, ErrorCode.TIMEOUT)
+
     def test_unresponsive_peer_is_aborted(self) -> None:
         """A peer that does not let the close finish is aborted after the grace period."""
         h = Harness(MemoryStorage())

@@ -17,6 +17,7 @@ from imgresume.errors import InvalidName
 from imgresume.names import (
     MAX_COMPONENT_BYTES,
     completion_candidates,
+    if_exists_policy,
     validate_name,
 )
 
@@ -152,6 +153,18 @@ class CompletionCandidatesTests(SynchronousTestCase):
         """The last suffix stays last; a name without one gets none."""
         self.assertEqual(self.first("a.tar.gz", 2)[1], "a.tar.01234567.gz")
         self.assertEqual(self.first("README", 2)[1], "README.01234567")
+
+    def test_ifExists(self) -> None:
+        """
+        With the policy "fail" the name is the only candidate; "rename"
+        and "skip" (which is renamed when not skipped) give the alternates.
+        The policy is read from an upload's metadata, "rename" by default.
+        """
+        self.assertEqual(list(completion_candidates("a.tif", self.ID, "fail")), ["a.tif"])
+        for policy in ("rename", "skip"):
+            self.assertEqual(len(list(completion_candidates("a.tif", self.ID, policy))), 102)
+        self.assertEqual(if_exists_policy({}), "rename")
+        self.assertEqual(if_exists_policy({"if-exists": "fail", "dpi": "600"}), "fail")
 
     def test_distinctAndValid(self) -> None:
         """Candidates differ and are valid names within the component limit."""

@@ -365,6 +365,27 @@ class S3LimitTests(BucketMixin, TestCase):
         name = "/".join(["d" * 255] * 3 + ["e" * 5, "a" * 245 + ".tiff"])
         f = self.failureResultOf(self.s3Storage().create(request(b"1", name)), InvalidName)
         self.assertIn("1024", f.value.message)
+        self.assertIsNone(self.successResultOf(self.s3Storage().find_completed(name, 1)))
+
+    def test_claimedNameIsTaken(self) -> None:
+        """
+        A name whose object was moved away stays claimed by its upload (no
+        later upload is stored there): find_completed reports it taken by
+        something that is not a file, so if-exists=fail refuses it at
+        UPLOAD as completion would.
+        """
+        from imgresume.storage.interfaces import StoredFile
+
+        storage = self.s3Storage()
+        writer = self.successResultOf(storage.create(request(b"1", "a.tiff")))
+        self.successResultOf(writer.write(0, b"1"))
+        done = self.successResultOf(writer.complete())
+        self.client.delete_object(Bucket=self.bucket, Key=storage._objects.key(done.path))
+        self.assertEqual(self.successResultOf(storage.find_completed("a.tiff", 1)),
+                         StoredFile("complete/a.tiff", None, None))
+        again = self.successResultOf(storage.create(request(b"2", "a.tiff")))
+        self.successResultOf(again.write(0, b"2"))
+        self.assertNotEqual(self.successResultOf(again.complete()).path, "complete/a.tiff")
 
 class S3ServerTests(BucketMixin, ServerTestCase):
     """A real upload through the server adapter over S3Storage and TCP."""

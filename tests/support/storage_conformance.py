@@ -14,6 +14,7 @@ import hashlib
 import unicodedata
 from typing import Any
 
+from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from imgresume.errors import (
@@ -21,6 +22,7 @@ from imgresume.errors import (
     ImgresumeError,
     Incomplete,
     InvalidName,
+    NameTaken,
     OffsetMismatch,
     SizeExceeded,
     UnknownUpload,
@@ -36,6 +38,7 @@ from imgresume.storage.interfaces import (
     IUploadStorage,
     IUploadWriter,
     NewUpload,
+    StoredFile,
     TailCheck,
 )
 
@@ -567,3 +570,85 @@ class StorageConformanceMixin:
         cb = self.successResultOf(wb.complete())
         self.assertEqual(self.readCompleted(self.storage, ca.path), a)
         self.assertEqual(self.readCompleted(self.storage, cb.path), b)
+
+    # -- a name already taken: find_completed and if-exists=fail -------------
+
+    def test_findCompletedNothing(self) -> None:
+        """Nothing at the name: None (also below a directory that is missing)."""
+        self.assertIsNone(self.successResultOf(self.storage.find_completed("a.tiff", 3)))
+        self.assertIsNone(self.successResultOf(self.storage.find_completed("d/e/a.tiff", 3)))
+
+    def test_findCompletedSameSize(self) -> None:
+        """A file of the size asked about: its size and the SHA-256 of its stored bytes."""
+        done = self.upload(PAYLOAD, "scans/a.tiff")
+        found = self.successResultOf(self.makeSibling(self.storage).find_completed(
+            "scans/a.tiff", len(PAYLOAD)))
+        self.assertEqual(found, StoredFile(done.path, len(PAYLOAD),
+                                           hashlib.sha256(PAYLOAD).digest()))
+
+    def test_findCompletedOtherSize(self) -> None:
+        """A file of another size: its size, and no SHA-256 (it is not read)."""
+        done = self.upload(b"three", "a.tiff")
+        found = self.successResultOf(self.storage.find_completed("a.tiff", 4))
+        self.assertEqual(found, StoredFile(done.path, 5, None))
+
+    def test_findCompletedNameOnly(self) -> None:
+        """
+        Only the name itself is looked at, NFC-normalised: not the alternate
+        names a renamed upload took.
+        """
+        self.upload(b"one", "b.tiff")
+        second = self.upload(b"two", "b.tiff")
+        self.assertNotEqual(second.path, "complete/b.tiff")
+        found = self.successResultOf(self.storage.find_completed("b.tiff", 3))
+        self.assertEqual(found.path, "complete/b.tiff")
+        self.assertEqual(found.sha256, hashlib.sha256(b"one").digest())
+        nfc = unicodedata.normalize("NFC", "caf\u00e9.tiff")
+        self.upload(b"cafe", nfc)
+        found = self.successResultOf(self.storage.find_completed(
+            unicodedata.normalize("NFD", nfc), 4))
+        self.assertEqual(found.path, "complete/" + nfc)
+
+    def test_findCompletedDirectory(self) -> None:
+        """A directory of completed files at the name: taken, but not a file."""
+        self.upload(b"in", "scans/a.tiff")
+        found = self.successResultOf(self.storage.find_completed("scans", 2))
+        self.assertEqual(found, StoredFile("complete/scans", None, None))
+
+    def test_findCompletedInvalidName(self) -> None:
+        """A name that could not be stored is refused, as by create()."""
+        self.failureResultOf(self.storage.find_completed("../a.tiff", 1), InvalidName)
+
+    def test_ifExistsFailNeverRenames(self) -> None:
+        """
+        An upload that asked for if-exists=fail, whose name was taken while
+        it was under way, is refused at completion (NameTaken), not stored
+        under another name; the file there is untouched and the upload is
+        kept: completing it again (after a resume) is refused again.
+        """
+        data = self.sample()
+        writer = self.create(data, "a.tiff", metadata={"if-exists": "fail"})
+        self.writeAll(writer, data)
+        other = self.upload(b"other", "a.tiff")
+        self.assertEqual(other.path, "complete/a.tiff")
+        self.failureResultOf(writer.complete(), NameTaken)
+        self.successResultOf(writer.release())
+        self.assertEqual(self.readCompleted(self.storage, other.path), b"other")
+        # Resumed, it is whole (or, where completion had begun, refused at once).
+        outcome: list[Any] = []
+        self.makeSibling(self.storage).resume(writer.info.upload_id).addBoth(outcome.append)
+        [again] = outcome
+        if isinstance(again, Failure):
+            again.trap(NameTaken)
+        else:
+            self.assertEqual(again.offset, len(data))
+            self.failureResultOf(again.complete(), NameTaken)
+            self.successResultOf(again.release())
+        self.assertEqual(self.readCompleted(self.storage, other.path), b"other")
+
+    def test_ifExistsFailFreeName(self) -> None:
+        """An upload that asked for if-exists=fail completes at its name when it is free."""
+        writer = self.create(b"mine", "a.tiff", metadata={"if-exists": "fail"})
+        self.successResultOf(writer.write(0, b"mine"))
+        done = self.successResultOf(writer.complete())
+        self.assertEqual(done.path, "complete/a.tiff")

@@ -6,20 +6,24 @@ replacing another file and never following a symlink out of the root.
 
 Called by the writer when an upload completes, and by a resume that finds a
 completion interrupted half-way (state C{completing}), which it finishes.
+Also the look-up of the file that already has a name (L{find_completed}),
+for an UPLOAD's C{if-exists} policy.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from typing import Any
 
 from twisted.logger import Logger
 
-from imgresume.errors import InvalidName, StorageError
-from imgresume.names import completion_candidates, validate_name
+from imgresume.errors import InvalidName, NameTaken, StorageError
+from imgresume.names import completion_candidates, if_exists_policy, validate_name
 from imgresume.storage.filesystem._durable import (
+    CLOEXEC,
     DIR_FLAGS,
     atomic_write,
     fail,
@@ -27,7 +31,7 @@ from imgresume.storage.filesystem._durable import (
     io_errors,
 )
 from imgresume.storage.filesystem._layout import Paths, completed, dump, safe_relpath
-from imgresume.storage.interfaces import CompletedUpload
+from imgresume.storage.interfaces import CompletedUpload, StoredFile
 
 # The backend logs as one namespace, imgresume.storage.filesystem.
 log = Logger(namespace=__package__)
@@ -135,7 +139,8 @@ def finish_completion(root: str, paths: Paths, meta: dict[str, Any]) -> Complete
         if meta["state"] == "completing" and meta.get("path"):
             first.append(meta["path"].removeprefix("complete/"))
         tried: set[str] = set()
-        for rel in [*first, *completion_candidates(name, upload_id)]:
+        policy = if_exists_policy(meta.get("metadata") or {})
+        for rel in [*first, *completion_candidates(name, upload_id, policy)]:
             if rel in tried:
                 continue
             tried.add(rel)
@@ -165,8 +170,11 @@ def finish_completion(root: str, paths: Paths, meta: dict[str, Any]) -> Complete
                 break
             finally:
                 os.close(parent_fd)
-        else:  # pragma: no cover - needs 101 colliding names
-            raise StorageError(f"no free name in complete/ for {name!r}")
+        else:
+            if policy == "fail":
+                raise NameTaken(f"complete/{name} already exists (if-exists=fail); "
+                                "the upload is kept")
+            raise StorageError(f"no free name in complete/ for {name!r}")  # pragma: no cover
         meta["state"] = "complete"
         atomic_write(paths.dir, "meta.json", dump(meta))
     for p in (paths.data, paths.journal):
@@ -186,6 +194,43 @@ def finish_completion(root: str, paths: Paths, meta: dict[str, Any]) -> Complete
     except OSError:
         pass
     return completed(meta)
+
+
+def find_completed(root: str, name: str, size: int) -> StoredFile | None:
+    """
+    What lies at C{complete/<name>}: see
+    L{IUploadStorage.find_completed
+    <imgresume.storage.interfaces.IUploadStorage.find_completed>}.  Walks
+    with C{O_NOFOLLOW} like a completion; a symlink there counts as taken
+    by something that is not a regular file.
+    """
+    name = validate_name(name)
+    *parents, leaf = name.split("/")
+    path = f"complete/{name}"
+    with io_errors(f"cannot look up {path}"):
+        try:
+            parent_fd = open_complete_dir(root, parents, create=False)
+        except FileNotFoundError:
+            return None
+        try:
+            st = _lstat_at(leaf, parent_fd)
+            if st is None:
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                return StoredFile(path, None, None)
+            if st.st_size != size:
+                return StoredFile(path, st.st_size, None)
+            fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | CLOEXEC, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
+        try:
+            digest = hashlib.sha256()
+            while chunk := os.read(fd, 1 << 20):
+                digest.update(chunk)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+    return StoredFile(path, st.st_size, digest.digest() if st.st_size == size else None)
 
 
 def check_recorded_complete(root: str, meta: dict[str, Any]) -> CompletedUpload:

@@ -55,6 +55,7 @@ from imgresume.storage.filesystem._locks import (
 from imgresume.storage.filesystem._publish import (
     check_complete_parents,
     check_recorded_complete,
+    find_completed,
     finish_completion,
 )
 from imgresume.storage.filesystem._writer import FilesystemUploadWriter
@@ -66,6 +67,7 @@ from imgresume.storage.interfaces import (
     SHARED,
     IUploadStorage,
     NewUpload,
+    StoredFile,
     TailCheck,
     UploadStatus,
 )
@@ -190,6 +192,10 @@ class FilesystemStorage:
         if not is_upload_id(upload_id):
             return defer.fail(UnknownUpload(f"malformed upload id {upload_id!r:.80}"))
         return self._run(self.status_sync, upload_id, client_id)
+
+    def find_completed(self, name: str, size: int) -> Deferred[StoredFile | None]:
+        """See L{IUploadStorage.find_completed}."""
+        return self._run(find_completed, self._root, name, size)
 
     def status_sync(self, upload_id: str, client_id: str | None = None) -> UploadStatus:
         """L{status}, blocking (for C{imgresume ls}, which runs without a reactor)."""

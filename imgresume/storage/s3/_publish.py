@@ -2,7 +2,8 @@
 """
 The end of an upload in an S3 storage: completion (the assembled object
 hashed as stored, a final name claimed, the object copied there) and
-removal.  Both are idempotent, so a completion interrupted at any step is
+removal; and the look-up of the object that already has a name
+(L{find_completed}), for an UPLOAD's C{if-exists} policy.  Both are idempotent, so a completion interrupted at any step is
 finished by the next resume.
 
 Also the values an upload's C{meta.json} describes (L{upload_info},
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from imgresume.errors import DigestMismatch, InvalidName
-from imgresume.names import completion_candidates
-from imgresume.storage.interfaces import CompletedUpload, UploadInfo
+from imgresume.errors import DigestMismatch, InvalidName, NameTaken
+from imgresume.names import completion_candidates, if_exists_policy, validate_name
+from imgresume.storage.interfaces import CompletedUpload, StoredFile, UploadInfo
 from imgresume.storage.s3._bucket import MAX_KEY_BYTES, Bucket, missing
 
 
@@ -64,7 +65,8 @@ def _claim_name(bucket: Bucket, meta: dict[str, Any]) -> str:
     a path where an object, or objects below it, already exist is skipped.
     """
     upload_id = meta["upload_id"]
-    for rel in completion_candidates(meta["name"], upload_id):
+    policy = if_exists_policy(meta.get("metadata") or {})
+    for rel in completion_candidates(meta["name"], upload_id, policy):
         path = "complete/" + rel
         if len(bucket.key(path).encode()) > MAX_KEY_BYTES:
             continue
@@ -75,10 +77,46 @@ def _claim_name(bucket: Bucket, meta: dict[str, Any]) -> str:
                 return path  # ours, from an interrupted completion
             continue
         if bucket.exists(bucket.key(path)) or bucket.keys(bucket.key(path + "/"), limit=1):
-            continue  # put there by someone else, or a "directory"
+            # Put there by someone else, or a "directory": let the claim go,
+            # so that a later completion of this upload never takes it as
+            # its own and copies over what is there.
+            bucket.client.delete_object(Bucket=bucket.name, Key=claim)
+            continue
         check_parents(bucket, rel)
         return path
+    if policy == "fail":
+        raise NameTaken(f"complete/{meta['name']} already exists (if-exists=fail); "
+                        "the upload is kept")
     raise InvalidName(f"no free name for {meta['name']!r}")  # pragma: no cover
+
+
+def find_completed(bucket: Bucket, name: str, size: int) -> StoredFile | None:
+    """
+    What lies at C{complete/<name>}: see L{IUploadStorage.find_completed
+    <imgresume.storage.interfaces.IUploadStorage.find_completed>}.  Keys
+    below it make it a "directory"; a name claimed by an earlier upload
+    whose object is gone (moved away) is not free either, since no later
+    upload may claim it: it is reported as taken by something that is not
+    a file.
+    """
+    rel = validate_name(name)
+    path = "complete/" + rel
+    key = bucket.key(path)
+    if len(key.encode()) > MAX_KEY_BYTES:
+        return None  # nothing can be stored there (create() says why)
+    try:
+        head = bucket.client.head_object(Bucket=bucket.name, Key=key)
+    except Exception as e:
+        if not missing(e):
+            raise
+        if bucket.keys(key + "/", limit=1) or bucket.exists(bucket.key("names/" + rel)):
+            return StoredFile(path, None, None)
+        return None
+    stored = int(head["ContentLength"])
+    if stored != size:
+        return StoredFile(path, stored, None)
+    digest, length = bucket.hash_object(key)
+    return StoredFile(path, length, digest if length == size else None)
 
 
 def finish_completion(

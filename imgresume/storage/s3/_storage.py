@@ -29,6 +29,7 @@ from imgresume.storage.interfaces import (
     SHARED,
     IUploadStorage,
     NewUpload,
+    StoredFile,
     TailCheck,
     UploadStatus,
 )
@@ -45,6 +46,7 @@ from imgresume.storage.s3._bucket import (
 from imgresume.storage.s3._leases import Leases
 from imgresume.storage.s3._publish import (
     check_parents,
+    find_completed,
     finish_completion,
     recorded_completion,
     upload_info,
@@ -138,6 +140,11 @@ class S3Storage:
         """See L{IUploadStorage.status}."""
         return self._run(guard, f"cannot read upload {upload_id!r:.40}",
                          self._status_sync, upload_id, client_id)
+
+    def find_completed(self, name: str, size: int) -> Deferred[StoredFile | None]:
+        """See L{IUploadStorage.find_completed}."""
+        return self._run(guard, "cannot look up a completed file",
+                         find_completed, self._objects, name, size)
 
     def expire(self, older_than: float) -> Deferred[list[str]]:
         """
