@@ -2,9 +2,9 @@
 """
 Tests for the pure parts of the tus baseline (issue 13, item 6): Node's
 version and the installed packages read (L{bench.tus}), stored uploads
-checked against their sources, and the single group's ratio to
-tus-node-server and its target (L{bench.report}).  Nothing here runs Node,
-npm or a clock.
+checked against their sources, the single group's ratio to tus-node-server
+and its target (L{bench.report}), and the batch group's tus row
+(L{bench.batch}).  Nothing here runs Node, npm or a clock.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from bench import report, tus
+from bench import batch, report, tus
 
 
 class VersionTests(SynchronousTestCase):
@@ -164,3 +164,42 @@ class SingleReportTests(SynchronousTestCase):
         self.assertIsNone(r["summary"]["single"]["imgresume-direct"]["x_tus"])
         self.assertIn("tus-node-server + tus-js-client (one PATCH; end to end): - -- "
                       "not measured", report.table(r))
+
+
+def _batch_run(seconds: float, **extra: Any) -> dict[str, Any]:
+    return {"files": 100, "bytes": 100_000, "seconds": seconds,
+            "cpu": {"client": 0.5, "server": 0.2}, **extra}
+
+
+class BatchReportTests(SynchronousTestCase):
+    """The batch group's tus row (1,000 x 256 KiB only): files/s, ratio, storage check."""
+
+    def test_tus_row(self) -> None:
+        """
+        tus counts its stored files verified and is divided by rsync like the
+        others; the imgresume row is given as a ratio of it.
+        """
+        img = _batch_run(2.0, startup={"seconds": 0.5, "cpu": 0.3}, failures=0, verified=100,
+                         missing=0, mismatched=0, extra=0, incoming_dirs=0,
+                         incoming_partial=0, connections=4, hwm={"node-1": 60e6},
+                         peak_rss={"node-1": 59e6}, exit=0)
+        t = _batch_run(0.5, failures=1, verified=99, missing=0, mismatched=1, errors=0,
+                       problems=["scan-00001.bin: stored bytes differ"],
+                       in_process_seconds=0.4)
+        group = {"parallel": 4, "batches": {"256k": {"files": 100, "size": 1000,
+                                                     "label": "100 x 1 KiB"}},
+                 "samples": {"256k": {batch.IMGRESUME: [img], batch.TUS: [t],
+                                      batch.RSYNC_FSYNC: [_batch_run(1.0)]}}}
+        fig, targets = batch.summarise(group)
+        methods = fig["batches"]["256k"]["methods"]
+        self.assertAlmostEqual(methods[batch.TUS]["x_rsync_fsync"], 2.0)
+        self.assertAlmostEqual(methods[batch.TUS]["imgresume_x"], 0.25)
+        self.assertEqual((methods[batch.TUS]["verified"], methods[batch.TUS]["checked"]),
+                         (99, 100))
+        self.assertEqual(len(targets), 2)  # issue 16's, unchanged by the tus row
+        text = "\n".join(batch.table_lines(fig))
+        self.assertIn("tus-js-client x4 -> tus-node-server", text)
+        self.assertIn("imgresume 0.25x of this (files/s); without Node's start-up 250 "
+                      "files/s", text)
+        self.assertIn("stored: 99 of 100 SHA-256 ok, 0 missing, 1 wrong", text)
+        self.assertIn("failed: scan-00001.bin: stored bytes differ", text)
