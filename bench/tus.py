@@ -211,7 +211,8 @@ class TusNode:
                                  f"{_INSTALL_TIMEOUT:.0f} s")
         got = installed_versions(self.cache)
         if r.returncode != 0 or got != PACKAGES:
-            tail = " ".join((r.stderr or r.stdout).strip().splitlines()[-3:])[-400:]
+            # npm's first lines name the cause (code, request, reason); its last, its log
+            tail = " ".join((r.stderr or r.stdout).strip().splitlines()[:4])[:400]
             return _missing_note(self.cache, f"npm install failed (exit {r.returncode}; "
                                  f"installed {got or 'nothing'}): {tail}")
         return None
@@ -267,12 +268,12 @@ class TusNode:
         C{timeout} s (and it stops itself then).
         """
         assert self.proc is not None
-        spec_path = self.work.sub("logs", f"tus-{tag}.json")
+        spec_path = self.work.sub("logs", f"{tag}.spec.json")
         with open(spec_path, "w") as f:
             json.dump({"endpoint": self.endpoint, "files": list(files), "chunk_size": chunk_size,
                        "parallel": parallel, "timeout": timeout}, f)
-        out_path = self.work.sub("logs", f"tus-{tag}.out")
-        err_path = self.work.sub("logs", f"tus-{tag}.stderr")
+        out_path = self.work.sub("logs", f"{tag}.out")
+        err_path = self.work.sub("logs", f"{tag}.stderr")
         cpu0 = proc_cpu(self.proc.pid)
         with open(out_path, "w") as out, open(err_path, "w") as err:
             t0 = now()
@@ -342,7 +343,7 @@ class TusNode:
         """
         names = sorted(digests)
         paths = [os.path.join(src_dir, n) for n in names]
-        res = self._client(paths, None, parallel, timeout, "batch")
+        res = self._client(paths, None, parallel, timeout, "tus-batch")
         check = verify_stored(self.store, res["files"],
                               {p: digests[n] for p, n in zip(paths, names)})
         return {
