@@ -174,8 +174,11 @@ class TusNode:
         if not self.node or not self.npm:
             return _missing_note(self.cache, "node and npm are needed (Debian: "
                                  "apt-get install -y nodejs npm)")
-        out = subprocess.run([self.node, "--version"], capture_output=True, text=True,
-                             timeout=30, check=False).stdout
+        try:
+            out = subprocess.run([self.node, "--version"], capture_output=True, text=True,
+                                 timeout=30, check=False).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
         version = parse_node_version(out)
         self.node_version = out.strip()
         if version is None or version < NODE_MIN:
