@@ -3,7 +3,7 @@ The imgresume benchmarks: C{python -m bench} (see C{docs/benchmarks.md}).
 
 Every figure is printed as a ratio against baselines measured in the same
 run on the same machine (a plain Python TCP copy, C{dd conv=fsync}, the
-rsync daemon with C{--append-verify}), because absolute numbers on a shared
+rsync daemon with C{--append-verify}, tus-node-server), because absolute numbers on a shared
 machine mean little.  Nothing here asserts a timing.
 
 Modules:
@@ -15,6 +15,8 @@ Modules:
  - C{imgresume_runs}: servers and balancer as real C{twistd} processes, and
    the single-stream, concurrency and resume groups;
  - C{_client}: the imgresume client process the groups drive;
+ - C{tus}: tus-node-server and tus-js-client (Node; npm packages the bench
+   installs itself), the baseline of issue 13, beside rsync;
  - C{profile}: a py-spy run of the direct single stream, summarised;
  - C{report}: ratios, the printed table and the JSON file.
 """

@@ -67,6 +67,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="rounds of the batch group [3; 1 with --quick]")
     p.add_argument("--profile-files", type=int, default=200,
                    help="files of 256 KiB in the batch-profile group [200]")
+    p.add_argument("--no-tus", dest="tus", action="store_false",
+                   help="skip the tus-node-server baseline (it needs node and npm; the "
+                        "bench installs its npm packages on first use)")
+    p.add_argument("--tus-cache", help="where the bench installs the tus npm packages "
+                   "[$XDG_CACHE_HOME/imgresume-bench/tus, ~/.cache/... by default]")
     p.add_argument("--workdir", help="where the temporary files go (the disk under "
                    "test) [the system temp dir]")
     p.add_argument("--keep", action="store_true", help="keep the work directory")

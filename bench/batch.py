@@ -30,6 +30,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from bench import tus
 from bench._common import (
     ROOT,
     Workdir,
@@ -62,7 +63,9 @@ TARGET_RSS = 150_000_000
 IMGRESUME = "imgresume"
 RSYNC = "rsync-append-verify"
 RSYNC_FSYNC = "rsync-append-verify-fsync"
-METHODS = [IMGRESUME, RSYNC, RSYNC_FSYNC]
+#: tus-node-server receiving from tus-js-client (bench/tus.py), 1,000 x 256 KiB only.
+TUS = tus.BATCH
+METHODS = [IMGRESUME, RSYNC, RSYNC_FSYNC, TUS]
 
 _SUMMARY = re.compile(r"over (\d+) connections?")
 
@@ -275,7 +278,13 @@ def batch(work: Workdir, opts: Any) -> dict[str, Any]:
         rsyncd.start()
     else:
         notes.append(baselines.rsync_missing_note())
-    cluster = Cluster(work, "batch", servers=3).start()
+    tusd = tus.baseline(work, opts.tus, opts.tus_cache, notes)
+    try:
+        cluster = Cluster(work, "batch", servers=3).start()
+    except BaseException:
+        rsyncd.stop()
+        tusd.stop()
+        raise
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {}
     shapes = {}
     try:
@@ -291,15 +300,29 @@ def batch(work: Workdir, opts: Any) -> dict[str, Any]:
                     (RSYNC, lambda: rsyncd.upload_tree(src, False, timeout_for(files))),
                     (RSYNC_FSYNC, lambda: rsyncd.upload_tree(src, True, timeout_for(files))),
                 ]
+            if key == "256k" and tusd.available:  # a second reference (issue 13)
+                runs.append((TUS, lambda: tusd.upload_batch(src, digests, parallel,
+                                                            timeout_for(files))))
             got: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            left_out: set[str] = set()
             rounds = min(opts.batch_repeat, most or opts.batch_repeat)
             for r in range(rounds):
                 order = runs[r % len(runs):] + runs[:r % len(runs)]
                 for method, run in order:
+                    if method in left_out:
+                        continue
                     settle(work.sub("dst"))
                     cluster.clear_storage()
                     log(f"batch {name}, round {r + 1}/{rounds}: {method}")
-                    m = run()
+                    try:
+                        m = run()
+                    except RuntimeError as e:
+                        if method != TUS:
+                            raise
+                        notes.append(tus.failed_note(f"{TUS} ({name})", r + 1, e))
+                        left_out.add(method)
+                        got.pop(method, None)
+                        continue
                     got[method].append(m)
                     log(f"  {m['files'] / m['seconds']:.0f} files/s "
                         f"({m['seconds']:.2f} s), {m.get('failures', 0)} failed")
@@ -310,6 +333,7 @@ def batch(work: Workdir, opts: Any) -> dict[str, Any]:
     finally:
         cluster.stop()
         rsyncd.stop()
+        tusd.stop()
     return {"samples": samples, "batches": shapes, "parallel": parallel, "notes": notes,
             "rounds": opts.batch_repeat}
 
@@ -356,6 +380,12 @@ def figures(samples: list[dict[str, Any]]) -> dict[str, Any]:
         fig["peak_rss"] = {k: max(s["peak_rss"].get(k, 0) for s in samples) for k in nodes}
         fig["errors"] = sorted({e for s in samples for e in s.get("errors", [])})[:5]
         fig["exit"] = [s["exit"] for s in samples]
+    elif "verified" in samples[0]:  # tus: each upload's stored file checked
+        for key in ("verified", "missing", "mismatched", "errors"):
+            fig[key] = sum(s[key] for s in samples)
+        fig["checked"] = files * len(samples)
+        fig["problems"] = [p for s in samples for p in s.get("problems", [])][:3]
+        fig["files_per_s_in_process"] = files / min(s["in_process_seconds"] for s in samples)
     return fig
 
 
@@ -382,6 +412,8 @@ def summarise(group: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any
         if img:
             img["x_rsync_fsync_after_startup"] = (
                 img["files_per_s_after_startup"] / rsf["files_per_s"] if rsf else None)
+        if img and TUS in f:
+            f[TUS]["imgresume_x"] = ratio(img, f[TUS])
         fig["batches"][key] = {"label": shape["label"], "methods": f}
         targets += batch_targets(key, shape["label"], img, rsf, rs)
     return fig, targets
@@ -453,6 +485,7 @@ LABELS = {
     IMGRESUME: "imgresume upload --parallel {p}",
     RSYNC: "rsync -r --append-verify",
     RSYNC_FSYNC: "rsync -r --append-verify --fsync",
+    TUS: "tus-js-client x{p} -> tus-node-server",
 }
 
 
@@ -487,5 +520,15 @@ def table_lines(fig: dict[str, Any]) -> list[str]:
                     f"{f['incoming_partial']} partial; connections {f['connections']}")
                 lines.append(f"    peak RSS MB (VmHWM): {rss}")
                 for e in f["errors"][:3]:
+                    lines.append(f"    failed: {e[:150]}")
+            if method == TUS:
+                lines.append(
+                    f"    imgresume {_x(f.get('imgresume_x'))} of this (files/s); without "
+                    f"Node's start-up {f['files_per_s_in_process']:.0f} files/s; one PATCH per "
+                    "file, NO fsync, NO checksum")
+                lines.append(
+                    f"    stored: {f['verified']} of {f['checked']} SHA-256 ok, "
+                    f"{f['missing']} missing, {f['mismatched']} wrong")
+                for e in f["problems"]:
                     lines.append(f"    failed: {e[:150]}")
     return lines

@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from bench import baselines
+from bench import baselines, tus
 from bench._common import Workdir, image_sizes, log, settle, write_random
 from bench.imgresume_runs import (
     Cluster,
@@ -44,8 +44,9 @@ def single(work: Workdir, opts: Any) -> dict[str, Any]:
     """
     One file of C{opts.size} bytes: the plain TCP copy (without and with
     fsync), dd conv=fsync, the rsync daemon (--append-verify, without and
-    with --fsync), imgresume direct and through the balancer; C{opts.repeat}
-    rounds, each in a rotated order.
+    with --fsync), tus-node-server with tus-js-client (one PATCH, and
+    16 MiB PATCHes), imgresume direct and through the balancer;
+    C{opts.repeat} rounds, each in a rotated order.
     """
     src = _source(work, opts.size)
     notes = []
@@ -54,7 +55,13 @@ def single(work: Workdir, opts: Any) -> dict[str, Any]:
         rsyncd.start()
     else:
         notes.append(baselines.rsync_missing_note())
-    cluster = Cluster(work, "single", servers=1).start()
+    tusd = tus.baseline(work, opts.tus, opts.tus_cache, notes)
+    try:
+        cluster = Cluster(work, "single", servers=1).start()
+    except BaseException:
+        rsyncd.stop()
+        tusd.stop()
+        raise
     runs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("tcp-copy", lambda: baselines.tcp_copy(work, [src], False, "tcp-copy")),
         ("tcp-copy-fsync", lambda: baselines.tcp_copy(work, [src], True, "tcp-copy-fsync")),
@@ -65,6 +72,11 @@ def single(work: Workdir, opts: Any) -> dict[str, Any]:
             ("rsync-append-verify", lambda: rsyncd.upload(src, fsync=False)),
             ("rsync-append-verify-fsync", lambda: rsyncd.upload(src, fsync=True)),
         ]
+    if tusd.available:
+        runs += [
+            (tus.ONE_PATCH, lambda: tusd.upload(src, None)),
+            (tus.CHUNKED, lambda: tusd.upload(src, tus.CHUNK)),
+        ]
     runs += [
         ("imgresume-storage-only", lambda: storage_only(work, src, opts.chunk_size)),
         ("imgresume-direct", lambda: single_stream(cluster, src, "direct", work,
@@ -73,18 +85,31 @@ def single(work: Workdir, opts: Any) -> dict[str, Any]:
                                                opts.window, opts.chunk_size)),
     ]
     samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    left_out: set[str] = set()
     try:
         for r in range(opts.repeat):
             order = runs[r % len(runs):] + runs[:r % len(runs)]
             for name, run in order:
+                if name in left_out:
+                    continue
                 _settle_all(work, cluster)
                 log(f"single, round {r + 1}/{opts.repeat}: {name}")
-                samples[name].append(run())
+                try:
+                    samples[name].append(run())
+                except RuntimeError as e:
+                    if not name.startswith("tus-"):
+                        raise
+                    # an npm-installed baseline failing must not lose the group
+                    notes.append(tus.failed_note(name, r + 1, e))
+                    left_out.add(name)
+                    samples.pop(name, None)
         _settle_all(work, cluster)
     finally:
         cluster.stop()
         rsyncd.stop()
-    return {"samples": dict(samples), "notes": notes, "size": opts.size}
+        tusd.stop()
+    return {"samples": dict(samples), "notes": notes, "size": opts.size,
+            "tus": tusd.describe() if tus.ONE_PATCH in samples else None}
 
 
 def concurrency(work: Workdir, opts: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any
 
-from bench import batch, latency, scale
+from bench import batch, latency, scale, tus
 from bench._common import GiB, median, per_gib, percentile
 
 MB = 1e6
@@ -19,6 +19,8 @@ MB = 1e6
 TARGET_VS_RSYNC = 1.0
 TARGET_LB_VS_DIRECT = 0.9
 TARGET_RESUME_MS = 20.0
+#: Issue 13: imgresume direct, end to end, over tus-node-server (one PATCH).
+TARGET_VS_TUS = 1.5
 
 
 def _med(samples: list[dict[str, Any]], key: str) -> float:
@@ -51,6 +53,8 @@ def _stream_figures(samples: list[dict[str, Any]]) -> dict[str, Any]:
         out["completion_seconds"] = _med(samples, "completion_seconds")
         out["ack_interval_ms"] = _med(samples, "ack_interval_ms")
         out["packets"] = samples[0].get("packets")
+    if "patches" in samples[0]:
+        out["patches"] = samples[0]["patches"]
     if "write_ms_median" in samples[0]:
         for key in ("write_seconds", "completion_seconds", "write_ms_median",
                     "pwrite_seconds", "fdatasync_seconds"):
@@ -67,12 +71,17 @@ def summarise(groups: dict[str, Any]) -> dict[str, Any]:
         fig = {n: _stream_figures(s) for n, s in groups["single"]["samples"].items()}
         base = fig.get("tcp-copy-fsync")
         rsync = fig.get("rsync-append-verify")
+        tus_one = fig.get(tus.ONE_PATCH)
         for f in fig.values():
             f["x_tcp_fsync"] = f["rate"] / base["rate"] if base else None
             f["x_rsync"] = f["rate"] / rsync["rate"] if rsync else None
+            f["x_tus"] = f["rate"] / tus_one["rate"] if tus_one else None
             if "transfer_rate" in f:
                 f["transfer_x_tcp_fsync"] = f["transfer_rate"] / base["rate"] if base else None
                 f["transfer_x_rsync"] = f["transfer_rate"] / rsync["rate"] if rsync else None
+                f["transfer_x_tus"] = f["transfer_rate"] / tus_one["rate"] if tus_one else None
+        if tus_one:
+            tus_one["setup"] = groups["single"].get("tus")
         summary["single"] = fig
         direct, lb = fig.get("imgresume-direct"), fig.get("imgresume-lb")
         if direct and rsync:
@@ -88,6 +97,8 @@ def summarise(groups: dict[str, Any]) -> dict[str, Any]:
         elif direct:
             targets.append({"target": "imgresume direct >= 1.0x rsync", "value": None,
                             "met": None, "also": "rsync missing: not measured"})
+        if direct:
+            targets.append(tus_target(direct, tus_one, fig.get(tus.CHUNKED)))
         if direct and lb:
             v = lb["transfer_rate"] / direct["transfer_rate"]
             targets.append({
@@ -178,7 +189,34 @@ def summarise(groups: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def tus_target(direct: dict[str, Any], one: dict[str, Any] | None,
+               chunked: dict[str, Any] | None) -> dict[str, Any]:
+    """Issue 13's target against tus-node-server, from the single group's figures."""
+    name = (f"imgresume direct >= {TARGET_VS_TUS}x tus-node-server + tus-js-client "
+            "(one PATCH; end to end)")
+    if one is None:
+        return {"target": name, "value": None, "met": None,
+                "also": "tus-node-server not available: not measured"}
+    v = direct["rate"] / one["rate"]
+    also = f"{direct['rate'] / MB:.0f} against {one['rate'] / MB:.0f} MB/s"
+    if chunked:
+        also += f"; vs 16 MiB PATCHes {direct['rate'] / chunked['rate']:.2f}x"
+    return {"target": name, "value": v, "met": v >= TARGET_VS_TUS,
+            "also": also + "; tus-node-server: no fsync, no checksum"}
+
+
 # -- the table ---------------------------------------------------------------
+
+
+def tus_note(f: dict[str, Any]) -> str:
+    """The lines under the tus rows: what ran, and what it does not do."""
+    one, chunked = f.get(tus.ONE_PATCH, {}), f.get(tus.CHUNKED, {})
+    setup = one.get("setup") or {}
+    versions = ", ".join(f"{k} {v}" for k, v in (setup.get("packages") or {}).items())
+    patches = " / ".join(str(x["patches"]) for x in (one, chunked) if x.get("patches"))
+    return (f"    tus: {versions or '?'}, node {setup.get('node') or '?'}; {patches} PATCH "
+            "requests\n    tus-node-server: NO fsync, NO checksum (it has neither); the "
+            "bench checks the stored file's SHA-256 after each run")
 
 
 def _r(x: float | None) -> str:
@@ -195,6 +233,8 @@ LABELS = {
     "dd-fsync": "dd bs=1M conv=fsync",
     "rsync-append-verify": "rsync daemon --append-verify",
     "rsync-append-verify-fsync": "rsync daemon --append-verify --fsync",
+    tus.ONE_PATCH: "tus-node-server + tus-js-client, one PATCH",
+    tus.CHUNKED: "tus-node-server + tus-js-client, 16 MiB",
     "imgresume-storage-only": "imgresume storage alone (no net, no reactor)",
     "imgresume-direct": "imgresume client -> server",
     "imgresume-lb": "imgresume client -> lb -> server",
@@ -217,19 +257,20 @@ def table(results: dict[str, Any]) -> str:
         f = s["single"]
         lines.append("")
         lines.append(f"{'single stream':<46} {'MB/s':>8} {'x tcp+fsync':>11} "
-                     f"{'x rsync -av':>11}   CPU s/GiB c / s / lb")
+                     f"{'x rsync -av':>11} {'x tus':>6}   CPU s/GiB c / s / lb")
         for name, fig in f.items():
             label = LABELS.get(name, name)
             if "transfer_rate" in fig:
                 lines.append(
                     f"{label + ', end to end':<46} {fig['rate'] / MB:>8.1f} "
-                    f"{_r(fig['x_tcp_fsync']):>11} {_r(fig['x_rsync']):>11}   "
+                    f"{_r(fig['x_tcp_fsync']):>11} {_r(fig['x_rsync']):>11} "
+                    f"{_r(fig.get('x_tus')):>6}   "
                     f"{_cpu(fig['cpu_s_per_gib'], 'client', 'server', 'lb')}")
                 hashing = f"  of which hashing {fig['hash_seconds']:.2f} s; transfer"
                 lines.append(
                     f"{hashing:<46} "
                     f"{fig['transfer_rate'] / MB:>8.1f} {_r(fig['transfer_x_tcp_fsync']):>11} "
-                    f"{_r(fig['transfer_x_rsync']):>11}   "
+                    f"{_r(fig['transfer_x_rsync']):>11} {_r(fig.get('transfer_x_tus')):>6}   "
                     f"{_cpu(fig['cpu_s_per_gib'], 'client_transfer', 'server', 'lb')}")
                 lines.append(
                     f"    {fig['packets']} packets, one ACK every {fig['ack_interval_ms']:.2f} ms "
@@ -238,7 +279,10 @@ def table(results: dict[str, Any]) -> str:
             else:
                 lines.append(
                     f"{label:<46} {fig['rate'] / MB:>8.1f} {_r(fig['x_tcp_fsync']):>11} "
-                    f"{_r(fig['x_rsync']):>11}   {_cpu(fig['cpu_s_per_gib'], 'client', 'server')}")
+                    f"{_r(fig['x_rsync']):>11} {_r(fig.get('x_tus')):>6}   "
+                    f"{_cpu(fig['cpu_s_per_gib'], 'client', 'server')}")
+            if name == tus.CHUNKED or (name == tus.ONE_PATCH and tus.CHUNKED not in f):
+                lines.append(tus_note(f))
             if "write_ms_median" in fig:
                 lines.append(
                     f"    {fig['packets']} writes of {fig['bytes'] // fig['packets'] >> 10} KiB, "
@@ -287,7 +331,7 @@ def table(results: dict[str, Any]) -> str:
         lines += ["", *batch.table_lines(s["batch"])]
     if s.get("targets"):
         lines.append("")
-        lines.append("targets (issue 5; batch: issue 16), stated not asserted:")
+        lines.append("targets (issue 5; batch: issue 16; tus: issue 13), stated not asserted:")
         for t in s["targets"]:
             v = t["value"]
             shown = t.get("shown") or (
