@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import attrs
 from zope.interface import Attribute, Interface
 
-from imgresume.errors import OffsetMismatch, SizeExceeded
+from imgresume.errors import OffsetMismatch, SizeExceeded, StorageError
 
 #: Guarantees a backend may declare in L{IUploadStorage.guarantees}.
 DURABLE_ACK = "durable-ack"  # a write's Deferred fires only once bytes are durable
@@ -133,6 +133,50 @@ class UploadStatus:
     path: str = ""  # where the completed file lies
 
 
+class CompletedFileMoved(StorageError):
+    """
+    A resumed upload was completed, but its file is no longer where its
+    completion put it: a consumer moved or removed it (which
+    C{docs/operations.md} allows), and the name may since hold another
+    upload's file.  Raised by C{IUploadStorage.resume} instead of
+    L{UploadAlreadyComplete <imgresume.errors.UploadAlreadyComplete>}, so a
+    client is never told its file lies at a path that holds other bytes.
+    A C{STORAGE_ERROR} on the wire.
+
+    @ivar completed: the L{CompletedUpload} as it was recorded.
+    """
+
+    def __init__(self, completed: CompletedUpload, what: str) -> None:
+        """
+        @param what: how the path differs now ("is missing", "now holds
+            another file").
+        """
+        super().__init__(
+            f"upload {completed.upload_id} was completed (sha256 "
+            f"{completed.sha256.hex()}, verified) at {completed.path}, but that "
+            f"path {what}: the file has since been moved away"
+        )
+        self.completed = completed
+
+
+class NewerRecordFormat(StorageError):
+    """
+    An upload's stored record is in a format newer than this server
+    understands: a newer imgresume wrote it (during a rolling upgrade).
+    Retryable (C{STORAGE_ERROR} on the wire): an upgraded server reads it.
+    Raised by C{IUploadStorage.resume} and C{status}.
+    """
+
+    def __init__(self, upload_id: str, found: int, understood: int) -> None:
+        super().__init__(
+            f"upload {upload_id} was written by a newer imgresume (format "
+            f"{found}); this server understands format {understood} and older: "
+            "resume it through an upgraded server"
+        )
+        self.found = found
+        self.understood = understood
+
+
 class IUploadStorage(Interface):
     """
     A place where partial and completed uploads live, shared by every server
@@ -167,6 +211,9 @@ class IUploadStorage(Interface):
             C{retry_after} succeeds once it has.
         @raise imgresume.errors.UploadAlreadyComplete: it is finished; the
             exception carries the L{CompletedUpload}.
+        @raise CompletedFileMoved: it is finished, but its file is no longer
+            the one its completion published.
+        @raise NewerRecordFormat: a newer imgresume wrote its record.
         @return: Deferred firing with an L{IUploadWriter}.
         """
 

@@ -48,6 +48,7 @@ from imgresume.storage.interfaces import (
     ATOMIC_COMPLETE,
     EXCLUSIVE_WRITER,
     Chunk,
+    CompletedFileMoved,
     CompletedUpload,
     expected_digest,
     IUploadStorage,
@@ -78,6 +79,8 @@ class _Upload:
     data: bytearray = attrs.field(factory=bytearray)
     records: list[_Record] = attrs.field(factory=list)
     completed: CompletedUpload | None = None
+    #: The object published at C{completed.path}: its identity.
+    published: bytes | None = None
     generation: int = 1
     takeover_for: int | None = None
 
@@ -201,6 +204,11 @@ class MemoryStorage:
         if upload is None or (client_id is not None and upload.info.client_id != client_id):
             raise UnknownUpload(f"no upload with id {upload_id}")
         if upload.completed is not None:
+            path = upload.completed.path
+            if path not in self.files:
+                raise CompletedFileMoved(upload.completed, "is missing")
+            if self.files[path] is not upload.published:
+                raise CompletedFileMoved(upload.completed, "now holds another file")
             raise UploadAlreadyComplete(upload.completed)
         if upload_id in self._owned:
             upload.takeover_for = upload.generation  # ask the owner to yield
@@ -252,7 +260,7 @@ class MemoryStorage:
                                 "the upload is kept")
             raise InvalidName(f"no free name for {info.name!r}")  # pragma: no cover
         self._check_parents(rel)
-        self.files[path] = bytes(upload.data)
+        self.files[path] = upload.published = bytes(upload.data)
         upload.completed = CompletedUpload(
             upload_id=info.upload_id,
             name=info.name,

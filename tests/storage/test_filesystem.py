@@ -7,21 +7,25 @@ metadata and completion, no writes outside the root).
 
 from __future__ import annotations
 
+import builtins
 import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 import tracemalloc
 import zlib
 
 from twisted.internet import defer
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
@@ -36,14 +40,25 @@ from imgresume.errors import (
     UploadTakenOver,
 )
 from imgresume.names import is_upload_id, new_upload_id
-from imgresume.storage.filesystem import FilesystemStorage, _durable, _journal, _locks, _publish
+from imgresume.storage.filesystem import (
+    FilesystemStorage,
+    _durable,
+    _journal,
+    _layout,
+    _locks,
+    _publish,
+)
 from imgresume.storage.filesystem._journal import RECORD_SIZE
 from imgresume.storage.interfaces import (
     DURABLE_ACK,
     PROVEN_OFFSET,
     SHARED,
+    CompletedFileMoved,
+    CompletedUpload,
+    NewerRecordFormat,
     TailCheck,
 )
+from imgresume.storage.filesystem.gc import collect_garbage
 from tests.support.processes import REPO_ROOT
 from tests.support.runners import QueuedRunner, sync_run
 from tests.support.storage_conformance import (
@@ -77,6 +92,13 @@ class FilesystemMixin:
 
     def readCompleted(self, storage, path):
         return self.root.preauthChild(path).getContent()
+
+    def moveCompleted(self, storage, path):
+        consumed = self.root.child("consumed")
+        if not consumed.exists():
+            consumed.makedirs()
+        src = self.root.preauthChild(path)
+        src.moveTo(consumed.child(f"{len(consumed.listdir())}-{src.basename()}"))
 
     def storeDamaged(self, writer, offset):
         real = writer._pwrite
@@ -1016,3 +1038,504 @@ class NoClobberTests(FilesystemMixin, TestCase):
         self.failureResultOf(
             self.storage.create(request(b"x", "scans/a.tiff")), InvalidName
         )
+
+
+class CompletedIdentityTests(FilesystemMixin, TestCase):
+    """
+    A completion records the identity of the file it published, and a
+    resume answers "complete" only while that file is still at its path.
+    """
+
+    def setUp(self) -> None:
+        self.storage = self.makeStorage()
+
+    def upload(self, data: bytes = PAYLOAD, name: str = "a.tiff"):
+        writer = self.successResultOf(self.storage.create(request(data, name)))
+        self.successResultOf(writer.write(0, data))
+        return self.successResultOf(writer.complete())
+
+    def rewriteMeta(self, upload_id: str, change, age: float = 3600.0) -> None:
+        """Change meta.json, recorded C{age} seconds ago."""
+        meta = self.meta(upload_id)
+        change(meta)
+        path = self.upath(upload_id, "meta.json")
+        path.setContent(json.dumps(meta).encode())
+        os.utime(path.path, (time.time() - age,) * 2)
+
+    def test_identityRecorded(self) -> None:
+        """meta.json of a completed upload names the published file's inode, size and mtime."""
+        completed = self.upload()
+        st = os.stat(self.root.preauthChild(completed.path).path)
+        self.assertEqual(
+            self.meta(completed.upload_id)["file"],
+            {"inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns},
+        )
+
+    def test_sameInodeOtherFile(self) -> None:
+        """
+        A file with the recorded inode number and size but another
+        modification time is another file (inode numbers are reused once a
+        moved file is deleted): not reported complete.
+        """
+        completed = self.upload()
+        self.rewriteMeta(completed.upload_id, lambda m: m["file"].update(mtime_ns=1))
+        f = self.failureResultOf(self.storage.resume(completed.upload_id), CompletedFileMoved)
+        self.assertIn("now holds another file", f.value.message)
+
+    def test_staleViewRightAfterCompletion(self) -> None:
+        """
+        Moments after the completion was recorded, the recorded inode with
+        other attributes is taken for this host's stale view of a file
+        another host just published (about 1 s on GlusterFS): a plain,
+        retryable StorageError, neither "moved" nor "complete".
+        """
+        completed = self.upload()
+        self.rewriteMeta(completed.upload_id, lambda m: m["file"].update(size=1), age=0)
+        f = self.failureResultOf(self.storage.resume(completed.upload_id), StorageError)
+        self.assertNotIsInstance(f.value, CompletedFileMoved)
+        self.assertTrue(f.value.retryable)
+        self.assertIn("moments ago", f.value.message)
+
+    def test_symlinkAtRecordedPath(self) -> None:
+        """A symlink put at the recorded path (even to the file) is not the file."""
+        completed = self.upload()
+        final = self.root.preauthChild(completed.path)
+        moved = self.root.child("moved.tiff")
+        final.moveTo(moved)
+        moved.linkTo(final)
+        self.failureResultOf(self.storage.resume(completed.upload_id), CompletedFileMoved)
+
+    def test_recordWithoutIdentity(self) -> None:
+        """
+        A completion recorded before identities were kept (format 1, no
+        C{file}) is checked by the file's size: the same file is complete,
+        one of another size is another file.
+        """
+        completed = self.upload()
+        self.rewriteMeta(completed.upload_id, lambda m: m.pop("file"))
+        f = self.failureResultOf(
+            self.storage.resume(completed.upload_id), UploadAlreadyComplete
+        )
+        self.assertEqual(f.value.completed, completed)
+        final = self.root.preauthChild(completed.path)
+        final.remove()
+        final.setContent(b"another file")
+        self.failureResultOf(self.storage.resume(completed.upload_id), CompletedFileMoved)
+
+    def test_movedWithinCompleteAndBack(self) -> None:
+        """A file renamed away and back (the same inode, untouched) is still the file."""
+        completed = self.upload()
+        final = self.root.preauthChild(completed.path)
+        final.moveTo(self.root.child("elsewhere"))
+        self.root.child("elsewhere").moveTo(final)
+        f = self.failureResultOf(
+            self.storage.resume(completed.upload_id), UploadAlreadyComplete
+        )
+        self.assertEqual(f.value.completed, completed)
+
+
+class CutBackCrashTests(FilesystemMixin, TestCase):
+    """
+    When completion finds stored bytes damaged it cuts the upload back to
+    the first bad range.  A crash at any point of that cut-back, with any
+    of its unflushed steps lost or kept, must leave a state the offset
+    proof handles: the proof checks only the last record's bytes, so no
+    record may ever name bytes the data file no longer holds.
+    """
+
+    def setUp(self) -> None:
+        self.storage = self.makeStorage()
+
+    def cutBack(self):
+        """
+        Write PAYLOAD with a byte damaged at 5000, complete (which cuts back
+        to 5000), and record the cut-back's truncations and flushes.
+
+        @return: the upload id, the data and journal before the cut-back,
+            the operations C{(what, file, length)} in order, and the offset
+            it cut back to.
+        """
+        writer = self.successResultOf(self.storage.create(request(PAYLOAD)))
+        self.storeDamaged(writer, 5000)
+        for pos in range(0, len(PAYLOAD), 1000):
+            self.successResultOf(writer.write(pos, PAYLOAD[pos : pos + 1000]))
+        upload_id = writer.info.upload_id
+        before = {n: self.upath(upload_id, n).getContent() for n in ("data", "journal")}
+        names = {writer._data_fd: "data", writer._journal_fd: "journal"}
+        ops = []
+        real_truncate, real_sync = os.ftruncate, writer._fsync
+
+        def ftruncate(fd, length):
+            ops.append(("truncate", names[fd], length))
+            real_truncate(fd, length)
+
+        def fsync(fd):
+            ops.append(("sync", names[fd], None))
+            real_sync(fd)
+
+        self.patch(os, "ftruncate", ftruncate)
+        writer._ftruncate = ftruncate
+        writer._fsync = fsync
+        f = self.failureResultOf(writer.complete(), Incomplete)
+        self.patch(os, "ftruncate", real_truncate)
+        self.successResultOf(writer.release())
+        return upload_id, before, ops, f.value.offset
+
+    def crashStates(self, before, ops):
+        """
+        Every state a crash can leave: after each prefix of C{ops}, with
+        each truncation not yet followed by a flush of its file either lost
+        or kept.  Yields (description, {file: content}).
+        """
+        for k in range(len(ops) + 1):
+            done = ops[:k]
+            unsure = [
+                i for i, (what, name, _) in enumerate(done)
+                if what == "truncate" and ("sync", name, None) not in done[i + 1 :]
+            ]
+            for kept_mask in range(1 << len(unsure)):
+                lost = {i for j, i in enumerate(unsure) if not kept_mask & (1 << j)}
+                files = dict(before)
+                for i, (what, name, length) in enumerate(done):
+                    if what == "truncate" and i not in lost:
+                        files[name] = files[name][:length]
+                yield f"crash after {done}, losing {[done[i] for i in lost]}", files
+
+    def test_crashDuringCutBack(self) -> None:
+        """
+        In every crash state of the cut-back, every record of the journal
+        names bytes the data file holds; a resume proves no offset past the
+        cut once any part of it persisted; and resending from the proven
+        offset completes the upload with the right bytes.
+        """
+        upload_id, before, ops, start = self.cutBack()
+        self.assertEqual(start, 5000)
+        self.assertEqual(len(ops), 4)
+        states = 0
+        for description, files in self.crashStates(before, ops):
+            states += 1
+            root = FilePath(tempfile.mkdtemp(prefix="imgresume-crash-"))
+            self.addCleanup(shutil.rmtree, root.path, True)
+            root = root.child("root")
+            self.root.copyTo(root)
+            udir = root.descendant(["incoming", upload_id])
+            for name, content in files.items():
+                udir.child(name).setContent(content)
+            journal = files["journal"]
+            for i in range(0, len(journal) - RECORD_SIZE + 1, RECORD_SIZE):
+                rec = _journal.parse_record(journal[i : i + RECORD_SIZE])
+                if rec is None:
+                    break
+                self.assertLessEqual(
+                    rec[0] + rec[1], len(files["data"]),
+                    f"{description}: journal record {i // RECORD_SIZE} names bytes "
+                    f"{rec[0]}..{rec[0] + rec[1]} but data holds {len(files['data'])}",
+                )
+            storage = FilesystemStorage(root, sync_run)
+            writer = self.successResultOf(storage.resume(upload_id))
+            if files != before:
+                self.assertLessEqual(writer.offset, start, description)
+            for _ in range(3):  # the damaged range may be found (and cut) again
+                for pos in range(writer.offset, len(PAYLOAD), 1000):
+                    self.successResultOf(writer.write(pos, PAYLOAD[pos : pos + 1000]))
+                outcome: list = []
+                writer.complete().addBoth(outcome.append)
+                if not (isinstance(outcome[0], Failure) and outcome[0].check(Incomplete)):
+                    break
+            completed = outcome[0]
+            self.assertIsInstance(completed, CompletedUpload, description)
+            self.assertEqual(root.preauthChild(completed.path).getContent(), PAYLOAD,
+                             description)
+        self.assertGreaterEqual(states, 7)
+
+
+class FenceTests(FilesystemMixin, TestCase):
+    """
+    The fence (the lease re-read before every write and before completion)
+    fails closed: a lease that cannot be read refuses the write, with a
+    retryable StorageError, and the writer gives the upload up.
+    """
+
+    def setUp(self) -> None:
+        self.storage = self.makeStorage()
+
+    def started(self):
+        writer = self.successResultOf(self.storage.create(request(PAYLOAD)))
+        self.successResultOf(writer.write(0, PAYLOAD[:100]))
+        return writer
+
+    def failLeaseReads(self, errno_: int) -> list:
+        """Make reading any lease fail with C{errno_} (as after read_small's retries)."""
+        real = _layout.read_small
+        calls = []
+
+        def read_small(path):
+            if os.path.basename(path) == "lease":
+                calls.append(path)
+                raise OSError(errno_, os.strerror(errno_))
+            return real(path)
+
+        self.patch(_layout, "read_small", read_small)
+        return calls
+
+    def assertRefused(self, writer, d, reason: str) -> None:
+        """The write was refused, nothing stored, and the upload given up."""
+        f = self.failureResultOf(d, StorageError)
+        self.assertTrue(f.value.retryable)
+        self.assertIn("lease", f.value.message)
+        self.assertIn(reason, f.value.message)
+        upload_id = writer.info.upload_id
+        self.assertEqual(self.upath(upload_id, "data").getsize(), 100)
+        self.failureResultOf(writer.write(100, PAYLOAD[100:200]), StorageError)
+        # The lock is free at once: another server resumes and re-proves.
+        self.patch(_layout, "read_small", _durable.read_small)
+        self.assertEqual(self.resumed(upload_id).offset, 100)
+        self.successResultOf(writer.release())
+
+    def test_garbageLease(self) -> None:
+        """A lease that is not a valid record refuses the write."""
+        writer = self.started()
+        self.upath(writer.info.upload_id, "lease").setContent(b"\0\0garbage")
+        self.assertRefused(writer, writer.write(100, PAYLOAD[100:200]), "not a valid lease")
+
+    def test_missingLease(self) -> None:
+        """A lease file that is gone refuses the write."""
+        writer = self.started()
+        self.upath(writer.info.upload_id, "lease").remove()
+        self.assertRefused(writer, writer.write(100, PAYLOAD[100:200]), "missing")
+
+    def test_leaseReadError(self) -> None:
+        """EIO reading the lease refuses the write."""
+        writer = self.started()
+        self.failLeaseReads(errno.EIO)
+        self.assertRefused(writer, writer.write(100, PAYLOAD[100:200]),
+                           os.strerror(errno.EIO))
+
+    def test_leaseStaleAfterRetries(self) -> None:
+        """
+        ESTALE reading the lease is retried (another host replacing it),
+        and refuses the write once the retries are spent.
+        """
+        writer = self.started()
+        lease = self.upath(writer.info.upload_id, "lease").path
+        real_open = open
+        attempts = []
+
+        def stale_open(path, *args, **kwargs):
+            if path == lease:
+                attempts.append(path)
+                raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+            return real_open(path, *args, **kwargs)
+
+        self.patch(_durable.time, "sleep", lambda seconds: None)
+        self.patch(builtins, "open", stale_open)
+        d = writer.write(100, PAYLOAD[100:200])
+        self.patch(builtins, "open", real_open)
+        self.assertEqual(len(attempts), 5)
+        self.assertRefused(writer, d, os.strerror(errno.ESTALE))
+
+    def test_unreadableLeaseAtCompletion(self) -> None:
+        """Completion re-reads the lease too: unreadable, nothing is published."""
+        writer = self.successResultOf(self.storage.create(request(b"abc")))
+        self.successResultOf(writer.write(0, b"abc"))
+        self.upath(writer.info.upload_id, "lease").setContent(b"{}")
+        f = self.failureResultOf(writer.complete(), StorageError)
+        self.assertIn("lease", f.value.message)
+        self.assertEqual(self.meta(writer.info.upload_id)["state"], "partial")
+        self.assertEqual(self.root.child("complete").listdir(), [])
+        again = self.resumed(writer.info.upload_id)
+        self.assertEqual(self.successResultOf(again.complete()).path, "complete/a.tiff")
+
+
+class PublicationFailureTests(FilesystemMixin, TestCase):
+    """
+    A flush that fails while a completed file is published poisons the
+    writer, as a failed data flush does; the publication is then proven
+    again from fresh opens by the next resume before anyone is told the
+    upload is complete.
+    """
+
+    def setUp(self) -> None:
+        self.storage = self.makeStorage()
+        self.flushed: list[tuple[str, int]] = []
+        self.failing = True
+        real = os.fsync
+
+        def fsync(fd):
+            st = os.fstat(fd)
+            kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
+            self.flushed.append((kind, st.st_ino))
+            if self.failing and kind == "dir" and st.st_ino == self.completeDir():
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real(fd)
+
+        self.patch(os, "fsync", fsync)
+
+    def completeDir(self) -> int:
+        try:
+            return os.stat(self.root.child("complete").path).st_ino
+        except FileNotFoundError:
+            return -1
+
+    def failedCompletion(self):
+        writer = self.successResultOf(self.storage.create(request(b"abc")))
+        self.successResultOf(writer.write(0, b"abc"))
+        f = self.failureResultOf(writer.complete(), StorageError)
+        self.assertIn(os.strerror(errno.EIO), f.value.message)
+        self.assertEqual(self.meta(writer.info.upload_id)["state"], "completing")
+        return writer
+
+    def test_failedDirectoryFlushPoisons(self) -> None:
+        """
+        After the complete/ directory's flush failed, the writer is done:
+        a retried complete() on it fails even once flushes work again (a
+        retried flush that "succeeds" proves nothing), and the upload is
+        free for the next owner at once.
+        """
+        writer = self.failedCompletion()
+        self.failing = False
+        f = self.failureResultOf(writer.complete(), StorageError)
+        self.assertIn("unusable", f.value.message)
+        self.assertEqual(self.meta(writer.info.upload_id)["state"], "completing")
+        # No release() needed: the poisoned writer gave the lock up.
+        f = self.failureResultOf(
+            self.makeSibling(self.storage).resume(writer.info.upload_id),
+            UploadAlreadyComplete,
+        )
+        self.assertEqual(f.value.completed.path, "complete/a.tiff")
+        self.successResultOf(writer.release())
+
+    def test_resumeProvesPublicationFromFreshOpens(self) -> None:
+        """
+        The resume that finishes such a completion opens the published name
+        anew and flushes the file and its directory through the new
+        descriptors before it answers UploadAlreadyComplete.
+        """
+        writer = self.failedCompletion()
+        self.successResultOf(writer.release())
+        self.failing = False
+        del self.flushed[:]
+        f = self.failureResultOf(
+            self.makeSibling(self.storage).resume(writer.info.upload_id),
+            UploadAlreadyComplete,
+        )
+        published = os.stat(self.root.preauthChild(f.value.completed.path).path)
+        self.assertIn(("file", published.st_ino), self.flushed)
+        self.assertIn(("dir", self.completeDir()), self.flushed)
+        self.assertLess(self.flushed.index(("file", published.st_ino)),
+                        self.flushed.index(("dir", self.completeDir())))
+        self.assertEqual(self.meta(writer.info.upload_id)["state"], "complete")
+
+    def test_failingAgainOnResume(self) -> None:
+        """
+        While the directory cannot be flushed, no resume says the upload is
+        complete: it stays "completing" and the resume fails, retryably.
+        """
+        writer = self.failedCompletion()
+        self.successResultOf(writer.release())
+        for _ in range(2):
+            f = self.failureResultOf(
+                self.makeSibling(self.storage).resume(writer.info.upload_id), StorageError
+            )
+            self.assertTrue(f.value.retryable)
+            self.assertEqual(self.meta(writer.info.upload_id)["state"], "completing")
+        self.failing = False
+        self.failureResultOf(
+            self.makeSibling(self.storage).resume(writer.info.upload_id),
+            UploadAlreadyComplete,
+        )
+
+
+class FormatTests(FilesystemMixin, TestCase):
+    """
+    meta.json carries the lowest format that describes it; a server reads
+    every format up to its own and refuses a newer one clearly.
+    """
+
+    def setUp(self) -> None:
+        self.storage = self.makeStorage()
+
+    def create(self, data=PAYLOAD, name="a.tiff"):
+        return self.successResultOf(self.storage.create(request(data, name)))
+
+    def writeMeta(self, upload_id: str, meta: dict) -> None:
+        self.upath(upload_id, "meta.json").setContent(json.dumps(meta).encode())
+
+    def test_lateDigestIsFormat2(self) -> None:
+        """
+        An upload whose digest comes at the end (sha256 null) is format 2,
+        which a server of format 1 cannot read; one with its digest is
+        format 1, and so is the late-digest upload once completed.
+        """
+        declared = self.successResultOf(self.storage.create(request(b"abc")))
+        self.assertEqual(self.meta(declared.info.upload_id)["format"], 1)
+        late = self.successResultOf(self.storage.create(request(b"abc", sha256=None)))
+        upload_id = late.info.upload_id
+        self.assertEqual(self.meta(upload_id)["format"], 2)
+        self.successResultOf(late.write(0, b"abc"))
+        self.successResultOf(late.complete(hashlib.sha256(b"abc").digest()))
+        meta = self.meta(upload_id)
+        self.assertEqual((meta["format"], meta["state"]), (1, "complete"))
+
+    def test_newerFormatRefused(self) -> None:
+        """
+        A record written by a newer imgresume (format 3) is refused by
+        resume and status with a retryable error naming both formats, and
+        left alone by garbage collection.
+        """
+        upload_id = self.partial(upto=3000)
+        meta = self.meta(upload_id)
+        meta["format"] = 3
+        self.writeMeta(upload_id, meta)
+        message = (f"upload {upload_id} was written by a newer imgresume (format 3); "
+                   "this server understands format 2 and older")
+        for d in (self.storage.resume(upload_id), self.storage.status(upload_id)):
+            f = self.failureResultOf(d, NewerRecordFormat)
+            self.assertIsInstance(f.value, StorageError)
+            self.assertTrue(f.value.retryable)
+            self.assertIn(message, f.value.message)
+            self.assertEqual((f.value.found, f.value.understood), (3, 2))
+        report = collect_garbage(self.root.path, older_than=0.0, now=time.time() + 10**9)
+        self.assertEqual([(e.upload_id, e.action) for e in report.kept],
+                         [(upload_id, "invalid")])
+        self.assertTrue(self.upath(upload_id, "data").exists())
+        meta["format"] = 2
+        self.writeMeta(upload_id, meta)
+        self.assertEqual(self.resumed(upload_id).offset, 3000)
+
+    def test_newerFormatOfCompletedUpload(self) -> None:
+        """A completed upload's newer record is refused too, not reported complete."""
+        writer = self.successResultOf(self.storage.create(request(b"abc")))
+        self.successResultOf(writer.write(0, b"abc"))
+        completed = self.successResultOf(writer.complete())
+        meta = self.meta(completed.upload_id)
+        meta["format"] = 7
+        self.writeMeta(completed.upload_id, meta)
+        f = self.failureResultOf(self.storage.resume(completed.upload_id), NewerRecordFormat)
+        self.assertIn("(format 7)", f.value.message)
+
+    def test_format1RecordsRead(self) -> None:
+        """
+        Records as earlier releases wrote them (format 1: no published-file
+        identity, and a null sha256 from the release that added the digest
+        at the end) are resumed and completed.
+        """
+        for sha256 in (hashlib.sha256(PAYLOAD).hexdigest(), None):
+            upload_id = self.partial(upto=3000)
+            meta = self.meta(upload_id)
+            self.writeMeta(upload_id, {
+                "format": 1, "upload_id": upload_id, "name": "old.tiff",
+                "size": len(PAYLOAD), "sha256": sha256, "metadata": {},
+                "client_id": "", "created": meta["created"], "state": "partial",
+            })
+            writer = self.resumed(upload_id)
+            self.assertEqual(writer.offset, 3000)
+            self.assertEqual(writer.info.sha256, sha256 and bytes.fromhex(sha256))
+            for pos in range(3000, len(PAYLOAD), 4000):
+                self.successResultOf(writer.write(pos, PAYLOAD[pos : pos + 4000]))
+            digest = None if sha256 else hashlib.sha256(PAYLOAD).digest()
+            completed = self.successResultOf(writer.complete(digest))
+            self.assertEqual(self.readCompleted(None, completed.path), PAYLOAD)
+            self.assertEqual(self.meta(upload_id)["format"], 1)
+            f = self.failureResultOf(self.storage.resume(upload_id), UploadAlreadyComplete)
+            self.assertEqual(f.value.completed, completed)

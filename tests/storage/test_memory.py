@@ -35,3 +35,7 @@ class MemoryStorageTests(StorageConformanceMixin, TestCase):
             return result
 
         writer._write = damaging
+
+    def moveCompleted(self, storage, path):
+        self.consumed = getattr(self, "consumed", [])
+        self.consumed.append(storage.files.pop(path))

@@ -33,6 +33,8 @@ from imgresume.storage.interfaces import (
     PROVEN_OFFSET,
     SHARED,
     Chunk,
+    CompletedFileMoved,
+    NewerRecordFormat,
     NewUpload,
 )
 from tests.support.cluster import KillServingServer
@@ -153,6 +155,12 @@ class S3StorageTests(BucketMixin, StorageConformanceMixin, TestCase):
 
     def storeDamaged(self, writer, offset):
         raise NotImplementedError("a test cannot make radosgw store wrong bytes")
+
+    def moveCompleted(self, storage, path):
+        key = storage.bucket, storage.prefix + path
+        self.client.copy_object(Bucket=key[0], Key=f"{storage.prefix}consumed/{path}",
+                                CopySource={"Bucket": key[0], "Key": key[1]})
+        self.client.delete_object(Bucket=key[0], Key=key[1])
 
     def writeAll(self, writer, data, start=0, chunk=4096):
         """
@@ -386,6 +394,85 @@ class S3LimitTests(BucketMixin, TestCase):
         again = self.successResultOf(storage.create(request(b"2", "a.tiff")))
         self.successResultOf(again.write(0, b"2"))
         self.assertNotEqual(self.successResultOf(again.complete()).path, "complete/a.tiff")
+
+class S3RecordTests(BucketMixin, TestCase):
+    """
+    The records of an upload in the bucket: meta.json's format (its
+    C{version}) and the published object's identity in done.json.
+    """
+
+    def meta(self, storage, upload_id: str) -> dict:
+        return storage._objects.get_json(storage._objects.upload_key(upload_id, "meta.json"))
+
+    def putRecord(self, storage, upload_id: str, rel: str, record: dict) -> None:
+        storage._objects.put_json(storage._objects.upload_key(upload_id, rel), record)
+
+    def test_lateDigestIsFormat2(self) -> None:
+        """
+        An upload whose digest comes at the end is format 2; one with its
+        digest, or a late-digest one once its digest is known, is format 1.
+        """
+        s = self.s3Storage()
+        declared = self.successResultOf(s.create(request(b"abc")))
+        self.assertEqual(self.meta(s, declared.info.upload_id)["version"], 1)
+        late = self.successResultOf(s.create(NewUpload(name="l.tif", size=3, sha256=None)))
+        upload_id = late.info.upload_id
+        self.assertEqual(self.meta(s, upload_id)["version"], 2)
+        self.successResultOf(late.write(0, b"abc"))
+        self.successResultOf(late.complete(hashlib.sha256(b"abc").digest()))
+        self.assertEqual(self.meta(s, upload_id)["version"], 1)
+
+    def test_newerFormatRefused(self) -> None:
+        """A record of a newer format is refused clearly, and retryably."""
+        s = self.s3Storage()
+        writer = self.successResultOf(s.create(request(b"abc")))
+        self.successResultOf(writer.release())
+        upload_id = writer.info.upload_id
+        meta = self.meta(s, upload_id)
+        self.putRecord(s, upload_id, "meta.json", dict(meta, version=3))
+        for d in (s.resume(upload_id), s.status(upload_id)):
+            f = self.failureResultOf(d, NewerRecordFormat)
+            self.assertTrue(f.value.retryable)
+            self.assertIn(f"upload {upload_id} was written by a newer imgresume (format 3); "
+                          "this server understands format 2 and older", f.value.message)
+        self.putRecord(s, upload_id, "meta.json", meta)
+        self.successResultOf(self.successResultOf(s.resume(upload_id)).release())
+
+    def test_format1LateDigestRead(self) -> None:
+        """
+        A late-digest record as the previous release wrote it (version 1,
+        sha256 null) is resumed and completed.
+        """
+        s = self.s3Storage()
+        late = self.successResultOf(s.create(NewUpload(name="l.tif", size=3, sha256=None)))
+        self.successResultOf(late.release())
+        upload_id = late.info.upload_id
+        self.putRecord(s, upload_id, "meta.json", dict(self.meta(s, upload_id), version=1))
+        writer = self.successResultOf(s.resume(upload_id))
+        self.successResultOf(writer.write(0, b"abc"))
+        done = self.successResultOf(writer.complete(hashlib.sha256(b"abc").digest()))
+        self.assertEqual(s.read_completed(done.path), b"abc")
+
+    def test_identityRecorded(self) -> None:
+        """
+        done.json names the published object's ETag and size; a record
+        without them (an earlier release) is checked by size alone.
+        """
+        s = self.s3Storage()
+        writer = self.successResultOf(s.create(request(b"abc")))
+        self.successResultOf(writer.write(0, b"abc"))
+        done = self.successResultOf(writer.complete())
+        record = s._objects.get_json(s._objects.upload_key(done.upload_id, "done.json"))
+        head = self.client.head_object(Bucket=s.bucket, Key=s._objects.key(done.path))
+        self.assertEqual((record["etag"], record["size"]),
+                         (head["ETag"].strip('"'), 3))
+        self.putRecord(s, done.upload_id, "done.json",
+                       {k: record[k] for k in ("path", "sha256", "completed")})
+        f = self.failureResultOf(s.resume(done.upload_id), UploadAlreadyComplete)
+        self.assertEqual(f.value.completed, done)
+        self.client.put_object(Bucket=s.bucket, Key=s._objects.key(done.path), Body=b"abcd")
+        self.failureResultOf(s.resume(done.upload_id), CompletedFileMoved)
+
 
 class S3ServerTests(BucketMixin, ServerTestCase):
     """A real upload through the server adapter over S3Storage and TCP."""

@@ -34,6 +34,7 @@ from imgresume.storage.interfaces import (
     ATOMIC_COMPLETE,
     EXCLUSIVE_WRITER,
     Chunk,
+    CompletedFileMoved,
     CompletedUpload,
     IUploadStorage,
     IUploadWriter,
@@ -55,7 +56,8 @@ def request(data: bytes = PAYLOAD, name: str = "a.tiff", **kw: Any) -> NewUpload
 class StorageConformanceMixin:
     """
     Behaviour shared by every storage backend.  Subclasses implement
-    L{makeStorage}, L{readCompleted}, L{makeSibling} and L{storeDamaged}.
+    L{makeStorage}, L{readCompleted}, L{makeSibling}, L{storeDamaged} and
+    L{moveCompleted}.
     """
 
     # -- hooks --------------------------------------------------------------
@@ -81,6 +83,15 @@ class StorageConformanceMixin:
         Make the next write covering C{offset} store that byte flipped, as a
         failing disk would: the write is acknowledged, but what is stored
         (and read back) differs from what was written.
+        """
+        raise NotImplementedError
+
+    def moveCompleted(self, storage: Any, path: str) -> None:
+        """
+        Take the completed file at C{path} away, as a consumer of
+        C{complete/} may: move it somewhere else in the same storage (so
+        that it still exists and nothing of it can be reused), leaving the
+        name free.
         """
         raise NotImplementedError
 
@@ -445,6 +456,40 @@ class StorageConformanceMixin:
             f = self.failureResultOf(storage.resume(completed.upload_id))
             f.trap(UploadAlreadyComplete)
             self.assertEqual(f.value.completed, completed)
+
+    def test_completedFileMovedAway(self) -> None:
+        """
+        Resuming a completed upload whose file a consumer has moved away is
+        answered, from any server, with L{CompletedFileMoved} (a
+        StorageError naming the path and carrying the recorded completion),
+        never with a completion at a path where the file no longer is.
+        """
+        completed = self.upload()
+        self.moveCompleted(self.storage, completed.path)
+        for storage in (self.storage, self.makeSibling(self.storage)):
+            f = self.failureResultOf(storage.resume(completed.upload_id), CompletedFileMoved)
+            self.assertEqual(f.value.completed, completed)
+            self.assertIn(completed.path, f.value.message)
+            self.assertIn("moved", f.value.message)
+            self.assertTrue(f.value.retryable)
+
+    def test_completedNameTakenByLaterUpload(self) -> None:
+        """
+        A consumer moves a completed file away and a later upload of the
+        same name and size (other bytes) completes: resuming the first
+        upload is not answered with a completion at a path that holds the
+        later upload's bytes, and the later upload's own record stands.
+        """
+        first = self.upload(PAYLOAD, "scan-0001.tiff")
+        self.moveCompleted(self.storage, first.path)
+        other = bytes(255 - b for b in PAYLOAD)
+        later = self.upload(other, "scan-0001.tiff")
+        self.assertEqual(self.readCompleted(self.storage, later.path), other)
+        for storage in (self.storage, self.makeSibling(self.storage)):
+            f = self.failureResultOf(storage.resume(first.upload_id), CompletedFileMoved)
+            self.assertEqual(f.value.completed, first)
+            f = self.failureResultOf(storage.resume(later.upload_id), UploadAlreadyComplete)
+            self.assertEqual(f.value.completed, later)
 
     def test_digestMismatch(self) -> None:
         """

@@ -22,10 +22,19 @@ from imgresume.storage.filesystem._durable import (
     io_errors,
     read_small,
 )
-from imgresume.storage.interfaces import CompletedUpload, UploadInfo
+from imgresume.storage.interfaces import (
+    CompletedUpload,
+    NewerRecordFormat,
+    UploadInfo,
+)
 
-#: Version of meta.json; bump on any incompatible change.
-FORMAT_VERSION = 1
+#: The newest meta.json format this version reads and writes.  A record
+#: carries the lowest format that describes it (L{record_format}): 1, the
+#: original; 2 when its C{sha256} is null, the digest coming at completion
+#: (FINISH), which a reader of format 1 cannot read.  Fields a reader does
+#: not know (such as C{file}, the published file's identity) are ignored; a
+#: change an older reader would misread takes a new format.
+FORMAT_VERSION = 2
 
 
 class Paths:
@@ -104,11 +113,39 @@ def completed(meta: dict[str, Any]) -> CompletedUpload:
     )
 
 
+def record_format(meta: dict[str, Any]) -> int:
+    """The lowest format that describes C{meta}: 2 if its digest is still to come."""
+    return 2 if meta["sha256"] is None else 1
+
+
+def write_meta(paths: Paths, meta: dict[str, Any]) -> None:
+    """Replace an upload's meta.json (atomically), stamped with its format."""
+    meta["format"] = record_format(meta)
+    atomic_write(paths.dir, "meta.json", dump(meta))
+
+
+def file_identity(st: os.stat_result) -> dict[str, int]:
+    """
+    What identifies a published file, for C{meta["file"]}: its inode, size
+    and modification time.  Not its device: a network filesystem's device
+    number differs from one mount (host) to the next.
+    """
+    return {"inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _valid_identity(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(value.get(k), int) for k in ("inode", "size", "mtime_ns")
+    )
+
+
 def read_meta(paths: Paths, upload_id: str) -> dict[str, Any] | None:
     """
     An upload's meta.json, checked; C{None} if there is none (the upload is
-    unknown, or only half created or removed).
+    unknown, or only half created or removed).  Reads every format up to
+    L{FORMAT_VERSION}.
 
+    @raise NewerRecordFormat: a newer imgresume wrote it.
     @raise StorageError: the record is unreadable or invalid.
     """
     with io_errors(f"cannot read {paths.rel}/meta.json"):
@@ -118,8 +155,12 @@ def read_meta(paths: Paths, upload_id: str) -> dict[str, Any] | None:
             return None
     try:
         meta = json.loads(raw)
+        found = meta["format"]
+        if isinstance(found, int) and found > FORMAT_VERSION:
+            raise NewerRecordFormat(upload_id, found, FORMAT_VERSION)
         ok = (
-            meta["format"] == FORMAT_VERSION
+            isinstance(found, int)
+            and found >= 1
             and meta["upload_id"] == upload_id
             and meta["state"] in ("partial", "completing", "complete")
             and isinstance(meta["size"], int)
@@ -130,6 +171,8 @@ def read_meta(paths: Paths, upload_id: str) -> dict[str, Any] | None:
             ok = ok and path.startswith("complete/") and safe_relpath(
                 path.removeprefix("complete/")
             ) and meta["sha256"] is not None
+        if meta["state"] == "complete" and "file" in meta:
+            ok = ok and _valid_identity(meta["file"])
         upload_info(meta)
     except (ValueError, KeyError, TypeError, AttributeError):
         ok = False
@@ -166,10 +209,38 @@ def remove(paths: Paths) -> None:
 
 
 def lease_generation(paths: Paths) -> int:
-    """The generation in an upload's lease (0 if there is none yet)."""
+    """
+    The generation in an upload's lease, 0 if there is none yet or it
+    cannot be read: for choosing a new generation and naming the one to
+    take over, never for the fence (L{current_generation}).
+    """
     lease = read_json(paths.lease)
     gen = lease.get("generation") if lease else 0
     return gen if isinstance(gen, int) and gen >= 0 else 0
+
+
+def current_generation(paths: Paths) -> int:
+    """
+    The generation in an upload's lease, for the fence, which must fail
+    closed: a lease that is missing or cannot be read is an error, never
+    "generation 0" (which would fence nothing).
+
+    @raise OSError: the lease cannot be read (after L{read_small}'s retries
+        on ESTALE).
+    @raise ValueError: it is missing or not a valid lease.
+    """
+    try:
+        raw = read_small(paths.lease)
+    except FileNotFoundError:
+        raise ValueError("the lease file is missing") from None
+    try:
+        lease = json.loads(raw)
+    except ValueError:
+        lease = None
+    gen = lease.get("generation") if isinstance(lease, dict) else None
+    if not isinstance(gen, int) or isinstance(gen, bool) or gen < 1:
+        raise ValueError("the lease file is not a valid lease")
+    return gen
 
 
 def next_generation(paths: Paths) -> int:

@@ -6,6 +6,10 @@ replacing another file and never following a symlink out of the root.
 
 Called by the writer when an upload completes, and by a resume that finds a
 completion interrupted half-way (state C{completing}), which it finishes.
+Before an upload is recorded complete, its publication is proven from a
+fresh open of the final name, and the identity of the file found there is
+recorded; a later resume answers "complete" only while that file is still
+there (L{check_recorded_complete}).
 Also the look-up of the file that already has a name (L{find_completed}),
 for an UPLOAD's C{if-exists} policy.
 """
@@ -16,6 +20,7 @@ import errno
 import hashlib
 import os
 import stat
+import time
 from typing import Any
 
 from twisted.logger import Logger
@@ -25,19 +30,31 @@ from imgresume.names import completion_candidates, if_exists_policy, validate_na
 from imgresume.storage.filesystem._durable import (
     CLOEXEC,
     DIR_FLAGS,
-    atomic_write,
     fail,
     fsync_dir,
     io_errors,
 )
-from imgresume.storage.filesystem._layout import Paths, completed, dump, safe_relpath
-from imgresume.storage.interfaces import CompletedUpload, StoredFile
+from imgresume.storage.filesystem._layout import (
+    Paths,
+    completed,
+    file_identity,
+    mtime,
+    safe_relpath,
+    write_meta,
+)
+from imgresume.storage.interfaces import CompletedFileMoved, CompletedUpload, StoredFile
 
 # The backend logs as one namespace, imgresume.storage.filesystem.
 log = Logger(namespace=__package__)
 
 # An indirection so tests can simulate a crash or a race at this step.
 _link = os.link
+
+#: Seconds after its completion was recorded during which a file whose
+#: attributes differ from the recorded ones, but not its inode, is taken for
+#: a stale view of this host (and the resume told to retry), not for another
+#: file.  Well above a shared filesystem's attribute cache and clock skew.
+FRESH = 10.0
 
 
 def _lstat_at(name: str, dir_fd: int) -> os.stat_result | None:
@@ -123,60 +140,67 @@ def check_complete_parents(root: str, name: str) -> None:
 
 def finish_completion(root: str, paths: Paths, meta: dict[str, Any]) -> CompletedUpload:
     """
-    Link the verified data file to its final path, no-clobber, and record
-    the upload complete.  Idempotent: resumes a completion interrupted at
-    any step.  The caller holds the upload's lock; C{meta} is updated in
-    place.
+    Link the verified data file to its final path, no-clobber, prove the
+    publication (L{_prove_published}) and record the upload complete with
+    the identity of the published file.  Idempotent: resumes a completion
+    interrupted at any step.  The caller holds the upload's lock; C{meta}
+    is updated in place.
+
+    @raise OSError: a step failed; the upload stays C{completing} (or
+        C{partial}, before the first step), for the next resume to finish.
+        A writer that gets this is poisoned: a flush that failed once is
+        not retried on the same descriptors.
+    @raise StorageError: the data file is missing, or a symlink is in the
+        way (L{open_complete_dir}).
+    @raise InvalidName: a file is where a directory must be.
     """
     upload_id = meta["upload_id"]
     name = validate_name(meta["name"])
-    with io_errors(f"cannot complete {paths.rel}"):
+    try:
+        data_st = os.stat(paths.data)
+    except FileNotFoundError:
+        raise StorageError(f"{paths.rel} is missing its data file") from None
+    first: list[str] = []
+    if meta["state"] == "completing" and meta.get("path"):
+        first.append(meta["path"].removeprefix("complete/"))
+    tried: set[str] = set()
+    policy = if_exists_policy(meta.get("metadata") or {})
+    for rel in [*first, *completion_candidates(name, upload_id, policy)]:
+        if rel in tried:
+            continue
+        tried.add(rel)
+        if not safe_relpath(rel):  # pragma: no cover - defensive
+            continue
+        *parents, leaf = rel.split("/")
+        parent_fd = open_complete_dir(root, parents, create=True)
         try:
-            data_st = os.stat(paths.data)
-        except FileNotFoundError:
-            raise StorageError(f"{paths.rel} is missing its data file") from None
-        first: list[str] = []
-        if meta["state"] == "completing" and meta.get("path"):
-            first.append(meta["path"].removeprefix("complete/"))
-        tried: set[str] = set()
-        policy = if_exists_policy(meta.get("metadata") or {})
-        for rel in [*first, *completion_candidates(name, upload_id, policy)]:
-            if rel in tried:
-                continue
-            tried.add(rel)
-            if not safe_relpath(rel):  # pragma: no cover - defensive
-                continue
-            *parents, leaf = rel.split("/")
-            parent_fd = open_complete_dir(root, parents, create=True)
-            try:
-                existing = _lstat_at(leaf, parent_fd)
-                if existing is not None and not _same_file(existing, data_st):
-                    continue  # taken by another file: never replace it
-                path = f"complete/{rel}"
-                if meta["state"] != "completing" or meta.get("path") != path:
-                    meta["state"] = "completing"
-                    meta["path"] = path
-                    atomic_write(paths.dir, "meta.json", dump(meta))
-                if existing is None:
-                    try:
-                        _link(paths.data, leaf, dst_dir_fd=parent_fd)
-                    except FileExistsError:
-                        existing = _lstat_at(leaf, parent_fd)
-                        if existing is None or not _same_file(
-                            existing, data_st
-                        ):
-                            continue  # lost a race for this name
-                os.fsync(parent_fd)
-                break
-            finally:
-                os.close(parent_fd)
-        else:
-            if policy == "fail":
-                raise NameTaken(f"complete/{name} already exists (if-exists=fail); "
-                                "the upload is kept")
-            raise StorageError(f"no free name in complete/ for {name!r}")  # pragma: no cover
-        meta["state"] = "complete"
-        atomic_write(paths.dir, "meta.json", dump(meta))
+            existing = _lstat_at(leaf, parent_fd)
+            if existing is not None and not _same_file(existing, data_st):
+                continue  # taken by another file: never replace it
+            path = f"complete/{rel}"
+            if meta["state"] != "completing" or meta.get("path") != path:
+                meta["state"] = "completing"
+                meta["path"] = path
+                write_meta(paths, meta)
+            if existing is None:
+                try:
+                    _link(paths.data, leaf, dst_dir_fd=parent_fd)
+                except FileExistsError:
+                    existing = _lstat_at(leaf, parent_fd)
+                    if existing is None or not _same_file(existing, data_st):
+                        continue  # lost a race for this name
+            identity = _prove_published(parent_fd, leaf, data_st, meta["size"], path)
+            break
+        finally:
+            os.close(parent_fd)
+    else:
+        if policy == "fail":
+            raise NameTaken(f"complete/{name} already exists (if-exists=fail); "
+                            "the upload is kept")
+        raise StorageError(f"no free name in complete/ for {name!r}")  # pragma: no cover
+    meta["state"] = "complete"
+    meta["file"] = identity
+    write_meta(paths, meta)
     for p in (paths.data, paths.journal):
         try:
             os.unlink(p)
@@ -233,27 +257,80 @@ def find_completed(root: str, name: str, size: int) -> StoredFile | None:
     return StoredFile(path, st.st_size, digest.digest() if st.st_size == size else None)
 
 
-def check_recorded_complete(root: str, meta: dict[str, Any]) -> CompletedUpload:
+def _prove_published(
+    parent_fd: int, leaf: str, data_st: os.stat_result, size: int, path: str
+) -> dict[str, int]:
+    """
+    Prove that C{leaf} in the (freshly opened) directory C{parent_fd} is the
+    upload's verified file, durably: open the name anew (never following a
+    symlink), check it is the data file's inode at the declared size, and
+    flush the file and then its directory through these new descriptors.
+    A completion whose flush failed is proven again this way by the next
+    resume, never by retrying on the descriptors that saw the failure.
+
+    @return: the identity of the published file (L{file_identity}).
+    @raise OSError: a flush failed.
+    @raise StorageError: the name holds something else.
+    """
+    fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | CLOEXEC, dir_fd=parent_fd)
+    try:
+        st = os.fstat(fd)
+        if not _same_file(st, data_st) or st.st_size != size:
+            raise StorageError(
+                f"{path} is not the verified file of {size} bytes; not recorded complete"
+            )
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.fsync(parent_fd)
+    return file_identity(st)
+
+
+def check_recorded_complete(root: str, paths: Paths, meta: dict[str, Any]) -> CompletedUpload:
     """
     The completion an upload's meta.json records, once its file is checked
-    to be in place.
+    to be still the one published: the same inode, size and modification
+    time (C{meta["file"]}; for a record written before these were kept,
+    the same size), and on the filesystem of the upload's record as this
+    host sees it.
 
-    @raise StorageError: the completed file is missing.
+    @raise CompletedFileMoved: the file is missing, or the path now holds
+        another file (a consumer moved the file away, and perhaps a later
+        upload took the name).
     """
     done = completed(meta)
     path = os.path.join(root, *done.path.split("/"))
     try:
-        os.lstat(path)
+        st = os.lstat(path)
+        here = os.stat(paths.dir)
     except FileNotFoundError:
         log.error(
             "upload {upload_id} is recorded complete but {path} is missing",
             upload_id=done.upload_id,
             path=done.path,
         )
-        raise StorageError(
-            f"upload {done.upload_id} is recorded complete but "
-            f"{done.path} is missing"
-        ) from None
+        raise CompletedFileMoved(done, "is missing") from None
     except OSError as e:
         raise fail(e, f"cannot check {done.path}") from e
-    return done
+    recorded = meta.get("file") or {"size": done.size}
+    now = file_identity(st)
+    if (
+        stat.S_ISREG(st.st_mode)
+        and st.st_dev == here.st_dev
+        and all(now[k] == v for k, v in recorded.items() if k in now)
+    ):
+        return done
+    if now["inode"] == recorded.get("inode") and time.time() - mtime(paths.meta) < FRESH:
+        # Published moments ago, perhaps by another host: this host's view
+        # of the file's attributes may still be the one before (about 1 s
+        # on GlusterFS).  Not "moved", not "complete" either: ask again.
+        raise StorageError(
+            f"upload {done.upload_id} was completed at {done.path} moments ago, "
+            "and this server does not see the published file yet; retry"
+        )
+    log.error(
+        "upload {upload_id} is recorded complete but {path} now holds another file",
+        upload_id=done.upload_id,
+        path=done.path,
+    )
+    raise CompletedFileMoved(done, "now holds another file")

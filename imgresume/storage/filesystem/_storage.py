@@ -28,21 +28,19 @@ from imgresume.errors import (
 from imgresume.names import is_upload_id, new_upload_id, validate_name
 from imgresume.storage.filesystem._durable import (
     CLOEXEC,
-    atomic_write,
     fsync_dir,
     io_errors,
 )
 from imgresume.storage.filesystem._journal import EMPTY_TAIL, prove
 from imgresume.storage.filesystem._layout import (
-    FORMAT_VERSION,
     Paths,
-    dump,
     lease_generation,
     mtime,
     next_generation,
     read_json,
     read_meta,
     write_lease,
+    write_meta,
     write_takeover,
 )
 from imgresume.storage.filesystem._locks import (
@@ -257,7 +255,6 @@ class FilesystemStorage:
         check_complete_parents(self._root, name)
         paths = Paths(self._root, upload_id)
         meta: dict[str, Any] = {
-            "format": FORMAT_VERSION,
             "upload_id": upload_id,
             "name": name,
             "size": request.size,
@@ -281,7 +278,7 @@ class FilesystemStorage:
                 # meta.json last: an upload directory without it is not an
                 # upload (resume answers UnknownUpload), so a crash half-way
                 # through create leaves nothing a client could resume.
-                atomic_write(paths.dir, "meta.json", dump(meta))
+                write_meta(paths, meta)
                 fsync_dir(incoming)
             except BaseException:
                 for fd in (data_fd, journal_fd):
@@ -346,7 +343,7 @@ class FilesystemStorage:
         paths = Paths(self._root, upload_id)
         meta = self._read_own_meta(paths, upload_id, client_id)
         if meta["state"] == "complete":
-            raise UploadAlreadyComplete(check_recorded_complete(self._root, meta))
+            raise UploadAlreadyComplete(check_recorded_complete(self._root, paths, meta))
         try:
             with io_errors(f"cannot lock {paths.rel}"):
                 lock = acquire(paths.lock, upload_id, self._busy_retry_after)
@@ -360,9 +357,12 @@ class FilesystemStorage:
             if meta is None:
                 raise UnknownUpload(f"no upload with id {upload_id}")
             if meta["state"] == "complete":
-                raise UploadAlreadyComplete(check_recorded_complete(self._root, meta))
+                raise UploadAlreadyComplete(check_recorded_complete(self._root, paths, meta))
             if meta["state"] == "completing":
-                completed = finish_completion(self._root, paths, meta)
+                # Proven again from fresh opens: a writer whose flush failed
+                # here was poisoned, and its retry would prove nothing.
+                with io_errors(f"cannot complete {paths.rel}"):
+                    completed = finish_completion(self._root, paths, meta)
                 log.info(
                     "upload {upload_id} completion finished on resume at {path}",
                     upload_id=upload_id,

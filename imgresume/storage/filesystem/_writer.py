@@ -32,7 +32,7 @@ from imgresume.storage.filesystem._durable import NOSPACE, fail, io_errors, pwri
 from imgresume.storage.filesystem._journal import RECORD_SIZE, first_bad_record, records
 from imgresume.storage.filesystem._layout import (
     Paths,
-    lease_generation,
+    current_generation,
     remove,
     takeover_requested,
     upload_info,
@@ -64,8 +64,9 @@ class FilesystemUploadWriter:
     are serialised: a C{release()} made while a write is running on the disk
     thread waits for it.
 
-    C{_pwrite}, C{_fdatasync} and C{_fsync} are the low-level functions used
-    on the data and journal files; tests replace them to inject failures.
+    C{_pwrite}, C{_fdatasync}, C{_fsync} and C{_ftruncate} are the low-level
+    functions used on the data and journal files; tests replace them to
+    inject failures.
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class FilesystemUploadWriter:
         self._pwrite: Callable[[int, bytes, int], int] = os.pwrite
         self._fdatasync: Callable[[int], None] = os.fdatasync
         self._fsync: Callable[[int], None] = os.fsync
+        self._ftruncate: Callable[[int, int], None] = os.ftruncate
         self._readback = ReadBack(data_fd, run, timings)
 
     def __repr__(self) -> str:
@@ -155,6 +157,8 @@ class FilesystemUploadWriter:
             return defer.fail()
 
         def verified_then_complete() -> Deferred[CompletedUpload]:
+            if self._poisoned is not None:  # its read-back stopped with it
+                return defer.maybeDeferred(self._check_usable)
             d = self._readback.until(self.offset)
             d.addCallbacks(
                 lambda _: self._run(self._complete_sync, expected),
@@ -192,9 +196,26 @@ class FilesystemUploadWriter:
         """
         The fence: refuse to write if a newer writer holds the lease.  The
         lock makes this impossible while it holds; the check catches a lock
-        lost behind our back (an NFS lease expired during a partition).
+        lost behind our back (an NFS lease expired during a partition).  It
+        fails closed: a lease that cannot be read refuses the write too, and
+        gives the upload up (StorageError, retryable).
         """
-        current = lease_generation(self._paths)
+        try:
+            current = current_generation(self._paths)
+        except (OSError, ValueError) as e:
+            reason = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+            self._poisoned = f"reading the lease: {reason}"
+            log.error(
+                "upload {upload_id}: cannot read its lease ({error}); "
+                "refusing to write and giving the upload up",
+                upload_id=self.info.upload_id, error=reason,
+            )
+            self._close_sync()
+            raise StorageError(
+                f"cannot read the lease of upload {self.info.upload_id} ({reason}): "
+                "not writing without knowing this connection still owns it; "
+                "resume the upload"
+            ) from e
         if current > self.generation:
             self._close_sync()
             log.warn(
@@ -327,7 +348,12 @@ class FilesystemUploadWriter:
         except OSError as e:
             raise self._poison(e, "trimming data") from e
         self._meta["sha256"] = digest.hex()
-        completed = finish_completion(self._root, self._paths, self._meta)
+        try:
+            completed = finish_completion(self._root, self._paths, self._meta)
+        except OSError as e:
+            # Like a failed data flush: the next resume proves the
+            # publication again from fresh opens; this writer is done.
+            raise self._poison(e, "publishing the completed file") from e
         self._close_sync()
         log.info(
             "upload {upload_id} completed at {path}",
@@ -349,10 +375,13 @@ class FilesystemUploadWriter:
         if bad is not None:
             index, start = bad
             try:
-                os.ftruncate(self._data_fd, start)
-                os.ftruncate(self._journal_fd, index * RECORD_SIZE)
-                self._fsync(self._data_fd)
+                # The records first, durably, then the bytes they name: a
+                # record must never outlive its bytes (a resume checks only
+                # the last record's), the write path's order reversed.
+                self._ftruncate(self._journal_fd, index * RECORD_SIZE)
                 self._fsync(self._journal_fd)
+                self._ftruncate(self._data_fd, start)
+                self._fsync(self._data_fd)
             except OSError as e:
                 raise self._poison(e, "truncating after corruption") from e
             self.offset = start

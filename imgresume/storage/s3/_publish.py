@@ -7,7 +7,8 @@ removal; and the look-up of the object that already has a name
 finished by the next resume.
 
 Also the values an upload's C{meta.json} describes (L{upload_info},
-L{completed_upload}), which the storage and its writers hand out.
+L{completed_upload}), which the storage and its writers hand out, and its
+format (L{record_format}).
 """
 
 from __future__ import annotations
@@ -16,8 +17,19 @@ from typing import Any, Callable
 
 from imgresume.errors import DigestMismatch, InvalidName, NameTaken
 from imgresume.names import completion_candidates, if_exists_policy, validate_name
-from imgresume.storage.interfaces import CompletedUpload, StoredFile, UploadInfo
+from imgresume.storage.interfaces import CompletedFileMoved, CompletedUpload, StoredFile, UploadInfo
 from imgresume.storage.s3._bucket import MAX_KEY_BYTES, Bucket, missing
+
+#: The newest format of meta.json (its C{version}) this version reads and
+#: writes.  A record carries the lowest format that describes it
+#: (L{record_format}): 1, the original; 2 when its C{sha256} is null, the
+#: digest coming at completion.  Unknown fields are ignored.
+FORMAT_VERSION = 2
+
+
+def record_format(meta: dict[str, Any]) -> int:
+    """The lowest format that describes C{meta}: 2 if its digest is still to come."""
+    return 2 if meta["sha256"] is None else 1
 
 
 def upload_info(meta: dict[str, Any]) -> UploadInfo:
@@ -36,13 +48,42 @@ def completed_upload(meta: dict[str, Any], path: str) -> CompletedUpload:
         sha256=bytes.fromhex(meta["sha256"]), path=path)
 
 
-def recorded_completion(bucket: Bucket, meta: dict[str, Any]) -> CompletedUpload | None:
-    """The completion record of an upload, if it has one."""
+def recorded_completion(
+    bucket: Bucket, meta: dict[str, Any], check: bool = False
+) -> CompletedUpload | None:
+    """
+    The completion record of an upload, if it has one.
+
+    @param check: also check that the object published then is still at
+        its path: the same ETag and size (for a record written before these
+        were kept, the same size).
+    @raise CompletedFileMoved: C{check}, and the object is gone or another
+        one is at its path (a consumer moved it away).
+    """
     upload_id = meta["upload_id"]
     done = bucket.get_json(bucket.upload_key(upload_id, "done.json"))
-    if done is not None:
-        return completed_upload(meta, done["path"])
-    return None
+    if done is None:
+        return None
+    result = completed_upload(meta, done["path"])
+    if check:
+        now = _identity(bucket, result.path)
+        if now is None:
+            raise CompletedFileMoved(result, "is missing")
+        recorded = {"etag": done.get("etag"), "size": done.get("size", result.size)}
+        if any(v is not None and now[k] != v for k, v in recorded.items()):
+            raise CompletedFileMoved(result, "now holds another object")
+    return result
+
+
+def _identity(bucket: Bucket, path: str) -> dict[str, Any] | None:
+    """The ETag and size of the object at C{path}; None if there is none."""
+    try:
+        head = bucket.client.head_object(Bucket=bucket.name, Key=bucket.key(path))
+    except Exception as e:
+        if missing(e):
+            return None
+        raise
+    return {"etag": head["ETag"].strip('"'), "size": head["ContentLength"]}
 
 
 def check_parents(bucket: Bucket, name: str) -> None:
@@ -141,8 +182,9 @@ def finish_completion(
             "the source changed during the upload; upload removed")
     path = _claim_name(bucket, meta)
     bucket.client.copy({"Bucket": bucket.name, "Key": key}, bucket.name, bucket.key(path))
+    identity = _identity(bucket, path) or {}
     bucket.put_json(bucket.upload_key(upload_id, "done.json"),
-                    {"path": path, "sha256": digest.hex(), "completed": now()})
+                    {"path": path, "sha256": digest.hex(), "completed": now(), **identity})
     bucket.delete_prefix(bucket.key(f"incoming/{upload_id}/"),
                          keep=(bucket.upload_key(upload_id, "meta.json"),
                                bucket.upload_key(upload_id, "done.json")))

@@ -28,6 +28,7 @@ from imgresume.storage.interfaces import (
     PROVEN_OFFSET,
     SHARED,
     IUploadStorage,
+    NewerRecordFormat,
     NewUpload,
     StoredFile,
     TailCheck,
@@ -45,9 +46,11 @@ from imgresume.storage.s3._bucket import (
 )
 from imgresume.storage.s3._leases import Leases
 from imgresume.storage.s3._publish import (
+    FORMAT_VERSION,
     check_parents,
     find_completed,
     finish_completion,
+    record_format,
     recorded_completion,
     upload_info,
 )
@@ -55,9 +58,6 @@ from imgresume.storage.s3._writer import S3UploadWriter
 
 # The backend logs as one namespace, imgresume.storage.s3.
 log = Logger(namespace=__package__)
-
-#: Version of meta.json.
-FORMAT_VERSION = 1
 
 _EMPTY_TAIL = TailCheck(0, 0, hashlib.sha256(b"").digest())
 
@@ -179,7 +179,6 @@ class S3Storage:
         mpu = self.client.create_multipart_upload(
             Bucket=self.bucket, Key=b.upload_key(upload_id, "object"))["UploadId"]
         meta = {
-            "version": FORMAT_VERSION,
             "upload_id": upload_id,
             "name": name,
             "size": request.size,
@@ -190,6 +189,7 @@ class S3Storage:
             "multipart_upload_id": mpu,
             "part_size": part_size,
         }
+        meta["version"] = record_format(meta)
         b.put_json(b.upload_key(upload_id, "meta.json"), meta)
         generation = self._leases.take(upload_id, 0)
         log.info("upload {upload_id} created in s3: {name!r}, {size} bytes, "
@@ -203,7 +203,10 @@ class S3Storage:
         meta = self._objects.get_json(self._objects.upload_key(upload_id, "meta.json"))
         if meta is None or (client_id is not None and meta.get("client_id") != client_id):
             raise UnknownUpload(f"no upload with id {upload_id}")
-        if meta.get("version") != FORMAT_VERSION:
+        version = meta.get("version")
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise NewerRecordFormat(upload_id, version, FORMAT_VERSION)
+        if version not in range(1, FORMAT_VERSION + 1):
             raise StorageError(f"upload {upload_id}: unknown record version")
         return meta
 
@@ -254,7 +257,7 @@ class S3Storage:
 
     def _resume_sync(self, upload_id: str, client_id: str | None) -> S3UploadWriter:
         meta = self._meta(upload_id, client_id)
-        completed = recorded_completion(self._objects, meta)
+        completed = recorded_completion(self._objects, meta, check=True)
         if completed is not None:
             raise UploadAlreadyComplete(completed)
         leases = self._leases

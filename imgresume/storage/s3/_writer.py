@@ -40,6 +40,7 @@ from imgresume.storage.s3._leases import Leases
 from imgresume.storage.s3._publish import (
     completed_upload,
     finish_completion,
+    record_format,
     remove,
     upload_info,
 )
@@ -213,6 +214,7 @@ class S3UploadWriter:
             # a completion interrupted after that is finished (and checked)
             # by the next resume.
             self._meta["sha256"] = expected.hex()
+            self._meta["version"] = record_format(self._meta)
             b.put_json(self._key("meta.json"), self._meta)
         key = self._key("object")
         b.client.complete_multipart_upload(
