@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from imgresume.errors import InvalidName, StorageError
 from imgresume.names import completion_candidates, validate_name
+from imgresume.storage.filesystem import _incomplete
 from imgresume.storage.filesystem._durable import (
     DIR_FLAGS,
     atomic_write,
@@ -169,6 +170,7 @@ def finish_completion(root: str, paths: Paths, meta: dict[str, Any]) -> Complete
             raise StorageError(f"no free name in complete/ for {name!r}")
         meta["state"] = "complete"
         atomic_write(paths.dir, "meta.json", dump(meta))
+    _incomplete.forget(root, meta)
     for p in (paths.data, paths.journal):
         try:
             os.unlink(p)

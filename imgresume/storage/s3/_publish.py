@@ -16,6 +16,7 @@ from typing import Any, Callable
 from imgresume.errors import DigestMismatch, InvalidName
 from imgresume.names import completion_candidates
 from imgresume.storage.interfaces import CompletedUpload, UploadInfo
+from imgresume.storage.s3 import _incomplete
 from imgresume.storage.s3._bucket import MAX_KEY_BYTES, Bucket, missing
 
 
@@ -105,6 +106,7 @@ def finish_completion(
     bucket.client.copy({"Bucket": bucket.name, "Key": key}, bucket.name, bucket.key(path))
     bucket.put_json(bucket.upload_key(upload_id, "done.json"),
                     {"path": path, "sha256": digest.hex(), "completed": now()})
+    _incomplete.forget(bucket, meta)
     bucket.delete_prefix(bucket.key(f"incoming/{upload_id}/"),
                          keep=(bucket.upload_key(upload_id, "meta.json"),
                                bucket.upload_key(upload_id, "done.json")))
@@ -122,3 +124,4 @@ def remove(bucket: Bucket, meta: dict[str, Any]) -> None:
         if not missing(e):
             raise
     bucket.delete_prefix(bucket.key(f"incoming/{upload_id}/"))
+    _incomplete.forget(bucket, meta)
