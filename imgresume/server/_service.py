@@ -23,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from imgresume.metrics import Registry, ServerMetrics, metrics_service
 from imgresume.protocol import ServerLimits
+from imgresume.server._admission import MAX_INCOMPLETE_UPLOADS
 from imgresume.server._factory import UploadServerFactory
 from imgresume.server._gc import GarbageCollectorService
 from imgresume.server._hooks import HookConfig, HookDispatcher
@@ -138,6 +139,8 @@ def make_server_service(
     takeover_idle: float = 10.0,
     threads: int = 8,
     max_uploads_per_client: int = 64,
+    max_incomplete_uploads_per_client: int = MAX_INCOMPLETE_UPLOADS,
+    max_incomplete_bytes_per_client: int | None = None,
     keys: str | None = None,
     cert_identity: bool = False,
     gc_interval: float = 900.0,
@@ -158,6 +161,10 @@ def make_server_service(
     @param s3_options: keyword arguments for L{S3Storage
         <imgresume.storage.s3.S3Storage>} (C{endpoint_url}, C{region},
         C{part_size}, C{spool_dir}) when C{storage} is an s3:// URL.
+    @param max_incomplete_uploads_per_client: incomplete uploads one
+        client may have on the storage, counted there (0: no limit).
+    @param max_incomplete_bytes_per_client: the sizes they may declare
+        together (0: no limit; default twice C{limits.max_file_size}).
     @param keys: a key file; when given, clients must authenticate (the
         file is watched and reloaded on change).
     @param cert_identity: a client with a verified TLS client certificate
@@ -240,6 +247,8 @@ def make_server_service(
         keys=key_store,
         cert_identity=cert_identity,
         max_uploads_per_client=max_uploads_per_client,
+        max_incomplete_uploads_per_client=max_incomplete_uploads_per_client,
+        max_incomplete_bytes_per_client=max_incomplete_bytes_per_client,
         metrics=metrics,
         events=dispatcher,
     )

@@ -72,6 +72,13 @@ Examples:
          "--max-payload, at least 8M) if more]."],
         ["max-uploads-per-client", None, "64", "Uploads one client id may have open on this "
          "server at once (0: no limit); more are refused with QUOTA_EXCEEDED."],
+        ["max-incomplete-uploads-per-client", None, "100", "Incomplete uploads (started, "
+         "neither completed nor expired) one client id may have on the storage, all "
+         "servers together (0: no limit); a new upload past it is refused with "
+         "QUOTA_EXCEEDED."],
+        ["max-incomplete-bytes-per-client", None, None, "The sizes one client id's "
+         "incomplete uploads may declare together (0: no limit) [default: twice "
+         "--max-file-size]."],
         ["gc-interval", None, "15m", "How often abandoned uploads are looked for and "
          "removed; 0 disables garbage collection on this server."],
         ["expire-after", None, "7d", "A partial upload untouched this long is removed "
@@ -160,8 +167,21 @@ Examples:
             if self["max-data-memory"] is not None:
                 self["max-data-memory"] = parse_size(self["max-data-memory"])
             self["max-uploads-per-client"] = int(self["max-uploads-per-client"])
+            self["max-incomplete-uploads-per-client"] = int(
+                self["max-incomplete-uploads-per-client"])
+            if self["max-incomplete-bytes-per-client"] is None:
+                self["max-incomplete-bytes-per-client"] = 2 * self["limits"].max_file_size
+            else:
+                self["max-incomplete-bytes-per-client"] = parse_size(
+                    self["max-incomplete-bytes-per-client"])
         except ValueError as e:
             raise usage.UsageError(str(e))
+        if self["max-incomplete-uploads-per-client"] < 0:
+            raise usage.UsageError("--max-incomplete-uploads-per-client must be 0 or more")
+        if 0 < self["max-incomplete-bytes-per-client"] < self["limits"].max_file_size:
+            raise usage.UsageError(
+                "--max-incomplete-bytes-per-client must be at least --max-file-size (or 0: "
+                "no limit), or no file of the largest size could be uploaded")
         if self["limits"].chunk_size > self["limits"].max_payload:
             raise usage.UsageError("--chunk-size must not exceed --max-payload")
         if self["max-data-memory"] is not None and self["max-data-memory"] <= 0:
@@ -265,6 +285,8 @@ def makeService(config: Options):
         takeover_idle=config["takeover-idle"],
         threads=config["threads"],
         max_uploads_per_client=config["max-uploads-per-client"],
+        max_incomplete_uploads_per_client=config["max-incomplete-uploads-per-client"],
+        max_incomplete_bytes_per_client=config["max-incomplete-bytes-per-client"],
         gc_interval=config["gc-interval"],
         expire_after=config["expire-after"],
         expire_records_after=config["expire-records-after"],
