@@ -479,9 +479,9 @@ def metrics_service(reactor: Any, endpoint: str, registry: Registry) -> Any:
     server endpoint string C{endpoint} (C{tcp:9101:interface=127.0.0.1}).
     Requests are not logged: a scraper comes every few seconds.
     """
-    from twisted.application.internet import StreamServerEndpointService
-    from twisted.internet.endpoints import serverFromString
     from twisted.web.server import Site
+
+    from imgresume._listen import ListenerService
 
     class QuietSite(Site):
         noisy = False
@@ -489,9 +489,7 @@ def metrics_service(reactor: Any, endpoint: str, registry: Registry) -> Any:
         def log(self, request: Any) -> None:
             pass
 
-    service = StreamServerEndpointService(
-        serverFromString(reactor, endpoint), QuietSite(metrics_resource(registry)))
-    service._raiseSynchronously = True
+    service = ListenerService(reactor, endpoint, QuietSite(metrics_resource(registry)))
     service.setName("metrics")
     return service
 

@@ -13,14 +13,13 @@ import os
 import socket
 from typing import Any, Sequence
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from imgresume._listen import ListenerService
 from imgresume.metrics import Registry, ServerMetrics, metrics_service
 from imgresume.protocol import ServerLimits
 from imgresume.server._admission import MAX_INCOMPLETE_UPLOADS
@@ -260,8 +259,7 @@ def make_server_service(
             factory, reactor, trusted, max_connections_per_address,
             header_timeout=handshake_timeout,
         )
-    listener = StreamServerEndpointService(serverFromString(reactor, listen), wrapped)
-    listener._raiseSynchronously = True
+    listener = ListenerService(reactor, listen, wrapped)
     _DrainService(factory, reactor, grace=10.0).setServiceParent(top)
     listener.setServiceParent(top)
     top.factory = factory  # type: ignore[attr-defined]

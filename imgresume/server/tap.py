@@ -5,8 +5,6 @@ subcommand runs (the drop-in in C{twisted/plugins/} names this module).
 
 from __future__ import annotations
 
-import os
-
 from twisted.python import usage
 
 from imgresume.protocol import ServerLimits
@@ -152,8 +150,6 @@ Examples:
             )
         if self["storage"].startswith("s3://"):
             self._check_s3_options()
-        elif not os.path.isdir(self["storage"]):
-            raise usage.UsageError(f"--storage {self['storage']}: not a directory")
         try:
             self["limits"] = ServerLimits(
                 max_payload=parse_size(self["max-payload"]),
@@ -258,21 +254,45 @@ Examples:
             )
 
 
+def _check_storage(config: Options) -> None:
+    """
+    Refuse, with what is wrong and how to fix it, a storage the server
+    cannot use: an S3 URL without boto3; a directory it cannot write in
+    (even with C{--skip-storage-check}); one that fails the self-test.
+    """
+    from imgresume.server._storagecheck import (
+        StorageCheckFailed,
+        StorageUnusable,
+        check_storage_root,
+        verify_storage,
+    )
+
+    storage = config["storage"]
+    if storage.startswith("s3://"):
+        try:
+            import boto3  # noqa: F401 (only whether it can be imported)
+        except ImportError as e:
+            raise SystemExit(f"imgresume: --storage {storage}: the S3 backend needs "
+                             f"`pip install 'imgresume[s3]'` ({e})") from None
+        return
+    try:
+        check_storage_root(storage)
+        if not config["skip-storage-check"]:
+            verify_storage(storage)
+    except (StorageUnusable, StorageCheckFailed) as e:
+        raise SystemExit(f"imgresume: {e}") from None
+
+
 def makeService(config: Options):
     """
     Build the server from parsed L{Options}.  Called once by twistd before
-    the reactor runs, which is why the storage self-test runs here, blocking:
+    the reactor runs, which is why the storage is checked here, blocking:
     nothing is listening yet and no event waits for it, and a refusal ends
     twistd with the message on its stderr before it daemonizes.
     """
     from imgresume.server._service import make_server_service
-    from imgresume.server._storagecheck import StorageCheckFailed, verify_storage
 
-    if not config["skip-storage-check"] and not config["storage"].startswith("s3://"):
-        try:
-            verify_storage(config["storage"])
-        except StorageCheckFailed as e:
-            raise SystemExit(f"imgresume: {e}") from None
+    _check_storage(config)
     service = make_server_service(
         config["listen"],
         config["storage"],
