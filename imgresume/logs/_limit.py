@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logs.PeerLogLimiterTests,tests.server.test_hostile -*-
+# -*- test-case-name: tests.test_logs.PeerLogLimiterTests,tests.server.test_faults -*-
 """
 Logging what peers do wrong at a bounded rate: L{PeerLogLimiter} lets the
 first few such events of each peer in an interval be logged in full, counts

@@ -124,22 +124,26 @@ class IncompleteQuota:
         if not holds:
             self._held.pop(held.client_id, None)
 
-    def create(self, storage: IUploadStorage, request: NewUpload) -> Deferred[Any]:
+    def create(self, storage: IUploadStorage, request: NewUpload,
+               admitted: Callable[[], None] = lambda: None) -> Deferred[Any]:
         """
         Create the upload C{request} asks for in C{storage}, unless its
         client's incomplete uploads there (and those this server is
         creating for it) are at a limit: then fail with QUOTA_EXCEEDED.
         Before refusing, the storage is asked again with C{verify}, so that
         index entries a crash left behind never refuse an upload.  Called
-        by a connection for each UPLOAD.
+        by a connection for each UPLOAD; C{admitted} is called just before
+        the storage is asked to create it.
         """
         if not self.enabled:
+            admitted()
             return storage.create(request)
         held = self.hold(request.client_id, request.size)
 
         def counted(found: IncompleteUploads, verified: bool) -> Any:
             error = self.refusal(held, found)
             if error is None:
+                admitted()
                 return storage.create(request)
             if verified:
                 raise error

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.server.test_hostile -*-
+# -*- test-case-name: tests.server.test_faults -*-
 """
 What a connection reports of what its peer gets wrong: requests refused
 (by the protocol machine itself, by a limit, by storage for the peer's
@@ -34,6 +34,23 @@ PEER_FAULTS = frozenset({
 
 #: The kind of a connection closed before its handshake, in summary lines.
 CLOSED_EARLY = "closed before the handshake"
+
+
+def describe_peer(transport: Any) -> str:
+    """A connection's peer for logs, escaped: C{192.0.2.7:5000}, C{[2001:db8::1]:5000}."""
+    if transport is None:
+        return "?"
+    address = transport.getPeer()
+    host = getattr(address, "host", None)
+    if host is None:
+        return escape(getattr(address, "name", None) or "local")
+    return escape(f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}")
+
+
+def peer_host(transport: Any) -> str:
+    """A connection's peer without the port, escaped: what L{PeerFaults} counts by."""
+    address = transport.getPeer() if transport is not None else None
+    return escape(getattr(address, "host", None) or "local")
 
 
 class PeerFaults:

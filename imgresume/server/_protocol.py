@@ -26,12 +26,14 @@ from imgresume.errors import (
     HandshakeRejected,
     ImgresumeError,
     InternalError,
+    InvalidName,
     Scope,
     ShuttingDown,
     Timeout,
     UploadAlreadyComplete,
 )
 from imgresume.logs import escape
+from imgresume.names import validate_name
 from imgresume.protocol import (
     AuthReceived,
     ChunkReceived,
@@ -46,7 +48,7 @@ from imgresume.protocol import (
     UploadStatusFrame,
 )
 from imgresume.server._batching import Backpressure, ChunkBatches, FrameAdmission, Written
-from imgresume.server._faults import PeerFaults
+from imgresume.server._faults import PeerFaults, describe_peer, peer_host
 from imgresume.server._handshake import Accept, Challenge, Decision, is_health_check
 from imgresume.server._interfaces import ServerSide
 from imgresume.server._takeover import Takeover
@@ -89,7 +91,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         self._events = UploadEventContext(factory.upload_event, factory.clock,
                                           factory.server_id)
         self._faults = PeerFaults(self.log, factory.peer_log, factory.metrics, self._events,
-                                  lambda: self.peer_host)
+                                  lambda: peer_host(self.transport))
         self._writer: IUploadWriter | None = None
         #: The storage call the loop waits for (None: none).
         self._busy: Deferred[Any] | None = None
@@ -127,19 +129,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         PROXY-protocol wrapper learns the real address only after
         C{connectionMade}.
         """
-        if self.transport is None:
-            return "?"
-        address = self.transport.getPeer()
-        host = getattr(address, "host", None)
-        if host is None:
-            return escape(getattr(address, "name", None) or "local")
-        return escape(f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}")
-
-    @property
-    def peer_host(self) -> str:
-        """The client's address without the port: what log lines are limited by."""
-        address = self.transport.getPeer() if self.transport is not None else None
-        return escape(getattr(address, "host", None) or "local")
+        return describe_peer(self.transport)
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
@@ -246,15 +236,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         elif isinstance(event, StatusRequested):
             self._run(storage.status(event.upload_id, client_id), self._status_found)
         elif isinstance(event, UploadRequested):
-            up = event.upload
-            self.log.info(
-                "upload requested: {name} ({size} bytes) by {client}",
-                name=escape(up.name), size=up.size, client=escape(client_id),
-            )
-            self._events.requested(client_id, event)
-            request = NewUpload(up.name, up.size, up.sha256, up.metadata, client_id or "")
-            self._run(self.factory.incomplete.create(storage, request), self._opened,
-                      resumed=False)
+            self._upload_requested(event)
         elif isinstance(event, ResumeRequested):
             self._events.requested(client_id, event)
             self._run(storage.resume(event.upload_id, client_id), self._opened, resumed=True)
@@ -265,6 +247,29 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             self._run(self.writer.complete(event.sha256), self._completed)
         elif isinstance(event, ConnectionFailed):
             self._after_fatal(event.error)
+
+    def _upload_requested(self, event: UploadRequested) -> None:
+        """
+        A new upload: refused at once if storage would refuse its name (so
+        that what a peer can make the server log stays bounded); else, if
+        the client's limits allow it (see L{IncompleteQuota
+        <imgresume.server._admission.IncompleteQuota>}), logged and created.
+        """
+        up, client_id = event.upload, self.machine.client_id
+        self._events.requested(client_id, event)
+        try:
+            validate_name(up.name)
+        except InvalidName as e:
+            self._storage_failed(Failure(e))
+            return
+
+        def admitted() -> None:
+            self.log.info("upload requested: {name} ({size} bytes) by {client}",
+                          name=escape(up.name), size=up.size, client=escape(client_id))
+
+        request = NewUpload(up.name, up.size, up.sha256, up.metadata, client_id or "")
+        self._run(self.factory.incomplete.create(self.factory.storage, request, admitted),
+                  self._opened, resumed=False)
 
     def _run(self, d: Deferred[Any], on_success: Any, **kw: Any) -> None:
         """Run one storage call; the loop stops until it fires."""

@@ -98,8 +98,8 @@ class LogInjectionTests(ServerCase):
     def test_name_with_controls(self) -> None:
         """
         A name with NUL, ESC and CR (terminal escapes, a forged line) is
-        logged, before any validation, as one line with visible escapes;
-        its refusal by storage (INVALID_NAME) too.
+        refused (INVALID_NAME) and logged as one line with visible escapes;
+        no raw control character reaches the log.
         """
         proto, transport = self.connect()
         name = "scan\x00\x1b[2J\r2026-01-01T00:00:00+0000 [-] FORGED.tif"
@@ -112,15 +112,27 @@ class LogInjectionTests(ServerCase):
         escaped = "scan\\x00\\x1b[2J\\r2026-01-01T00:00:00+0000 [-] FORGED.tif"
         lines = text.splitlines()
         self.assertEqual(len(lines), len(self.log))  # one line per event
-        requested = [line for line in lines if "upload requested: " in line]
-        self.assertEqual(len(requested), 1)
-        self.assertIn(f"upload requested: {escaped} ({len(CONTENT)} bytes) by scanner-7",
-                      requested[0])
         [refused] = [line for line in lines if "error INVALID_NAME" in line]
-        self.assertIn(f"new upload {escaped}", refused)
-        # The structured field is escaped as well (for JSON logs).
-        [event] = [e for e in self.log if e.get("log_format", "").startswith("upload requested")]
+        self.assertIn(f"new upload {escaped} (4.0 KiB) by scanner-7: error INVALID_NAME",
+                      refused)
+        self.assertFalse([line for line in lines if "FORGED" in line and line is not refused])
+        # The structured field is escaped as well (for JSON logs); the hook
+        # gets the name as sent, in JSON.
+        [event] = [e for e in self.log if e.get("log_level") == LogLevel.warn]
         self.assertEqual(event["name"], escaped)
+        self.assertEqual(self.recorder.events[-1]["name"], name)
+
+    def test_upload_requested_is_escaped(self) -> None:
+        """
+        The info line of an upload requested shows the invisible characters
+        a valid name may hold (a zero-width space, a no-break space) escaped.
+        """
+        proto, transport = self.connect()
+        proto.dataReceived(encode(Upload("a\u200bb\u00a0\u00e9.tif", len(CONTENT), SHA)))
+        [line] = [formatEvent(e) for e in self.log
+                  if e.get("log_format", "").startswith("upload requested")]
+        self.assertEqual(line, f"upload requested: a\\u200bb\\xa0\u00e9.tif "
+                               f"({len(CONTENT)} bytes) by scanner-7")
 
     def test_name_refused_by_the_machine(self) -> None:
         """A name the machine refuses (over 1024 bytes) is logged escaped and cut short."""
@@ -242,6 +254,19 @@ class HostileInputTests(ServerCase):
         self.assertEqual(self.warnings()[-1],
                          "peer 192.168.1.1: 295 more in the last 60 s, not logged one by "
                          "one: 295 FILE_TOO_LARGE")
+
+    def test_invalid_names(self) -> None:
+        """Many UPLOADs with names storage would refuse: five lines, then a summary."""
+        proto, transport = self.connect()
+        for _ in range(300):
+            proto.dataReceived(encode(Upload("../\x1b.tif", 1, SHA)))
+        self.assertEqual(len(self.warnings()), 5)
+        self.assertFalse([e for e in self.log if e["log_level"] == LogLevel.info
+                          and "upload requested" in e.get("log_format", "")])
+        self.clock.advance(60)
+        self.assertEqual(self.warnings()[-1],
+                         "peer 192.168.1.1: 295 more in the last 60 s, not logged one by "
+                         "one: 295 INVALID_NAME")
 
     def test_connections_closed_before_handshake(self) -> None:
         """Connections that close without a word (port scans, TCP checks) are bounded too."""
