@@ -316,14 +316,19 @@ class ServerMetrics:
             "imgresume_uploads_failed_total",
             "Upload requests and uploads that ended on their connection with an error, "
             "by error code.", ["code"])
+        self.transfer_errors = r.counter(
+            "imgresume_transfer_errors_total",
+            "DATA packets and ends of upload refused (the transfer goes on from the "
+            "offset the error gives), by error code.", ["code"])
+        self.connection_errors = r.counter("imgresume_connection_errors_total", "Connections "
+                                           "closed with an ERROR frame, by error code.", ["code"])
         self.received_bytes = r.counter(
             "imgresume_received_bytes_total", "Bytes read from client connections.")
         self.stored_bytes = r.counter(
             "imgresume_stored_bytes_total",
             "Payload bytes made durable and acknowledged to clients.")
         self.connections = r.counter(
-            "imgresume_connections_total", "Client connections accepted (health checks "
-            "included).")
+            "imgresume_connections_total", "Client connections accepted, health checks too.")
         self.connections_active = r.gauge(
             "imgresume_connections_active", "Client connections open now.")
         self.uploads_active = r.gauge(
@@ -474,9 +479,9 @@ def metrics_service(reactor: Any, endpoint: str, registry: Registry) -> Any:
     server endpoint string C{endpoint} (C{tcp:9101:interface=127.0.0.1}).
     Requests are not logged: a scraper comes every few seconds.
     """
-    from twisted.application.internet import StreamServerEndpointService
-    from twisted.internet.endpoints import serverFromString
     from twisted.web.server import Site
+
+    from imgresume._listen import ListenerService
 
     class QuietSite(Site):
         noisy = False
@@ -484,9 +489,7 @@ def metrics_service(reactor: Any, endpoint: str, registry: Registry) -> Any:
         def log(self, request: Any) -> None:
             pass
 
-    service = StreamServerEndpointService(
-        serverFromString(reactor, endpoint), QuietSite(metrics_resource(registry)))
-    service._raiseSynchronously = True
+    service = ListenerService(reactor, endpoint, QuietSite(metrics_resource(registry)))
     service.setName("metrics")
     return service
 

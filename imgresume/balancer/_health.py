@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ..logs import escape
 from ._check import HEALTH_CLIENT_ID, CheckResult, HealthCheck
 from ._scheduler import Backend, BackendTracker
 
@@ -213,7 +214,7 @@ class HealthChecker(Service):
                     " {total} backends up",
                     backend=backend.name,
                     successes=status.successes,
-                    serverID=result.server_id,
+                    serverID=escape(result.server_id),
                     up=self._healthy_count(),
                     total=len(self._status),
                 )
@@ -233,7 +234,7 @@ class HealthChecker(Service):
                 up = self._healthy_count()
                 fields = dict(
                     backend=backend.name,
-                    reason=result.reason,
+                    reason=escape(result.reason),
                     failures=status.failures,
                     up=up,
                     total=len(self._status),

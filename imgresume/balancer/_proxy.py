@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 
 from ..addresses import ConnectionsPerAddress, address_key, describe_address, proxy_header
 from ..errors import ErrorCode
+from ..logs import escape
 from ..metrics import BalancerMetrics, Registry
 from ._backend import (
     NO_BACKEND,
@@ -96,7 +97,7 @@ class FrontendProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self._id = self.factory.new_connection_id()
-        self._client = describe_address(self.transport.getPeer())
+        self._client = escape(describe_address(self.transport.getPeer()))
         self._opened_at = self.factory.reactor.seconds()
         self.factory.metrics.connections.inc()
         self.factory.metrics.connections_active.inc()

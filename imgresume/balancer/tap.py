@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import clientFromString
 from twisted.python import usage
 
+from .._listen import ListenerService
 from .._options import BaseOptions
 from ..metrics import BalancerMetrics, Registry, metrics_service
 from ..sizes import parse_duration
@@ -294,7 +294,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             max_per_address=config["max-connections-per-address"],
             metrics=metrics,
         )
-        listener = strports.service(config["listen"], factory, reactor=reactor)
+        listener = ListenerService(reactor, config["listen"], factory)
         scrape = None
         if config["metrics"] is not None:
             scrape = metrics_service(reactor, config["metrics"], metrics.registry)

@@ -64,6 +64,7 @@ from imgresume.protocol._server_events import (
     ConnectionFailed,
     FinishRequested,
     HelloReceived,
+    Refusal,
     ResumeRequested,
     ServerState,
     StatusRequested,
@@ -81,5 +82,5 @@ __all__ = [
     "UploadCompleted", "ErrorReceived", "Ponged",
     "ServerConnection", "ServerLimits", "ServerState", "HelloReceived",
     "UploadRequested", "ResumeRequested", "ChunkReceived", "FinishRequested",
-    "ConnectionFailed", "Status", "UploadStatusFrame", "StatusRequested", "StatusReceived",
+    "ConnectionFailed", "Refusal", "Status", "UploadStatusFrame", "StatusRequested", "StatusReceived",
 ]

@@ -8,7 +8,8 @@ an UPLOAD to create, a RESUME, a chunk to write, the end of an upload).  The
 caller answers each event through a method (L{accept_hello},
 L{upload_opened}, L{chunk_written}, ...) and sends what L{data_to_send}
 returns.  Everything the machine can check alone (frame legality, offsets,
-CRC-32, declared sizes, metadata limits) it answers itself with ERROR frames.
+CRC-32, declared sizes, metadata limits) it answers itself with ERROR frames,
+and lists those refusals for the caller's logs and counts (L{refusals}).
 
 Names along the data path: a chunk starts at its C{offset} and ends at its
 C{end}; L{ServerConnection.offset} is where the next DATA packet must
@@ -76,6 +77,7 @@ from imgresume.protocol._server_events import (
     ConnectionFailed,
     FinishRequested,
     HelloReceived,
+    Refusal,
     ResumeRequested,
     ServerEvent,
     ServerState,
@@ -114,6 +116,8 @@ class ServerConnection:
         #: Whether the open upload's SHA-256 comes at the end, in FINISH.
         self._sha256_in_finish = False
         self._digest: bytes | None = None
+        #: Requests refused by the machine itself, not yet taken by the caller.
+        self._refused: list[Refusal] = []
 
     # Input ----------------------------------------------------------------
 
@@ -216,6 +220,7 @@ class ServerConnection:
             problem = check_metadata(upload.metadata, upload.sha256 is not None)
         if problem is not None:
             self._send(error_frame(problem))
+            self._refused.append(Refusal(problem, upload))
             return None
         self.state = ServerState.OPENING
         return UploadRequested(upload, if_exists_policy(upload.metadata))
@@ -250,16 +255,19 @@ class ServerConnection:
             self.offset = end
             return ChunkReceived(data.offset, data.payload, data.crc32)
         self._answers.append(error_frame(problem))
+        self._refused.append(Refusal(problem))
         self._send_ready_answers()
         return None
 
     def _on_end(self, sha256: bytes | None) -> ServerEvent | None:
         """The client says every byte is sent (empty DATA, or FINISH)."""
         if self.offset < self.size:
-            self._answers.append(error_frame(Incomplete(
+            problem = Incomplete(
                 f"end of upload signalled at {self.offset} of {self.size} bytes",
                 offset=self.offset,
-            )))
+            )
+            self._answers.append(error_frame(problem))
+            self._refused.append(Refusal(problem))
             self._send_ready_answers()
             return None
         self._digest = sha256
@@ -419,6 +427,16 @@ class ServerConnection:
         return self._fail_connection(error)
 
     # Output -------------------------------------------------------------
+
+    def refusals(self) -> list[Refusal]:
+        """
+        The requests this machine refused by itself since the last call
+        (each already answered with its ERROR frame), oldest first; clears
+        the list.  Take them after each L{next_event}, before handling the
+        event it returns: they came before it.
+        """
+        refused, self._refused = self._refused, []
+        return refused
 
     def data_to_send(self) -> list[bytes]:
         """Bytes to write to the client, in order; clears the queue."""

@@ -120,6 +120,22 @@ class ConnectionFailed:
     error: ImgresumeError
 
 
+@attrs.frozen
+class Refusal:
+    """
+    A request the machine refused by itself, already answered with an ERROR
+    frame: an UPLOAD (C{upload}, the frame) over the size limit, with an
+    over-long name or bad metadata; or a DATA packet or end of upload
+    (C{upload} None) at the wrong offset, past the declared size, with a bad
+    CRC-32, or too early.  Not an event: the caller takes them with
+    L{imgresume.protocol._server.ServerConnection.refusals}, for its logs,
+    counts and hooks; nothing answers them.
+    """
+
+    error: ImgresumeError
+    upload: Upload | None = None
+
+
 ServerEvent = (
     HelloReceived | AuthReceived | StatusRequested | UploadRequested | ResumeRequested | ChunkReceived
     | FinishRequested | ConnectionFailed

@@ -13,9 +13,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 
+from imgresume.logs import PeerLogLimiter
 from imgresume.metrics import Registry, ServerMetrics
 from imgresume.protocol import ServerLimits
-from imgresume.server._admission import MemoryBudget, UploadQuota
+from imgresume.server._admission import (
+    MAX_INCOMPLETE_UPLOADS,
+    IncompleteQuota,
+    MemoryBudget,
+    UploadQuota,
+)
 from imgresume.server._handshake import Handshake
 from imgresume.server._protocol import UploadServerProtocol
 from imgresume.storage.interfaces import IUploadStorage
@@ -47,6 +53,8 @@ class UploadServerFactory(Factory):
         max_uploads_per_client: int = 64,
         metrics: ServerMetrics | None = None,
         events: Any = None,
+        max_incomplete_uploads_per_client: int = MAX_INCOMPLETE_UPLOADS,
+        max_incomplete_bytes_per_client: int | None = None,
     ) -> None:
         """
         @param keys: a L{imgresume.keys.KeyStore}: when given, every client
@@ -59,6 +67,11 @@ class UploadServerFactory(Factory):
         @param takeover_check_interval: how often connections are checked.
         @param max_uploads_per_client: uploads one client may have open on
             this server at once (0: no limit).
+        @param max_incomplete_uploads_per_client: incomplete uploads one
+            client may have on the storage, all servers together (0: no
+            limit); see L{IncompleteQuota}.
+        @param max_incomplete_bytes_per_client: the sizes they may declare
+            together (0: no limit; default: twice C{limits.max_file_size}).
         @param metrics: where this server's counters go (default: a registry
             of its own, nobody scrapes).
         @param events: an L{imgresume.server._upload_events.IUploadEvents}
@@ -82,6 +95,14 @@ class UploadServerFactory(Factory):
         self.max_window = 32
         #: The uploads each client has open, and how many it may.
         self.quota = UploadQuota(max_uploads_per_client)
+        #: The incomplete uploads each client may have on the storage.
+        self.incomplete = IncompleteQuota(
+            max_incomplete_uploads_per_client,
+            2 * limits.max_file_size if max_incomplete_bytes_per_client is None
+            else max_incomplete_bytes_per_client)
+        #: How often what peers do wrong is logged (one summary a minute
+        #: per peer past the first few lines).
+        self.peer_log = PeerLogLimiter(UploadServerProtocol.log, clock)
         #: The received data all connections may hold (frames being
         #: received, counted whole once let in; chunks gathered or being
         #: written) before they stop reading, and the ones waiting for room.
@@ -112,10 +133,12 @@ class UploadServerFactory(Factory):
     def startFactory(self) -> None:
         if self._takeover_check_interval > 0:
             self._takeover_loop.start(self._takeover_check_interval, now=False)
+        self.peer_log.start()
 
     def stopFactory(self) -> None:
         if self._takeover_loop.running:
             self._takeover_loop.stop()
+        self.peer_log.stop()
 
     def buildProtocol(self, addr: Any) -> UploadServerProtocol:
         return UploadServerProtocol(self)

@@ -13,9 +13,10 @@ from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
+from imgresume.logs import PeerLogLimiter
 from imgresume.metrics import ServerMetrics
 from imgresume.protocol import ServerLimits
-from imgresume.server._admission import MemoryBudget, UploadQuota
+from imgresume.server._admission import IncompleteQuota, MemoryBudget, UploadQuota
 from imgresume.server._handshake import Handshake
 from imgresume.storage.interfaces import IUploadStorage
 
@@ -39,7 +40,9 @@ class ServerSide(Protocol):
     metrics: ServerMetrics
     connections: set[Any]
     quota: UploadQuota
+    incomplete: IncompleteQuota
     memory: MemoryBudget
+    peer_log: PeerLogLimiter
 
     def new_handshake(self) -> Handshake:
         """A new connection's handshake, with the server's policy."""

@@ -22,15 +22,19 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from imgresume.errors import (
+    ErrorCode,
     HandshakeRejected,
     ImgresumeError,
     InternalError,
+    InvalidName,
     NameTaken,
     Scope,
     ShuttingDown,
     Timeout,
     UploadAlreadyComplete,
 )
+from imgresume.logs import escape
+from imgresume.names import validate_name
 from imgresume.protocol import (
     AuthReceived,
     ChunkReceived,
@@ -45,6 +49,7 @@ from imgresume.protocol import (
     UploadStatusFrame,
 )
 from imgresume.server._batching import Backpressure, ChunkBatches, FrameAdmission, Written
+from imgresume.server._faults import PeerFaults, describe_peer, peer_host
 from imgresume.server._handshake import Accept, Challenge, Decision, is_health_check
 from imgresume.server._interfaces import ServerSide
 from imgresume.server._takeover import Takeover
@@ -86,6 +91,8 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         self._backpressure = Backpressure()
         self._events = UploadEventContext(factory.upload_event, factory.clock,
                                           factory.server_id)
+        self._faults = PeerFaults(self.log, factory.peer_log, factory.metrics, self._events,
+                                  lambda: peer_host(self.transport))
         self._writer: IUploadWriter | None = None
         #: The storage call the loop waits for (None: none).
         self._busy: Deferred[Any] | None = None
@@ -123,13 +130,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         PROXY-protocol wrapper learns the real address only after
         C{connectionMade}.
         """
-        if self.transport is None:
-            return "?"
-        address = self.transport.getPeer()
-        host = getattr(address, "host", None)
-        if host is None:
-            return str(getattr(address, "name", None) or "local")
-        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+        return describe_peer(self.transport)
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
@@ -153,8 +154,10 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         self.factory.connections.discard(self)
         self.setTimeout(None)
         self._lost = True
-        # Balancer health checks connect every few seconds: not logged.
-        emit = _silent if is_health_check(self.machine.hello) else self.log.info
+        # Balancer health checks connect every few seconds: not logged; nor
+        # (beyond a bounded rate) connections of peers at fault.
+        quiet = self._faults.quiet_close(self.machine.hello, self.machine.client_id)
+        emit = _silent if quiet else self.log.info
         emit(
             "connection from {peer} closed after {bytes} bytes: {reason}",
             peer=self.peer, bytes=self._bytes_received,
@@ -211,6 +214,9 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
                 and self._admission.may_parse(self.machine.buffered)
             ):
                 event = self.machine.next_event()
+                for refusal in self.machine.refusals():  # they came before the event
+                    self._faults.refused(refusal, self.machine.client_id,
+                                         self.machine.upload_id)
                 if event is None:
                     break
                 self._dispatch(event)
@@ -234,18 +240,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         elif isinstance(event, StatusRequested):
             self._run(storage.status(event.upload_id, client_id), self._status_found)
         elif isinstance(event, UploadRequested):
-            up = event.upload
-            self.log.info(
-                "upload requested: {name} ({size} bytes) by {client}",
-                name=up.name, size=up.size, client=client_id,
-            )
-            self._events.requested(client_id, event)
-            request = NewUpload(up.name, up.size, up.sha256, up.metadata, client_id or "")
-            if event.if_exists == "rename":
-                self._run(storage.create(request), self._opened, resumed=False)
-            else:
-                self._run(storage.find_completed(up.name, up.size), self._found,
-                          request=request, policy=event.if_exists)
+            self._upload_requested(event)
         elif isinstance(event, ResumeRequested):
             self._events.requested(client_id, event)
             self._run(storage.resume(event.upload_id, client_id), self._opened, resumed=True)
@@ -256,6 +251,39 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             self._run(self.writer.complete(event.sha256), self._completed)
         elif isinstance(event, ConnectionFailed):
             self._after_fatal(event.error)
+
+    def _upload_requested(self, event: UploadRequested) -> None:
+        """
+        A new upload: refused at once if storage would refuse its name (so
+        that what a peer can make the server log stays bounded); else, if
+        the client's limits allow it (see L{IncompleteQuota
+        <imgresume.server._admission.IncompleteQuota>}), logged and created.
+        """
+        up, client_id = event.upload, self.machine.client_id
+        self._events.requested(client_id, event)
+        try:
+            validate_name(up.name)
+        except InvalidName as e:
+            self._storage_failed(Failure(e))
+            return
+
+        request = NewUpload(up.name, up.size, up.sha256, up.metadata, client_id or "")
+        if event.if_exists == "rename":
+            self._create(request)
+        else:
+            self._run(self.factory.storage.find_completed(up.name, up.size), self._found,
+                      request=request, policy=event.if_exists)
+
+    def _create(self, request: NewUpload) -> None:
+        """Create the upload, within its client's limits on incomplete uploads."""
+
+        def admitted() -> None:
+            self.log.info("upload requested: {name} ({size} bytes) by {client}",
+                          name=escape(request.name), size=request.size,
+                          client=escape(request.client_id))
+
+        self._run(self.factory.incomplete.create(self.factory.storage, request, admitted),
+                  self._opened, resumed=False)
 
     def _run(self, d: Deferred[Any], on_success: Any, **kw: Any) -> None:
         """Run one storage call; the loop stops until it fires."""
@@ -313,15 +341,16 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             emit = _silent if is_health_check(self.machine.hello) else self.log.info
             emit(
                 "handshake from {peer}: client {client}{how}",
-                peer=self.peer, client=self.machine.client_id, how=decision.how,
+                peer=self.peer, client=escape(self.machine.client_id), how=decision.how,
             )
         else:
             hello = self.machine.hello
-            self.log.warn(
-                "handshake from {peer} refused: client {client}: {reason}",
-                peer=self.peer, client=hello.client_id if hello else None,
-                reason=decision.reason,
-            )
+            if self._faults.fatal(ErrorCode.HANDSHAKE_REJECTED):
+                self.log.warn(
+                    "handshake from {peer} refused: client {client}: {reason}",
+                    peer=self.peer, client=escape(hello.client_id) if hello else None,
+                    reason=escape(decision.reason),
+                )
             self._fail(HandshakeRejected(decision.message))
 
     def _refused(self, event: StatusRequested | UploadRequested | ResumeRequested) -> bool:
@@ -339,8 +368,9 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         error = self.factory.quota.refusal(client_id or "")
         if error is None:
             return False
-        self.log.warn("client {client} is over its quota of {limit} open uploads",
-                      client=client_id or "", limit=self.factory.quota.limit)
+        self._faults.warn(error.code, "client {client} is over its quota of {limit} open "
+                          "uploads", client=escape(client_id or ""),
+                          limit=self.factory.quota.limit)
         self._events.requested(client_id, event)
         self._events.failed(error)
         self.machine.fail(error)
@@ -362,15 +392,15 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         """
         if found is not None and policy == "fail":
             error = NameTaken(f"{found.path} already exists (if-exists=fail)")
-            self.log.info("upload refused: {path} already exists", path=found.path)
+            self.log.info("upload refused: {path} already exists", path=escape(found.path))
             self._events.failed(error)
             self.machine.fail(error)
         elif found is not None and policy == "skip" and found.sha256 == request.sha256:
-            self.log.info("upload skipped: {path} is the same file", path=found.path)
+            self.log.info("upload skipped: {path} is the same file", path=escape(found.path))
             self._events.skipped()
             self.machine.upload_skipped(found.size, found.sha256, found.path)
         else:
-            self._run(self.factory.storage.create(request), self._opened, resumed=False)
+            self._create(request)
 
     def _opened(self, writer: IUploadWriter, resumed: bool) -> None:
         self.writer = writer
@@ -382,7 +412,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         self.log.info(
             "{how} upload {upload_id} ({name}) at offset {offset} of {size}",
             how="resumed" if resumed else "created", upload_id=info.upload_id,
-            name=info.name, offset=writer.offset, size=info.size,
+            name=escape(info.name), offset=writer.offset, size=info.size,
         )
         self._events.opened(writer, resumed)
 
@@ -400,7 +430,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         )
         self.log.info(
             "completed upload {upload_id}: {path} ({size} bytes, sha256 {sha256})",
-            upload_id=completed.upload_id, path=completed.path,
+            upload_id=completed.upload_id, path=escape(completed.path),
             size=completed.size, sha256=completed.sha256.hex(),
         )
 
@@ -414,10 +444,10 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             error = InternalError(
                 f"unexpected {type(error).__name__} on the server; nothing stored is lost"
             )
-        self.log.warn(
-            "upload {upload_id} error {code}: {message}",
-            upload_id=self.machine.upload_id, code=error.code.name, message=error.message,
-        )
+        # Which upload, as far as this connection knows it, and what happened.
+        upload, fields = self._events.describe()
+        self._faults.warn(error.code, "{upload}: error {code}: {error}", upload=upload,
+                          code=error.code.name, error=escape(error.message), **fields)
         if error.scope is not Scope.TRANSFER and self.writer is not None:
             self._release_writer()
         if self._closing:
@@ -482,10 +512,12 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
 
     def _after_fatal(self, error: ImgresumeError) -> None:
         """The machine closed the connection with C{error}: flush it and close."""
-        self.log.warn(
-            "closing connection from {peer}: {code}: {message}",
-            peer=self.peer, code=error.code.name, message=error.message,
-        )
+        self.factory.metrics.connection_errors.inc(code=error.code.name)
+        if self._faults.fatal(error.code):
+            self.log.warn(
+                "closing connection from {peer}: {code}: {message}",
+                peer=self.peer, code=error.code.name, message=escape(error.message),
+            )
         self._events.failed(error)
         self._flush()
         self._backpressure.release(self.transport)

@@ -51,6 +51,7 @@ from imgresume.addresses import (
     parse_proxy_header,
 )
 from imgresume.errors import ErrorCode
+from imgresume.logs import escape
 from imgresume.protocol import Error, encode
 
 log = Logger()
@@ -227,8 +228,8 @@ class ProxyTrustProtocol(ProtocolWrapper):
         if self._info is not None and self._info.source is not None:
             log.debug(
                 "PROXY header from {proxy}: client {client}",
-                proxy=describe_address(self.transport.getPeer()),
-                client=describe_address(self._info.source),
+                proxy=escape(describe_address(self.transport.getPeer())),
+                client=escape(describe_address(self._info.source)),
             )
         # LOCAL / UNKNOWN / UNSPEC headers (a health check, a client of the
         # proxy on a UNIX socket) name no client: not counted.
@@ -254,7 +255,8 @@ class ProxyTrustProtocol(ProtocolWrapper):
         log.warn(
             "connection from {client} refused: {count} connections from {address}"
             " already open (--max-connections-per-address {maximum})",
-            client=describe_address(peer), address=key, count=limit.count(key),
+            client=escape(describe_address(peer)), address=escape(key),
+            count=limit.count(key),
             maximum=limit.maximum,
         )
         self._state = "refused"
@@ -272,7 +274,7 @@ class ProxyTrustProtocol(ProtocolWrapper):
     def _drop_proxy(self, reason: str) -> None:
         log.warn(
             "closing connection from trusted proxy {proxy}: {reason}",
-            proxy=describe_address(self.transport.getPeer()), reason=reason,
+            proxy=escape(describe_address(self.transport.getPeer())), reason=escape(reason),
         )
         self._state = "closed"
         self._cancel_timer()

@@ -13,16 +13,16 @@ import os
 import socket
 from typing import Any, Sequence
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from imgresume._listen import ListenerService
 from imgresume.metrics import Registry, ServerMetrics, metrics_service
 from imgresume.protocol import ServerLimits
+from imgresume.server._admission import MAX_INCOMPLETE_UPLOADS
 from imgresume.server._factory import UploadServerFactory
 from imgresume.server._gc import GarbageCollectorService
 from imgresume.server._hooks import HookConfig, HookDispatcher
@@ -138,6 +138,8 @@ def make_server_service(
     takeover_idle: float = 10.0,
     threads: int = 8,
     max_uploads_per_client: int = 64,
+    max_incomplete_uploads_per_client: int = MAX_INCOMPLETE_UPLOADS,
+    max_incomplete_bytes_per_client: int | None = None,
     keys: str | None = None,
     cert_identity: bool = False,
     gc_interval: float = 900.0,
@@ -158,6 +160,10 @@ def make_server_service(
     @param s3_options: keyword arguments for L{S3Storage
         <imgresume.storage.s3.S3Storage>} (C{endpoint_url}, C{region},
         C{part_size}, C{spool_dir}) when C{storage} is an s3:// URL.
+    @param max_incomplete_uploads_per_client: incomplete uploads one
+        client may have on the storage, counted there (0: no limit).
+    @param max_incomplete_bytes_per_client: the sizes they may declare
+        together (0: no limit; default twice C{limits.max_file_size}).
     @param keys: a key file; when given, clients must authenticate (the
         file is watched and reloaded on change).
     @param cert_identity: a client with a verified TLS client certificate
@@ -240,6 +246,8 @@ def make_server_service(
         keys=key_store,
         cert_identity=cert_identity,
         max_uploads_per_client=max_uploads_per_client,
+        max_incomplete_uploads_per_client=max_incomplete_uploads_per_client,
+        max_incomplete_bytes_per_client=max_incomplete_bytes_per_client,
         metrics=metrics,
         events=dispatcher,
     )
@@ -251,8 +259,7 @@ def make_server_service(
             factory, reactor, trusted, max_connections_per_address,
             header_timeout=handshake_timeout,
         )
-    listener = StreamServerEndpointService(serverFromString(reactor, listen), wrapped)
-    listener._raiseSynchronously = True
+    listener = ListenerService(reactor, listen, wrapped)
     _DrainService(factory, reactor, grace=10.0).setServiceParent(top)
     listener.setServiceParent(top)
     top.factory = factory  # type: ignore[attr-defined]

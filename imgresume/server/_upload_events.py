@@ -20,7 +20,9 @@ import attrs
 from zope.interface import Interface
 
 from imgresume.errors import ImgresumeError
+from imgresume.logs import escape
 from imgresume.protocol import ResumeRequested, UploadRequested
+from imgresume.sizes import format_size
 from imgresume.storage.interfaces import IUploadWriter
 
 #: The events, in the order one upload can produce them.
@@ -169,6 +171,29 @@ class UploadEventContext:
         if self._upload is not None:
             self._tell("upload.failed", error=error)
             self._upload = None
+
+    def describe(self) -> tuple[str, dict[str, Any]]:
+        """
+        The upload asked for or open, for a log line: a text such as
+        C{upload 5f0c... (scan.tiff by scanner-7, 48.0 MiB of 200.0 MiB
+        durable)} or C{new upload scan.tiff (200.0 MiB) by scanner-7}, and
+        its fields (C{upload_id}, C{name}, C{client}, C{size}, C{offset}),
+        what peers sent escaped.
+        """
+        up = self._upload
+        if up is None:
+            return "no upload", {}
+        name, client = escape(up.name), escape(up.client_id)
+        fields = {"upload_id": up.upload_id, "name": name, "client": client,
+                  "size": up.size, "offset": up.offset}
+        if up.upload_id is None:
+            size = format_size(up.size) if up.size is not None else "?"
+            return f"new upload {name} ({size}) by {client}", fields
+        if up.name is None:
+            return f"resume of upload {up.upload_id} by {client}", fields
+        progress = (f"{format_size(up.offset)} of {format_size(up.size)} durable"
+                    if up.offset is not None and up.size is not None else "")
+        return f"upload {up.upload_id} ({name} by {client}, {progress})", fields
 
     def _tell(self, kind: str, **fields: Any) -> None:
         known = attrs.asdict(self._upload, recurse=False) if self._upload else {}

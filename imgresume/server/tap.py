@@ -5,8 +5,6 @@ subcommand runs (the drop-in in C{twisted/plugins/} names this module).
 
 from __future__ import annotations
 
-import os
-
 from twisted.python import usage
 
 from imgresume.protocol import ServerLimits
@@ -72,6 +70,13 @@ Examples:
          "--max-payload, at least 8M) if more]."],
         ["max-uploads-per-client", None, "64", "Uploads one client id may have open on this "
          "server at once (0: no limit); more are refused with QUOTA_EXCEEDED."],
+        ["max-incomplete-uploads-per-client", None, "100", "Incomplete uploads (started, "
+         "neither completed nor expired) one client id may have on the storage, all "
+         "servers together (0: no limit); a new upload past it is refused with "
+         "QUOTA_EXCEEDED."],
+        ["max-incomplete-bytes-per-client", None, None, "The sizes one client id's "
+         "incomplete uploads may declare together (0: no limit) [default: twice "
+         "--max-file-size]."],
         ["gc-interval", None, "15m", "How often abandoned uploads are looked for and "
          "removed; 0 disables garbage collection on this server."],
         ["expire-after", None, "7d", "A partial upload untouched this long is removed "
@@ -145,8 +150,6 @@ Examples:
             )
         if self["storage"].startswith("s3://"):
             self._check_s3_options()
-        elif not os.path.isdir(self["storage"]):
-            raise usage.UsageError(f"--storage {self['storage']}: not a directory")
         try:
             self["limits"] = ServerLimits(
                 max_payload=parse_size(self["max-payload"]),
@@ -160,8 +163,21 @@ Examples:
             if self["max-data-memory"] is not None:
                 self["max-data-memory"] = parse_size(self["max-data-memory"])
             self["max-uploads-per-client"] = int(self["max-uploads-per-client"])
+            self["max-incomplete-uploads-per-client"] = int(
+                self["max-incomplete-uploads-per-client"])
+            if self["max-incomplete-bytes-per-client"] is None:
+                self["max-incomplete-bytes-per-client"] = 2 * self["limits"].max_file_size
+            else:
+                self["max-incomplete-bytes-per-client"] = parse_size(
+                    self["max-incomplete-bytes-per-client"])
         except ValueError as e:
             raise usage.UsageError(str(e))
+        if self["max-incomplete-uploads-per-client"] < 0:
+            raise usage.UsageError("--max-incomplete-uploads-per-client must be 0 or more")
+        if 0 < self["max-incomplete-bytes-per-client"] < self["limits"].max_file_size:
+            raise usage.UsageError(
+                "--max-incomplete-bytes-per-client must be at least --max-file-size (or 0: "
+                "no limit), or no file of the largest size could be uploaded")
         if self["limits"].chunk_size > self["limits"].max_payload:
             raise usage.UsageError("--chunk-size must not exceed --max-payload")
         if self["max-data-memory"] is not None and self["max-data-memory"] <= 0:
@@ -238,21 +254,45 @@ Examples:
             )
 
 
+def _check_storage(config: Options) -> None:
+    """
+    Refuse, with what is wrong and how to fix it, a storage the server
+    cannot use: an S3 URL without boto3; a directory it cannot write in
+    (even with C{--skip-storage-check}); one that fails the self-test.
+    """
+    from imgresume.server._storagecheck import (
+        StorageCheckFailed,
+        StorageUnusable,
+        check_storage_root,
+        verify_storage,
+    )
+
+    storage = config["storage"]
+    if storage.startswith("s3://"):
+        try:
+            import boto3  # noqa: F401 (only whether it can be imported)
+        except ImportError as e:
+            raise SystemExit(f"imgresume: --storage {storage}: the S3 backend needs "
+                             f"`pip install 'imgresume[s3]'` ({e})") from None
+        return
+    try:
+        check_storage_root(storage)
+        if not config["skip-storage-check"]:
+            verify_storage(storage)
+    except (StorageUnusable, StorageCheckFailed) as e:
+        raise SystemExit(f"imgresume: {e}") from None
+
+
 def makeService(config: Options):
     """
     Build the server from parsed L{Options}.  Called once by twistd before
-    the reactor runs, which is why the storage self-test runs here, blocking:
+    the reactor runs, which is why the storage is checked here, blocking:
     nothing is listening yet and no event waits for it, and a refusal ends
     twistd with the message on its stderr before it daemonizes.
     """
     from imgresume.server._service import make_server_service
-    from imgresume.server._storagecheck import StorageCheckFailed, verify_storage
 
-    if not config["skip-storage-check"] and not config["storage"].startswith("s3://"):
-        try:
-            verify_storage(config["storage"])
-        except StorageCheckFailed as e:
-            raise SystemExit(f"imgresume: {e}") from None
+    _check_storage(config)
     service = make_server_service(
         config["listen"],
         config["storage"],
@@ -265,6 +305,8 @@ def makeService(config: Options):
         takeover_idle=config["takeover-idle"],
         threads=config["threads"],
         max_uploads_per_client=config["max-uploads-per-client"],
+        max_incomplete_uploads_per_client=config["max-incomplete-uploads-per-client"],
+        max_incomplete_bytes_per_client=config["max-incomplete-bytes-per-client"],
         gc_interval=config["gc-interval"],
         expire_after=config["expire-after"],
         expire_records_after=config["expire-records-after"],

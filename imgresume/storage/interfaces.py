@@ -177,6 +177,18 @@ class NewerRecordFormat(StorageError):
         self.understood = understood
 
 
+@attrs.frozen
+class IncompleteUploads:
+    """
+    A client's incomplete uploads in a storage (created, neither completed
+    nor removed, whether or not a writer holds them): how many, and the
+    sizes they declare together.  From L{IUploadStorage.incomplete_for}.
+    """
+
+    count: int
+    declared_bytes: int
+
+
 class IUploadStorage(Interface):
     """
     A place where partial and completed uploads live, shared by every server
@@ -215,6 +227,22 @@ class IUploadStorage(Interface):
             the one its completion published.
         @raise NewerRecordFormat: a newer imgresume wrote its record.
         @return: Deferred firing with an L{IUploadWriter}.
+        """
+
+    def incomplete_for(client_id: str, verify: bool = False):
+        """
+        Count C{client_id}'s incomplete uploads, as every server sharing
+        the storage sees them (the server's per-client limits on abandoned
+        uploads).  Cheap enough to ask before every new upload: a backend
+        keeps a per-client index rather than scanning its uploads.
+
+        The count may be a little off after a crash (an index entry lost or
+        left behind); with C{verify} a backend first checks its entries
+        against the uploads themselves and drops the stale ones, at a cost
+        proportional to the count (a backend may do so at most once a
+        minute per client).  Ask with C{verify} before refusing.
+
+        @return: Deferred firing with an L{IncompleteUploads}.
         """
 
     def status(upload_id: str, client_id: str | None = None):

@@ -51,6 +51,7 @@ from imgresume.storage.interfaces import (
     CompletedFileMoved,
     CompletedUpload,
     expected_digest,
+    IncompleteUploads,
     IUploadStorage,
     IUploadWriter,
     NewUpload,
@@ -131,6 +132,14 @@ class MemoryStorage:
     ) -> Deferred[MemoryUploadWriter]:
         """See L{IUploadStorage.resume}."""
         return _run(self._resume, upload_id, client_id)
+
+    def incomplete_for(
+        self, client_id: str, verify: bool = False
+    ) -> Deferred[IncompleteUploads]:
+        """See L{IUploadStorage.incomplete_for} (always exact here)."""
+        sizes = [u.info.size for u in self._uploads.values()
+                 if u.completed is None and u.info.client_id == client_id]
+        return defer.succeed(IncompleteUploads(len(sizes), sum(sizes)))
 
     def status(self, upload_id: str, client_id: str | None = None) -> Deferred[UploadStatus]:
         """See L{IUploadStorage.status}."""

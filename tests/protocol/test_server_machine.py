@@ -806,3 +806,46 @@ class LateDigestTests(SynchronousTestCase):
         fed(server, Upload("b.jpg", 0, DIGEST))
         server.upload_opened(UPLOAD_ID, "b.jpg", 0, DIGEST, 0)
         self.assertEqual(fed(server, data(0, b"")), FinishRequested(0, None))
+
+
+class RefusalListTests(SynchronousTestCase):
+    """
+    What the machine refuses by itself it also lists, for the caller's logs,
+    counts and hooks (L{ServerConnection.refusals}).
+    """
+
+    def test_upload_refusals_listed(self) -> None:
+        """A refused UPLOAD is listed with its frame and error, once."""
+        server = handshaken()
+        big = Upload("a", LIMITS.max_file_size + 1, DIGEST)
+        bad = Upload("b", 1, DIGEST, {"a b": "v"})
+        self.assertIsNone(fed(server, big, bad))
+        refused = server.refusals()
+        self.assertEqual([(r.upload, r.error.code) for r in refused],
+                         [(big, ErrorCode.FILE_TOO_LARGE), (bad, ErrorCode.INVALID_METADATA)])
+        self.assertEqual(server.refusals(), [])
+
+    def test_refusal_listed_before_the_next_event(self) -> None:
+        """A refusal and the UPLOAD after it in one read: the refusal is there with the event."""
+        server = handshaken()
+        good = Upload("ok", 1, DIGEST)
+        self.assertEqual(fed(server, Upload("n" * 1025, 1, DIGEST), good), UploadRequested(good))
+        [refusal] = server.refusals()
+        self.assertEqual(refusal.error.code, ErrorCode.INVALID_NAME)
+
+    def test_transfer_refusals_listed(self) -> None:
+        """Refused DATA packets and ends of upload are listed without an UPLOAD."""
+        server = receiving(size=10, offset=4)
+        fed(server, data(0, b"abc"))
+        fed(server, encode(Data(4, 1, b"abc")))
+        fed(server, data(4, b""))
+        self.assertEqual(
+            [(r.upload, r.error.code) for r in server.refusals()],
+            [(None, ErrorCode.OFFSET_MISMATCH), (None, ErrorCode.CHECKSUM_MISMATCH),
+             (None, ErrorCode.INCOMPLETE)])
+
+    def test_accepted_requests_not_listed(self) -> None:
+        """Nothing is listed for requests handed out as events."""
+        server = receiving(size=10)
+        self.assertEqual(fed(server, data(0, b"abc")), ChunkReceived(0, b"abc"))
+        self.assertEqual(server.refusals(), [])

@@ -251,6 +251,34 @@ class StorageConformanceMixin:
         self.failureResultOf(self.storage.resume(upload_id, "mallory"), UnknownUpload)
         self.failureResultOf(self.storage.resume(upload_id, "alice"), UploadAlreadyComplete)
 
+    def assertIncomplete(self, storage: Any, client_id: str, count: int, size: int) -> None:
+        """C{client_id} has C{count} incomplete uploads declaring C{size} bytes, verified or not."""
+        for verify in (False, True):
+            found = self.successResultOf(storage.incomplete_for(client_id, verify=verify))
+            self.assertEqual((found.count, found.declared_bytes), (count, size))
+
+    def test_incompleteUploadsCounted(self) -> None:
+        """
+        incomplete_for counts a client's uploads created and neither
+        completed nor aborted, with their declared sizes, whether a writer
+        holds them or not, as every server sharing the storage sees them.
+        """
+        data = self.sample()
+        self.assertIncomplete(self.storage, "alice", 0, 0)
+        first = self.create(data, client_id="alice")
+        second = self.create(b"x" * 7, client_id="alice")
+        third = self.create(b"y" * 3, client_id="alice")
+        self.create(b"z" * 5, client_id="bob")
+        self.assertIncomplete(self.storage, "alice", 3, len(data) + 10)
+        self.successResultOf(second.release())
+        self.assertIncomplete(self.makeSibling(self.storage), "alice", 3, len(data) + 10)
+        self.writeAll(first, data)
+        self.successResultOf(first.complete())
+        self.successResultOf(third.abort())
+        self.assertIncomplete(self.storage, "alice", 1, 7)
+        self.assertIncomplete(self.storage, "bob", 1, 5)
+        self.assertIncomplete(self.storage, "carol", 0, 0)
+
     def test_busyResumeRequestsTakeover(self) -> None:
         """A refused resume asks the owner to yield; the owner can see it."""
         writer = self.create()

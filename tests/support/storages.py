@@ -25,6 +25,9 @@ class SlowStorage:
     def resume(self, upload_id):
         return self.storage.resume(upload_id).addCallback(SlowWriter, self)
 
+    def incomplete_for(self, client_id, verify=False):
+        return self.storage.incomplete_for(client_id, verify)
+
 
 class SlowWriter:
     """A writer of L{SlowStorage}: its writes and completion wait in C{owner.pending}."""

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from imgresume.errors import InvalidName, NameTaken, StorageError
 from imgresume.names import completion_candidates, if_exists_policy, validate_name
+from imgresume.storage.filesystem import _incomplete
 from imgresume.storage.filesystem._durable import (
     CLOEXEC,
     DIR_FLAGS,
@@ -201,6 +202,7 @@ def finish_completion(root: str, paths: Paths, meta: dict[str, Any]) -> Complete
     meta["state"] = "complete"
     meta["file"] = identity
     write_meta(paths, meta)
+    _incomplete.forget(root, meta)
     for p in (paths.data, paths.journal):
         try:
             os.unlink(p)

@@ -26,6 +26,7 @@ from imgresume.errors import (
     UploadBusy,
 )
 from imgresume.names import is_upload_id, new_upload_id, validate_name
+from imgresume.storage.filesystem import _incomplete
 from imgresume.storage.filesystem._durable import (
     CLOEXEC,
     fsync_dir,
@@ -63,12 +64,16 @@ from imgresume.storage.interfaces import (
     EXCLUSIVE_WRITER,
     PROVEN_OFFSET,
     SHARED,
+    IncompleteUploads,
     IUploadStorage,
     NewUpload,
     StoredFile,
     TailCheck,
     UploadStatus,
 )
+
+#: Seconds between two verifications of one client's index entries.
+VERIFY_EVERY = 60.0
 
 # The backend logs as one namespace, imgresume.storage.filesystem.
 log = Logger(namespace=__package__)
@@ -128,6 +133,8 @@ class FilesystemStorage:
         self._owned: set[str] = set()
         self._owned_mutex = threading.Lock()
         self._now: Callable[[], float] = time.time
+        #: When each client's index entries were last verified.
+        self._verified: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"<FilesystemStorage {self._root!r}>"
@@ -182,6 +189,37 @@ class FilesystemStorage:
         d = self._run(self._resume_sync, upload_id, client_id)
         d.addErrback(self._unclaim_on_failure, upload_id)
         return d
+
+    def incomplete_for(
+        self, client_id: str, verify: bool = False
+    ) -> Deferred[IncompleteUploads]:
+        """
+        See L{IUploadStorage.incomplete_for}: read from the per-client index
+        C{clients/} (L{imgresume.storage.filesystem._incomplete}); C{verify}
+        reads the meta.json of each upload listed, at most once a minute
+        per client and process.
+        """
+        return self._run(self._incomplete_for_sync, client_id, verify)
+
+    def _incomplete_for_sync(self, client_id: str, verify: bool) -> IncompleteUploads:
+        now = self._now()
+        with self._owned_mutex:
+            due = verify and now - self._verified.get(client_id, -VERIFY_EVERY) >= VERIFY_EVERY
+            if due:
+                self._verified[client_id] = now
+                if len(self._verified) > 10000:
+                    self._verified = {client_id: now}
+        if due:
+            _incomplete.prune(self._root, client_id, self._is_incomplete, self._now)
+        return _incomplete.count(self._root, client_id)
+
+    def _is_incomplete(self, upload_id: str) -> bool | None:
+        """For the index: whether an upload is incomplete (None: there is no such upload)."""
+        try:
+            meta = read_meta(Paths(self._root, upload_id), upload_id)
+        except StorageError:
+            return True  # unreadable: counted, as an operator must look at it
+        return None if meta is None else meta["state"] != "complete"
 
     def status(
         self, upload_id: str, client_id: str | None = None
@@ -266,6 +304,8 @@ class FilesystemStorage:
         }
         excl = os.O_RDWR | os.O_CREAT | os.O_EXCL | CLOEXEC
         lock = data_fd = journal_fd = None
+        # Counted first, so that no upload exists uncounted.
+        _incomplete.add(self._root, request.client_id, upload_id, request.size)
         with io_errors(f"cannot create upload {paths.rel}"):
             os.mkdir(paths.dir, 0o755)
             try:
@@ -295,6 +335,7 @@ class FilesystemStorage:
                     pass
                 if lock is not None:
                     lock.release()
+                _incomplete.forget(self._root, meta)
                 raise
         log.info(
             "upload {upload_id} created: {name!r}, {size} bytes",

@@ -28,6 +28,7 @@ from imgresume.errors import (
     StorageError,
     UploadTakenOver,
 )
+from imgresume.storage.filesystem import _incomplete
 from imgresume.storage.filesystem._durable import NOSPACE, fail, io_errors, pwrite_all
 from imgresume.storage.filesystem._journal import RECORD_SIZE, first_bad_record, records
 from imgresume.storage.filesystem._layout import (
@@ -409,6 +410,7 @@ class FilesystemUploadWriter:
         self._check_usable()
         try:
             remove(self._paths)
+            _incomplete.forget(self._root, self._meta)
         finally:
             self._close_sync()
         log.info("upload {upload_id} aborted", upload_id=self.info.upload_id)

@@ -50,6 +50,7 @@ from twisted.logger import Logger
 
 from imgresume.errors import ImgresumeError, UnknownUpload, UploadBusy
 from imgresume.names import is_upload_id
+from imgresume.storage.filesystem import _incomplete
 from imgresume.storage.filesystem._layout import Paths, read_meta, remove
 from imgresume.storage.filesystem._locks import Lock, acquire
 
@@ -328,6 +329,8 @@ class _Collector:
             if not self.report.dry_run:
                 # meta.json first, the lock file last, then the directory.
                 remove(paths)
+                if meta is not None:
+                    _incomplete.forget(self.root, meta)
             self.removed(GcEntry(upload_id, _name(meta), size, age, action))
         except Exception as e:
             self.error(upload_id, _name(meta), e)

@@ -29,6 +29,7 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import time
 from typing import Any, Callable
 
@@ -73,13 +74,19 @@ class Check:
     name: str
     ok: bool | None
     detail: str
+    #: How to fix a failure, when the check knows ("" otherwise).
+    remedy: str = ""
 
     @property
     def fatal(self) -> bool:
         return self.ok is False
 
     def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        """C{name}, C{ok}, C{detail}, and C{remedy} if there is one."""
+        record = attrs.asdict(self)
+        if not self.remedy:
+            del record["remedy"]
+        return record
 
 
 def fatal(checks: list[Check]) -> list[Check]:
@@ -111,7 +118,10 @@ def check_storage(
     try:
         os.mkdir(scratch, 0o700)
     except OSError as e:
-        checks.append(Check(SCRATCH, False, f"cannot create a directory in {root}: {_text(e)}"))
+        problem = access_problem(root)
+        detail = f"cannot create a directory in {root}: {_text(e)}"
+        checks.append(Check(SCRATCH, False, f"{detail}: {problem[0]}" if problem else detail,
+                            problem[1] if problem else ""))
         checks.append(_free_space(root, min_free))
         return checks
     checks.append(Check(SCRATCH, True, f"{os.path.basename(scratch)} created (and removed)"))
@@ -126,6 +136,64 @@ def check_storage(
     checks.append(_free_space(root, min_free))
     checks.append(_one_filesystem(root))
     return checks
+
+
+def _user(uid: int) -> tuple[str, str]:
+    """C{("uid N (name)", "name")}, or with the number for the name if it has none."""
+    try:
+        import pwd
+
+        name = pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return f"uid {uid}", str(uid)
+    return f"uid {uid} ({name})", name
+
+
+def access_problem(root: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """
+    What keeps this process from creating files in the directory C{root},
+    and how to fix it, or None if nothing visible does: it does not exist,
+    is not a directory, is on a read-only filesystem, or this user may not
+    write in it (or reach it).  Cheap and blocking; asked by C{twistd
+    imgresume} before the self-test (whatever C{--skip-storage-check}
+    says) and by the self-test when it cannot start.
+
+    @return: C{(what is wrong, how to fix it)}.
+    """
+    root = os.path.abspath(os.fspath(root))
+    me, my_name = _user(os.geteuid())
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        return (f"{root} does not exist",
+                f"create it (mkdir -p {root}, owned by the server's user) or mount the "
+                "shared filesystem there")
+    except PermissionError:
+        parts = root.split(os.sep)
+        blocked = next((os.sep.join(parts[:i]) or os.sep for i in range(1, len(parts))
+                        if not os.access(os.sep.join(parts[:i]) or os.sep, os.X_OK)), root)
+        return (f"permission denied for {me} on {blocked}, on the way to {root}",
+                f"give {my_name} search (x) permission on {blocked}")
+    except OSError as e:
+        return f"{root}: {_text(e)}", "check the mount"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{root} is not a directory", "give --storage a directory"
+    try:
+        read_only = bool(os.statvfs(root).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        return f"{root} is on a read-only filesystem", "mount it read-write"
+    if not os.access(root, os.W_OK | os.X_OK,
+                     effective_ids=os.access in os.supports_effective_ids):
+        owner = _user(st.st_uid)[0]
+        remedy = (f"give its owner write permission (chmod u+w {root})"
+                  if st.st_uid == os.geteuid() else
+                  f"make it writable for {my_name} (e.g. chown {my_name} {root}), or run "
+                  "the server as the user that owns it")
+        return (f"permission denied for {me} on {root} (owned by {owner}, mode "
+                f"{stat.S_IMODE(st.st_mode):04o})", remedy)
+    return None
 
 
 def _text(e: BaseException) -> str:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from imgresume.errors import DigestMismatch, InvalidName, NameTaken
 from imgresume.names import completion_candidates, if_exists_policy, validate_name
 from imgresume.storage.interfaces import CompletedFileMoved, CompletedUpload, StoredFile, UploadInfo
+from imgresume.storage.s3 import _incomplete
 from imgresume.storage.s3._bucket import MAX_KEY_BYTES, Bucket, missing
 
 #: The newest format of meta.json (its C{version}) this version reads and
@@ -185,6 +186,7 @@ def finish_completion(
     identity = _identity(bucket, path) or {}
     bucket.put_json(bucket.upload_key(upload_id, "done.json"),
                     {"path": path, "sha256": digest.hex(), "completed": now(), **identity})
+    _incomplete.forget(bucket, meta)
     bucket.delete_prefix(bucket.key(f"incoming/{upload_id}/"),
                          keep=(bucket.upload_key(upload_id, "meta.json"),
                                bucket.upload_key(upload_id, "done.json")))
@@ -202,3 +204,4 @@ def remove(bucket: Bucket, meta: dict[str, Any]) -> None:
         if not missing(e):
             raise
     bucket.delete_prefix(bucket.key(f"incoming/{upload_id}/"))
+    _incomplete.forget(bucket, meta)

@@ -27,6 +27,7 @@ from imgresume.storage.interfaces import (
     DURABLE_ACK,
     PROVEN_OFFSET,
     SHARED,
+    IncompleteUploads,
     IUploadStorage,
     NewerRecordFormat,
     NewUpload,
@@ -44,6 +45,7 @@ from imgresume.storage.s3._bucket import (
     parse_url,
     part_size_for,
 )
+from imgresume.storage.s3 import _incomplete
 from imgresume.storage.s3._leases import Leases
 from imgresume.storage.s3._publish import (
     FORMAT_VERSION,
@@ -58,6 +60,9 @@ from imgresume.storage.s3._writer import S3UploadWriter
 
 # The backend logs as one namespace, imgresume.storage.s3.
 log = Logger(namespace=__package__)
+
+#: Seconds between two verifications of one client's index entries.
+VERIFY_EVERY = 60.0
 
 _EMPTY_TAIL = TailCheck(0, 0, hashlib.sha256(b"").digest())
 
@@ -120,6 +125,8 @@ class S3Storage:
         self.commit_granularity = part_size or MIN_PART_SIZE
         self._spool_dir = spool_dir
         self._now = now
+        #: When each client's index entries were last verified.
+        self._verified: dict[str, float] = {}
 
     def read_completed(self, path: str) -> bytes:
         """Return the bytes of a completed object (blocking; for tests and tools)."""
@@ -135,6 +142,39 @@ class S3Storage:
         """See L{IUploadStorage.resume}."""
         return self._run(guard, f"cannot resume upload {upload_id!r:.40}",
                          self._resume_sync, upload_id, client_id)
+
+    def incomplete_for(
+        self, client_id: str, verify: bool = False
+    ) -> Deferred[IncompleteUploads]:
+        """
+        See L{IUploadStorage.incomplete_for}: one listing of the per-client
+        index C{clients/} (L{imgresume.storage.s3._incomplete}); C{verify}
+        checks each upload listed (a few requests each), at most once a
+        minute per client and process.
+        """
+        return self._run(guard, "cannot count incomplete uploads",
+                         self._incomplete_for_sync, client_id, verify)
+
+    def _incomplete_for_sync(self, client_id: str, verify: bool) -> IncompleteUploads:
+        now = self._now()
+        if verify and now - self._verified.get(client_id, -VERIFY_EVERY) >= VERIFY_EVERY:
+            if len(self._verified) > 10000:
+                self._verified.clear()
+            self._verified[client_id] = now
+            _incomplete.prune(self._objects, client_id, self._is_incomplete, self._now)
+        return _incomplete.count(self._objects, client_id)
+
+    def _is_incomplete(self, upload_id: str) -> bool | None:
+        """For the index: whether an upload is incomplete (None: it is gone)."""
+        b = self._objects
+        meta = b.get_json(b.upload_key(upload_id, "meta.json"))
+        if meta is None:
+            return None
+        if b.exists(b.upload_key(upload_id, "done.json")):
+            return False
+        if self._list_parts(meta) is None and not b.exists(b.upload_key(upload_id, "object")):
+            return None  # its multipart upload was aborted (a lifecycle rule)
+        return True
 
     def status(self, upload_id: str, client_id: str | None = None) -> Deferred[UploadStatus]:
         """See L{IUploadStorage.status}."""
@@ -176,6 +216,8 @@ class S3Storage:
         check_parents(b, name)
         upload_id = new_upload_id()
         part_size = part_size_for(request.size, self.commit_granularity)
+        # Counted first, so that no upload exists uncounted.
+        _incomplete.add(b, request.client_id, upload_id, request.size)
         mpu = self.client.create_multipart_upload(
             Bucket=self.bucket, Key=b.upload_key(upload_id, "object"))["UploadId"]
         meta = {
@@ -321,9 +363,15 @@ class S3Storage:
                     self._leases.current(upload_id)[1]
                 ):
                     continue  # not ours, or a writer holds it
+                try:
+                    meta = b.get_json(b.upload_key(upload_id, "meta.json"))
+                except StorageError:
+                    meta = None  # unreadable: its index entry is pruned later
                 self.client.abort_multipart_upload(
                     Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
                 b.delete_prefix(b.key(f"incoming/{upload_id}/"))
+                if meta is not None:
+                    _incomplete.forget(b, meta)
                 removed.append(upload_id)
                 log.info("upload {upload_id} expired", upload_id=upload_id)
             if not page.get("IsTruncated"):
