@@ -110,7 +110,8 @@ Examples:
 
     opt_include.__doc__ = (
         "Take the files of a directory PATH that match PATTERN (an rsync-style glob:"
-        " * ? [..] **), even hidden ones; repeatable, the first matching rule decides.")
+        " * ? [..] **; no wildcard matches the dot of a hidden name); repeatable, the"
+        " first matching rule decides.")
 
     def opt_exclude(self, pattern: str) -> None:
         if not pattern.strip("/"):
