@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from imgresume.client._source import HashStopped, LocalFile
+from imgresume.client._source import HashStopped, LocalFile, SourceChanged
 
 
 class Digest:
@@ -65,7 +65,7 @@ class Digest:
     def _failed(self, failure: Failure) -> None:
         self._running = None
         waiters, self._waiters = self._waiters, []
-        if not waiters and not failure.check(HashStopped):
+        if not waiters and not failure.check(HashStopped, SourceChanged):
             self.log.failure("hashing the local file failed", failure)
         for d in waiters:
             d.errback(failure)

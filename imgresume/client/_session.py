@@ -200,7 +200,8 @@ class UploadSession:
             return await source.sha256(
                 lambda done: reactor.callFromThread(
                     progress, Progress(name, "hashing", done, source.size)
-                )
+                ),
+                stopped=lambda: up.interrupted,  # the file is closed once interrupted
             )
 
         state.from_journal = entry is not None
