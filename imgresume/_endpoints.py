@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 
 def _split(description: str) -> list[str]:
@@ -60,3 +61,71 @@ def requires_client_certificate(description: str) -> bool:
     the server take a client's identity from its certificate.
     """
     return _split(description)[0].lower() == "mtls"
+
+
+def _arguments(parts: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The positional and keyword arguments of a split endpoint string."""
+    args = [p for p in parts[1:] if "=" not in p]
+    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    return args, kwargs
+
+
+def endpoint_address(description: str) -> str:
+    """
+    Where a client endpoint string leads, for messages: C{HOST:PORT} for
+    C{tcp:}, C{ssl:} and C{tls:} (C{[HOST]:PORT} for an IPv6 address), the
+    path for C{unix:}, else the string itself.
+    """
+    parts = _split(description)
+    kind = parts[0].lower()
+    args, kwargs = _arguments(parts)
+    if kind in ("tcp", "ssl", "tls"):
+        host = kwargs.get("host", args[0] if args else "?")
+        port = kwargs.get("port", args[1] if len(args) > 1 else "?")
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if kind == "unix":
+        return kwargs.get("path", args[0] if args else description)
+    return description
+
+
+_HOST_PORT = re.compile(
+    r"\A(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]\\=]+)):(?P<port>\d+)\Z")
+
+
+def _client_endpoint_types() -> set[str]:
+    """The endpoint types C{clientFromString} knows: its own and its plugins'."""
+    from twisted.internet.interfaces import IStreamClientEndpointStringParserWithReactor
+    from twisted.plugin import getPlugins
+
+    types = {"tcp", "ssl", "unix"}
+    parsers = getPlugins(IStreamClientEndpointStringParserWithReactor)
+    types.update(p.prefix.lower() for p in parsers)
+    return types
+
+
+def client_endpoint(description: str) -> str:
+    """
+    The client endpoint string for what a user gave as C{--to}:
+    C{HOST:PORT} and C{[IPV6]:PORT} stand for C{tcp:HOST:PORT}; anything
+    else is taken as an endpoint string, whose port (for C{tcp:}, C{ssl:}
+    and C{tls:}) must be a number from 1 to 65535.
+
+    @raise ValueError: with a message for people, naming the problem.
+    """
+    parts = _split(description)
+    kind = parts[0].lower()
+    if kind not in _client_endpoint_types():
+        m = _HOST_PORT.match(description)
+        if m is not None:
+            host = m.group("ipv6") or m.group("host")
+            return f"tcp:{host.replace(':', chr(92) + ':')}:{m.group('port')}"
+        return description
+    if kind in ("tcp", "ssl", "tls"):
+        args, kwargs = _arguments(parts)
+        port = kwargs.get("port", args[1] if len(args) > 1 else None)
+        if port is None:
+            raise ValueError(f"{description}: no port (give {kind}:HOST:PORT)")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{description}: the port must be a number from 1 to 65535, "
+                             f"not {port!r}")
+    return description

@@ -95,9 +95,16 @@ Addresses are Twisted endpoint strings, e.g.
   --backend unix:/run/imgresume-1.sock
   --backend ssl:host=10.0.0.13:port=7443:caCertsDir=/etc/ssl/certs
 
-Example:
-  twistd -n --pidfile= imgresume-lb --listen tcp:7000 \\
+A --listen reachable from other hosts (not a loopback interface or a UNIX
+socket) is refused unless --backends-authenticate says every backend
+requires keys or client certificates, or --insecure accepts that anyone
+who can connect may upload.
+
+Examples:
+  twistd -n --pidfile= imgresume-lb --listen tcp:7000:interface=127.0.0.1 \\
       --backend tcp:127.0.0.1:7001 --backend tcp:127.0.0.1:7002
+  twistd -n --pidfile= imgresume-lb --listen tcp:7000 --backends-authenticate \\
+      --backend tcp:10.0.0.11:7001 --backend tcp:10.0.0.12:7001
 """
 
     optParameters = [

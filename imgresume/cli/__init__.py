@@ -1,8 +1,10 @@
-# -*- test-case-name: tests.cli.test_upload -*-
+# -*- test-case-name: tests.cli.test_upload,tests.cli.test_interrupt -*-
 """
 The C{imgresume} command: C{imgresume upload ...} and friends.  Installed
 as a console script by C{setup.py}; also runnable as C{python -m imgresume}.
-Each command lives in its own module; this one dispatches.
+Each command lives in its own module; this one dispatches, and runs the
+commands that need the reactor through L{imgresume.cli._run} (SIGINT and
+SIGTERM end them with 130 and 143).
 """
 
 from __future__ import annotations
@@ -67,16 +69,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(run_keys(config.subOptions))
     if config.subCommand == "ls":
         sys.exit(run_ls(config.subOptions))
-    from twisted.internet.task import react
+    from imgresume.cli._run import Interruptions, run_on_reactor
 
-    command = run_status if config.subCommand == "status" else run_upload
+    def go(reactor: Any, interruptions: Interruptions) -> Any:
+        if config.subCommand == "status":
+            return run_status(reactor, config.subOptions)
+        return run_upload(reactor, config.subOptions, interruptions)
 
-    def go(reactor: Any) -> Any:
-        return command(reactor, config.subOptions).addCallback(_exit_code)
-
-    react(go)
-
-
-def _exit_code(code: int) -> None:
-    if code:
-        raise SystemExit(code)
+    sys.exit(run_on_reactor(go))

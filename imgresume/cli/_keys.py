@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.test_auth,tests.cli.test_errors -*-
 """C{imgresume keys}: manage the per-client keys servers authenticate with."""
 
 from __future__ import annotations
@@ -67,6 +67,17 @@ challenge-response: the key never travels on the wire)."""
         ["revoke", None, RevokeOptions, "Revoke a client's key."],
         ["list", None, ListOptions, "List clients."],
     ]
+
+    def getSynopsis(self) -> str:
+        """
+        This command's usage line; for a subcommand's (which Twisted builds
+        as the parent's line, the subcommand and its own synopsis) only
+        C{imgresume keys}, so that it reads C{imgresume keys add --keys FILE
+        CLIENT_ID [--rotate]}.
+        """
+        if self.subCommand is None or self.parent is None:
+            return super().getSynopsis()
+        return f"{self.parent.getSynopsis()} {self.parent.subCommand}"
 
     def postOptions(self) -> None:
         if self.subCommand is None:

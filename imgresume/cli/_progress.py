@@ -47,7 +47,12 @@ def _stored_line(bar: str, path: str | None, label: str = "done") -> str:
 
 
 def _file_line(p: Progress, rate: float, width: int, label: str | None = None) -> str:
-    """One file's bar: name, phase, percentage, sizes, rate, ETA, server."""
+    """
+    One file's bar: name, phase, percentage, sizes, rate, ETA, server; or,
+    while it waits to retry, why and when.
+    """
+    if p.phase == "retrying":
+        return f"{p.name[:30]}: {p.note}"[: width - 1].ljust(width - 1)
     fraction = p.done / p.total if p.total else 1.0
     if label is None:
         label = {"hashing": "hashing", "uploading": "", "done": "done"}[p.phase]
@@ -95,7 +100,7 @@ class ProgressBar:
         now = self.clock()
         if self._rate is None or (self._name, self._rate.phase) != (p.name, p.phase):
             self._name, self._rate = p.name, _Rate(p, now)
-        if p.phase != "done" and now - self._last_draw < self.interval:
+        if p.phase not in ("done", "retrying") and now - self._last_draw < self.interval:
             return
         self._last_draw = now
         if p.phase == "done":
@@ -165,7 +170,7 @@ class BatchTally:
     def bytes_done(self) -> int:
         """Bytes stored: of the files stored, and acknowledged of those under way."""
         return self._stored_bytes + sum(
-            p.done for p in self.active.values() if p.phase in ("uploading", "done")
+            p.done for p in self.active.values() if p.phase in ("uploading", "retrying", "done")
         )
 
     def rate(self) -> float:
@@ -221,7 +226,7 @@ class BatchProgress:
         rate = self._rates.get(p.name)
         if rate is None or rate.phase != p.phase:
             self._rates[p.name] = _Rate(p, now)
-        if now - self._last_draw >= self.interval:
+        if now - self._last_draw >= self.interval or p.phase == "retrying":
             self._draw(now)
 
     def finished(self, outcome: FileOutcome) -> None:
@@ -297,8 +302,10 @@ class PlainProgress:
     """
     Progress for a log (C{imgresume upload} when stderr is not a
     terminal): every C{interval} seconds, one line with the batch's files,
-    bytes, rate and ETA.  Call it with every L{Progress} report, L{finished}
-    with every outcome; L{start} and L{close} the periodic lines.
+    bytes, rate and ETA, and at once a line for every retry a file waits
+    for (why, which retry, when).  Call it with every L{Progress} report,
+    L{finished} with every outcome; L{start} and L{close} the periodic
+    lines.
     """
 
     def __init__(self, stream: TextIO, tally: BatchTally, clock: IReactorTime,
@@ -311,6 +318,9 @@ class PlainProgress:
 
     def __call__(self, p: Progress) -> None:
         self.tally.report(p)
+        if p.phase == "retrying":
+            self.stream.write(f"imgresume: {p.name}: {p.note}\n")
+            self.stream.flush()
 
     def finished(self, outcome: FileOutcome) -> None:
         """Count a file that is over."""

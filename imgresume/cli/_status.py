@@ -39,7 +39,8 @@ Examples:
   imgresume status --to tcp:lb.example:7000 3f2a9c0d4e5b6a7f8091a2b3c4d5e6f7 --json
 """
     optParameters = [
-        ["to", "t", None, "Twisted client endpoint of a server or balancer (required)."],
+        ["to", "t", None, "A server or balancer as HOST:PORT or a Twisted client endpoint "
+         "(required)."],
         ["client-id", None, None, "Identity sent in the handshake [default: user@host]."],
         ["key-file", None, None, "File with this client's key [default: $IMGRESUME_KEY_FILE]."],
         ["journal", None, None, "Journal to read upload ids from [default: the upload journal]."],
@@ -52,7 +53,13 @@ Examples:
     def postOptions(self) -> None:
         if not self["to"]:
             raise usage.UsageError("--to ENDPOINT is required")
+        from imgresume._endpoints import client_endpoint
         from imgresume.names import is_upload_id
+
+        try:
+            self["to"] = client_endpoint(self["to"])
+        except ValueError as e:
+            raise usage.UsageError(f"--to {e}")
 
         for upload_id in self["ids"]:
             if not is_upload_id(upload_id):

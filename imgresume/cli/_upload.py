@@ -1,23 +1,24 @@
-# -*- test-case-name: tests.cli.test_upload -*-
+# -*- test-case-name: tests.cli.test_upload,tests.cli.test_errors -*-
 """C{imgresume upload}: resumable upload of local files and directories."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
 from imgresume._options import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BaseOptions
-from imgresume.sizes import format_size, parse_duration, parse_size
+from imgresume.sizes import parse_duration, parse_size
 
 if TYPE_CHECKING:
     from imgresume.cli._progress import BatchProgress, PlainProgress
-    from imgresume.client import BatchResult, FileOutcome, RefusedFile, Uploader
+    from imgresume.cli._run import Interruptions
+    from imgresume.client import CollectedFiles, FileOutcome, Uploader
 
 #: The most connections --parallel may open: the servers' default
 #: --max-uploads-per-client.
@@ -32,18 +33,34 @@ server failures.
 A PATH that is a directory stands for every regular file below it; each is
 stored under its path relative to the directory (scans/2026/a.tif is stored
 as 2026/a.tif when the PATH is scans, or as batch-7/2026/a.tif with
---prefix batch-7).  A file whose remote name the servers would refuse is
-reported and left out; the rest go on.  --parallel files are uploaded at
-once, each connection carrying one file after another without a new
-handshake.
+--prefix batch-7).  Hidden files (a component starting with ".") are
+skipped; --include and --exclude PATTERN (rsync-style globs: * ? [..] **,
+repeatable) choose among the files found, and the first rule that matches
+a file decides; a FILE named on the command line is always taken.  A file
+whose remote name the servers would refuse, or a PATH that does not
+exist, is reported and left out; the rest go on.  --parallel files are
+uploaded at once, each connection carrying one file after another without
+a new handshake.  --dry-run (-n) lists what would be sent, resumed or is
+already stored (from the journal; no connection is made).
 
 The command exits 0 only after the server has confirmed that every stored
 file is complete and its SHA-256 matches the local file.  If the connection
 breaks, it reconnects through the same ENDPOINT with exponential backoff and
-resumes from the offset the server proves.  If this command itself is
-killed, running it again resumes the unfinished files and confirms the
-finished ones with the server without sending them again (the upload ids
-are kept in a small local journal); --restart sends everything again.
+resumes from the offset the server proves (each retry is reported as it is
+planned).  If this command is interrupted (Ctrl-C, SIGTERM) it reports the
+unfinished files; if it is killed, running it again resumes the unfinished
+files and confirms the finished ones with the server without sending them
+again (the upload ids are kept in a small local journal); --restart sends
+everything again.  A file that changes while it is uploaded fails with
+"source changed during upload".
+
+Exit codes:
+  0    every file stored and verified
+  1    a file failed, was refused (no such file, a name the servers refuse)
+       or was not started after --fail-fast
+  2    usage error
+  3    a file's source changed during the upload (that file is not stored)
+  130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: run it again to resume
 
 Every stored file is reported with the path it was stored at.  When a
 completed file already has the remote name, --if-exists says what the
@@ -53,14 +70,15 @@ the same size and SHA-256, which the server checks; each file is then
 hashed before it is sent) or fail (refuse the file).
 
 Examples:
-  imgresume upload --to tcp:lb.example:7000 scan-0001.tiff scan-0002.tiff
+  imgresume upload --to lb.example:7000 scan-0001.tiff scan-0002.tiff
   imgresume upload --to tcp:lb.example:7000 --parallel 8 --prefix batch-7 scans/
+  imgresume upload --to tcp:lb.example:7000 --include '*.tif' --exclude '*' -n scans/
   imgresume upload --to tcp:127.0.0.1:7000 --name scans/2026/a.tiff a.tiff --json
 """
     optParameters = [
-        ["to", "t", None, "Twisted client endpoint of a server or balancer, "
-         "e.g. tcp:lb.example:7000 (required)."],
-        ["name", "n", None, "Remote name (only with one FILE) [default: the file's base name]."],
+        ["to", "t", None, "Where to upload: a server or balancer as HOST:PORT ([IPV6]:PORT) "
+         "or a Twisted client endpoint, e.g. tcp:lb.example:7000 (required)."],
+        ["name", None, None, "Remote name (only with one FILE) [default: the file's base name]."],
         ["prefix", None, None, "Remote directory for every file, e.g. scans/2026 "
          "[default: none]."],
         ["parallel", "P", "4", f"Files uploaded at once, one connection each (1-{MAX_PARALLEL})."],
@@ -80,6 +98,8 @@ Examples:
     ]
     optFlags = [
         ["json", None, "Print one JSON object per file on stdout."],
+        ["dry-run", "n", "List what would be sent, resumed or is already stored (per the "
+         "journal) and what is skipped; send nothing, connect nowhere."],
         ["restart", None, "Ignore the journal: start fresh uploads, also of files "
          "already uploaded."],
         ["no-journal", None, "Keep no journal (a rerun after a crash starts over)."],
@@ -88,20 +108,45 @@ Examples:
         ["quiet", "q", "No progress and no per-file lines (failures are still reported)."],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["filters"] = []
+
+    def opt_include(self, pattern: str) -> None:
+        if not pattern.strip("/"):
+            raise usage.UsageError("--include needs a pattern")
+        self["filters"].append(("include", pattern))
+
+    opt_include.__doc__ = (
+        "Take the files of a directory PATH that match PATTERN (an rsync-style glob:"
+        " * ? [..] **; no wildcard matches the dot of a hidden name); repeatable, the"
+        " first matching rule decides.")
+
+    def opt_exclude(self, pattern: str) -> None:
+        if not pattern.strip("/"):
+            raise usage.UsageError("--exclude needs a pattern")
+        self["filters"].append(("exclude", pattern))
+
+    opt_exclude.__doc__ = (
+        "Skip the files of a directory PATH that match PATTERN (a file name, a"
+        " directory name, or a path with /); repeatable, the first matching rule decides.")
+
     def parseArgs(self, *paths: str) -> None:
         self["files"] = list(paths)
 
     def postOptions(self) -> None:
+        from imgresume._endpoints import client_endpoint
         from imgresume.errors import InvalidName
         from imgresume.names import validate_name
 
         if not self["to"]:
-            raise usage.UsageError("--to ENDPOINT is required (e.g. --to tcp:127.0.0.1:7000)")
+            raise usage.UsageError("--to ENDPOINT is required (e.g. --to 127.0.0.1:7000)")
+        try:
+            self["to"] = client_endpoint(self["to"])
+        except ValueError as e:
+            raise usage.UsageError(f"--to {e}")
         if not self["files"]:
             raise usage.UsageError("name at least one FILE or directory to upload")
-        for path in self["files"]:
-            if not os.path.isfile(path) and not os.path.isdir(path):
-                raise usage.UsageError(f"{path}: not a regular file or a directory")
         if self["name"] and (len(self["files"]) > 1 or os.path.isdir(self["files"][0])):
             raise usage.UsageError("--name works with a single FILE only")
         if self["name"] and self["prefix"]:
@@ -128,8 +173,13 @@ Examples:
             raise usage.UsageError("--if-exists must be rename, skip or fail")
 
 
-def run_upload(reactor: Any, config: UploadOptions) -> Any:
-    """Upload every file of C{config}; the Deferred fires with the exit code."""
+def run_upload(reactor: Any, config: UploadOptions,
+               interruptions: "Interruptions | None" = None) -> Any:
+    """
+    Upload every file of C{config}; the Deferred fires with the exit code.
+    C{interruptions} (from L{imgresume.cli._run}) names the signal that
+    stops the run, if one does.
+    """
     from imgresume.client import Journal, Uploader
     from imgresume.keys import KeyFileError, read_key
 
@@ -156,12 +206,12 @@ def run_upload(reactor: Any, config: UploadOptions) -> Any:
         )
     except Exception as e:  # endpoint string parsers raise whatever they like
         print(f"imgresume: --to {config['to']}: not a usable endpoint: "
-              f"{type(e).__name__}: {e}\n(examples: tcp:lb.example:7000, "
+              f"{type(e).__name__}: {e}\n(examples: lb.example:7000, tcp:lb.example:7000, "
               "tls:lb.example:7000:trustRoots=/etc/ssl/certs, unix:/run/imgresume.sock)",
               file=sys.stderr)
         return defer.succeed(EXIT_USAGE)
     return defer.Deferred.fromCoroutine(
-        BatchCommand(reactor, config, uploader, sys.stdout, sys.stderr).run()
+        BatchCommand(reactor, config, uploader, sys.stdout, sys.stderr, interruptions).run()
     )
 
 
@@ -170,37 +220,70 @@ class BatchCommand:
     One run of C{imgresume upload} once its options are parsed and its
     uploader made: collect the files, upload them, report each, sum up.
     Made by L{run_upload}.
+
+    If the reactor stops meanwhile (SIGINT or SIGTERM, see
+    L{imgresume.cli._run}), the uploads are interrupted and the shutdown
+    waits (up to C{REPORT_WITHIN} seconds) until the unfinished files are
+    reported and the journal written.
     """
 
+    #: Seconds an interrupted run may take to stop its uploads and report.
+    REPORT_WITHIN = 30.0
+
     def __init__(self, reactor: Any, config: UploadOptions, uploader: "Uploader",
-                 out: TextIO, err: TextIO) -> None:
+                 out: TextIO, err: TextIO, interruptions: "Interruptions | None" = None) -> None:
+        from imgresume.cli._report import Reporter
+
         self.reactor = reactor
         self.config = config
         self.uploader = uploader
-        self.out = out
+        self.interruptions = interruptions
+        self.report = Reporter(out, err, json=config["json"], quiet=config["quiet"],
+                               journal=not config["no-journal"])
         self.err = err
         self._display: BatchProgress | PlainProgress | None = None
+        self._reported: defer.Deferred[None] = defer.Deferred()
+        self._shutting_down_now = False
 
     async def run(self) -> int:
         """Upload; return the exit code."""
-        from imgresume.cli._progress import BatchProgress, BatchTally, PlainProgress
         from imgresume.client import collect_files
 
         config = self.config
-        started = time.monotonic()
         collected = collect_files(config["files"], prefix=config["prefix"],
-                                  name=config["name"])
+                                  name=config["name"], filters=config["filters"])
         for refused in collected.refused:
-            self._refused(refused)
+            self.report.refused(refused)
+        if config["dry-run"]:
+            planned = await self.uploader.plan(collected.items, restart=config["restart"])
+            return self.report.plan(collected, planned)
         if collected.refused and config["fail-fast"]:
             print(f"imgresume: --fail-fast: {len(collected.refused)} file(s) refused; "
                   "nothing uploaded", file=self.err)
             return EXIT_FAILED
-        items = collected.items
-        if not items:
+        if not collected.items:
             if not collected.refused:
                 print("imgresume: no files to upload", file=self.err)
             return EXIT_FAILED if collected.refused else EXIT_OK
+        trigger = None
+        if IReactorCore.providedBy(self.reactor):
+            trigger = self.reactor.addSystemEventTrigger(
+                "before", "shutdown", self._shutting_down)
+        try:
+            return await self._upload(collected)
+        finally:
+            if trigger is not None and not self._shutting_down_now:
+                self.reactor.removeSystemEventTrigger(trigger)
+            self._reported.callback(None)
+
+    async def _upload(self, collected: "CollectedFiles") -> int:
+        from imgresume.cli._progress import BatchProgress, BatchTally, PlainProgress
+        from imgresume.cli._report import exit_code
+        from imgresume.client import UploadInterrupted
+
+        config = self.config
+        started = time.monotonic()
+        items = collected.items
         if not config["quiet"]:
             tally = BatchTally(
                 {i.name or os.path.basename(i.path): _size(i.path) for i in items},
@@ -211,25 +294,31 @@ class BatchCommand:
             else:
                 self._display = PlainProgress(self.err, tally, self.reactor)
                 self._display.start()
+        interrupted = None
         try:
             batch = await self.uploader.upload_batch(
                 items, parallel=config["parallel"], restart=config["restart"],
                 progress=self._display, stop_on_failure=config["fail-fast"],
                 on_outcome=self._outcome,
             )
+        except UploadInterrupted as e:
+            batch, interrupted = e.batch, e
         finally:
             if self._display is not None:
                 self._display.close()
-        self._summary(batch, collected.refused, time.monotonic() - started)
-        return EXIT_FAILED if batch.failed or batch.not_started or collected.refused else EXIT_OK
+        self.report.summary(batch, collected.refused, len(collected.skipped),
+                            time.monotonic() - started, interrupted)
+        return exit_code(batch, collected.refused, interrupted)
 
-    def _refused(self, refused: "RefusedFile") -> None:
-        if self.config["json"]:
-            print(json.dumps({"local": refused.path, "name": refused.name,
-                              "error": refused.reason, "refused": True}, sort_keys=True),
-                  file=self.out, flush=True)
-        print(f"imgresume: refused: {refused.path}: {refused.reason}", file=self.err,
-              flush=True)
+    def _shutting_down(self) -> defer.Deferred[None]:
+        """The reactor is stopping: interrupt the uploads; wait for their report."""
+        self._shutting_down_now = True
+        signal = self.interruptions.signal if self.interruptions is not None else None
+        self.uploader.interrupt(signal)
+        done: defer.Deferred[None] = defer.Deferred()
+        self._reported.addBoth(lambda _: done.callback(None) if not done.called else None)
+        done.addTimeout(self.REPORT_WITHIN, self.reactor)
+        return done.addErrback(lambda _: None)
 
     def _outcome(self, outcome: "FileOutcome") -> None:
         """Report one file as it ends."""
@@ -238,66 +327,7 @@ class BatchCommand:
         live = isinstance(self._display, BatchProgress)  # it shows each file's end
         if self._display is not None:
             self._display.finished(outcome)
-        result, local = outcome.result, outcome.item.path
-        if self.config["json"]:
-            if result is not None:
-                row = {**result.to_json(), "local": local}
-            else:
-                assert outcome.error is not None
-                cause = outcome.error.cause
-                row = {"name": outcome.name, "local": local, "error": str(outcome.error),
-                       "cause": type(cause).__name__ if cause is not None else None}
-            print(json.dumps(row, sort_keys=True), file=self.out, flush=True)
-        if result is None:
-            if not live:
-                print(f"imgresume: upload failed: {outcome.error}", file=self.err, flush=True)
-        elif not live and not self.config["quiet"] and not self.config["json"]:
-            if result.skipped:
-                print(f"{result.name}: skipped: already stored as {result.path} "
-                      f"({result.size} bytes, sha256 {result.sha256} verified by the server)",
-                      file=self.out, flush=True)
-            elif result.already_complete:
-                print(f"{result.name}: already stored at {result.path} by an earlier run "
-                      f"({result.size} bytes, sha256 {result.sha256} verified)",
-                      file=self.out, flush=True)
-            else:
-                print(f"{result.name}: {result.size} bytes stored at {result.path}, "
-                      f"sha256 {result.sha256} verified", file=self.out, flush=True)
-
-    def _summary(self, batch: "BatchResult", refused: "list[RefusedFile]",
-                 seconds: float) -> None:
-        """What happened, on stderr: always the failures, else for several files."""
-        failed = batch.failed
-        files = len(batch.outcomes) + len(batch.not_started) + len(refused)
-        trouble = failed or refused or batch.not_started
-        if not trouble and (files == 1 or self.config["quiet"]):
-            return
-        stored = [o.result for o in batch.outcomes if o.result is not None]
-        already = sum(r.already_complete for r in stored)
-        skipped = sum(r.skipped for r in stored)
-        line = f"imgresume: {len(stored)} of {files} files stored and verified"
-        notes = [f"{already} already complete from an earlier run"] if already else []
-        notes += [f"{skipped} skipped: already stored"] if skipped else []
-        if notes:
-            line += f" ({'; '.join(notes)})"
-        sent = sum(r.bytes_sent for r in stored)
-        line += (f"; {format_size(sent)} sent in {seconds:.1f} s over "
-                 f"{batch.connections} connection{'s' if batch.connections != 1 else ''}")
-        print(line, file=self.err)
-        if failed or refused:
-            print(f"imgresume: {len(failed) + len(refused)} failed:", file=self.err)
-            for r in refused:
-                print(f"  {r.path}: refused: {r.reason}", file=self.err)
-            for o in failed:
-                print(f"  {o.item.path}: {o.error}", file=self.err)
-        if batch.not_started:
-            print(f"imgresume: {len(batch.not_started)} not started (--fail-fast)",
-                  file=self.err)
-        if (failed or batch.not_started) and not self.config["no-journal"]:
-            print("imgresume: run the same command again to retry: unfinished uploads "
-                  "resume, finished ones are confirmed without being sent again",
-                  file=self.err)
-        self.err.flush()
+        self.report.outcome(outcome, live)
 
 
 def _size(path: str) -> int:

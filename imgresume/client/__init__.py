@@ -21,15 +21,29 @@ See C{docs/client.md}.
 from imgresume.client._attempt import ConnectionBroken, ResidualMismatch, Stalled
 from imgresume.client._batch import BatchItem, BatchResult, FileOutcome
 from imgresume.client._blocking import upload_files
-from imgresume.client._collect import CollectedFiles, RefusedFile, collect_files
+from imgresume.client._collect import (
+    CollectedFiles,
+    RefusedFile,
+    SkippedFile,
+    collect_files,
+)
 from imgresume.client._journal import Journal, default_journal_path
-from imgresume.client._results import IfExistsNotOffered, Progress, UploadFailed, UploadResult
+from imgresume.client._plan import PlannedUpload
+from imgresume.client._results import (
+    IfExistsNotOffered,
+    Progress,
+    UploadFailed,
+    UploadInterrupted,
+    UploadResult,
+)
 from imgresume.client._session import UploadSession
+from imgresume.client._source import SourceChanged
 from imgresume.client._uploader import Uploader, default_client_id
 
 __all__ = [
-    "Uploader", "UploadSession", "UploadResult", "UploadFailed", "Progress",
-    "BatchItem", "FileOutcome", "BatchResult", "collect_files", "CollectedFiles",
-    "RefusedFile", "Journal", "default_journal_path", "default_client_id",
-    "upload_files", "ConnectionBroken", "Stalled", "ResidualMismatch", "IfExistsNotOffered",
+    "Uploader", "UploadSession", "UploadResult", "UploadFailed", "UploadInterrupted",
+    "Progress", "BatchItem", "FileOutcome", "BatchResult", "PlannedUpload",
+    "collect_files", "CollectedFiles", "RefusedFile", "SkippedFile", "Journal",
+    "default_journal_path", "default_client_id", "upload_files", "SourceChanged",
+    "ConnectionBroken", "Stalled", "ResidualMismatch", "IfExistsNotOffered",
 ]

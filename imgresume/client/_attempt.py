@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.client.test_uploader -*-
+# -*- test-case-name: tests.client.test_uploader,tests.client.test_source -*-
 """
 One try at uploading one file, over a connection that has done its
 handshake: UPLOAD or RESUME, the residual check, a window of DATA packets
@@ -116,6 +116,15 @@ class UploadAttempt:
     None), C{digest()} gives a Deferred of the whole file's
     SHA-256, which is being computed while the packets go out; the upload
     ends with FINISH once every packet is acknowledged and the digest known.
+
+    Before the end (FINISH, or the empty DATA packet), once every byte and
+    the digest were read, the attempt checks that the local file has not
+    changed since it was opened (L{LocalFile.check_unchanged}): a file
+    appended to or rewritten meanwhile fails the attempt with
+    L{imgresume.client.SourceChanged} instead of being stored as read.
+
+    Cancelling C{result} (an interrupted upload) ends the attempt and
+    closes the connection.
     """
 
     log = Logger()
@@ -143,8 +152,9 @@ class UploadAttempt:
         #: The whole file's SHA-256 for FINISH, once C{digest()} gave it.
         self._sha256_for_finish: bytes | None = None
         self.stats = AttemptStats()
-        self.result: Deferred[Completed] = Deferred()
+        self.result: Deferred[Completed] = Deferred(self._cancelled)
         self.reusable = False
+        self._source_checked = False
         self._connection: AttemptConnection | None = None
         self._reading = False
         self._recording = False
@@ -257,24 +267,31 @@ class UploadAttempt:
             m.state is ClientState.SENDING and m.offset == m.size and not m.finishing
             and m.outstanding == 0 and not self._recording
         ):
-            if not m.sha256_in_finish:
-                m.finish()
-            elif self._sha256_for_finish is not None:
-                m.finish(self._sha256_for_finish)
-            elif self._digest is None:
-                self._end(Failure(RuntimeError(
-                    "the server holds this upload without its SHA-256, and this "
-                    "attempt has no digest to end it with")), reusable=False)
-                return
-            else:
+            if m.sha256_in_finish and self._sha256_for_finish is None:
+                if self._digest is None:
+                    self._end(Failure(RuntimeError(
+                        "the server holds this upload without its SHA-256, and this "
+                        "attempt has no digest to end it with")), reusable=False)
+                    return
                 # Every byte is acknowledged; the hash is still running.
                 self._reading = True
                 self._digest().addCallbacks(self._digest_known, self._read_failed)
+            elif not self._source_checked:
+                # Everything is read: the file must still be the one read.
+                self._reading = True
+                self.source.check_unchanged().addCallbacks(self._unchanged, self._read_failed)
+            else:
+                m.finish(self._sha256_for_finish if m.sha256_in_finish else None)
         self._connection.flush()
 
     def _digest_known(self, digest: bytes) -> None:
         self._reading = False
         self._sha256_for_finish = digest
+        self._fill()
+
+    def _unchanged(self, result: None) -> None:
+        self._reading = False
+        self._source_checked = True
         self._fill()
 
     def _recorded(self, result: Any) -> None:
@@ -303,6 +320,12 @@ class UploadAttempt:
         self._end(failure, reusable=False)
 
     # Plumbing --------------------------------------------------------------
+
+    def _cancelled(self, result: Deferred[Completed]) -> None:
+        """C{result} was cancelled: the attempt is over, its connection closed."""
+        self.reusable = False
+        if self._connection is not None:
+            self._connection.attempt_ended(self)
 
     def _machine_ready(self) -> bool:
         return self._connection is not None and self._connection.machine.state is ClientState.READY

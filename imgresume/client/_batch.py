@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.client.test_session -*-
+# -*- test-case-name: tests.client.test_session,tests.client.test_interrupt -*-
 """
 A batch of files over a few connections: a shared queue, and as many
 upload sessions as files may go at once, each taking the next file when
@@ -16,7 +16,7 @@ import attrs
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from imgresume.client._results import Progress, UploadFailed, UploadResult
+from imgresume.client._results import Progress, UploadFailed, UploadInterrupted, UploadResult
 from imgresume.client._session import UploadSession
 
 log = Logger()
@@ -69,7 +69,9 @@ class BatchResult:
     """
     What L{imgresume.client.Uploader.upload_batch} did: an outcome for
     every file started, in the order given; the files not started (after a
-    failure, with C{stop_on_failure}); the connections opened.
+    failure, with C{stop_on_failure}, or after an interruption); the
+    connections opened.  An interrupted batch's result is the C{batch} of
+    the L{UploadInterrupted} its Deferred fails with.
     """
 
     outcomes: list[FileOutcome]
@@ -78,8 +80,14 @@ class BatchResult:
 
     @property
     def failed(self) -> list[FileOutcome]:
-        """The outcomes of the files that failed."""
-        return [o for o in self.outcomes if not o.ok]
+        """The outcomes of the files that failed (not those interrupted)."""
+        return [o for o in self.outcomes
+                if not o.ok and not isinstance(o.error, UploadInterrupted)]
+
+    @property
+    def interrupted(self) -> list[FileOutcome]:
+        """The outcomes of the files stopped by an interruption while under way."""
+        return [o for o in self.outcomes if isinstance(o.error, UploadInterrupted)]
 
 
 async def run_batch(
@@ -92,25 +100,37 @@ async def run_batch(
     on_outcome: Callable[[FileOutcome], None] | None,
     stop_on_failure: bool,
 ) -> BatchResult:
-    """Upload C{files} over C{parallel} sessions of C{uploader}; see C{upload_batch}."""
+    """
+    Upload C{files} over C{parallel} sessions of C{uploader}; see
+    C{upload_batch}.
+
+    @raise UploadInterrupted: the uploader was interrupted; its C{batch}
+        says what was done.
+    """
     if parallel < 1:
         raise ValueError(f"parallel must be at least 1, not {parallel}")
     items = [f if isinstance(f, BatchItem) else BatchItem(f) for f in files]
     queue = deque(enumerate(items))
     outcomes: dict[int, FileOutcome] = {}
     stopping = False
+    interrupted: UploadInterrupted | None = None
     sessions = [uploader.session() for _ in range(min(parallel, len(items)))]
 
     async def lane(session: UploadSession) -> None:
-        nonlocal stopping
+        nonlocal stopping, interrupted
         async with session:
-            while queue and not stopping:
+            while queue and not stopping and interrupted is None:
                 index, item = queue.popleft()
                 try:
                     result = await session.upload(
                         item.path, item.name, metadata=item.metadata, restart=restart,
                         progress=progress,
                     )
+                except UploadInterrupted as e:
+                    # Not an outcome of the file: no on_outcome, and the batch stops.
+                    outcomes[index] = FileOutcome(item, error=e)
+                    interrupted = interrupted or e
+                    break
                 except UploadFailed as e:
                     outcome = FileOutcome(item, error=e)
                 except Exception as e:
@@ -134,8 +154,14 @@ async def run_batch(
     for ok, value in lanes:
         if not ok:
             value.raiseException()
-    return BatchResult(
+    batch = BatchResult(
         outcomes=[outcomes[i] for i in sorted(outcomes)],
         not_started=[item for _, item in queue],
         connections=sum(s.connections for s in sessions),
     )
+    if interrupted is not None:
+        unfinished = len(batch.interrupted) + len(batch.not_started)
+        raise UploadInterrupted(
+            f"interrupted: {unfinished} of {len(items)} files unfinished",
+            signal=interrupted.signal, batch=batch)
+    return batch

@@ -7,10 +7,12 @@ its uploads there.
 
 from __future__ import annotations
 
+import queue
+import signal
 import threading
 from typing import Any, Sequence
 
-from twisted.internet.threads import blockingCallFromThread
+from twisted.python.failure import Failure
 from twisted.python.threadable import isInIOThread
 
 _lock = threading.Lock()
@@ -43,19 +45,40 @@ def upload_files(
     L{imgresume.client.UploadFailed} on the first file that cannot be
     completed.  C{options} are passed to L{imgresume.client.Uploader}.
     Must not be called from the reactor thread.
+
+    Ctrl-C (C{KeyboardInterrupt}) while it waits interrupts the uploads in
+    the reactor thread (L{imgresume.client.Uploader.interrupt}) and, once
+    the journal holds what they did, raises
+    L{imgresume.client.UploadInterrupted} (its C{signal} is C{SIGINT}); if
+    every file was complete by then, the C{KeyboardInterrupt} goes on.
     """
+    from twisted.internet.defer import Deferred
+
     from imgresume.client._uploader import Uploader
 
     reactor = _reactor_in_thread()
+    uploader = []
+    outcome: queue.Queue[Any] = queue.Queue()
 
     async def run_all() -> list:
-        uploader = Uploader(endpoint, reactor=reactor, **options)
+        uploader.append(Uploader(endpoint, reactor=reactor, **options))
         results = []
-        async with uploader.session() as session:
+        async with uploader[0].session() as session:
             for i, path in enumerate(paths):
                 results.append(await session.upload(path, names[i] if names else None))
         return results
 
-    from twisted.internet.defer import Deferred
-
-    return blockingCallFromThread(reactor, lambda: Deferred.fromCoroutine(run_all()))
+    reactor.callFromThread(lambda: Deferred.fromCoroutine(run_all()).addBoth(outcome.put))
+    try:
+        result = outcome.get()
+    except KeyboardInterrupt:
+        # Calls from this thread run in order: the uploader exists by now
+        # (unless it could not be made, and run_all has failed already).
+        reactor.callFromThread(
+            lambda: uploader and uploader[0].interrupt(signal.SIGINT))
+        result = outcome.get()
+        if not isinstance(result, Failure):
+            raise
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result

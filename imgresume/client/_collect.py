@@ -14,6 +14,7 @@ from typing import Sequence
 import attrs
 
 from imgresume.client._batch import BatchItem
+from imgresume.client._filters import FileFilter, Rule
 from imgresume.errors import InvalidName
 from imgresume.names import validate_name
 
@@ -33,11 +34,27 @@ class RefusedFile:
 
 
 @attrs.frozen
+class SkippedFile:
+    """
+    A file found in a directory that a batch skips, by choice rather than
+    for a fault: C{reason} is C{"hidden"} or the rule that excluded it
+    (C{"--exclude *.tmp"}).
+    """
+
+    path: str
+    reason: str
+
+
+@attrs.frozen
 class CollectedFiles:
-    """The result of L{collect_files}: the files to upload, and the ones refused."""
+    """
+    The result of L{collect_files}: the files to upload, the ones refused,
+    and the ones skipped (hidden or excluded).
+    """
 
     items: list[BatchItem]
     refused: list[RefusedFile]
+    skipped: list[SkippedFile] = attrs.field(factory=list)
 
 
 def remote_name(prefix: str | None, relative: str) -> str:
@@ -57,7 +74,11 @@ def remote_name(prefix: str | None, relative: str) -> str:
 
 
 def collect_files(
-    paths: Sequence[str], *, prefix: str | None = None, name: str | None = None
+    paths: Sequence[str],
+    *,
+    prefix: str | None = None,
+    name: str | None = None,
+    filters: Sequence[Rule] = (),
 ) -> CollectedFiles:
     """
     The files to upload for C{paths}, as C{imgresume upload} takes them.
@@ -69,17 +90,26 @@ def collect_files(
     single file, replaces its name altogether.  Symbolic links to files are
     followed; links to directories are not (no loops) and are refused.
 
+    In a directory, hidden files (a component of the relative path starting
+    with C{.}) are skipped, and C{filters}, C{("include", PATTERN)} and
+    C{("exclude", PATTERN)} rules checked in order, choose among the files
+    (see L{imgresume.client._filters.FileFilter}); what they leave out is
+    in C{skipped}.  A file named in C{paths} itself is always taken.
+
     Names are checked with the server's rules.  A file whose name is
     refused, or whose name an earlier file of C{paths} already has, is not
     uploaded: it is in C{refused} with the reason, as is anything that is
-    not a regular file.
+    not a regular file, and a path that does not exist.
 
-    @raise ValueError: C{name} with anything but a single file.
+    @raise ValueError: C{name} with anything but a single file, or a
+        malformed filter rule.
     """
     if name is not None and (len(paths) != 1 or os.path.isdir(paths[0])):
         raise ValueError("a name is for a single file")
+    chooser = FileFilter(filters)
     items: list[BatchItem] = []
     refused: list[RefusedFile] = []
+    skipped: list[SkippedFile] = []
     owners: dict[str, str] = {}
 
     def add(path: str, relative: str) -> None:
@@ -100,6 +130,9 @@ def collect_files(
         items.append(BatchItem(path, remote))
 
     for path in paths:
+        if not os.path.lexists(path):
+            refused.append(RefusedFile(path, None, "no such file or directory"))
+            continue
         if not os.path.isdir(path):
             add(path, os.path.basename(path))
             continue
@@ -111,6 +144,12 @@ def collect_files(
 
         found: list[tuple[tuple[str, ...], str, str]] = []
         for directory, subdirectories, files in os.walk(path, onerror=unreadable):
+            for sub in list(subdirectories):
+                below = os.path.relpath(os.path.join(directory, sub), path)
+                reason = chooser.pruned("/".join(below.split(os.sep)))
+                if reason is not None:
+                    subdirectories.remove(sub)
+                    skipped.append(SkippedFile(os.path.join(directory, sub) + os.sep, reason))
             for link in [d for d in subdirectories if os.path.islink(os.path.join(directory, d))]:
                 subdirectories.remove(link)
                 refused.append(RefusedFile(
@@ -120,9 +159,13 @@ def collect_files(
                 full = os.path.join(directory, leaf)
                 relative = os.path.relpath(full, path)
                 found.append((tuple(relative.split(os.sep)), full, relative))
-        for _, full, relative in sorted(found):
-            add(full, relative)
-    return CollectedFiles(items, refused)
+        for components, full, relative in sorted(found):
+            reason = chooser.skipped("/".join(components))
+            if reason is not None:
+                skipped.append(SkippedFile(full, reason))
+            else:
+                add(full, relative)
+    return CollectedFiles(items, refused, skipped)
 
 
 def _regular_file(path: str) -> bool:

@@ -56,7 +56,8 @@ class UploadConnection(Protocol):
         self.server_id: str | None = None
         #: The most DATA packets in flight the server asked for, if it did.
         self.window_advice: int | None = None
-        self.welcomed: Deferred[Welcome] = Deferred()
+        #: Cancelling it (an interrupted upload) closes the connection.
+        self.welcomed: Deferred[Welcome] = Deferred(lambda d: self._lose())
         self._attempt: UploadAttempt | None = None
         self._timer: IDelayedCall | None = None
         self._closing = False

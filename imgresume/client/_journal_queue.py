@@ -34,6 +34,7 @@ class JournalQueue:
         self._pending: dict[str, dict[str, Any] | None] = {}
         self._waiting: list[Deferred[None]] = []
         self._writing: dict[str, dict[str, Any] | None] | None = None
+        self._flush_waiters: list[Deferred[None]] = []
 
     def lookup(self, key: str) -> Deferred[dict[str, Any] | None]:
         """The entry for C{key}, counting changes not yet written."""
@@ -59,6 +60,17 @@ class JournalQueue:
         """Drop C{key}'s entry."""
         return self._change(key, None)
 
+    def flushed(self) -> Deferred[None]:
+        """
+        Fires once every change queued so far is written (or its write
+        failed): what an interrupted uploader waits for before it reports.
+        """
+        if self._writing is None and not self._pending:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._flush_waiters.append(d)
+        return d
+
     def _change(self, key: str, entry: dict[str, Any] | None) -> Deferred[None]:
         self._pending[key] = entry
         done: Deferred[None] = Deferred()
@@ -67,7 +79,12 @@ class JournalQueue:
         return done
 
     def _write_next(self) -> None:
-        if self._writing is not None or not self._pending:
+        if self._writing is not None:
+            return
+        if not self._pending:
+            flushed, self._flush_waiters = self._flush_waiters, []
+            for d in flushed:
+                d.callback(None)
             return
         changes, self._pending = self._pending, {}
         waiting, self._waiting = self._waiting, []

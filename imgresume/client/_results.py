@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.client.test_uploader -*-
+# -*- test-case-name: tests.client.test_uploader,tests.client.test_interrupt -*-
 """
 What the client reports: the result of a completed upload, progress
 reports, and the exception for an upload that cannot be completed.
@@ -15,12 +15,66 @@ class UploadFailed(Exception):
     """
     The upload could not be completed; C{cause} is the last error.  The
     residual (if any) stays on the server and the journal, so running the
-    same upload again resumes it.
+    same upload again resumes it.  Raised (as a Deferred's failure) by
+    L{Uploader.upload} and L{UploadSession.upload}.
+
+    @ivar upload_id: the server's id of the upload, if it accepted one.
+    @ivar acknowledged: the offset the server last acknowledged in this
+        run (bytes it holds, durable, for a resume), or None if it never
+        answered about this file.
+    @ivar bytes_sent: payload bytes sent in this run, across attempts.
     """
 
-    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        cause: BaseException | None = None,
+        *,
+        upload_id: str | None = None,
+        acknowledged: int | None = None,
+        bytes_sent: int = 0,
+    ) -> None:
         super().__init__(message)
         self.cause = cause
+        self.upload_id = upload_id
+        self.acknowledged = acknowledged
+        self.bytes_sent = bytes_sent
+
+
+class UploadInterrupted(UploadFailed):
+    """
+    The upload was stopped before the server confirmed it, not for anything
+    wrong with the file or the servers: the program is shutting down (SIGINT,
+    SIGTERM, C{reactor.stop()}) or L{Uploader.interrupt} was called.  What
+    the server acknowledged stays there and in the journal: the same upload
+    run again resumes it.
+
+    Raised by L{Uploader.upload}, L{UploadSession.upload} and
+    L{imgresume.client.upload_files} for the file under way (and at once
+    for a file asked for afterwards); L{Uploader.upload_batch} fails with
+    one whose C{batch} is the L{BatchResult} so far.
+
+    @ivar signal: the number of the signal that stopped the upload, when
+        known (C{signal.SIGINT}, C{signal.SIGTERM}), else None.
+    @ivar batch: for a batch, its L{BatchResult}: the outcomes of the files
+        that ended (an interrupted file's C{error} is an
+        L{UploadInterrupted}), and the files not started.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        signal: int | None = None,
+        upload_id: str | None = None,
+        acknowledged: int | None = None,
+        bytes_sent: int = 0,
+        batch: Any = None,
+    ) -> None:
+        super().__init__(message, None, upload_id=upload_id, acknowledged=acknowledged,
+                         bytes_sent=bytes_sent)
+        self.signal = signal
+        self.batch = batch
 
 
 class IfExistsNotOffered(Exception):
@@ -74,8 +128,11 @@ class UploadResult:
 @attrs.frozen
 class Progress:
     """
-    A progress report: C{phase} is "hashing", "uploading" or "done"; a
-    "done" report carries the C{path} where the file is stored.
+    A progress report: C{phase} is "hashing", "uploading", "retrying" or
+    "done".  For "retrying", C{note} says why and when, as in
+    C{"connection refused by 127.0.0.1:7000, retry 3/9 in 2.1 s"}, and
+    C{done} is the offset the server last acknowledged; a "done" report
+    carries the C{path} where the file is stored.
     """
 
     name: str
@@ -84,3 +141,4 @@ class Progress:
     total: int
     server_id: str | None = None
     path: str | None = None
+    note: str | None = None

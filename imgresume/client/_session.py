@@ -1,33 +1,40 @@
-# -*- test-case-name: tests.client.test_session -*-
+# -*- test-case-name: tests.client.test_session,tests.client.test_interrupt -*-
 """
 Uploads one after another over one connection: the per-file loop (hash,
-journal, attempts, backoff, the verdict) and the connection it keeps open
-between files, so that a batch of small files costs one handshake instead
-of one per file.
+journal, attempts, backoff and its retry reports, the verdict, an
+interruption) and the connection it keeps open between files, so that a
+batch of small files costs one handshake instead of one per file.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any, Callable, Mapping, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
-from twisted.internet.error import ConnectError
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, fail, succeed
+from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from imgresume.client._attempt import ResidualMismatch, UploadAttempt
 from imgresume.client._connection import UploadConnection
+from imgresume.client._describe import describe, retry_note
+from imgresume.client._digest import Digest
 from imgresume.client._journal import journal_key
 from imgresume.client._journal_queue import JournalQueue
-from imgresume.client._results import IfExistsNotOffered, Progress, UploadFailed, UploadResult
-from imgresume.client._source import LocalFile, Runner
-from imgresume.errors import ImgresumeError, UnknownUpload
-from imgresume.client._source import HashStopped
+from imgresume.client._results import (
+    IfExistsNotOffered,
+    Progress,
+    UploadFailed,
+    UploadInterrupted,
+    UploadResult,
+)
+from imgresume.client._source import LocalFile, Runner, SourceChanged
+from imgresume.errors import DigestMismatch, ImgresumeError, UnknownUpload
 from imgresume.names import IF_EXISTS_KEY
 from imgresume.protocol import SKIPPED_UPLOAD_ID, Upload
 
@@ -49,9 +56,16 @@ class SessionUploader(Protocol):
     run: Runner
     journal_queue: JournalQueue | None
     if_exists: str
+    #: Whether L{imgresume.client.Uploader.interrupt} was called, and the
+    #: signal it named.
+    interrupted: bool
+    interrupted_by: int | None
 
     def backoff(self, failures: int, retry_after: float = 0.0) -> float:
         """Seconds to wait after C{failures} consecutive failures."""
+
+    def track(self, upload: Deferred[UploadResult]) -> Deferred[UploadResult]:
+        """Count C{upload} as under way (interrupt cancels it) until it fires."""
 
     async def connect(self, protocol: IProtocol) -> None:
         """Connect C{protocol} through the endpoint, or fail."""
@@ -105,9 +119,15 @@ class UploadSession:
         """
         if self._closed:
             return fail(RuntimeError("this upload session is closed"))
-        return self._lock.run(lambda: Deferred.fromCoroutine(self._upload(
-            path, name, dict(metadata or {}), restart, progress or (lambda p: None)
-        )))
+
+        def start() -> Deferred[UploadResult]:
+            if self._uploader.interrupted:
+                return fail(self._interruption(name or os.path.basename(path), _Run()))
+            return self._uploader.track(Deferred.fromCoroutine(self._upload(
+                path, name, dict(metadata or {}), restart, progress or (lambda p: None)
+            )))
+
+        return self._lock.run(start)
 
     def close(self) -> Deferred[None]:
         """
@@ -136,27 +156,44 @@ class UploadSession:
     ) -> UploadResult:
         name = name or os.path.basename(path)
         started = time.monotonic()
+        state = _Run()
         try:
-            source = await LocalFile.open(path, self._uploader.run)
-        except OSError as e:
-            raise UploadFailed(f"cannot read {path}: {e.strerror or e}", e)
-        digest = _Digest(source)
-        try:
-            return await self._upload_source(
-                source, digest, name, metadata, restart, progress, started)
-        finally:
-            await digest.stop()
-            source.close()
+            try:
+                source = await LocalFile.open(path, self._uploader.run)
+            except OSError as e:
+                raise UploadFailed(f"cannot read {path}: {e.strerror or e}", e)
+            digest = Digest(source)
+            try:
+                return await self._upload_source(
+                    source, digest, name, metadata, restart, progress, started, state)
+            finally:
+                await digest.stop()
+                source.close()
+        except CancelledError:
+            raise self._interruption(name, state) from None
+
+    def _interruption(self, name: str, state: "_Run") -> UploadInterrupted:
+        """The exception for an upload stopped by L{Uploader.interrupt}."""
+        number = self._uploader.interrupted_by
+        how = f" by {signal.Signals(number).name}" if number else ""
+        if state.acknowledged is None:
+            held = "the server acknowledged nothing in this run"
+        else:
+            held = f"the server acknowledged {state.acknowledged} bytes"
+        return UploadInterrupted(
+            f"{name}: interrupted{how}; {held}", signal=number, upload_id=state.upload_id,
+            acknowledged=state.acknowledged, bytes_sent=state.bytes_sent)
 
     async def _upload_source(
         self,
         source: LocalFile,
-        digest: "_Digest",
+        digest: Digest,
         name: str,
         metadata: dict[str, str],
         restart: bool,
         progress: Callable[[Progress], None],
         started: float,
+        state: "_Run",
     ) -> UploadResult:
         up = self._uploader
         journal = up.journal_queue
@@ -171,10 +208,11 @@ class UploadSession:
             return await source.sha256(
                 lambda done: reactor.callFromThread(
                     progress, Progress(name, "hashing", done, source.size)
-                )
+                ),
+                stopped=lambda: up.interrupted,  # the file is closed once interrupted
             )
 
-        state = _Run(upload_id=None, from_journal=entry is not None)
+        state.from_journal = entry is not None
         if entry is not None:
             state.upload_id = entry["upload_id"]
             if entry["sha256"] is not None:
@@ -238,17 +276,34 @@ class UploadSession:
             )
             attempt.on_progress = _uploading(progress, name, source.size, attempt)
             try:
+                if state.attempts > 1:
+                    await source.check_unchanged()  # before a resume
                 connection = await self._ready_connection()
                 attempt.request = await request_for(connection)
                 completed = await connection.run(attempt)
             except Exception as error:  # sorted by _after_failure
                 state.record(attempt, resuming and not isinstance(error, ResidualMismatch))
+                if isinstance(error, CancelledError):
+                    raise  # interrupted: _upload says so
                 # Giving up raises here; a connection the attempt left ready
                 # then carries the next file.
-                delay = self._after_failure(state, attempt, error, name)
+                try:
+                    delay = self._after_failure(state, attempt, error, name)
+                except UploadFailed as failed:
+                    if journal is not None and isinstance(failed.cause, DigestMismatch):
+                        # The server holds bytes of another version of the
+                        # file (rewritten between runs, its mtime set back):
+                        # a rerun starts afresh instead of failing again.
+                        await self._journal_written(journal.forget(key))
+                    raise
                 # A retry goes through the endpoint (the balancer) again.
                 self._drop_connection()
                 if delay:
+                    progress(Progress(
+                        name, "retrying", state.acknowledged or 0, source.size,
+                        attempt.stats.server_id, note=retry_note(
+                            error, up.endpoint_text, max(state.failures, 1),
+                            max(up.max_attempts - 1, 1), delay)))
                     await deferLater(reactor, delay)
             else:
                 state.record(attempt, resuming)
@@ -259,7 +314,7 @@ class UploadSession:
         if completed.sha256 != sha256 or completed.size != source.size:
             if journal is not None:
                 await self._journal_written(journal.forget(key))
-            raise UploadFailed(
+            raise state.failed(
                 f"{name}: server reports {completed.size} bytes with SHA-256 "
                 f"{completed.sha256.hex()}; the local file has {source.size} bytes "
                 f"with {sha256.hex()}"
@@ -286,6 +341,8 @@ class UploadSession:
         """Wait for a journal write; a failure is logged (the upload stands)."""
         try:
             await written
+        except CancelledError:
+            pass  # interrupted: the write goes on, and Uploader.interrupt waits for it
         except Exception:
             self.log.failure("could not write the journal")
 
@@ -305,11 +362,13 @@ class UploadSession:
         self.log.info(
             "attempt {attempt} for {name} via {server} ended: {error}",
             attempt=state.attempts, name=name, server=stats.server_id or "?",
-            error=describe(error),
+            error=describe(error, up.endpoint_text),
         )
-        if isinstance(error, OSError):
+        if isinstance(error, SourceChanged):
+            raise state.failed(f"{name}: source changed during upload: {error}", error)
+        if isinstance(error, OSError) and not isinstance(error, DNSLookupError):
             # The local file, not the network: retrying cannot help.
-            raise UploadFailed(f"{name}: cannot read the local file: {error}", error)
+            raise state.failed(f"{name}: cannot read the local file: {error}", error)
         if isinstance(error, ResidualMismatch):
             state.upload_id = None  # the residual is not ours: start afresh
             if state.from_journal:
@@ -327,11 +386,12 @@ class UploadSession:
             state.upload_id = None
             return 0.0
         if isinstance(error, ImgresumeError) and not error.retryable:
-            raise UploadFailed(f"{name}: {error}", error)
+            raise state.failed(f"{name}: {error}", error)
         if state.failures >= up.max_attempts:
-            raise UploadFailed(
+            raise state.failed(
                 f"{name}: gave up after {state.failures} attempts without progress "
-                f"(last: {describe(error)}); running the same upload again resumes it",
+                f"(last: {describe(error, up.endpoint_text)}); running the same upload "
+                "again resumes it",
                 error,
             )
         return up.backoff(max(state.failures, 1), getattr(error, "retry_after", 0.0))
@@ -366,70 +426,14 @@ class UploadSession:
         return connection.close() if connection is not None else succeed(None)
 
 
-class _Digest:
-    """
-    The local file's SHA-256 for one upload: known (from the journal, or
-    hashed before UPLOAD), or being computed in the background while the
-    packets go out (an upload whose digest goes in FINISH).  L{wait} may be
-    called by each attempt in turn.
-    """
-
-    log = Logger()
-
-    def __init__(self, source: LocalFile) -> None:
-        self._source = source
-        self.value: bytes | None = None
-        self._running: Deferred[bytes] | None = None
-        self._stopping = False
-        self._waiters: list[Deferred[bytes]] = []
-
-    def start(self) -> None:
-        """Start hashing in the background, unless known or under way."""
-        if self.value is not None or self._running is not None:
-            return
-        self._running = self._source.sha256(stopped=lambda: self._stopping)
-        self._running.addCallbacks(self._hashed, self._failed)
-
-    def wait(self) -> Deferred[bytes]:
-        """The digest, once known (starting the hash if need be)."""
-        if self.value is not None:
-            return succeed(self.value)
-        d: Deferred[bytes] = Deferred()
-        self._waiters.append(d)
-        self.start()
-        return d
-
-    def stop(self) -> Deferred[None]:
-        """Stop a running hash; fires once its thread let go of the file."""
-        self._stopping = True
-        if self._running is None:
-            return succeed(None)
-        done: Deferred[None] = Deferred()
-        self._running.addBoth(lambda _: done.callback(None))
-        return done
-
-    def _hashed(self, value: bytes) -> None:
-        self._running = None
-        self.value = value
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(value)
-
-    def _failed(self, failure: Failure) -> None:
-        self._running = None
-        waiters, self._waiters = self._waiters, []
-        if not waiters and not failure.check(HashStopped):
-            self.log.failure("hashing the local file failed", failure)
-        for d in waiters:
-            d.errback(failure)
-
-
 @attrs.define
 class _Run:
     """Bookkeeping of one file's upload across attempts."""
 
-    upload_id: str | None
-    from_journal: bool
+    upload_id: str | None = None
+    from_journal: bool = False
+    #: The offset the server last acknowledged in this run (None: no answer yet).
+    acknowledged: int | None = None
     #: What was asked for: the UPLOAD of the open upload (its digest, or
     #: None for one sent at the end); None until chosen, and again for a
     #: fresh upload.
@@ -449,8 +453,15 @@ class _Run:
         self.bytes_sent += stats.bytes_sent
         if stats.server_id:
             self.servers.append(stats.server_id)
-        if resumed and stats.accepted_offset is not None:
-            self.resumed_at.append(stats.accepted_offset)
+        if stats.accepted_offset is not None:
+            self.acknowledged = stats.acked
+            if resumed:
+                self.resumed_at.append(stats.accepted_offset)
+
+    def failed(self, message: str, cause: BaseException | None = None) -> UploadFailed:
+        """L{UploadFailed} with what this run did: the upload, the bytes held and sent."""
+        return UploadFailed(message, cause, upload_id=self.upload_id,
+                            acknowledged=self.acknowledged, bytes_sent=self.bytes_sent)
 
 
 def _uploading(
@@ -459,11 +470,4 @@ def _uploading(
     """The attempt's progress callback: what the server acked, as "uploading" reports."""
     return lambda acked: progress(
         Progress(name, "uploading", acked, size, attempt.stats.server_id))
-
-
-def describe(error: BaseException) -> str:
-    """A one-line human description of why an attempt failed."""
-    if isinstance(error, ConnectError):
-        return f"cannot connect: {error}"
-    return str(error) or type(error).__name__
 

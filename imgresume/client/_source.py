@@ -1,7 +1,8 @@
-# -*- test-case-name: tests.client.test_uploader -*-
+# -*- test-case-name: tests.client.test_uploader,tests.client.test_source -*-
 """
-The local file being uploaded: its identity, its SHA-256 and positional
-reads, all done off the reactor thread through a runner.
+The local file being uploaded: its identity, its SHA-256, positional reads
+and the check that it has not changed since it was opened, all done off the
+reactor thread through a runner.
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ class Fingerprint:
     inode: int
     device: int
 
+    @classmethod
+    def of(cls, path: str, st: os.stat_result) -> "Fingerprint":
+        """The fingerprint of the file at C{path}, whose status is C{st}."""
+        return cls(os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+class SourceChanged(Exception):
+    """
+    The local file changed while it was being uploaded: its size, its
+    modification or status-change time, or the file at its path is not the
+    one opened.  What was sent is not the file as it is: the upload fails
+    (it is not retried); run it again once the file no longer changes.
+    """
+
 
 class HashStopped(Exception):
     """A background hash was stopped before its end (the upload ended)."""
@@ -39,11 +54,14 @@ class LocalFile:
     read by the upload attempt, one chunk at a time.
     """
 
-    def __init__(self, fd: int, fingerprint: Fingerprint, run: Runner) -> None:
+    def __init__(self, fd: int, fingerprint: Fingerprint, run: Runner, ctime_ns: int = 0) -> None:
         self._fd = fd
         self.fingerprint = fingerprint
         self.size = fingerprint.size
         self._run = run
+        #: The status-change time when opened: no ordinary program can set
+        #: it back, so it betrays a rewrite whose mtime was restored.
+        self._ctime_ns = ctime_ns
 
     @classmethod
     def open(cls, path: str, run: Runner) -> Deferred["LocalFile"]:
@@ -52,10 +70,7 @@ class LocalFile:
         def _open() -> LocalFile:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             st = os.fstat(fd)
-            fp = Fingerprint(
-                os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
-            )
-            return cls(fd, fp, run)
+            return cls(fd, Fingerprint.of(path, st), run, st.st_ctime_ns)
 
         return run(_open)
 
@@ -78,7 +93,7 @@ class LocalFile:
                     raise HashStopped(self.fingerprint.path)
                 block = os.pread(self._fd, READ_SIZE * 4, offset)
                 if not block:
-                    raise OSError(f"{self.fingerprint.path} shrank while hashing")
+                    raise SourceChanged(f"it shrank below {self.size} bytes while being read")
                 h.update(block)
                 offset += len(block)
                 if progress is not None:
@@ -108,11 +123,41 @@ class LocalFile:
         while length:
             block = os.pread(self._fd, length, offset)
             if not block:
-                raise OSError(f"{self.fingerprint.path} is shorter than expected")
+                raise SourceChanged(f"it shrank below {self.size} bytes while being read")
             parts.append(block)
             offset += len(block)
             length -= len(block)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def check_unchanged(self) -> Deferred[None]:
+        """
+        Check, in a thread, that the file is still the one opened, as it
+        was: the same size, modification and status-change times through
+        the open descriptor, and the same file (inode and device) at its
+        path.  Fails with L{SourceChanged} saying what differs.  Called by
+        the upload before the end of every attempt (before FINISH or the
+        empty DATA packet, after the last read) and before each resume.
+        """
+        return self._run(self._check_unchanged)
+
+    def _check_unchanged(self) -> None:
+        fp = self.fingerprint
+        try:
+            there = os.stat(fp.path)
+        except FileNotFoundError:
+            raise SourceChanged(f"{fp.path} was removed or renamed") from None
+        if (there.st_ino, there.st_dev) != (fp.inode, fp.device):
+            raise SourceChanged(f"{fp.path} is now another file (replaced)")
+        now = os.fstat(self._fd)
+        if now.st_size != fp.size:
+            grew = "grew" if now.st_size > fp.size else "shrank"
+            raise SourceChanged(f"it {grew} from {fp.size} to {now.st_size} bytes")
+        if now.st_mtime_ns != fp.mtime_ns:
+            raise SourceChanged("it was modified (its modification time changed)")
+        if now.st_ctime_ns != self._ctime_ns:
+            raise SourceChanged(
+                "its status-change time changed: it was rewritten with its modification "
+                "time set back, or its mode, owner or links changed")
 
     def close(self) -> None:
         """Close the file descriptor."""

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.client.test_uploader -*-
+# -*- test-case-name: tests.client.test_uploader,tests.client.test_interrupt -*-
 """
 The resumable uploader: connect, upload, and on any break reconnect with
 exponential backoff and jitter and resume from the offset the server proves,
@@ -17,15 +17,16 @@ import re
 import socket
 from typing import Any, Callable, Iterable, Mapping
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IReactorCore, IStreamClientEndpoint
 
 from imgresume.client._attempt import AttemptFailed
 from imgresume.client._batch import BatchItem, BatchResult, FileOutcome, run_batch
 from imgresume.client._journal import Journal, default_journal_path
 from imgresume.client._journal_queue import JournalQueue
+from imgresume.client._plan import PlannedUpload, plan_uploads
 from imgresume.client._results import Progress, UploadResult
 from imgresume.client._session import UploadSession
 from imgresume.client._source import Runner
@@ -69,6 +70,12 @@ class Uploader:
         C{skipped}) or C{"fail"} (refuse the file).  C{skip} and C{fail}
         need a server that offers them; from one that does not, the file
         fails with nothing sent (see docs/protocol.md).
+
+    While uploads are under way on a real reactor, its shutdown
+    (C{reactor.stop()}, and so Ctrl-C in a program run by C{react})
+    interrupts them first, as L{interrupt} does: their Deferreds fail with
+    L{imgresume.client.UploadInterrupted} instead of never firing, and the
+    reactor stops once the journal holds what they did.
     """
 
     def __init__(
@@ -123,6 +130,13 @@ class Uploader:
         #: The journal's writer, shared by every session of this uploader
         #: (None without a journal).
         self.journal_queue = JournalQueue(self.journal, run) if self.journal is not None else None
+        #: Whether L{interrupt} was called (no upload starts any more), and
+        #: the signal it named, if any.
+        self.interrupted = False
+        self.interrupted_by: int | None = None
+        self._running: set[Deferred[Any]] = set()
+        self._idle_waiters: list[Deferred[None]] = []
+        self._shutdown_trigger: Any = None
 
     def backoff(self, failures: int, retry_after: float = 0.0) -> float:
         """Seconds to wait after C{failures} consecutive failures: exponential, jittered."""
@@ -193,12 +207,89 @@ class Uploader:
             the remote name).
         @param on_outcome: called with each file's L{FileOutcome} as it ends.
         @return: Deferred firing with a L{BatchResult}; it does not fail
-            for failed files (see L{BatchResult.failed}).
+            for failed files (see L{BatchResult.failed}), but fails with
+            L{imgresume.client.UploadInterrupted} (whose C{batch} is the
+            L{BatchResult} so far) if the uploader is interrupted.
         """
         return Deferred.fromCoroutine(run_batch(
             self, files, parallel=parallel, restart=restart, progress=progress,
             on_outcome=on_outcome, stop_on_failure=stop_on_failure,
         ))
+
+    def plan(self, files: Iterable[str | BatchItem], *,
+             restart: bool = False) -> Deferred[list[PlannedUpload]]:
+        """
+        What L{upload_batch} would do with C{files}, from the local files
+        and the journal alone (no connection): a L{PlannedUpload} per
+        file, in order, saying whether it would be sent, resumed, or
+        confirmed as stored by an earlier run.  C{imgresume upload
+        --dry-run} prints it.
+        """
+        items = [f if isinstance(f, BatchItem) else BatchItem(f) for f in files]
+        return Deferred.fromCoroutine(plan_uploads(
+            items, self.journal_queue, self.endpoint_text, self.run, restart=restart))
+
+    def interrupt(self, signal: int | None = None) -> Deferred[None]:
+        """
+        Stop every upload of this uploader that is under way, and refuse
+        the ones asked for later: each fails with
+        L{imgresume.client.UploadInterrupted} (naming C{signal}, the signal
+        that asked for it, if any), its connection closed, what the server
+        acknowledged left there and in the journal for a resume.
+
+        Called by C{imgresume upload} on SIGINT and SIGTERM, by
+        L{imgresume.client.upload_files} on Ctrl-C, and by the reactor's
+        shutdown.  Calling it again only waits.
+
+        @return: a Deferred that fires once the uploads have stopped and the
+            journal writes they queued are on disk.
+        """
+        self.interrupted = True
+        if signal is not None and self.interrupted_by is None:
+            self.interrupted_by = signal
+        for upload in list(self._running):
+            upload.cancel()
+        waits = [self._idle()]
+        if self.journal_queue is not None:
+            waits.append(self.journal_queue.flushed())
+        return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+
+    def track(self, upload: Deferred[Any]) -> Deferred[Any]:
+        """
+        Count C{upload} (a session's upload under way) as running until it
+        fires, so that L{interrupt} can cancel it.  Called by
+        L{UploadSession.upload}.
+        """
+        self._running.add(upload)
+        if self._shutdown_trigger is None and IReactorCore.providedBy(self.reactor):
+            self._shutdown_trigger = self.reactor.addSystemEventTrigger(
+                "before", "shutdown", self._shutting_down)
+
+        def done(result: Any) -> Any:
+            self._running.discard(upload)
+            if not self._running:
+                trigger, self._shutdown_trigger = self._shutdown_trigger, None
+                if trigger is not None:
+                    self.reactor.removeSystemEventTrigger(trigger)
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for d in waiters:
+                    d.callback(None)
+            return result
+
+        return upload.addBoth(done)
+
+    def _idle(self) -> Deferred[None]:
+        """Fires once no upload is under way."""
+        if not self._running:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _shutting_down(self) -> Deferred[None]:
+        """The reactor is stopping: interrupt, and let it wait for the journal."""
+        self._shutdown_trigger = None  # it fired: it is not removed later
+        return self.interrupt()
 
     def status(self, upload_ids: list[str]) -> Deferred[list[Any]]:
         """

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import tempfile
 import time
 from typing import Any
@@ -37,6 +38,7 @@ from imgresume.cli._progress import (
     ProgressBar,
     format_eta,
 )
+from imgresume.cli._report import EXIT_SOURCE_CHANGED, exit_code
 from imgresume.cli._upload import BatchCommand
 from imgresume.client import BatchItem, FileOutcome, Journal, Progress, UploadFailed, Uploader
 from imgresume.client._results import UploadResult
@@ -244,11 +246,17 @@ class UsageTests(CommandTestCase):
         await self.assertUsageError("--to ENDPOINT is required", "upload", path)
 
     async def test_missing_file(self) -> None:
-        """A FILE that does not exist."""
-        await self.assertUsageError(
-            "nope.tif: not a regular file",
-            "upload", "--to", "tcp:127.0.0.1:1", os.path.join(self.work, "nope.tif"),
-        )
+        """
+        A FILE that does not exist is not a usage error (issue 12): it is
+        refused with "no such file", without the usage text, and the
+        command exits 1 (the files beside it are still sent: see
+        L{tests.cli.test_errors}).
+        """
+        missing = os.path.join(self.work, "nope.tif")
+        out, err, code = await self.imgresume("upload", "--to", "tcp:127.0.0.1:1", missing)
+        self.assertEqual(code, 1, err)
+        self.assertIn(f"imgresume: refused: {missing}: no such file", err)
+        self.assertNotIn("Options:", err)
 
     async def test_name_with_two_files(self) -> None:
         """--name with more than one FILE."""
@@ -425,6 +433,15 @@ class ProgressBarTests(SynchronousTestCase):
         self.bar(Progress("a.tif", "uploading", 20, 100))
         self.assertEqual(self.stream.getvalue().count("\r"), 2)
 
+    def test_retrying(self) -> None:
+        """A retry is drawn at once, unthrottled: the name, why and when."""
+        self.bar(Progress("a.tif", "uploading", 0, 100))
+        self.now += 0.01
+        self.bar(Progress("a.tif", "retrying", 0, 100, note="connection refused by h:1, "
+                          "retry 1/9 in 0.2 s"))
+        last = self.stream.getvalue().split("\r")[-1]
+        self.assertEqual(last.rstrip(), "a.tif: connection refused by h:1, retry 1/9 in 0.2 s")
+
     def test_empty_file_and_long_name(self) -> None:
         """A zero-byte file is 100%; a long name is cut to 30 characters."""
         name = "n" * 50 + ".tif"
@@ -463,8 +480,8 @@ class BatchCommandTests(SynchronousTestCase):
                 f.write(random.Random(i).randbytes(size + i))
         return root
 
-    def command(self, network: MemoryNetwork, *args: str,
-                terminal: bool = False) -> tuple[str, str, int]:
+    def command(self, network: MemoryNetwork, *args: str, terminal: bool = False,
+                command: type[BatchCommand] = BatchCommand) -> tuple[str, str, int]:
         """
         Run C{imgresume upload --to ... ARGS} in process: stdout, stderr
         (a terminal if C{terminal}), exit code.
@@ -478,18 +495,20 @@ class BatchCommandTests(SynchronousTestCase):
         if terminal:
             self.patch(err, "isatty", lambda: True)
         code = network.run(Deferred.fromCoroutine(
-            BatchCommand(self.clock, config, uploader, out, err).run()))
+            command(self.clock, config, uploader, out, err).run()))
         return out.getvalue(), err.getvalue(), code
 
     def test_directory_json(self) -> None:
         """
         A directory with --json --parallel 2: one JSON object per file,
         the refused hidden file's too; each stored file under its relative
-        path; a summary naming the failure; exit code 1.
+        path; a summary naming the failure; exit code 1.  (A hidden file is
+        skipped unless a rule includes it, as here, to be refused by name.)
         """
         root = self.tree(["a.tif", "sub/b.tif", "sub/deeper/c.tif", ".hidden.tif", "d.tif"])
         network = self.network()
-        out, err, code = self.command(network, "--json", "--parallel", "2", root)
+        out, err, code = self.command(network, "--json", "--parallel", "2",
+                                      "--include", ".hidden.tif", root)
         self.assertEqual(code, 1, err)
         rows = [json.loads(line) for line in out.splitlines()]
         [refused] = [r for r in rows if r.get("refused")]
@@ -613,6 +632,33 @@ class BatchCommandTests(SynchronousTestCase):
         self.assertIn("\x1b[J", err)
         self.assertTrue(err.endswith("without being sent again\n"), err[-200:])
 
+    def test_interrupted(self) -> None:
+        """
+        Interrupted (SIGINT) once the first file is stored: exit 130, a JSON
+        object per unfinished file (status "interrupted", the bytes
+        acknowledged, or null for a file no server answered about), and
+        "interrupted: 3 of 4 files unfinished" on stderr; the stored file's
+        line stands.
+        """
+        class InterruptedAfterFirst(BatchCommand):
+            def _outcome(self, outcome: FileOutcome) -> None:
+                super()._outcome(outcome)
+                self.uploader.interrupt(signal.SIGINT)
+
+        root = self.tree(["a.tif", "b.tif", "c.tif", "d.tif"], size=50_000)
+        out, err, code = self.command(self.network(), "--json", "--parallel", "2", root,
+                                      command=InterruptedAfterFirst)
+        self.assertEqual(code, 130, err)
+        rows = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual([r["status"] for r in rows],
+                         ["stored", "interrupted", "interrupted", "interrupted"])
+        unfinished = {r["name"]: r for r in rows[1:]}
+        self.assertEqual(sorted(unfinished), ["b.tif", "c.tif", "d.tif"])
+        self.assertIsNone(unfinished["d.tif"]["bytes_acknowledged"])
+        self.assertIn("imgresume: interrupted: 3 of 4 files unfinished; run the same command "
+                      "again to resume", err)
+        self.assertNotIn("not started (--fail-fast)", err)
+
     def test_empty_directory(self) -> None:
         """An empty directory: nothing to upload, exit code 0, no connection."""
         root = os.path.join(self.work, "empty")
@@ -632,6 +678,38 @@ def outcome(name: str, size: int, ok: bool = True, already: bool = False) -> Fil
     result = UploadResult(name, "ab" * 16, size, "00" * 32, f"complete/{name}", [], size,
                           1, ["node-a"], 0.1, already)
     return FileOutcome(BatchItem(f"/d/{name}", name), result=result)
+
+
+class ExitCodeTests(SynchronousTestCase):
+    """L{exit_code}: the exit code of a run, from what happened to its files."""
+
+    def failed(self, cause: BaseException) -> FileOutcome:
+        return FileOutcome(BatchItem("/d/x", "x"), error=UploadFailed("x: why", cause))
+
+    def test_codes(self) -> None:
+        """
+        0 when all is stored; 1 for a failure, a refusal or a file not
+        started; 3 when a file's source changed (or the server found its
+        digest wrong), over 1; 128 + the signal when interrupted, over all.
+        """
+        from imgresume.client import BatchResult, SourceChanged, UploadInterrupted
+        from imgresume.errors import DigestMismatch, StorageFull
+
+        def code(outcomes: list, refused: list = (), not_started: list = (),
+                 interrupted: Any = None) -> int:
+            return exit_code(BatchResult(outcomes, list(not_started), 1), list(refused),
+                             interrupted)
+
+        ok = outcome("a", 1)
+        self.assertEqual(code([ok]), 0)
+        self.assertEqual(code([ok, self.failed(StorageFull("full"))]), 1)
+        self.assertEqual(code([ok], refused=["r"]), 1)
+        self.assertEqual(code([ok], not_started=[BatchItem("/d/y")]), 1)
+        changed = self.failed(SourceChanged("it grew"))
+        self.assertEqual(code([changed, self.failed(StorageFull("full"))]),
+                         EXIT_SOURCE_CHANGED)
+        self.assertEqual(code([self.failed(DigestMismatch("no"))]), 3)
+        self.assertEqual(code([changed], interrupted=UploadInterrupted("x", signal=15)), 143)
 
 
 class BatchTallyTests(SynchronousTestCase):
@@ -749,6 +827,20 @@ class BatchProgressTests(SynchronousTestCase):
         self.assertEqual(self.stream.getvalue(), drawn)
         self.assertEqual(self.tally.sent, 1024)
 
+    def test_retrying(self) -> None:
+        """
+        A file waiting to retry shows why and when in its line, drawn at
+        once; its acknowledged bytes still count.
+        """
+        self.display(Progress("a.tif", "uploading", 1024, 4096, "node-a"))
+        self.now += 0.01
+        self.display(Progress("a.tif", "retrying", 1024, 4096, "node-a",
+                              note="connection refused by 127.0.0.1:7000, retry 3/9 in 2.1 s"))
+        last = self.stream.getvalue().split("\x1b[J")[-1].splitlines()
+        self.assertEqual(last[0].rstrip(),
+                         "a.tif: connection refused by 127.0.0.1:7000, retry 3/9 in 2.1 s")
+        self.assertEqual(self.tally.bytes_done, 1024)
+
     def test_already_complete(self) -> None:
         """A file an earlier run finished is labelled so."""
         self.display.finished(outcome("a.tif", 4096, already=True))
@@ -798,3 +890,13 @@ class PlainProgressTests(SynchronousTestCase):
             "imgresume: 1/2 files, 1 in progress; 150 B/200 B, 2 B/s, ETA 20s",
         ])
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_retry_lines(self) -> None:
+        """Every retry gets a line at once, between the periodic ones."""
+        clock = Clock()
+        stream = io.StringIO()
+        display = PlainProgress(stream, BatchTally({"a.tif": 100}, clock.seconds), clock)
+        display(Progress("a.tif", "retrying", 0, 100,
+                         note="connection refused by 127.0.0.1:7000, retry 1/9 in 0.2 s"))
+        self.assertEqual(stream.getvalue(), "imgresume: a.tif: connection refused by "
+                                            "127.0.0.1:7000, retry 1/9 in 0.2 s\n")

@@ -26,7 +26,14 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from imgresume.client import upload_files
-from tests.support.processes import TwistdServer, child_env, run_python
+from tests.support.processes import (
+    PythonChild,
+    TwistdServer,
+    child_env,
+    incoming_bytes,
+    run_python,
+    wait_until,
+)
 
 CLIENT_SCRIPT = textwrap.dedent("""\
     import json, sys, threading, time
@@ -44,6 +51,16 @@ CLIENT_SCRIPT = textwrap.dedent("""\
             "threads": sorted(t.name for t in threading.enumerate()),
             "main": threading.current_thread().name,
         }))
+    elif mode == "interrupt":
+        # slow enough to be interrupted by the test's SIGINT (Ctrl-C)
+        from imgresume.client import UploadInterrupted
+        try:
+            upload_files(endpoint, paths, **dict(fast, chunk_size=16384, window=1))
+        except UploadInterrupted as e:
+            print(json.dumps({"type": type(e).__name__, "error": str(e), "signal": e.signal,
+                              "acknowledged": e.acknowledged, "upload_id": e.upload_id}))
+    elif mode == "again":
+        print(json.dumps([r.to_json() for r in upload_files(endpoint, paths, **fast)]))
     elif mode == "fail":
         started = time.monotonic()
         try:
@@ -130,6 +147,39 @@ class UploadFilesTests(TestCase):
         self.assertIn("gave up after 2 attempts", report["error"])
         self.assertEqual(report["cause"], "ConnectError")
         self.assertLess(report["seconds"], 5)
+
+
+    async def test_interrupted(self) -> None:
+        """
+        Ctrl-C (SIGINT) while L{upload_files} waits: the upload is stopped
+        in the reactor thread and L{UploadInterrupted} raised in the caller
+        (naming SIGINT, the upload and the bytes the server acknowledged),
+        the journal keeps the upload, and the same call again resumes it and
+        completes.  (Before, a bare KeyboardInterrupt left the upload
+        running in the daemon thread until the process died.)
+        """
+        server = await TwistdServer(self).start()
+        path, content = self.make_file("big.tif", 24 * 1024 * 1024, 4)
+        env = child_env(XDG_STATE_HOME=self.state)
+        child = PythonChild([self.script, "interrupt", server.endpoint, path], env)
+        await wait_until(lambda: incoming_bytes(server.storage) >= 1024 * 1024
+                         or child.proto.ended.called, what="1 MiB stored")
+        child.signal("INT")
+        self.assertEqual(await child.ended(), 0, child.err)
+        report = json.loads(child.out)
+        self.assertEqual((report["type"], report["signal"]), ("UploadInterrupted", 2))
+        self.assertIn("big.tif: interrupted by SIGINT", report["error"])
+        self.assertGreater(report["acknowledged"], 0)
+        with open(os.path.join(self.state, "imgresume", "journal.json")) as f:
+            [entry] = json.load(f).values()
+        self.assertEqual(entry["upload_id"], report["upload_id"])
+        out, err, code = await run_python([self.script, "again", server.endpoint, path], env,
+                                          timeout=60)
+        self.assertEqual(code, 0, err)
+        [result] = json.loads(out)
+        self.assertEqual(result["upload_id"], report["upload_id"])
+        self.assertGreaterEqual(result["resumed_at"][0], report["acknowledged"])
+        self.assertEqual(server.stored(result["path"]), content)
 
 
 class ReactorThreadTests(TestCase):

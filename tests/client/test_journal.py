@@ -375,3 +375,18 @@ class JournalQueueTests(SynchronousTestCase):
         self.failureResultOf(failed, OSError)
         self.assertNoResult(later)
         self.assertEqual(len(self.runner), 1)
+
+    def test_flushed(self) -> None:
+        """
+        flushed() fires at once with nothing queued, else once every change
+        queued so far is written, the ones queued behind a write included.
+        """
+        self.successResultOf(self.queue.flushed())
+        self.queue.remember("a", UPLOAD_ID, SHA)
+        self.queue.remember("b", UPLOAD_ID, SHA)
+        flushed = self.queue.flushed()
+        self.runner.step()
+        self.assertNoResult(flushed)
+        self.runner.step()
+        self.successResultOf(flushed)
+        self.assertEqual(self.journal.lookup("b")["upload_id"], UPLOAD_ID)

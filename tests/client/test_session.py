@@ -6,7 +6,8 @@ stall timer while idle, the server closing an idle connection), and
 L{UploadSession} and L{Uploader.upload_batch} against a real server
 protocol over an in-memory storage, joined through L{iosim} on one fake
 clock (files over one connection, a break mid-batch, refused files, retries
-through a new connection, lanes of a batch).
+through a new connection, lanes of a batch); and the "retrying" reports of
+an upload that cannot connect (refused, DNS failure).
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ import random
 import zlib
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -278,6 +283,62 @@ class BatchTests(NetworkTestCase):
     def test_parallel_must_be_positive(self) -> None:
         """parallel=0 is a ValueError."""
         self.failureResultOf(self.uploader().upload_batch(["x"], parallel=0), ValueError)
+
+
+@implementer(IStreamClientEndpoint)
+class FailingEndpoint:
+    """An endpoint whose every connection fails with C{error}; it shows as C{text}."""
+
+    def __init__(self, error: Exception, text: str) -> None:
+        self.error = error
+        self.text = text
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        return fail(self.error)
+
+    def __repr__(self) -> str:
+        return self.text  # what the uploader names the peer by
+
+
+class RetryReportTests(SynchronousTestCase):
+    """What an upload reports while it waits to retry (issue 12, item 4)."""
+
+    def upload(self, error: Exception) -> tuple[list[Progress], UploadFailed]:
+        """Upload through an endpoint failing with C{error}: the retry reports, the failure."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(b"x" * 100)
+        clock = Clock()
+        uploader = Uploader(FailingEndpoint(error, "tcp:127.0.0.1:7000"), reactor=clock,
+                            client_id="unit", run=sync_run, journal=None, max_attempts=3,
+                            backoff_base=1.0, backoff_max=4.0, rng=random.Random(7))
+        reports: list[Progress] = []
+        d = uploader.upload(path, progress=reports.append)
+        clock.pump([1.0] * 20)
+        failure = self.failureResultOf(d, UploadFailed)
+        return [p for p in reports if p.phase == "retrying"], failure.value
+
+    def test_refused(self) -> None:
+        """
+        A refused connection: a "retrying" report per retry, saying by whom,
+        which retry of how many and when; then the failure says the same.
+        """
+        retries, failed = self.upload(ConnectionRefusedError())
+        self.assertEqual(len(retries), 2)
+        self.assertRegex(retries[0].note,
+                         r"\Aconnection refused by 127\.0\.0\.1:7000, retry 1/2 in \d\.\d s\Z")
+        self.assertRegex(retries[1].note, r", retry 2/2 in \d\.\d s\Z")
+        self.assertEqual((retries[0].done, retries[0].total), (0, 100))
+        self.assertIn("gave up after 3 attempts without progress (last: connection refused "
+                      "by 127.0.0.1:7000)", str(failed))
+
+    def test_dns_failure(self) -> None:
+        """A DNS failure is a network failure (retried), not a local file that cannot be read."""
+        retries, failed = self.upload(DNSLookupError("no-such-host.invalid"))
+        self.assertTrue(retries[0].note.startswith("DNS lookup failed for 127.0.0.1:7000, retry"))
+        self.assertIn("(last: DNS lookup failed for 127.0.0.1:7000)", str(failed))
+        self.assertNotIn("local file", str(failed))
+        self.assertIsInstance(failed.cause, DNSLookupError)
 
 
 class ConnectionHarness:

@@ -33,6 +33,7 @@ from imgresume.client import (
     Journal,
     Progress,
     ResidualMismatch,
+    SourceChanged,
     Stalled,
     UploadFailed,
     Uploader,
@@ -196,7 +197,10 @@ class UploadTests(ServerTestCase):
         self.assertEqual(storage.read_completed(first.path), content1)
 
     async def test_local_file_shrinks_mid_upload(self) -> None:
-        """A local file that can no longer be read fails at once, without retries."""
+        """
+        A local file that shrinks mid-upload (so it can no longer be read to
+        its size) fails at once, without retries, as a changed source.
+        """
         storage = MemoryStorage()
         _, listening = self.start_server(storage)
         path, _ = self.local_file(CHUNK * 8)
@@ -208,8 +212,8 @@ class UploadTests(ServerTestCase):
 
         with self.assertRaises(UploadFailed) as caught:
             await uploader.upload(path, progress=progress)
-        self.assertIn("cannot read the local file", str(caught.exception))
-        self.assertIsInstance(caught.exception.cause, OSError)
+        self.assertIn("source changed during upload", str(caught.exception))
+        self.assertIsInstance(caught.exception.cause, SourceChanged)
 
     async def test_missing_local_file(self) -> None:
         """A local file that cannot be opened fails at once with UploadFailed."""

@@ -1,8 +1,9 @@
 """
 Real processes for tests: the repository's root and an environment that
 imports this checkout, a Python child run to completion without blocking the
-reactor (L{run_python}), and a real C{twistd imgresume} child on a UNIX
-socket (L{TwistdServer}).
+reactor (L{run_python}) or watched and signalled while it runs
+(L{PythonChild}, L{wait_until}), and a real C{twistd imgresume} child on a
+UNIX socket (L{TwistdServer}; L{incoming_bytes} of its storage).
 """
 
 from __future__ import annotations
@@ -135,3 +136,66 @@ class TwistdServer:
         """The bytes of a completed file (a C{path} from an upload result)."""
         with open(os.path.join(self.storage, path), "rb") as f:
             return f.read()
+
+
+class PythonChild:
+    """
+    A Python child process a test watches and signals while it runs (where
+    L{run_python} only waits for the end): its output so far, L{signal},
+    and L{ended}.  With C{use_pty}, its stdin, stdout and stderr are one
+    terminal (everything it writes is in L{out}).
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str], *, use_pty: bool = False) -> None:
+        self.proto = _Collect()
+        self.transport = reactor.spawnProcess(
+            self.proto, sys.executable, [sys.executable, *args], env=env, path=REPO_ROOT,
+            usePTY=use_pty)
+
+    @property
+    def out(self) -> str:
+        """What the child wrote on stdout so far."""
+        return self.proto.out.decode(errors="replace")
+
+    @property
+    def err(self) -> str:
+        """What the child wrote on stderr so far."""
+        return self.proto.err.decode(errors="replace")
+
+    def signal(self, name: str) -> None:
+        """Send the signal C{name} ("INT", "TERM", "KILL")."""
+        self.transport.signalProcess(name)
+
+    async def ended(self, timeout: float = 60.0) -> int | None:
+        """Its exit code (None if a signal killed it), SIGKILLing it after C{timeout}."""
+        def kill() -> None:
+            self.proto.err += f"\n[killed after {timeout:g} s]".encode()
+            self.transport.signalProcess("KILL")
+
+        timer = reactor.callLater(timeout, kill)
+        try:
+            return await self.proto.ended
+        finally:
+            if timer.active():
+                timer.cancel()
+
+
+async def wait_until(condition: Any, timeout: float = 30.0, what: str = "a condition") -> None:
+    """Poll C{condition()} every 20 ms until it is true; fail after C{timeout} s."""
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError(f"{what} did not happen within {timeout:g} s")
+
+
+def incoming_bytes(storage: str) -> int:
+    """Bytes the unfinished uploads of a filesystem storage hold (their data files)."""
+    total = 0
+    incoming = os.path.join(storage, "incoming")
+    for upload_id in os.listdir(incoming) if os.path.isdir(incoming) else []:
+        try:
+            total += os.path.getsize(os.path.join(incoming, upload_id, "data"))
+        except OSError:
+            pass
+    return total
