@@ -250,13 +250,9 @@ class UploadTests(HAProxyTestCase):
         The PROXY protocol v2 header tells the server the client's real
         address: its log shows the "connection from" event with 127.0.0.1
         and the client's own source port, not HAProxy's side of the
-        connection (a UNIX socket here).
-
-        Known to fail: UploadServerProtocol.connectionMade
-        (imgresume/server/_protocol.py) reads transport.getPeer() once, but
-        Twisted's HAProxyProtocolWrapper calls connectionMade before any
-        byte, and so before the PROXY header, has been read; getPeer() only
-        returns the proxied address after it (twisted/twisted#12501).
+        connection (a UNIX socket here).  (Twisted's HAProxyProtocolWrapper
+        calls connectionMade before the PROXY header has been read,
+        twisted/twisted#12501, so the server reads the peer lazily.)
         """
         self.wait_all_up()
         path = os.path.join(self.work, "small.tif")
@@ -269,11 +265,14 @@ class UploadTests(HAProxyTestCase):
             lambda: self.cluster.haproxy_log, rf"^127\.0\.0\.1:{port} .* {BACKEND}/{server} "
         )
         self.assertRegex(haproxy_log, rf"(?m)^127\.0\.0\.1:{port} .* {BACKEND}/{server} ")
-        # ...and the server learnt it from the PROXY header.  (Its log has
-        # the connection's events before the completion's.)
+        # ...and the server learnt it from the PROXY header: in the handshake
+        # line, and in the line that ends the connection (logged when the
+        # client has closed it, which may be a moment after the completion).
+        address = rf"127\.0\.0\.1:{port}(?!\d)"
         log = await self.wait_for_log(lambda: self.cluster.server_log(server),
-                                      rf"completed upload {result.upload_id}")
-        self.assertRegex(log, rf"connection from 127\.0\.0\.1:{port}(?!\d)")
+                                      rf"connection from {address}")
+        self.assertRegex(log, rf"handshake from {address}")
+        self.assertRegex(log, rf"connection from {address}")
 
 
 class FailoverTests(HAProxyTestCase):
