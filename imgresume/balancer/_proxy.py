@@ -15,9 +15,11 @@ tried. Meanwhile at most C{_EARLY_HIGH_WATER} bytes are read from the client
 and held; then reading is paused until a backend is connected. (Reading is
 not paused outright, as portforward does, because a paused socket cannot
 notice its client leave, and the connect attempt could not be cancelled.)
-Once connected, the two transports are registered as streaming producers of
-each other, so neither direction buffers more than a transport's own
-high-water mark.
+Once connected, two plain sockets are relayed with splice(2) by a
+L{SpliceRelay} (L{imgresume.balancer._splice}) until either ends; then, and
+for TLS or PROXY-protocol transports from the start, the two transports are
+registered as streaming producers of each other, so neither direction
+buffers more than a transport's own high-water mark.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ._backend import (
     error_frame,
 )
 from ._scheduler import Backend, BackendTracker, Scheduler
+from ._splice import SpliceRelay, Splicer
 
 log = Logger()
 
@@ -92,6 +95,7 @@ class FrontendProtocol(Protocol):
         self._bytes_up = 0
         self._bytes_down = 0
         self._address: str | None | Literal[False] = None
+        self._relay: SpliceRelay | None = None
 
     # -- client side ---------------------------------------------------
 
@@ -247,22 +251,15 @@ class FrontendProtocol(Protocol):
             return
         self._state = "proxying"
         peer_transport = peer.transport
-        if self._early_paused:
-            self.transport.resumeProducing()
-        # Flow control both ways: a full write buffer on one side pauses
-        # reading on the other.
-        peer_transport.registerProducer(self.transport, True)
-        self.transport.registerProducer(peer_transport, True)
-        if self.factory.send_proxy:
-            # The backend learns the client's real address before any byte.
-            peer_transport.write(
-                proxy_header(self.transport.getPeer(), self.transport.getHost())
-            )
-        early, self._early = self._early, []
-        for chunk in early:
-            self._bytes_up += len(chunk)
-            peer_transport.write(chunk)
-        self.factory.metrics.bytes.inc(sum(map(len, early)), direction="up")
+        # The backend learns the client's real address before any byte.
+        header = (
+            proxy_header(self.transport.getPeer(), self.transport.getHost())
+            if self.factory.send_proxy
+            else b""
+        )
+        early, self._early = b"".join(self._early), []
+        self._bytes_up += len(early)
+        self.factory.metrics.bytes.inc(len(early), direction="up")
         log.info(
             "client {client} -> backend {backend}"
             " (attempt {attempt} of {candidates})",
@@ -272,6 +269,54 @@ class FrontendProtocol(Protocol):
             attempt=len(self._tried) + 1,
             candidates=self._candidates,
         )
+        self._relay = self.factory.splicer.relay(
+            self.factory.reactor, self.transport, peer_transport, self,
+            {"connection": self._id, "client": self._client},
+        )
+        if self._relay is not None:
+            self._relay.start(header + early)
+        else:
+            self._relay_buffered(header + early, b"")
+
+    # -- relaying ------------------------------------------------------
+
+    def _relay_buffered(self, up: bytes, down: bytes, taken_back: bool = False) -> None:
+        """
+        Relay through the Twisted transports from now on, C{up} and C{down}
+        first: a full write buffer on one side pauses reading on the other.
+        C{taken_back}: from a splice relay, which left both not reading.
+        """
+        assert self._peer is not None
+        peer_transport = self._peer.transport
+        if self._early_paused or taken_back:
+            self.transport.resumeProducing()
+        if taken_back:
+            peer_transport.resumeProducing()
+        peer_transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(peer_transport, True)
+        if up:
+            peer_transport.write(up)
+        if down:
+            self.transport.write(down)
+
+    def relay_counted(self, up: int, down: int) -> None:
+        """Bytes the splice relay moved; called by L{SpliceRelay}."""
+        metrics = self.factory.metrics.bytes
+        if up:
+            self._bytes_up += up
+            metrics.inc(up, direction="up")
+        if down:
+            self._bytes_down += down
+            metrics.inc(down, direction="down")
+
+    def relay_handed_back(self, up: bytes, down: bytes) -> None:
+        """
+        The splice relay ended (end of stream, a socket error, splice
+        refused): relay the rest through the transports, which find the end
+        or the error themselves. Called by L{SpliceRelay}.
+        """
+        self._relay = None
+        self._relay_buffered(up, down, taken_back=True)
 
     def _backend_failed(self, failure: Failure, backend: Backend) -> None:
         self._connect_done()
@@ -377,6 +422,7 @@ class BalancerFactory(Factory):
         send_proxy: bool = False,
         max_per_address: int = 0,
         metrics: BalancerMetrics | None = None,
+        splice: bool = True,
     ) -> None:
         """
         @param scheduler: orders the backends for each new client.
@@ -394,6 +440,9 @@ class BalancerFactory(Factory):
         @param metrics: where connections, bytes and connect failures are
             counted (default: a registry of its own); it also reads the
             tracker's per-backend state at each scrape.
+        @param splice: relay plain-socket pairs with splice(2) where the
+            platform has it (see L{imgresume.balancer._splice}); C{False}
+            relays everything through the transports' buffers.
         """
         self.scheduler = scheduler
         self.tracker = tracker
@@ -406,6 +455,14 @@ class BalancerFactory(Factory):
         self._last_connection_id = 0
         self.metrics = metrics if metrics is not None else BalancerMetrics(Registry())
         self.metrics.watch(tracker)
+        #: Whether and how client connections are relayed with splice(2).
+        self.splicer = Splicer(splice)
+
+    def startFactory(self) -> None:
+        self.splicer.announce()
+
+    def stopFactory(self) -> None:
+        self.splicer.stop()
 
     def new_connection_id(self) -> int:
         """

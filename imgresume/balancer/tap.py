@@ -209,6 +209,12 @@ Examples:
             " carrying the client's address (health checks send LOCAL); the"
             " servers must trust it (twistd imgresume --proxy-protocol-from).",
         ],
+        [
+            "no-splice",
+            None,
+            "Relay every connection through user-space buffers instead of"
+            " splice(2) between plain sockets (for debugging; costs more CPU).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -260,6 +266,7 @@ def build_balancer(
     send_proxy: bool = False,
     max_per_address: int = 0,
     metrics: BalancerMetrics | None = None,
+    splice: bool = True,
 ) -> BalancerFactory:
     """
     Assemble a round-robin balancer over C{backends} (client endpoint
@@ -267,12 +274,14 @@ def build_balancer(
     be given to any server endpoint. Used by L{makeService}; also the way to
     run a balancer inside another program or a test. C{metrics} (default: a
     registry of its own) is where it counts; see L{BalancerMetrics}.
+    C{splice=False} relays through buffers only (C{--no-splice}).
     """
     parsed = [Backend(name, clientFromString(reactor, name)) for name in backends]
     tracker = BackendTracker(parsed, reactor, eject_for=eject_for)
     return BalancerFactory(
         RoundRobinScheduler(tracker), tracker, reactor, connect_timeout=connect_timeout,
         send_proxy=send_proxy, max_per_address=max_per_address, metrics=metrics,
+        splice=splice,
     )
 
 
@@ -300,6 +309,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
             send_proxy=config["send-proxy"],
             max_per_address=config["max-connections-per-address"],
             metrics=metrics,
+            splice=not config["no-splice"],
         )
         listener = ListenerService(reactor, config["listen"], factory)
         scrape = None

@@ -627,12 +627,21 @@ class TrackedBalancerFactory(BalancerFactory):
         self.frontends: list[TrackedFrontend] = []
 
 
-class RealSocketTests(TestCase):
+#: The accept queue of the listeners of L{BalancerOnSockets}.
+BACKLOG = 1024
+
+
+class BalancerOnSockets:
     """
-    Tests of the balancer with real TCP sockets on 127.0.0.1, in process.
-    Each test waits for every connection it caused to close, so trial's
-    unclean-reactor check doubles as a leak check.
+    A mixin for L{TestCase}s of a balancer on real sockets of 127.0.0.1, in
+    process: test backends, a balancer (L{TrackedBalancerFactory}) and test
+    clients, each closed at cleanup. Each test waits for every connection it
+    caused to close, so trial's unclean-reactor check doubles as a leak
+    check. Listeners queue up to L{BACKLOG} connections, so that hundreds of
+    clients connecting at once are not left to SYN retransmissions.
     """
+
+    addCleanup: Any
 
     def setUp(self) -> None:
         self.observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
@@ -659,7 +668,7 @@ class RealSocketTests(TestCase):
         factory.connections = self.backendConnections
         for name, value in attrs.items():
             setattr(factory, name, value)
-        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        port = yield TCP4ServerEndpoint(reactor, 0, backlog=BACKLOG, interface="127.0.0.1").listen(
             factory
         )
         self.addCleanup(port.stopListening)
@@ -669,20 +678,24 @@ class RealSocketTests(TestCase):
     def startBalancer(self, backends: list[Any], **kwargs: Any) -> Any:
         """
         Start a balancer over C{backends} (endpoint strings or L{Backend}s)
-        on an ephemeral port; return that port number.
+        on an ephemeral port of 127.0.0.1 (or on the server endpoint string
+        C{listen}); return that port number.
         """
         parsed = [
             b if isinstance(b, Backend) else Backend(b, clientFromString(reactor, b))
             for b in backends
         ]
         self.tracker = BackendTracker(parsed, reactor, eject_for=kwargs.pop("eject_for", 2.0))
+        listen = kwargs.pop("listen", None)
         self.factory = TrackedBalancerFactory(
             RoundRobinScheduler(self.tracker), self.tracker, reactor, **kwargs
         )
         self.factory.noisy = False
-        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            self.factory
+        endpoint = (
+            serverFromString(reactor, listen) if listen is not None
+            else TCP4ServerEndpoint(reactor, 0, backlog=BACKLOG, interface="127.0.0.1")
         )
+        port = yield endpoint.listen(self.factory)
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
@@ -696,6 +709,12 @@ class RealSocketTests(TestCase):
         self.addCleanup(lambda: client.closed)
         self.addCleanup(client.transport.loseConnection)
         return client
+
+
+class RealSocketTests(BalancerOnSockets, TestCase):
+    """
+    Tests of the balancer with real TCP sockets on 127.0.0.1, in process.
+    """
 
     @inlineCallbacks
     def test_roundRobin(self) -> None:
@@ -798,12 +817,14 @@ class RealSocketTests(TestCase):
         """
         32 MiB echoed through the balancer by a backend that keeps pausing
         arrive intact both ways, while the balancer pauses the client and
-        never holds more than a few hundred KiB in either write buffer.
+        never holds more than a few hundred KiB in either write buffer. This
+        is the buffered path (C{--no-splice}, and TLS); the splice relay's
+        own bound is tested in L{tests.balancer.test_splice}.
         """
         size = 32 << 20
         payload = random.Random(1).randbytes(size)
         backend = yield self.listenBackend(SlowEcho)
-        port = yield self.startBalancer([backend])
+        port = yield self.startBalancer([backend], splice=False)
         client = yield self.connect(port)
         client.transport.write(payload)
         echoed = yield client.receive(size)
