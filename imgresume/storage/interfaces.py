@@ -43,6 +43,27 @@ class NewUpload:
 
 
 @attrs.frozen
+class WholeUpload:
+    """
+    A whole small file sent in one request (the PUT frame): created,
+    written, verified and published by L{IUploadStorage.store_whole} in one
+    step.  Built by the server adapter from a PUT.
+    """
+
+    #: 32 lowercase hex digits chosen by the client.  With C{client_id} it
+    #: names this one file's upload, so a repeated request (its answer lost
+    #: with a broken connection) is recognised and nothing is stored twice.
+    upload_id: str
+    name: str
+    data: bytes
+    #: The client's SHA-256 of C{data}; checked on the stored bytes before
+    #: anything is published.
+    sha256: bytes
+    metadata: Mapping[str, str] = attrs.field(factory=dict)
+    client_id: str = ""
+
+
+@attrs.frozen
 class Chunk:
     """
     Bytes of an upload to store: they start at C{offset} and end at
@@ -266,6 +287,31 @@ class IUploadStorage(Interface):
         @raise imgresume.errors.InvalidName: the name is not acceptable.
         @return: Deferred firing with a L{StoredFile}, or None when nothing
             has that name.
+        """
+
+    def store_whole(request: WholeUpload):
+        """
+        Store a whole small file in one step: its bytes written and made
+        durable, verified against C{request.sha256} from the stored bytes,
+        and published under its name atomically (never replacing a file),
+        following the C{if-exists} policy of its metadata as L{complete}
+        does, C{skip} included (a file already at the name with the same
+        size and SHA-256: nothing is stored, and the L{CompletedUpload}
+        names that file with upload id 32 zeros).
+
+        Idempotent per C{(client_id, upload_id)}: a request repeated after
+        its file was published publishes nothing new and returns the same
+        L{CompletedUpload}.  A crash at any point leaves either the
+        published file or nothing that the backend's clean-up would not
+        remove.
+
+        @raise imgresume.errors.InvalidName: the name is not acceptable.
+        @raise imgresume.errors.StorageFull: no space for it.
+        @raise imgresume.errors.NameTaken: C{if-exists} is C{fail} and a
+            file has the name.
+        @raise imgresume.errors.DigestMismatch: the stored bytes do not
+            hash to C{request.sha256} (nothing is published).
+        @return: Deferred firing with a L{CompletedUpload}.
         """
 
 
