@@ -246,8 +246,9 @@ def table(results: dict[str, Any]) -> str:
     lines = []
     cfg = results["config"]
     mach = results["machine"]
+    single = f"{cfg['size'] >> 20} MiB single stream, " if "single" in s else ""
     lines.append(
-        f"imgresume bench ({cfg['mode']}; {cfg['size'] >> 20} MiB single stream, "
+        f"imgresume bench ({cfg['mode']}; {single}"
         f"{cfg['repeat']} round(s); {mach['cpus']} CPUs; load "
         f"{mach['loadavg_start'][0]:.1f} -> {mach.get('loadavg_end', [0])[0]:.1f})"
     )

@@ -149,6 +149,17 @@ class SingleReportTests(SynchronousTestCase):
         self.assertIn("tus-node-server: NO fsync, NO checksum", text)
         self.assertIn("@tus/server 2.4.5", text)
 
+    def test_header_names_the_stream_size_only_when_it_ran(self) -> None:
+        """
+        The header gives the single stream's size when the single group
+        ran, and not when only other groups did (a batch-only run).
+        """
+        r = self._results({"imgresume-direct": [_imgresume(2.0)]})
+        self.assertIn("(quick; 1024 MiB single stream, 1 round(s);", report.table(r))
+        del r["summary"]["single"]
+        self.assertIn("(quick; 1 round(s);", report.table(r))
+        self.assertNotIn("single stream", report.table(r).splitlines()[0])
+
     def test_met(self) -> None:
         r = self._results({tus.ONE_PATCH: [_stream(tus.ONE_PATCH, 3.0, patches=1)],
                            "imgresume-direct": [_imgresume(2.0)]})
