@@ -45,13 +45,15 @@ class DirectorySync:
     <imgresume.storage.filesystem.FilesystemStorage>}, called on its disk
     threads.  Directories are told apart by C{(st_dev, st_ino)}.
 
-    @ivar fsync: the flush (a test may count or fail it).
+    @ivar fsync: the flush (a test may count or fail it); C{None}:
+        C{os.fsync}.
     """
 
     def __init__(self, fsync: Callable[[int], None] | None = None) -> None:
+        """@param fsync: the flush; default C{os.fsync}, looked up at each call."""
         self._cond = threading.Condition()
         self._dirs: dict[tuple[int, int], _State] = {}
-        self.fsync = fsync if fsync is not None else os.fsync
+        self.fsync = fsync
 
     def sync(self, key: tuple[int, int], fd: int) -> None:
         """
@@ -85,7 +87,7 @@ class DirectorySync:
                     del self._dirs[key]
         error: OSError | None = None
         try:
-            self.fsync(fd)
+            (self.fsync or os.fsync)(fd)
         except OSError as e:
             if e.errno != errno.EINVAL:  # a filesystem that cannot sync directories
                 error = e
