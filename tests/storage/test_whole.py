@@ -24,12 +24,12 @@ from typing import Any, Callable
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from imgresume.errors import StorageError, StorageFull, UploadBusy
+from imgresume.errors import DigestMismatch, StorageError, StorageFull, UploadBusy
 from imgresume.names import new_upload_id
 from imgresume.storage.filesystem import FilesystemStorage, _whole
 from imgresume.storage.filesystem._dirsync import DirectorySync
 from imgresume.storage.filesystem.gc import collect_garbage
-from imgresume.storage.interfaces import CompletedFileMoved, WholeUpload
+from imgresume.storage.interfaces import CompletedFileMoved, CompletedUpload, WholeUpload
 from tests.support.runners import sync_run
 from tests.support.storage_conformance import PAYLOAD, request
 
@@ -244,7 +244,9 @@ class CrashTests(WholeMixin, TestCase):
                                          dry_run=bool(i % 2))
                 self.assertEqual([e.name for e in report.removed],
                                  ["incoming/" + put], what)
-        done = self.successResultOf(FilesystemStorage(self.root, sync_run).store_whole(req))
+        later = FilesystemStorage(self.root, sync_run)
+        later.whole.now = lambda: time.time() + 60  # past FRESH: redone, not "retry"
+        done = self.successResultOf(later.store_whole(req))
         self.assertEqual(self.completeFiles(), {done.path: PAYLOAD}, what)
         self.assertEqual(self.incoming(), [put], what)
 
@@ -259,15 +261,89 @@ class CrashTests(WholeMixin, TestCase):
             self.crashAt(i, Killed)
 
     def test_unpublishedPutRedone(self) -> None:
-        """A C{.put} a killed server left before publication is stored again by a repeat."""
+        """
+        A C{.put} a killed server left before publication: a repeat moments
+        later is told to retry (what it sees may be a stale view of a
+        publication); once the file is older than FRESH, a repeat stores
+        it again in a new file, never rewriting the old one in place.
+        """
         req = self.whole()
         put = self.putPath(req)
         os.makedirs(os.path.dirname(put))
         with open(put, "wb") as f:
             f.write(b"half")
+        old = os.open(put, os.O_RDONLY)
+        self.addCleanup(os.close, old)
+        f = self.failureResultOf(self.storage.store_whole(req), StorageError)
+        self.assertTrue(f.value.retryable)
+        self.assertIn("moments ago", f.value.message)
+        self.assertEqual(self.completeFiles(), {})
+        self.storage.whole.now = lambda: time.time() + 60
         done = self.successResultOf(self.storage.store_whole(req))
         self.assertEqual(self.completeFiles(), {done.path: PAYLOAD})
         self.assertEqual(os.stat(put).st_nlink, 2)
+        # The old file was let go, not rewritten.
+        self.assertEqual(os.fstat(old).st_nlink, 0)
+        self.assertEqual(os.pread(old, 100, 0), b"half")
+
+    def test_staleLinkCount(self) -> None:
+        """
+        A mount whose cached attributes still show the published C{.put}
+        with one link (GlusterFS, moments after another host's link) finds
+        the published name anyway: the same bytes get the same answer, other
+        bytes DigestMismatch, and the published file is never rewritten.
+        """
+        req = self.whole()
+        done = self.successResultOf(self.storage.store_whole(req))
+        put = os.stat(self.putPath(req))
+        real = os.fstat
+
+        def stale(fd):
+            st = real(fd)
+            if (st.st_dev, st.st_ino) == (put.st_dev, put.st_ino):
+                fields = list(st[:10])
+                fields[stat.ST_NLINK] = 1
+                return os.stat_result(fields)
+            return st
+
+        self.patch(os, "fstat", stale)
+        self.assertEqual(self.successResultOf(self.storage.store_whole(req)), done)
+        other = WholeUpload(req.upload_id, req.name, b"other",
+                            hashlib.sha256(b"other").digest(), client_id=req.client_id)
+        f = self.failureResultOf(self.storage.store_whole(other), StorageError)
+        self.assertIn("moments ago", f.value.message)
+        self.storage.whole.now = lambda: time.time() + 60
+        self.failureResultOf(self.storage.store_whole(other), DigestMismatch)
+        self.patch(os, "fstat", real)
+        self.assertEqual(self.completeFiles(), {done.path: PAYLOAD})
+
+    def test_staleSizeAndLinks(self) -> None:
+        """
+        A view of the published C{.put} as it was when created (one link,
+        no bytes; GlusterFS for about a second): "retry", never a second
+        publication, never DigestMismatch.
+        """
+        req = self.whole()
+        done = self.successResultOf(self.storage.store_whole(req))
+        put = os.stat(self.putPath(req))
+        real_fstat, real_pread = os.fstat, os.pread
+
+        def stale(fd):
+            st = real_fstat(fd)
+            if (st.st_dev, st.st_ino) == (put.st_dev, put.st_ino):
+                fields = list(st[:10])
+                fields[stat.ST_NLINK], fields[stat.ST_SIZE] = 1, 0
+                return os.stat_result(fields)
+            return st
+
+        self.patch(os, "fstat", stale)
+        self.patch(os, "pread", lambda fd, n, offset: b"")
+        f = self.failureResultOf(self.storage.store_whole(req), StorageError)
+        self.assertTrue(f.value.retryable)
+        self.patch(os, "fstat", real_fstat)
+        self.patch(os, "pread", real_pread)
+        self.assertEqual(self.completeFiles(), {done.path: PAYLOAD})
+        self.assertEqual(self.successResultOf(self.storage.store_whole(req)), done)
 
     def test_diskFull(self) -> None:
         """ENOSPC while writing: StorageFull, nothing published, no file left."""
@@ -309,6 +385,9 @@ class CrashTests(WholeMixin, TestCase):
         req = self.whole()
         done = self.successResultOf(self.storage.store_whole(req))
         self.root.preauthChild(done.path).moveTo(self.root.child("taken.tiff"))
+        f = self.failureResultOf(self.storage.store_whole(req), StorageError)
+        self.assertIn("moments ago", f.value.message)  # perhaps a stale view
+        self.storage.whole.now = lambda: time.time() + 60
         f = self.failureResultOf(self.storage.store_whole(req), CompletedFileMoved)
         self.assertEqual(f.value.completed.upload_id, req.upload_id)
         self.assertEqual(self.completeFiles(), {})
@@ -346,7 +425,10 @@ class TwoServerTests(WholeMixin, TestCase):
                 barrier.wait()
                 try:
                     results.append(server.whole.store(req))
-                except UploadBusy as e:
+                except (UploadBusy, StorageError) as e:
+                    # Busy; or, if one opened the file between another's
+                    # create and lock, "retry" until the file is not fresh.
+                    self.assertTrue(e.retryable, e)
                     results.append(e)
 
             threads = [threading.Thread(target=go, args=(servers[i % 2],))
@@ -355,11 +437,10 @@ class TwoServerTests(WholeMixin, TestCase):
                 t.start()
             for t in threads:
                 t.join()
-            done = [r for r in results if not isinstance(r, UploadBusy)]
-            self.assertTrue(done, results)
-            self.assertEqual({r.path for r in done}, {f"complete/r{round}.tiff"})
+            done = [r for r in results if isinstance(r, CompletedUpload)]
+            servers[0].whole.now = lambda: time.time() + 60
             again = self.successResultOf(servers[0].store_whole(req))
-            self.assertEqual(again, done[0])
+            self.assertEqual({r.path for r in done + [again]}, {f"complete/r{round}.tiff"})
         self.assertEqual(len(self.completeFiles()), 10)
 
 

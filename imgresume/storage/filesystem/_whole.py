@@ -57,7 +57,7 @@ from imgresume.storage.filesystem._durable import (
     pwrite_all,
 )
 from imgresume.storage.filesystem._locks import Lock, busy_error, lock_open
-from imgresume.storage.filesystem._publish import find_completed, open_complete_dir
+from imgresume.storage.filesystem._publish import FRESH, find_completed, open_complete_dir
 from imgresume.storage.interfaces import CompletedFileMoved, CompletedUpload, WholeUpload
 
 # The backend logs as one namespace, imgresume.storage.filesystem.
@@ -128,6 +128,8 @@ class WholeStore:
         self._timings = timings
         #: The grouped directory flushes (a test may replace its C{fsync}).
         self.dirsync = DirectorySync()
+        #: The clock that says whether a C{.put} was written moments ago.
+        self.now: Callable[[], float] = time.time
 
     def store(self, request: WholeUpload) -> CompletedUpload:
         """See L{IUploadStorage.store_whole}; blocking."""
@@ -193,15 +195,19 @@ class WholeStore:
                     now = os.stat(leaf, dir_fd=incoming_fd, follow_symlinks=False)
                 except FileNotFoundError:
                     now = None
+                published = True  # not ours to remove, unless found unpublished
                 if now is None or _identity(now) != _identity(st):
-                    published = True  # not ours to remove
                     return None
-                if st.st_nlink > 1:
-                    published = True
-                    return self._repeat(incoming_fd, lock, st, name, request)
+                done = self._repeat(incoming_fd, lock, st, name, request)
+                if done is not None:
+                    return done
+                # Cut short before publication: never rewritten in place (a
+                # stale view could hide a publication), removed and made anew.
                 log.info("upload {upload_id}: stored again, its first try was cut "
                          "short before publication", upload_id=request.upload_id)
-            done = self._store(incoming_fd, leaf, lock, st, name, request, fresh)
+                published = False
+                return None
+            done = self._store(incoming_fd, leaf, lock, st, name, request)
             published = done.upload_id == request.upload_id
             return done
         finally:
@@ -216,7 +222,7 @@ class WholeStore:
 
     def _store(
         self, incoming_fd: int, leaf: str, lock: Lock, st: os.stat_result,
-        name: str, request: WholeUpload, fresh: bool,
+        name: str, request: WholeUpload,
     ) -> CompletedUpload:
         """Write, flush, verify and publish; the caller removes C{leaf} if this fails."""
         fd = lock.fd
@@ -231,8 +237,6 @@ class WholeStore:
             if there is not None and there.sha256 == digest:
                 return CompletedUpload("0" * 32, name, size, digest, there.path)
         pwrite_all(os.pwrite, fd, data, 0)
-        if not fresh:
-            os.ftruncate(fd, size)
         started = time.perf_counter()
         _fdatasync(fd)
         if self._timings is not None:
@@ -306,44 +310,79 @@ class WholeStore:
     def _repeat(
         self, incoming_fd: int, lock: Lock, st: os.stat_result, name: str,
         request: WholeUpload,
-    ) -> CompletedUpload:
+    ) -> CompletedUpload | None:
         """
-        The request was published before (its answer was lost): check the
-        stored bytes against this request's digest, find the published name
-        by inode, make sure both names are durable and answer the same.
+        The request's C{.put} was there already.  Published before (its
+        answer was lost): check the stored bytes against this request's
+        digest, find the published name by inode, make sure both names are
+        durable and answer the same.  C{None}: it never was (a request cut
+        short), store it again.
+
+        The published name is looked for even when the C{.put} shows one
+        link, and what does not add up on a C{.put} written moments ago
+        (L{FRESH}) that shows one link is answered "retry", not "mismatch"
+        or "redo" (nor, for a published one found nowhere, "moved"): a mount's
+        cached attributes may be older than another host's writes and link
+        (GlusterFS shows the size and link count of a moment before for
+        about a second, and reads stop at that size).
         """
-        digest = _stored_digest(lock.fd, st.st_size)
-        if digest != request.sha256:
-            raise DigestMismatch(
-                f"upload {request.upload_id} already stored other bytes; send this "
-                "file with a new upload id")
-        done = CompletedUpload(request.upload_id, name, st.st_size, digest,
+        recent = self.now() - max(st.st_mtime, st.st_ctime) < FRESH
+        published = st.st_nlink > 1
+        done = CompletedUpload(request.upload_id, name, st.st_size, request.sha256,
                                f"complete/{name}")
+        if published:
+            # A view that shows the link is no older than the bytes.
+            self._check_stored(lock.fd, st, request, False)
         parent, _, _ = name.rpartition("/")
         try:
             parent_fd = open_complete_dir(
                 self._root, parent.split("/") if parent else [], create=False,
                 resolve=False)
         except (FileNotFoundError, InvalidName):
-            raise CompletedFileMoved(done, "is missing, as is any alternate name") from None
+            parent_fd = -1
         try:
             policy = if_exists_policy(request.metadata)
             for rel in completion_candidates(name, request.upload_id, policy):
+                if parent_fd < 0:
+                    break
                 target = rel.rpartition("/")[2]
                 try:
                     there = os.stat(target, dir_fd=parent_fd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue
                 if _identity(there) == _identity(st):
+                    if not published:
+                        self._check_stored(lock.fd, st, request, recent)
                     # Its first try may have died before these flushes.
                     self.dirsync.sync(_identity(os.fstat(incoming_fd)), incoming_fd)
                     self.dirsync.sync(_identity(os.fstat(parent_fd)), parent_fd)
-                    return CompletedUpload(request.upload_id, name, st.st_size,
-                                           digest, f"complete/{rel}")
+                    return CompletedUpload(request.upload_id, name, len(request.data),
+                                           request.sha256, f"complete/{rel}")
         finally:
-            os.close(parent_fd)
-        raise CompletedFileMoved(done, "no longer holds it, nor does any alternate name")
+            if parent_fd >= 0:
+                os.close(parent_fd)
+        if recent:
+            raise self._not_seen_yet(request)
+        if published:
+            raise CompletedFileMoved(done, "no longer holds it, nor does any alternate name")
+        return None
 
+    def _check_stored(
+        self, fd: int, st: os.stat_result, request: WholeUpload, recent: bool
+    ) -> None:
+        """A repeat's digest against the bytes stored for its upload id."""
+        if _stored_digest(fd, st.st_size) == request.sha256:
+            return
+        if recent:
+            raise self._not_seen_yet(request)
+        raise DigestMismatch(
+            f"upload {request.upload_id} already stored other bytes; send this "
+            "file with a new upload id")
+
+    def _not_seen_yet(self, request: WholeUpload) -> StorageError:
+        return StorageError(
+            f"upload {request.upload_id} was stored moments ago, and this server "
+            "does not see all of it yet; retry", retry_after=self._retry_after)
 
 
 # -- garbage collection ---------------------------------------------------------
