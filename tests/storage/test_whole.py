@@ -87,6 +87,10 @@ class Recorder:
                 error = self.failure()
                 if isinstance(error, Killed):
                     self.killed = True
+                elif name == "close":
+                    # On Linux a close that fails has closed the descriptor.
+                    real(*args, **kwargs)
+                    self.opened.discard(args[0])
                 raise error
             self.calls.append((name, kind))
             result = real(*args, **kwargs)
@@ -224,7 +228,12 @@ class CrashTests(WholeMixin, TestCase):
             storage.store_whole(req).addErrback(lambda f: None)
         except Killed:
             pass
-        rec.reap()
+        if rec.killed:
+            rec.reap()
+        else:
+            leaked = set(rec.opened)
+            rec.reap()
+            self.assertEqual(leaked, set(), f"descriptors left open after call {i} failed")
         rec.uninstall()
         step = rec.calls[i] if i < len(rec.calls) else ("none", "")
         what = f"{failure().__class__.__name__} at call {i} {step}"

@@ -122,8 +122,9 @@ def open_complete_dir(
                     f"cannot store below {rel!r}: it is a file, not a "
                     "directory"
                 ) from None
-            os.close(fd)
-            fd = nfd
+            # The new descriptor first: a close that fails must not leak it.
+            fd, old = nfd, fd
+            os.close(old)
         if not resolve:
             return fd
         real = os.path.realpath(os.path.join(root, "complete", *parts))

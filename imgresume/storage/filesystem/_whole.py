@@ -213,12 +213,13 @@ class WholeStore:
         finally:
             # Removed unless published: by this call, or by one that failed
             # after its link (the .put then has a second name).
-            if not published and os.fstat(lock.fd).st_nlink == 1:
-                try:
+            try:
+                if not published and os.fstat(lock.fd).st_nlink == 1:
                     os.unlink(leaf, dir_fd=incoming_fd)
-                except OSError:
-                    pass
-            lock.release()
+            except OSError:
+                pass  # left for a repeat or garbage collection
+            finally:
+                lock.release()
 
     def _store(
         self, incoming_fd: int, leaf: str, lock: Lock, st: os.stat_result,
