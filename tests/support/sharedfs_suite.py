@@ -44,10 +44,11 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from imgresume.client import Progress, Uploader
-from imgresume.errors import UploadBusy
+from imgresume.errors import StorageError, UploadBusy
 from imgresume.storage.filesystem import FilesystemStorage
 from imgresume.storage.filesystem._locks import try_lock as _try_lock
-from imgresume.storage.interfaces import NewUpload
+from imgresume.names import new_upload_id
+from imgresume.storage.interfaces import CompletedUpload, NewUpload, WholeUpload
 from imgresume.testing import LocalCluster
 from tests.support import sharedfs
 from tests.support.cluster import KillServingServer, sha256_file
@@ -542,6 +543,62 @@ class StorageHandoverMixin(SharedFilesystemTestCase):
                 self.failureResultOf(storage.resume(writer.info.upload_id), UploadBusy)
         self.write(second, source, len(source), 32 * 1024)
         self.complete_and_check(second, source, self.after(1))
+
+
+    def test_store_whole_once_through_every_mount(self) -> None:
+        """
+        One small file stored in one step, the same request through every
+        mount at once (threads), and again through each after, retried as a
+        client does while the answer is "busy" or "retry" (a mount that
+        does not see the publication yet): one file is published, every
+        answer is that publication, and every mount reads its bytes.
+        """
+        def retried(storage, request):
+            start = time.monotonic()
+            while True:
+                try:
+                    return storage.whole.store(request), time.monotonic() - start
+                except (UploadBusy, StorageError) as e:
+                    self.assertTrue(e.retryable, e)
+                    if time.monotonic() - start > 10:
+                        raise
+                    time.sleep(0.1)
+
+        waits = []
+        for round in range(5):
+            data = os.urandom(64 * 1024)
+            request = WholeUpload(new_upload_id(), f"whole-{round}.tif", data,
+                                  hashlib.sha256(data).digest(), client_id="test")
+            answers: list[Any] = []
+            barrier = threading.Barrier(len(self.storages))
+
+            def store(storage):
+                barrier.wait()
+                try:
+                    answers.append(storage.whole.store(request))
+                except (UploadBusy, StorageError) as e:
+                    answers.append(e)
+
+            threads = [threading.Thread(target=store, args=(s,)) for s in self.storages]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            done = [a for a in answers if isinstance(a, CompletedUpload)]
+            self.assertTrue(done or all(a.retryable for a in answers), answers)
+            for i, storage in enumerate(self.storages):
+                again, waited = retried(storage, request)
+                waits.append(waited)
+                done.append(again)
+                self.assertEqual({d.path for d in done}, {f"complete/whole-{round}.tif"})
+                path = os.path.join(self.dirs[i], "complete", f"whole-{round}.tif")
+                digest, waited = converged_sha256(path, hashlib.sha256(data).hexdigest())
+                self.assertEqual(digest, hashlib.sha256(data).hexdigest())
+        names = sorted(os.listdir(os.path.join(self.dirs[0], "complete")))
+        self.assertEqual(names, [f"whole-{r}.tif" for r in range(5)])
+        self.report("a repeated one-step store through another mount was told to retry "
+                    "for up to {longest:.3f} s before it saw the publication",
+                    longest=max(waits))
 
 
 class ClusterMixin(SharedFilesystemTestCase):

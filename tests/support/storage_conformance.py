@@ -29,7 +29,7 @@ from imgresume.errors import (
     UploadAlreadyComplete,
     UploadBusy,
 )
-from imgresume.names import is_upload_id
+from imgresume.names import is_upload_id, new_upload_id
 from imgresume.storage.interfaces import (
     ATOMIC_COMPLETE,
     EXCLUSIVE_WRITER,
@@ -41,6 +41,7 @@ from imgresume.storage.interfaces import (
     NewUpload,
     StoredFile,
     TailCheck,
+    WholeUpload,
 )
 
 EMPTY_TAIL = TailCheck(0, 0, hashlib.sha256(b"").digest())
@@ -725,3 +726,136 @@ class StorageConformanceMixin:
         self.successResultOf(writer.write(0, b"mine"))
         done = self.successResultOf(writer.complete())
         self.assertEqual(done.path, "complete/a.tiff")
+
+    # -- a whole small file in one step: store_whole -------------------------
+
+    def whole(self, data: bytes = PAYLOAD, name: str = "a.tiff", *,
+              upload_id: str | None = None, sha256: bytes | None = None,
+              **kw: Any) -> WholeUpload:
+        """A L{WholeUpload} of C{data} (its own SHA-256 unless C{sha256} is given)."""
+        return WholeUpload(
+            upload_id=upload_id or new_upload_id(), name=name, data=data,
+            sha256=hashlib.sha256(data).digest() if sha256 is None else sha256, **kw)
+
+    def storeWhole(self, data: bytes = PAYLOAD, name: str = "a.tiff",
+                   storage: Any = None, **kw: Any) -> CompletedUpload:
+        request = self.whole(data, name, **kw)
+        return self.successResultOf((storage or self.storage).store_whole(request))
+
+    def test_storeWhole(self) -> None:
+        """A whole file is stored, verified and published under its name."""
+        request = self.whole(PAYLOAD, "scans/a.tiff", client_id="c1")
+        done = self.successResultOf(self.storage.store_whole(request))
+        self.assertEqual(done, CompletedUpload(
+            request.upload_id, "scans/a.tiff", len(PAYLOAD),
+            hashlib.sha256(PAYLOAD).digest(), "complete/scans/a.tiff"))
+        self.assertEqual(self.readCompleted(self.storage, done.path), PAYLOAD)
+        found = self.successResultOf(self.makeSibling(self.storage).find_completed(
+            "scans/a.tiff", len(PAYLOAD)))
+        self.assertEqual(found.sha256, hashlib.sha256(PAYLOAD).digest())
+
+    def test_storeWholeEmpty(self) -> None:
+        """An empty file is stored whole."""
+        done = self.storeWhole(b"", "empty.tiff")
+        self.assertEqual((done.size, done.path), (0, "complete/empty.tiff"))
+        self.assertEqual(self.readCompleted(self.storage, done.path), b"")
+
+    def test_storeWholeDigestMismatch(self) -> None:
+        """Bytes that do not hash to the declared SHA-256: DigestMismatch, nothing published."""
+        request = self.whole(PAYLOAD, sha256=hashlib.sha256(b"other").digest())
+        self.failureResultOf(self.storage.store_whole(request), DigestMismatch)
+        self.assertIsNone(self.successResultOf(
+            self.storage.find_completed("a.tiff", len(PAYLOAD))))
+        # The id is not spent: the right bytes are stored with it after.
+        done = self.storeWhole(PAYLOAD, upload_id=request.upload_id)
+        self.assertEqual(done.path, "complete/a.tiff")
+
+    def test_storeWholeRenames(self) -> None:
+        """if-exists=rename (the default): a second file of the name goes beside it."""
+        first = self.storeWhole(b"one")
+        request = self.whole(b"two", metadata={"if-exists": "rename"})
+        second = self.successResultOf(self.storage.store_whole(request))
+        self.assertEqual(first.path, "complete/a.tiff")
+        self.assertEqual(second.path, f"complete/a.{request.upload_id[:8]}.tiff")
+        self.assertEqual(self.readCompleted(self.storage, first.path), b"one")
+        self.assertEqual(self.readCompleted(self.storage, second.path), b"two")
+
+    def test_storeWholeSkipSame(self) -> None:
+        """
+        if-exists=skip and the same bytes at the name: nothing new is
+        stored; the answer names that file, with upload id 32 zeros.
+        """
+        first = self.upload(PAYLOAD, "a.tiff")
+        done = self.storeWhole(PAYLOAD, metadata={"if-exists": "skip"})
+        self.assertEqual(done, CompletedUpload(
+            "0" * 32, "a.tiff", len(PAYLOAD), hashlib.sha256(PAYLOAD).digest(), first.path))
+        self.assertIsNone(self.successResultOf(self.storage.find_completed(
+            f"a.{done.upload_id[:8]}.tiff", len(PAYLOAD))))
+
+    def test_storeWholeSkipDifferent(self) -> None:
+        """if-exists=skip and other bytes at the name: renamed, as rename does."""
+        self.storeWhole(b"one")
+        request = self.whole(b"two", metadata={"if-exists": "skip"})
+        done = self.successResultOf(self.storage.store_whole(request))
+        self.assertEqual(done.path, f"complete/a.{request.upload_id[:8]}.tiff")
+        self.assertEqual(done.upload_id, request.upload_id)
+        self.assertEqual(self.readCompleted(self.storage, done.path), b"two")
+        self.assertEqual(self.readCompleted(self.storage, "complete/a.tiff"), b"one")
+
+    def test_storeWholeFail(self) -> None:
+        """if-exists=fail and the name taken: NameTaken, the file there untouched."""
+        self.storeWhole(b"one")
+        request = self.whole(b"two", metadata={"if-exists": "fail"})
+        self.failureResultOf(self.storage.store_whole(request), NameTaken)
+        self.assertEqual(self.readCompleted(self.storage, "complete/a.tiff"), b"one")
+        self.assertIsNone(self.successResultOf(self.storage.find_completed(
+            f"a.{request.upload_id[:8]}.tiff", 3)))
+        free = self.storeWhole(b"two", "b.tiff", metadata={"if-exists": "fail"})
+        self.assertEqual(free.path, "complete/b.tiff")
+
+    def test_storeWholeRepeated(self) -> None:
+        """
+        The same request again (its answer lost), here or through another
+        server: the same answer, and one file stored.
+        """
+        request = self.whole(PAYLOAD, "d/a.tiff", client_id="c1")
+        first = self.successResultOf(self.storage.store_whole(request))
+        again = self.successResultOf(self.storage.store_whole(request))
+        other = self.successResultOf(
+            self.makeSibling(self.storage).store_whole(request))
+        self.assertEqual(again, first)
+        self.assertEqual(other, first)
+        self.assertIsNone(self.successResultOf(self.storage.find_completed(
+            f"d/a.{request.upload_id[:8]}.tiff", len(PAYLOAD))))
+
+    def test_storeWholeRepeatedOtherBytes(self) -> None:
+        """An upload id already used for other bytes: DigestMismatch, nothing changed."""
+        request = self.whole(b"one", client_id="c1")
+        first = self.successResultOf(self.storage.store_whole(request))
+        f = self.failureResultOf(self.storage.store_whole(
+            self.whole(b"two", upload_id=request.upload_id, client_id="c1")),
+            DigestMismatch)
+        self.assertIn(request.upload_id, f.value.message)
+        self.assertEqual(self.readCompleted(self.storage, first.path), b"one")
+        self.assertIsNone(self.successResultOf(self.storage.find_completed(
+            f"a.{request.upload_id[:8]}.tiff", 3)))
+
+    def test_storeWholeIdsPerClient(self) -> None:
+        """Two clients using one upload id store two files."""
+        upload_id = new_upload_id()
+        one = self.storeWhole(b"one", upload_id=upload_id, client_id="c1")
+        two = self.storeWhole(b"two", upload_id=upload_id, client_id="c2")
+        self.assertNotEqual(one.path, two.path)
+        self.assertEqual(self.readCompleted(self.storage, two.path), b"two")
+
+    def test_storeWholeBelowFile(self) -> None:
+        """A name below an existing completed file is refused, nothing stored."""
+        self.storeWhole(b"x", "a.tiff")
+        self.failureResultOf(
+            self.storage.store_whole(self.whole(b"y", "a.tiff/b.tiff")), InvalidName)
+        self.assertEqual(self.readCompleted(self.storage, "complete/a.tiff"), b"x")
+
+    def test_storeWholeInvalidName(self) -> None:
+        """A name that could not be stored is refused, as by create()."""
+        self.failureResultOf(
+            self.storage.store_whole(self.whole(b"y", "../a.tiff")), InvalidName)

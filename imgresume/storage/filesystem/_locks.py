@@ -148,19 +148,37 @@ def acquire(lock_path: str, upload_id: str, retry_after: float) -> Lock:
 
 def lock_new(fd: int) -> Lock:
     """Lock a lock file this process has just created (nobody else knows it)."""
+    lock = lock_open(fd)
+    if lock is None:  # pragma: no cover - a fresh random id
+        raise StorageError("cannot lock a new upload")
+    return lock
+
+
+def lock_open(fd: int) -> Lock | None:
+    """
+    Lock the file this process has open on C{fd}, without blocking: the
+    L{Lock} (which now owns C{fd}), or C{None} if another holder has it
+    (C{fd} is then closed).  For files that are their own lock, such as
+    the C{.put} files of the one-step store.
+    """
     key = None
     if not HAVE_OFD:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         with _process_locks_mutex:
+            if key in _process_locks:
+                os.close(fd)
+                return None
             _process_locks.add(key)
     lock = Lock(fd, key)
     try:
-        if not try_lock(fd):  # pragma: no cover - a fresh random id
-            raise StorageError("cannot lock a new upload")
+        locked = try_lock(fd)
     except BaseException:
         lock.release()
         raise
+    if not locked:
+        lock.release()
+        return None
     return lock
 
 

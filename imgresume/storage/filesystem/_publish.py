@@ -69,11 +69,18 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def open_complete_dir(root: str, parts: list[str], create: bool) -> int:
+def open_complete_dir(
+    root: str, parts: list[str], create: bool, *, resolve: bool = True
+) -> int:
     """
     Open C{complete/<parts...>} under C{root} as a directory fd, walking one
     component at a time with C{O_NOFOLLOW} so no symlink is ever followed,
-    and making missing directories if C{create}.
+    and making missing directories if C{create}.  With C{resolve}, the
+    result is also checked with C{realpath} to lie below the root (a walk
+    of C{stat}s of every component of the absolute path); the one-step
+    store skips that: its walk from the root through validated names (no
+    C{..}, no empty components) with C{O_NOFOLLOW} at every step cannot
+    leave the root, which the C{realpath} check only confirms.
 
     @raise StorageError: a component is a symlink, or the result resolves
         outside the root.
@@ -115,8 +122,11 @@ def open_complete_dir(root: str, parts: list[str], create: bool) -> int:
                     f"cannot store below {rel!r}: it is a file, not a "
                     "directory"
                 ) from None
-            os.close(fd)
-            fd = nfd
+            # The new descriptor first: a close that fails must not leak it.
+            fd, old = nfd, fd
+            os.close(old)
+        if not resolve:
+            return fd
         real = os.path.realpath(os.path.join(root, "complete", *parts))
         base = os.path.realpath(root)
         if not real.startswith(base + os.sep):

@@ -57,6 +57,7 @@ from imgresume.storage.filesystem._publish import (
     find_completed,
     finish_completion,
 )
+from imgresume.storage.filesystem._whole import WholeStore
 from imgresume.storage.filesystem._writer import FilesystemUploadWriter
 from imgresume.storage.interfaces import (
     ATOMIC_COMPLETE,
@@ -67,9 +68,11 @@ from imgresume.storage.interfaces import (
     IncompleteUploads,
     IUploadStorage,
     NewUpload,
+    CompletedUpload,
     StoredFile,
     TailCheck,
     UploadStatus,
+    WholeUpload,
 )
 
 #: Seconds between two verifications of one client's index entries.
@@ -135,6 +138,8 @@ class FilesystemStorage:
         self._now: Callable[[], float] = time.time
         #: When each client's index entries were last verified.
         self._verified: dict[str, float] = {}
+        #: The one-step store of whole small files (L{store_whole}).
+        self.whole = WholeStore(self._root, busy_retry_after, timings)
 
     def __repr__(self) -> str:
         return f"<FilesystemStorage {self._root!r}>"
@@ -228,6 +233,14 @@ class FilesystemStorage:
         if not is_upload_id(upload_id):
             return defer.fail(UnknownUpload(f"malformed upload id {upload_id!r:.80}"))
         return self._run(self.status_sync, upload_id, client_id)
+
+    def store_whole(self, request: WholeUpload) -> Deferred[CompletedUpload]:
+        """
+        See L{IUploadStorage.store_whole}: one file C{incoming/<key>.put},
+        one flush of it and two grouped directory flushes
+        (L{imgresume.storage.filesystem._whole}).
+        """
+        return self._run(self.whole.store, request)
 
     def find_completed(self, name: str, size: int) -> Deferred[StoredFile | None]:
         """See L{IUploadStorage.find_completed}."""

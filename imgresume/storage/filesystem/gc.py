@@ -19,7 +19,11 @@ What is removed, each only once it is older than its threshold:
     after the longer C{completed_records_older_than}, so that a client that
     lost its COMPLETED answer can still learn it until then;
   - C{.selftest-*} scratch directories a killed self-test left (after an
-    hour at least).
+    hour at least);
+  - C{incoming/<key>.put} files of the one-step store: unpublished ones
+    (one link) after C{older_than}, published ones (kept to answer a
+    repeated request) after C{completed_records_older_than}; never while
+    locked (L{imgresume.storage.filesystem._whole.collect_put}).
 
 What is never removed: anything under C{complete/}; an upload whose lock is
 held (its writer is alive, on this host or another); an upload in state
@@ -53,6 +57,12 @@ from imgresume.names import is_upload_id
 from imgresume.storage.filesystem import _incomplete
 from imgresume.storage.filesystem._layout import Paths, read_meta, remove
 from imgresume.storage.filesystem._locks import Lock, acquire
+from imgresume.storage.filesystem._whole import (
+    EXPIRED_PUT,
+    EXPIRED_PUT_RECORD,
+    collect_put,
+    is_put_name,
+)
 
 log = Logger()
 
@@ -89,6 +99,8 @@ _DESCRIPTIONS = {
     EXPIRED_RECORD: "record of a completed upload",
     STRAY_TEMP: "stray temporary file",
     STALE_SCRATCH: "self-test scratch directory",
+    EXPIRED_PUT: "unpublished one-step file",
+    EXPIRED_PUT_RECORD: "one-step file kept to answer a repeat",
 }
 
 
@@ -209,6 +221,9 @@ class _Collector:
         for entry in entries:
             if self.stop():
                 return
+            if is_put_name(entry):
+                self.put_file(incoming, entry)
+                continue
             # Only directories named like upload ids are ours.
             if not is_upload_id(entry):
                 continue
@@ -372,6 +387,26 @@ class _Collector:
         finally:
             if lock:
                 lock.release()
+
+    def put_file(self, incoming: str, entry: str) -> None:
+        """A file C{incoming/<key>.put} of the one-step store (L{collect_put})."""
+        r = self.report
+        try:
+            judged = collect_put(incoming, entry, r.now, r.older_than,
+                                 r.completed_records_older_than, r.dry_run)
+        except OSError as e:
+            self.error(entry, f"incoming/{entry}", e)
+            return
+        if judged is None:
+            return
+        action, age, size = judged
+        gc_entry = GcEntry(entry.partition(".")[0], f"incoming/{entry}", size, age, action)
+        if action in (EXPIRED_PUT, EXPIRED_PUT_RECORD):
+            self.removed(gc_entry)
+        elif action == BUSY:
+            r.skipped_busy.append(gc_entry)
+        else:
+            r.kept.append(gc_entry)
 
     # -- scratch directories of the self-test ------------------------------
 

@@ -67,7 +67,7 @@ def recorded_completion(
         return None
     result = completed_upload(meta, done["path"])
     if check:
-        now = _identity(bucket, result.path)
+        now = object_identity(bucket, result.path)
         if now is None:
             raise CompletedFileMoved(result, "is missing")
         recorded = {"etag": done.get("etag"), "size": done.get("size", result.size)}
@@ -76,7 +76,7 @@ def recorded_completion(
     return result
 
 
-def _identity(bucket: Bucket, path: str) -> dict[str, Any] | None:
+def object_identity(bucket: Bucket, path: str) -> dict[str, Any] | None:
     """The ETag and size of the object at C{path}; None if there is none."""
     try:
         head = bucket.client.head_object(Bucket=bucket.name, Key=bucket.key(path))
@@ -100,22 +100,28 @@ def check_parents(bucket: Bucket, name: str) -> None:
                 f"cannot store below {parent!r}: it is a file, not a directory")
 
 
-def _claim_name(bucket: Bucket, meta: dict[str, Any]) -> str:
+def claim_name(bucket: Bucket, meta: dict[str, Any], whole: str | None = None) -> str:
     """
     Claim the first free final path for an upload: C{names/<path>} is
     created with If-None-Match, so two servers never pick the same path;
     a path where an object, or objects below it, already exist is skipped.
+
+    @param whole: for a one-step store (L{imgresume.storage.s3._whole}),
+        its record key, recorded in the claim: a client-chosen upload id
+        alone must not match another client's (or a normal upload's) claim.
     """
     upload_id = meta["upload_id"]
     policy = if_exists_policy(meta.get("metadata") or {})
+    mine = {"upload_id": upload_id} if whole is None else {
+        "upload_id": upload_id, "whole": whole}
     for rel in completion_candidates(meta["name"], upload_id, policy):
         path = "complete/" + rel
         if len(bucket.key(path).encode()) > MAX_KEY_BYTES:
             continue
         claim = bucket.key("names/" + rel)
-        if not bucket.put_json(claim, {"upload_id": upload_id}, exclusive=True):
+        if not bucket.put_json(claim, mine, exclusive=True):
             owner = bucket.get_json(claim) or {}
-            if owner.get("upload_id") == upload_id:
+            if (owner.get("upload_id"), owner.get("whole")) == (upload_id, whole):
                 return path  # ours, from an interrupted completion
             continue
         if bucket.exists(bucket.key(path)) or bucket.keys(bucket.key(path + "/"), limit=1):
@@ -181,9 +187,9 @@ def finish_completion(
             f"stored bytes hash to {digest.hex()}, not the declared "
             f"{meta['sha256']}; every part matched its MD5 as received, so "
             "the source changed during the upload; upload removed")
-    path = _claim_name(bucket, meta)
+    path = claim_name(bucket, meta)
     bucket.client.copy({"Bucket": bucket.name, "Key": key}, bucket.name, bucket.key(path))
-    identity = _identity(bucket, path) or {}
+    identity = object_identity(bucket, path) or {}
     bucket.put_json(bucket.upload_key(upload_id, "done.json"),
                     {"path": path, "sha256": digest.hex(), "completed": now(), **identity})
     _incomplete.forget(bucket, meta)

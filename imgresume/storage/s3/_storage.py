@@ -31,9 +31,11 @@ from imgresume.storage.interfaces import (
     IUploadStorage,
     NewerRecordFormat,
     NewUpload,
+    CompletedUpload,
     StoredFile,
     TailCheck,
     UploadStatus,
+    WholeUpload,
 )
 from imgresume.storage.s3._bucket import (
     MAX_KEY_BYTES,
@@ -56,6 +58,7 @@ from imgresume.storage.s3._publish import (
     recorded_completion,
     upload_info,
 )
+from imgresume.storage.s3._whole import expire_staging, store_whole
 from imgresume.storage.s3._writer import S3UploadWriter
 
 # The backend logs as one namespace, imgresume.storage.s3.
@@ -180,6 +183,14 @@ class S3Storage:
         """See L{IUploadStorage.status}."""
         return self._run(guard, f"cannot read upload {upload_id!r:.40}",
                          self._status_sync, upload_id, client_id)
+
+    def store_whole(self, request: WholeUpload) -> Deferred[CompletedUpload]:
+        """
+        See L{IUploadStorage.store_whole}: one C{PutObject} to a staging
+        key, then the steps of a completion (L{imgresume.storage.s3._whole}).
+        """
+        return self._run(guard, f"cannot store {request.name[:60]!r}",
+                         store_whole, self._objects, request, self._now)
 
     def find_completed(self, name: str, size: int) -> Deferred[StoredFile | None]:
         """See L{IUploadStorage.find_completed}."""
@@ -351,7 +362,7 @@ class S3Storage:
     def _expire_sync(self, older_than: float) -> list[str]:
         b = self._objects
         cutoff = self._now() - older_than
-        removed = []
+        removed = [f"whole/{key}" for key in expire_staging(b, cutoff)]
         kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": b.key("incoming/")}
         while True:
             page = self.client.list_multipart_uploads(**kw)
