@@ -4,7 +4,7 @@ The server's decisions on a client's commands, as values: whether a
 command is refused before storage is asked (a health-check session, a
 client over its quota of open uploads), what an UPLOAD's C{if-exists}
 policy makes of the file found at its name, the storage request of an
-UPLOAD, the UPLOAD_STATUS frame that answers a STATUS, and the error a
+UPLOAD or a PUT, the UPLOAD_STATUS frame that answers a STATUS, and the error a
 client is sent for an unexpected storage exception.
 
 L{CommandPolicy} is one connection's, owned by
@@ -28,9 +28,9 @@ from imgresume.errors import (
     QuotaExceeded,
 )
 from imgresume.names import validate_name
-from imgresume.protocol import Upload, UploadStatusFrame
+from imgresume.protocol import Put, Upload, UploadStatusFrame
 from imgresume.server._admission import UploadQuota
-from imgresume.storage.interfaces import NewUpload, StoredFile
+from imgresume.storage.interfaces import NewUpload, StoredFile, WholeUpload
 
 
 @attrs.frozen
@@ -119,6 +119,16 @@ class CommandPolicy:
             return e
         return NewUpload(upload.name, upload.size, upload.sha256, upload.metadata,
                          client_id or "")
+
+    @staticmethod
+    def whole_upload(put: Put, client_id: str) -> WholeUpload | InvalidName:
+        """The storage request of a PUT, or the error refusing its name at once."""
+        try:
+            validate_name(put.name)
+        except InvalidName as e:
+            return e
+        return WholeUpload(put.upload_id, put.name, put.payload, put.sha256,
+                           put.metadata, client_id)
 
     @staticmethod
     def if_exists(found: StoredFile | None, sha256: bytes | None,

@@ -39,8 +39,10 @@ from imgresume.protocol import (
     ConnectionFailed,
     FinishRequested,
     HelloReceived,
+    PutRequested,
     ResumeRequested,
     ServerConnection,
+    SKIPPED_UPLOAD_ID,
     ServerState,
     StatusRequested,
     UploadRequested,
@@ -66,6 +68,9 @@ from imgresume.tls import peer_certificate_identity
 def _silent(*args: Any, **kwargs: Any) -> None:
     """A log method that logs nothing."""
 
+
+#: The events that are commands a connection may refuse before storage is asked.
+COMMANDS = (StatusRequested, UploadRequested, ResumeRequested, PutRequested)
 
 #: Seconds a closing connection may take to flush before it is aborted.
 CLOSE_GRACE = 5.0
@@ -234,15 +239,15 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
                 event.hello, lambda: peer_certificate_identity(self.transport)))
         elif isinstance(event, AuthReceived):
             self._decided(self._handshake.auth(event.mac))
-        elif isinstance(event, (StatusRequested, UploadRequested, ResumeRequested)) and (
-            self._refused(event)
-        ):
+        elif isinstance(event, COMMANDS) and self._refused(event):
             pass
         elif isinstance(event, StatusRequested):
             self._run(storage.status(event.upload_id, client_id),
                       lambda st: self.machine.status_found(status_frame(st)))
         elif isinstance(event, UploadRequested):
             self._upload_requested(event)
+        elif isinstance(event, PutRequested):
+            self._put_requested(event)
         elif isinstance(event, ResumeRequested):
             self._events.requested(client_id, event)
             self._run(storage.resume(event.upload_id, client_id), self._opened, resumed=True)
@@ -265,6 +270,46 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         else:
             self._run(self.factory.storage.find_completed(request.name, request.size),
                       self._found, request=request, policy=event.if_exists)
+
+    def _put_requested(self, event: PutRequested) -> None:
+        """
+        A whole file in one PUT: stored in one step.  Its payload, out of the
+        machine's buffer now, counts in the server's memory (and the PUT as
+        one of its client's open uploads) until storage is done with it.
+        """
+        client_id = self.machine.client_id or ""
+        self._events.requested(client_id, event)
+        request = self._commands.whole_upload(event.put, client_id)
+        if isinstance(request, InvalidName):
+            self._storage_failed(Failure(request))
+            return
+        size, memory, quota = len(request.data), self.factory.memory, self.factory.quota
+        memory.count(size)
+        quota.count(client_id, +1)
+
+        def done(result: Any) -> Any:
+            memory.release(size)
+            quota.count(client_id, -1)
+            return result
+
+        self._run(self.factory.storage.store_whole(request).addBoth(done), self._stored,
+                  client=client_id)
+
+    def _stored(self, completed: Any, client: str) -> None:
+        """A PUT's file is stored (or skipped: the same file is there): one log line."""
+        skipped = completed.upload_id == SKIPPED_UPLOAD_ID
+        if skipped:
+            self._events.skipped()
+        else:
+            self.factory.metrics.stored_bytes.inc(completed.size)
+            self._events.completed(completed, repeat=False)
+        self.machine.upload_completed(completed.upload_id, completed.size,
+                                      completed.sha256, completed.path)
+        self.log.info("{how} {path} ({size} bytes, sha256 {sha256}) in one step: upload "
+                      "{upload_id} by {client}", how="skipped" if skipped else "stored",
+                      path=escape(completed.path), size=completed.size,
+                      sha256=completed.sha256.hex(), upload_id=completed.upload_id,
+                      client=escape(client))
 
     def _create(self, request: NewUpload) -> None:
         """Create the upload, within its client's limits on incomplete uploads."""
@@ -337,7 +382,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
                               client=escape(hello.client_id) if hello else None)
             self._fail(HandshakeRejected(decision.message))
 
-    def _refused(self, event: StatusRequested | UploadRequested | ResumeRequested) -> bool:
+    def _refused(self, event: Any) -> bool:
         """
         Refuse a command from a health-check session, or an UPLOAD or RESUME
         from a client that already has its share of uploads open.
