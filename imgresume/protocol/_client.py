@@ -241,7 +241,7 @@ class ClientConnection:
         as is, without a copy into the frame.
         """
         self._expect(ClientState.READY)
-        if not len(put.payload) <= self.put_limit:
+        if not 0 < self.put_limit >= len(put.payload):
             raise ValueError(f"a PUT of {len(put.payload)} bytes to a server whose put "
                              f"is {self.put_limit}")
         self._out.append(put_header(put, len(put.payload)))
