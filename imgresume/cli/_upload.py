@@ -93,6 +93,8 @@ Examples:
         ["backoff-max", None, "20s", "Longest wait between reconnection attempts."],
         ["chunk-size", None, None, "Payload per data packet [default: what the server recommends]."],
         ["window", None, "16", "Data packets in flight before waiting for acknowledgements."],
+        ["max-put", None, "4M", "Send a file of at most this size whole in one PUT frame, "
+         "to a server that offers it (0: never)."],
         ["if-exists", None, "rename", "When a completed file already has the remote name: "
          "rename (store beside it), skip (if it is the same file), or fail."],
     ]
@@ -165,6 +167,7 @@ Examples:
             self["key-file"] = self["key-file"] or os.environ.get("IMGRESUME_KEY_FILE")
             if self["chunk-size"]:
                 self["chunk-size"] = parse_size(self["chunk-size"])
+            self["max-put"] = parse_size(self["max-put"])
         except ValueError as e:
             raise usage.UsageError(str(e))
         if not 1 <= self["parallel"] <= MAX_PARALLEL:
@@ -202,7 +205,7 @@ def run_upload(reactor: Any, config: UploadOptions,
             max_attempts=config["max-attempts"], stall_timeout=config["stall-timeout"],
             connect_timeout=config["connect-timeout"], backoff_max=config["backoff-max"],
             chunk_size=config["chunk-size"] or None, window=config["window"],
-            if_exists=config["if-exists"],
+            put_max=config["max-put"], if_exists=config["if-exists"],
         )
     except Exception as e:  # endpoint string parsers raise whatever they like
         print(f"imgresume: --to {config['to']}: not a usable endpoint: "

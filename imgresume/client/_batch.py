@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from imgresume.client._results import Progress, UploadFailed, UploadInterrupted, UploadResult
-from imgresume.client._session import UploadSession
+from imgresume.client._session import PUTS_IN_FLIGHT, UploadSession
 
 log = Logger()
 
@@ -116,37 +116,49 @@ async def run_batch(
     interrupted: UploadInterrupted | None = None
     sessions = [uploader.session() for _ in range(min(parallel, len(items)))]
 
-    async def lane(session: UploadSession) -> None:
+    async def one(session: UploadSession, index: int, item: BatchItem) -> None:
         nonlocal stopping, interrupted
+        try:
+            result = await session.upload(
+                item.path, item.name, metadata=item.metadata, restart=restart,
+                progress=progress,
+            )
+        except UploadInterrupted as e:
+            # Not an outcome of the file: no on_outcome, and the batch stops.
+            outcomes[index] = FileOutcome(item, error=e)
+            interrupted = interrupted or e
+            return
+        except UploadFailed as e:
+            outcome = FileOutcome(item, error=e)
+        except Exception as e:
+            # A bug, not a verdict on the file: say so, and go on.
+            log.failure("uploading {path} failed unexpectedly", path=item.path)
+            outcome = FileOutcome(item, error=UploadFailed(
+                f"{item.path}: unexpected error: {type(e).__name__}: {e}", e))
+        else:
+            outcome = FileOutcome(item, result=result)
+        outcomes[index] = outcome
+        stopping = stopping or (stop_on_failure and not outcome.ok)
+        if on_outcome is not None:
+            try:
+                on_outcome(outcome)
+            except Exception:
+                log.failure("the on_outcome callback failed for {path}", path=item.path)
+
+    async def lane(session: UploadSession) -> None:
+        # One file at a time, except small files sent whole in PUTs: the
+        # next starts as soon as its PUT may follow the one in flight.
         async with session:
+            running: deque[Deferred[None]] = deque()
             while queue and not stopping and interrupted is None:
+                if running and (len(running) >= PUTS_IN_FLIGHT
+                                or not session.pipelines(queue[0][1].path)):
+                    await running.popleft()
+                    continue
                 index, item = queue.popleft()
-                try:
-                    result = await session.upload(
-                        item.path, item.name, metadata=item.metadata, restart=restart,
-                        progress=progress,
-                    )
-                except UploadInterrupted as e:
-                    # Not an outcome of the file: no on_outcome, and the batch stops.
-                    outcomes[index] = FileOutcome(item, error=e)
-                    interrupted = interrupted or e
-                    break
-                except UploadFailed as e:
-                    outcome = FileOutcome(item, error=e)
-                except Exception as e:
-                    # A bug, not a verdict on the file: say so, and go on.
-                    log.failure("uploading {path} failed unexpectedly", path=item.path)
-                    outcome = FileOutcome(item, error=UploadFailed(
-                        f"{item.path}: unexpected error: {type(e).__name__}: {e}", e))
-                else:
-                    outcome = FileOutcome(item, result=result)
-                outcomes[index] = outcome
-                stopping = stopping or (stop_on_failure and not outcome.ok)
-                if on_outcome is not None:
-                    try:
-                        on_outcome(outcome)
-                    except Exception:
-                        log.failure("the on_outcome callback failed for {path}", path=item.path)
+                running.append(Deferred.fromCoroutine(one(session, index, item)))
+            while running:
+                await running.popleft()
 
     lanes = await DeferredList(
         [Deferred.fromCoroutine(lane(s)) for s in sessions], consumeErrors=True

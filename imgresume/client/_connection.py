@@ -8,6 +8,8 @@ and gives up on a server that stays silent while an answer is due.
 
 from __future__ import annotations
 
+import collections
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -21,6 +23,8 @@ from imgresume.protocol import (
     ClientState,
     Completed,
     ErrorReceived,
+    Put,
+    PutAnswered,
     Welcome,
     Welcomed,
 )
@@ -59,6 +63,10 @@ class UploadConnection(Protocol):
         #: Cancelling it (an interrupted upload) closes the connection.
         self.welcomed: Deferred[Welcome] = Deferred(lambda d: self._lose())
         self._attempt: UploadAttempt | None = None
+        #: The answers awaited for the PUTs in flight, oldest first.
+        self._puts: collections.deque[Deferred[Completed]] = collections.deque()
+        #: Who waits for fewer PUTs in flight: (how many at most, Deferred).
+        self._put_waiters: list[tuple[int, Deferred[None]]] = []
         self._timer: IDelayedCall | None = None
         self._closing = False
         self._lost = False
@@ -69,8 +77,37 @@ class UploadConnection(Protocol):
         """Whether another upload may start here: welcomed, open, nothing running."""
         return (
             self.machine.state is ClientState.READY and self._attempt is None
-            and not self._closing and not self._lost
+            and not self._puts and not self._closing and not self._lost
         )
+
+    @property
+    def open(self) -> bool:
+        """Whether a PUT may go here: welcomed, open, no other upload running."""
+        return (self.machine.state is ClientState.READY and self._attempt is None
+                and not self._closing and not self._lost)
+
+    def put(self, frame: Put) -> Deferred[Completed]:
+        """
+        Send a whole file in one PUT (see L{ClientConnection.put}), after the
+        PUTs already in flight; the Deferred fires with its COMPLETED, or
+        fails with the server's error or with why the connection ended.
+        """
+        if not self.open:
+            raise RuntimeError("the connection is not ready for a PUT")
+        answer: Deferred[Completed] = Deferred()
+        self._puts.append(answer)
+        self.machine.put(frame)
+        self._arm_stall_timer()
+        self.flush()
+        return answer
+
+    def puts_below(self, count: int) -> Deferred[None]:
+        """Fires once fewer than C{count} PUTs are in flight (or the connection ended)."""
+        if len(self._puts) < count or self._closing or self._lost:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._put_waiters.append((count, waiter))
+        return waiter
 
     def run(self, attempt: UploadAttempt) -> Deferred[Completed]:
         """Start C{attempt} on this (idle) connection; returns its C{result}."""
@@ -139,7 +176,16 @@ class UploadConnection(Protocol):
     # Events --------------------------------------------------------------
 
     def _on_event(self, event: object) -> None:
-        if isinstance(event, Welcomed):
+        if isinstance(event, PutAnswered):
+            answer = self._puts.popleft()
+            if not self._puts and self._attempt is None:
+                self._cancel_stall_timer()
+            self._wake_put_waiters()
+            if event.completed is not None:
+                answer.callback(event.completed)
+            else:
+                answer.errback(event.error)
+        elif isinstance(event, Welcomed):
             welcome = event.welcome
             self.server_id = welcome.server_id
             advertised = welcome.options.get("window", "")
@@ -163,6 +209,23 @@ class UploadConnection(Protocol):
             self.welcomed.errback(failure)
         elif self._attempt is not None:
             self._attempt.fail(failure)
+        self._fail_puts(failure)
+
+    def _fail_puts(self, failure: Failure) -> None:
+        """The connection ended: every PUT in flight fails with C{failure}."""
+        puts, self._puts = self._puts, collections.deque()
+        self._wake_put_waiters()
+        for answer in puts:
+            answer.errback(failure)
+
+    def _wake_put_waiters(self) -> None:
+        ended = self._closing or self._lost
+        waiting, self._put_waiters = self._put_waiters, []
+        for count, waiter in waiting:
+            if ended or len(self._puts) < count:
+                waiter.callback(None)
+            else:
+                self._put_waiters.append((count, waiter))
 
     def _lose(self) -> None:
         if self._closing:
@@ -197,4 +260,5 @@ class UploadConnection(Protocol):
             self.welcomed.errback(failure)
         elif self._attempt is not None:
             self._attempt.fail(failure)
+        self._fail_puts(failure)
 

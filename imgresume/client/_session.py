@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import zlib
 from typing import Any, Callable, Mapping, Protocol
 
 import attrs
@@ -36,7 +37,11 @@ from imgresume.client._results import (
 from imgresume.client._source import LocalFile, Runner, SourceChanged
 from imgresume.errors import DigestMismatch, ImgresumeError, UnknownUpload
 from imgresume.names import IF_EXISTS_KEY
-from imgresume.protocol import SKIPPED_UPLOAD_ID, Upload
+from imgresume.protocol import SKIPPED_UPLOAD_ID, Completed, Put, Upload
+
+#: PUTs a session keeps in flight on its connection, so that it never idles
+#: for a round trip between small files.
+PUTS_IN_FLIGHT = 2
 
 class SessionUploader(Protocol):
     """
@@ -53,6 +58,8 @@ class SessionUploader(Protocol):
     stall_timeout: float
     window: int
     chunk_size: int | None
+    #: The largest file sent whole in one PUT, if the server offers it (0: never).
+    put_max: int
     run: Runner
     journal_queue: JournalQueue | None
     if_exists: str
@@ -84,9 +91,11 @@ class UploadSession:
     through the endpoint (the balancer) with backoff, resuming from the
     offset the server proves, exactly as a single upload does.
 
-    Uploads on one session run one at a time, in call order.  For several
-    at once, use several sessions (L{imgresume.client.Uploader.upload_batch}
-    does).
+    Uploads on one session run one at a time, in call order, except small
+    files sent whole in one PUT (to a server that offers it): once a PUT is
+    sent, the next upload may start, so that up to L{PUTS_IN_FLIGHT} PUTs
+    are in flight at once and answered in order.  For several connections,
+    use several sessions (L{imgresume.client.Uploader.upload_batch} does).
     """
 
     log = Logger()
@@ -96,6 +105,8 @@ class UploadSession:
         self._connection: UploadConnection | None = None
         self._lock = DeferredLock()
         self._closed = False
+        #: The uploads under way (those of PUTs in flight included).
+        self._under_way: set[Deferred[None]] = set()
         #: Connections this session opened, each with its handshake.
         self.connections = 0
 
@@ -119,15 +130,44 @@ class UploadSession:
         """
         if self._closed:
             return fail(RuntimeError("this upload session is closed"))
+        turn = _Turn(self._lock)
 
-        def start() -> Deferred[UploadResult]:
-            if self._uploader.interrupted:
-                return fail(self._interruption(name or os.path.basename(path), _Run()))
-            return self._uploader.track(Deferred.fromCoroutine(self._upload(
-                path, name, dict(metadata or {}), restart, progress or (lambda p: None)
-            )))
+        async def run() -> UploadResult:
+            await turn.take()
+            try:
+                if self._uploader.interrupted:
+                    raise self._interruption(name or os.path.basename(path), _Run())
+                return await self._uploader.track(Deferred.fromCoroutine(self._upload(
+                    path, name, dict(metadata or {}), restart, progress or (lambda p: None),
+                    turn)))
+            finally:
+                turn.give()
 
-        return self._lock.run(start)
+        settled: Deferred[None] = Deferred()
+        self._under_way.add(settled)
+
+        def done(result: object) -> object:
+            self._under_way.discard(settled)
+            settled.callback(None)
+            return result
+
+        return Deferred.fromCoroutine(run()).addBoth(done)
+
+    def pipelines(self, path: str) -> bool:
+        """
+        Whether an upload of the file at C{path} would go now as a PUT
+        behind the ones in flight on this session's connection: the
+        connection is open and takes PUTs of its size (a batch then starts
+        it at once, see L{imgresume.client._batch}).
+        """
+        connection = self._connection
+        if connection is None or not connection.open:
+            return False
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            return False
+        return size <= self._uploader.put_max and _takes_put(connection, size)
 
     def close(self) -> Deferred[None]:
         """
@@ -136,7 +176,14 @@ class UploadSession:
         calls fail.
         """
         self._closed = True
-        return self._lock.run(self._close_connection)
+        waits = list(self._under_way)
+
+        async def close() -> None:
+            for settled in waits:
+                await settled
+            await self._lock.run(self._close_connection)
+
+        return Deferred.fromCoroutine(close())
 
     async def __aenter__(self) -> "UploadSession":
         return self
@@ -153,6 +200,7 @@ class UploadSession:
         metadata: dict[str, str],
         restart: bool,
         progress: Callable[[Progress], None],
+        turn: "_Turn",
     ) -> UploadResult:
         name = name or os.path.basename(path)
         started = time.monotonic()
@@ -165,7 +213,7 @@ class UploadSession:
             digest = Digest(source)
             try:
                 return await self._upload_source(
-                    source, digest, name, metadata, restart, progress, started, state)
+                    source, digest, name, metadata, restart, progress, started, state, turn)
             finally:
                 await digest.stop()
                 source.close()
@@ -194,6 +242,7 @@ class UploadSession:
         progress: Callable[[Progress], None],
         started: float,
         state: "_Run",
+        turn: "_Turn",
     ) -> UploadResult:
         up = self._uploader
         journal = up.journal_queue
@@ -202,6 +251,8 @@ class UploadSession:
         if journal is not None and not restart:
             entry = await journal.lookup(key)
         reactor = up.reactor
+        # A fresh small file goes whole in a PUT, if the server takes it.
+        put_first = entry is None and source.size <= up.put_max
 
         async def hash_file() -> bytes:
             progress(Progress(name, "hashing", 0, source.size))
@@ -278,7 +329,12 @@ class UploadSession:
             try:
                 if state.attempts > 1:
                     await source.check_unchanged()  # before a resume
-                connection = await self._ready_connection()
+                connection = await self._ready_connection(puts=put_first)
+                if put_first and _takes_put(connection, source.size):
+                    break  # to the PUT below
+                put_first = False
+                if not connection.idle:
+                    connection = await self._ready_connection()
                 attempt.request = await request_for(connection)
                 completed = await connection.run(attempt)
             except Exception as error:  # sorted by _after_failure
@@ -308,6 +364,9 @@ class UploadSession:
             else:
                 state.record(attempt, resuming)
                 break
+        if put_first:
+            state.attempts -= 1  # counted again by the PUT
+            return await self._put(source, name, metadata, progress, started, state, turn, key)
 
         # A RESUME answered COMPLETED at once may leave a late digest unknown.
         sha256 = await digest.wait()
@@ -336,6 +395,112 @@ class UploadSession:
                               and attempt.stats.accepted_offset is None),
             skipped=skipped,
         )
+
+    async def _put(
+        self,
+        source: LocalFile,
+        name: str,
+        metadata: dict[str, str],
+        progress: Callable[[Progress], None],
+        started: float,
+        state: "_Run",
+        turn: "_Turn",
+        key: str,
+    ) -> UploadResult:
+        """
+        Send a small file whole in one PUT, read and hashed in a thread; a
+        break before its answer sends the same PUT (the same upload id: the
+        server stores it once) on the next connection.  Once the PUT is
+        sent, the session's next upload may go (C{turn} is given).
+        """
+        up = self._uploader
+        data, sha256, _crc = await source.read_whole()
+        await source.check_unchanged()
+        asked = {k: v for k, v in metadata.items() if k != IF_EXISTS_KEY}
+        if up.if_exists != "rename":
+            asked[IF_EXISTS_KEY] = up.if_exists
+        frame = Put(os.urandom(16).hex(), name, sha256, asked, zlib.crc32(data), data)
+        state.upload_id = frame.upload_id
+        while True:
+            state.attempts += 1
+            server = None
+            try:
+                await turn.take()
+                connection = await self._ready_connection(puts=True)
+                server = connection.server_id
+                if not connection.machine.offers_if_exists(up.if_exists):
+                    raise UploadFailed(
+                        f"{name}: server {server} does not offer if-exists={up.if_exists} "
+                        "(it predates it); nothing was sent: upgrade the servers, or let a "
+                        "clash be renamed (if-exists=rename)", IfExistsNotOffered(up.if_exists))
+                if not _takes_put(connection, source.size):
+                    # Another server, of an older version: an UPLOAD there
+                    # could store the file twice if the PUT sent before was
+                    # stored and its answer lost.
+                    raise UploadFailed(
+                        f"{name}: server {server} does not take PUT, and the PUT sent "
+                        "before may be stored; not sent again: run the upload again "
+                        "(if-exists=skip finds it if it was stored)")
+                progress(Progress(name, "uploading", 0, source.size, server))
+                answer = connection.put(frame)
+                state.bytes_sent += source.size
+                turn.give()  # the next file may go on this connection now
+                completed: Completed = await answer
+            except CancelledError:
+                raise
+            except Exception as error:
+                if server is not None:
+                    state.servers.append(server)
+                delay = self._put_failed(state, error, name)
+                turn.give()
+                progress(Progress(name, "retrying", 0, source.size, server, note=retry_note(
+                    error, up.endpoint_text, max(state.failures, 1),
+                    max(up.max_attempts - 1, 1), delay)))
+                await deferLater(up.reactor, delay)
+            else:
+                state.servers.append(server or "?")
+                break
+        if completed.sha256 != sha256 or completed.size != source.size:
+            raise state.failed(
+                f"{name}: server reports {completed.size} bytes with SHA-256 "
+                f"{completed.sha256.hex()}; the local file has {source.size} bytes "
+                f"with {sha256.hex()}")
+        skipped = completed.upload_id == SKIPPED_UPLOAD_ID
+        state.acknowledged = completed.size
+        journal = up.journal_queue
+        if journal is not None:
+            await self._journal_written(journal.forget(key) if skipped else journal.complete(
+                key, completed.upload_id, sha256.hex()))
+        progress(Progress(name, "done", completed.size, completed.size, state.servers[-1],
+                          completed.path))
+        return UploadResult(
+            name=name, upload_id="" if skipped else completed.upload_id,
+            size=completed.size, sha256=completed.sha256.hex(), path=completed.path,
+            resumed_at=[], bytes_sent=state.bytes_sent, attempts=state.attempts,
+            servers=state.servers, seconds=round(time.monotonic() - started, 3),
+            already_complete=False, skipped=skipped,
+        )
+
+    def _put_failed(self, state: "_Run", error: Exception, name: str) -> float:
+        """
+        A PUT was not answered COMPLETED: raise L{UploadFailed} to give up,
+        or return how long to wait before it is sent again.
+        """
+        up = self._uploader
+        if isinstance(error, UploadFailed):
+            raise error
+        state.failures += 1
+        self.log.info("PUT {attempt} of {name} ended: {error}", attempt=state.attempts,
+                      name=name, error=describe(error, up.endpoint_text))
+        if isinstance(error, SourceChanged):
+            raise state.failed(f"{name}: source changed during upload: {error}", error)
+        if isinstance(error, ImgresumeError) and not error.retryable:
+            raise state.failed(f"{name}: {error}", error)
+        if state.failures >= up.max_attempts:
+            raise state.failed(
+                f"{name}: gave up after {state.failures} attempts (last: "
+                f"{describe(error, up.endpoint_text)})", error)
+        return up.backoff(state.failures, getattr(error, "retry_after", 0.0))
 
     async def _journal_written(self, written: Deferred[None]) -> None:
         """Wait for a journal write; a failure is logged (the upload stands)."""
@@ -398,10 +563,16 @@ class UploadSession:
 
     # The connection --------------------------------------------------------
 
-    async def _ready_connection(self) -> UploadConnection:
-        """The connection the last file left ready, or a new one, welcomed."""
+    async def _ready_connection(self, puts: bool = False) -> UploadConnection:
+        """
+        The connection the last file left ready, or a new one, welcomed.
+        For a PUT (C{puts}), once fewer than L{PUTS_IN_FLIGHT} are in flight
+        on it; else once none is.
+        """
         connection = self._connection
-        if connection is not None and connection.idle:
+        if connection is not None:
+            await connection.puts_below(PUTS_IN_FLIGHT if puts else 1)
+        if connection is not None and (connection.open if puts else connection.idle):
             return connection
         self._connection = None
         up = self._uploader
@@ -424,6 +595,34 @@ class UploadSession:
     def _close_connection(self) -> Deferred[None]:
         connection, self._connection = self._connection, None
         return connection.close() if connection is not None else succeed(None)
+
+
+def _takes_put(connection: UploadConnection, size: int) -> bool:
+    """Whether the server of C{connection} takes a file of C{size} bytes in a PUT."""
+    limit = connection.machine.put_limit
+    return 0 < limit and size <= limit
+
+
+class _Turn:
+    """
+    One upload's turn on its session's connection: taken before it uses
+    the connection, given as soon as the next upload may use it (for a
+    PUT, once sent), taken again for a retry.
+    """
+
+    def __init__(self, lock: DeferredLock) -> None:
+        self._lock = lock
+        self._held = False
+
+    async def take(self) -> None:
+        if not self._held:
+            await self._lock.acquire()
+            self._held = True
+
+    def give(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
 
 
 @attrs.define

@@ -118,6 +118,19 @@ class LocalFile:
         """SHA-256 of the bytes at [offset, offset+length), in a thread."""
         return self._run(lambda: hashlib.sha256(self._read_exactly(offset, length)).digest())
 
+    def read_whole(self) -> Deferred[tuple[bytes, bytes, int]]:
+        """
+        The whole file, its SHA-256 and its CRC-32, read and computed in a
+        thread (a small file sent in one PUT).  Fails with L{SourceChanged}
+        if it is shorter than when opened.
+        """
+
+        def read() -> tuple[bytes, bytes, int]:
+            data = self._read_exactly(0, self.size)
+            return data, hashlib.sha256(data).digest(), zlib.crc32(data)
+
+        return self._run(read)
+
     def _read_exactly(self, offset: int, length: int) -> bytes:
         parts = []
         while length:

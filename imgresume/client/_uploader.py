@@ -33,6 +33,10 @@ from imgresume.client._source import Runner
 from imgresume.names import IF_EXISTS_POLICIES
 
 
+#: The default of C{put_max}: the largest file sent whole in one PUT.
+PUT_MAX = 4 * 1024 * 1024
+
+
 def default_client_id() -> str:
     """C{user@host}, limited to the characters client ids allow."""
     try:
@@ -63,6 +67,10 @@ class Uploader:
         L{default_journal_path}) or None, which disables the journal.
     @param run: runs blocking file work off the reactor thread (default:
         the reactor's thread pool).
+    @param put_max: a file of at most this many bytes, not already begun
+        (in the journal), goes whole in one PUT frame, stored by the
+        server in one step, to a server that offers PUT for its size (0:
+        never); up to two PUTs are kept in flight on a connection.
     @param if_exists: what the server does when a completed file already
         has the remote name: C{"rename"} (store beside it under another
         name; the default), C{"skip"} (store nothing if that file has the
@@ -93,6 +101,7 @@ class Uploader:
         stall_timeout: float = 60.0,
         window: int = 16,
         chunk_size: int | None = None,
+        put_max: int = PUT_MAX,
         run: Runner | None = None,
         rng: random.Random | None = None,
         if_exists: str = "rename",
@@ -121,6 +130,7 @@ class Uploader:
         self.stall_timeout = stall_timeout
         self.window = window
         self.chunk_size = chunk_size
+        self.put_max = put_max
         if run is None:
             from twisted.internet.threads import deferToThreadPool
 

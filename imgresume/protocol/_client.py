@@ -21,6 +21,7 @@ L{imgresume.client._attempt.UploadAttempt}.
 
 from __future__ import annotations
 
+import collections
 import enum
 import os
 import zlib
@@ -39,6 +40,7 @@ from imgresume.protocol import _auth as auth
 from imgresume.protocol._decoder import FrameDecoder
 from imgresume.protocol._frames import (
     PROTOCOL_VERSION,
+    SKIPPED_UPLOAD_ID,
     Accepted,
     Ack,
     Auth,
@@ -51,6 +53,7 @@ from imgresume.protocol._frames import (
     Hello,
     Ping,
     Pong,
+    Put,
     Resume,
     Status,
     Upload,
@@ -58,6 +61,7 @@ from imgresume.protocol._frames import (
     Welcome,
     data_header,
     encode,
+    put_header,
 )
 
 
@@ -129,7 +133,20 @@ class Ponged:
     nonce: int
 
 
-ClientEvent = StatusReceived | Challenged | Welcomed | UploadAccepted | ChunkAcked | UploadCompleted | ErrorReceived | Ponged
+@attrs.frozen
+class PutAnswered:
+    """
+    The answer to the oldest PUT in flight (C{upload_id}, the client's):
+    C{completed} if the file is stored (or skipped), else C{error}, which
+    ended that PUT only (unless its scope is the connection's).
+    """
+
+    upload_id: str
+    completed: Completed | None = None
+    error: ImgresumeError | None = None
+
+
+ClientEvent = PutAnswered | StatusReceived | Challenged | Welcomed | UploadAccepted | ChunkAcked | UploadCompleted | ErrorReceived | Ponged
 
 
 class ClientConnection:
@@ -173,6 +190,8 @@ class ClientConnection:
         self._rewinding = False
         #: Where to continue after a rewind: the last ERROR's offset.
         self._rewind_offset = 0
+        #: The upload ids of the PUTs sent and not yet answered, oldest first.
+        self.puts: collections.deque[str] = collections.deque()
         self._decoder = FrameDecoder()
         self._out: list[bytes] = []
 
@@ -186,21 +205,49 @@ class ClientConnection:
 
     def upload(self, upload: Upload) -> None:
         """Ask for a new upload."""
-        self._expect(ClientState.READY)
+        self._expect_idle()
         self._send(upload)
         self.state = ClientState.AWAIT_ACCEPTED
 
     def resume(self, upload_id: str) -> None:
         """Ask to continue an upload."""
-        self._expect(ClientState.READY)
+        self._expect_idle()
         self._send(Resume(upload_id))
         self.state = ClientState.AWAIT_ACCEPTED
 
     def status(self, upload_id: str) -> None:
         """Ask for an upload's state (read only)."""
-        self._expect(ClientState.READY)
+        self._expect_idle()
         self._send(Status(upload_id))
         self.state = ClientState.AWAIT_STATUS
+
+    @property
+    def put_limit(self) -> int:
+        """
+        The largest file the server takes whole in one PUT: its WELCOME's
+        C{put} option (0: the server does not offer PUT).
+        """
+        offered = self.welcome.options.get("put", "") if self.welcome else ""
+        if not (offered.isdigit() and offered.isascii()):
+            return 0
+        assert self.welcome is not None
+        return min(int(offered), self.welcome.max_payload, self.welcome.max_file_size)
+
+    def put(self, put: Put) -> None:
+        """
+        Send a whole file in one PUT frame.  Legal in the ready state, also
+        while earlier PUTs wait for their answers (pipelining): each is
+        answered, in order, by a L{PutAnswered}.  C{put.payload} is written
+        as is, without a copy into the frame.
+        """
+        self._expect(ClientState.READY)
+        if not 0 < self.put_limit >= len(put.payload):
+            raise ValueError(f"a PUT of {len(put.payload)} bytes to a server whose put "
+                             f"is {self.put_limit}")
+        self._out.append(put_header(put, len(put.payload)))
+        if put.payload:
+            self._out.append(put.payload)
+        self.puts.append(put.upload_id)
 
     def ping(self, nonce: int) -> None:
         """Probe the server (after the handshake); it answers with L{Ponged}."""
@@ -316,6 +363,12 @@ class ClientConnection:
             return self._on_error(frame)
         if isinstance(frame, Pong):
             return Ponged(frame.nonce)
+        if isinstance(frame, Completed) and self.puts and state is ClientState.READY:
+            upload_id = self.puts.popleft()
+            if frame.upload_id not in (upload_id, SKIPPED_UPLOAD_ID):
+                raise MalformedFrame(
+                    f"COMPLETED for upload {frame.upload_id} answers the PUT of {upload_id}")
+            return PutAnswered(upload_id, completed=frame)
         if isinstance(frame, Challenge) and state is ClientState.AWAIT_WELCOME:
             if self.key is None:
                 raise HandshakeRejected(
@@ -375,6 +428,9 @@ class ClientConnection:
         )
         if error.scope is Scope.CONNECTION:
             self.state = ClientState.CLOSED
+        elif self.puts and self.state is ClientState.READY:
+            # Whatever its scope, an error answering a PUT ends that PUT only.
+            return PutAnswered(self.puts.popleft(), error=error)
         elif error.scope is Scope.TRANSFER and self.state is ClientState.SENDING:
             if not self.outstanding:
                 raise UnexpectedFrame(f"transfer error with no packet in flight: {error}")
@@ -433,6 +489,11 @@ class ClientConnection:
 
     def _send(self, frame: Frame) -> None:
         self._out.append(encode(frame))
+
+    def _expect_idle(self) -> None:
+        self._expect(ClientState.READY)
+        if self.puts:
+            raise RuntimeError("not possible while PUTs wait for their answers")
 
     def _expect(self, *states: ClientState) -> None:
         if self.state not in states:

@@ -20,15 +20,22 @@ from imgresume.protocol._frames import (
     Frame,
     FrameType,
     decode_body,
+    decode_put,
 )
 
 
-def control_limit(max_payload: int) -> Callable[[int], int]:
-    """A limit function: DATA bodies up to C{max_payload}, others 64 KiB."""
+def control_limit(max_payload: int, max_put: int = 0) -> Callable[[int], int]:
+    """
+    A limit function: DATA bodies up to C{max_payload}, PUT bodies up to
+    64 KiB more than C{max_put} (its fields, then the file), others 64 KiB.
+    """
     data_limit = DATA_PREFIX.size + max_payload
+    put_limit = CONTROL_MAX_BODY + max_put
 
     def limit(kind: int) -> int:
-        return data_limit if kind == FrameType.DATA else CONTROL_MAX_BODY
+        if kind == FrameType.DATA:
+            return data_limit
+        return put_limit if kind == FrameType.PUT else CONTROL_MAX_BODY
 
     return limit
 
@@ -132,6 +139,8 @@ class FrameDecoder:
             if self._kind == FrameType.DATA and len(body) >= DATA_PREFIX.size:
                 offset, crc = DATA_PREFIX.unpack_from(body)
                 return Data(offset, crc, memoryview(body)[DATA_PREFIX.size :])
+            if self._kind == FrameType.PUT:
+                return decode_put(memoryview(body), copy=False)
             with memoryview(body) as view:
                 return decode_body(self._kind, view)
         buf = self._buffer

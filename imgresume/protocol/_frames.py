@@ -70,6 +70,7 @@ class FrameType(enum.IntEnum):
     STATUS = 0x0E
     UPLOAD_STATUS = 0x0F
     FINISH = 0x10
+    PUT = 0x11
 
 
 def _kv(value: Mapping[str, str]) -> dict[str, str]:
@@ -171,6 +172,30 @@ class Finish:
 
 
 @attrs.frozen
+class Put:
+    """
+    Client -> server: a whole small file in one frame, to a server whose
+    WELCOME announced C{put} (docs/protocol.md, PUT).  C{upload_id} (32 hex
+    digits) is chosen by the client: with its client id it names this one
+    file, so that a PUT repeated after a broken connection stores nothing
+    twice.  The payload's length is the file's size.  The name and the
+    metadata are the user's text, as in L{Upload}.
+    """
+
+    upload_id: str
+    name: str
+    sha256: bytes
+    metadata: Mapping[str, str] = attrs.field(factory=dict, converter=_kv)
+    crc32: int = 0
+    payload: bytes = b""
+
+    @property
+    def size(self) -> int:
+        """The file's size: its payload's length."""
+        return len(self.payload)
+
+
+@attrs.frozen
 class Ack:
     """Server -> client: everything before C{offset} (the server's C{durable}) is durable."""
 
@@ -255,7 +280,7 @@ class UploadStatusFrame:
 
 Frame = Union[
     Hello, Welcome, Upload, Resume, Accepted, Data, Ack, Completed, Error, Ping, Pong,
-    Challenge, Auth, Status, UploadStatusFrame, Finish,
+    Challenge, Auth, Status, UploadStatusFrame, Finish, Put,
 ]
 
 
@@ -281,11 +306,37 @@ def data_header(offset: int, crc32: int, length: int) -> bytes:
     )
 
 
+def put_header(put: Put, length: int) -> bytes:
+    """
+    The bytes of a PUT frame before its payload of C{length} bytes (the
+    C{payload} of C{put} is not read), so that a sender can write header
+    and payload without joining them.
+    """
+    w = Writer().fixed(upload_id_to_bytes(put.upload_id), UPLOAD_ID_SIZE)
+    w.str(put.name, USER_TEXT).fixed(put.sha256, SHA256_SIZE).kv(put.metadata, USER_TEXT)
+    fields = w.u32(put.crc32).body()
+    return HEADER.pack(FrameType.PUT, len(fields) + length) + fields
+
+
+def decode_put(body: memoryview, copy: bool = True) -> Put:
+    """
+    Parse a PUT body.  With C{copy} false the payload is a C{memoryview}
+    of C{body} (a buffer of its own, see L{imgresume.protocol._decoder}).
+    """
+    r = Reader(body, "PUT")
+    upload_id, name, sha256 = r.fixed(UPLOAD_ID_SIZE).hex(), r.str(USER_TEXT), r.fixed(SHA256_SIZE)
+    metadata, crc = r.kv(USER_TEXT), r.u32()
+    payload = r.rest() if copy else body[r.pos :]
+    return Put(upload_id, name, sha256, metadata, crc, payload)
+
+
 def encode(frame: Frame) -> bytes:
     """Serialise one frame, header included."""
     w = Writer()
     if isinstance(frame, Data):
         return data_header(frame.offset, frame.crc32, len(frame.payload)) + frame.payload
+    if isinstance(frame, Put):
+        return put_header(frame, len(frame.payload)) + bytes(frame.payload)
     if isinstance(frame, Hello):
         w.fixed(MAGIC, 4).u16(frame.version_min).u16(frame.version_max)
         w.str(frame.client_id).kv(frame.options)
@@ -353,6 +404,8 @@ def decode_body(kind: int, body: memoryview) -> Frame:
         raise MalformedFrame(f"unknown frame type 0x{kind:02x}")
     r = Reader(body, ftype.name)
     frame: Frame
+    if ftype is FrameType.PUT:
+        return decode_put(body)
     if ftype is FrameType.DATA:
         offset, crc = DATA_PREFIX.unpack(r._take(DATA_PREFIX.size))
         return Data(offset, crc, r.rest())

@@ -35,6 +35,16 @@ class ServerLimits:
     max_payload: int = 4 * 1024 * 1024
     chunk_size: int = 1024 * 1024
     max_file_size: int = 1 << 40
+    #: The largest file taken whole in one PUT frame (0, the default here:
+    #: PUT not offered; C{twistd imgresume} offers 4 MiB, C{--max-put});
+    #: announced in WELCOME as C{put}, capped by C{max_payload} and
+    #: C{max_file_size}.
+    max_put: int = 0
+
+    @property
+    def put_limit(self) -> int:
+        """The largest file a PUT may carry, as announced (0: PUT not offered)."""
+        return max(0, min(self.max_put, self.max_payload, self.max_file_size))
 
 
 def error_frame(error: ImgresumeError) -> Error:

@@ -57,6 +57,7 @@ from imgresume.protocol._frames import (
     Hello,
     Ping,
     Pong,
+    Put,
     Resume,
     Status,
     Upload,
@@ -77,6 +78,7 @@ from imgresume.protocol._server_events import (
     ConnectionFailed,
     FinishRequested,
     HelloReceived,
+    PutRequested,
     Refusal,
     ResumeRequested,
     ServerEvent,
@@ -175,6 +177,8 @@ class ServerConnection:
             return AuthReceived(frame.mac)
         if isinstance(frame, Upload):
             return self._on_upload(frame)
+        if isinstance(frame, Put):
+            return self._on_put(frame)
         if isinstance(frame, Resume):
             self.state = ServerState.OPENING
             return ResumeRequested(frame.upload_id)
@@ -224,6 +228,37 @@ class ServerConnection:
             return None
         self.state = ServerState.OPENING
         return UploadRequested(upload, if_exists_policy(upload.metadata))
+
+    def _on_put(self, put: Put) -> ServerEvent | None:
+        """
+        A whole file in one frame: checked as an UPLOAD of its size, then
+        its payload as a DATA packet's; answered by the caller once stored.
+        """
+        limit = self.limits.put_limit
+        if not limit:
+            raise UnexpectedFrame("PUT is not offered by this server: use UPLOAD")
+        upload = Upload(put.name, put.size, put.sha256, put.metadata)
+        problem: ImgresumeError | None = None
+        if put.size > limit:
+            problem = FileTooLarge(
+                f"a PUT carries at most {limit} bytes (this server's put); "
+                f"send this file of {put.size} bytes with UPLOAD")
+        elif not_utf8(put.name):
+            problem = InvalidName("name is not valid UTF-8")
+        elif len(put.name.encode("utf-8")) > MAX_NAME_BYTES:
+            problem = InvalidName(f"name is longer than {MAX_NAME_BYTES} bytes")
+        else:
+            problem = check_metadata(put.metadata)
+        if problem is None and zlib.crc32(put.payload) != put.crc32:
+            problem = ChecksumMismatch("the PUT's payload does not match its CRC-32; "
+                                       "send it again")
+        if problem is not None:
+            self._send(error_frame(problem))
+            self._refused.append(Refusal(problem, upload))
+            return None
+        self.state = ServerState.STORING
+        self.upload_id = put.upload_id
+        return PutRequested(put, if_exists_policy(put.metadata))
 
     def _on_data(self, data: Data) -> ServerEvent | None:
         end = data.offset + len(data.payload)
@@ -310,10 +345,12 @@ class ServerConnection:
                 # This machine takes the SHA-256 at the end (FINISH), and
                 # hands every UPLOAD's if-exists policy to its caller.
                 options={"late-digest": "1", "if-exists": ",".join(IF_EXISTS_POLICIES),
+                         **({"put": str(self.limits.put_limit)} if self.limits.put_limit
+                            else {}),
                          **(options or {})},
             )
         )
-        self._decoder.limit = control_limit(self.limits.max_payload)
+        self._decoder.limit = control_limit(self.limits.max_payload, self.limits.put_limit)
         self.state = ServerState.READY
 
     @property
@@ -386,8 +423,11 @@ class ServerConnection:
         self._send_ready_answers()
 
     def upload_completed(self, upload_id: str, size: int, sha256: bytes, path: str) -> None:
-        """The upload is verified and in place (or was already): send COMPLETED."""
-        self._expect(ServerState.COMPLETING, ServerState.OPENING)
+        """
+        The upload is verified and in place (or was already; or the PUT's
+        file is stored, or skipped): send COMPLETED.
+        """
+        self._expect(ServerState.COMPLETING, ServerState.OPENING, ServerState.STORING)
         self._send(Completed(upload_id, size, sha256, path))
         self._end_upload()
 
@@ -401,7 +441,7 @@ class ServerConnection:
         self._expect(
             ServerState.CHECKING_HELLO, ServerState.CHECKING_AUTH, ServerState.OPENING,
             ServerState.QUERYING, ServerState.RECEIVING, ServerState.FINISHING,
-            ServerState.COMPLETING,
+            ServerState.COMPLETING, ServerState.STORING,
         )
         if self.state in (ServerState.RECEIVING, ServerState.FINISHING) and not any(
             isinstance(a, int) for a in self._answers

@@ -20,6 +20,7 @@ from imgresume.protocol._frames import (
     Finish,
     Hello,
     Ping,
+    Put,
     Resume,
     Status,
     Upload,
@@ -39,6 +40,7 @@ class ServerState(enum.Enum):
     RECEIVING = "receiving"
     FINISHING = "finishing"
     COMPLETING = "completing"
+    STORING = "storing"
     CLOSED = "closed"
 
 
@@ -114,6 +116,22 @@ class FinishRequested:
 
 
 @attrs.frozen
+class PutRequested:
+    """
+    Store a whole small file in one step (a PUT, already checked for its
+    size, name bytes, metadata and CRC-32), then call
+    L{imgresume.protocol._server.ServerConnection.upload_completed} with
+    the client's upload id (or L{imgresume.protocol.SKIPPED_UPLOAD_ID} for
+    a file skipped by C{if-exists}), or
+    L{imgresume.protocol._server.ServerConnection.fail}.
+    """
+
+    put: Put
+    #: The PUT's policy for a name already taken: rename, skip or fail.
+    if_exists: str = "rename"
+
+
+@attrs.frozen
 class ConnectionFailed:
     """A fatal error was queued for the client; flush and close."""
 
@@ -138,13 +156,13 @@ class Refusal:
 
 ServerEvent = (
     HelloReceived | AuthReceived | StatusRequested | UploadRequested | ResumeRequested | ChunkReceived
-    | FinishRequested | ConnectionFailed
+    | FinishRequested | PutRequested | ConnectionFailed
 )
 
 #: Frames a client may send in each state that reads frames.
 LEGAL_FRAMES: dict[ServerState, tuple[type, ...]] = {
     ServerState.AWAIT_HELLO: (Hello,),
     ServerState.AWAIT_AUTH: (Auth,),
-    ServerState.READY: (Upload, Resume, Status, Ping),
+    ServerState.READY: (Upload, Resume, Status, Put, Ping),
     ServerState.RECEIVING: (Data, Finish, Ping),
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -83,6 +84,10 @@ class UploadServerFactory(Factory):
         self.cert_identity = cert_identity
         self.server_id = server_id
         self.clock = clock
+        if limits.max_put and getattr(storage, "store_whole", None) is None:
+            # A storage without the one-step store (IUploadStorage.store_whole)
+            # takes every file through UPLOAD: PUT is not offered.
+            limits = attrs.evolve(limits, max_put=0)
         self.limits = limits
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout

@@ -4,8 +4,9 @@ The Twisted adapter between a TCP (or TLS, or UNIX) connection and the
 sans-IO L{ServerConnection}: it feeds received bytes to the machine, runs
 the storage work each event asks for, writes the machine's answers, and
 enforces the handshake and idle timeouts.  The policies are objects it owns
-and calls, which answer with values: the handshake (C{_handshake}), the
-limits all connections share (C{_admission}), frame admission, write
+and calls, which answer with values: the handshake (C{_handshake}), the decisions
+on commands (C{_commands}), the limits all connections share
+(C{_admission}), frame admission, write
 batches and back-pressure (C{_batching}), the takeover of a silent
 connection's upload (C{_takeover}) and the upload's events
 (C{_upload_events}).
@@ -25,28 +26,34 @@ from imgresume.errors import (
     ErrorCode,
     HandshakeRejected,
     ImgresumeError,
-    InternalError,
     InvalidName,
-    NameTaken,
     Scope,
     ShuttingDown,
     Timeout,
     UploadAlreadyComplete,
 )
 from imgresume.logs import escape
-from imgresume.names import validate_name
 from imgresume.protocol import (
     AuthReceived,
     ChunkReceived,
     ConnectionFailed,
     FinishRequested,
     HelloReceived,
+    PutRequested,
     ResumeRequested,
     ServerConnection,
+    SKIPPED_UPLOAD_ID,
     ServerState,
     StatusRequested,
     UploadRequested,
-    UploadStatusFrame,
+)
+from imgresume.server._commands import (
+    Close,
+    CommandPolicy,
+    NameTakenAnswer,
+    Skip,
+    status_frame,
+    unexpected,
 )
 from imgresume.server._batching import Backpressure, ChunkBatches, FrameAdmission, Written
 from imgresume.server._faults import PeerFaults, describe_peer, peer_host
@@ -61,6 +68,9 @@ from imgresume.tls import peer_certificate_identity
 def _silent(*args: Any, **kwargs: Any) -> None:
     """A log method that logs nothing."""
 
+
+#: The events that are commands a connection may refuse before storage is asked.
+COMMANDS = (StatusRequested, UploadRequested, ResumeRequested, PutRequested)
 
 #: Seconds a closing connection may take to flush before it is aborted.
 CLOSE_GRACE = 5.0
@@ -85,6 +95,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         self.machine = ServerConnection(factory.server_id, factory.limits)
         self.callLater = factory.clock.callLater  # for TimeoutMixin
         self._handshake = factory.new_handshake()
+        self._commands = CommandPolicy(factory.quota, lambda: self._handshake.health_only)
         self._admission = FrameAdmission(factory.memory, factory.limits.max_payload,
                                          wake=self.wake)
         self._batches = ChunkBatches(factory.memory)
@@ -158,11 +169,8 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         # (beyond a bounded rate) connections of peers at fault.
         quiet = self._faults.quiet_close(self.machine.hello, self.machine.client_id)
         emit = _silent if quiet else self.log.info
-        emit(
-            "connection from {peer} closed after {bytes} bytes: {reason}",
-            peer=self.peer, bytes=self._bytes_received,
-            reason=reason.getErrorMessage(),
-        )
+        emit("connection from {peer} closed after {bytes} bytes: {reason}",
+             peer=self.peer, bytes=self._bytes_received, reason=reason.getErrorMessage())
         # Let the storage calls in flight finish, then give up ownership.
         in_flight = [d for d in (self._busy, self._batches.writing) if d is not None]
         self._admission.stop_waiting()
@@ -209,10 +217,8 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             return  # a storage call fired synchronously inside the loop below
         self._pumping = True
         try:
-            while (
-                not self._stalled() and not self._closing
-                and self._admission.may_parse(self.machine.buffered)
-            ):
+            while (not self._stalled() and not self._closing
+                   and self._admission.may_parse(self.machine.buffered)):
                 event = self.machine.next_event()
                 for refusal in self.machine.refusals():  # they came before the event
                     self._faults.refused(refusal, self.machine.client_id,
@@ -233,14 +239,15 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
                 event.hello, lambda: peer_certificate_identity(self.transport)))
         elif isinstance(event, AuthReceived):
             self._decided(self._handshake.auth(event.mac))
-        elif isinstance(event, (StatusRequested, UploadRequested, ResumeRequested)) and (
-            self._refused(event)
-        ):
+        elif isinstance(event, COMMANDS) and self._refused(event):
             pass
         elif isinstance(event, StatusRequested):
-            self._run(storage.status(event.upload_id, client_id), self._status_found)
+            self._run(storage.status(event.upload_id, client_id),
+                      lambda st: self.machine.status_found(status_frame(st)))
         elif isinstance(event, UploadRequested):
             self._upload_requested(event)
+        elif isinstance(event, PutRequested):
+            self._put_requested(event)
         elif isinstance(event, ResumeRequested):
             self._events.requested(client_id, event)
             self._run(storage.resume(event.upload_id, client_id), self._opened, resumed=True)
@@ -253,26 +260,56 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             self._after_fatal(event.error)
 
     def _upload_requested(self, event: UploadRequested) -> None:
-        """
-        A new upload: refused at once if storage would refuse its name (so
-        that what a peer can make the server log stays bounded); else, if
-        the client's limits allow it (see L{IncompleteQuota
-        <imgresume.server._admission.IncompleteQuota>}), logged and created.
-        """
-        up, client_id = event.upload, self.machine.client_id
-        self._events.requested(client_id, event)
-        try:
-            validate_name(up.name)
-        except InvalidName as e:
-            self._storage_failed(Failure(e))
-            return
-
-        request = NewUpload(up.name, up.size, up.sha256, up.metadata, client_id or "")
-        if event.if_exists == "rename":
+        """A new upload: refused at once for a name storage would refuse, else created."""
+        self._events.requested(self.machine.client_id, event)
+        request = self._commands.new_upload(event.upload, self.machine.client_id)
+        if isinstance(request, InvalidName):
+            self._storage_failed(Failure(request))
+        elif event.if_exists == "rename":
             self._create(request)
         else:
-            self._run(self.factory.storage.find_completed(up.name, up.size), self._found,
-                      request=request, policy=event.if_exists)
+            self._run(self.factory.storage.find_completed(request.name, request.size),
+                      self._found, request=request, policy=event.if_exists)
+
+    def _put_requested(self, event: PutRequested) -> None:
+        """
+        A whole file in one PUT: stored in one step.  Its payload, out of the
+        machine's buffer now, counts in the server's memory (and the PUT as
+        one of its client's open uploads) until storage is done with it.
+        """
+        client_id = self.machine.client_id or ""
+        self._events.requested(client_id, event)
+        request = self._commands.whole_upload(event.put, client_id)
+        if isinstance(request, InvalidName):
+            self._storage_failed(Failure(request))
+            return
+        size, memory, quota = len(request.data), self.factory.memory, self.factory.quota
+        memory.count(size)
+        quota.count(client_id, +1)
+
+        def done(result: Any) -> Any:
+            memory.release(size)
+            quota.count(client_id, -1)
+            return result
+
+        self._run(self.factory.storage.store_whole(request).addBoth(done), self._stored,
+                  client=client_id)
+
+    def _stored(self, completed: Any, client: str) -> None:
+        """A PUT's file is stored (or skipped: the same file is there): one log line."""
+        skipped = completed.upload_id == SKIPPED_UPLOAD_ID
+        if skipped:
+            self._events.skipped()
+        else:
+            self.factory.metrics.stored_bytes.inc(completed.size)
+            self._events.completed(completed, repeat=False)
+        self.machine.upload_completed(completed.upload_id, completed.size,
+                                      completed.sha256, completed.path)
+        self.log.info("{how} {path} ({size} bytes, sha256 {sha256}) in one step: upload "
+                      "{upload_id} by {client}", how="skipped" if skipped else "stored",
+                      path=escape(completed.path), size=completed.size,
+                      sha256=completed.sha256.hex(), upload_id=completed.upload_id,
+                      client=escape(client))
 
     def _create(self, request: NewUpload) -> None:
         """Create the upload, within its client's limits on incomplete uploads."""
@@ -304,11 +341,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         d.addBoth(done)
 
     def _stalled(self) -> bool:
-        """
-        Whether to stop taking events: storage busy, or the next batch full.
-        (Frames already received are taken even when the server's memory is
-        used up: they are counted in it already.)
-        """
+        """Whether to stop taking events: storage busy, or the next batch full."""
         return self._busy is not None or self._batches.is_full(self.factory.batch_limit)
 
     def _write_next(self) -> None:
@@ -339,63 +372,48 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             self.machine.accept_hello(decision.options)
             self.setTimeout(self.factory.idle_timeout)
             emit = _silent if is_health_check(self.machine.hello) else self.log.info
-            emit(
-                "handshake from {peer}: client {client}{how}",
-                peer=self.peer, client=escape(self.machine.client_id), how=decision.how,
-            )
+            emit("handshake from {peer}: client {client}{how}",
+                 peer=self.peer, client=escape(self.machine.client_id), how=decision.how)
         else:
             hello = self.machine.hello
             if self._faults.fatal(ErrorCode.HANDSHAKE_REJECTED):
-                self.log.warn(
-                    "handshake from {peer} refused: client {client}: {reason}",
-                    peer=self.peer, client=escape(hello.client_id) if hello else None,
-                    reason=escape(decision.reason),
-                )
+                self.log.warn("handshake from {peer} refused: client {client}: {reason}",
+                              peer=self.peer, reason=escape(decision.reason),
+                              client=escape(hello.client_id) if hello else None)
             self._fail(HandshakeRejected(decision.message))
 
-    def _refused(self, event: StatusRequested | UploadRequested | ResumeRequested) -> bool:
+    def _refused(self, event: Any) -> bool:
         """
         Refuse a command from a health-check session, or an UPLOAD or RESUME
         from a client that already has its share of uploads open.
         """
-        if self._handshake.health_only:
-            self._fail(HandshakeRejected(
-                "this connection was welcomed as a health check and may only PING"))
-            return True
-        if isinstance(event, StatusRequested):
-            return False
         client_id = self.machine.client_id
-        error = self.factory.quota.refusal(client_id or "")
-        if error is None:
+        refusal = self._commands.refusal(
+            client_id, opens_upload=not isinstance(event, StatusRequested))
+        if refusal is None:
             return False
-        self._faults.warn(error.code, "client {client} is over its quota of {limit} open "
-                          "uploads", client=escape(client_id or ""),
-                          limit=self.factory.quota.limit)
+        if isinstance(refusal, Close):
+            self._fail(refusal.error)
+            return True
+        self._faults.warn(refusal.error.code, "client {client} is over its quota of "
+                          "{limit} open uploads", client=escape(client_id or ""),
+                          limit=refusal.limit)
         self._events.requested(client_id, event)
-        self._events.failed(error)
-        self.machine.fail(error)
+        self._events.failed(refusal.error)
+        self.machine.fail(refusal.error)
         return True
 
     # Answers from storage -------------------------------------------------
 
-    def _status_found(self, st: Any) -> None:
-        self.machine.status_found(UploadStatusFrame(
-            st.upload_id, st.name, st.size, st.state == "complete", st.offset, st.busy,
-            st.owner, int(st.created * 1000), int(st.updated * 1000), st.path,
-        ))
-
     def _found(self, found: StoredFile | None, request: NewUpload, policy: str) -> None:
-        """
-        What lies at the name of an UPLOAD whose if-exists policy is skip or
-        fail: refuse it (fail), answer with the file there (skip, same size
-        and SHA-256), or create the upload.
-        """
-        if found is not None and policy == "fail":
-            error = NameTaken(f"{found.path} already exists (if-exists=fail)")
-            self.log.info("upload refused: {path} already exists", path=escape(found.path))
-            self._events.failed(error)
-            self.machine.fail(error)
-        elif found is not None and policy == "skip" and found.sha256 == request.sha256:
+        """What lies at the name of an UPLOAD whose if-exists policy is skip or fail."""
+        answer = self._commands.if_exists(found, request.sha256, policy)
+        if isinstance(answer, NameTakenAnswer):
+            self.log.info("upload refused: {path} already exists", path=escape(answer.path))
+            self._events.failed(answer.error)
+            self.machine.fail(answer.error)
+        elif isinstance(answer, Skip):
+            found = answer.found
             self.log.info("upload skipped: {path} is the same file", path=escape(found.path))
             self._events.skipped()
             self.machine.upload_skipped(found.size, found.sha256, found.path)
@@ -405,15 +423,11 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
     def _opened(self, writer: IUploadWriter, resumed: bool) -> None:
         self.writer = writer
         info, tail = writer.info, writer.tail
-        self.machine.upload_opened(
-            info.upload_id, info.name, info.size, info.sha256, writer.offset,
-            (tail.start, tail.length, tail.sha256),
-        )
-        self.log.info(
-            "{how} upload {upload_id} ({name}) at offset {offset} of {size}",
-            how="resumed" if resumed else "created", upload_id=info.upload_id,
-            name=escape(info.name), offset=writer.offset, size=info.size,
-        )
+        self.machine.upload_opened(info.upload_id, info.name, info.size, info.sha256,
+                                   writer.offset, (tail.start, tail.length, tail.sha256))
+        self.log.info("{how} upload {upload_id} ({name}) at offset {offset} of {size}",
+                      how="resumed" if resumed else "created", upload_id=info.upload_id,
+                      name=escape(info.name), offset=writer.offset, size=info.size)
         self._events.opened(writer, resumed)
 
     def _chunk_written(self, chunk: Written) -> None:
@@ -425,14 +439,11 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         # Without a writer: a resume answered from an earlier completion.
         self._events.completed(completed, repeat=self.writer is None)
         self.writer = None
-        self.machine.upload_completed(
-            completed.upload_id, completed.size, completed.sha256, completed.path
-        )
-        self.log.info(
-            "completed upload {upload_id}: {path} ({size} bytes, sha256 {sha256})",
-            upload_id=completed.upload_id, path=escape(completed.path),
-            size=completed.size, sha256=completed.sha256.hex(),
-        )
+        self.machine.upload_completed(completed.upload_id, completed.size,
+                                      completed.sha256, completed.path)
+        self.log.info("completed upload {upload_id}: {path} ({size} bytes, sha256 {sha256})",
+                      upload_id=completed.upload_id, path=escape(completed.path),
+                      size=completed.size, sha256=completed.sha256.hex())
 
     def _storage_failed(self, failure: Failure) -> None:
         error = failure.value
@@ -441,9 +452,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             return
         if not isinstance(error, ImgresumeError):
             self.log.failure("storage call failed unexpectedly", failure)
-            error = InternalError(
-                f"unexpected {type(error).__name__} on the server; nothing stored is lost"
-            )
+            error = unexpected(error)
         # Which upload, as far as this connection knows it, and what happened.
         upload, fields = self._events.describe()
         self._faults.warn(error.code, "{upload}: error {code}: {error}", upload=upload,
@@ -463,8 +472,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         if writer is None:
             return succeed(None)
         return writer.release().addErrback(
-            lambda f: self.log.failure("releasing upload failed", f)
-        )
+            lambda f: self.log.failure("releasing upload failed", f))
 
     # Output, backpressure, timeouts ------------------------------------
 
@@ -514,10 +522,8 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         """The machine closed the connection with C{error}: flush it and close."""
         self.factory.metrics.connection_errors.inc(code=error.code.name)
         if self._faults.fatal(error.code):
-            self.log.warn(
-                "closing connection from {peer}: {code}: {message}",
-                peer=self.peer, code=error.code.name, message=escape(error.message),
-            )
+            self.log.warn("closing connection from {peer}: {code}: {message}",
+                          peer=self.peer, code=error.code.name, message=escape(error.message))
         self._events.failed(error)
         self._flush()
         self._backpressure.release(self.transport)

@@ -21,7 +21,7 @@ from zope.interface import Interface
 
 from imgresume.errors import ImgresumeError
 from imgresume.logs import escape
-from imgresume.protocol import ResumeRequested, UploadRequested
+from imgresume.protocol import PutRequested, ResumeRequested, UploadRequested
 from imgresume.sizes import format_size
 from imgresume.storage.interfaces import IUploadWriter
 
@@ -122,9 +122,13 @@ class UploadEventContext:
         self._upload: _Upload | None = None
 
     def requested(self, client_id: str | None,
-                  request: UploadRequested | ResumeRequested) -> None:
-        """Client C{client_id} asked for a new upload, or to resume one."""
-        if isinstance(request, UploadRequested):
+                  request: UploadRequested | ResumeRequested | PutRequested) -> None:
+        """Client C{client_id} asked for a new upload, to resume one, or sent a PUT."""
+        if isinstance(request, PutRequested):
+            put = request.put
+            self._upload = _Upload(client_id, put.upload_id, put.name, put.size, put.sha256,
+                                   put.metadata, 0)
+        elif isinstance(request, UploadRequested):
             up = request.upload
             self._upload = _Upload(client_id, None, up.name, up.size, up.sha256,
                                    up.metadata, 0)

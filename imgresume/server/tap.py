@@ -58,6 +58,8 @@ Examples:
         ["max-file-size", None, "1T", "Largest file a client may declare (e.g. 500M, 20G)."],
         ["chunk-size", None, "1M", "Payload size the server recommends to clients."],
         ["max-payload", None, "4M", "Largest DATA payload accepted."],
+        ["max-put", None, "4M", "Largest file taken whole in one PUT frame, stored in one "
+         "step (at most --max-payload); 0: PUT not offered."],
         ["handshake-timeout", None, "30s", "Time a client has to complete the handshake."],
         ["idle-timeout", None, "5m", "Silence after which a connection is closed "
          "(and its upload released for another server)."],
@@ -155,6 +157,7 @@ Examples:
                 max_payload=parse_size(self["max-payload"]),
                 chunk_size=parse_size(self["chunk-size"]),
                 max_file_size=parse_size(self["max-file-size"]),
+                max_put=parse_size(self["max-put"]),
             )
             for key in ("handshake-timeout", "idle-timeout", "takeover-idle",
                         "gc-interval", "expire-after", "expire-records-after"):

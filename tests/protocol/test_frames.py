@@ -35,6 +35,7 @@ from imgresume.protocol._frames import (
     Hello,
     Ping,
     Pong,
+    Put,
     Resume,
     Status,
     Upload,
@@ -42,7 +43,9 @@ from imgresume.protocol._frames import (
     Welcome,
     data_header,
     decode_body,
+    decode_put,
     encode,
+    put_header,
 )
 from tests.support.wire import drain
 from tests.support.wire import new_decoder as decoder
@@ -78,6 +81,8 @@ SAMPLES = [
     UploadStatusFrame(UPLOAD_ID, "scans/\u00e9.tif", 10**9, False, 5 << 20, True,
                       "node-2", 1764115200000, 1764115260000, ""),
     Finish(DIGEST),
+    Put(UPLOAD_ID, "scans/\u00e9.tif", DIGEST, {"dpi": "600"}, zlib.crc32(b"II*\0"),
+        b"II*\0"),
 ]
 
 
@@ -116,6 +121,10 @@ frames = st.one_of(
     st.builds(Error, u16, text, u64, u32),
     st.builds(Ping, u64),
     st.builds(Pong, u64),
+    st.binary(max_size=300).flatmap(
+        lambda p: st.builds(Put, upload_id, text, digest, kv, st.just(zlib.crc32(p)),
+                            st.just(p))
+    ),
 )
 
 
@@ -374,6 +383,67 @@ class LargeFrameTests(SynchronousTestCase):
         self.assertEqual(dec.buffered, 0)
 
 
+class PutFrameTests(SynchronousTestCase):
+    """The PUT frame: a whole small file, its fields and its size limit."""
+
+    def test_layout(self) -> None:
+        """PUT is 0x11: id, name, sha256, metadata, crc32, then the payload."""
+        put = Put(UPLOAD_ID, "a", DIGEST, {"k": "v"}, 0x01020304, b"xyz")
+        body = (bytes.fromhex(UPLOAD_ID) + _str(b"a") + DIGEST
+                + bytes.fromhex("0001") + _str(b"k") + _str(b"v") + bytes.fromhex("01020304")
+                + b"xyz")
+        self.assertEqual(encode(put), _frame(0x11, body))
+        self.assertEqual(put.size, 3)
+
+    def test_header_then_payload(self) -> None:
+        """put_header() + payload is exactly encode(Put(...)); the payload is not read."""
+        put = Put(UPLOAD_ID, "n", DIGEST, {}, zlib.crc32(b"0123"), b"0123")
+        self.assertEqual(put_header(attrs_evolve(put, payload=b""), 4) + b"0123", encode(put))
+
+    def test_late_digest_not_special(self) -> None:
+        """32 zero bytes in a PUT are a digest like any other (the server compares it)."""
+        put = Put(UPLOAD_ID, "n", LATE_DIGEST, {}, 0, b"")
+        self.assertEqual(decode_one(encode(put)).sha256, LATE_DIGEST)
+
+    def test_user_text_not_utf8(self) -> None:
+        """Bytes that are not UTF-8 in the name or metadata decode (refused by the server)."""
+        put = Put(UPLOAD_ID, "a\udcff", DIGEST, {"k": "\udcfe"}, 0, b"")
+        self.assertEqual(decode_one(encode(put)), put)
+
+    def test_limit(self) -> None:
+        """A PUT body may be 64 KiB over the put limit; a header over it raises."""
+        limit = control_limit(100, 1000)
+        self.assertEqual(limit(FrameType.PUT), CONTROL_MAX_BODY + 1000)
+        self.assertEqual(control_limit(100)(FrameType.PUT), CONTROL_MAX_BODY)
+        dec = FrameDecoder(limit)
+        dec.feed(HEADER.pack(FrameType.PUT, CONTROL_MAX_BODY + 1001))
+        self.assertRaises(FrameTooLarge, dec.next_frame)
+
+    def test_large_payload_is_a_view(self) -> None:
+        """A large PUT's payload is a memoryview of its own buffer, fed in parts."""
+        data = bytes(random.Random(3).getrandbits(8) for _ in range(100_000))
+        put = Put(UPLOAD_ID, "big", DIGEST, {}, zlib.crc32(data), data)
+        dec = FrameDecoder(control_limit(1 << 20, 1 << 20))
+        raw = encode(put)
+        got = []
+        for start in range(0, len(raw), 65536):
+            dec.feed(raw[start:start + 65536])
+            got.extend(drain(dec))
+        self.assertEqual(got, [put])
+        self.assertIsInstance(got[0].payload, memoryview)
+
+    def test_truncated(self) -> None:
+        """A PUT body shorter than its fields is malformed."""
+        self.assertRaises(MalformedFrame, decode_put, memoryview(bytes(20)))
+
+
+def attrs_evolve(frame, **changes):
+    """C{frame} with C{changes}."""
+    import attrs
+
+    return attrs.evolve(frame, **changes)
+
+
 class LimitTests(SynchronousTestCase):
     """Size limits are enforced from the 5-byte header."""
 
@@ -467,8 +537,8 @@ class MalformedTests(SynchronousTestCase):
         return self.assertRaises(MalformedFrame, dec.next_frame)
 
     def test_unknown_type(self) -> None:
-        """Types 0x00 and 0x11..0xff are unknown."""
-        for kind in (0x00, 0x11, 0x7F, 0xFF):
+        """Types 0x00 and 0x12..0xff are unknown."""
+        for kind in (0x00, 0x12, 0x7F, 0xFF):
             error = self.assertMalformed(_frame(kind, b""))
             self.assertIn(f"0x{kind:02x}", error.message)
 
@@ -480,6 +550,8 @@ class MalformedTests(SynchronousTestCase):
             body = raw[HEADER.size:]
             if kind == FrameType.DATA:
                 cut = 11  # shorter than offset + CRC-32
+            elif kind == FrameType.PUT:
+                cut = length - len(frame.payload) - 1  # into the CRC-32
             else:
                 cut = length - 1
             self.assertMalformed(_frame(kind, body[:cut]))
@@ -490,9 +562,9 @@ class MalformedTests(SynchronousTestCase):
             self.assertMalformed(_frame(kind, b""))
 
     def test_trailing_bytes(self) -> None:
-        """A body longer than its fields is malformed (except DATA, whose payload is the rest)."""
+        """A body longer than its fields is malformed (except DATA and PUT: their payload is the rest)."""
         for frame in SAMPLES:
-            if isinstance(frame, Data):
+            if isinstance(frame, (Data, Put)):
                 continue
             raw = encode(frame)
             kind = raw[0]
@@ -592,7 +664,7 @@ class FuzzTests(SynchronousTestCase):
                         frame,
                         (Hello, Welcome, Upload, Resume, Accepted, Data, Ack,
                          Completed, Error, Ping, Pong, Challenge, Auth, Status,
-                         UploadStatusFrame, Finish),
+                         UploadStatusFrame, Finish, Put),
                     )
         except ImgresumeError as error:
             self.assertIsInstance(error, (MalformedFrame, FrameTooLarge))

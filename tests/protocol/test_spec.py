@@ -44,6 +44,7 @@ from imgresume.protocol import (
     Hello,
     Ping,
     Pong,
+    Put,
     Resume,
     ServerLimits,
     Status,
@@ -229,7 +230,7 @@ class FramingTests(SynchronousTestCase):
 
         > So are a frame type that is not in §2,
         >
-        > every frame except DATA: at most **65 536** bytes of body (a frame of an
+        > every frame except DATA and PUT: at most **65 536** bytes of body (a frame of an
         > unknown type too: over that it is `FRAME_TOO_LARGE`, else `MALFORMED_FRAME`);
         """
         server = Server()
@@ -874,3 +875,90 @@ class IfExistsTests(SynchronousTestCase):
         path = c.send_all(CONTENT).path
         self.assertNotEqual(path, "complete/b.tif")
         self.assertEqual(server.storage.read_completed(path), CONTENT)
+
+
+PUT_LIMITS = ServerLimits(max_payload=4096, chunk_size=4096, max_put=4096)
+
+
+def put_frame(upload_id: str, content: bytes = CONTENT[:1000], name: str = "p.tif",
+              metadata: dict[str, str] | None = None, crc32: int | None = None) -> bytes:
+    """An encoded PUT of C{content}."""
+    return encode(Put(upload_id, name, hashlib.sha256(content).digest(), metadata or {},
+                      zlib.crc32(content) if crc32 is None else crc32, content))
+
+
+class PutSpecTests(SynchronousTestCase):
+    """PUT (0x11), section 2, against a server that announces put."""
+
+    def test_announced(self) -> None:
+        """
+        WELCOME's put is at most max_payload; without it a PUT is refused.
+
+        > `put` = the largest file in bytes the server takes whole in one PUT (decimal, at most `max_payload` and `max_file_size`; absent or `0`: the server takes no PUT)
+        >
+        > A PUT to a
+        > server that did not announce `put` is `UNEXPECTED_FRAME`
+        """
+        c = Server(limits=ServerLimits(max_payload=4096, chunk_size=4096, max_put=1 << 20)
+                   ).connect()
+        self.assertEqual(c.welcome.options["put"], "4096")
+        old = Server().connect()
+        self.assertNotIn("put", old.welcome.options)
+        [error] = old.send(put_frame("01" * 16))
+        self.assertEqual(error.code, ErrorCode.UNEXPECTED_FRAME)
+        self.assertTrue(old.transport.disconnecting)
+
+    def test_answered_once_in_order(self) -> None:
+        """
+        Pipelined PUTs are answered one frame each, in order.
+
+        > The server answers a PUT with **exactly one frame**: COMPLETED (its
+        > `upload_id` the PUT's;
+        >
+        > the server handles the PUTs of a connection one
+        > at a time and answers them strictly in order
+        """
+        server = Server(limits=PUT_LIMITS)
+        c = server.connect()
+        answers = c.send(put_frame("01" * 16, name="a.tif") + put_frame("02" * 16, name="b.tif")
+                         + put_frame("03" * 16, name="../c") + put_frame("04" * 16))
+        self.assertEqual([type(a).__name__ for a in answers],
+                         ["Completed", "Completed", "Error", "Completed"])
+        self.assertEqual([answers[0].upload_id, answers[1].upload_id, answers[3].upload_id],
+                         ["01" * 16, "02" * 16, "04" * 16])
+        self.assertEqual(answers[2].code, ErrorCode.INVALID_NAME)
+
+    def test_checks_in_order(self) -> None:
+        """
+        Each check's error, of command scope: the connection stays ready.
+
+        > a
+        > payload over `put` is `FILE_TOO_LARGE`; a name that is not UTF-8 or over
+        > 1024 bytes is `INVALID_NAME`; bad metadata is `INVALID_METADATA` (as for
+        > UPLOAD); a wrong `crc32` is `CHECKSUM_MISMATCH`
+        """
+        c = Server(limits=PUT_LIMITS).connect()
+        cases = [
+            (put_frame("01" * 16, b"x" * 4097, name="a\udcff"), ErrorCode.FILE_TOO_LARGE),
+            (put_frame("01" * 16, name="a\udcff", metadata={"if-exists": "x"}),
+             ErrorCode.INVALID_NAME),
+            (put_frame("01" * 16, metadata={"if-exists": "x"}, crc32=1),
+             ErrorCode.INVALID_METADATA),
+            (put_frame("01" * 16, crc32=1), ErrorCode.CHECKSUM_MISMATCH),
+        ]
+        for raw, code in cases:
+            [error, pong] = c.send(raw, encode(Ping(5)))
+            self.assertEqual((error.code, pong), (code, Pong(5)))
+
+    def test_repeat(self) -> None:
+        """
+        The same PUT again is answered alike, and stored once.
+
+        > A PUT repeated with the same `upload_id` (by the same client) after
+        > its file was stored is answered with the same COMPLETED
+        """
+        server = Server(limits=PUT_LIMITS)
+        [first] = server.connect().send(put_frame("01" * 16))
+        [again] = server.connect().send(put_frame("01" * 16))
+        self.assertEqual(first, again)
+        self.assertEqual(list(server.storage.files), ["complete/p.tif"])

@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from imgresume.protocol import SKIPPED_UPLOAD_ID, FrameDecoder, Hello, encode
+from imgresume.protocol import SKIPPED_UPLOAD_ID, FrameDecoder, Hello, ServerLimits, encode
 from imgresume.protocol._decoder import control_limit
 from imgresume.server import UploadServerFactory
 from imgresume.storage import memory
@@ -44,7 +44,7 @@ class WorkedExampleTests(SynchronousTestCase):
     def test_every_block_round_trips(self) -> None:
         """Each hex block is exactly one frame of the captioned type."""
         found = examples()
-        self.assertEqual(len(found), 22)
+        self.assertEqual(len(found), 25)
         for name, raw in found:
             decoder = FrameDecoder(control_limit(4 << 20))
             decoder.feed(raw)
@@ -144,4 +144,32 @@ class RealServerTests(SynchronousTestCase):
         transport.clear()
         proto.dataReceived(raw["UPLOAD"][3])
         self.assertEqual(transport.value(), raw["ERROR"][1])
+        self.assertEqual(list(storage.files), ["complete/scans/a.tif"])
+
+    def test_put(self) -> None:
+        """
+        The WELCOME announcing put, and the COMPLETED answering the PUT (and
+        the same PUT again): as a server with the default --max-put sends them.
+        """
+        raw = raw_examples()
+        content = bytes.fromhex("49492a00000000000000")
+        put = FrameDecoder(control_limit(4 << 20, 4 << 20))
+        put.feed(raw["PUT"][0])
+        frame = put.next_frame()
+        self.assertEqual((frame.upload_id, frame.name, bytes(frame.payload), frame.crc32,
+                          frame.sha256, frame.metadata),
+                         ("00112233445566778899aabbccddeeff", "scans/a.tif", content,
+                          0x9BA28FDE, hashlib.sha256(content).digest(), {"dpi": "600"}))
+        storage = MemoryStorage()
+        factory = UploadServerFactory(storage, "node-b", Clock(),
+                                      limits=ServerLimits(max_put=4 << 20))
+        for _ in range(2):
+            proto = factory.buildProtocol(None)
+            transport = StringTransport()
+            proto.makeConnection(transport)
+            proto.dataReceived(encode(Hello("scanner-7")))
+            self.assertEqual(transport.value(), raw["WELCOME"][3])
+            transport.clear()
+            proto.dataReceived(raw["PUT"][0])
+            self.assertEqual(transport.value(), raw["COMPLETED"][2])
         self.assertEqual(list(storage.files), ["complete/scans/a.tif"])
