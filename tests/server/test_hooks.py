@@ -644,6 +644,16 @@ class ProcessTests(TestCase):
 
     async def test_twistd_hook_command(self) -> None:
         """An upload through the balancer reaches the server's hook command."""
+        await self._hook_command(put_max=0, events=["upload.created", "upload.completed"])
+
+    async def test_twistd_hook_command_put(self) -> None:
+        """
+        A small file sent whole in one PUT is created and completed in one
+        step: the hook command gets C{upload.completed} alone.
+        """
+        await self._hook_command(put_max=4 << 20, events=["upload.completed"])
+
+    async def _hook_command(self, put_max: int, events: list[str]) -> None:
         work = os.path.abspath(self.mktemp())
         os.makedirs(work)
         script = write_script(work)
@@ -656,13 +666,15 @@ class ProcessTests(TestCase):
         with open(path, "wb") as f:
             f.write(os.urandom(100_000))
         result = await Uploader(cluster.lb_endpoint, reactor=reactor, journal=None,
-                                client_id="scanner-9").upload(path, "in/scan.tif")
+                                client_id="scanner-9", put_max=put_max,
+                                ).upload(path, "in/scan.tif")
         deadline = time.monotonic() + 10
-        while len(read_events(out)) < 2:
+        while len(read_events(out)) < len(events):
             self.assertLess(time.monotonic(), deadline, "hook events never arrived")
             await deferLater(reactor, 0.05, lambda: None)
+        await deferLater(reactor, 0.2, lambda: None)  # nothing more comes
+        self.assertEqual([e["event"] for e in read_events(out)], events)
         events = {e["event"]: e for e in read_events(out)}
-        self.assertEqual(set(events), {"upload.created", "upload.completed"})
         self.assertEqual(events["upload.completed"]["upload_id"], result.upload_id)
         self.assertEqual(events["upload.completed"]["server_id"], "node-1")
         self.assertEqual(events["upload.completed"]["client_id"], "scanner-9")
