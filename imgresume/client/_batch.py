@@ -17,7 +17,8 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from imgresume.client._results import Progress, UploadFailed, UploadInterrupted, UploadResult
-from imgresume.client._session import PUTS_IN_FLIGHT, UploadSession
+from imgresume.client._put import PUTS_IN_FLIGHT
+from imgresume.client._session import UploadSession
 
 log = Logger()
 

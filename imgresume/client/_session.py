@@ -3,7 +3,9 @@
 Uploads one after another over one connection: the per-file loop (hash,
 journal, attempts, backoff and its retry reports, the verdict, an
 interruption) and the connection it keeps open between files, so that a
-batch of small files costs one handshake instead of one per file.
+batch of small files costs one handshake instead of one per file.  A small
+file goes whole in a PUT (L{imgresume.client._put}), the others by UPLOAD
+or RESUME and DATA (L{imgresume.client._attempt}).
 """
 
 from __future__ import annotations
@@ -11,13 +13,10 @@ from __future__ import annotations
 import os
 import signal
 import time
-import zlib
-from typing import Any, Callable, Mapping, Protocol
+from typing import Callable, Mapping
 
-import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock, fail, succeed
 from twisted.internet.error import DNSLookupError
-from twisted.internet.interfaces import IProtocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -26,7 +25,6 @@ from imgresume.client._connection import UploadConnection
 from imgresume.client._describe import describe, retry_note
 from imgresume.client._digest import Digest
 from imgresume.client._journal import journal_key
-from imgresume.client._journal_queue import JournalQueue
 from imgresume.client._results import (
     IfExistsNotOffered,
     Progress,
@@ -34,48 +32,12 @@ from imgresume.client._results import (
     UploadInterrupted,
     UploadResult,
 )
-from imgresume.client._source import LocalFile, Runner, SourceChanged
+from imgresume.client._put import PUTS_IN_FLIGHT, PutSender, is_put_entry, takes_put
+from imgresume.client._runs import FileRun, SessionUploader, Turn, uploading_progress
+from imgresume.client._source import LocalFile, SourceChanged
 from imgresume.errors import DigestMismatch, ImgresumeError, UnknownUpload
 from imgresume.names import IF_EXISTS_KEY
-from imgresume.protocol import SKIPPED_UPLOAD_ID, Completed, Put, Upload
-
-#: PUTs a session keeps in flight on its connection, so that it never idles
-#: for a round trip between small files.
-PUTS_IN_FLIGHT = 2
-
-class SessionUploader(Protocol):
-    """
-    What an L{UploadSession} needs from the uploader that made it (an
-    L{imgresume.client.Uploader}): its settings, its journal writer, its
-    backoff and a way to connect.
-    """
-
-    reactor: Any
-    client_id: str
-    key: bytes | None
-    endpoint_text: str
-    max_attempts: int
-    stall_timeout: float
-    window: int
-    chunk_size: int | None
-    #: The largest file sent whole in one PUT, if the server offers it (0: never).
-    put_max: int
-    run: Runner
-    journal_queue: JournalQueue | None
-    if_exists: str
-    #: Whether L{imgresume.client.Uploader.interrupt} was called, and the
-    #: signal it named.
-    interrupted: bool
-    interrupted_by: int | None
-
-    def backoff(self, failures: int, retry_after: float = 0.0) -> float:
-        """Seconds to wait after C{failures} consecutive failures."""
-
-    def track(self, upload: Deferred[UploadResult]) -> Deferred[UploadResult]:
-        """Count C{upload} as under way (interrupt cancels it) until it fires."""
-
-    async def connect(self, protocol: IProtocol) -> None:
-        """Connect C{protocol} through the endpoint, or fail."""
+from imgresume.protocol import SKIPPED_UPLOAD_ID, Upload
 
 
 class UploadSession:
@@ -109,6 +71,7 @@ class UploadSession:
         self._under_way: set[Deferred[None]] = set()
         #: Connections this session opened, each with its handshake.
         self.connections = 0
+        self._puts = PutSender(uploader, self._ready_connection, self._journal_written)
 
     def upload(
         self,
@@ -130,13 +93,13 @@ class UploadSession:
         """
         if self._closed:
             return fail(RuntimeError("this upload session is closed"))
-        turn = _Turn(self._lock)
+        turn = Turn(self._lock)
 
         async def run() -> UploadResult:
             await turn.take()
             try:
                 if self._uploader.interrupted:
-                    raise self._interruption(name or os.path.basename(path), _Run())
+                    raise self._interruption(name or os.path.basename(path), FileRun())
                 return await self._uploader.track(Deferred.fromCoroutine(self._upload(
                     path, name, dict(metadata or {}), restart, progress or (lambda p: None),
                     turn)))
@@ -167,7 +130,7 @@ class UploadSession:
             size = os.stat(path).st_size
         except OSError:
             return False
-        return size <= self._uploader.put_max and _takes_put(connection, size)
+        return size <= self._uploader.put_max and takes_put(connection, size)
 
     def close(self) -> Deferred[None]:
         """
@@ -200,11 +163,11 @@ class UploadSession:
         metadata: dict[str, str],
         restart: bool,
         progress: Callable[[Progress], None],
-        turn: "_Turn",
+        turn: Turn,
     ) -> UploadResult:
         name = name or os.path.basename(path)
         started = time.monotonic()
-        state = _Run()
+        state = FileRun()
         try:
             try:
                 source = await LocalFile.open(path, self._uploader.run)
@@ -220,7 +183,7 @@ class UploadSession:
         except CancelledError:
             raise self._interruption(name, state) from None
 
-    def _interruption(self, name: str, state: "_Run") -> UploadInterrupted:
+    def _interruption(self, name: str, state: FileRun) -> UploadInterrupted:
         """The exception for an upload stopped by L{Uploader.interrupt}."""
         number = self._uploader.interrupted_by
         how = f" by {signal.Signals(number).name}" if number else ""
@@ -241,8 +204,8 @@ class UploadSession:
         restart: bool,
         progress: Callable[[Progress], None],
         started: float,
-        state: "_Run",
-        turn: "_Turn",
+        state: FileRun,
+        turn: Turn,
     ) -> UploadResult:
         up = self._uploader
         journal = up.journal_queue
@@ -252,7 +215,10 @@ class UploadSession:
             entry = await journal.lookup(key)
         reactor = up.reactor
         # A fresh small file goes whole in a PUT, if the server takes it.
-        put_first = entry is None and source.size <= up.put_max
+        # A completed PUT in the journal is confirmed by the same PUT: its
+        # upload id names the stored file (there is no RESUME of a PUT).
+        confirming_put = entry is not None and is_put_entry(entry, name)
+        put_first = (entry is None or confirming_put) and source.size <= up.put_max
 
         async def hash_file() -> bytes:
             progress(Progress(name, "hashing", 0, source.size))
@@ -325,12 +291,12 @@ class UploadSession:
                 source, None, upload_id=state.upload_id, window=up.window,
                 chunk_size=up.chunk_size, on_upload_id=on_upload_id, digest=digest.wait,
             )
-            attempt.on_progress = _uploading(progress, name, source.size, attempt)
+            attempt.on_progress = uploading_progress(progress, name, source.size, attempt)
             try:
                 if state.attempts > 1:
                     await source.check_unchanged()  # before a resume
                 connection = await self._ready_connection(puts=put_first)
-                if put_first and _takes_put(connection, source.size):
+                if put_first and takes_put(connection, source.size):
                     break  # to the PUT below
                 put_first = False
                 if not connection.idle:
@@ -366,7 +332,8 @@ class UploadSession:
                 break
         if put_first:
             state.attempts -= 1  # counted again by the PUT
-            return await self._put(source, name, metadata, progress, started, state, turn, key)
+            return await self._puts.send(source, name, metadata, progress, started, state,
+                                         turn, key, confirming=confirming_put)
 
         # A RESUME answered COMPLETED at once may leave a late digest unknown.
         sha256 = await digest.wait()
@@ -396,112 +363,6 @@ class UploadSession:
             skipped=skipped,
         )
 
-    async def _put(
-        self,
-        source: LocalFile,
-        name: str,
-        metadata: dict[str, str],
-        progress: Callable[[Progress], None],
-        started: float,
-        state: "_Run",
-        turn: "_Turn",
-        key: str,
-    ) -> UploadResult:
-        """
-        Send a small file whole in one PUT, read and hashed in a thread; a
-        break before its answer sends the same PUT (the same upload id: the
-        server stores it once) on the next connection.  Once the PUT is
-        sent, the session's next upload may go (C{turn} is given).
-        """
-        up = self._uploader
-        data, sha256, _crc = await source.read_whole()
-        await source.check_unchanged()
-        asked = {k: v for k, v in metadata.items() if k != IF_EXISTS_KEY}
-        if up.if_exists != "rename":
-            asked[IF_EXISTS_KEY] = up.if_exists
-        frame = Put(os.urandom(16).hex(), name, sha256, asked, zlib.crc32(data), data)
-        state.upload_id = frame.upload_id
-        while True:
-            state.attempts += 1
-            server = None
-            try:
-                await turn.take()
-                connection = await self._ready_connection(puts=True)
-                server = connection.server_id
-                if not connection.machine.offers_if_exists(up.if_exists):
-                    raise UploadFailed(
-                        f"{name}: server {server} does not offer if-exists={up.if_exists} "
-                        "(it predates it); nothing was sent: upgrade the servers, or let a "
-                        "clash be renamed (if-exists=rename)", IfExistsNotOffered(up.if_exists))
-                if not _takes_put(connection, source.size):
-                    # Another server, of an older version: an UPLOAD there
-                    # could store the file twice if the PUT sent before was
-                    # stored and its answer lost.
-                    raise UploadFailed(
-                        f"{name}: server {server} does not take PUT, and the PUT sent "
-                        "before may be stored; not sent again: run the upload again "
-                        "(if-exists=skip finds it if it was stored)")
-                progress(Progress(name, "uploading", 0, source.size, server))
-                answer = connection.put(frame)
-                state.bytes_sent += source.size
-                turn.give()  # the next file may go on this connection now
-                completed: Completed = await answer
-            except CancelledError:
-                raise
-            except Exception as error:
-                if server is not None:
-                    state.servers.append(server)
-                delay = self._put_failed(state, error, name)
-                turn.give()
-                progress(Progress(name, "retrying", 0, source.size, server, note=retry_note(
-                    error, up.endpoint_text, max(state.failures, 1),
-                    max(up.max_attempts - 1, 1), delay)))
-                await deferLater(up.reactor, delay)
-            else:
-                state.servers.append(server or "?")
-                break
-        if completed.sha256 != sha256 or completed.size != source.size:
-            raise state.failed(
-                f"{name}: server reports {completed.size} bytes with SHA-256 "
-                f"{completed.sha256.hex()}; the local file has {source.size} bytes "
-                f"with {sha256.hex()}")
-        skipped = completed.upload_id == SKIPPED_UPLOAD_ID
-        state.acknowledged = completed.size
-        journal = up.journal_queue
-        if journal is not None:
-            await self._journal_written(journal.forget(key) if skipped else journal.complete(
-                key, completed.upload_id, sha256.hex()))
-        progress(Progress(name, "done", completed.size, completed.size, state.servers[-1],
-                          completed.path))
-        return UploadResult(
-            name=name, upload_id="" if skipped else completed.upload_id,
-            size=completed.size, sha256=completed.sha256.hex(), path=completed.path,
-            resumed_at=[], bytes_sent=state.bytes_sent, attempts=state.attempts,
-            servers=state.servers, seconds=round(time.monotonic() - started, 3),
-            already_complete=False, skipped=skipped,
-        )
-
-    def _put_failed(self, state: "_Run", error: Exception, name: str) -> float:
-        """
-        A PUT was not answered COMPLETED: raise L{UploadFailed} to give up,
-        or return how long to wait before it is sent again.
-        """
-        up = self._uploader
-        if isinstance(error, UploadFailed):
-            raise error
-        state.failures += 1
-        self.log.info("PUT {attempt} of {name} ended: {error}", attempt=state.attempts,
-                      name=name, error=describe(error, up.endpoint_text))
-        if isinstance(error, SourceChanged):
-            raise state.failed(f"{name}: source changed during upload: {error}", error)
-        if isinstance(error, ImgresumeError) and not error.retryable:
-            raise state.failed(f"{name}: {error}", error)
-        if state.failures >= up.max_attempts:
-            raise state.failed(
-                f"{name}: gave up after {state.failures} attempts (last: "
-                f"{describe(error, up.endpoint_text)})", error)
-        return up.backoff(state.failures, getattr(error, "retry_after", 0.0))
-
     async def _journal_written(self, written: Deferred[None]) -> None:
         """Wait for a journal write; a failure is logged (the upload stands)."""
         try:
@@ -512,7 +373,7 @@ class UploadSession:
             self.log.failure("could not write the journal")
 
     def _after_failure(
-        self, state: "_Run", attempt: UploadAttempt, error: Exception, name: str
+        self, state: FileRun, attempt: UploadAttempt, error: Exception, name: str
     ) -> float:
         """
         Decide what a failed attempt means: raise L{UploadFailed} to give up,
@@ -595,78 +456,4 @@ class UploadSession:
     def _close_connection(self) -> Deferred[None]:
         connection, self._connection = self._connection, None
         return connection.close() if connection is not None else succeed(None)
-
-
-def _takes_put(connection: UploadConnection, size: int) -> bool:
-    """Whether the server of C{connection} takes a file of C{size} bytes in a PUT."""
-    limit = connection.machine.put_limit
-    return 0 < limit and size <= limit
-
-
-class _Turn:
-    """
-    One upload's turn on its session's connection: taken before it uses
-    the connection, given as soon as the next upload may use it (for a
-    PUT, once sent), taken again for a retry.
-    """
-
-    def __init__(self, lock: DeferredLock) -> None:
-        self._lock = lock
-        self._held = False
-
-    async def take(self) -> None:
-        if not self._held:
-            await self._lock.acquire()
-            self._held = True
-
-    def give(self) -> None:
-        if self._held:
-            self._held = False
-            self._lock.release()
-
-
-@attrs.define
-class _Run:
-    """Bookkeeping of one file's upload across attempts."""
-
-    upload_id: str | None = None
-    from_journal: bool = False
-    #: The offset the server last acknowledged in this run (None: no answer yet).
-    acknowledged: int | None = None
-    #: What was asked for: the UPLOAD of the open upload (its digest, or
-    #: None for one sent at the end); None until chosen, and again for a
-    #: fresh upload.
-    request: Upload | None = None
-    digest_stale: bool = False
-    created_here: bool = False
-    unknown_retries: int = 0
-    attempts: int = 0
-    failures: int = 0
-    bytes_sent: int = 0
-    resumed_at: list[int] = attrs.Factory(list)
-    servers: list[str] = attrs.Factory(list)
-
-    def record(self, attempt: UploadAttempt, resumed: bool) -> None:
-        """Add up one attempt; C{resumed}: it continued an existing upload."""
-        stats = attempt.stats
-        self.bytes_sent += stats.bytes_sent
-        if stats.server_id:
-            self.servers.append(stats.server_id)
-        if stats.accepted_offset is not None:
-            self.acknowledged = stats.acked
-            if resumed:
-                self.resumed_at.append(stats.accepted_offset)
-
-    def failed(self, message: str, cause: BaseException | None = None) -> UploadFailed:
-        """L{UploadFailed} with what this run did: the upload, the bytes held and sent."""
-        return UploadFailed(message, cause, upload_id=self.upload_id,
-                            acknowledged=self.acknowledged, bytes_sent=self.bytes_sent)
-
-
-def _uploading(
-    progress: Callable[[Progress], None], name: str, size: int, attempt: UploadAttempt
-) -> Callable[[int], None]:
-    """The attempt's progress callback: what the server acked, as "uploading" reports."""
-    return lambda acked: progress(
-        Progress(name, "uploading", acked, size, attempt.stats.server_id))
 

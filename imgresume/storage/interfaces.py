@@ -297,11 +297,13 @@ class IUploadStorage(Interface):
         following the C{if-exists} policy of its metadata as L{complete}
         does, C{skip} included (a file already at the name with the same
         size and SHA-256: nothing is stored, and the L{CompletedUpload}
-        names that file with upload id 32 zeros).
+        names that file with upload id 32 zeros; this comparison comes
+        first, so a repeat of a C{skip} request is answered as skipped).
 
         Idempotent per C{(client_id, upload_id)}: a request repeated after
         its file was published publishes nothing new and returns the same
-        L{CompletedUpload}.  A crash at any point leaves either the
+        L{CompletedUpload}, or raises L{CompletedFileMoved} if a consumer
+        has taken that file away since (never publishing it again).  A crash at any point leaves either the
         published file or nothing that the backend's clean-up would not
         remove.
 

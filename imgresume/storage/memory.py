@@ -117,8 +117,8 @@ class MemoryStorage:
         self._busy_retry_after = busy_retry_after
         self._now = now
         self.files: dict[str, bytes] = {}
-        #: What each one-step upload published, by (client_id, upload_id).
-        self._whole: dict[tuple[str, str], CompletedUpload] = {}
+        #: Each one-step upload, published, by (client_id, upload_id).
+        self._whole: dict[tuple[str, str], _Upload] = {}
 
     def read_completed(self, path: str) -> bytes:
         """Return the bytes of a completed file (C{CompletedUpload.path})."""
@@ -160,38 +160,44 @@ class MemoryStorage:
         if not is_upload_id(request.upload_id) or len(request.sha256) != 32:
             raise ValueError("upload_id must be 32 hex digits and sha256 32 bytes")
         name = validate_name(request.name)
+        data = bytes(request.data)
+        digest = hashlib.sha256(data).digest()
+        path = "complete/" + name
+        there = self.files.get(path)
+        if (if_exists_policy(request.metadata) == "skip" and there is not None
+                and digest == request.sha256 and hashlib.sha256(there).digest() == digest):
+            # Before any repeat: a repeat is skipped as well.
+            return CompletedUpload("0" * 32, name, len(there), digest, path)
         key = (request.client_id, request.upload_id)
-        done = self._whole.get(key)
-        if done is not None:
+        stored = self._whole.get(key)
+        if stored is not None:
+            done = stored.completed
+            assert done is not None
             if done.sha256 != request.sha256:
                 raise DigestMismatch(
                     f"upload {request.upload_id} already stored other bytes at "
                     f"{done.path}; send this file with a new upload id")
+            if done.path not in self.files:
+                raise CompletedFileMoved(done, "is missing")
+            if self.files[done.path] is not stored.published:
+                raise CompletedFileMoved(done, "now holds another file")
             return done
-        data = bytes(request.data)
-        digest = hashlib.sha256(data).digest()
         if digest != request.sha256:
             raise DigestMismatch(
                 f"the bytes received hash to {digest.hex()}, not to the SHA-256 "
                 f"declared ({request.sha256.hex()}); nothing was stored")
-        path = "complete/" + name
-        there = self.files.get(path)
-        if (if_exists_policy(request.metadata) == "skip" and there is not None
-                and hashlib.sha256(there).digest() == digest):
-            done = CompletedUpload("0" * 32, name, len(there), digest, path)
-        else:
-            self._check_parents(name)
-            upload = _Upload(UploadInfo(
-                upload_id=request.upload_id,
-                name=name,
-                size=len(data),
-                sha256=digest,
-                metadata=dict(request.metadata),
-                client_id=request.client_id,
-                created=self._now(),
-            ), data=bytearray(data))
-            done = self._complete_file(upload, digest)
-        self._whole[key] = done
+        self._check_parents(name)
+        upload = _Upload(UploadInfo(
+            upload_id=request.upload_id,
+            name=name,
+            size=len(data),
+            sha256=digest,
+            metadata=dict(request.metadata),
+            client_id=request.client_id,
+            created=self._now(),
+        ), data=bytearray(data))
+        done = self._complete_file(upload, digest)
+        self._whole[key] = upload
         return done
 
     def _find_completed(self, name: str, size: int) -> StoredFile | None:

@@ -34,15 +34,18 @@ class StatusCommandTests(TestCase):
         done_path = os.path.join(work, "done.tif")
         with open(done_path, "wb") as f:
             f.write(os.urandom(50_000))
+        # Uploads by UPLOAD and DATA (put_max=0): a file stored whole by a
+        # PUT leaves no upload record for status to find.
         up = Uploader(server.endpoint, reactor=reactor, journal=Journal(journal_path),
-                      client_id="scanner-1")
+                      client_id="scanner-1", put_max=0)
         done = await up.upload(done_path)
         # A partial upload: the client gives up when the file turns unreadable.
         part_path = os.path.join(work, "part.tif")
         with open(part_path, "wb") as f:
             f.write(os.urandom(400_000))
         part = Uploader(server.endpoint, reactor=reactor, journal=Journal(journal_path),
-                        client_id="scanner-1", chunk_size=64 * 1024, window=1, max_attempts=1)
+                        client_id="scanner-1", chunk_size=64 * 1024, window=1, max_attempts=1,
+                        put_max=0)
         cut = []
 
         def progress(p) -> None:

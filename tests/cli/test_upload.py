@@ -162,7 +162,7 @@ class UploadCommandTests(CommandTestCase):
         path, content = self.make_file("big-scan.tiff", 300 * 1024)
         digest = hashlib.sha256(content).hexdigest()
         runs = []
-        for extra in ((), ("--json",)):
+        for extra in (("--max-put", "0"), ("--max-put", "0", "--json")):
             runs.append(await self.imgresume(
                 "upload", "--to", server.endpoint, "--no-journal", "--if-exists", "skip",
                 *extra, path))
@@ -174,7 +174,8 @@ class UploadCommandTests(CommandTestCase):
         self.assertEqual((row["skipped"], row["path"], row["bytes_sent"], row["upload_id"]),
                          (True, "complete/big-scan.tiff", 0, ""))
         out3, err3, code3 = await self.imgresume(
-            "upload", "--to", server.endpoint, "--no-journal", "--if-exists", "skip", path)
+            "upload", "--to", server.endpoint, "--no-journal", "--if-exists", "skip",
+            "--max-put", "0", path)
         self.assertEqual(code3, 0, err3)
         self.assertEqual(out3, f"big-scan.tiff: skipped: already stored as "
                                f"complete/big-scan.tiff ({len(content)} bytes, sha256 {digest} "
@@ -182,6 +183,33 @@ class UploadCommandTests(CommandTestCase):
         stored = os.listdir(os.path.join(server.storage, "complete"))
         self.assertEqual(stored, ["big-scan.tiff"])
         self.assertEqual(server.stored("complete/big-scan.tiff"), content)
+
+    async def test_if_exists_skip_put(self) -> None:
+        """
+        A small file sent whole in a PUT with --if-exists skip: the first
+        run stores it, a second one (the same PUT: the same upload id) is
+        answered skipped with the stored path, its bytes counted as sent;
+        one file in complete/.
+        """
+        server = await TwistdServer(self).start()
+        path, content = self.make_file("small-scan.tiff", 64 * 1024)
+        runs = []
+        for _ in range(2):
+            runs.append(await self.imgresume(
+                "upload", "--to", server.endpoint, "--no-journal", "--if-exists", "skip",
+                "--json", path))
+        (out1, err1, code1), (out2, err2, code2) = runs
+        self.assertEqual((code1, code2), (0, 0), err1 + err2)
+        first, second = json.loads(out1), json.loads(out2)
+        self.assertEqual((first["skipped"], first["path"], first["bytes_sent"]),
+                         (False, "complete/small-scan.tiff", len(content)))
+        self.assertRegex(first["upload_id"], r"\A[0-9a-f]{32}\Z")
+        self.assertEqual((second["skipped"], second["path"], second["bytes_sent"],
+                          second["upload_id"]),
+                         (True, "complete/small-scan.tiff", len(content), ""))
+        self.assertEqual(os.listdir(os.path.join(server.storage, "complete")),
+                         ["small-scan.tiff"])
+        self.assertEqual(server.stored("complete/small-scan.tiff"), content)
 
     async def test_if_exists_rename_and_fail(self) -> None:
         """

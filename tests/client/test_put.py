@@ -13,9 +13,13 @@ import hashlib
 import os
 from typing import Any
 
+from twisted.trial.unittest import SynchronousTestCase
+
 from imgresume.client import BatchItem, UploadFailed, Uploader
 from imgresume.client._connection import UploadConnection
+from imgresume.client._put import is_put_entry, put_upload_id
 from imgresume.errors import ErrorCode
+from imgresume.names import is_upload_id
 from imgresume.protocol import ServerLimits
 from imgresume.storage.memory import MemoryStorage
 from tests.support.servers import ServerTestCase, endpoint_of, write_file
@@ -148,3 +152,33 @@ class PutTests(ServerTestCase):
         self.assertIsInstance(failed.error, UploadFailed)
         self.assertEqual(failed.error.cause.code, ErrorCode.INVALID_NAME)
         self.assertEqual(list(storage.files), ["complete/good.tif"])
+
+
+class PutUploadIdTests(SynchronousTestCase):
+    """L{put_upload_id}: a PUT's upload id, derived from its name and SHA-256."""
+
+    def test_derived(self) -> None:
+        """
+        The same name and digest give the same id (a rerun repeats the same
+        PUT); another name or another file give another; it is an upload id
+        (32 lowercase hex digits), as the documented formula says.
+        """
+        digest = hashlib.sha256(b"scan").digest()
+        first = put_upload_id("day-1/a.tif", digest)
+        self.assertEqual(first, put_upload_id("day-1/a.tif", digest))
+        self.assertTrue(is_upload_id(first))
+        self.assertEqual(first, hashlib.sha256(
+            b"imgresume PUT\0day-1/a.tif\0" + digest).hexdigest()[:32])
+        self.assertNotEqual(first, put_upload_id("day-1/b.tif", digest))
+        self.assertNotEqual(first, put_upload_id("day-1/a.tif", hashlib.sha256(b"x").digest()))
+
+    def test_journal_entry(self) -> None:
+        """Only a completed entry whose id is its PUT's is a PUT's."""
+        digest = hashlib.sha256(b"scan").digest()
+        entry = {"upload_id": put_upload_id("a.tif", digest), "sha256": digest.hex(),
+                 "complete": True}
+        self.assertTrue(is_put_entry(entry, "a.tif"))
+        self.assertFalse(is_put_entry(entry, "b.tif"))
+        self.assertFalse(is_put_entry({**entry, "complete": False}, "a.tif"))
+        self.assertFalse(is_put_entry({**entry, "upload_id": "0" * 32}, "a.tif"))
+        self.assertFalse(is_put_entry({**entry, "sha256": None}, "a.tif"))

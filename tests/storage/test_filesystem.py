@@ -93,6 +93,9 @@ class FilesystemMixin:
     def readCompleted(self, storage, path):
         return self.root.preauthChild(path).getContent()
 
+    def settleWhole(self, storage):
+        storage.whole.now = lambda: time.time() + 60  # past _whole.FRESH
+
     def moveCompleted(self, storage, path):
         consumed = self.root.child("consumed")
         if not consumed.exists():

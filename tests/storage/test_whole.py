@@ -238,12 +238,14 @@ class CrashTests(WholeMixin, TestCase):
         step = rec.calls[i] if i < len(rec.calls) else ("none", "")
         what = f"{failure().__class__.__name__} at call {i} {step}"
         put = os.path.basename(self.putPath(req))
+        done_mark = put.removesuffix(".put") + ".done"
         published = self.completeFiles()
         leftovers = self.incoming()
         if published:
-            # Published means verified: the bytes, at one name.
+            # Published means verified: the bytes, at one name; the .put
+            # marked published unless the crash came just before the mark.
             self.assertEqual(list(published.values()), [PAYLOAD], what)
-            self.assertEqual(leftovers, [put], what)
+            self.assertIn(leftovers, ([put], [done_mark, put]), what)
         else:
             # Nothing published: at most the .put, which gc removes.
             self.assertIn(leftovers, ([], [put]), what)
@@ -257,7 +259,7 @@ class CrashTests(WholeMixin, TestCase):
         later.whole.now = lambda: time.time() + 60  # past FRESH: redone, not "retry"
         done = self.successResultOf(later.store_whole(req))
         self.assertEqual(self.completeFiles(), {done.path: PAYLOAD}, what)
-        self.assertEqual(self.incoming(), [put], what)
+        self.assertEqual(self.incoming(), [done_mark, put], what)
 
     def test_failureAtEveryStep(self) -> None:
         """An OSError at each call: clean-up runs; state and repeat as promised."""
@@ -290,10 +292,24 @@ class CrashTests(WholeMixin, TestCase):
         self.storage.whole.now = lambda: time.time() + 60
         done = self.successResultOf(self.storage.store_whole(req))
         self.assertEqual(self.completeFiles(), {done.path: PAYLOAD})
-        self.assertEqual(os.stat(put).st_nlink, 2)
+        self.assertEqual(os.stat(put).st_nlink, 3)  # .put, .done, published
         # The old file was let go, not rewritten.
         self.assertEqual(os.fstat(old).st_nlink, 0)
         self.assertEqual(os.pread(old, 100, 0), b"half")
+
+    def test_repeatAfterPublishedRemoved(self) -> None:
+        """
+        A consumer removes the published file (it copied it elsewhere): the
+        C{.put} keeps its C{.done} name, so a repeat is told the file was
+        published and moved (L{CompletedFileMoved}), not stored again.
+        """
+        req = self.whole()
+        done = self.successResultOf(self.storage.store_whole(req))
+        os.unlink(os.path.join(self.root.path, done.path))
+        self.assertEqual(os.stat(self.putPath(req)).st_nlink, 2)
+        self.storage.whole.now = lambda: time.time() + 60  # past FRESH
+        self.failureResultOf(self.storage.store_whole(req), CompletedFileMoved)
+        self.assertEqual(self.completeFiles(), {})
 
     def test_staleLinkCount(self) -> None:
         """
@@ -595,15 +611,17 @@ class GarbageTests(WholeMixin, TestCase):
         self.assertEqual(
             sorted(e.name for e in dry.removed), sorted(e.name for e in report.removed))
         removed = {e.name: e for e in report.removed}
+        old_mark = old_record.removesuffix(".put") + ".done"
         self.assertEqual(set(removed), {
             "incoming/" + os.path.basename(abandoned),
-            "incoming/" + os.path.basename(old_record)})
+            "incoming/" + os.path.basename(old_record),
+            "incoming/" + os.path.basename(old_mark)})
         self.assertEqual(removed["incoming/" + os.path.basename(abandoned)].size, 4)
         self.assertEqual(removed["incoming/" + os.path.basename(old_record)].size, 0)
         self.assertEqual([e.name for e in report.skipped_busy],
                          ["incoming/" + os.path.basename(locked)])
         for path in (fresh, locked, recent_record):
             self.assertTrue(os.path.exists(path), path)
-        for path in (abandoned, old_record):
+        for path in (abandoned, old_record, old_mark):
             self.assertFalse(os.path.exists(path), path)
         self.assertEqual(len(self.completeFiles()), 2)

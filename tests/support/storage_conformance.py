@@ -87,6 +87,12 @@ class StorageConformanceMixin:
         """
         raise NotImplementedError
 
+    def settleWhole(self, storage: Any) -> None:
+        """
+        Let the moments pass after which a backend no longer takes what it
+        sees of a one-step upload for a stale view (nothing to do for most).
+        """
+
     def moveCompleted(self, storage: Any, path: str) -> None:
         """
         Take the completed file at C{path} away, as a consumer of
@@ -791,6 +797,34 @@ class StorageConformanceMixin:
             "0" * 32, "a.tiff", len(PAYLOAD), hashlib.sha256(PAYLOAD).digest(), first.path))
         self.assertIsNone(self.successResultOf(self.storage.find_completed(
             f"a.{done.upload_id[:8]}.tiff", len(PAYLOAD))))
+
+    def test_storeWholeSkipRepeat(self) -> None:
+        """
+        A repeat of an if-exists=skip request that stored its file (its
+        answer lost) is compared with the name first: skipped, nothing new.
+        """
+        request = self.whole(PAYLOAD, metadata={"if-exists": "skip"})
+        first = self.successResultOf(self.storage.store_whole(request))
+        self.assertEqual((first.upload_id, first.path), (request.upload_id, "complete/a.tiff"))
+        again = self.successResultOf(self.storage.store_whole(request))
+        self.assertEqual(again, CompletedUpload(
+            "0" * 32, "a.tiff", len(PAYLOAD), hashlib.sha256(PAYLOAD).digest(),
+            "complete/a.tiff"))
+        self.assertIsNone(self.successResultOf(self.storage.find_completed(
+            f"a.{request.upload_id[:8]}.tiff", len(PAYLOAD))))
+
+    def test_storeWholeRepeatAfterMoved(self) -> None:
+        """
+        A repeat of a request whose published file a consumer has taken
+        away since: L{CompletedFileMoved}, and nothing is published again.
+        """
+        request = self.whole(PAYLOAD)
+        first = self.successResultOf(self.storage.store_whole(request))
+        self.moveCompleted(self.storage, first.path)
+        self.settleWhole(self.storage)
+        self.failureResultOf(self.storage.store_whole(request), CompletedFileMoved)
+        there = self.successResultOf(self.storage.find_completed("a.tiff", len(PAYLOAD)))
+        self.assertTrue(there is None or there.sha256 is None, there)
 
     def test_storeWholeSkipDifferent(self) -> None:
         """if-exists=skip and other bytes at the name: renamed, as rename does."""

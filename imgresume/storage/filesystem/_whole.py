@@ -65,6 +65,8 @@ log = Logger(namespace=__package__)
 
 #: The suffix of the one-step store's files in C{incoming/}.
 PUT_SUFFIX = ".put"
+#: The suffix of the third name a published C{.put} gets (L{mark_published}).
+DONE_SUFFIX = ".done"
 
 # Indirections so tests can simulate a crash or a race at these steps.
 _link = os.link
@@ -83,7 +85,24 @@ def put_key(client_id: str, upload_id: str) -> str:
 def is_put_name(entry: str) -> bool:
     """Whether C{entry} (in C{incoming/}) is a file of the one-step store."""
     key, dot, suffix = entry.partition(".")
-    return dot == "." and "." + suffix == PUT_SUFFIX and is_upload_id(key)
+    return dot == "." and "." + suffix in (PUT_SUFFIX, DONE_SUFFIX) and is_upload_id(key)
+
+
+def mark_published(incoming_fd: int, leaf: str) -> None:
+    """
+    Give a published C{.put} a third name, C{<key>.done}, so that it keeps
+    more than one link after a consumer of the storage moves the published
+    file away: a repeat then learns that its file was published and moved
+    (L{CompletedFileMoved}) instead of taking the C{.put} for one cut short
+    and publishing the file again.  Not flushed: a crash that loses it
+    leaves the published name, which tells the same while it is there.
+    """
+    done = leaf.removesuffix(PUT_SUFFIX) + DONE_SUFFIX
+    try:
+        _link(leaf, done, src_dir_fd=incoming_fd, dst_dir_fd=incoming_fd,
+              follow_symlinks=False)
+    except FileExistsError:
+        pass
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
@@ -138,6 +157,11 @@ class WholeStore:
         name = validate_name(request.name)
         leaf = put_key(request.client_id, request.upload_id) + PUT_SUFFIX
         with io_errors(f"cannot store {name!r}"):
+            if if_exists_policy(request.metadata) == "skip":
+                # Before any repeat: a repeat is skipped as well.
+                skipped = self._skip(name, request)
+                if skipped is not None:
+                    return skipped
             incoming_fd = self._open_incoming()
             try:
                 for _ in range(5):
@@ -198,7 +222,7 @@ class WholeStore:
                 published = True  # not ours to remove, unless found unpublished
                 if now is None or _identity(now) != _identity(st):
                     return None
-                done = self._repeat(incoming_fd, lock, st, name, request)
+                done = self._repeat(incoming_fd, leaf, lock, st, name, request)
                 if done is not None:
                     return done
                 # Cut short before publication: never rewritten in place (a
@@ -230,13 +254,6 @@ class WholeStore:
         data = memoryview(request.data).cast("B")
         size = data.nbytes
         policy = if_exists_policy(request.metadata)
-        if policy == "skip":
-            digest = hashlib.sha256(data).digest()
-            if digest != request.sha256:
-                raise self._received_mismatch(digest, request)
-            there = find_completed(self._root, name, size)
-            if there is not None and there.sha256 == digest:
-                return CompletedUpload("0" * 32, name, size, digest, there.path)
         pwrite_all(os.pwrite, fd, data, 0)
         started = time.perf_counter()
         _fdatasync(fd)
@@ -253,6 +270,17 @@ class WholeStore:
                     "bytes written; nothing was stored, send it again")
             raise self._received_mismatch(digest, request)
         return self._publish(incoming_fd, leaf, st, name, request, policy, size)
+
+    def _skip(self, name: str, request: WholeUpload) -> CompletedUpload | None:
+        """C{if-exists} C{skip}: the answer when the name has these bytes."""
+        digest = hashlib.sha256(request.data).digest()
+        if digest != request.sha256:
+            raise self._received_mismatch(digest, request)
+        size = len(request.data)
+        there = find_completed(self._root, name, size)
+        if there is not None and there.sha256 == digest:
+            return CompletedUpload("0" * 32, name, size, digest, there.path)
+        return None
 
     def _received_mismatch(self, digest: bytes, request: WholeUpload) -> DigestMismatch:
         return DigestMismatch(
@@ -281,6 +309,7 @@ class WholeStore:
                     continue  # taken: never replace it
                 path = f"complete/{rel}"
                 self._prove(parent_fd, target, st, size, path)
+                mark_published(incoming_fd, leaf)
                 log.info("upload {upload_id} stored whole at {path}",
                          upload_id=request.upload_id, path=path, size=size)
                 return CompletedUpload(request.upload_id, name, size, request.sha256, path)
@@ -309,7 +338,7 @@ class WholeStore:
         self.dirsync.sync(_identity(os.fstat(parent_fd)), parent_fd)
 
     def _repeat(
-        self, incoming_fd: int, lock: Lock, st: os.stat_result, name: str,
+        self, incoming_fd: int, leaf: str, lock: Lock, st: os.stat_result, name: str,
         request: WholeUpload,
     ) -> CompletedUpload | None:
         """
@@ -357,6 +386,7 @@ class WholeStore:
                     # Its first try may have died before these flushes.
                     self.dirsync.sync(_identity(os.fstat(incoming_fd)), incoming_fd)
                     self.dirsync.sync(_identity(os.fstat(parent_fd)), parent_fd)
+                    mark_published(incoming_fd, leaf)
                     return CompletedUpload(request.upload_id, name, len(request.data),
                                            request.sha256, f"complete/{rel}")
         finally:

@@ -66,21 +66,21 @@ def store_whole(bucket: Bucket, request: WholeUpload,
         raise InvalidName(
             f"name {name[:60]!r}... is too long for this S3 storage: its key "
             f"would pass S3's {MAX_KEY_BYTES} bytes")
-    key = whole_key(request.client_id, request.upload_id)
-    record = bucket.key(f"whole/{key}/done.json")
-    done = bucket.get_json(record)
-    if done is not None:
-        return _recorded(bucket, done, request, name)
     data = bytes(request.data)
     size = len(data)
     policy = if_exists_policy(request.metadata)
-    if policy == "skip":
+    if policy == "skip":  # before the record: a repeat is skipped as well
         digest = hashlib.sha256(data).digest()
         if digest != request.sha256:
             raise _mismatch(digest, request)
         there = find_completed(bucket, name, size)
         if there is not None and there.sha256 == digest:
             return CompletedUpload("0" * 32, name, size, digest, there.path)
+    key = whole_key(request.client_id, request.upload_id)
+    record = bucket.key(f"whole/{key}/done.json")
+    done = bucket.get_json(record)
+    if done is not None:
+        return _recorded(bucket, done, request, name)
     staging = bucket.key(f"whole/{key}/object")
     bucket.client.put_object(
         Bucket=bucket.name, Key=staging, Body=data,

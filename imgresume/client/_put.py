@@ -1,0 +1,188 @@
+# -*- test-case-name: tests.client.test_put -*-
+"""
+A small file sent whole in one PUT (protocol.md, PUT): read and hashed on a
+thread, sent under an upload id derived from its name and SHA-256, and sent
+again under the same id after a break, so that the server stores it once
+whatever happens to the connection, or to the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import zlib
+from typing import Any, Awaitable, Callable, Mapping
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from imgresume.client._connection import UploadConnection
+from imgresume.client._describe import describe, retry_note
+from imgresume.client._results import IfExistsNotOffered, Progress, UploadFailed, UploadResult
+from imgresume.client._runs import FileRun, Turn
+from imgresume.client._source import LocalFile, SourceChanged
+from imgresume.errors import ImgresumeError
+from imgresume.names import IF_EXISTS_KEY
+from imgresume.protocol import SKIPPED_UPLOAD_ID, Completed, Put
+
+#: PUTs a session keeps in flight on its connection, so that it never idles
+#: for a round trip between small files.
+PUTS_IN_FLIGHT = 2
+
+
+def put_upload_id(name: str, sha256: bytes) -> str:
+    """
+    The upload id of a PUT of the bytes hashing to C{sha256} under C{name}.
+
+    Derived, not random: sending the same file to the same name again (after
+    a lost answer, a killed client, with or without the journal) names the
+    same upload, and the server, which keys a PUT by its client and this id,
+    answers with the file it stored instead of storing a copy.  A changed
+    file, or another name, is another upload.
+    """
+    raw = b"imgresume PUT\0" + name.encode("utf-8", "surrogatepass") + b"\0" + sha256
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def is_put_entry(entry: Mapping[str, Any], name: str) -> bool:
+    """Whether a journal entry records a completed PUT of C{name}."""
+    digest = entry.get("sha256")
+    return bool(entry.get("complete")) and isinstance(digest, str) and len(digest) == 64 \
+        and entry.get("upload_id") == put_upload_id(name, bytes.fromhex(digest))
+
+
+def takes_put(connection: UploadConnection, size: int) -> bool:
+    """Whether the server of C{connection} takes a file of C{size} bytes in a PUT."""
+    limit = connection.machine.put_limit
+    return 0 < limit and size <= limit
+
+
+class PutSender:
+    """
+    Sends one file at a time in a PUT for an upload session (made by
+    L{imgresume.client._session.UploadSession}, which lends it its uploader,
+    its connection and its journal writes).
+    """
+
+    log = Logger(namespace="imgresume.client._session")
+
+    def __init__(
+        self,
+        uploader: Any,
+        ready_connection: Callable[..., Awaitable[UploadConnection]],
+        journal_written: Callable[[Deferred[None]], Awaitable[None]],
+    ) -> None:
+        self._uploader = uploader
+        self._ready_connection = ready_connection
+        self._journal_written = journal_written
+
+    async def send(
+        self,
+        source: LocalFile,
+        name: str,
+        metadata: dict[str, str],
+        progress: Callable[[Progress], None],
+        started: float,
+        state: FileRun,
+        turn: Turn,
+        key: str,
+        confirming: bool = False,
+    ) -> UploadResult:
+        """
+        Send a small file whole in one PUT, read and hashed in a thread; a
+        break before its answer sends the same PUT (the same upload id,
+        L{put_upload_id}: the server stores it once) on the next connection.
+        Once the PUT is sent, the session's next upload may go (C{turn} is
+        given).  C{confirming}: the journal has this file's PUT complete, so
+        an answer for the same upload id is reported C{already_complete}.
+        """
+        up = self._uploader
+        data, sha256, _crc = await source.read_whole()
+        await source.check_unchanged()
+        asked = {k: v for k, v in metadata.items() if k != IF_EXISTS_KEY}
+        if up.if_exists != "rename":
+            asked[IF_EXISTS_KEY] = up.if_exists
+        frame = Put(put_upload_id(name, sha256), name, sha256, asked, zlib.crc32(data), data)
+        state.upload_id = frame.upload_id
+        while True:
+            state.attempts += 1
+            server = None
+            try:
+                await turn.take()
+                connection = await self._ready_connection(puts=True)
+                server = connection.server_id
+                if not connection.machine.offers_if_exists(up.if_exists):
+                    raise UploadFailed(
+                        f"{name}: server {server} does not offer if-exists={up.if_exists} "
+                        "(it predates it); nothing was sent: upgrade the servers, or let a "
+                        "clash be renamed (if-exists=rename)", IfExistsNotOffered(up.if_exists))
+                if not takes_put(connection, source.size):
+                    # Another server, of an older version: an UPLOAD there
+                    # could store the file twice if the PUT sent before was
+                    # stored and its answer lost.
+                    raise UploadFailed(
+                        f"{name}: server {server} does not take PUT, and the PUT sent "
+                        "before may be stored; not sent again: run the upload again "
+                        "(if-exists=skip finds it if it was stored)")
+                progress(Progress(name, "uploading", 0, source.size, server))
+                answer = connection.put(frame)
+                state.bytes_sent += source.size
+                turn.give()  # the next file may go on this connection now
+                completed: Completed = await answer
+            except CancelledError:
+                raise
+            except Exception as error:
+                if server is not None:
+                    state.servers.append(server)
+                delay = self._failed(state, error, name)
+                turn.give()
+                progress(Progress(name, "retrying", 0, source.size, server, note=retry_note(
+                    error, up.endpoint_text, max(state.failures, 1),
+                    max(up.max_attempts - 1, 1), delay)))
+                await deferLater(up.reactor, delay)
+            else:
+                state.servers.append(server or "?")
+                break
+        if completed.sha256 != sha256 or completed.size != source.size:
+            raise state.failed(
+                f"{name}: server reports {completed.size} bytes with SHA-256 "
+                f"{completed.sha256.hex()}; the local file has {source.size} bytes "
+                f"with {sha256.hex()}")
+        skipped = completed.upload_id == SKIPPED_UPLOAD_ID
+        state.acknowledged = completed.size
+        journal = up.journal_queue
+        if journal is not None:
+            await self._journal_written(journal.forget(key) if skipped else journal.complete(
+                key, completed.upload_id, sha256.hex()))
+        progress(Progress(name, "done", completed.size, completed.size, state.servers[-1],
+                          completed.path))
+        return UploadResult(
+            name=name, upload_id="" if skipped else completed.upload_id,
+            size=completed.size, sha256=completed.sha256.hex(), path=completed.path,
+            resumed_at=[], bytes_sent=state.bytes_sent, attempts=state.attempts,
+            servers=state.servers, seconds=round(time.monotonic() - started, 3),
+            already_complete=confirming and completed.upload_id == frame.upload_id,
+            skipped=skipped,
+        )
+
+    def _failed(self, state: FileRun, error: Exception, name: str) -> float:
+        """
+        A PUT was not answered COMPLETED: raise L{UploadFailed} to give up,
+        or return how long to wait before it is sent again.
+        """
+        up = self._uploader
+        if isinstance(error, UploadFailed):
+            raise error
+        state.failures += 1
+        self.log.info("PUT {attempt} of {name} ended: {error}", attempt=state.attempts,
+                      name=name, error=describe(error, up.endpoint_text))
+        if isinstance(error, SourceChanged):
+            raise state.failed(f"{name}: source changed during upload: {error}", error)
+        if isinstance(error, ImgresumeError) and not error.retryable:
+            raise state.failed(f"{name}: {error}", error)
+        if state.failures >= up.max_attempts:
+            raise state.failed(
+                f"{name}: gave up after {state.failures} attempts (last: "
+                f"{describe(error, up.endpoint_text)})", error)
+        return up.backoff(state.failures, getattr(error, "retry_after", 0.0))
