@@ -69,8 +69,9 @@ Examples:
 
 def status_main(config: StatusOptions) -> int:
     """C{imgresume status}, on the reactor: the exit code."""
-    from imgresume.cli._run import run_on_reactor
+    from imgresume.cli._run import run_on_reactor, without_tls
 
+    without_tls(config["to"])
     return run_on_reactor(lambda reactor, interruptions: run_status(reactor, config))
 
 

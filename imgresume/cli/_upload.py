@@ -184,8 +184,9 @@ def main(config: UploadOptions) -> int:
     collected = collect(config, report, sys.stderr)
     if isinstance(collected, int):
         return collected
-    from imgresume.cli._run import run_on_reactor
+    from imgresume.cli._run import run_on_reactor, without_tls
 
+    without_tls(config["to"])
     return run_on_reactor(
         lambda reactor, interruptions: run_upload(reactor, config, interruptions, collected))
 
