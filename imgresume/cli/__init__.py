@@ -7,9 +7,10 @@ Each command lives in its own module, which this one names and imports
 only when that command runs (as a Twisted C{ServiceMaker} names its tap
 module): C{imgresume --help} imports no command, C{imgresume upload}
 imports no storage, server or key-file code.  Each command module has an
-C{Options} class and a C{main(config)} that returns the exit code; the
-commands that need the reactor run it through L{imgresume.cli._run}
-(SIGINT and SIGTERM end them with 130 and 143).
+options class and a function that runs the command from its parsed options
+and returns the exit code (L{Command} names both); the commands that need
+the reactor run it through L{imgresume.cli._run} (SIGINT and SIGTERM end
+them with 130 and 143).
 """
 
 from __future__ import annotations
