@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_endpoints,tests.test_tls -*-
+# -*- test-case-name: tests.test_endpoints,tests.test_tls,tests.cli.test_startup -*-
 """Questions about Twisted endpoint strings that option parsing needs answered."""
 
 from __future__ import annotations

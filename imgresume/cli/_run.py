@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.cli.test_interrupt -*-
+# -*- test-case-name: tests.cli.test_interrupt,tests.cli.test_startup -*-
 """
 Running a command on the reactor until it is done, or until SIGINT or
 SIGTERM stops it: L{run_on_reactor} and the L{Interruptions} it catches.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.client.test_journal -*-
+# -*- test-case-name: tests.client.test_journal,tests.client.test_journal_log -*-
 """
 The client's local journal: which upload id holds the residual of which
 local file, and which files an earlier run already completed, so that
