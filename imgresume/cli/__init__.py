@@ -1,33 +1,78 @@
-# -*- test-case-name: tests.cli.test_upload,tests.cli.test_interrupt -*-
+# -*- test-case-name: tests.cli.test_upload,tests.cli.test_interrupt,tests.cli.test_startup -*-
 """
 The C{imgresume} command: C{imgresume upload ...} and friends.  Installed
 as a console script by C{setup.py}; also runnable as C{python -m imgresume}.
-Each command lives in its own module; this one dispatches, and runs the
-commands that need the reactor through L{imgresume.cli._run} (SIGINT and
-SIGTERM end them with 130 and 143).
+
+Each command lives in its own module, which this one names and imports
+only when that command runs (as a Twisted C{ServiceMaker} names its tap
+module): C{imgresume --help} imports no command, C{imgresume upload}
+imports no storage, server or key-file code.  Each command module has an
+options class and a function that runs the command from its parsed options
+and returns the exit code (L{Command} names both); the commands that need
+the reactor run it through L{imgresume.cli._run} (SIGINT and SIGTERM end
+them with 130 and 143).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+from importlib import import_module
+from typing import Any, Callable, Sequence
 
 from twisted.python import usage
 
 from imgresume._options import EXIT_USAGE, BaseOptions
-from imgresume.cli._keys import KeysOptions, run_keys
-from imgresume.cli._progress import ProgressBar
-from imgresume.cli._status import LsOptions, StatusOptions, run_ls, run_status
-from imgresume.cli._storage import (
-    CheckStorageOptions,
-    GcOptions,
-    run_check_storage,
-    run_gc,
-)
-from imgresume.cli._upload import UploadOptions, run_upload
 
 #: ProgressBar is shared with imgresume.demo.
-__all__ = ["Options", "ProgressBar", "main"]
+__all__ = ["Options", "ProgressBar", "UploadOptions", "main"]
+
+
+class Command:
+    """
+    One subcommand of C{imgresume}: its name, the module that holds it, the
+    names of its options class and of its C{main(config) -> exit code}
+    there.  Nothing is imported until the command is chosen.  Listed by
+    L{Options}; run by L{main}.
+    """
+
+    def __init__(self, name: str, module: str, options: str, run: str,
+                 description: str) -> None:
+        self.name = name
+        self.module = module
+        self.options = options
+        self.run = run
+        self.description = description
+
+    def _attribute(self, name: str) -> Any:
+        return getattr(import_module(self.module), name)
+
+    def make_options(self) -> usage.Options:
+        """A new options parser for the command (its module imported now)."""
+        return self._attribute(self.options)()
+
+    def runner(self) -> Callable[[Any], int]:
+        """The command's C{main(config)}."""
+        return self._attribute(self.run)
+
+    def usage_entry(self) -> list[Any]:
+        """The command as L{usage.Options.subCommands} lists it."""
+        return [self.name, None, self.make_options, self.description]
+
+
+COMMANDS = [
+    Command("upload", "imgresume.cli._upload", "UploadOptions", "main",
+            "Upload files (resumable)."),
+    Command("status", "imgresume.cli._status", "StatusOptions", "status_main",
+            "Ask the servers where uploads stand."),
+    Command("ls", "imgresume.cli._status", "LsOptions", "run_ls",
+            "List the uploads in a storage directory."),
+    Command("keys", "imgresume.cli._keys", "KeysOptions", "run_keys",
+            "Manage client keys (add, revoke, list)."),
+    Command("gc", "imgresume.cli._storage", "GcOptions", "run_gc",
+            "Remove abandoned uploads from a storage directory."),
+    Command("check-storage", "imgresume.cli._storage", "CheckStorageOptions",
+            "run_check_storage", "Test what the filesystem under a storage directory provides."),
+]
 
 
 class Options(BaseOptions):
@@ -35,15 +80,7 @@ class Options(BaseOptions):
     longdesc = """imgresume: resumable upload of large image files to a pool of servers
 sharing one storage.  Servers run with `twistd imgresume`, the balancer with
 `twistd imgresume-lb`.  Run `imgresume COMMAND --help` for each command."""
-    subCommands = [
-        ["upload", None, UploadOptions, "Upload files (resumable)."],
-        ["status", None, StatusOptions, "Ask the servers where uploads stand."],
-        ["ls", None, LsOptions, "List the uploads in a storage directory."],
-        ["keys", None, KeysOptions, "Manage client keys (add, revoke, list)."],
-        ["gc", None, GcOptions, "Remove abandoned uploads from a storage directory."],
-        ["check-storage", None, CheckStorageOptions,
-         "Test what the filesystem under a storage directory provides."],
-    ]
+    subCommands = [command.usage_entry() for command in COMMANDS]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
@@ -61,19 +98,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             sub = sub.subOptions
         print(f"imgresume: {e}\n\n{(sub or config).getUsage()}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    if config.subCommand == "gc":
-        sys.exit(run_gc(config.subOptions))
-    if config.subCommand == "check-storage":
-        sys.exit(run_check_storage(config.subOptions))
-    if config.subCommand == "keys":
-        sys.exit(run_keys(config.subOptions))
-    if config.subCommand == "ls":
-        sys.exit(run_ls(config.subOptions))
-    from imgresume.cli._run import Interruptions, run_on_reactor
+    [command] = [c for c in COMMANDS if c.name == config.subCommand]
+    sys.exit(command.runner()(config.subOptions))
 
-    def go(reactor: Any, interruptions: Interruptions) -> Any:
-        if config.subCommand == "status":
-            return run_status(reactor, config.subOptions)
-        return run_upload(reactor, config.subOptions, interruptions)
 
-    sys.exit(run_on_reactor(go))
+def __getattr__(name: str) -> Any:
+    """The names shared from the command modules, imported when first asked for."""
+    if name == "ProgressBar":
+        from imgresume.cli._progress import ProgressBar
+
+        return ProgressBar
+    if name == "UploadOptions":
+        from imgresume.cli._upload import UploadOptions
+
+        return UploadOptions
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.cli.test_interrupt -*-
+# -*- test-case-name: tests.cli.test_interrupt,tests.cli.test_startup -*-
 """
 Running a command on the reactor until it is done, or until SIGINT or
 SIGTERM stops it: L{run_on_reactor} and the L{Interruptions} it catches.
@@ -27,6 +27,31 @@ from imgresume._options import EXIT_FAILED
 
 #: The signals that interrupt a command.
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+#: Client endpoint types that never use TLS.
+PLAIN_ENDPOINT_TYPES = frozenset({"tcp", "unix"})
+
+
+def without_tls(endpoint: str) -> bool:
+    """
+    Before the reactor is imported, for a command whose only connections
+    go to C{endpoint}: if that is a plain C{tcp:} or C{unix:} endpoint,
+    hide pyOpenSSL, and say whether it was hidden.
+
+    Twisted's reactor imports pyOpenSSL, cryptography and service_identity
+    as it starts, to offer TLS (C{twisted.internet.posixbase} and C{tcp}):
+    about a tenth of a second of a command's start-up.  With pyOpenSSL
+    hidden, Twisted takes its own path for a system where it is not
+    installed.  Nothing is hidden once the reactor or pyOpenSSL is imported
+    (a test process, a program that embeds the command), or for any other
+    endpoint type (C{ssl:}, C{tls:}, plugins').
+    """
+    kind = endpoint.split(":", 1)[0].lower()
+    if (kind not in PLAIN_ENDPOINT_TYPES or "twisted.internet.reactor" in sys.modules
+            or "OpenSSL" in sys.modules):
+        return False
+    sys.modules["OpenSSL"] = None  # type: ignore[assignment]  # import fails: "not installed"
+    return True
 
 
 class Interruptions:

@@ -67,6 +67,14 @@ Examples:
         self["key-file"] = self["key-file"] or os.environ.get("IMGRESUME_KEY_FILE")
 
 
+def status_main(config: StatusOptions) -> int:
+    """C{imgresume status}, on the reactor: the exit code."""
+    from imgresume.cli._run import run_on_reactor, without_tls
+
+    without_tls(config["to"])
+    return run_on_reactor(lambda reactor, interruptions: run_status(reactor, config))
+
+
 def run_status(reactor: Any, config: StatusOptions, out: Any = None) -> Any:
     """Run C{imgresume status}; a Deferred firing with the exit code."""
     from imgresume.client import Journal, Uploader, default_journal_path

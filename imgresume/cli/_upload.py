@@ -8,15 +8,16 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
 from imgresume._options import EXIT_FAILED, EXIT_OK, EXIT_USAGE, BaseOptions
 from imgresume.sizes import parse_duration, parse_size
 
 if TYPE_CHECKING:
+    from twisted.internet import defer
+
     from imgresume.cli._progress import BatchProgress, PlainProgress
+    from imgresume.cli._report import Reporter
     from imgresume.cli._run import Interruptions
     from imgresume.client import CollectedFiles, FileOutcome, Uploader
 
@@ -176,18 +177,72 @@ Examples:
             raise usage.UsageError("--if-exists must be rename, skip or fail")
 
 
+def main(config: UploadOptions) -> int:
+    """
+    C{imgresume upload}: the exit code.  The files are collected (and the
+    refused ones reported) before the reactor and the client's network code
+    are imported, so a run with nothing to send ends at once.
+    """
+    report = _reporter(config, sys.stdout, sys.stderr)
+    collected = collect(config, report, sys.stderr)
+    if isinstance(collected, int):
+        return collected
+    from imgresume.cli._run import run_on_reactor, without_tls
+
+    without_tls(config["to"])
+    return run_on_reactor(
+        lambda reactor, interruptions: run_upload(reactor, config, interruptions, collected))
+
+
+def _reporter(config: UploadOptions, out: TextIO, err: TextIO) -> "Reporter":
+    from imgresume.cli._report import Reporter
+
+    return Reporter(out, err, json=config["json"], quiet=config["quiet"],
+                    journal=not config["no-journal"])
+
+
+def collect(config: UploadOptions, report: "Reporter", err: TextIO) -> "CollectedFiles | int":
+    """
+    The files C{config} names, the refused ones reported; or the exit code
+    when there is nothing to upload (none found, or some refused with
+    --fail-fast).  Needs no reactor.
+    """
+    from imgresume.client import collect_files
+
+    collected = collect_files(config["files"], prefix=config["prefix"],
+                              name=config["name"], filters=config["filters"])
+    for refused in collected.refused:
+        report.refused(refused)
+    if config["dry-run"]:
+        return collected
+    if collected.refused and config["fail-fast"]:
+        print(f"imgresume: --fail-fast: {len(collected.refused)} file(s) refused; "
+              "nothing uploaded", file=err)
+        return EXIT_FAILED
+    if not collected.items:
+        if not collected.refused:
+            print("imgresume: no files to upload", file=err)
+        return EXIT_FAILED if collected.refused else EXIT_OK
+    return collected
+
+
 def run_upload(reactor: Any, config: UploadOptions,
-               interruptions: "Interruptions | None" = None) -> Any:
+               interruptions: "Interruptions | None" = None,
+               collected: "CollectedFiles | None" = None) -> Any:
     """
     Upload every file of C{config}; the Deferred fires with the exit code.
     C{interruptions} (from L{imgresume.cli._run}) names the signal that
-    stops the run, if one does.
+    stops the run, if one does.  C{collected}: the files, if L{collect}
+    found (and reported) them already.
     """
+    from twisted.internet import defer
+
     from imgresume.client import Journal, Uploader
-    from imgresume.keys import KeyFileError, read_key
 
     key = None
     if config["key-file"]:
+        from imgresume.keys import KeyFileError, read_key
+
         try:
             key = read_key(config["key-file"])
         except (OSError, KeyFileError) as e:
@@ -213,9 +268,8 @@ def run_upload(reactor: Any, config: UploadOptions,
               "tls:lb.example:7000:trustRoots=/etc/ssl/certs, unix:/run/imgresume.sock)",
               file=sys.stderr)
         return defer.succeed(EXIT_USAGE)
-    return defer.Deferred.fromCoroutine(
-        BatchCommand(reactor, config, uploader, sys.stdout, sys.stderr, interruptions).run()
-    )
+    return defer.Deferred.fromCoroutine(BatchCommand(
+        reactor, config, uploader, sys.stdout, sys.stderr, interruptions, collected).run())
 
 
 class BatchCommand:
@@ -234,15 +288,16 @@ class BatchCommand:
     REPORT_WITHIN = 30.0
 
     def __init__(self, reactor: Any, config: UploadOptions, uploader: "Uploader",
-                 out: TextIO, err: TextIO, interruptions: "Interruptions | None" = None) -> None:
-        from imgresume.cli._report import Reporter
+                 out: TextIO, err: TextIO, interruptions: "Interruptions | None" = None,
+                 collected: "CollectedFiles | None" = None) -> None:
+        from twisted.internet import defer
 
         self.reactor = reactor
         self.config = config
         self.uploader = uploader
         self.interruptions = interruptions
-        self.report = Reporter(out, err, json=config["json"], quiet=config["quiet"],
-                               journal=not config["no-journal"])
+        self.collected = collected
+        self.report = _reporter(config, out, err)
         self.err = err
         self._display: BatchProgress | PlainProgress | None = None
         self._reported: defer.Deferred[None] = defer.Deferred()
@@ -250,24 +305,18 @@ class BatchCommand:
 
     async def run(self) -> int:
         """Upload; return the exit code."""
-        from imgresume.client import collect_files
+        from twisted.internet.interfaces import IReactorCore
 
         config = self.config
-        collected = collect_files(config["files"], prefix=config["prefix"],
-                                  name=config["name"], filters=config["filters"])
-        for refused in collected.refused:
-            self.report.refused(refused)
+        collected = self.collected
+        if collected is None:
+            found = collect(config, self.report, self.err)
+            if isinstance(found, int):
+                return found
+            collected = found
         if config["dry-run"]:
             planned = await self.uploader.plan(collected.items, restart=config["restart"])
             return self.report.plan(collected, planned)
-        if collected.refused and config["fail-fast"]:
-            print(f"imgresume: --fail-fast: {len(collected.refused)} file(s) refused; "
-                  "nothing uploaded", file=self.err)
-            return EXIT_FAILED
-        if not collected.items:
-            if not collected.refused:
-                print("imgresume: no files to upload", file=self.err)
-            return EXIT_FAILED if collected.refused else EXIT_OK
         trigger = None
         if IReactorCore.providedBy(self.reactor):
             trigger = self.reactor.addSystemEventTrigger(
@@ -313,8 +362,10 @@ class BatchCommand:
                             time.monotonic() - started, interrupted)
         return exit_code(batch, collected.refused, interrupted)
 
-    def _shutting_down(self) -> defer.Deferred[None]:
+    def _shutting_down(self) -> "defer.Deferred[None]":
         """The reactor is stopping: interrupt the uploads; wait for their report."""
+        from twisted.internet import defer
+
         self._shutting_down_now = True
         signal = self.interruptions.signal if self.interruptions is not None else None
         self.uploader.interrupt(signal)

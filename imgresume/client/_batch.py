@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from imgresume.client._results import Progress, UploadFailed, UploadInterrupted, UploadResult
-from imgresume.client._put import PUTS_IN_FLIGHT
-from imgresume.client._session import UploadSession
+
+if TYPE_CHECKING:  # BatchItem is used without the sessions' code (collect_files)
+    from imgresume.client._session import UploadSession
 
 log = Logger()
 
@@ -108,6 +108,10 @@ async def run_batch(
     @raise UploadInterrupted: the uploader was interrupted; its C{batch}
         says what was done.
     """
+    from twisted.internet.defer import Deferred, DeferredList
+
+    from imgresume.client._put import PUTS_IN_FLIGHT
+
     if parallel < 1:
         raise ValueError(f"parallel must be at least 1, not {parallel}")
     items = [f if isinstance(f, BatchItem) else BatchItem(f) for f in files]

@@ -3,7 +3,8 @@
 The uploader's asynchronous front of a L{Journal}: lookups and changes run
 off the reactor thread, and changes are written in groups, one write at a
 time, so that a batch of many small files costs a few journal writes a
-second rather than two per file.
+second rather than two per file (and, with appended records, a few flushes
+rather than one per record).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ class JournalQueue:
 
     A change is queued at once and visible to L{lookup} at once; while one
     write runs, later changes gather and go out together in the next.  The
-    Deferred a change returns fires once it is on disk (or fails with the
-    write's error).
+    Deferred a change returns fires once it is written, and flushed to disk
+    if the group holds a record that needs it (an upload id: see
+    L{imgresume.client._journal}), or fails with the write's error.
     """
 
     def __init__(self, journal: Journal, run: Runner) -> None:

@@ -76,12 +76,9 @@ class CommandTestCase(TestCase):
         )
 
     def journal(self) -> Any:
-        """The default journal's contents, or None if it was never written."""
-        try:
-            with open(os.path.join(self.state, "imgresume", "journal.json")) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
+        """The default journal's entries, or None if it was never written."""
+        path = os.path.join(self.state, "imgresume", "journal.json")
+        return Journal(path).entries() if os.path.exists(path) else None
 
 
 class UploadCommandTests(CommandTestCase):

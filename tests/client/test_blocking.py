@@ -25,7 +25,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from imgresume.client import upload_files
+from imgresume.client import Journal, upload_files
 from tests.support.processes import (
     PythonChild,
     TwistdServer,
@@ -126,8 +126,8 @@ class UploadFilesTests(TestCase):
         self.assertEqual(server.log().count("handshake from"), 2)  # one per call
         self.assertEqual(report["main"], "MainThread")
         self.assertEqual(report["threads"].count("imgresume-reactor"), 1)
-        with open(os.path.join(self.state, "imgresume", "journal.json")) as f:
-            [entry] = json.load(f).values()  # the second call kept no journal
+        journal = Journal(os.path.join(self.state, "imgresume", "journal.json"))
+        [entry] = journal.entries().values()  # the second call kept no journal
         self.assertEqual((entry["upload_id"], entry["complete"]), (first["upload_id"], True))
 
     async def test_upload_failed(self) -> None:
@@ -170,8 +170,8 @@ class UploadFilesTests(TestCase):
         self.assertEqual((report["type"], report["signal"]), ("UploadInterrupted", 2))
         self.assertIn("big.tif: interrupted by SIGINT", report["error"])
         self.assertGreater(report["acknowledged"], 0)
-        with open(os.path.join(self.state, "imgresume", "journal.json")) as f:
-            [entry] = json.load(f).values()
+        journal = Journal(os.path.join(self.state, "imgresume", "journal.json"))
+        [entry] = journal.entries().values()
         self.assertEqual(entry["upload_id"], report["upload_id"])
         out, err, code = await run_python([self.script, "again", server.endpoint, path], env,
                                           timeout=60)

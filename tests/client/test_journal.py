@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.client.test_journal -*-
 """
-Tests for L{imgresume.client._journal}: the client's JSON journal of
+Tests for L{imgresume.client._journal}: the client's journal of
 unfinished and completed uploads (remember, look up, forget, several
-changes in one write, atomic replacement, damaged files, pruning, the
+changes in one write, failed writes, damaged files, pruning, the
 parsed file kept while unchanged), the keys that tie an entry to one
 version of one local file, one destination and one remote name, and
 L{JournalQueue}, which groups the uploader's changes into few writes.
@@ -22,7 +22,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume.client import Journal, Uploader, default_journal_path
-from imgresume.client._journal import journal_entry, journal_key
+from imgresume.client._journal import HEADER, journal_entry, journal_key
 from imgresume.client._journal_queue import JournalQueue
 from imgresume.client._source import Fingerprint
 from tests.support.runners import QueuedRunner
@@ -41,9 +41,21 @@ class JournalTests(SynchronousTestCase):
         self.journal = Journal(self.path)
 
     def read(self) -> Any:
-        """The journal file, parsed."""
-        with open(self.path, encoding="utf-8") as f:
-            return json.load(f)
+        """
+        The journal file's entries: its records replayed (or, for a file in
+        the format before the log, the JSON object it holds).
+        """
+        with open(self.path, "rb") as f:
+            data = f.read()
+        if not data.startswith(HEADER):
+            return json.loads(data)
+        entries: dict[str, Any] = {}
+        for line in data[len(HEADER):].splitlines():
+            record = json.loads(line)
+            entries.pop(record["key"], None)
+            if record["entry"] is not None:
+                entries[record["key"]] = record["entry"]
+        return entries
 
     def write(self, data: Any) -> None:
         """Write the journal file: C{data} as JSON, or a string as is."""
@@ -93,18 +105,34 @@ class JournalTests(SynchronousTestCase):
 
     def test_failed_write_keeps_old_file(self) -> None:
         """
-        If the new file cannot be put in place, the old journal is intact,
-        the temporary file is removed and the error propagates.
+        If a change cannot be written (an append fails, or the rewritten
+        file cannot be put in place), the journal keeps what it held, in
+        the file and in memory, no temporary file is left and the error
+        propagates.
         """
         self.journal.remember("k", UPLOAD_ID, SHA)
 
-        def broken_replace(src: str, dst: str) -> None:
+        def no_space(*args: Any) -> None:
             raise OSError(28, "No space left on device")
 
-        self.patch(os, "replace", broken_replace)
+        patched = self.patch(os, "write", no_space)
         self.assertRaises(OSError, self.journal.remember, "j", OTHER_ID, SHA)
+        patched.restore()
+        self.assertIsNone(self.journal.lookup("j"))
         self.assertEqual(os.listdir(os.path.dirname(self.path)), ["journal.json"])
         self.assertEqual(list(self.read()), ["k"])
+
+        # A journal in the format before the log is rewritten at its first change.
+        self.write({"k": journal_entry(UPLOAD_ID, SHA)})
+        journal = Journal(self.path)
+        patched = self.patch(os, "replace", no_space)
+        self.assertRaises(OSError, journal.remember, "j", OTHER_ID, SHA)
+        patched.restore()
+        self.assertIsNone(journal.lookup("j"))
+        self.assertEqual(os.listdir(os.path.dirname(self.path)), ["journal.json"])
+        self.assertEqual(list(self.read()), ["k"])
+        journal.remember("j", OTHER_ID, SHA)
+        self.assertEqual(sorted(self.read()), ["j", "k"])
 
     def test_corrupt_file(self) -> None:
         """A journal that is not JSON reads as empty and is overwritten by the next write."""
@@ -170,12 +198,12 @@ class JournalTests(SynchronousTestCase):
     def test_update_is_one_write(self) -> None:
         """update() applies several changes, additions and removals, in one write."""
         self.journal.remember("gone", UPLOAD_ID, SHA)
-        replaced: list[str] = []
-        real_replace = os.replace
-        self.patch(os, "replace", lambda src, dst: replaced.append(dst) or real_replace(src, dst))
+        writes: list[int] = []
+        real_write = os.write
+        self.patch(os, "write", lambda fd, data: writes.append(fd) or real_write(fd, data))
         self.journal.update({"a": journal_entry(UPLOAD_ID, SHA),
                              "b": journal_entry(OTHER_ID, SHA, complete=True), "gone": None})
-        self.assertEqual(replaced, [self.path])
+        self.assertEqual(len(writes), 1)
         self.assertEqual(sorted(self.read()), ["a", "b"])
         self.assertIs(self.read()["b"]["complete"], True)
 

@@ -328,12 +328,8 @@ class JournalResumeTests(ServerTestCase):
         return path, content, port_number, endpoint
 
     def journal_entries(self, journal: Journal) -> dict[str, Any]:
-        """The journal file's entries ({} when there is no file)."""
-        try:
-            with open(journal.path) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return {}
+        """The journal file's entries ({} when there is no file), read afresh."""
+        return Journal(journal.path).entries()
 
     def assertCompleteEntry(self, journal: Journal, upload_id: str) -> None:
         """The journal holds one entry: C{upload_id}, marked complete."""
