@@ -126,6 +126,23 @@ def _s3_expiry(storage: Any, interval: float, older_than: float) -> Service:
     return service
 
 
+def _http_service(listen: str, storage: Any, factory: UploadServerFactory, reactor: Any,
+                  server_id: str, keys: Any, limits: ServerLimits, idle_timeout: float,
+                  takeover_idle: float, expire_after: float, max_incomplete: int,
+                  max_incomplete_bytes: int, top: MultiService) -> Service:
+    """The tus endpoint (C{--http}), stopped before the native listener."""
+    from imgresume.server._http import http_service
+
+    service = http_service(
+        listen, storage, factory, reactor=reactor, server_id=server_id, keys=keys,
+        max_size=limits.max_file_size, idle_timeout=idle_timeout,
+        takeover_idle=takeover_idle, expire_after=expire_after,
+        max_incomplete_uploads=max_incomplete,
+        max_incomplete_bytes=max_incomplete_bytes)
+    service.setServiceParent(top)
+    return service
+
+
 def make_server_service(
     listen: str,
     storage: IUploadStorage | str,
@@ -150,6 +167,7 @@ def make_server_service(
     metrics_listen: str | None = None,
     hooks: HookConfig | None = None,
     s3_options: dict[str, Any] | None = None,
+    http_listen: str | None = None,
 ) -> MultiService:
     """
     Build a server listening on the endpoint string C{listen}.
@@ -185,6 +203,9 @@ def make_server_service(
         are still kept, as C{top.metrics}).
     @param hooks: commands or URLs told about upload events (a
         L{HookDispatcher} named C{"hooks"}, as C{top.hooks}).
+    @param http_listen: a server endpoint string where tus 1.0.0 is
+        served at C{/files/} over the same storage (L{imgresume.http}; as
+        C{top.http}); None: not served.
 
     The storage self-test is not run here (it blocks); see
     L{imgresume.server._storagecheck.verify_storage}.
@@ -262,6 +283,13 @@ def make_server_service(
     listener = ListenerService(reactor, listen, wrapped)
     _DrainService(factory, reactor, grace=10.0).setServiceParent(top)
     listener.setServiceParent(top)
+    top.http = None  # type: ignore[attr-defined]
+    if http_listen is not None:
+        top.http = _http_service(  # type: ignore[attr-defined]
+            http_listen, storage, factory, reactor, server_id, key_store, limits,
+            idle_timeout, takeover_idle, expire_after, max_incomplete_uploads_per_client,
+            2 * limits.max_file_size if max_incomplete_bytes_per_client is None
+            else max_incomplete_bytes_per_client, top)
     top.factory = factory  # type: ignore[attr-defined]
     top.listener = listener  # type: ignore[attr-defined]
     top.gc = gc  # type: ignore[attr-defined]

@@ -87,6 +87,8 @@ Examples:
          "client address (the real one, behind a trusted balancer); 0 = no limit."],
         ["metrics", None, None, "Serve Prometheus metrics over HTTP at /metrics on this "
          "server endpoint (e.g. tcp:9101:interface=127.0.0.1) [default: off]."],
+        ["http", None, None, "Also serve tus 1.0.0 (HTTP resumable uploads, docs/http.md) "
+         "at /files/ on this server endpoint, over the same storage [default: off]."],
         ["hook-command", None, None, "Run this program (split like a shell command line, "
          "run without a shell) for each upload event, with the event's JSON on stdin."],
         ["hook-url", None, None, "POST each upload event's JSON to this http:// or "
@@ -187,6 +189,29 @@ Examples:
                 raise usage.UsageError(f"--{key} must be more than 0")
         self._check_proxy_options()
         self._check_hook_options()
+        self._check_http_options()
+
+    def _check_http_options(self) -> None:
+        """
+        The secure-by-default rule for --http: reachable from other hosts,
+        it needs --keys (bearer keys), and TLS (ssl: or mtls:) so that the
+        keys never cross the network in clear; --insecure overrides both.
+        """
+        http = self["http"]
+        if http is None or self["insecure"] or is_local_only(http):
+            return
+        if not self["keys"]:
+            raise usage.UsageError(
+                f"--http {http} is reachable from other hosts but no --keys file is "
+                "given, so anyone could upload: add --keys FILE (clients send "
+                "Authorization: Bearer CLIENT_ID:KEY), or listen on a loopback interface "
+                "or a UNIX socket, or say --insecure")
+        if http.split(":", 1)[0].lower() not in ("ssl", "mtls"):
+            raise usage.UsageError(
+                f"--http {http} is reachable from other hosts without TLS, so bearer "
+                "keys would cross the network in clear: listen on ssl:PORT:privateKey="
+                "KEY:certKey=CERT (docs/http.md), or on a loopback interface behind a "
+                "balancer that ends TLS, or say --insecure")
 
     def _check_s3_options(self) -> None:
         from imgresume.storage.s3 import MIN_PART_SIZE, parse_url
@@ -315,6 +340,7 @@ def makeService(config: Options):
         metrics_listen=config["metrics"],
         hooks=config["hooks"],
         s3_options=config.get("s3-options"),
+        http_listen=config["http"],
     )
     if config["max-data-memory"] is not None:
         service.factory.chunk_memory_limit = config["max-data-memory"]
