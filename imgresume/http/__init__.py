@@ -18,23 +18,26 @@ The private modules hold one concern each:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from imgresume.http._headers import EXTENSIONS, TUS_VERSION, TusError
 from imgresume.http._resource import FilesResource, TusRequest, TusSite
 from imgresume.http._uploads import ANONYMOUS, TusUploads
 
 
-def tus_site(uploads: TusUploads, *, timeout: float = 300.0, **limits: Any) -> TusSite:
+def tus_site(uploads: TusUploads, *, timeout: float = 300.0, reactor: Any = None,
+             **limits: Any) -> TusSite:
     """
     The C{twisted.web} site serving tus at C{/files/} over C{uploads}.
 
     @param timeout: seconds a connection may stay silent (mid-body too).
+    @param reactor: the reactor of its connections' timeouts (the global one
+        by default).
     @param limits: C{max_pending} (body bytes waiting for the disk before
         reading pauses) and C{checksum_limit} (largest body held whole for
         its C{Upload-Checksum}).
     """
-    return TusSite(FilesResource(uploads, **limits), timeout=timeout)
+    return TusSite(FilesResource(uploads, **limits), timeout=timeout, reactor=reactor)
 
 
 __all__ = ["tus_site", "TusUploads", "TusSite", "TusRequest", "FilesResource",

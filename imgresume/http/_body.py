@@ -83,6 +83,8 @@ class BodyUpload:
         self._digest: Any = None  # the running SHA-256 of the whole upload, or None
         self._waiters: list[Deferred[int]] = []
         self._released: Deferred[None] | None = None
+        #: Called when the writer is released (the upload logic's memory of it).
+        self.on_release: Callable[[], None] | None = None
 
     # -- from the upload logic --------------------------------------------
 
@@ -122,11 +124,6 @@ class BodyUpload:
     def digest(self) -> Any:
         """The running SHA-256 of the upload's bytes up to L{next}, or None."""
         return self._digest
-
-    @property
-    def done(self) -> bool:
-        """Whether the body is over (ended, cut or refused) and nothing is left to write."""
-        return (self._ended or self._cut or self.error is not None) and not self._writing
 
     # -- from the request -------------------------------------------------
 
@@ -245,9 +242,9 @@ class BodyUpload:
                 self._digest.update(chunk.data)
         self._on_bytes(durable - self.durable)
         self.next, self.durable = end, durable
+        self._pump()
         if self._pending_bytes <= self._max_pending // 2 and not self._cut:
             self._set_paused(False)
-        self._pump()
         self._settle()
 
     def _write_failed(self, failure: Failure, chunks: list[Chunk], end: int) -> None:
@@ -280,6 +277,8 @@ class BodyUpload:
         writer, self.writer = self.writer, None
         if writer is None:
             return
+        if self.on_release is not None:
+            self.on_release()
         if self._released is None:
             self._released = Deferred()
         released = self._released

@@ -102,6 +102,9 @@ class TusRequest(Request):
             self.body, self.call = files.start_body(self, method.decode(), path, length)
 
     def handleContentChunk(self, data: bytes) -> None:
+        metrics = self.channel.site.files.uploads.metrics
+        if metrics is not None:
+            metrics.received_bytes.inc(len(data))
         if self.body is not None:
             self.body.feed(data)
 
@@ -109,6 +112,22 @@ class TusRequest(Request):
         if self.body is not None:
             self.body.cut()
         super().connectionLost(reason)
+
+
+class _Root(Resource):
+    """C{/}: only C{/files/} is served here; anything else is a plain 404."""
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return _NotFound()
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader("Content-Type", "text/plain; charset=utf-8")
+        return b"not found: tus uploads are under /files/\n"
 
 
 class TusSite(Site):
@@ -120,10 +139,14 @@ class TusSite(Site):
 
     requestFactory = TusRequest
 
-    def __init__(self, files: FilesResource, timeout: float = 300.0) -> None:
-        root = Resource()
+    noisy = False
+
+    def __init__(self, files: FilesResource, timeout: float = 300.0,
+                 reactor: Any = None) -> None:
+        root = _Root()
         root.putChild(b"files", files)
-        super().__init__(root, timeout=timeout)
+        super().__init__(root, timeout=timeout, reactor=reactor,
+                         parsePOSTFormSubmission=False)
         self.files = files
         self.displayTracebacks = False
 
@@ -308,11 +331,12 @@ class FilesResource(Resource):
             body = (reason + "\n").encode("utf-8")
             request.setHeader("Content-Type", "text/plain; charset=utf-8")
         request.setHeader("Content-Length", str(len(body)))
+        peer = request.getClientAddress()
         log.info("tus {method} {path} from {peer}: {status} {reason}",
                  method=escape(request.method.decode("latin-1")),
                  path=escape(request.path.decode("latin-1")),
-                 peer=str(request.getClientAddress()), status=status,
-                 reason=escape(reason))
+                 peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
+                 status=status, reason=escape(reason))
         if request.startedWriting or getattr(request, "_disconnected", False):
             return NOT_DONE_YET  # type: ignore[return-value]
         request.write(body)

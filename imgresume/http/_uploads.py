@@ -44,6 +44,7 @@ from imgresume.http._headers import (
 from imgresume.logs import escape
 from imgresume.names import new_upload_id
 from imgresume.storage.interfaces import (
+    CompletedFileMoved,
     CompletedUpload,
     IUploadStorage,
     IUploadWriter,
@@ -210,7 +211,7 @@ class TusUploads:
         """A creation-with-upload: its body goes into the new upload."""
         upload_id = writer.info.upload_id
         recent = self._recent.pop(upload_id, None)
-        self.bodies[upload_id] = body
+        self._watch_body(upload_id, body)
         body.opened(writer, recent.digest if recent is not None else None)
 
     # -- PATCH -------------------------------------------------------------
@@ -238,12 +239,14 @@ class TusUploads:
                 log.info("tus upload {upload_id} resumed at {offset}",
                          upload_id=upload_id, offset=offset)
                 recent = _Recent(offset, hashlib.sha256() if offset == 0 else None)
-            self.bodies[upload_id] = body
+            self._watch_body(upload_id, body)
             body.opened(writer, recent.digest)
 
         def failed(f: Failure) -> CompletedUpload:
             if f.check(UploadAlreadyComplete):
                 return f.value.completed
+            if f.check(CompletedFileMoved):
+                raise TusError(410, f.value.message)
             if f.check(UnknownUpload):
                 raise TusError(404, "no such upload")
             raise storage_error(f)
@@ -264,8 +267,6 @@ class TusUploads:
         assert writer is not None
         info = writer.info
         if writer.offset < info.size:
-            self._remember(upload_id, _Recent(
-                body.durable, body.digest if body.next == body.durable else None))
             return body.release().addCallback(lambda _: [
                 ("Upload-Offset", str(body.durable)), ("Upload-Expires", self.expires())])
         if info.sha256 is not None and digest is not None and digest != info.sha256:
@@ -386,6 +387,18 @@ class TusUploads:
             writer.takeover_requested().addCallbacks(asked, lambda f: None)
 
     # -- inside ------------------------------------------------------------
+
+    def _watch_body(self, upload_id: str, body: BodyUpload) -> None:
+        """A body writes the upload now; when it lets it go, remember where."""
+        self.bodies[upload_id] = body
+
+        def released() -> None:
+            if self.bodies.get(upload_id) is body:
+                del self.bodies[upload_id]
+            self._remember(upload_id, _Recent(
+                body.durable, body.digest if body.next == body.durable else None))
+
+        body.on_release = released
 
     def _remember(self, upload_id: str, recent: _Recent) -> None:
         self._recent[upload_id] = recent

@@ -107,7 +107,7 @@ def http_service(
     )
     top = MultiService()
     _WatchService(uploads).setServiceParent(top)
-    listener = ListenerService(reactor, listen, tus_site(uploads, timeout=idle_timeout))
+    listener = ListenerService(reactor, listen, tus_site(uploads, timeout=idle_timeout, reactor=reactor))
     listener.setServiceParent(top)
     top.uploads = uploads  # type: ignore[attr-defined]
     top.listener = listener  # type: ignore[attr-defined]
