@@ -283,7 +283,8 @@ class FilesResource(Resource):
             error = storage_error(f)
             if call.completed is not None:
                 return self.uploads.completed_headers(call.completed, call.offset)
-            if status == 201 and call.upload_id is not None:
+            if status == 201 and call.upload_id is not None and body.error is not None \
+                    and error.status != 413:
                 # Created, but its first bytes failed: the client goes on
                 # with HEAD and PATCH from what is durable.
                 return [("Upload-Offset", str(body.durable))]

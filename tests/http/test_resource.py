@@ -292,6 +292,14 @@ class RefusalTests(ResourceTestCase):
         self.assertEqual(self.server.events[-1]["event"], "upload.failed")
         self.assertEqual(self.server.events[-1]["error"].code.name, "DIGEST_MISMATCH")
 
+    def test_repr_digest_creation_with_upload(self) -> None:
+        """A POST carrying a whole file that does not match its Repr-Digest: 460."""
+        answer = self.wire.request("POST", "/files/", {
+            **OCTETS, "Upload-Length": "3", "Repr-Digest": repr_digest(b"abc"),
+            "Upload-Metadata": metadata(filename="g")}, b"abd")
+        self.assertRefused(answer, 460)
+        self.assertEqual(self.storage.files, {})
+
     def test_repr_digest_on_last_patch(self) -> None:
         """A Repr-Digest on the last PATCH: checked; a match completes, else 460."""
         location = self.server.create(3, **{"Upload-Metadata": metadata(filename="e")})
