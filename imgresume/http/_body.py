@@ -71,6 +71,8 @@ class BodyUpload:
         self.received = 0
         #: Where the next batch starts; what is durable.
         self.next = self.durable = 0
+        #: Where the bytes handed to writes so far end.
+        self._taken = 0
         self.last_heard = clock.seconds()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
@@ -95,13 +97,14 @@ class BodyUpload:
         before it, fed with this body's bytes as they are written.
         """
         self.writer = writer
-        self.next = self.durable = writer.offset
+        self.next = self.durable = self._taken = writer.offset
         self._digest = digest
         if self.error is not None:  # refused or cut meanwhile
             self._release()
             return
-        if self.length is not None and writer.offset + self.length > writer.info.size:
-            self.refused(TusError(413, f"the body's {self.length} bytes from offset "
+        length = self.length if self.length is not None else self._pending_bytes
+        if writer.offset + length > writer.info.size:
+            self.refused(TusError(413, f"the body's {length} bytes from offset "
                                        f"{writer.offset} pass Upload-Length "
                                        f"{writer.info.size}"))
             return
@@ -117,8 +120,7 @@ class BodyUpload:
         if self.error is None:
             self.error = error
         self._drop()
-        self._release()
-        self._settle()
+        self._settle()  # releases the writer once no write is running
 
     @property
     def digest(self) -> Any:
@@ -135,7 +137,7 @@ class BodyUpload:
             return
         if self.writer is not None:
             size = self.writer.info.size
-            if self.next + self._pending_bytes + len(data) > size:
+            if self._taken + self._pending_bytes + len(data) > size:
                 self.refused(TusError(413, f"the body passes Upload-Length {size}"))
                 return
         if self._checker is not None:
@@ -231,7 +233,7 @@ class BodyUpload:
             chunks.append(Chunk(offset, b"".join(piece)))
         self._pending, self._pending_bytes = [], 0
         self._writing = True
-        end = chunks[-1].end
+        end = self._taken = chunks[-1].end
         d = self.writer.write_batch(chunks)
         d.addCallbacks(self._written, self._write_failed, (chunks, end))
 

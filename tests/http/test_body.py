@@ -256,3 +256,28 @@ class DigestTests(SynchronousTestCase):
             "PATCH", location, patch(6, **{"Repr-Digest": repr_digest(b"abcdef")}))
         self.assertEqual(answer.status, 204)
         self.assertEqual(first.storage.read_completed("complete/two"), b"abcdef")
+
+
+class RefusedMidWriteTests(SynchronousTestCase):
+    """A body refused while one of its writes runs."""
+
+    def test_release_waits_for_the_write(self) -> None:
+        """
+        The writer is released only once the running write is done (a writer
+        takes one call at a time), and the answer is 413.
+        """
+        storage = _HeldStorage()
+        server = TusServer(storage=storage)
+        location = server.create(10)
+        wire = server.wire()
+        wire.send(wire.head("PATCH", location, {**patch(0), "Transfer-Encoding": "chunked"},
+                            None) + b"4\r\nabcd\r\n")
+        self.assertEqual(len(storage.held), 1)
+        wire.send(b"8\r\nefghijkl\r\n0\r\n\r\n")  # passes Upload-Length
+        upload_id = location.rsplit("/", 1)[-1]
+        self.assertIn(upload_id, storage.storage._owned)
+        storage.release_one()
+        self.assertNotIn(upload_id, storage.storage._owned)
+        [answer] = wire.answers()
+        self.assertEqual(answer.status, 413)
+        self.assertEqual(server.wire().request("HEAD", location)["Upload-Offset"], "4")

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tests.support.cluster import sha256_file, write_random
 from tests.support.tus import NODE_SCRIPT, TusCluster, kill_serving_when, node_client
@@ -189,3 +190,24 @@ class NodeClientTests(TusClusterTestCase):
         self.assertNotIn("error", result, self.cluster.logs())
         self.assertEqual(self.stored("js/chunked.bin"), digest)
         self.check_resent(result["offsets"], patch)
+
+
+class ChildPathTests(SynchronousTestCase):
+    """The clusters' children import this checkout, and the standard library's http."""
+
+    def test_cluster_pythonpath(self) -> None:
+        """
+        LocalCluster puts the checkout first on PYTHONPATH, not imgresume/
+        itself (where imgresume/http would shadow the standard library's
+        http, and twistd could not start).
+        """
+        from imgresume.testing import LocalCluster
+
+        cluster = LocalCluster(self.mktemp(), servers=1)
+        self.addCleanup(cluster.stop)
+        first = cluster._env()["PYTHONPATH"].split(os.pathsep)[0]
+        self.assertTrue(os.path.isfile(os.path.join(first, "imgresume", "__init__.py")))
+        out = subprocess.run(
+            [sys.executable, "-c", "import http.client, imgresume.http; print('ok')"],
+            env=cluster._env(), cwd="/", capture_output=True, text=True)
+        self.assertEqual(out.stdout.strip(), "ok", out.stderr)
