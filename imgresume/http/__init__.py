@@ -34,8 +34,9 @@ def tus_site(uploads: TusUploads, *, timeout: float = 300.0, reactor: Any = None
     @param reactor: the reactor of its connections' timeouts (the global one
         by default).
     @param limits: C{max_pending} (body bytes waiting for the disk before
-        reading pauses) and C{checksum_limit} (largest body held whole for
-        its C{Upload-Checksum}).
+        reading pauses), C{checksum_limit} (largest body held whole for its
+        C{Upload-Checksum}) and C{cors_origins} (the browser origins allowed,
+        C{*} for any).
     """
     return TusSite(FilesResource(uploads, **limits), timeout=timeout, reactor=reactor)
 

@@ -275,6 +275,39 @@ def format_repr_digest(sha256: bytes) -> str:
     return f"sha-256=:{base64.b64encode(sha256).decode('ascii')}:"
 
 
+# -- CORS --------------------------------------------------------------------
+
+#: What a browser page may send and read (the tus headers and ours).
+_CORS_REQUEST_HEADERS = (
+    "Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Metadata, "
+    "Upload-Offset, Upload-Checksum, Upload-Defer-Length, Upload-Concat, Repr-Digest, "
+    "X-Requested-With, X-HTTP-Method-Override")
+_CORS_RESPONSE_HEADERS = (
+    "Location, Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, "
+    "Tus-Checksum-Algorithm, Upload-Offset, Upload-Length, Upload-Metadata, "
+    "Upload-Expires, Repr-Digest, Retry-After")
+
+
+def cors_headers(origin: str | None, allowed: Iterable[str],
+                 preflight: bool) -> list[tuple[str, str]]:
+    """
+    The CORS headers of an answer to a request from a browser page at
+    C{origin}: none unless the origin is one of C{allowed} (or C{allowed}
+    holds C{*}); for a preflight (C{OPTIONS} with
+    C{Access-Control-Request-Method}) also the methods and headers allowed.
+    """
+    allowed = tuple(allowed)
+    if origin is None or not (origin in allowed or "*" in allowed):
+        return []
+    headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+               ("Access-Control-Expose-Headers", _CORS_RESPONSE_HEADERS)]
+    if preflight:
+        headers += [("Access-Control-Allow-Methods", "POST, HEAD, PATCH, DELETE, OPTIONS"),
+                    ("Access-Control-Allow-Headers", _CORS_REQUEST_HEADERS),
+                    ("Access-Control-Max-Age", "86400")]
+    return headers
+
+
 # -- identity, paths, dates --------------------------------------------------
 
 

@@ -32,6 +32,7 @@ from imgresume.http._headers import (
     check_content_type,
     check_defer_length,
     check_resumable,
+    cors_headers,
     parse_checksum,
     parse_length,
     parse_metadata,
@@ -165,9 +166,11 @@ class FilesResource(Resource):
     isLeaf = True
 
     def __init__(self, uploads: TusUploads, *, max_pending: int | None = None,
-                 checksum_limit: int | None = None) -> None:
+                 checksum_limit: int | None = None, cors_origins: tuple[str, ...] = ()
+                 ) -> None:
         super().__init__()
         self.uploads = uploads
+        self.cors_origins = cors_origins
         self._limits: dict[str, int] = {}
         if max_pending is not None:
             self._limits["max_pending"] = max_pending
@@ -325,7 +328,10 @@ class FilesResource(Resource):
         request.setResponseCode(status, _PHRASES.get(status))
         if tus:
             request.setHeader("Tus-Resumable", TUS_VERSION)
-        for name, value in headers:
+        preflight = request.method == b"OPTIONS" and request.requestHeaders.hasHeader(
+            b"Access-Control-Request-Method")
+        for name, value in headers + cors_headers(_header(request, "Origin"),
+                                                  self.cors_origins, preflight):
             request.setHeader(name, value)
         body = b""
         if reason:

@@ -84,6 +84,7 @@ def http_service(
     expire_after: float,
     max_incomplete_uploads: int,
     max_incomplete_bytes: int,
+    cors_origins: tuple[str, ...] = (),
 ) -> Service:
     """
     The tus endpoint on C{listen}: a service holding its listener and its
@@ -107,7 +108,8 @@ def http_service(
     )
     top = MultiService()
     _WatchService(uploads).setServiceParent(top)
-    listener = ListenerService(reactor, listen, tus_site(uploads, timeout=idle_timeout, reactor=reactor))
+    listener = ListenerService(reactor, listen, tus_site(uploads, timeout=idle_timeout, reactor=reactor,
+                                                     cors_origins=cors_origins))
     listener.setServiceParent(top)
     top.uploads = uploads  # type: ignore[attr-defined]
     top.listener = listener  # type: ignore[attr-defined]

@@ -129,7 +129,8 @@ def _s3_expiry(storage: Any, interval: float, older_than: float) -> Service:
 def _http_service(listen: str, storage: Any, factory: UploadServerFactory, reactor: Any,
                   server_id: str, keys: Any, limits: ServerLimits, idle_timeout: float,
                   takeover_idle: float, expire_after: float, max_incomplete: int,
-                  max_incomplete_bytes: int, top: MultiService) -> Service:
+                  max_incomplete_bytes: int, top: MultiService,
+                  cors_origins: Sequence[str]) -> Service:
     """The tus endpoint (C{--http}), stopped before the native listener."""
     from imgresume.server._http import http_service
 
@@ -138,7 +139,7 @@ def _http_service(listen: str, storage: Any, factory: UploadServerFactory, react
         max_size=limits.max_file_size, idle_timeout=idle_timeout,
         takeover_idle=takeover_idle, expire_after=expire_after,
         max_incomplete_uploads=max_incomplete,
-        max_incomplete_bytes=max_incomplete_bytes)
+        max_incomplete_bytes=max_incomplete_bytes, cors_origins=tuple(cors_origins))
     service.setServiceParent(top)
     return service
 
@@ -168,6 +169,7 @@ def make_server_service(
     hooks: HookConfig | None = None,
     s3_options: dict[str, Any] | None = None,
     http_listen: str | None = None,
+    http_cors_origins: Sequence[str] = (),
 ) -> MultiService:
     """
     Build a server listening on the endpoint string C{listen}.
@@ -206,6 +208,8 @@ def make_server_service(
     @param http_listen: a server endpoint string where tus 1.0.0 is
         served at C{/files/} over the same storage (L{imgresume.http}; as
         C{top.http}); None: not served.
+    @param http_cors_origins: the browser origins (C{https://host:port},
+        or C{*}) whose pages may call the tus endpoint (CORS).
 
     The storage self-test is not run here (it blocks); see
     L{imgresume.server._storagecheck.verify_storage}.
@@ -289,7 +293,7 @@ def make_server_service(
             http_listen, storage, factory, reactor, server_id, key_store, limits,
             idle_timeout, takeover_idle, expire_after, max_incomplete_uploads_per_client,
             2 * limits.max_file_size if max_incomplete_bytes_per_client is None
-            else max_incomplete_bytes_per_client, top)
+            else max_incomplete_bytes_per_client, top, http_cors_origins)
     top.factory = factory  # type: ignore[attr-defined]
     top.listener = listener  # type: ignore[attr-defined]
     top.gc = gc  # type: ignore[attr-defined]

@@ -89,6 +89,9 @@ Examples:
          "server endpoint (e.g. tcp:9101:interface=127.0.0.1) [default: off]."],
         ["http", None, None, "Also serve tus 1.0.0 (HTTP resumable uploads, docs/http.md) "
          "at /files/ on this server endpoint, over the same storage [default: off]."],
+        ["http-cors-origins", None, None, "With --http: the browser origins (comma-"
+         "separated, e.g. https://upload.example.org, or *) whose pages may upload "
+         "(CORS) [default: none]."],
         ["hook-command", None, None, "Run this program (split like a shell command line, "
          "run without a shell) for each upload event, with the event's JSON on stdin."],
         ["hook-url", None, None, "POST each upload event's JSON to this http:// or "
@@ -198,6 +201,11 @@ Examples:
         keys never cross the network in clear; --insecure overrides both.
         """
         http = self["http"]
+        origins = self["http-cors-origins"]
+        self["http-cors-origins"] = tuple(o.strip().rstrip("/") for o in (origins or "")
+                                          .split(",") if o.strip())
+        if origins is not None and http is None:
+            raise usage.UsageError("--http-cors-origins needs --http")
         if http is None or self["insecure"] or is_local_only(http):
             return
         if not self["keys"]:
@@ -341,6 +349,7 @@ def makeService(config: Options):
         hooks=config["hooks"],
         s3_options=config.get("s3-options"),
         http_listen=config["http"],
+        http_cors_origins=config["http-cors-origins"],
     )
     if config["max-data-memory"] is not None:
         service.factory.chunk_memory_limit = config["max-data-memory"]

@@ -414,3 +414,46 @@ class IdentityTests(SynchronousTestCase):
         uploads = TusUploads(MemoryStorage(), clock=self.server.clock, server_id="t",
                              max_size=10, keys=store)
         self.assertEqual(uploads.authenticate(f"Bearer scanner-7:{key.hex()}"), "scanner-7")
+
+
+class CorsTests(SynchronousTestCase):
+    """Browser pages at the allowed origins (--http-cors-origins)."""
+
+    def setUp(self) -> None:
+        self.server = TusServer(cors_origins=("https://app.example",))
+        self.wire = self.server.wire()
+
+    def test_preflight(self) -> None:
+        """A preflight from an allowed origin: the methods and headers a page may use."""
+        answer = self.wire.request("OPTIONS", "/files/", {
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "tus-resumable,upload-length"}, tus=False)
+        self.assertEqual(answer.status, 204)
+        self.assertEqual(answer["Access-Control-Allow-Origin"], "https://app.example")
+        self.assertIn("PATCH", answer["Access-Control-Allow-Methods"])
+        for name in ("Tus-Resumable", "Upload-Length", "Upload-Offset", "Authorization"):
+            self.assertIn(name, answer["Access-Control-Allow-Headers"])
+        self.assertEqual(answer["Vary"], "Origin")
+
+    def test_exposed(self) -> None:
+        """Answers to an allowed origin let the page read the tus headers."""
+        answer = self.wire.request("POST", "/files/", {"Upload-Length": "1",
+                                                        "Origin": "https://app.example"})
+        self.assertEqual(answer["Access-Control-Allow-Origin"], "https://app.example")
+        for name in ("Location", "Upload-Offset", "Upload-Expires"):
+            self.assertIn(name, answer["Access-Control-Expose-Headers"])
+        self.assertIsNone(answer.get("Access-Control-Allow-Methods"))
+
+    def test_other_origin(self) -> None:
+        """Another origin, or no Origin, gets no CORS headers (the browser blocks)."""
+        for headers in ({"Origin": "https://evil.example"}, {}):
+            answer = self.wire.request("POST", "/files/", {"Upload-Length": "1", **headers})
+            self.assertIsNone(answer.get("Access-Control-Allow-Origin"))
+
+    def test_any(self) -> None:
+        """* allows every origin (echoed back)."""
+        wire = TusServer(cors_origins=("*",)).wire()
+        answer = wire.request("OPTIONS", "/files/", {"Origin": "http://localhost:3000",
+                                                      "Access-Control-Request-Method": "PATCH"},
+                              tus=False)
+        self.assertEqual(answer["Access-Control-Allow-Origin"], "http://localhost:3000")

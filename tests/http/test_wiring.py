@@ -61,6 +61,15 @@ class OptionsTests(SynchronousTestCase):
         options = server_options(self, "--keys", self.keys(), "--http", endpoint)
         self.assertEqual(options["http"], endpoint)
 
+    def test_cors_origins(self) -> None:
+        """--http-cors-origins: comma-separated origins (trailing / dropped); needs --http."""
+        options = server_options(self, "--http", "tcp:8080:interface=127.0.0.1",
+                                 "--http-cors-origins", "https://a.example/, http://b:3000")
+        self.assertEqual(options["http-cors-origins"], ("https://a.example", "http://b:3000"))
+        self.assertEqual(server_options(self)["http-cors-origins"], ())
+        with self.assertRaises(usage.UsageError):
+            server_options(self, "--http-cors-origins", "*")
+
     def test_insecure(self) -> None:
         """--insecure lets it listen anywhere in clear, as for --listen."""
         self.assertEqual(server_options(self, "--insecure", "--http", "tcp:8080")["http"],
@@ -78,10 +87,12 @@ class ServiceTests(SynchronousTestCase):
         storage = MemoryStorage()
         reactor = MemoryReactorClock()
         top = make_server_service("tcp:0:interface=127.0.0.1", storage, reactor=reactor,
-                                  http_listen="tcp:0:interface=127.0.0.1", gc_interval=0)
+                                  http_listen="tcp:0:interface=127.0.0.1", gc_interval=0,
+                                  http_cors_origins=["https://a.example"])
         self.assertIsNotNone(top.http)
         self.assertIs(top.http.uploads.storage, storage)
         self.assertEqual(top.http.listener.description, "tcp:0:interface=127.0.0.1")
+        self.assertEqual(top.http.listener.factory.files.cors_origins, ("https://a.example",))
         top.http.uploads.create("anonymous", 3, {"filename": "x"}, None)
         self.assertEqual(top.metrics.uploads_created.value(), 1)
 

@@ -133,7 +133,7 @@ class TusServer:
         def emit(kind: str, **fields: Any) -> None:
             self.events.append({"event": kind, **fields})
 
-        limits = {k: options.pop(k) for k in ("max_pending", "checksum_limit")
+        limits = {k: options.pop(k) for k in ("max_pending", "checksum_limit", "cors_origins")
                   if k in options}
         self.uploads = TusUploads(self.storage, clock=self.clock, server_id="test",
                                   emit=emit, **options)
