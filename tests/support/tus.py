@@ -16,6 +16,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from typing import Callable
 
 from imgresume.testing import free_tcp_port, twistd_argv, wait_until_connectable
 from tests.support.processes import child_env
@@ -80,7 +81,13 @@ class TusCluster:
     C{twistd imgresume-lb --check-mode connect} relaying to those ports.
     """
 
-    def __init__(self, directory: str, servers: int = 3, server_args: tuple = ()) -> None:
+    def __init__(self, directory: str, servers: int = 3, server_args: tuple = (),
+                 http: Callable[[int], str] = lambda port: f"tcp:{port}:interface=127.0.0.1",
+                 ) -> None:
+        """
+        @param http: given a free TCP port of 127.0.0.1, the C{--http}
+            endpoint string of a server there (e.g. an C{ssl:} one).
+        """
         self.directory = os.path.abspath(directory)
         self.storage = os.path.join(self.directory, "storage")
         os.makedirs(self.storage, exist_ok=True)
@@ -96,7 +103,7 @@ class TusCluster:
             self.argv[name] = twistd_argv(
                 "--logfile", self.log(name), "imgresume",
                 "--listen", f"unix:{self.sockets}/{name}.sock", "--storage", self.storage,
-                "--server-id", name, "--http", f"tcp:{port}:interface=127.0.0.1",
+                "--server-id", name, "--http", http(port),
                 "--takeover-idle", "1s", *server_args)
         self.lb_port = free_tcp_port()
         backends = [a for port in self.http.values()

@@ -211,3 +211,50 @@ class ChildPathTests(SynchronousTestCase):
             [sys.executable, "-c", "import http.client, imgresume.http; print('ok')"],
             env=cluster._env(), cwd="/", capture_output=True, text=True)
         self.assertEqual(out.stdout.strip(), "ok", out.stderr)
+
+
+class SecureTests(TusClusterTestCase):
+    """The secure set-up: --keys and --http over TLS, tuspy with a bearer key."""
+
+    async def test_keys_over_tls(self) -> None:
+        """
+        A server with --keys serving tus over ssl:: tuspy, checking the
+        server's certificate and sending Authorization: Bearer, uploads; a
+        request without the key gets 401.
+        """
+        client, _ = _tuspy()
+        import requests
+
+        from imgresume.keys import add_client
+        from tests.support.tls import PKI
+
+        self.work = os.path.abspath(self.mktemp())
+        os.makedirs(self.work)
+        pki = PKI(os.path.join(self.work, "pki"))
+        keys = os.path.join(self.work, "keys.json")
+        key = add_client(keys, "scanner-7")
+        cluster = TusCluster(self.work, servers=1, server_args=("--keys", keys),
+                             http=lambda port: pki.ssl_listen(port))
+        cluster.start()
+        self.addCleanup(cluster.stop)
+        self.cluster = cluster
+        url = f"https://127.0.0.1:{cluster.http['node-1']}/files/"
+        path = os.path.join(self.work, "secret.tif")
+        digest = write_random(path, 3 * MiB + 1)
+        before = os.environ.get("REQUESTS_CA_BUNDLE")
+        os.environ["REQUESTS_CA_BUNDLE"] = pki.ca_file  # tuspy's requests trust the test CA
+        self.addCleanup(lambda: os.environ.pop("REQUESTS_CA_BUNDLE") if before is None
+                        else os.environ.__setitem__("REQUESTS_CA_BUNDLE", before))
+
+        def upload() -> tuple[int, str]:
+            refused = requests.post(url, headers={"Tus-Resumable": "1.0.0",
+                                                  "Upload-Length": "1"}, verify=pki.ca_file)
+            tus = client.TusClient(url, headers={
+                "Authorization": f"Bearer scanner-7:{key.hex()}"})
+            tus.uploader(path, chunk_size=MiB, metadata={"filename": "secret.tif"}).upload()
+            return refused.status_code, refused.text
+
+        status, reason = await deferToThread(upload)
+        self.assertEqual(status, 401)
+        self.assertIn("Bearer", reason)
+        self.assertEqual(self.stored("secret.tif"), digest)
