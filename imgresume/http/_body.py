@@ -87,6 +87,9 @@ class BodyUpload:
         self._released: Deferred[None] | None = None
         #: Called when the writer is released (the upload logic's memory of it).
         self.on_release: Callable[[], None] | None = None
+        #: Called with the error when the body is refused before its end
+        #: (the request may answer at once).
+        self.on_refused: Callable[[TusError], None] | None = None
 
     # -- from the upload logic --------------------------------------------
 
@@ -117,8 +120,7 @@ class BodyUpload:
         written, what arrives is dropped (read, never held), and the writer
         (if any) is released.
         """
-        if self.error is None:
-            self.error = error
+        self._fail(error)
         self._drop()
         self._settle()  # releases the writer once no write is running
 
@@ -200,12 +202,23 @@ class BodyUpload:
         Another server asked for the upload while this body was silent (a
         zombie connection): write nothing more, release the writer.
         """
-        self.error = TusError(423, "the upload was taken over by a newer request",
-                              (("Retry-After", "1"),))
+        self._fail(TusError(423, "the upload was taken over by a newer request",
+                            (("Retry-After", "1"),)))
         self._drop()
         self._settle()
 
+    @property
+    def ended(self) -> bool:
+        """Whether the whole body has arrived."""
+        return self._ended
+
     # -- inside -----------------------------------------------------------
+
+    def _fail(self, error: TusError) -> None:
+        if self.error is None:
+            self.error = error
+            if self.on_refused is not None and not self._ended and not self._cut:
+                self.on_refused(error)
 
     def _drop(self) -> None:
         self._pending = []
@@ -252,7 +265,7 @@ class BodyUpload:
     def _write_failed(self, failure: Failure, chunks: list[Chunk], end: int) -> None:
         self._writing = False
         self._digest = None
-        self.error = storage_error(failure, self.durable)
+        self._fail(storage_error(failure, self.durable))
         self._drop()
         self._settle()
 

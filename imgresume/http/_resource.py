@@ -21,6 +21,8 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.internet.interfaces import ITCPTransport
+from twisted.web.http import RESPONSES
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -44,6 +46,9 @@ from imgresume.http._uploads import Headers, TusUploads
 from imgresume.logs import escape
 
 log = Logger()
+
+#: A body refused with more than this still to come is answered at once.
+EARLY_ANSWER = 1 << 20
 
 #: The statuses' reason phrases that RFC 9110 does not give.
 _PHRASES = {460: b"Checksum Mismatch", 423: b"Locked", 507: b"Insufficient Storage"}
@@ -91,6 +96,8 @@ class TusRequest(Request):
 
     body: BodyUpload | None = None
     call: _Call | None = None
+    #: Refused mid-body and answered at once (L{FilesResource._refused_early}).
+    answered_early = False
 
     def gotLength(self, length: int | None) -> None:
         # The method and path are known to the channel only (Request
@@ -202,6 +209,7 @@ class FilesResource(Resource):
         body = BodyUpload(transport.pauseProducing, transport.resumeProducing,
                           clock=self.uploads.clock, length=length, checksum=checksum,
                           on_bytes=stored, **self._limits)
+        body.on_refused = lambda e: self._refused_early(request, body, e)
         if error is not None:
             body.refused(error)
             return body, call
@@ -322,9 +330,51 @@ class FilesResource(Resource):
         error = storage_error(failure)
         self._answer(request, error.status, list(error.headers), reason=error.reason)
 
+    def _refused_early(self, request: TusRequest, body: BodyUpload, error: TusError) -> None:
+        """
+        A body refused with more than L{EARLY_ANSWER} bytes still to come:
+        answer at once and half-close, so that the client reads the answer
+        (and a client that stops sending on a close, as Node's does, stops)
+        instead of sending the rest for nothing.  Only on plain TCP (a
+        half-close under TLS would cut its own close); elsewhere the answer
+        waits for the body's end, read and dropped.
+        """
+        transport = request.channel.transport
+        left = None if body.length is None else body.length - body.received
+        if (request.answered_early or error.status < 400 or body.ended
+                or (left is not None and left <= EARLY_ANSWER)
+                or not ITCPTransport.providedBy(transport)):
+            return
+        text = (error.reason + "\n").encode("utf-8")
+        headers = [("Tus-Resumable", TUS_VERSION), *error.headers,
+                   *cors_headers(_header(request, "Origin"), self.cors_origins, False),
+                   ("Content-Type", "text/plain; charset=utf-8"),
+                   ("Content-Length", str(len(text))), ("Connection", "close")]
+        phrase = _PHRASES.get(error.status) or RESPONSES.get(error.status, b"Error")
+        head = f"HTTP/1.1 {error.status} {phrase.decode('latin-1')}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in headers) + "\r\n"
+        transport.write(head.encode("latin-1") + text)
+        transport.loseWriteConnection()
+        request.answered_early = True
+        self._log(request, getattr(request.channel, "_command", b"?"),
+                  getattr(request.channel, "_path", b"?"), error.status,
+                  error.reason + " (answered before the body's end)")
+
+    def _log(self, request: Request, method: bytes, path: bytes, status: int,
+             reason: str) -> None:
+        peer = request.getClientAddress()
+        log.info("tus {method} {path} from {peer}: {status} {reason}",
+                 method=escape(method.decode("latin-1")),
+                 path=escape(path.split(b"?", 1)[0].decode("latin-1")),
+                 peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
+                 status=status, reason=escape(reason))
+
     def _answer(self, request: Request, status: int, headers: Headers,
                 reason: str = "", tus: bool = True) -> bytes:
         """Write the answer (finishing the request unless rendering returns it)."""
+        if getattr(request, "answered_early", False):
+            request.channel.transport.loseConnection()  # the rest of the body is in
+            return NOT_DONE_YET  # type: ignore[return-value]
         request.setResponseCode(status, _PHRASES.get(status))
         if tus:
             request.setHeader("Tus-Resumable", TUS_VERSION)
@@ -338,12 +388,7 @@ class FilesResource(Resource):
             body = (reason + "\n").encode("utf-8")
             request.setHeader("Content-Type", "text/plain; charset=utf-8")
         request.setHeader("Content-Length", str(len(body)))
-        peer = request.getClientAddress()
-        log.info("tus {method} {path} from {peer}: {status} {reason}",
-                 method=escape(request.method.decode("latin-1")),
-                 path=escape(request.path.decode("latin-1")),
-                 peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
-                 status=status, reason=escape(reason))
+        self._log(request, request.method, request.path, status, reason)
         if request.startedWriting or getattr(request, "_disconnected", False):
             return NOT_DONE_YET  # type: ignore[return-value]
         request.write(body)

@@ -281,3 +281,58 @@ class RefusedMidWriteTests(SynchronousTestCase):
         [answer] = wire.answers()
         self.assertEqual(answer.status, 413)
         self.assertEqual(server.wire().request("HEAD", location)["Upload-Offset"], "4")
+
+
+class EarlyAnswerTests(SynchronousTestCase):
+    """A body refused with much still to come is answered at once (plain TCP)."""
+
+    MiB = 1 << 20
+
+    def test_offset_mismatch(self) -> None:
+        """
+        A 10 MiB PATCH at the wrong offset: 409 at once, with Connection:
+        close, and the sending side half-closed; the rest of the body is read
+        and dropped, and the connection closed at its end.
+        """
+        server = TusServer()
+        location = server.create(20 * self.MiB)
+        wire = server.wire(tcp=True)
+        wire.send(wire.head("PATCH", location, patch(5), 10 * self.MiB) + b"x" * 1000)
+        [answer] = wire.answers()
+        self.assertEqual((answer.status, answer["Upload-Offset"]), (409, "0"))
+        self.assertEqual(answer["Connection"], "close")
+        self.assertTrue(wire.transport.write_closed)
+        wire.send(b"x" * (10 * self.MiB - 1000))
+        self.assertEqual(len(wire.answers()), 1)
+        self.assertTrue(wire.transport.disconnecting)
+
+    def test_busy(self) -> None:
+        """A large PATCH to an upload another request writes: 423 at once."""
+        server = TusServer()
+        location = server.create(20 * self.MiB)
+        first = server.wire()
+        first.send(first.head("PATCH", location, patch(0), 20 * self.MiB) + b"a")
+        second = server.wire(tcp=True)
+        second.send(second.head("PATCH", location, patch(1), 2 * self.MiB))
+        [answer] = second.answers()
+        self.assertEqual(answer.status, 423)
+        self.assertEqual(answer["Retry-After"], "1")
+
+    def test_small_body_waits(self) -> None:
+        """With 1 MiB or less to come, the answer waits for the body's end, as usual."""
+        server = TusServer()
+        location = server.create(20)
+        wire = server.wire(tcp=True)
+        wire.send(wire.head("PATCH", location, patch(5), 10) + b"x")
+        self.assertEqual(wire.answers(), [])
+        wire.send(b"x" * 9)
+        self.assertEqual(wire.answers()[0].status, 409)
+        self.assertFalse(wire.transport.write_closed)
+
+    def test_not_tcp(self) -> None:
+        """On a transport that cannot half-close safely (TLS), the answer waits."""
+        server = TusServer()
+        location = server.create(20 * self.MiB)
+        wire = server.wire()
+        wire.send(wire.head("PATCH", location, patch(5), 10 * self.MiB) + b"x")
+        self.assertEqual(wire.answers(), [])

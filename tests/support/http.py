@@ -11,7 +11,9 @@ import hashlib
 from typing import Any
 
 import attrs
+from zope.interface import implementer
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from imgresume.http import TusUploads, tus_site
@@ -62,15 +64,29 @@ def repr_digest(data: bytes) -> str:
     return f"sha-256=:{base64.b64encode(hashlib.sha256(data).digest()).decode()}:"
 
 
+@implementer(ITCPTransport)
+class TCPStringTransport(StringTransport):
+    """A L{StringTransport} that says it is TCP, and can half-close."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+
 class TusWire:
     """
     One connection to an in-memory tus site: L{send} raw bytes,
     L{request} one whole request and get its L{Answer}.
     """
 
-    def __init__(self, site: Any) -> None:
+    def __init__(self, site: Any, tcp: bool = False) -> None:
         self.site = site
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 4321))
+        kind = TCPStringTransport if tcp else StringTransport
+        self.transport = kind(peerAddress=IPv4Address("TCP", "127.0.0.1", 4321))
         self.proto = site.buildProtocol(self.transport.getPeer())
         self.proto.makeConnection(self.transport)
 
@@ -139,8 +155,8 @@ class TusServer:
                                   emit=emit, **options)
         self.site = tus_site(self.uploads, reactor=self.clock, **limits)
 
-    def wire(self) -> TusWire:
-        return TusWire(self.site)
+    def wire(self, tcp: bool = False) -> TusWire:
+        return TusWire(self.site, tcp)
 
     def create(self, size: int, **headers: str) -> str:
         """Create an upload; its path."""
