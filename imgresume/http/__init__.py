@@ -11,6 +11,8 @@ The private modules hold one concern each:
   - C{_headers}: the tus headers parsed without I/O (values or L{TusError});
   - C{_errors}: the HTTP status of each imgresume error;
   - C{_body}: one request body streamed into its upload, with back-pressure;
+  - C{_precreate}: the pre-create hook (a command or URL that accepts or
+    refuses each creation);
   - C{_uploads}: the storage side (create, resume, verify and publish,
     HEAD, DELETE, identities, takeover of silent requests);
   - C{_resource}: the C{twisted.web} request, resource and site.
@@ -21,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from imgresume.http._headers import EXTENSIONS, TUS_VERSION, TusError
+from imgresume.http._precreate import PreCreateHook
 from imgresume.http._resource import FilesResource, TusRequest, TusSite
 from imgresume.http._uploads import ANONYMOUS, TusUploads
 
@@ -41,5 +44,5 @@ def tus_site(uploads: TusUploads, *, timeout: float = 300.0, reactor: Any = None
     return TusSite(FilesResource(uploads, **limits), timeout=timeout, reactor=reactor)
 
 
-__all__ = ["tus_site", "TusUploads", "TusSite", "TusRequest", "FilesResource",
+__all__ = ["tus_site", "TusUploads", "PreCreateHook", "TusSite", "TusRequest", "FilesResource",
            "TusError", "TUS_VERSION", "EXTENSIONS", "ANONYMOUS"]

@@ -234,13 +234,25 @@ class FilesResource(Resource):
                 size = parse_length(_header(request, "Upload-Length"), self.uploads.max_size)
                 metadata = parse_metadata(_header(request, "Upload-Metadata"))
                 call.opening = self.uploads.create(call.identity, size, metadata,
-                                                   call.digest)
+                                                   call.digest, self._context(request))
                 call.opening.addCallback(self._created, call, body)
         except TusError as e:
             body.refused(e)
             return body, call
         call.opening.addErrback(lambda f: body.refused(storage_error(f)))
         return body, call
+
+    def _context(self, request: Request) -> dict[str, Any] | None:
+        """What the pre-create hook is told of a creation request."""
+        if self.uploads.pre_create is None:
+            return None
+        own = self.uploads.keys is not None  # Authorization holds our key then
+        headers = {name.decode("latin-1").lower(): ", ".join(
+            v.decode("latin-1") for v in values)
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            if not (own and name.lower() == b"authorization")}
+        peer = request.getClientAddress()
+        return {"remote": getattr(peer, "host", None), "headers": headers}
 
     def _completed_already(self, completed: Any, call: _Call, body: BodyUpload) -> None:
         if completed is not None:

@@ -28,6 +28,7 @@ from imgresume.errors import (
     UploadAlreadyComplete,
 )
 from imgresume.http._body import BodyUpload
+from imgresume.http._precreate import PreCreateHook
 from imgresume.http._errors import storage_error
 from imgresume.http._headers import (
     CHECKSUM_ALGORITHMS,
@@ -98,6 +99,7 @@ class TusUploads:
         stored_sha256: Callable[[IUploadWriter], Deferred[bytes]] | None = None,
         max_incomplete_uploads: int = 0,
         max_incomplete_bytes: int = 0,
+        pre_create: PreCreateHook | None = None,
     ) -> None:
         self.storage = storage
         self.clock = clock
@@ -111,6 +113,7 @@ class TusUploads:
         self._stored_sha256 = stored_sha256
         self.max_incomplete_uploads = max_incomplete_uploads
         self.max_incomplete_bytes = max_incomplete_bytes
+        self.pre_create = pre_create
         self._recent: OrderedDict[str, _Recent] = OrderedDict()
         #: Bodies being written now, by upload id.
         self.bodies: dict[str, BodyUpload] = {}
@@ -162,14 +165,22 @@ class TusUploads:
     # -- creation ----------------------------------------------------------
 
     def create(self, identity: str, length: int, metadata: Mapping[str, str],
-               sha256: bytes | None) -> Deferred[IUploadWriter]:
+               sha256: bytes | None, context: Mapping[str, Any] | None = None
+               ) -> Deferred[IUploadWriter]:
         """
         Create an upload of C{length} bytes for C{identity}: the writer,
-        or a L{TusError} (400 name refused, 429 quota, 507 full...).
+        or a L{TusError} (400 name refused, 429 quota, 403 refused by the
+        pre-create hook, 507 full...).  C{context} is what the pre-create
+        hook is told of the request besides (its C{headers}, C{remote}).
         """
         name = stored_name(metadata, new_upload_id()[:16])
         request = NewUpload(name, length, sha256, dict(metadata), identity)
         d = self._check_quota(identity, length)
+        if self.pre_create is not None:
+            asked = {"client_id": identity, "name": name, "size": length,
+                     "sha256": sha256.hex() if sha256 is not None else None,
+                     "metadata": dict(metadata), **(context or {})}
+            d.addCallback(lambda _: self.pre_create.ask(asked))
         d.addCallback(lambda _: self.storage.create(request))
 
         def created(writer: IUploadWriter) -> IUploadWriter:

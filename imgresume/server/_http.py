@@ -16,7 +16,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 
 from imgresume._listen import ListenerService
-from imgresume.http import TusUploads, tus_site
+from imgresume.http import PreCreateHook, TusUploads, tus_site
 from imgresume.server._upload_events import upload_event
 from imgresume.storage.filesystem import FilesystemStorage
 from imgresume.storage.interfaces import IUploadStorage, IUploadWriter
@@ -85,6 +85,7 @@ def http_service(
     max_incomplete_uploads: int,
     max_incomplete_bytes: int,
     cors_origins: tuple[str, ...] = (),
+    pre_create: dict[str, Any] | None = None,
 ) -> Service:
     """
     The tus endpoint on C{listen}: a service holding its listener and its
@@ -105,6 +106,7 @@ def http_service(
         metrics=factory.metrics, stored_sha256=stored,
         max_incomplete_uploads=max_incomplete_uploads,
         max_incomplete_bytes=max_incomplete_bytes,
+        pre_create=PreCreateHook(reactor, **pre_create) if pre_create else None,
     )
     top = MultiService()
     _WatchService(uploads).setServiceParent(top)

@@ -92,6 +92,11 @@ Examples:
         ["http-cors-origins", None, None, "With --http: the browser origins (comma-"
          "separated, e.g. https://upload.example.org, or *) whose pages may upload "
          "(CORS) [default: none]."],
+        ["http-pre-create", None, None, "With --http: a command (split like a shell "
+         "command line, run without a shell) or an http(s):// URL asked, with the "
+         "request's JSON, to accept (exit 0, 2xx) or refuse (403) each new upload."],
+        ["http-pre-create-timeout", None, "10s", "Time the pre-create hook has to answer "
+         "(then: 503, retry later)."],
         ["hook-command", None, None, "Run this program (split like a shell command line, "
          "run without a shell) for each upload event, with the event's JSON on stdin."],
         ["hook-url", None, None, "POST each upload event's JSON to this http:// or "
@@ -206,6 +211,7 @@ Examples:
                                           .split(",") if o.strip())
         if origins is not None and http is None:
             raise usage.UsageError("--http-cors-origins needs --http")
+        self._check_pre_create()
         if http is None or self["insecure"] or is_local_only(http):
             return
         if not self["keys"]:
@@ -220,6 +226,28 @@ Examples:
                 "keys would cross the network in clear: listen on ssl:PORT:privateKey="
                 "KEY:certKey=CERT (docs/http.md), or on a loopback interface behind a "
                 "balancer that ends TLS, or say --insecure")
+
+    def _check_pre_create(self) -> None:
+        from imgresume.server._hooks import parse_command
+
+        hook = self["http-pre-create"]
+        try:
+            timeout = parse_duration(self["http-pre-create-timeout"])
+        except ValueError as e:
+            raise usage.UsageError(f"--http-pre-create-timeout: {e}")
+        if timeout <= 0:
+            raise usage.UsageError("--http-pre-create-timeout must be more than 0")
+        if hook is None:
+            return
+        if self["http"] is None:
+            raise usage.UsageError("--http-pre-create needs --http")
+        if hook.lower().startswith(("http://", "https://")):
+            self["http-pre-create"] = {"url": hook, "timeout": timeout}
+            return
+        try:
+            self["http-pre-create"] = {"command": parse_command(hook), "timeout": timeout}
+        except ValueError as e:
+            raise usage.UsageError(f"--http-pre-create: {e}")
 
     def _check_s3_options(self) -> None:
         from imgresume.storage.s3 import MIN_PART_SIZE, parse_url
@@ -350,6 +378,7 @@ def makeService(config: Options):
         s3_options=config.get("s3-options"),
         http_listen=config["http"],
         http_cors_origins=config["http-cors-origins"],
+        http_pre_create=config["http-pre-create"],
     )
     if config["max-data-memory"] is not None:
         service.factory.chunk_memory_limit = config["max-data-memory"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume.http import TusUploads
