@@ -208,6 +208,11 @@ class BodyUpload:
         self._settle()
 
     @property
+    def waiting_for_disk(self) -> bool:
+        """Whether a write runs or reading is paused for one: not the client's silence."""
+        return self._writing or self._paused
+
+    @property
     def ended(self) -> bool:
         """Whether the whole body has arrived."""
         return self._ended

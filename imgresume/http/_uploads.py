@@ -382,7 +382,8 @@ class TusUploads:
         now = self.clock.seconds()
         for upload_id, body in list(self.bodies.items()):
             writer = body.writer
-            if writer is None or now - body.last_heard < self.takeover_idle:
+            if (writer is None or body.waiting_for_disk
+                    or now - body.last_heard < self.takeover_idle):
                 continue
 
             def asked(yes: bool, upload_id: str = upload_id, body: BodyUpload = body) -> None:

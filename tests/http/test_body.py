@@ -336,3 +336,26 @@ class EarlyAnswerTests(SynchronousTestCase):
         wire = server.wire()
         wire.send(wire.head("PATCH", location, patch(5), 10 * self.MiB) + b"x")
         self.assertEqual(wire.answers(), [])
+
+
+class SlowDiskTests(SynchronousTestCase):
+    """A PATCH held up by the disk, not by its client, is not taken over."""
+
+    def test_waiting_for_disk_keeps_it(self) -> None:
+        """
+        A body whose write is still running (reading paused for it) is not
+        silent, however long the disk takes: it keeps the upload.
+        """
+        storage = _HeldStorage()
+        server = TusServer(storage=storage, takeover_idle=5.0, max_pending=10)
+        location = server.create(100)
+        wire = server.wire()
+        wire.send(wire.head("PATCH", location, patch(0), 100) + b"a" * 50)
+        self.assertEqual(TusServer(storage=storage.storage).wire().request(
+            "PATCH", location, patch(0), b"b").status, 423)
+        server.clock.advance(60)
+        server.uploads.check_takeovers()
+        storage.release_one()
+        wire.send(b"a" * 50)
+        storage.release_one()
+        self.assertEqual(wire.answers()[0].status, 204)
