@@ -126,6 +126,26 @@ def _s3_expiry(storage: Any, interval: float, older_than: float) -> Service:
     return service
 
 
+def _http_service(listen: str, storage: Any, factory: UploadServerFactory, reactor: Any,
+                  server_id: str, keys: Any, limits: ServerLimits, idle_timeout: float,
+                  takeover_idle: float, expire_after: float, max_incomplete: int,
+                  max_incomplete_bytes: int, top: MultiService,
+                  cors_origins: Sequence[str], pre_create: dict[str, Any] | None
+                  ) -> Service:
+    """The tus endpoint (C{--http}), stopped before the native listener."""
+    from imgresume.server._http import http_service
+
+    service = http_service(
+        listen, storage, factory, reactor=reactor, server_id=server_id, keys=keys,
+        max_size=limits.max_file_size, idle_timeout=idle_timeout,
+        takeover_idle=takeover_idle, expire_after=expire_after,
+        max_incomplete_uploads=max_incomplete,
+        max_incomplete_bytes=max_incomplete_bytes, cors_origins=tuple(cors_origins),
+        pre_create=pre_create)
+    service.setServiceParent(top)
+    return service
+
+
 def make_server_service(
     listen: str,
     storage: IUploadStorage | str,
@@ -150,6 +170,9 @@ def make_server_service(
     metrics_listen: str | None = None,
     hooks: HookConfig | None = None,
     s3_options: dict[str, Any] | None = None,
+    http_listen: str | None = None,
+    http_cors_origins: Sequence[str] = (),
+    http_pre_create: dict[str, Any] | None = None,
 ) -> MultiService:
     """
     Build a server listening on the endpoint string C{listen}.
@@ -185,6 +208,13 @@ def make_server_service(
         are still kept, as C{top.metrics}).
     @param hooks: commands or URLs told about upload events (a
         L{HookDispatcher} named C{"hooks"}, as C{top.hooks}).
+    @param http_listen: a server endpoint string where tus 1.0.0 is
+        served at C{/files/} over the same storage (L{imgresume.http}; as
+        C{top.http}); None: not served.
+    @param http_cors_origins: the browser origins (C{https://host:port},
+        or C{*}) whose pages may call the tus endpoint (CORS).
+    @param http_pre_create: the tus pre-create hook: C{{"command": argv}}
+        or C{{"url": URL}}, with C{"timeout"} (seconds); None: none.
 
     The storage self-test is not run here (it blocks); see
     L{imgresume.server._storagecheck.verify_storage}.
@@ -262,6 +292,13 @@ def make_server_service(
     listener = ListenerService(reactor, listen, wrapped)
     _DrainService(factory, reactor, grace=10.0).setServiceParent(top)
     listener.setServiceParent(top)
+    top.http = None  # type: ignore[attr-defined]
+    if http_listen is not None:
+        top.http = _http_service(  # type: ignore[attr-defined]
+            http_listen, storage, factory, reactor, server_id, key_store, limits,
+            idle_timeout, takeover_idle, expire_after, max_incomplete_uploads_per_client,
+            2 * limits.max_file_size if max_incomplete_bytes_per_client is None
+            else max_incomplete_bytes_per_client, top, http_cors_origins, http_pre_create)
     top.factory = factory  # type: ignore[attr-defined]
     top.listener = listener  # type: ignore[attr-defined]
     top.gc = gc  # type: ignore[attr-defined]

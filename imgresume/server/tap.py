@@ -89,6 +89,16 @@ Examples:
          "client address (the real one, behind a trusted balancer); 0 = no limit."],
         ["metrics", None, None, "Serve Prometheus metrics over HTTP at /metrics on this "
          "server endpoint (e.g. tcp:9101:interface=127.0.0.1) [default: off]."],
+        ["http", None, None, "Also serve tus 1.0.0 (HTTP resumable uploads, docs/http.md) "
+         "at /files/ on this server endpoint, over the same storage [default: off]."],
+        ["http-cors-origins", None, None, "With --http: the browser origins (comma-"
+         "separated, e.g. https://upload.example.org, or *) whose pages may upload "
+         "(CORS) [default: none]."],
+        ["http-pre-create", None, None, "With --http: a command (split like a shell "
+         "command line, run without a shell) or an http(s):// URL asked, with the "
+         "request's JSON, to accept (exit 0, 2xx) or refuse (403) each new upload."],
+        ["http-pre-create-timeout", None, "10s", "Time the pre-create hook has to answer "
+         "(then: 503, retry later)."],
         ["hook-command", None, None, "Run this program (split like a shell command line, "
          "run without a shell) for each upload event, with the event's JSON on stdin."],
         ["hook-url", None, None, "POST each upload event's JSON to this http:// or "
@@ -190,6 +200,57 @@ Examples:
                 raise usage.UsageError(f"--{key} must be more than 0")
         self._check_proxy_options()
         self._check_hook_options()
+        self._check_http_options()
+
+    def _check_http_options(self) -> None:
+        """
+        The secure-by-default rule for --http: reachable from other hosts,
+        it needs --keys (bearer keys), and TLS (ssl: or mtls:) so that the
+        keys never cross the network in clear; --insecure overrides both.
+        """
+        http = self["http"]
+        origins = self["http-cors-origins"]
+        self["http-cors-origins"] = tuple(o.strip().rstrip("/") for o in (origins or "")
+                                          .split(",") if o.strip())
+        if origins is not None and http is None:
+            raise usage.UsageError("--http-cors-origins needs --http")
+        self._check_pre_create()
+        if http is None or self["insecure"] or is_local_only(http):
+            return
+        if not self["keys"]:
+            raise usage.UsageError(
+                f"--http {http} is reachable from other hosts but no --keys file is "
+                "given, so anyone could upload: add --keys FILE (clients send "
+                "Authorization: Bearer CLIENT_ID:KEY), or listen on a loopback interface "
+                "or a UNIX socket, or say --insecure")
+        if http.split(":", 1)[0].lower() not in ("ssl", "mtls"):
+            raise usage.UsageError(
+                f"--http {http} is reachable from other hosts without TLS, so bearer "
+                "keys would cross the network in clear: listen on ssl:PORT:privateKey="
+                "KEY:certKey=CERT (docs/http.md), or on a loopback interface behind a "
+                "balancer that ends TLS, or say --insecure")
+
+    def _check_pre_create(self) -> None:
+        from imgresume.server._hooks import parse_command
+
+        hook = self["http-pre-create"]
+        try:
+            timeout = parse_duration(self["http-pre-create-timeout"])
+        except ValueError as e:
+            raise usage.UsageError(f"--http-pre-create-timeout: {e}")
+        if timeout <= 0:
+            raise usage.UsageError("--http-pre-create-timeout must be more than 0")
+        if hook is None:
+            return
+        if self["http"] is None:
+            raise usage.UsageError("--http-pre-create needs --http")
+        if hook.lower().startswith(("http://", "https://")):
+            self["http-pre-create"] = {"url": hook, "timeout": timeout}
+            return
+        try:
+            self["http-pre-create"] = {"command": parse_command(hook), "timeout": timeout}
+        except ValueError as e:
+            raise usage.UsageError(f"--http-pre-create: {e}")
 
     def _check_s3_options(self) -> None:
         from imgresume.storage.s3 import MIN_PART_SIZE, parse_url
@@ -318,6 +379,9 @@ def makeService(config: Options):
         metrics_listen=config["metrics"],
         hooks=config["hooks"],
         s3_options=config.get("s3-options"),
+        http_listen=config["http"],
+        http_cors_origins=config["http-cors-origins"],
+        http_pre_create=config["http-pre-create"],
     )
     if config["max-data-memory"] is not None:
         service.factory.chunk_memory_limit = config["max-data-memory"]
