@@ -8,22 +8,14 @@ L{imgresume.server._service.make_server_service}.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
 
 from imgresume._listen import ListenerService
 from imgresume.http import PreCreateHook, TusUploads, tus_site
 from imgresume.server._upload_events import upload_event
-from imgresume.storage.filesystem import FilesystemStorage
-from imgresume.storage.interfaces import IUploadStorage, IUploadWriter
-
-#: Bytes read at a time when hashing a stored upload.
-_READ = 1 << 20
-
+from imgresume.storage.interfaces import IUploadStorage
 
 class _WatchService(Service):
     """Runs the tus uploads' takeover watch while the server runs."""
@@ -38,36 +30,6 @@ class _WatchService(Service):
     def stopService(self) -> None:
         super().stopService()
         self.uploads.stop()
-
-
-def filesystem_stored_sha256(storage: FilesystemStorage) -> Any:
-    """
-    The SHA-256 of what a filesystem storage holds for an upload (its
-    C{incoming/<id>/data}, the layout of C{docs/storage.md}), read on the
-    storage's disk threads while the caller holds the upload's writer.
-    For a tus upload without a client digest whose bytes came through
-    several servers: no one server saw them all.
-    """
-
-    def digest(writer: IUploadWriter) -> Deferred[bytes]:
-        path = os.path.join(storage._root, "incoming", writer.info.upload_id, "data")
-        size = writer.info.size
-
-        def read() -> bytes:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                left = size
-                while left:
-                    piece = f.read(min(_READ, left))
-                    if not piece:
-                        break
-                    h.update(piece)
-                    left -= len(piece)
-            return h.digest()
-
-        return storage._run(read)
-
-    return digest
 
 
 def http_service(
@@ -98,8 +60,7 @@ def http_service(
         factory.upload_event(upload_event(
             kind, time=reactor.seconds(), server_id=server_id, **fields))
 
-    stored = (filesystem_stored_sha256(storage)
-              if isinstance(storage, FilesystemStorage) else None)
+    stored = getattr(storage, "stored_sha256", None)
     uploads = TusUploads(
         storage, clock=reactor, server_id=server_id, max_size=max_size, keys=keys,
         expire_after=expire_after, takeover_idle=takeover_idle, emit=emit,

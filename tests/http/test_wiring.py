@@ -16,7 +16,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume.keys import add_client
 from imgresume.server import make_server_service
-from imgresume.server._http import filesystem_stored_sha256
 from imgresume.storage.filesystem import FilesystemStorage
 from imgresume.storage.interfaces import NewUpload
 from imgresume.storage.memory import MemoryStorage
@@ -104,14 +103,14 @@ class ServiceTests(SynchronousTestCase):
 
 
 class StoredDigestTests(SynchronousTestCase):
-    """filesystem_stored_sha256: what a filesystem storage holds, hashed."""
+    """FilesystemStorage.stored_sha256: what a filesystem storage holds, hashed."""
 
     def test_digest(self) -> None:
         """The SHA-256 of the upload's stored bytes."""
         storage = FilesystemStorage(self.mktemp(), run=sync_run)
         writer = self.successResultOf(storage.create(NewUpload("a", 6, None)))
         self.successResultOf(writer.write(0, b"abcdef"))
-        digest = self.successResultOf(filesystem_stored_sha256(storage)(writer))
+        digest = self.successResultOf(storage.stored_sha256(writer))
         self.assertEqual(digest, hashlib.sha256(b"abcdef").digest())
         completed = self.successResultOf(writer.complete(digest))
         self.assertEqual(completed.sha256, digest)

@@ -7,6 +7,8 @@ L{FilesystemUploadWriter}.
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import threading
 import time
@@ -245,6 +247,30 @@ class FilesystemStorage:
     def find_completed(self, name: str, size: int) -> Deferred[StoredFile | None]:
         """See L{IUploadStorage.find_completed}."""
         return self._run(find_completed, self._root, name, size)
+
+    def stored_sha256(self, writer: FilesystemUploadWriter) -> Deferred[bytes]:
+        """
+        The SHA-256 of the bytes stored so far for the upload C{writer}
+        owns, read on the disk threads (not part of L{IUploadStorage}: the
+        HTTP front door's digest of a tus upload whose bytes came through
+        several servers and no client digest, docs/http.md).
+        """
+        paths = Paths(self._root, writer.info.upload_id)
+        size = writer.info.size
+
+        def read() -> bytes:
+            h = hashlib.sha256()
+            with io_errors(f"cannot read {paths.rel}/data"), open(paths.data, "rb") as f:
+                left = size
+                while left:
+                    piece = f.read(min(1 << 20, left))
+                    if not piece:
+                        break
+                    h.update(piece)
+                    left -= len(piece)
+            return h.digest()
+
+        return self._run(read)
 
     def status_sync(self, upload_id: str, client_id: str | None = None) -> UploadStatus:
         """L{status}, blocking (for C{imgresume ls}, which runs without a reactor)."""
