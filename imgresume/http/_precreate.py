@@ -15,7 +15,7 @@ import os
 from io import BytesIO
 from typing import Any, Mapping, Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import Protocol, ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,6 +41,9 @@ class _Collect(ProcessProtocol):
 
     def __init__(self, body: bytes, done: Deferred[tuple[int | None, bytes]]) -> None:
         self.body, self.done, self.out = body, done, b""
+        #: Fires when the process has ended and been reaped, even after a
+        #: timeout has answered the request (L{PreCreateHook.idle}).
+        self.reaped: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
         self.transport.write(self.body)
@@ -53,6 +56,7 @@ class _Collect(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         if not self.done.called:
             self.done.callback((getattr(reason.value, "exitCode", None), self.out))
+        self.reaped.callback(None)
 
 
 class _Read(Protocol):
@@ -86,6 +90,7 @@ class PreCreateHook:
         self.command = tuple(command) if command is not None else None
         self.url = url
         self.timeout = timeout
+        self._running: set[Deferred[None]] = set()
 
     def ask(self, request: Mapping[str, Any]) -> Deferred[None]:
         """
@@ -114,6 +119,10 @@ class PreCreateHook:
         d.addErrback(unavailable)
         return d
 
+    def idle(self) -> Deferred[None]:
+        """Fires once every hook command started so far has ended (a killed one reaped)."""
+        return DeferredList(list(self._running)).addCallback(lambda _: None)
+
     def _name(self) -> str:
         return self.url if self.url is not None else os.path.basename(self.command[0])
 
@@ -135,6 +144,8 @@ class PreCreateHook:
         ended: Deferred[tuple[int | None, bytes]] = Deferred(kill)
         protocol = _Collect(body, ended)
         self._reactor.spawnProcess(protocol, self.command[0], self.command, env=os.environ)
+        self._running.add(protocol.reaped)
+        protocol.reaped.addBoth(lambda _: self._running.discard(protocol.reaped))
 
         def judged(result: tuple[int | None, bytes]) -> None:
             code, out = result

@@ -100,6 +100,7 @@ class CommandTests(HookTestCase):
         """A hook that does not answer in time: 503 with Retry-After, never an acceptance."""
         hook = PreCreateHook(reactor, command=self.command("import time\ntime.sleep(20)\n"),
                              timeout=0.5)
+        self.addCleanup(hook.idle)  # the killed command reaped before the test ends
         answer = await self.create(hook)
         self.assertEqual(answer.status, 503)
         self.assertEqual(answer["Retry-After"], "5")
