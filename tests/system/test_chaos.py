@@ -117,7 +117,7 @@ class ConcurrentResumeTests(ChaosTestCase):
     async def test_two_clients_resume_the_same_upload(self) -> None:
         """A duplicated job: exactly one client proceeds, the other is told busy."""
         cluster = self.start_cluster()
-        size = 48 * 1024 * 1024
+        size = 24 * 1024 * 1024
         path = os.path.join(self.work, "dup.tif")
         digest = write_random(path, size)
         journal = Journal(os.path.join(self.work, "journal.json"))
