@@ -363,6 +363,30 @@ class PartSizeTests(TestCase):
         self.assertEqual(part_size_for(100, minimum=8 * MiB), 8 * MiB)
 
 
+class LeaseTimeOptionTests(TestCase):
+    """C{--s3-lease-time}: parsed into the storage's C{lease_ttl} (no S3 needed)."""
+
+    def options(self, *extra: str) -> dict[str, Any]:
+        from imgresume.server.tap import Options
+
+        config = Options()
+        config.parseOptions(["--listen", "unix:/tmp/imgr-unused.sock",
+                             "--storage", "s3://bucket/prefix", *extra])
+        return config["s3-options"]
+
+    def test_leaseTime(self) -> None:
+        """15 s by default; a duration sets it; zero or less is a usage error."""
+        from twisted.python.usage import UsageError
+
+        self.assertEqual(self.options()["lease_ttl"], 15.0)
+        self.assertEqual(self.options("--s3-lease-time", "3s")["lease_ttl"], 3.0)
+        self.assertEqual(self.options("--s3-lease-time", "1m")["lease_ttl"], 60.0)
+        for bad in ("0", "-1s"):
+            with self.assertRaises(UsageError) as e:
+                self.options("--s3-lease-time", bad)
+            self.assertIn("--s3-lease-time", str(e.exception))
+
+
 class S3LimitTests(BucketMixin, TestCase):
     """S3's own limits, refused up front."""
 
@@ -554,9 +578,10 @@ class S3FailoverTests(BucketMixin, TestCase):
     async def test_sigkillServingServerMidUpload(self) -> None:
         """
         The server receiving a 30 MiB upload is SIGKILLed after a third of
-        it; its lease expires (15 s), the client resumes through the
-        balancer on the other server at a part boundary, and the completed
-        object hashes to the file's SHA-256.
+        it; its lease expires (C{--s3-lease-time 3s} here, 15 s by
+        default), the client resumes through the balancer on the other
+        server at a part boundary, and the completed object hashes to the
+        file's SHA-256.
         """
         from imgresume.testing import LocalCluster
         from imgresume.client import Uploader
@@ -565,7 +590,7 @@ class S3FailoverTests(BucketMixin, TestCase):
         work = os.path.abspath(self.mktemp())
         os.makedirs(work)
         cluster = LocalCluster(work, servers=2, storage=self.url, server_args=[
-            "--s3-endpoint", env["IMGRESUME_S3_ENDPOINT"]]).start()
+            "--s3-endpoint", env["IMGRESUME_S3_ENDPOINT"], "--s3-lease-time", "3s"]).start()
         self.addCleanup(cluster.stop)
         size = 30 * MiB + 4321
         content = payload(size, seed=7)
