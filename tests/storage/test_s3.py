@@ -3,7 +3,8 @@
 L{imgresume.storage.s3.S3Storage} against a real S3 service: the radosgw of
 the one-node CI Ceph cluster (C{bash .ci/ceph.sh up} writes
 C{/run/imgresume-ci/ceph-s3.env}).  Each test class gets its own bucket,
-each test its own key prefix.
+each test its own key prefix; what a test stores is deleted when it ends,
+and the bucket when its class is done (or when a Trial run exits).
 
 Without radosgw every test skips with a loud reason; with
 C{IMGRESUME_REQUIRE_CEPH=1} they fail instead.
@@ -11,6 +12,7 @@ C{IMGRESUME_REQUIRE_CEPH=1} they fail instead.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import sys
@@ -103,8 +105,47 @@ def aws_environ(case: TestCase) -> dict[str, str]:
     return env
 
 
+#: The buckets this process made and has not deleted yet, with their clients.
+_BUCKETS: dict[str, Any] = {}
+
+
+def delete_bucket(client: Any, bucket: str) -> None:
+    """
+    Delete C{bucket} with whatever is left in it (objects, unfinished
+    multipart uploads), so that a cluster run again and again does not fill
+    up (radosgw frees the space after its GC delay, see C{.ci/ceph.sh}).  A
+    failure is reported on stderr, never raised: this is housekeeping.
+    """
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+            for up in page.get("Uploads", ()):
+                client.abort_multipart_upload(
+                    Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+        client.delete_bucket(Bucket=bucket)
+    except Exception as e:
+        print(f"\n*** could not delete the test bucket {bucket}: {type(e).__name__}: {e}",
+              file=sys.stderr)
+    finally:
+        _BUCKETS.pop(bucket, None)
+
+
+@atexit.register
+def _delete_buckets() -> None:
+    """Delete the buckets no C{tearDownClass} deleted (Trial calls none)."""
+    for bucket, client in list(_BUCKETS.items()):
+        delete_bucket(client, bucket)
+
+
 class BucketMixin:
-    """One bucket per test class, one key prefix per test."""
+    """
+    One bucket per test class, one key prefix per test.  Each test deletes
+    what it left under its prefix; the bucket goes in C{tearDownClass}
+    (pytest and unittest), or when the process exits (Trial).
+    """
 
     bucket: str | None = None
 
@@ -114,10 +155,19 @@ class BucketMixin:
         if cls.bucket is None:
             cls.bucket = f"imgresume-{cls.__name__.lower()}-{os.urandom(4).hex()}"
             self.client.create_bucket(Bucket=cls.bucket)
+            _BUCKETS[cls.bucket] = self.client
         prefix = f"{self.id().rsplit('.', 1)[-1]}-{os.urandom(3).hex()}"
         self.url = f"s3://{cls.bucket}/{prefix}"
         self.addCleanup(self.emptyPrefix, prefix + "/")
         super().setUp()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        if cls.bucket is not None:
+            if cls.bucket in _BUCKETS:
+                delete_bucket(_BUCKETS[cls.bucket], cls.bucket)
+            cls.bucket = None
+        super().tearDownClass()
 
     def emptyPrefix(self, prefix: str) -> None:
         """Delete what a test left under its prefix (objects, multipart uploads)."""
