@@ -264,6 +264,13 @@ client oc max dirty = 33554432
 rgw data = $DATA_DIR/rgw/\$cluster-\$id
 rgw frontends = beast endpoint=127.0.0.1:$RGW_PORT
 rgw thread pool size = 64
+# Space of deleted objects (and of aborted multipart uploads) back within a
+# minute or so, not after the default 2-hour wait and 1-hour GC period: the
+# S3 tests write and delete hundreds of MiB a run, and a one-node cluster
+# run again and again would otherwise fill its OSD.
+rgw gc obj min wait = 30
+rgw gc processor period = 30
+rgw gc processor max time = 30
 admin socket = \$run_dir/\$cluster-\$name.asok
 log file = $LOG_DIR/\$cluster-\$name.log
 EOF

@@ -182,7 +182,7 @@ def make_server_service(
         (either run on a thread pool owned by the service).
     @param s3_options: keyword arguments for L{S3Storage
         <imgresume.storage.s3.S3Storage>} (C{endpoint_url}, C{region},
-        C{part_size}, C{spool_dir}) when C{storage} is an s3:// URL.
+        C{part_size}, C{spool_dir}, C{lease_ttl}) when C{storage} is an s3:// URL.
     @param max_incomplete_uploads_per_client: incomplete uploads one
         client may have on the storage, counted there (0: no limit).
     @param max_incomplete_bytes_per_client: the sizes they may declare

@@ -51,6 +51,9 @@ Examples:
          "(at least 5M); acknowledgements come at part boundaries."],
         ["s3-spool-dir", None, None, "With --storage s3://...: hold each upload's "
          "unfinished part in a temporary file here instead of in memory."],
+        ["s3-lease-time", None, "15s", "With --storage s3://...: a writer's lease is "
+         "free this long after its last heartbeat (its server died); heartbeats come "
+         "every third of it."],
         ["keys", "k", None, "Key file (`imgresume keys add`): every client must authenticate "
          "with its key.  Reloaded when it changes."],
         ["server-id", None, None, "Name of this server in logs and in the handshake "
@@ -262,9 +265,15 @@ Examples:
             raise usage.UsageError(f"--storage / --s3-part-size: {e}")
         if part_size < MIN_PART_SIZE:
             raise usage.UsageError("--s3-part-size must be at least 5M (S3's smallest part)")
+        try:
+            lease_ttl = parse_duration(self["s3-lease-time"])
+        except ValueError as e:
+            raise usage.UsageError(f"--s3-lease-time: {e}")
+        if lease_ttl <= 0:
+            raise usage.UsageError("--s3-lease-time must be more than 0")
         self["s3-options"] = {"endpoint_url": self["s3-endpoint"],
                               "region": self["s3-region"], "part_size": part_size,
-                              "spool_dir": self["s3-spool-dir"]}
+                              "spool_dir": self["s3-spool-dir"], "lease_ttl": lease_ttl}
 
     def _check_hook_options(self) -> None:
         from imgresume.server._hooks import HookConfig, parse_command

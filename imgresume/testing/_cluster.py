@@ -153,21 +153,35 @@ class LocalCluster:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         return env
 
-    def start_node(self, node: Node) -> None:
-        """Start (or restart) one process and wait until it listens."""
+    def _spawn(self, node: Node) -> None:
         if isinstance(node.address, str) and os.path.exists(node.address):
             os.unlink(node.address)  # a stale socket left by a SIGKILL
-        node.proc = subprocess.Popen(
-            node.argv, env=self._env(), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=open(node.log + ".stderr", "ab"),
-        )
+        with open(node.log + ".stderr", "ab") as stderr:
+            node.proc = subprocess.Popen(
+                node.argv, env=self._env(), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=stderr,
+            )
+
+    def start_node(self, node: Node) -> None:
+        """Start (or restart) one process and wait until it listens."""
+        self._spawn(node)
         wait_until_connectable(node.address, proc=node.proc)
 
     def start(self) -> "LocalCluster":
-        """Start every server, then the balancer."""
-        for node in self.servers.values():
-            self.start_node(node)
-        self.start_node(self.lb)
+        """
+        Start every server (all at once, then wait until each listens), then
+        the balancer.  If one fails to start, every process started is
+        stopped again before the error is raised.
+        """
+        try:
+            for node in self.servers.values():
+                self._spawn(node)
+            for node in self.servers.values():
+                wait_until_connectable(node.address, proc=node.proc)
+            self.start_node(self.lb)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def kill(self, name: str) -> None:

@@ -813,12 +813,12 @@ class ClusterTests(TestCase):
 
     async def test_balancerRestartMidUpload(self) -> None:
         """
-        The balancer is SIGKILLed a third of the way into a 48 MiB upload and
+        The balancer is SIGKILLed a third of the way into a 24 MiB upload and
         restarted on the same port: the client reconnects through it and
         resumes once, re-sending at most its window, and the stored file's
         SHA-256 is right.
         """
-        size = 48 * 1024 * 1024 + 4321
+        size = 24 * 1024 * 1024 + 4321
         path, digest = self.makeFile("big.tif", size)
         restarted: list[Deferred[None]] = []
 

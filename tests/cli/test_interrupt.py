@@ -32,6 +32,10 @@ from tests.support.processes import (
 #: Small packets, one in flight: a transfer slow enough to interrupt.
 SLOW = ("--chunk-size", "16K", "--window", "1")
 
+#: The file interrupted: still sending for a second or more after the
+#: server holds 1 MiB of it, even on a fast machine.
+LARGE = 8 * 1024 * 1024
+
 
 class InterruptTests(TestCase):
     """C{imgresume upload} interrupted by a signal, then run again."""
@@ -73,7 +77,7 @@ class InterruptTests(TestCase):
         stored file is the local one.
         """
         server = await TwistdServer(self).start()
-        path, content = self.make_file("scan.tif", 32 * 1024 * 1024, 1)
+        path, content = self.make_file("scan.tif", LARGE, 1)
         argv = ["-m", "imgresume", "upload", "--to", server.endpoint, "--json", *SLOW, path]
         code, out, err = await self.interrupt_mid_transfer(server, argv, "INT")
         self.assertEqual(code, 130, err)
@@ -109,7 +113,7 @@ class InterruptTests(TestCase):
         """
         server = await TwistdServer(self).start()
         files = dict([self.make_file("scans/a-small.tif", 100_000, 2),
-                      self.make_file("scans/b-large.tif", 32 * 1024 * 1024, 3),
+                      self.make_file("scans/b-large.tif", LARGE, 3),
                       self.make_file("scans/c-later.tif", 100_000, 4)])
         root = os.path.join(self.work, "scans")
         argv = ["-m", "imgresume", "upload", "--to", server.endpoint, "--parallel", "1",
@@ -119,7 +123,7 @@ class InterruptTests(TestCase):
         self.assertRegex(err, r"imgresume: interrupted: 2 of 3 files unfinished; run the same "
                               r"command again to resume")
         large = os.path.join(root, "b-large.tif")
-        self.assertRegex(err, rf"  {large}: \d+ of {32 * 1024 * 1024} bytes acknowledged")
+        self.assertRegex(err, rf"  {large}: \d+ of {LARGE} bytes acknowledged")
         self.assertIn(f"  {os.path.join(root, 'c-later.tif')}: not started", err)
         self.assertEqual(out.splitlines(), [
             f"a-small.tif: 100000 bytes stored at complete/a-small.tif, sha256 "

@@ -159,7 +159,7 @@ class UploadFilesTests(TestCase):
         running in the daemon thread until the process died.)
         """
         server = await TwistdServer(self).start()
-        path, content = self.make_file("big.tif", 24 * 1024 * 1024, 4)
+        path, content = self.make_file("big.tif", 8 * 1024 * 1024, 4)
         env = child_env(XDG_STATE_HOME=self.state)
         child = PythonChild([self.script, "interrupt", server.endpoint, path], env)
         await wait_until(lambda: incoming_bytes(server.storage) >= 1024 * 1024

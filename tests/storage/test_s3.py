@@ -3,7 +3,8 @@
 L{imgresume.storage.s3.S3Storage} against a real S3 service: the radosgw of
 the one-node CI Ceph cluster (C{bash .ci/ceph.sh up} writes
 C{/run/imgresume-ci/ceph-s3.env}).  Each test class gets its own bucket,
-each test its own key prefix.
+each test its own key prefix; what a test stores is deleted when it ends,
+and the bucket when its class is done (or when a Trial run exits).
 
 Without radosgw every test skips with a loud reason; with
 C{IMGRESUME_REQUIRE_CEPH=1} they fail instead.
@@ -11,6 +12,7 @@ C{IMGRESUME_REQUIRE_CEPH=1} they fail instead.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import sys
@@ -103,8 +105,47 @@ def aws_environ(case: TestCase) -> dict[str, str]:
     return env
 
 
+#: The buckets this process made and has not deleted yet, with their clients.
+_BUCKETS: dict[str, Any] = {}
+
+
+def delete_bucket(client: Any, bucket: str) -> None:
+    """
+    Delete C{bucket} with whatever is left in it (objects, unfinished
+    multipart uploads), so that a cluster run again and again does not fill
+    up (radosgw frees the space after its GC delay, see C{.ci/ceph.sh}).  A
+    failure is reported on stderr, never raised: this is housekeeping.
+    """
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+            for up in page.get("Uploads", ()):
+                client.abort_multipart_upload(
+                    Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+        client.delete_bucket(Bucket=bucket)
+    except Exception as e:
+        print(f"\n*** could not delete the test bucket {bucket}: {type(e).__name__}: {e}",
+              file=sys.stderr)
+    finally:
+        _BUCKETS.pop(bucket, None)
+
+
+@atexit.register
+def _delete_buckets() -> None:
+    """Delete the buckets no C{tearDownClass} deleted (Trial calls none)."""
+    for bucket, client in list(_BUCKETS.items()):
+        delete_bucket(client, bucket)
+
+
 class BucketMixin:
-    """One bucket per test class, one key prefix per test."""
+    """
+    One bucket per test class, one key prefix per test.  Each test deletes
+    what it left under its prefix; the bucket goes in C{tearDownClass}
+    (pytest and unittest), or when the process exits (Trial).
+    """
 
     bucket: str | None = None
 
@@ -114,10 +155,19 @@ class BucketMixin:
         if cls.bucket is None:
             cls.bucket = f"imgresume-{cls.__name__.lower()}-{os.urandom(4).hex()}"
             self.client.create_bucket(Bucket=cls.bucket)
+            _BUCKETS[cls.bucket] = self.client
         prefix = f"{self.id().rsplit('.', 1)[-1]}-{os.urandom(3).hex()}"
         self.url = f"s3://{cls.bucket}/{prefix}"
         self.addCleanup(self.emptyPrefix, prefix + "/")
         super().setUp()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        if cls.bucket is not None:
+            if cls.bucket in _BUCKETS:
+                delete_bucket(_BUCKETS[cls.bucket], cls.bucket)
+            cls.bucket = None
+        super().tearDownClass()
 
     def emptyPrefix(self, prefix: str) -> None:
         """Delete what a test left under its prefix (objects, multipart uploads)."""
@@ -363,6 +413,30 @@ class PartSizeTests(TestCase):
         self.assertEqual(part_size_for(100, minimum=8 * MiB), 8 * MiB)
 
 
+class LeaseTimeOptionTests(TestCase):
+    """C{--s3-lease-time}: parsed into the storage's C{lease_ttl} (no S3 needed)."""
+
+    def options(self, *extra: str) -> dict[str, Any]:
+        from imgresume.server.tap import Options
+
+        config = Options()
+        config.parseOptions(["--listen", "unix:/tmp/imgr-unused.sock",
+                             "--storage", "s3://bucket/prefix", *extra])
+        return config["s3-options"]
+
+    def test_leaseTime(self) -> None:
+        """15 s by default; a duration sets it; zero or less is a usage error."""
+        from twisted.python.usage import UsageError
+
+        self.assertEqual(self.options()["lease_ttl"], 15.0)
+        self.assertEqual(self.options("--s3-lease-time", "3s")["lease_ttl"], 3.0)
+        self.assertEqual(self.options("--s3-lease-time", "1m")["lease_ttl"], 60.0)
+        for bad in ("0", "-1s"):
+            with self.assertRaises(UsageError) as e:
+                self.options("--s3-lease-time", bad)
+            self.assertIn("--s3-lease-time", str(e.exception))
+
+
 class S3LimitTests(BucketMixin, TestCase):
     """S3's own limits, refused up front."""
 
@@ -554,9 +628,10 @@ class S3FailoverTests(BucketMixin, TestCase):
     async def test_sigkillServingServerMidUpload(self) -> None:
         """
         The server receiving a 30 MiB upload is SIGKILLed after a third of
-        it; its lease expires (15 s), the client resumes through the
-        balancer on the other server at a part boundary, and the completed
-        object hashes to the file's SHA-256.
+        it; its lease expires (C{--s3-lease-time 3s} here, 15 s by
+        default), the client resumes through the balancer on the other
+        server at a part boundary, and the completed object hashes to the
+        file's SHA-256.
         """
         from imgresume.testing import LocalCluster
         from imgresume.client import Uploader
@@ -565,7 +640,7 @@ class S3FailoverTests(BucketMixin, TestCase):
         work = os.path.abspath(self.mktemp())
         os.makedirs(work)
         cluster = LocalCluster(work, servers=2, storage=self.url, server_args=[
-            "--s3-endpoint", env["IMGRESUME_S3_ENDPOINT"]]).start()
+            "--s3-endpoint", env["IMGRESUME_S3_ENDPOINT"], "--s3-lease-time", "3s"]).start()
         self.addCleanup(cluster.stop)
         size = 30 * MiB + 4321
         content = payload(size, seed=7)

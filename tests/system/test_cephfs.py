@@ -31,6 +31,7 @@ import time
 
 from twisted.trial.unittest import TestCase
 
+from tests.support.marks import slow
 from tests.support.sharedfs import CONVERGE, require_cephfs_mounts
 from tests.support.sharedfs_suite import (
     ClusterMixin,
@@ -203,6 +204,7 @@ class ClusterOnCephFSTests(ClusterMixin, TestCase):
 
     fs = CEPHFS
 
+    @slow  # a kill loop: test_sigkill_serving_server_mid_upload is the quick one
     async def test_serving_server_sigkilled_three_times(self) -> None:
         """
         A 32 MiB upload during which the serving server is SIGKILLed three

@@ -85,7 +85,7 @@ class ZombieConnectionTests(ChaosTestCase):
         relay = FreezingRelay(reactor, cluster.lb_endpoint)
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(relay)
         self.addCleanup(port.stopListening)
-        size = 32 * 1024 * 1024
+        size = 16 * 1024 * 1024
         path = os.path.join(self.work, "zombie.tif")
         digest = write_random(path, size)
         frozen: list = []
@@ -117,7 +117,7 @@ class ConcurrentResumeTests(ChaosTestCase):
     async def test_two_clients_resume_the_same_upload(self) -> None:
         """A duplicated job: exactly one client proceeds, the other is told busy."""
         cluster = self.start_cluster()
-        size = 48 * 1024 * 1024
+        size = 24 * 1024 * 1024
         path = os.path.join(self.work, "dup.tif")
         digest = write_random(path, size)
         journal = Journal(os.path.join(self.work, "journal.json"))

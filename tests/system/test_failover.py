@@ -107,7 +107,7 @@ class ClientKilledTests(ClusterTestCase):
 
     def test_sigkill_client_and_rerun(self) -> None:
         """A client SIGKILLed mid-upload resumes when the same command runs again."""
-        size = 64 * 1024 * 1024
+        size = 24 * 1024 * 1024
         path = os.path.join(self.work, "big.tif")
         digest = write_random(path, size)
         first = self.run_cli(path)

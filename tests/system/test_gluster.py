@@ -32,6 +32,7 @@ import time
 
 from twisted.trial.unittest import TestCase
 
+from tests.support.marks import slow
 from tests.support.sharedfs import CONVERGE, require_gluster_mounts
 from tests.support.sharedfs_suite import (
     ClusterMixin,
@@ -123,6 +124,7 @@ class ClusterOnGlusterTests(ClusterMixin, TestCase):
 
     fs = GLUSTERFS
 
+    @slow  # a kill loop: test_sigkill_serving_server_mid_upload is the quick one
     async def test_serving_server_sigkilled_five_times(self) -> None:
         """
         A 64 MiB upload during which the serving server is SIGKILLed five
