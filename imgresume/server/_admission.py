@@ -9,7 +9,8 @@ shared storage, counted there.  L{MemoryBudget} is the server's memory for
 received data, and the list of connections waiting for some; each
 connection counts into it through its
 L{imgresume.server._batching.FrameAdmission} and
-L{imgresume.server._batching.ChunkBatches}.  None calls a connection,
+L{imgresume.server._batching.ChunkBatches}, and a PUT's payload through
+L{store_whole}.  None calls a connection,
 except that a connection waiting for memory is woken through the small
 callable it handed in.
 """
@@ -22,7 +23,12 @@ from twisted.internet.defer import Deferred
 
 from imgresume.errors import QuotaExceeded
 from imgresume.sizes import format_size
-from imgresume.storage.interfaces import IncompleteUploads, IUploadStorage, NewUpload
+from imgresume.storage.interfaces import (
+    IncompleteUploads,
+    IUploadStorage,
+    NewUpload,
+    WholeUpload,
+)
 
 #: Defaults of C{--max-incomplete-uploads-per-client} and (with the default
 #: C{--max-file-size}) C{--max-incomplete-bytes-per-client}.
@@ -241,3 +247,24 @@ class MemoryBudget:
                         break
         finally:
             self._waking = False
+
+
+def store_whole(storage: IUploadStorage, request: WholeUpload, memory: MemoryBudget,
+                quota: UploadQuota) -> Deferred[Any]:
+    """
+    Store the whole file of a PUT (L{IUploadStorage.store_whole}) in one
+    step.  Its payload, out of the connection's buffer by now, counts in
+    the server's C{memory}, and the PUT as one of its client's open uploads
+    in C{quota}, until storage is done with it.  Called by a connection for
+    each PUT; the Deferred fires with the storage's answer.
+    """
+    size, client_id = len(request.data), request.client_id
+    memory.count(size)
+    quota.count(client_id, +1)
+
+    def done(result: Any) -> Any:
+        memory.release(size)
+        quota.count(client_id, -1)
+        return result
+
+    return storage.store_whole(request).addBoth(done)

@@ -12,9 +12,10 @@ is then written with one flush for all of them (group commit);
 L{ChunkBatches} keeps the two and says when the next batch is full.
 L{Backpressure} pauses and resumes the transport as those two allow.
 
-Each connection owns one of each and calls them; they never call it, except
-that a connection waiting for memory is woken through the small callable it
-handed its L{FrameAdmission}.
+Each connection's L{imgresume.server._flow.ConnectionFlow} holds one of
+each; the connection calls them (through it, or for the chunk batches
+directly); they never call it, except that a connection waiting for memory
+is woken through the small callable it handed its L{FrameAdmission}.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ class Written:
 class ChunkBatches:
     """
     The chunks of one connection's upload between the machine and storage:
-    the batch being written, and the one being gathered.  Owned by
-    L{imgresume.server._protocol.UploadServerProtocol}, which adds each
+    the batch being written, and the one being gathered.  Held by the
+    connection's L{imgresume.server._flow.ConnectionFlow};
+    L{imgresume.server._protocol.UploadServerProtocol} adds each
     chunk the machine hands out, asks whether the next batch is full, and
     starts the next write (L{write_next}) whenever one ends.
     """
@@ -137,9 +139,9 @@ class FrameAdmission:
     out.  A stalled connection reads ahead only while its buffer holds less
     than one largest payload.
 
-    Owned by L{imgresume.server._protocol.UploadServerProtocol}, which feeds
-    it what it receives and asks it, with the machine's buffer size, whether
-    to parse and whether to read on; C{wake} is called when the connection
+    Held by a connection's L{imgresume.server._flow.ConnectionFlow}, which
+    feeds it what the connection receives and asks it, with the machine's
+    buffer size, whether to parse and whether to read on; C{wake} is called when the connection
     waited for room and some freed.
     """
 
@@ -236,7 +238,7 @@ class Backpressure:
     """
     Whether a connection reads: pauses its transport (a push producer)
     while the connection may not read on, and resumes it once it may.
-    Owned by L{imgresume.server._protocol.UploadServerProtocol}, which
+    Held by a connection's L{imgresume.server._flow.ConnectionFlow}, which
     hands it the transport and what L{FrameAdmission} answered.
     """
 

@@ -4,19 +4,20 @@ The Twisted adapter between a TCP (or TLS, or UNIX) connection and the
 sans-IO L{ServerConnection}: it feeds received bytes to the machine, runs
 the storage work each event asks for, writes the machine's answers, and
 enforces the handshake and idle timeouts.  The policies are objects it owns
-and calls, which answer with values: the handshake (C{_handshake}), the decisions
-on commands (C{_commands}), the limits all connections share
-(C{_admission}), frame admission, write
-batches and back-pressure (C{_batching}), the takeover of a silent
-connection's upload (C{_takeover}) and the upload's events
-(C{_upload_events}).
+and calls, which answer with values: the handshake (C{_handshake}), the
+decisions on commands (C{_commands}), the limits all connections share
+(C{_admission}), when the connection reads, parses and waits for storage
+(C{_flow}, over C{_batching}), the takeover of a silent connection's upload
+(C{_takeover}), the upload's events (C{_upload_events}) and what is
+reported of each storage answer (C{_outcomes}) or of a peer's faults
+(C{_faults}).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -42,7 +43,6 @@ from imgresume.protocol import (
     PutRequested,
     ResumeRequested,
     ServerConnection,
-    SKIPPED_UPLOAD_ID,
     ServerState,
     StatusRequested,
     UploadRequested,
@@ -55,10 +55,13 @@ from imgresume.server._commands import (
     status_frame,
     unexpected,
 )
-from imgresume.server._batching import Backpressure, ChunkBatches, FrameAdmission, Written
+from imgresume.server._admission import store_whole
+from imgresume.server._batching import Written
 from imgresume.server._faults import PeerFaults, describe_peer, peer_host
+from imgresume.server._flow import ConnectionFlow
 from imgresume.server._handshake import Accept, Challenge, Decision, is_health_check
 from imgresume.server._interfaces import ServerSide
+from imgresume.server._outcomes import UploadOutcomes
 from imgresume.server._takeover import Takeover
 from imgresume.server._upload_events import UploadEventContext
 from imgresume.storage.interfaces import Chunk, IUploadWriter, NewUpload, StoredFile
@@ -96,17 +99,13 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         self.callLater = factory.clock.callLater  # for TimeoutMixin
         self._handshake = factory.new_handshake()
         self._commands = CommandPolicy(factory.quota, lambda: self._handshake.health_only)
-        self._admission = FrameAdmission(factory.memory, factory.limits.max_payload,
-                                         wake=self.wake)
-        self._batches = ChunkBatches(factory.memory)
-        self._backpressure = Backpressure()
+        self._flow = ConnectionFlow(factory.memory, factory.limits.max_payload, self.wake)
         self._events = UploadEventContext(factory.upload_event, factory.clock,
                                           factory.server_id)
         self._faults = PeerFaults(self.log, factory.peer_log, factory.metrics, self._events,
                                   lambda: peer_host(self.transport))
+        self._outcomes = UploadOutcomes(self.machine, self._events, factory.metrics, self.log)
         self._writer: IUploadWriter | None = None
-        #: The storage call the loop waits for (None: none).
-        self._busy: Deferred[Any] | None = None
         self._pumping = False
         #: The transport is gone (see also L{_closing}).
         self._lost = False
@@ -157,7 +156,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         if self.machine.client_id is not None and not self._closing:
             # Idle is time without a byte from the client (docs/protocol.md 3a).
             self.setTimeout(self.factory.idle_timeout)
-        self._admission.feed(data)
+        self._flow.feed(data)
         self.machine.receive_data(data)
         self._pump()
 
@@ -172,18 +171,14 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         emit("connection from {peer} closed after {bytes} bytes: {reason}",
              peer=self.peer, bytes=self._bytes_received, reason=reason.getErrorMessage())
         # Let the storage calls in flight finish, then give up ownership.
-        in_flight = [d for d in (self._busy, self._batches.writing) if d is not None]
-        self._admission.stop_waiting()
-        self._batches.drop_gathered()
-        self._admission.release()
-        d: Deferred[Any] = DeferredList(in_flight) if in_flight else succeed(None)
+        d = self._flow.stop()
         d.addBoth(lambda _: self._release_writer())
         d.addBoth(lambda _: self.closed.callback(None))
 
     def wake(self) -> None:
         """The server has memory for received data again: go on reading and parsing."""
         if self._closing:
-            self._admission.stop_waiting()
+            self._flow.stop_waiting()
         else:
             self._pump()
 
@@ -192,8 +187,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         Called periodically by the factory: give the upload up if its client
         went silent and another connection asked for it (see L{Takeover}).
         """
-        if (self.writer is None or self._busy is not None or self._closing
-                or not self._batches.idle):
+        if self.writer is None or self._closing or not self._flow.idle:
             return
         asked = self._takeover.ask(self.writer, self.machine.upload_id, now)
         if asked is not None:
@@ -217,8 +211,8 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             return  # a storage call fired synchronously inside the loop below
         self._pumping = True
         try:
-            while (not self._stalled() and not self._closing
-                   and self._admission.may_parse(self.machine.buffered)):
+            while not self._closing and self._flow.may_take(self.machine.buffered,
+                                                            self.factory.batch_limit):
                 event = self.machine.next_event()
                 for refusal in self.machine.refusals():  # they came before the event
                     self._faults.refused(refusal, self.machine.client_id,
@@ -229,7 +223,9 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         finally:
             self._pumping = False
         self._flush()
-        self._apply_backpressure()
+        if not self._lost:  # else connectionLost counted out what it held
+            self._flow.follow(self.transport, self.machine.buffered, self.factory.batch_limit,
+                              self._closing)
 
     def _dispatch(self, event: object) -> None:
         storage = self.factory.storage
@@ -252,7 +248,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             self._events.requested(client_id, event)
             self._run(storage.resume(event.upload_id, client_id), self._opened, resumed=True)
         elif isinstance(event, ChunkReceived):
-            self._batches.add(Chunk(event.offset, event.payload, event.crc32))
+            self._flow.batches.add(Chunk(event.offset, event.payload, event.crc32))
             self._write_next()
         elif isinstance(event, FinishRequested):
             self._run(self.writer.complete(event.sha256), self._completed)
@@ -272,63 +268,30 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
                       self._found, request=request, policy=event.if_exists)
 
     def _put_requested(self, event: PutRequested) -> None:
-        """
-        A whole file in one PUT: stored in one step.  Its payload, out of the
-        machine's buffer now, counts in the server's memory (and the PUT as
-        one of its client's open uploads) until storage is done with it.
-        """
+        """A whole file in one PUT: stored in one step (see L{store_whole})."""
         client_id = self.machine.client_id or ""
         self._events.requested(client_id, event)
         request = self._commands.whole_upload(event.put, client_id)
         if isinstance(request, InvalidName):
             self._storage_failed(Failure(request))
             return
-        size, memory, quota = len(request.data), self.factory.memory, self.factory.quota
-        memory.count(size)
-        quota.count(client_id, +1)
-
-        def done(result: Any) -> Any:
-            memory.release(size)
-            quota.count(client_id, -1)
-            return result
-
-        self._run(self.factory.storage.store_whole(request).addBoth(done), self._stored,
-                  client=client_id)
-
-    def _stored(self, completed: Any, client: str) -> None:
-        """A PUT's file is stored (or skipped: the same file is there): one log line."""
-        skipped = completed.upload_id == SKIPPED_UPLOAD_ID
-        if skipped:
-            self._events.skipped()
-        else:
-            self.factory.metrics.stored_bytes.inc(completed.size)
-            self._events.completed(completed, repeat=False)
-        self.machine.upload_completed(completed.upload_id, completed.size,
-                                      completed.sha256, completed.path)
-        self.log.info("{how} {path} ({size} bytes, sha256 {sha256}) in one step: upload "
-                      "{upload_id} by {client}", how="skipped" if skipped else "stored",
-                      path=escape(completed.path), size=completed.size,
-                      sha256=completed.sha256.hex(), upload_id=completed.upload_id,
-                      client=escape(client))
+        factory = self.factory
+        self._run(store_whole(factory.storage, request, factory.memory, factory.quota),
+                  self._outcomes.stored, client=client_id)
 
     def _create(self, request: NewUpload) -> None:
         """Create the upload, within its client's limits on incomplete uploads."""
-
-        def admitted() -> None:
-            self.log.info("upload requested: {name} ({size} bytes) by {client}",
-                          name=escape(request.name), size=request.size,
-                          client=escape(request.client_id))
-
-        self._run(self.factory.incomplete.create(self.factory.storage, request, admitted),
+        admitted = self._outcomes.admitted
+        self._run(self.factory.incomplete.create(self.factory.storage, request,
+                                                 lambda: admitted(request)),
                   self._opened, resumed=False)
 
     def _run(self, d: Deferred[Any], on_success: Any, **kw: Any) -> None:
         """Run one storage call; the loop stops until it fires."""
-        busy: Deferred[Any] = Deferred()
-        self._busy = busy
+        busy = self._flow.wait()
 
         def done(result: Any) -> None:
-            self._busy = None
+            self._flow.waited()
             if isinstance(result, Failure):
                 self._storage_failed(result)
             elif not self._closing:
@@ -340,15 +303,11 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
 
         d.addBoth(done)
 
-    def _stalled(self) -> bool:
-        """Whether to stop taking events: storage busy, or the next batch full."""
-        return self._busy is not None or self._batches.is_full(self.factory.batch_limit)
-
     def _write_next(self) -> None:
         """Start writing the gathered chunks, unless a batch is being written."""
         if self._closing:
             return
-        writing = self._batches.write_next(self.writer)
+        writing = self._flow.batches.write_next(self.writer)
         if writing is not None:
             writing.addBoth(self._batch_done)
 
@@ -358,7 +317,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
                 self._storage_failed(result)
         elif not self._closing:
             for chunk in result:
-                self._chunk_written(chunk)
+                self._outcomes.written(chunk)
         self._write_next()
         self._pump()
 
@@ -409,41 +368,20 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         """What lies at the name of an UPLOAD whose if-exists policy is skip or fail."""
         answer = self._commands.if_exists(found, request.sha256, policy)
         if isinstance(answer, NameTakenAnswer):
-            self.log.info("upload refused: {path} already exists", path=escape(answer.path))
-            self._events.failed(answer.error)
-            self.machine.fail(answer.error)
+            self._outcomes.name_taken(answer)
         elif isinstance(answer, Skip):
-            found = answer.found
-            self.log.info("upload skipped: {path} is the same file", path=escape(found.path))
-            self._events.skipped()
-            self.machine.upload_skipped(found.size, found.sha256, found.path)
+            self._outcomes.skipped(answer.found)
         else:
             self._create(request)
 
     def _opened(self, writer: IUploadWriter, resumed: bool) -> None:
         self.writer = writer
-        info, tail = writer.info, writer.tail
-        self.machine.upload_opened(info.upload_id, info.name, info.size, info.sha256,
-                                   writer.offset, (tail.start, tail.length, tail.sha256))
-        self.log.info("{how} upload {upload_id} ({name}) at offset {offset} of {size}",
-                      how="resumed" if resumed else "created", upload_id=info.upload_id,
-                      name=escape(info.name), offset=writer.offset, size=info.size)
-        self._events.opened(writer, resumed)
-
-    def _chunk_written(self, chunk: Written) -> None:
-        self.factory.metrics.stored_bytes.inc(chunk.size)
-        self._events.progressed(chunk.durable)
-        self.machine.chunk_written(chunk.end, chunk.durable)
+        self._outcomes.opened(writer, resumed)
 
     def _completed(self, completed: Any) -> None:
         # Without a writer: a resume answered from an earlier completion.
-        self._events.completed(completed, repeat=self.writer is None)
-        self.writer = None
-        self.machine.upload_completed(completed.upload_id, completed.size,
-                                      completed.sha256, completed.path)
-        self.log.info("completed upload {upload_id}: {path} ({size} bytes, sha256 {sha256})",
-                      upload_id=completed.upload_id, path=escape(completed.path),
-                      size=completed.size, sha256=completed.sha256.hex())
+        repeat, self.writer = self.writer is None, None
+        self._outcomes.completed(completed, repeat)
 
     def _storage_failed(self, failure: Failure) -> None:
         error = failure.value
@@ -481,15 +419,6 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         if out and self.transport is not None:
             self.transport.writeSequence(out)
 
-    def _apply_backpressure(self) -> None:
-        if self._lost:
-            return  # connectionLost counted out what this connection held
-        may_read, freed = self._admission.update(
-            self.machine.buffered, self._stalled(), may_wait=not self._closing)
-        self._backpressure.follow(self.transport, may_read, self._closing)
-        if freed:
-            self.factory.memory.wake_waiting()
-
     def timeoutConnection(self) -> None:
         """
         The connection's one timer ran out: the handshake or idle timeout
@@ -498,8 +427,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         if self._closing:
             self.transport.abortConnection()  # not closed within CLOSE_GRACE
             return
-        if (self._busy is not None or self._batches.writing is not None
-                or self._backpressure.paused):
+        if self._flow.server_side_wait:
             # Storage is slow (or this server stopped reading), not the
             # client: wait for it.
             self.setTimeout(self.factory.idle_timeout)
@@ -526,6 +454,6 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
                           peer=self.peer, code=error.code.name, message=escape(error.message))
         self._events.failed(error)
         self._flush()
-        self._backpressure.release(self.transport)
+        self._flow.release_transport(self.transport)
         self.transport.loseConnection()
         self.setTimeout(CLOSE_GRACE)  # then abort; connectionLost cancels it

@@ -19,7 +19,14 @@ from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from imgresume.errors import ErrorCode, StorageFull
+from imgresume.errors import (
+    ErrorCode,
+    Scope,
+    StorageError,
+    StorageFull,
+    UploadBusy,
+    error_for_code,
+)
 from imgresume.protocol import (
     HEALTH_CHECK_CLIENT_ID,
     SKIPPED_UPLOAD_ID,
@@ -269,6 +276,55 @@ class PutErrorTests(SynchronousTestCase):
         storage.store_whole = lambda request: fail(StorageFull("disk full"))
         error = self.refused(put(), storage)
         self.assertEqual(error.code, ErrorCode.STORAGE_FULL)
+
+    def retried(self, error: Exception) -> Error:
+        """
+        C{error} from store_whole: refused (the connection stays ready)
+        with nothing held, and the same PUT sent again is stored.
+        """
+        storage = MemoryStorage()
+        real, answers = storage.store_whole, [fail(error)]
+        storage.store_whole = lambda request: answers.pop() if answers else real(request)
+        h = Harness(storage)
+        h.handshake()
+        [refused, pong] = h.send(put(), encode(Ping(1)))
+        self.assertIsInstance(refused, Error)
+        self.assertEqual(pong, Pong(1))
+        self.assertFalse(h.transport.disconnecting)
+        self.assertEqual(h.factory.memory.used, 0)
+        self.assertEqual(h.factory.open_uploads("tester"), 0)
+        [done] = h.send(put())
+        self.assertEqual(done, Completed(ID1, len(CONTENT), SHA, "complete/a.tif"))
+        return refused
+
+    def test_busy_retryable(self) -> None:
+        """
+        UploadBusy (another server holds the request's file) is UPLOAD_BUSY
+        with the storage's retry hint: a client takes it for a retryable
+        error of command scope; the PUT sent again is stored.
+        """
+        error = self.retried(UploadBusy("upload 11 is being stored", retry_after=2.5))
+        self.assertEqual((error.code, error.retry_after_ms), (ErrorCode.UPLOAD_BUSY, 2500))
+        seen = error_for_code(error.code, error.message, error.offset,
+                              error.retry_after_ms / 1000)
+        self.assertTrue(seen.retryable)
+        self.assertIs(seen.scope, Scope.COMMAND)
+        self.assertEqual(seen.retry_after, 2.5)
+
+    def test_storage_error_retryable(self) -> None:
+        """
+        A retryable StorageError (a repeat that finds the request's file
+        written moments ago, perhaps a stale view) is STORAGE_ERROR with the
+        storage's message and retry hint, retryable, of command scope.
+        """
+        error = self.retried(StorageError("upload 11 was written moments ago; retry in 8 s",
+                                          retry_after=7.5))
+        self.assertEqual((error.code, error.retry_after_ms), (ErrorCode.STORAGE_ERROR, 7500))
+        self.assertIn("moments ago", error.message)
+        seen = error_for_code(error.code, error.message, error.offset,
+                              error.retry_after_ms / 1000)
+        self.assertTrue(seen.retryable)
+        self.assertIs(seen.scope, Scope.COMMAND)
 
     def test_quota(self) -> None:
         """A client with its share of open uploads is refused with QUOTA_EXCEEDED."""

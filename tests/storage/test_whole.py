@@ -271,6 +271,30 @@ class CrashTests(WholeMixin, TestCase):
         for i in range(self.steps()):
             self.crashAt(i, Killed)
 
+    def test_retryAfterEndOfWindow(self) -> None:
+        """
+        The retry hint of a repeat that finds a C{.put} cut short moments
+        ago is the rest of the FRESH window (and a margin): the first repeat
+        after it is answered for certain.  Never less than the busy hint.
+        """
+        req = self.whole()
+        put = self.putPath(req)
+        os.makedirs(os.path.dirname(put))
+        with open(put, "wb") as f:
+            f.write(b"half")
+        written = os.stat(put).st_mtime
+        self.storage.whole.now = lambda: written + 3
+        first = self.failureResultOf(self.storage.store_whole(req), StorageError).value
+        self.assertAlmostEqual(first.retry_after, _whole.FRESH - 3 + _whole.FRESH_MARGIN,
+                               delta=0.2)
+        self.assertIn("retry in 8 s", first.message)
+        self.storage.whole.now = lambda: written + _whole.FRESH - 0.1
+        f = self.failureResultOf(self.storage.store_whole(req), StorageError)
+        self.assertEqual(f.value.retry_after, 1.0)
+        self.storage.whole.now = lambda: written + 3 + first.retry_after
+        done = self.successResultOf(self.storage.store_whole(req))
+        self.assertEqual(self.completeFiles(), {done.path: PAYLOAD})
+
     def test_unpublishedPutRedone(self) -> None:
         """
         A C{.put} a killed server left before publication: a repeat moments

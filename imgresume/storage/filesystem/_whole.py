@@ -356,13 +356,15 @@ class WholeStore:
         (GlusterFS shows the size and link count of a moment before for
         about a second, and reads stop at that size).
         """
-        recent = self.now() - max(st.st_mtime, st.st_ctime) < FRESH
+        # What is left of the window in which a view may be stale.
+        left = FRESH - (self.now() - max(st.st_mtime, st.st_ctime))
+        recent = left > 0
         published = st.st_nlink > 1
         done = CompletedUpload(request.upload_id, name, st.st_size, request.sha256,
                                f"complete/{name}")
         if published:
             # A view that shows the link is no older than the bytes.
-            self._check_stored(lock.fd, st, request, False)
+            self._check_stored(lock.fd, st, request, 0.0)
         parent, _, _ = name.rpartition("/")
         try:
             parent_fd = open_complete_dir(
@@ -382,7 +384,7 @@ class WholeStore:
                     continue
                 if _identity(there) == _identity(st):
                     if not published:
-                        self._check_stored(lock.fd, st, request, recent)
+                        self._check_stored(lock.fd, st, request, left)
                     # Its first try may have died before these flushes.
                     self.dirsync.sync(_identity(os.fstat(incoming_fd)), incoming_fd)
                     self.dirsync.sync(_identity(os.fstat(parent_fd)), parent_fd)
@@ -393,27 +395,46 @@ class WholeStore:
             if parent_fd >= 0:
                 os.close(parent_fd)
         if recent:
-            raise self._not_seen_yet(request)
+            raise self._not_seen_yet(request, left)
         if published:
             raise CompletedFileMoved(done, "no longer holds it, nor does any alternate name")
         return None
 
     def _check_stored(
-        self, fd: int, st: os.stat_result, request: WholeUpload, recent: bool
+        self, fd: int, st: os.stat_result, request: WholeUpload, left: float
     ) -> None:
-        """A repeat's digest against the bytes stored for its upload id."""
+        """
+        A repeat's digest against the bytes stored for its upload id;
+        C{left}: seconds left of the window in which the view may be stale
+        (none if not positive).
+        """
         if _stored_digest(fd, st.st_size) == request.sha256:
             return
-        if recent:
-            raise self._not_seen_yet(request)
+        if left > 0:
+            raise self._not_seen_yet(request, left)
         raise DigestMismatch(
             f"upload {request.upload_id} already stored other bytes; send this "
             "file with a new upload id")
 
-    def _not_seen_yet(self, request: WholeUpload) -> StorageError:
+    def _not_seen_yet(self, request: WholeUpload, left: float) -> StorageError:
+        """
+        Retry: the C{.put} may be a stale view of another server's store, or
+        a request cut short.  The hint is the end of the window (C{left}
+        seconds), when a repeat is answered for certain, and never less than
+        the busy hint: a client retrying as told does not spend its attempts
+        on answers that cannot change.
+        """
+        wait = max(self._retry_after, round(left + FRESH_MARGIN, 1))
         return StorageError(
-            f"upload {request.upload_id} was stored moments ago, and this server "
-            "does not see all of it yet; retry", retry_after=self._retry_after)
+            f"upload {request.upload_id} was written moments ago, and this server "
+            "cannot tell yet whether it was stored (a view of another server's "
+            f"write, not up to date) or cut short; retry in {wait:.0f} s",
+            retry_after=wait)
+
+
+#: Added to the rest of the L{FRESH} window in the retry hint, so that the
+#: repeat comes after it even with the clocks of two hosts a little apart.
+FRESH_MARGIN = 0.5
 
 
 # -- garbage collection ---------------------------------------------------------
