@@ -261,7 +261,7 @@ class UploadAttempt:
             chunk = min(self.chunk_size or m.welcome.chunk_size, m.welcome.max_payload)
             length = min(chunk, m.size - offset)
             self._reading = True
-            d = self.source.read_with_crc(offset, length)
+            d = self.source.read_with_crc(offset, length, m.checksum)
             d.addCallbacks(self._chunk_read, self._read_failed, callbackArgs=(offset,))
         elif (
             m.state is ClientState.SENDING and m.offset == m.size and not m.finishing

@@ -56,6 +56,8 @@ class SessionUploader(Protocol):
     run: Runner
     journal_queue: JournalQueue | None
     if_exists: str
+    #: The whole-file digest to ask servers for (L{imgresume.integrity}).
+    digest: str
     #: Whether L{imgresume.client.Uploader.interrupt} was called, and the
     #: signal it named.
     interrupted: bool
@@ -406,7 +408,8 @@ class UploadSession:
         self._connection = None
         up = self._uploader
         connection = UploadConnection(
-            up.reactor, client_id=up.client_id, key=up.key, stall_timeout=up.stall_timeout
+            up.reactor, client_id=up.client_id, key=up.key, stall_timeout=up.stall_timeout,
+            digest=up.digest,
         )
         await up.connect(connection)
         self.connections += 1

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zlib
 from typing import Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred
+
+from imgresume import integrity
 
 Runner = Callable[..., Deferred[Any]]
 READ_SIZE = 1024 * 1024
@@ -102,15 +103,18 @@ class LocalFile:
 
         return self._run(_hash)
 
-    def read_with_crc(self, offset: int, length: int) -> Deferred[tuple[bytes, int]]:
+    def read_with_crc(
+        self, offset: int, length: int, checksum: str = integrity.LEGACY_CHECKSUM
+    ) -> Deferred[tuple[bytes, int]]:
         """
-        Read exactly C{length} bytes at C{offset} and compute their CRC-32,
-        both in a thread (off the reactor).
+        Read exactly C{length} bytes at C{offset} and compute their
+        C{checksum} (a name of L{imgresume.integrity.CHECKSUMS}), both in a
+        thread (off the reactor).
         """
 
         def read() -> tuple[bytes, int]:
             data = self._read_exactly(offset, length)
-            return data, zlib.crc32(data)
+            return data, integrity.checksum(checksum, data)
 
         return self._run(read)
 

@@ -22,6 +22,7 @@ from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IProtocol, IReactorCore, IStreamClientEndpoint
 
+from imgresume import integrity
 from imgresume.client._attempt import AttemptFailed
 from imgresume.client._batch import BatchItem, BatchResult, FileOutcome, run_batch
 from imgresume.client._journal import Journal, default_journal_path
@@ -96,7 +97,11 @@ class Uploader:
         run: Runner | None = None,
         rng: random.Random | None = None,
         if_exists: str = "rename",
+        digest: str = "sha256",
     ) -> None:
+        if digest not in integrity.DIGESTS:
+            raise ValueError(f"digest must be one of {', '.join(integrity.DIGESTS)}")
+        self.digest = digest
         if if_exists not in IF_EXISTS_POLICIES:
             raise ValueError(f"if_exists must be one of {', '.join(IF_EXISTS_POLICIES)}")
         self.if_exists = if_exists

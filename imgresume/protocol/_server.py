@@ -23,7 +23,6 @@ L{imgresume.server._protocol.UploadServerProtocol}.
 from __future__ import annotations
 
 import collections
-import zlib
 
 from imgresume.errors import (
     ChecksumMismatch,
@@ -38,6 +37,7 @@ from imgresume.errors import (
     UnexpectedFrame,
     UnsupportedVersion,
 )
+from imgresume import integrity
 from imgresume.names import IF_EXISTS_POLICIES, MAX_NAME_BYTES, if_exists_policy
 from imgresume.protocol._codec import not_utf8
 from imgresume.protocol._decoder import FrameDecoder, control_limit
@@ -118,6 +118,11 @@ class ServerConnection:
         self._digest: bytes | None = None
         #: Requests refused by the machine itself, not yet taken by the caller.
         self._refused: list[Refusal] = []
+        #: The per-packet checksum and the whole-file digest of this
+        #: connection, negotiated in HELLO/WELCOME (L{imgresume.integrity}).
+        self.checksum = integrity.LEGACY_CHECKSUM
+        self.digest = integrity.LEGACY_DIGEST
+        self._welcome_options: dict[str, str] = {}
 
     # Input ----------------------------------------------------------------
 
@@ -203,6 +208,7 @@ class ServerConnection:
             )
         self.state = ServerState.CHECKING_HELLO
         self._hello = hello
+        self.checksum, self.digest, self._welcome_options = integrity.negotiate(hello.options)
         return HelloReceived(hello)
 
     def _on_upload(self, upload: Upload) -> ServerEvent | None:
@@ -238,9 +244,10 @@ class ServerConnection:
                 f"packet ends at {end}, past the declared size {self.size}",
                 offset=self.offset,
             )
-        elif zlib.crc32(data.payload) != data.crc32:
+        elif integrity.checksum(self.checksum, data.payload) != data.crc32:
             problem = ChecksumMismatch(
-                f"payload at offset {data.offset} does not match its CRC-32; resend it",
+                f"payload at offset {data.offset} does not match its "
+                f"{integrity.title(self.checksum)}; resend it",
                 offset=self.offset,
             )
         elif not data.payload:
@@ -253,7 +260,7 @@ class ServerConnection:
         else:
             self._answers.append(end)
             self.offset = end
-            return ChunkReceived(data.offset, data.payload, data.crc32)
+            return ChunkReceived(data.offset, data.payload, data.crc32, self.checksum)
         self._answers.append(error_frame(problem))
         self._refused.append(Refusal(problem))
         self._send_ready_answers()
@@ -309,8 +316,9 @@ class ServerConnection:
                 chunk_size=self.limits.chunk_size,
                 # This machine takes the SHA-256 at the end (FINISH), and
                 # hands every UPLOAD's if-exists policy to its caller.
+                # The integrity algorithms answer the client's offers.
                 options={"late-digest": "1", "if-exists": ",".join(IF_EXISTS_POLICIES),
-                         **(options or {})},
+                         **self._welcome_options, **(options or {})},
             )
         )
         self._decoder.limit = control_limit(self.limits.max_payload)

@@ -21,7 +21,9 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from imgresume import integrity
 from imgresume.errors import (
+    DigestAlgorithmMismatch,
     ErrorCode,
     HandshakeRejected,
     ImgresumeError,
@@ -245,7 +247,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             self._events.requested(client_id, event)
             self._run(storage.resume(event.upload_id, client_id), self._opened, resumed=True)
         elif isinstance(event, ChunkReceived):
-            self._batches.add(Chunk(event.offset, event.payload, event.crc32))
+            self._batches.add(Chunk(event.offset, event.payload, event.crc32, event.checksum))
             self._write_next()
         elif isinstance(event, FinishRequested):
             self._run(self.writer.complete(event.sha256), self._completed)
@@ -267,7 +269,8 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             self._storage_failed(Failure(e))
             return
 
-        request = NewUpload(up.name, up.size, up.sha256, up.metadata, client_id or "")
+        request = NewUpload(up.name, up.size, up.sha256, up.metadata, client_id or "",
+                            digest=self.machine.digest, checksum=self.machine.checksum)
         if event.if_exists == "rename":
             self._create(request)
         else:
@@ -405,6 +408,8 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
     def _opened(self, writer: IUploadWriter, resumed: bool) -> None:
         self.writer = writer
         info, tail = writer.info, writer.tail
+        if self._other_digest(info.upload_id, info.digest):
+            return
         self.machine.upload_opened(
             info.upload_id, info.name, info.size, info.sha256, writer.offset,
             (tail.start, tail.length, tail.sha256),
@@ -437,7 +442,8 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
     def _storage_failed(self, failure: Failure) -> None:
         error = failure.value
         if isinstance(error, UploadAlreadyComplete):
-            self._completed(error.completed)
+            if not self._other_digest(error.completed.upload_id, error.completed.digest):
+                self._completed(error.completed)
             return
         if not isinstance(error, ImgresumeError):
             self.log.failure("storage call failed unexpectedly", failure)
@@ -457,6 +463,17 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             self._events.failed(error)  # the upload ended on this connection
         if isinstance(event, ConnectionFailed):
             self._after_fatal(error)
+
+    def _other_digest(self, upload_id: str, digest: str) -> bool:
+        """
+        Refuse a resumed upload whose digest is not this connection's
+        (docs/protocol.md, section 2b); say whether it was refused.
+        """
+        if digest == self.machine.digest:
+            return False
+        self._storage_failed(Failure(DigestAlgorithmMismatch(
+            integrity.mismatch_message(upload_id, digest, self.machine.digest))))
+        return True
 
     def _release_writer(self) -> Deferred[None]:
         writer, self.writer = self.writer, None

@@ -40,6 +40,12 @@ class NewUpload:
     sha256: bytes | None
     metadata: Mapping[str, str] = attrs.field(factory=dict)
     client_id: str = ""
+    #: The algorithm of C{sha256} (a name of L{imgresume.integrity.DIGESTS};
+    #: the field keeps its historical name), fixed for the upload's life.
+    digest: str = "sha256"
+    #: The per-packet checksum the client's connection uses: a backend that
+    #: records checksums records this one, so the client's are reused.
+    checksum: str = "crc32"
 
 
 @attrs.frozen
@@ -73,9 +79,12 @@ class Chunk:
 
     offset: int
     data: bytes
-    #: The CRC-32 of C{data}, already checked against it (the protocol did):
-    #: a backend may record it instead of computing it.  None: not known.
+    #: The checksum of C{data}, already checked against it (the protocol
+    #: did): a backend may record it instead of computing it.  None: not
+    #: known.  (Named for CRC-32; C{checksum} names its algorithm, a name
+    #: of L{imgresume.integrity.CHECKSUMS}.)
     crc32: int | None = None
+    checksum: str = "crc32"
 
     @property
     def end(self) -> int:
@@ -94,6 +103,8 @@ class UploadInfo:
     metadata: Mapping[str, str]
     client_id: str
     created: float  # seconds since the epoch
+    #: The algorithm of C{sha256} and of the tail's digest, fixed at creation.
+    digest: str = "sha256"
 
 
 @attrs.frozen
@@ -118,6 +129,8 @@ class CompletedUpload:
     size: int
     sha256: bytes
     path: str  # relative to the storage root, "/"-separated
+    #: The algorithm of C{sha256} (a name of L{imgresume.integrity.DIGESTS}).
+    digest: str = "sha256"
 
 
 @attrs.frozen

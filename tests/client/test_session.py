@@ -28,6 +28,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from imgresume import integrity
 from imgresume.client import (
     BatchItem,
     ConnectionBroken,
@@ -363,7 +364,7 @@ class ConnectionHarness:
 
     def welcome(self) -> None:
         """The handshake, done."""
-        self.test.assertEqual(self.sent(), [Hello("unit")])
+        self.test.assertEqual(self.sent(), [Hello("unit", options=integrity.hello_options("sha256"))])
         self.test.assertEqual(self.receive(Welcome(1, "unit-server", 1024, 1 << 40, 1024)), [])
         self.test.assertEqual(self.test.successResultOf(self.connection.welcomed).server_id,
                               "unit-server")

@@ -28,6 +28,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from imgresume import integrity
 from imgresume.client import (
     IfExistsNotOffered,
     Journal,
@@ -688,7 +689,7 @@ class AttemptHarness:
         self.transport = StringTransport()
         self.connection.makeConnection(self.transport)
         self.decoder = new_decoder()
-        test.assertEqual(self.sent(), [Hello("unit")])
+        test.assertEqual(self.sent(), [Hello("unit", options=integrity.hello_options("sha256"))])
 
     def start(self, welcome: Welcome | None = None) -> list[Any]:
         """

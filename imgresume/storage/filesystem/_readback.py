@@ -16,7 +16,6 @@ only waits for the last slice.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -25,6 +24,8 @@ from typing import Callable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from imgresume import integrity
 
 log = Logger()
 
@@ -71,12 +72,18 @@ class ReadBack:
         data_fd: int,
         run: Callable[..., Deferred],
         timings: Callable[[str, float], None] | None = None,
+        digest: str = integrity.LEGACY_DIGEST,
     ) -> None:
+        """
+        @param digest: the upload's digest (a name of
+            L{imgresume.integrity.DIGESTS}).
+        """
         self._fd: int | None = os.dup(data_fd)
+        self._algorithm = digest
         self._run = run
         self._timings = timings
         self._mutex = threading.Lock()
-        self._hash = hashlib.sha256()
+        self._hash = integrity.new_digest(digest)
         #: Bytes from offset 0 read back and hashed so far.
         self.verified = 0
         #: What the writer has made durable, as far as it told us.
@@ -186,7 +193,7 @@ class ReadBack:
         start over from byte 0.  Called on the disk thread.
         """
         with self._mutex:
-            self._hash = hashlib.sha256()
+            self._hash = integrity.new_digest(self._algorithm)
             self.verified = 0
             self._durable = min(self._durable, durable)
 

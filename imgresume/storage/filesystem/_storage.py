@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from imgresume import integrity
 from imgresume.errors import (
     StorageError,
     UnknownUpload,
@@ -32,9 +33,10 @@ from imgresume.storage.filesystem._durable import (
     fsync_dir,
     io_errors,
 )
-from imgresume.storage.filesystem._journal import EMPTY_TAIL, prove
+from imgresume.storage.filesystem._journal import empty_tail, prove
 from imgresume.storage.filesystem._layout import (
     Paths,
+    algorithms,
     lease_generation,
     mtime,
     next_generation,
@@ -166,6 +168,8 @@ class FilesystemStorage:
                 request.sha256 is not None and len(request.sha256) != 32
             ):
                 raise ValueError("size must be >= 0 and sha256 a 32-byte digest or None")
+            if request.digest not in integrity.DIGESTS:
+                raise ValueError(f"unknown digest {request.digest!r}")
         except Exception:
             return defer.fail()
         upload_id = new_upload_id()
@@ -253,7 +257,7 @@ class FilesystemStorage:
             try:
                 journal_fd = os.open(paths.journal, os.O_RDONLY | CLOEXEC)
                 try:
-                    offset = prove(data_fd, journal_fd, meta["size"])[0]
+                    offset = prove(data_fd, journal_fd, meta["size"], *algorithms(meta))[0]
                 finally:
                     os.close(journal_fd)
             finally:
@@ -297,6 +301,11 @@ class FilesystemStorage:
             "name": name,
             "size": request.size,
             "sha256": None if request.sha256 is None else bytes(request.sha256).hex(),
+            # The algorithm of "sha256" (the key keeps its historical name)
+            # and the journal records' checksum: fixed for the upload's life.
+            "digest": request.digest,
+            "checksum": request.checksum if request.checksum in integrity.CHECKSUMS
+            else integrity.LEGACY_CHECKSUM,
             "metadata": dict(request.metadata),
             "client_id": request.client_id,
             "created": self._now(),
@@ -343,7 +352,8 @@ class FilesystemStorage:
             name=name,
             size=request.size,
         )
-        return self._writer(paths, meta, lock, data_fd, journal_fd, 0, 0, EMPTY_TAIL, 1)
+        return self._writer(paths, meta, lock, data_fd, journal_fd, 0, 0,
+                            empty_tail(request.digest), 1)
 
     def _request_takeover(self, paths: Paths) -> None:
         """
@@ -420,7 +430,7 @@ class FilesystemStorage:
                     ) from None
             with io_errors(f"cannot prove the offset of {paths.rel}"):
                 offset, count, tail, unproven = prove(
-                    data_fd, journal_fd, meta["size"]
+                    data_fd, journal_fd, meta["size"], *algorithms(meta)
                 )
             new_generation = next_generation(paths)
             with io_errors(f"cannot take the lease of {paths.rel}"):
