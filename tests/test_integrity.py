@@ -16,15 +16,25 @@ from typing import Any
 from unittest import mock
 
 import blake3
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume import integrity
-from imgresume.errors import ChecksumMismatch, MalformedFrame
+from imgresume.cli import UploadOptions
+from imgresume.client import Journal, UploadResult
+from imgresume.client._journal import journal_key
+from imgresume.client._source import LocalFile
+from imgresume.errors import ChecksumMismatch, ErrorCode, MalformedFrame
 from imgresume.protocol import (
     Accepted,
     ClientConnection,
     Data,
     Hello,
+    Ping,
+    Pong,
+    Resume,
     ServerConnection,
     Upload,
     Welcome,
@@ -32,6 +42,10 @@ from imgresume.protocol import (
 )
 from imgresume.protocol import _server as server_machine
 from imgresume.protocol._decoder import FrameDecoder, control_limit
+from imgresume.server import UploadServerFactory
+from imgresume.storage.interfaces import NewUpload
+from imgresume.storage.memory import MemoryStorage
+from tests.support.runners import sync_run
 from tests.support.servers import ServerTestCase, endpoint_of
 
 
@@ -257,3 +271,150 @@ class PeersTests(ServerTestCase):
         meta = self.meta(root)
         self.assertEqual((meta["checksum"], meta["digest"], meta["format"]),
                          ("crc32", "sha256", 1))
+
+
+class ResultTests(SynchronousTestCase):
+    """What C{imgresume upload --json} prints of the digest."""
+
+    def result(self, digest: str) -> UploadResult:
+        return UploadResult(name="a.tif", upload_id="0" * 32, size=1, sha256="ab" * 32,
+                            path="complete/a.tif", resumed_at=[], bytes_sent=1, attempts=1,
+                            servers=["s"], seconds=0.1, digest=digest)
+
+    def test_blake3(self) -> None:
+        """A BLAKE3 digest is under "digest" only: no "sha256" key that would lie."""
+        row = self.result("blake3").to_json()
+        self.assertEqual(row["digest"], {"algorithm": "blake3", "hex": "ab" * 32})
+        self.assertNotIn("sha256", row)
+
+    def test_sha256(self) -> None:
+        """A SHA-256 is under "digest" and under "sha256", as before."""
+        row = self.result("sha256").to_json()
+        self.assertEqual(row["digest"], {"algorithm": "sha256", "hex": "ab" * 32})
+        self.assertEqual(row["sha256"], "ab" * 32)
+
+    def test_cli_option(self) -> None:
+        """C{imgresume upload --digest} takes blake3 (the default) or sha256."""
+        options = UploadOptions()
+        options.parseOptions(["--to", "tcp:127.0.0.1:1", "f"])
+        self.assertEqual(options["digest"], "blake3")
+        options = UploadOptions()
+        options.parseOptions(["--to", "tcp:127.0.0.1:1", "--digest", "sha256", "f"])
+        self.assertEqual(options["digest"], "sha256")
+        self.assertRaises(UsageError, UploadOptions().parseOptions,
+                          ["--to", "tcp:127.0.0.1:1", "--digest", "md5", "f"])
+
+
+class DigestTests(ServerTestCase):
+    """BLAKE3 end to end, and an upload's digest fixed at its creation."""
+
+    async def test_blake3_by_default(self) -> None:
+        """A new client and server agree on BLAKE3: meta.json, result and tail say so."""
+        root = os.path.join(self.work, "storage")
+        factory, listening = self.start_server(self.fs_storage(root), cut_after=200 * 1024)
+        path, content = self.local_file(600_000)
+        result = await self.uploader(endpoint_of(listening)).upload(path, "a.tif")
+        self.assertTrue(factory.cut_done)
+        self.assertEqual(len(result.resumed_at), 1)  # the tail was checked in BLAKE3
+        self.assertEqual((result.digest, result.sha256),
+                         ("blake3", blake3.blake3(content).hexdigest()))
+        [upload_id] = os.listdir(os.path.join(root, "incoming"))
+        with open(os.path.join(root, "incoming", upload_id, "meta.json")) as f:
+            meta = json.load(f)
+        self.assertEqual((meta["digest"], meta["sha256"], meta["format"]),
+                         ("blake3", result.sha256, 3))
+
+    async def test_sha256_asked(self) -> None:
+        """C{digest="sha256"}: SHA-256 end to end, a record older servers read (format 1)."""
+        root = os.path.join(self.work, "storage")
+        _, listening = self.start_server(self.fs_storage(root))
+        path, content = self.local_file(100_000)
+        result = await self.uploader(endpoint_of(listening), digest="sha256").upload(path)
+        self.assertEqual((result.digest, result.sha256),
+                         ("sha256", hashlib.sha256(content).hexdigest()))
+
+    async def test_skip_compares_in_the_uploads_digest(self) -> None:
+        """if-exists=skip: the server hashes the stored file with the UPLOAD's digest."""
+        _, listening = self.start_server(self.fs_storage())
+        path, content = self.local_file(50_000)
+        first = await self.uploader(endpoint_of(listening)).upload(path)
+        for digest in ("blake3", "sha256"):
+            again = await self.uploader(endpoint_of(listening), digest=digest,
+                                        if_exists="skip").upload(path)
+            self.assertEqual((again.skipped, again.path, again.digest),
+                             (True, first.path, digest))
+
+    def partial(self, storage: Any, path: str, content: bytes, digest: str,
+                journal: Journal, endpoint: str) -> str:
+        """A partial upload of C{path} made with C{digest}, in the journal as a client leaves it."""
+        declared = integrity.digest_of(digest, content)
+        writer = self.successResultOf(storage.create(NewUpload(
+            "a.tif", len(content), declared, {}, "test-client", digest=digest)))
+        self.successResultOf(writer.write(0, content[:1000]))
+        self.successResultOf(writer.release())
+        source = self.successResultOf(LocalFile.open(path, sync_run))
+        key = journal_key(source.fingerprint, endpoint, "a.tif")
+        source.close()
+        journal.remember(key, writer.info.upload_id, declared.hex())
+        return writer.info.upload_id
+
+    async def resumed_with_other_digest(self, made: str, asked: str) -> None:
+        storage = MemoryStorage()
+        _, listening = self.start_server(storage)
+        endpoint = endpoint_of(listening)
+        path, content = self.local_file(30_000)
+        journal = Journal(os.path.join(self.work, "journal.json"))
+        old_id = self.partial(storage, path, content, made, journal, endpoint)
+        result = await self.uploader(endpoint, journal=journal, digest=asked).upload(
+            path, "a.tif")
+        # Refused (DIGEST_ALGORITHM_MISMATCH), then a fresh upload, hashed anew.
+        self.assertEqual(result.attempts, 2)
+        self.assertNotEqual(result.upload_id, old_id)
+        self.assertEqual((result.digest, result.sha256),
+                         (asked, integrity.digest_of(asked, content).hex()))
+        self.assertEqual(storage.read_completed(result.path), content)
+
+    async def test_blake3_upload_resumed_asking_sha256(self) -> None:
+        """A BLAKE3 partial, resumed by a client asking SHA-256: refused, started afresh."""
+        await self.resumed_with_other_digest("blake3", "sha256")
+
+    async def test_sha256_upload_resumed_asking_blake3(self) -> None:
+        """A SHA-256 partial (an older client's), resumed by a BLAKE3 client: started afresh."""
+        await self.resumed_with_other_digest("sha256", "blake3")
+
+    async def test_same_digest_resumes(self) -> None:
+        """A partial whose digest is the connection's is resumed, not restarted."""
+        storage = MemoryStorage()
+        _, listening = self.start_server(storage)
+        endpoint = endpoint_of(listening)
+        path, content = self.local_file(30_000)
+        journal = Journal(os.path.join(self.work, "journal.json"))
+        old_id = self.partial(storage, path, content, "blake3", journal, endpoint)
+        result = await self.uploader(endpoint, journal=journal).upload(path, "a.tif")
+        self.assertEqual((result.upload_id, result.resumed_at, result.attempts),
+                         (old_id, [1000], 1))
+
+
+class RefusalTests(SynchronousTestCase):
+    """The server's answer to a RESUME in another digest, on the wire."""
+
+    def test_resume_in_another_digest(self) -> None:
+        """DIGEST_ALGORITHM_MISMATCH, command scope: the connection stays ready."""
+        storage = MemoryStorage()
+        writer = self.successResultOf(storage.create(NewUpload(
+            "a.tif", 3, integrity.digest_of("blake3", b"abc"), {}, "c", digest="blake3")))
+        self.successResultOf(writer.release())
+        factory = UploadServerFactory(storage, "node-a", Clock())
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(encode(Hello("c", options=integrity.hello_options("sha256"))))
+        proto.dataReceived(encode(Resume(writer.info.upload_id)))
+        proto.dataReceived(encode(Ping(7)))
+        welcome, error, pong = _frames([transport.value()])
+        self.assertEqual(welcome.options["digest"], "sha256")
+        self.assertEqual(error.code, ErrorCode.DIGEST_ALGORITHM_MISMATCH)
+        self.assertIn("was created with BLAKE3 digests, but this connection negotiated "
+                      "SHA-256", error.message)
+        self.assertEqual(pong, Pong(7))
+        self.assertFalse(transport.disconnecting)

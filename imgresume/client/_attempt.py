@@ -213,7 +213,9 @@ class UploadAttempt:
             return
         # Verified resume: the last committed range must be our bytes.
         self._reading = True
-        d = self.source.sha256_of(accepted.tail_start, accepted.tail_length)
+        assert self._connection is not None
+        d = self.source.sha256_of(accepted.tail_start, accepted.tail_length,
+                                  self._connection.machine.digest)
 
         def compare(digest: bytes) -> None:
             self._reading = False

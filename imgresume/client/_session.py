@@ -34,7 +34,12 @@ from imgresume.client._results import (
     UploadResult,
 )
 from imgresume.client._source import LocalFile, Runner, SourceChanged
-from imgresume.errors import DigestMismatch, ImgresumeError, UnknownUpload
+from imgresume.errors import (
+    DigestAlgorithmMismatch,
+    DigestMismatch,
+    ImgresumeError,
+    UnknownUpload,
+)
 from imgresume.names import IF_EXISTS_KEY
 from imgresume.protocol import SKIPPED_UPLOAD_ID, Upload
 
@@ -212,13 +217,18 @@ class UploadSession:
                     progress, Progress(name, "hashing", done, source.size)
                 ),
                 stopped=lambda: up.interrupted,  # the file is closed once interrupted
+                algorithm=digest.algorithm or up.digest,
             )
 
         state.from_journal = entry is not None
         if entry is not None:
             state.upload_id = entry["upload_id"]
             if entry["sha256"] is not None:
-                digest.value = bytes.fromhex(entry["sha256"])
+                # In the upload's algorithm, which the journal does not say:
+                # good for a RESUME the server accepts (it refuses one with
+                # another algorithm), never declared for a fresh upload.
+                digest.value, digest.algorithm = bytes.fromhex(entry["sha256"]), None
+                state.digest_unconfirmed = True
             # The upload was opened with this digest, or to take it at the end.
             state.request = Upload(name, source.size, digest.value, metadata)
             self.log.info(
@@ -229,6 +239,7 @@ class UploadSession:
 
         async def request_for(connection: UploadConnection) -> Upload:
             """What to ask for: the open upload's terms, or a new upload's."""
+            digest.use(connection.machine.digest)
             if state.request is not None:
                 return state.request
             policy = up.if_exists
@@ -254,6 +265,8 @@ class UploadSession:
             return state.request
 
         def on_upload_id(new_id: str) -> Deferred[None] | None:
+            # Accepted with the digest asked for: in this upload's algorithm.
+            state.digest_unconfirmed = False
             if new_id != state.upload_id:
                 state.created_here = True
             state.upload_id = new_id
@@ -268,8 +281,9 @@ class UploadSession:
         while True:
             if state.upload_id is None:
                 state.request = None  # a fresh upload: its terms are chosen anew
-                if state.digest_stale:
-                    state.digest_stale, digest.value = False, None
+                if state.digest_stale or state.digest_unconfirmed:
+                    state.digest_stale = state.digest_unconfirmed = False
+                    digest.value, digest.algorithm = None, up.digest
             resuming = state.upload_id is not None
             state.attempts += 1
             attempt = UploadAttempt(
@@ -331,6 +345,7 @@ class UploadSession:
         return UploadResult(
             name=name, upload_id="" if skipped else completed.upload_id,
             size=completed.size, sha256=completed.sha256.hex(), path=completed.path,
+            digest=digest.algorithm or up.digest,
             resumed_at=state.resumed_at, bytes_sent=state.bytes_sent,
             attempts=state.attempts, servers=state.servers,
             seconds=round(time.monotonic() - started, 3),
@@ -371,7 +386,7 @@ class UploadSession:
         if isinstance(error, OSError) and not isinstance(error, DNSLookupError):
             # The local file, not the network: retrying cannot help.
             raise state.failed(f"{name}: cannot read the local file: {error}", error)
-        if isinstance(error, ResidualMismatch):
+        if isinstance(error, (ResidualMismatch, DigestAlgorithmMismatch)):
             state.upload_id = None  # the residual is not ours: start afresh
             if state.from_journal:
                 # The journal's SHA-256 went with a residual that turned out
@@ -442,6 +457,9 @@ class _Run:
     #: fresh upload.
     request: Upload | None = None
     digest_stale: bool = False
+    #: The digest came from the journal, which does not say its algorithm,
+    #: and no server has accepted it yet.
+    digest_unconfirmed: bool = False
     created_here: bool = False
     unknown_retries: int = 0
     attempts: int = 0

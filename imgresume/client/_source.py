@@ -7,7 +7,6 @@ reactor thread through a runner.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any, Callable
 
@@ -79,15 +78,18 @@ class LocalFile:
         self,
         progress: Callable[[int], None] | None = None,
         stopped: Callable[[], bool] = lambda: False,
+        algorithm: str = integrity.LEGACY_DIGEST,
     ) -> Deferred[bytes]:
         """
-        Hash the whole file in a thread; C{progress(bytes_done)} may be
-        called from it.  If C{stopped()} becomes true, the hash stops (the
-        Deferred fails with L{HashStopped}) before the next block is read.
+        Hash the whole file in a thread with C{algorithm} (a name of
+        L{imgresume.integrity.DIGESTS}; the method keeps its historical
+        name); C{progress(bytes_done)} may be called from it.  If
+        C{stopped()} becomes true, the hash stops (the Deferred fails with
+        L{HashStopped}) before the next block is read.
         """
 
         def _hash() -> bytes:
-            h = hashlib.sha256()
+            h = integrity.new_digest(algorithm)
             offset = 0
             while offset < self.size:
                 if stopped():
@@ -118,9 +120,12 @@ class LocalFile:
 
         return self._run(read)
 
-    def sha256_of(self, offset: int, length: int) -> Deferred[bytes]:
-        """SHA-256 of the bytes at [offset, offset+length), in a thread."""
-        return self._run(lambda: hashlib.sha256(self._read_exactly(offset, length)).digest())
+    def sha256_of(
+        self, offset: int, length: int, algorithm: str = integrity.LEGACY_DIGEST
+    ) -> Deferred[bytes]:
+        """The C{algorithm} digest of the bytes at [offset, offset+length), in a thread."""
+        return self._run(
+            lambda: integrity.digest_of(algorithm, self._read_exactly(offset, length)))
 
     def _read_exactly(self, offset: int, length: int) -> bytes:
         parts = []

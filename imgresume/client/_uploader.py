@@ -71,6 +71,9 @@ class Uploader:
         C{skipped}) or C{"fail"} (refuse the file).  C{skip} and C{fail}
         need a server that offers them; from one that does not, the file
         fails with nothing sent (see docs/protocol.md).
+    @param digest: the whole-file digest to ask servers for: C{"blake3"}
+        (the default) or C{"sha256"}; a server that predates BLAKE3 answers
+        with SHA-256, and the result's C{digest} says which was used.
 
     While uploads are under way on a real reactor, its shutdown
     (C{reactor.stop()}, and so Ctrl-C in a program run by C{react})
@@ -97,7 +100,7 @@ class Uploader:
         run: Runner | None = None,
         rng: random.Random | None = None,
         if_exists: str = "rename",
-        digest: str = "sha256",
+        digest: str = integrity.DEFAULT_DIGEST,
     ) -> None:
         if digest not in integrity.DIGESTS:
             raise ValueError(f"digest must be one of {', '.join(integrity.DIGESTS)}")

@@ -262,7 +262,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         <imgresume.server._admission.IncompleteQuota>}), logged and created.
         """
         up, client_id = event.upload, self.machine.client_id
-        self._events.requested(client_id, event)
+        self._events.requested(client_id, event, self.machine.digest)
         try:
             validate_name(up.name)
         except InvalidName as e:
@@ -274,7 +274,8 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         if event.if_exists == "rename":
             self._create(request)
         else:
-            self._run(self.factory.storage.find_completed(up.name, up.size), self._found,
+            self._run(self.factory.storage.find_completed(up.name, up.size, request.digest),
+                      self._found,
                       request=request, policy=event.if_exists)
 
     def _create(self, request: NewUpload) -> None:
@@ -374,7 +375,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         self._faults.warn(error.code, "client {client} is over its quota of {limit} open "
                           "uploads", client=escape(client_id or ""),
                           limit=self.factory.quota.limit)
-        self._events.requested(client_id, event)
+        self._events.requested(client_id, event, self.machine.digest)
         self._events.failed(error)
         self.machine.fail(error)
         return True

@@ -138,8 +138,8 @@ class StoredFile:
     """
     A completed file found under a name (L{IUploadStorage.find_completed}).
     C{size} is None when what lies there is not a regular file (a
-    directory); C{sha256} is read from the stored bytes, and only when the
-    size is the one asked about (None otherwise).
+    directory); C{sha256} is read from the stored bytes, in the digest asked
+    for, and only when the size is the one asked about (None otherwise).
     """
 
     path: str  # relative to the storage root, "/"-separated
@@ -289,13 +289,14 @@ class IUploadStorage(Interface):
         @return: Deferred firing with an L{UploadStatus}.
         """
 
-    def find_completed(name: str, size: int):
+    def find_completed(name: str, size: int, digest: str = "sha256"):
         """
         Look up what lies at C{complete/<name>} (the name itself, NFC
         normalised; not the alternate names of a renamed upload), for an
         UPLOAD whose C{if-exists} policy is C{skip} or C{fail}.  When it is
-        a file of C{size} bytes, its SHA-256 is computed from the stored
-        bytes (a read of the whole file); otherwise it is not read.
+        a file of C{size} bytes, its C{digest} (a name of
+        L{imgresume.integrity.DIGESTS}: the UPLOAD's) is computed from the
+        stored bytes (a read of the whole file); otherwise it is not read.
 
         @raise imgresume.errors.InvalidName: the name is not acceptable.
         @return: Deferred firing with a L{StoredFile}, or None when nothing

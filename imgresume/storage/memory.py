@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from imgresume import integrity
 from imgresume.errors import (
     DigestMismatch,
     Incomplete,
@@ -65,7 +66,11 @@ from imgresume.storage.interfaces import (
 
 log = Logger()
 
-_EMPTY_TAIL = TailCheck(0, 0, hashlib.sha256(b"").digest())
+
+
+def _empty_tail(digest: str) -> TailCheck:
+    """The tail of an upload with nothing stored: the digest of no bytes."""
+    return TailCheck(0, 0, integrity.EMPTY_DIGESTS[digest])
 
 
 @attrs.define
@@ -148,9 +153,11 @@ class MemoryStorage:
         """See L{IUploadStorage.status}."""
         return _run(self._status, upload_id, client_id)
 
-    def find_completed(self, name: str, size: int) -> Deferred[StoredFile | None]:
+    def find_completed(
+        self, name: str, size: int, digest: str = integrity.LEGACY_DIGEST
+    ) -> Deferred[StoredFile | None]:
         """See L{IUploadStorage.find_completed}."""
-        return _run(self._find_completed, name, size)
+        return _run(self._find_completed, name, size, digest)
 
     def store_whole(self, request: WholeUpload) -> Deferred[CompletedUpload]:
         """See L{IUploadStorage.store_whole}."""
@@ -194,14 +201,14 @@ class MemoryStorage:
         self._whole[key] = done
         return done
 
-    def _find_completed(self, name: str, size: int) -> StoredFile | None:
+    def _find_completed(self, name: str, size: int, algorithm: str) -> StoredFile | None:
         path = "complete/" + validate_name(name)
         data = self.files.get(path)
         if data is None:
             if any(p.startswith(path + "/") for p in self.files):
                 return StoredFile(path, None, None)  # a directory
             return None
-        digest = hashlib.sha256(data).digest() if len(data) == size else None
+        digest = integrity.digest_of(algorithm, data) if len(data) == size else None
         return StoredFile(path, len(data), digest)
 
     def _status(self, upload_id: str, client_id: str | None) -> UploadStatus:
@@ -220,6 +227,8 @@ class MemoryStorage:
         name = validate_name(request.name)
         if request.size < 0 or (request.sha256 is not None and len(request.sha256) != 32):
             raise ValueError("size must be >= 0 and sha256 a 32-byte digest or None")
+        if request.digest not in integrity.DIGESTS:
+            raise ValueError(f"unknown digest {request.digest!r}")
         self._check_parents(name)
         upload_id = new_upload_id()
         info = UploadInfo(
@@ -230,6 +239,7 @@ class MemoryStorage:
             metadata=dict(request.metadata),
             client_id=request.client_id,
             created=self._now(),
+            digest=request.digest,
         )
         self._uploads[upload_id] = _Upload(info)
         self._owned.add(upload_id)
@@ -239,7 +249,7 @@ class MemoryStorage:
             name=name,
             size=request.size,
         )
-        return MemoryUploadWriter(self, self._uploads[upload_id], 0, _EMPTY_TAIL)
+        return MemoryUploadWriter(self, self._uploads[upload_id], 0, _empty_tail(info.digest))
 
     def _check_parents(self, name: str) -> None:
         parts = name.split("/")
@@ -277,11 +287,11 @@ class MemoryStorage:
             chunk = bytes(upload.data[last.offset : last.offset + last.length])
             if len(chunk) == last.length and zlib.crc32(chunk) == last.crc:
                 tail = TailCheck(last.offset, last.length,
-                                 hashlib.sha256(chunk).digest())
+                                 integrity.digest_of(upload.info.digest, chunk))
                 break
             upload.records.pop()
         else:
-            tail = _EMPTY_TAIL
+            tail = _empty_tail(upload.info.digest)
         offset = tail.start + tail.length
         truncated = len(upload.data) - offset
         del upload.data[offset:]
@@ -321,6 +331,7 @@ class MemoryStorage:
             size=info.size,
             sha256=digest,
             path=path,
+            digest=info.digest,
         )
         upload.data = bytearray()
         upload.records = []
@@ -412,7 +423,7 @@ class MemoryUploadWriter:
                 offset=self.offset,
             )
         data = self._upload.data
-        digest = hashlib.sha256(data).digest()
+        digest = integrity.digest_of(info.digest, data)
         if len(data) != info.size or digest != expected:
             for i, rec in enumerate(self._upload.records):
                 chunk = bytes(data[rec.offset : rec.offset + rec.length])

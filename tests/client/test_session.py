@@ -111,7 +111,7 @@ class SessionTests(NetworkTestCase):
         for path, content in self.files(5):
             result = self.network.run(session.upload(path))
             self.assertEqual(self.network.storage.read_completed(result.path), content)
-            self.assertEqual(result.sha256, hashlib.sha256(content).hexdigest())
+            self.assertEqual(result.sha256, integrity.digest_of("blake3", content).hex())
             self.assertEqual((result.attempts, result.servers), (1, ["mem"]))
             results.append(result)
         self.assertEqual(session.connections, 1)

@@ -233,9 +233,11 @@ class FilesystemStorage:
             return defer.fail(UnknownUpload(f"malformed upload id {upload_id!r:.80}"))
         return self._run(self.status_sync, upload_id, client_id)
 
-    def find_completed(self, name: str, size: int) -> Deferred[StoredFile | None]:
+    def find_completed(
+        self, name: str, size: int, digest: str = integrity.LEGACY_DIGEST
+    ) -> Deferred[StoredFile | None]:
         """See L{IUploadStorage.find_completed}."""
-        return self._run(find_completed, self._root, name, size)
+        return self._run(find_completed, self._root, name, size, digest)
 
     def status_sync(self, upload_id: str, client_id: str | None = None) -> UploadStatus:
         """L{status}, blocking (for C{imgresume ls}, which runs without a reactor)."""
