@@ -150,6 +150,7 @@ def make_server_service(
     metrics_listen: str | None = None,
     hooks: HookConfig | None = None,
     s3_options: dict[str, Any] | None = None,
+    verify: str = "stored",
 ) -> MultiService:
     """
     Build a server listening on the endpoint string C{listen}.
@@ -157,6 +158,8 @@ def make_server_service(
     @param storage: a storage provider, or a directory path for the shared
         filesystem storage, or C{s3://BUCKET/PREFIX} for the S3 storage
         (either run on a thread pool owned by the service).
+    @param verify: C{"stored"} or C{"received"}: where a filesystem
+        storage's completion digest comes from (L{FilesystemStorage}).
     @param s3_options: keyword arguments for L{S3Storage
         <imgresume.storage.s3.S3Storage>} (C{endpoint_url}, C{region},
         C{part_size}, C{spool_dir}) when C{storage} is an s3:// URL.
@@ -213,7 +216,7 @@ def make_server_service(
         else:
             storage = FilesystemStorage(
                 storage, run=functools.partial(deferToThreadPool, reactor, pool),
-                owner=server_id, timings=metrics.storage_timing,
+                owner=server_id, timings=metrics.storage_timing, verify=verify,
             )
     gc = None
     if gc_interval > 0 and isinstance(storage, FilesystemStorage):

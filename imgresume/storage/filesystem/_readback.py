@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.storage.test_filesystem -*-
 """
-Read-back verification that follows the writes: the SHA-256 of what is
-stored, computed while the upload is still arriving.
+Read-back verification that follows the writes: the digest of what is
+stored, computed while the upload is still arriving (or, with
+C{verify="received"}, of what was received, as it is written).
 
 An upload is declared complete only after every stored byte has been read
 back from the storage (this host's cached pages dropped first, so the bytes
@@ -12,6 +13,14 @@ transfer.  Bytes below the durable offset never change, so they can be
 verified as soon as they are flushed: L{ReadBack} hashes the durable prefix
 in slices on the storage's disk threads, lagging the writes, and completion
 only waits for the last slice.
+
+With C{verify="received"} (C{twistd imgresume --verify received}) the
+bytes are hashed from the buffers they were written from instead
+(L{ReadBack.received}, on the disk thread of the write), and nothing is
+read back but a resumed prefix, which this writer did not receive: no disk
+read, at the cost of not seeing a storage that returns other bytes than it
+was given (each range still matches the checksum the client computed before
+it was written; see docs/server.md).
 """
 
 from __future__ import annotations
@@ -182,8 +191,23 @@ class ReadBack:
         if self._timings is not None:
             self._timings("verify", time.perf_counter() - started)
 
+    def received(self, offset: int, data: bytes | memoryview) -> None:
+        """
+        Bytes written at C{offset} (on the disk thread, in order): hash them
+        as received if the read-back has caught up with C{offset}; else the
+        read-back reads them later.  Called only with C{verify="received"}.
+        """
+        if not self._mutex.acquire(blocking=False):
+            return  # a read-back slice is running: it (or the next) reads them
+        try:
+            if self._fd is not None and offset == self.verified:
+                self._hash.update(data)
+                self.verified += len(data)
+        finally:
+            self._mutex.release()
+
     def digest(self) -> bytes:
-        """The SHA-256 of the bytes verified so far (all of them, after L{until})."""
+        """The digest of the bytes verified so far (all of them, after L{until})."""
         with self._mutex:
             return self._hash.copy().digest()
 

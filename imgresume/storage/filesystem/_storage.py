@@ -87,6 +87,10 @@ def _default_run(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
     return deferToThread(f, *args, **kwargs)
 
 
+#: The values of C{FilesystemStorage(verify=...)} and of C{--verify}.
+VERIFY_MODES = ("stored", "received")
+
+
 @implementer(IUploadStorage)
 class FilesystemStorage:
     """
@@ -108,6 +112,11 @@ class FilesystemStorage:
         seconds)} after each flush of a data or journal file and
         C{("write", seconds)} after each durable write (the server's
         latency histograms); must be thread-safe and quick.
+    @param verify: where a completion's digest comes from (one of
+        L{VERIFY_MODES}): C{"stored"} (the default), every byte read back
+        from the data file, this host's cache dropped; C{"received"}, the
+        bytes hashed as they are written, only a resumed prefix read back
+        (C{twistd imgresume --verify}, docs/server.md).
     """
 
     guarantees = frozenset(
@@ -122,7 +131,11 @@ class FilesystemStorage:
         busy_retry_after: float = 1.0,
         owner: str = "",
         timings: Callable[[str, float], None] | None = None,
+        verify: str = "stored",
     ) -> None:
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}")
+        self._verify = verify
         if isinstance(root, FilePath):
             root = root.path
         if isinstance(root, bytes):
@@ -278,7 +291,7 @@ class FilesystemStorage:
         return FilesystemUploadWriter(
             paths, meta, lock, data_fd, journal_fd, offset, count, tail, generation,
             root=self._root, run=self._run, timings=self._timings,
-            on_close=self._unclaim,
+            on_close=self._unclaim, verify=self._verify,
         )
 
     def _ensure_dir(self, path: str) -> None:

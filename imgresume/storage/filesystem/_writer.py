@@ -88,6 +88,7 @@ class FilesystemUploadWriter:
         run: Callable[..., Deferred],
         timings: Callable[[str, float], None] | None,
         on_close: Callable[[str], None],
+        verify: str = "stored",
     ) -> None:
         """
         @param root: the storage root (completion links below it).
@@ -95,6 +96,9 @@ class FilesystemUploadWriter:
         @param timings: the storage's latency callback, or C{None}.
         @param on_close: called with the upload id once this writer has let
             the upload go (the storage forgets it owns it).
+        @param verify: where the whole-file digest comes from: C{"stored"},
+            the bytes read back from the data file; C{"received"}, the
+            bytes as they are written (see L{ReadBack}).
         """
         self._root = root
         self._run = run
@@ -121,6 +125,7 @@ class FilesystemUploadWriter:
         #: The journal records' checksum and the upload's digest.
         self._checksum, digest = algorithms(meta)
         self._readback = ReadBack(data_fd, run, timings, digest)
+        self._hash_received = verify == "received"
 
     def __repr__(self) -> str:
         return (
@@ -297,6 +302,9 @@ class FilesystemUploadWriter:
         started = time.perf_counter()
         # 1. the bytes, at their offsets (never O_APPEND), then flush them.
         self._store(self._data_fd, "data", [(chunk.data, chunk.offset) for chunk in chunks])
+        if self._hash_received:
+            for chunk in chunks:
+                self._readback.received(chunk.offset, chunk.data)
         # 2. the journal records naming them, then flush those.
         new = records(chunks, self._checksum)
         self._store(self._journal_fd, "journal", [(b"".join(new), self._count * RECORD_SIZE)])
