@@ -435,9 +435,9 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             completed.upload_id, completed.size, completed.sha256, completed.path
         )
         self.log.info(
-            "completed upload {upload_id}: {path} ({size} bytes, sha256 {sha256})",
+            "completed upload {upload_id}: {path} ({size} bytes, {digest} {sha256})",
             upload_id=completed.upload_id, path=escape(completed.path),
-            size=completed.size, sha256=completed.sha256.hex(),
+            size=completed.size, sha256=completed.sha256.hex(), digest=completed.digest,
         )
 
     def _storage_failed(self, failure: Failure) -> None:

@@ -165,6 +165,8 @@ class UploadStatus:
     created: float
     updated: float  # last change to its data or journal (seconds since the epoch)
     path: str = ""  # where the completed file lies
+    #: The algorithm of the upload's digest (docs/protocol.md, section 2b).
+    digest: str = "sha256"
 
 
 class CompletedFileMoved(StorageError):
@@ -186,7 +188,7 @@ class CompletedFileMoved(StorageError):
             another file").
         """
         super().__init__(
-            f"upload {completed.upload_id} was completed (sha256 "
+            f"upload {completed.upload_id} was completed ({completed.digest} "
             f"{completed.sha256.hex()}, verified) at {completed.path}, but that "
             f"path {what}: the file has since been moved away"
         )

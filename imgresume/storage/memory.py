@@ -218,10 +218,12 @@ class MemoryStorage:
         info = upload.info
         if upload.completed is not None:
             return UploadStatus(info.upload_id, info.name, info.size, "complete", info.size,
-                                False, "", info.created, info.created, upload.completed.path)
+                                False, "", info.created, info.created, upload.completed.path,
+                                info.digest)
         offset = upload.records[-1].offset + upload.records[-1].length if upload.records else 0
         return UploadStatus(info.upload_id, info.name, info.size, "partial", offset,
-                            upload_id in self._owned, "", info.created, self._now())
+                            upload_id in self._owned, "", info.created, self._now(),
+                            digest=info.digest)
 
     def _create(self, request: NewUpload) -> MemoryUploadWriter:
         name = validate_name(request.name)

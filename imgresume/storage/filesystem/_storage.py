@@ -262,6 +262,7 @@ class FilesystemStorage:
             return UploadStatus(
                 upload_id, meta["name"], meta["size"], "complete", meta["size"], False,
                 owner, meta["created"], mtime(paths.meta), meta.get("path", ""),
+                algorithms(meta)[1],
             )
         busy = upload_id in self._owned or lock_is_held(paths.lock)
         with io_errors(f"cannot read {paths.rel}"):
@@ -280,6 +281,7 @@ class FilesystemStorage:
         return UploadStatus(
             upload_id, meta["name"], meta["size"], "partial", offset, busy, owner,
             meta["created"], max(mtime(paths.data), mtime(paths.journal)),
+            digest=algorithms(meta)[1],
         )
 
     # -- disk work ----------------------------------------------------------

@@ -351,13 +351,15 @@ class S3Storage:
         completed = recorded_completion(self._objects, meta)
         if completed is not None:
             return UploadStatus(upload_id, info.name, info.size, "complete", info.size,
-                                False, "", info.created, info.created, completed.path)
+                                False, "", info.created, info.created, completed.path,
+                                info.digest)
         _, lease = self._leases.current(upload_id)
         parts = self._proven_parts(meta) or []
         offset = sum(p["size"] for p in parts)
         return UploadStatus(upload_id, info.name, info.size, "partial", offset,
                             self._leases.fresh(lease), (lease or {}).get("owner", ""),
-                            info.created, float((lease or {}).get("heartbeat", info.created)))
+                            info.created, float((lease or {}).get("heartbeat", info.created)),
+                            digest=info.digest)
 
     def _expire_sync(self, older_than: float) -> list[str]:
         b = self._objects
