@@ -24,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from imgresume import integrity
 from imgresume.cli import UploadOptions
 from imgresume.client import Journal, UploadResult
+from imgresume.client._digest import Digest
 from imgresume.client._journal import journal_key
 from imgresume.client._source import LocalFile
 from imgresume.errors import ChecksumMismatch, ErrorCode, MalformedFrame
@@ -418,3 +419,24 @@ class RefusalTests(SynchronousTestCase):
                       "SHA-256", error.message)
         self.assertEqual(pong, Pong(7))
         self.assertFalse(transport.disconnecting)
+
+
+class ClientDigestTests(SynchronousTestCase):
+    """The client's digest of a file follows the connection's algorithm."""
+
+    def test_use(self) -> None:
+        """A digest in another algorithm is dropped and computed again; None adopts."""
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"abc")
+        source = self.successResultOf(LocalFile.open(path, sync_run))
+        self.addCleanup(source.close)
+        digest = Digest(source)
+        digest.use("blake3")
+        self.assertEqual(self.successResultOf(digest.wait()), blake3.blake3(b"abc").digest())
+        digest.use("sha256")
+        self.assertIsNone(digest.value)
+        self.assertEqual(self.successResultOf(digest.wait()), hashlib.sha256(b"abc").digest())
+        digest.value, digest.algorithm = b"j" * 32, None  # from the journal
+        digest.use("blake3")
+        self.assertEqual((digest.value, digest.algorithm), (b"j" * 32, "blake3"))

@@ -42,7 +42,6 @@ from imgresume.names import IF_EXISTS_POLICIES, MAX_NAME_BYTES, if_exists_policy
 from imgresume.protocol._codec import not_utf8
 from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
-    EMPTY_TAIL_SHA256,
     PROTOCOL_VERSION,
     SKIPPED_UPLOAD_ID,
     Accepted,
@@ -343,7 +342,8 @@ class ServerConnection:
         of None means the client sends it at the end, in FINISH.
         """
         self._expect(ServerState.OPENING)
-        start, length, digest = tail if tail is not None else (0, 0, EMPTY_TAIL_SHA256)
+        start, length, digest = (
+            tail if tail is not None else (0, 0, integrity.EMPTY_DIGESTS[self.digest]))
         self._send(Accepted(upload_id, name, size, sha256, offset, start, length, digest))
         self.upload_id, self.size, self.offset = upload_id, size, offset
         self._durable = offset
