@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 
+from imgresume import integrity
 from imgresume.errors import (
     ChecksumMismatch,
     FileTooLarge,
@@ -37,7 +38,6 @@ from imgresume.errors import (
     UnexpectedFrame,
     UnsupportedVersion,
 )
-from imgresume import integrity
 from imgresume.names import IF_EXISTS_POLICIES, MAX_NAME_BYTES, if_exists_policy
 from imgresume.protocol._codec import not_utf8
 from imgresume.protocol._decoder import FrameDecoder, control_limit
