@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-import zlib
 from typing import Callable, Sequence
 
 import attrs
@@ -287,7 +286,7 @@ class MemoryStorage:
         while upload.records:
             last = upload.records[-1]
             chunk = bytes(upload.data[last.offset : last.offset + last.length])
-            if len(chunk) == last.length and zlib.crc32(chunk) == last.crc:
+            if len(chunk) == last.length and integrity.checksum("crc32", chunk) == last.crc:
                 tail = TailCheck(last.offset, last.length,
                                  integrity.digest_of(upload.info.digest, chunk))
                 break
@@ -406,7 +405,8 @@ class MemoryUploadWriter:
                 f"upload {self.info.upload_id} was taken over by a newer connection"
             )
         self._upload.data[offset:] = data
-        self._upload.records.append(_Record(offset, len(data), zlib.crc32(data)))
+        self._upload.records.append(
+            _Record(offset, len(data), integrity.checksum("crc32", data)))
         self.offset += len(data)
         return self.offset
 
@@ -429,7 +429,7 @@ class MemoryUploadWriter:
         if len(data) != info.size or digest != expected:
             for i, rec in enumerate(self._upload.records):
                 chunk = bytes(data[rec.offset : rec.offset + rec.length])
-                if len(chunk) != rec.length or zlib.crc32(chunk) != rec.crc:
+                if len(chunk) != rec.length or integrity.checksum("crc32", chunk) != rec.crc:
                     del self._upload.records[i:]
                     del data[rec.offset :]
                     self.offset = rec.offset

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from typing import Sequence
 
 from imgresume import integrity
@@ -41,7 +40,7 @@ def empty_tail(digest: str = integrity.LEGACY_DIGEST) -> TailCheck:
 def pack_record(offset: int, length: int, crc: int) -> bytes:
     """One journal record for C{length} bytes at C{offset} with checksum C{crc}."""
     body = RECORD.pack(offset, length, crc)
-    return body + RECORD_CRC.pack(zlib.crc32(body))
+    return body + RECORD_CRC.pack(integrity.checksum("crc32", body))
 
 
 def parse_record(raw: bytes) -> tuple[int, int, int] | None:
@@ -49,7 +48,7 @@ def parse_record(raw: bytes) -> tuple[int, int, int] | None:
     if len(raw) != RECORD_SIZE:
         return None
     body = raw[: RECORD.size]
-    if zlib.crc32(body) != RECORD_CRC.unpack_from(raw, RECORD.size)[0]:
+    if integrity.checksum("crc32", body) != RECORD_CRC.unpack_from(raw, RECORD.size)[0]:
         return None
     return RECORD.unpack(body)
 
