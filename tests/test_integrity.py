@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import zlib
 from typing import Any
 from unittest import mock
@@ -44,6 +46,7 @@ from imgresume.protocol import (
 from imgresume.protocol import _server as server_machine
 from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.server import UploadServerFactory
+from imgresume.storage.filesystem import FilesystemStorage
 from imgresume.storage.interfaces import NewUpload
 from imgresume.storage.memory import MemoryStorage
 from tests.support.runners import sync_run
@@ -267,8 +270,9 @@ class PeersTests(ServerTestCase):
     async def test_old_server(self) -> None:
         """A server that announces nothing gets CRC-32 and SHA-256 from a new client."""
         with mock.patch.object(server_machine.integrity, "negotiate", _old_server):
-            result, root, content = await self.upload()
-        self.assertEqual(result.sha256, hashlib.sha256(content).hexdigest())
+            result, root, content = await self.upload()  # the client asks for BLAKE3
+        self.assertEqual((result.digest, result.sha256),
+                         ("sha256", hashlib.sha256(content).hexdigest()))
         meta = self.meta(root)
         self.assertEqual((meta["checksum"], meta["digest"], meta["format"]),
                          ("crc32", "sha256", 1))
@@ -440,3 +444,37 @@ class ClientDigestTests(SynchronousTestCase):
         digest.value, digest.algorithm = b"j" * 32, None  # from the journal
         digest.use("blake3")
         self.assertEqual((digest.value, digest.algorithm), (b"j" * 32, "blake3"))
+
+
+class OldRecordTests(SynchronousTestCase):
+    """Uploads written before the algorithms were recorded still resume."""
+
+    def test_record_without_algorithms(self) -> None:
+        """
+        A meta.json without "digest" and "checksum" (format 1, as the last
+        release wrote it) holds SHA-256 and CRC-32 records: proven, resumed
+        and completed as such.
+        """
+        root = tempfile.mkdtemp(prefix="imgresume-test-")
+        self.addCleanup(shutil.rmtree, root, True)
+        storage = FilesystemStorage(root, sync_run)
+        content = os.urandom(20_000)
+        writer = self.successResultOf(storage.create(NewUpload(
+            "a.tif", len(content), hashlib.sha256(content).digest(), {}, "c")))
+        self.successResultOf(writer.write(0, content[:8000]))
+        self.successResultOf(writer.release())
+        meta_path = os.path.join(root, "incoming", writer.info.upload_id, "meta.json")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        self.assertEqual((meta["digest"], meta["checksum"], meta["format"]),
+                         ("sha256", "crc32", 1))
+        del meta["digest"], meta["checksum"]
+        with open(meta_path, "w") as f:
+            json.dump(meta, f)
+        resumed = self.successResultOf(storage.resume(writer.info.upload_id))
+        self.assertEqual((resumed.offset, resumed.info.digest), (8000, "sha256"))
+        self.assertEqual(resumed.tail.sha256, hashlib.sha256(content[:8000]).digest())
+        self.successResultOf(resumed.write(8000, content[8000:]))
+        done = self.successResultOf(resumed.complete())
+        self.assertEqual((done.sha256, done.digest),
+                         (hashlib.sha256(content).digest(), "sha256"))
