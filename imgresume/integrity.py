@@ -46,6 +46,7 @@ CHECKSUMS: Mapping[str, Callable[..., int]] = {
     "crc32": zlib.crc32,
 }
 
+
 def _new_blake3() -> Hasher:
     # Large updates are hashed on several threads (without the GIL).
     return _blake3.blake3(max_threads=_blake3.blake3.AUTO)
