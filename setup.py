@@ -20,6 +20,10 @@ setup(
         "zope.interface>=6",
         "attrs>=23",
         "service-identity>=24",
+        # The integrity algorithms (imgresume/integrity.py): CRC-32C with the
+        # CPU's CRC instruction, BLAKE3; both release the GIL on large buffers.
+        "crc32c>=2.4",
+        "blake3>=0.4",
     ],
     extras_require={
         "s3": ["boto3>=1.28"],

@@ -188,7 +188,7 @@ async def _one(reactor: Any, spec: dict[str, Any], gate: Gate, path: str, name: 
         out.update(end=time.monotonic(), error=f"{type(e).__name__}: {e}")
     else:
         out.update(end=time.monotonic(), error=None, path=result.path,
-                   sha256=result.sha256, bytes_sent=result.bytes_sent,
+                   sha256=result.sha256, digest=result.digest, bytes_sent=result.bytes_sent,
                    servers=result.servers)
     out["connections"] = endpoint.connections
     gate.on_ended(out["accepted"] is not None)

@@ -35,6 +35,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from imgresume import integrity
+
 from bench._common import (
     ROOT,
     MiB,
@@ -260,12 +262,16 @@ def _verify(storage: str, expected: dict[str, str], done: list[dict[str, Any]]) 
         path = os.path.join(storage, u["path"])
         try:
             h = hashlib.sha256()
+            # The digest the client reported, in the upload's algorithm.
+            reported = integrity.new_digest(u.get("digest", "sha256"))
             with open(path, "rb") as f:
                 while block := f.read(4 * MiB):
                     h.update(block)
+                    reported.update(block)
         except FileNotFoundError:
             return "missing"
-        return "ok" if h.hexdigest() == expected[u["name"]] == u["sha256"] else "mismatch"
+        same = h.hexdigest() == expected[u["name"]] and reported.digest().hex() == u["sha256"]
+        return "ok" if same else "mismatch"
 
     with ThreadPoolExecutor(2) as pool:
         outcomes = list(pool.map(check, done))

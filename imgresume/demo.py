@@ -10,7 +10,6 @@ Run as C{python -m imgresume.demo [--keep] [--dir DIR]}.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 
+from imgresume import integrity
 from imgresume.testing import LocalCluster
 from imgresume.cli import ProgressBar
 from imgresume.client import Progress, Uploader
@@ -48,8 +48,9 @@ def make_image(path: str, width: int, height: int) -> None:
             f.write(bytes((b + row) & 0xFF for b in rng_block) * rows)
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: str, algorithm: str = "sha256") -> str:
+    """The digest (SHA-256 unless told) of the file at C{path}, in hex."""
+    h = integrity.new_digest(algorithm)
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             h.update(block)
@@ -141,7 +142,8 @@ def summarise(storage: str, results: list) -> int:
           f"{'sent/size':>9}  verified")
     for path, r, killed in results:
         stored = os.path.join(storage, r.path)
-        good = sha256_file(stored) == sha256_file(path) == r.sha256
+        good = (sha256_file(stored) == sha256_file(path)
+                and sha256_file(stored, r.digest) == r.sha256)
         ok = ok and good
         resumed = ",".join(format_size(o) for o in r.resumed_at) or "-"
         print(f"   {r.name.split('/')[-1]:22} {format_size(r.size):>10}  "

@@ -61,6 +61,7 @@ class ErrorCode(enum.IntEnum):
     SIZE_EXCEEDED = 0x0202
     INCOMPLETE = 0x0203
     DIGEST_MISMATCH = 0x0204
+    DIGEST_ALGORITHM_MISMATCH = 0x0205
 
     STORAGE_FULL = 0x0300
     STORAGE_ERROR = 0x0301
@@ -180,7 +181,8 @@ OffsetMismatch = _error(
 )
 ChecksumMismatch = _error(
     "ChecksumMismatch", ErrorCode.CHECKSUM_MISMATCH, Scope.TRANSFER, True,
-    "A data packet's payload does not match its CRC-32; resend from C{offset}.",
+    "A data packet's payload does not match its checksum (CRC-32C or CRC-32); "
+    "resend from C{offset}.",
 )
 SizeExceeded = _error(
     "SizeExceeded", ErrorCode.SIZE_EXCEEDED, Scope.TRANSFER, False,
@@ -192,7 +194,13 @@ Incomplete = _error(
 )
 DigestMismatch = _error(
     "DigestMismatch", ErrorCode.DIGEST_MISMATCH, Scope.COMMAND, False,
-    "The stored bytes do not hash to the declared SHA-256.",
+    "The stored bytes do not hash to the declared digest.",
+)
+DigestAlgorithmMismatch = _error(
+    "DigestAlgorithmMismatch", ErrorCode.DIGEST_ALGORITHM_MISMATCH, Scope.COMMAND, False,
+    "The upload was created with another digest than this connection negotiated "
+    "(docs/protocol.md, section 2b): start a fresh upload, or resume it from a "
+    "connection that asks for the upload's digest.",
 )
 StorageFull = _error(
     "StorageFull", ErrorCode.STORAGE_FULL, Scope.COMMAND, True,

@@ -208,7 +208,7 @@ class EndToEndTests(TestCase):
         with open(local, "wb") as f:
             f.write(data)
         result = await Uploader(endpoint, reactor=reactor, client_id="alice", key=alice,
-                                journal=None).upload(local, "a.tif")
+                                journal=None, digest="sha256").upload(local, "a.tif")
         self.assertEqual(storage.read_completed(result.path), data)
         self.assertEqual(result.sha256, hashlib.sha256(data).hexdigest())
         # Mallory knows the upload id but cannot resume it or learn anything.
@@ -284,7 +284,7 @@ class KeysCommandTests(TestCase):
         with open(os.path.join(work, "scan.tif"), "wb") as f:
             f.write(data)
         base = ["upload", "--to", server.endpoint, "--client-id", "scanner-7", "--no-journal",
-                "--max-attempts", "1", "scan.tif", "--json"]
+                "--max-attempts", "1", "scan.tif", "--json", "--digest", "sha256"]
         refused = cli(*base)
         self.assertEqual(refused.returncode, 1)
         self.assertIn("requires authentication", refused.stderr)

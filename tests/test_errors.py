@@ -47,6 +47,7 @@ SCOPES = {
     ErrorCode.SIZE_EXCEEDED: Scope.TRANSFER,
     ErrorCode.INCOMPLETE: Scope.TRANSFER,
     ErrorCode.DIGEST_MISMATCH: Scope.COMMAND,
+    ErrorCode.DIGEST_ALGORITHM_MISMATCH: Scope.COMMAND,
     ErrorCode.STORAGE_FULL: Scope.COMMAND,
     ErrorCode.STORAGE_ERROR: Scope.COMMAND,
 }
@@ -121,7 +122,7 @@ class ErrorForCodeTests(SynchronousTestCase):
 
     def test_unknown_code(self) -> None:
         """An unknown code becomes UnknownErrorCode keeping the raw code; fatal."""
-        for raw in (0, 0x00FF, 0x0205, 0xFFFF):
+        for raw in (0, 0x00FF, 0x02FF, 0xFFFF):
             error = error_for_code(raw, "new", 3, 2.0)
             self.assertIsInstance(error, UnknownErrorCode)
             self.assertEqual(

@@ -226,7 +226,7 @@ class InProcessTestCase(TestCase):
         kw.setdefault("client_id", CLIENT)
         kw.setdefault("max_attempts", 2)
         uploader = Uploader(endpoint, reactor=reactor, journal=None, backoff_base=0.01,
-                            backoff_max=0.05, connect_timeout=5, **kw)
+                            backoff_max=0.05, connect_timeout=5, digest="sha256", **kw)
         uploader.endpoint = WaitForClose(uploader.endpoint, self)
         return uploader
 
@@ -275,7 +275,7 @@ class ServerCertificateTests(InProcessTestCase):
         proc = await deferToThread(
             subprocess.run,
             [sys.executable, "-m", "imgresume", "upload", "--to", to, "--client-id", CLIENT,
-             "--no-journal", "--json", self.local],
+             "--no-journal", "--json", "--digest", "sha256", self.local],
             env=child_env(), capture_output=True, text=True, timeout=60,
         )
         self.assertEqual(proc.returncode, 0, proc.stderr)

@@ -100,15 +100,15 @@ class Reporter:
         elif not live and not self.quiet and not self.json:
             if result.skipped:
                 print(f"{result.name}: skipped: already stored as {result.path} "
-                      f"({result.size} bytes, sha256 {result.sha256} verified by the server)",
+                      f"({result.size} bytes, {result.digest} {result.sha256} verified by the server)",
                       file=self.out, flush=True)
             elif result.already_complete:
                 print(f"{result.name}: already stored at {result.path} by an earlier run "
-                      f"({result.size} bytes, sha256 {result.sha256} verified)",
+                      f"({result.size} bytes, {result.digest} {result.sha256} verified)",
                       file=self.out, flush=True)
             else:
                 print(f"{result.name}: {result.size} bytes stored at {result.path}, "
-                      f"sha256 {result.sha256} verified", file=self.out, flush=True)
+                      f"{result.digest} {result.sha256} verified", file=self.out, flush=True)
 
     def summary(self, batch: "BatchResult", refused: "list[RefusedFile]", skipped: int,
                 seconds: float, interrupted: "UploadInterrupted | None") -> None:

@@ -131,9 +131,11 @@ def print_row(row: dict[str, Any], as_json: bool, out: Any) -> None:
     where = (f"at {row['path']}" if row["state"] == "complete"
              else ("being written" + (f" by {row['owner']}" if row["owner"] else "")
                    if row["busy"] else "idle"))
+    # The upload's digest algorithm, where it is known (imgresume ls).
+    digest = f"{row['digest']}  " if "digest" in row else ""
     print(f"{row['upload_id']}  {row['state']:<8} {share:6.1%}  "
           f"{format_size(row['offset'])}/{format_size(row['size'])}  "
-          f"{format_age(row['age'])} ago  {where}  {row['name']}", file=out, flush=True)
+          f"{format_age(row['age'])} ago  {where}  {digest}{row['name']}", file=out, flush=True)
 
 
 class LsOptions(BaseOptions):
@@ -173,6 +175,6 @@ def run_ls(config: LsOptions, out: Any = None) -> int:
             continue  # being created or removed right now, or not an upload
         row = {"upload_id": st.upload_id, "name": st.name, "size": st.size,
                "state": st.state, "offset": st.offset, "busy": st.busy, "owner": st.owner,
-               "age": round(now - st.updated, 3), "path": st.path}
+               "age": round(now - st.updated, 3), "path": st.path, "digest": st.digest}
         print_row(row, config["json"], out)
     return EXIT_OK

@@ -67,8 +67,10 @@ Every stored file is reported with the path it was stored at.  When a
 completed file already has the remote name, --if-exists says what the
 server does: rename (store the new one beside it, e.g. as
 a.e0af5ecb.tiff; the default), skip (store nothing if the file there has
-the same size and SHA-256, which the server checks; each file is then
-hashed before it is sent) or fail (refuse the file).
+the same size and digest, which the server checks; each file is then
+hashed before it is sent) or fail (refuse the file).  Every file is
+verified by the server with its whole-file digest: BLAKE3, or SHA-256 with
+--digest sha256 (or when the server predates BLAKE3).
 
 Examples:
   imgresume upload --to lb.example:7000 scan-0001.tiff scan-0002.tiff
@@ -98,6 +100,9 @@ Examples:
          "to a server that offers it (0: never)."],
         ["if-exists", None, "rename", "When a completed file already has the remote name: "
          "rename (store beside it), skip (if it is the same file), or fail."],
+        ["digest", None, "blake3", "Whole-file digest the server verifies: blake3 (fast), "
+         "or sha256 (for records that demand it). A server that predates blake3 "
+         "uses sha256."],
     ]
     optFlags = [
         ["json", None, "Print one JSON object per file on stdout."],
@@ -175,6 +180,8 @@ Examples:
             raise usage.UsageError(f"--parallel must be from 1 to {MAX_PARALLEL}")
         if self["if-exists"] not in ("rename", "skip", "fail"):
             raise usage.UsageError("--if-exists must be rename, skip or fail")
+        if self["digest"] not in ("blake3", "sha256"):
+            raise usage.UsageError("--digest must be blake3 or sha256")
 
 
 def main(config: UploadOptions) -> int:
@@ -261,6 +268,7 @@ def run_upload(reactor: Any, config: UploadOptions,
             connect_timeout=config["connect-timeout"], backoff_max=config["backoff-max"],
             chunk_size=config["chunk-size"] or None, window=config["window"],
             put_max=config["max-put"], if_exists=config["if-exists"],
+            digest=config["digest"],
         )
     except Exception as e:  # endpoint string parsers raise whatever they like
         print(f"imgresume: --to {config['to']}: not a usable endpoint: "

@@ -213,7 +213,9 @@ class UploadAttempt:
             return
         # Verified resume: the last committed range must be our bytes.
         self._reading = True
-        d = self.source.sha256_of(accepted.tail_start, accepted.tail_length)
+        assert self._connection is not None
+        d = self.source.sha256_of(accepted.tail_start, accepted.tail_length,
+                                  self._connection.machine.digest)
 
         def compare(digest: bytes) -> None:
             self._reading = False
@@ -261,7 +263,7 @@ class UploadAttempt:
             chunk = min(self.chunk_size or m.welcome.chunk_size, m.welcome.max_payload)
             length = min(chunk, m.size - offset)
             self._reading = True
-            d = self.source.read_with_crc(offset, length)
+            d = self.source.read_with_crc(offset, length, m.checksum)
             d.addCallbacks(self._chunk_read, self._read_failed, callbackArgs=(offset,))
         elif (
             m.state is ClientState.SENDING and m.offset == m.size and not m.finishing

@@ -16,6 +16,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from imgresume import integrity
 from imgresume.client._attempt import ConnectionBroken, Stalled, UploadAttempt
 from imgresume.errors import ImgresumeError
 from imgresume.protocol import (
@@ -52,10 +53,16 @@ class UploadConnection(Protocol):
         client_id: str,
         key: bytes | None = None,
         stall_timeout: float = 30.0,
+        digest: str = integrity.LEGACY_DIGEST,
     ) -> None:
+        """
+        @param digest: the whole-file digest to ask for (the server may
+            answer with SHA-256 instead, an older one always does); every
+            checksum this build knows is offered.
+        """
         self.clock = clock
         self.stall_timeout = stall_timeout
-        self.machine = ClientConnection(client_id, key=key)
+        self.machine = ClientConnection(client_id, integrity.hello_options(digest), key=key)
         #: The server's C{server_id}, once welcomed.
         self.server_id: str | None = None
         #: The most DATA packets in flight the server asked for, if it did.

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import time
-import zlib
 from typing import Any, Awaitable, Callable, Mapping
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from imgresume import integrity
 from imgresume.client._connection import UploadConnection
 from imgresume.client._describe import describe, retry_note
 from imgresume.client._results import IfExistsNotOffered, Progress, UploadFailed, UploadResult
@@ -56,6 +56,13 @@ def takes_put(connection: UploadConnection, size: int) -> bool:
     """Whether the server of C{connection} takes a file of C{size} bytes in a PUT."""
     limit = connection.machine.put_limit
     return 0 < limit and size <= limit
+
+
+def _frame(upload_id: str, name: str, metadata: dict[str, str], data: bytes,
+           digest: str, checksum: str) -> Put:
+    """A PUT of C{data} in the digest and checksum a connection negotiated (in a thread)."""
+    return Put(upload_id, name, integrity.digest_of(digest, data), metadata,
+               integrity.checksum(checksum, data), data)
 
 
 class PutSender:
@@ -98,13 +105,19 @@ class PutSender:
         an answer for the same upload id is reported C{already_complete}.
         """
         up = self._uploader
-        data, sha256, _crc = await source.read_whole()
+        data, sha256 = await source.read_whole()
         await source.check_unchanged()
         asked = {k: v for k, v in metadata.items() if k != IF_EXISTS_KEY}
         if up.if_exists != "rename":
             asked[IF_EXISTS_KEY] = up.if_exists
-        frame = Put(put_upload_id(name, sha256), name, sha256, asked, zlib.crc32(data), data)
-        state.upload_id = frame.upload_id
+        upload_id = put_upload_id(name, sha256)
+        state.upload_id = upload_id
+        # The frame in each connection's negotiated algorithms (§2b), made
+        # once per pair of them (a retry may reach another server), the
+        # likely pair before the turn is taken so that the PUT goes out at
+        # once, while the one before it is still in flight.
+        likely = (up.digest, integrity.DEFAULT_CHECKSUM)
+        frames = {likely: await up.run(_frame, upload_id, name, asked, data, *likely)}
         while True:
             state.attempts += 1
             server = None
@@ -125,6 +138,11 @@ class PutSender:
                         f"{name}: server {server} does not take PUT, and the PUT sent "
                         "before may be stored; not sent again: run the upload again "
                         "(if-exists=skip finds it if it was stored)")
+                algorithms = (connection.machine.digest, connection.machine.checksum)
+                if algorithms not in frames:
+                    frames[algorithms] = await up.run(
+                        _frame, upload_id, name, asked, data, *algorithms)
+                frame = frames[algorithms]
                 progress(Progress(name, "uploading", 0, source.size, server))
                 answer = connection.put(frame)
                 state.bytes_sent += source.size
@@ -144,11 +162,12 @@ class PutSender:
             else:
                 state.servers.append(server or "?")
                 break
-        if completed.sha256 != sha256 or completed.size != source.size:
+        algorithm = algorithms[0]
+        if completed.sha256 != frame.sha256 or completed.size != source.size:
             raise state.failed(
-                f"{name}: server reports {completed.size} bytes with SHA-256 "
-                f"{completed.sha256.hex()}; the local file has {source.size} bytes "
-                f"with {sha256.hex()}")
+                f"{name}: server reports {completed.size} bytes with "
+                f"{integrity.title(algorithm)} {completed.sha256.hex()}; the local file "
+                f"has {source.size} bytes with {frame.sha256.hex()}")
         skipped = completed.upload_id == SKIPPED_UPLOAD_ID
         state.acknowledged = completed.size
         journal = up.journal_queue
@@ -163,7 +182,7 @@ class PutSender:
             resumed_at=[], bytes_sent=state.bytes_sent, attempts=state.attempts,
             servers=state.servers, seconds=round(time.monotonic() - started, 3),
             already_complete=confirming and completed.upload_id == frame.upload_id,
-            skipped=skipped,
+            skipped=skipped, digest=algorithm,
         )
 
     def _failed(self, state: FileRun, error: Exception, name: str) -> float:

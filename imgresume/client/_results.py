@@ -119,10 +119,22 @@ class UploadResult:
     seconds: float
     already_complete: bool = False
     skipped: bool = False
+    #: The algorithm of the file's digest, whose hex C{sha256} holds (the
+    #: field keeps its historical name): C{"blake3"} or C{"sha256"}, as the
+    #: upload was created with (docs/protocol.md, section 2b).
+    digest: str = "sha256"
 
     def to_json(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict (what C{imgresume upload --json} prints)."""
-        return attrs.asdict(self)
+        """
+        The fields as a JSON-ready dict (what C{imgresume upload --json}
+        prints): the digest as C{"digest": {"algorithm": ..., "hex": ...}},
+        and as C{"sha256"} too when it is a SHA-256.
+        """
+        row = attrs.asdict(self)
+        row["digest"] = {"algorithm": self.digest, "hex": self.sha256}
+        if self.digest != "sha256":
+            del row["sha256"]
+        return row
 
 
 @attrs.frozen

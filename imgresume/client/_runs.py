@@ -42,6 +42,8 @@ class SessionUploader(Protocol):
     run: Runner
     journal_queue: JournalQueue | None
     if_exists: str
+    #: The whole-file digest to ask servers for (L{imgresume.integrity}).
+    digest: str
     #: Whether L{imgresume.client.Uploader.interrupt} was called, and the
     #: signal it named.
     interrupted: bool
@@ -96,6 +98,9 @@ class FileRun:
     #: fresh upload.
     request: Upload | None = None
     digest_stale: bool = False
+    #: The digest came from the journal, which does not say its algorithm,
+    #: and no server has accepted it yet.
+    digest_unconfirmed: bool = False
     created_here: bool = False
     unknown_retries: int = 0
     attempts: int = 0

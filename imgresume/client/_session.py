@@ -35,7 +35,12 @@ from imgresume.client._results import (
 from imgresume.client._put import PUTS_IN_FLIGHT, PutSender, is_put_entry, takes_put
 from imgresume.client._runs import FileRun, SessionUploader, Turn, uploading_progress
 from imgresume.client._source import LocalFile, SourceChanged
-from imgresume.errors import DigestMismatch, ImgresumeError, UnknownUpload
+from imgresume.errors import (
+    DigestAlgorithmMismatch,
+    DigestMismatch,
+    ImgresumeError,
+    UnknownUpload,
+)
 from imgresume.names import IF_EXISTS_KEY
 from imgresume.protocol import SKIPPED_UPLOAD_ID, Upload
 
@@ -227,13 +232,18 @@ class UploadSession:
                     progress, Progress(name, "hashing", done, source.size)
                 ),
                 stopped=lambda: up.interrupted,  # the file is closed once interrupted
+                algorithm=digest.algorithm or up.digest,
             )
 
         state.from_journal = entry is not None
         if entry is not None:
             state.upload_id = entry["upload_id"]
             if entry["sha256"] is not None:
-                digest.value = bytes.fromhex(entry["sha256"])
+                # In the upload's algorithm, which the journal does not say:
+                # good for a RESUME the server accepts (it refuses one with
+                # another algorithm), never declared for a fresh upload.
+                digest.value, digest.algorithm = bytes.fromhex(entry["sha256"]), None
+                state.digest_unconfirmed = True
             # The upload was opened with this digest, or to take it at the end.
             state.request = Upload(name, source.size, digest.value, metadata)
             self.log.info(
@@ -244,6 +254,7 @@ class UploadSession:
 
         async def request_for(connection: UploadConnection) -> Upload:
             """What to ask for: the open upload's terms, or a new upload's."""
+            digest.use(connection.machine.digest)
             if state.request is not None:
                 return state.request
             policy = up.if_exists
@@ -269,6 +280,8 @@ class UploadSession:
             return state.request
 
         def on_upload_id(new_id: str) -> Deferred[None] | None:
+            # Accepted with the digest asked for: in this upload's algorithm.
+            state.digest_unconfirmed = False
             if new_id != state.upload_id:
                 state.created_here = True
             state.upload_id = new_id
@@ -283,8 +296,9 @@ class UploadSession:
         while True:
             if state.upload_id is None:
                 state.request = None  # a fresh upload: its terms are chosen anew
-                if state.digest_stale:
-                    state.digest_stale, digest.value = False, None
+                if state.digest_stale or state.digest_unconfirmed:
+                    state.digest_stale = state.digest_unconfirmed = False
+                    digest.value, digest.algorithm = None, up.digest
             resuming = state.upload_id is not None
             state.attempts += 1
             attempt = UploadAttempt(
@@ -355,6 +369,7 @@ class UploadSession:
         return UploadResult(
             name=name, upload_id="" if skipped else completed.upload_id,
             size=completed.size, sha256=completed.sha256.hex(), path=completed.path,
+            digest=digest.algorithm or up.digest,
             resumed_at=state.resumed_at, bytes_sent=state.bytes_sent,
             attempts=state.attempts, servers=state.servers,
             seconds=round(time.monotonic() - started, 3),
@@ -395,7 +410,7 @@ class UploadSession:
         if isinstance(error, OSError) and not isinstance(error, DNSLookupError):
             # The local file, not the network: retrying cannot help.
             raise state.failed(f"{name}: cannot read the local file: {error}", error)
-        if isinstance(error, ResidualMismatch):
+        if isinstance(error, (ResidualMismatch, DigestAlgorithmMismatch)):
             state.upload_id = None  # the residual is not ours: start afresh
             if state.from_journal:
                 # The journal's SHA-256 went with a residual that turned out
@@ -438,7 +453,8 @@ class UploadSession:
         self._connection = None
         up = self._uploader
         connection = UploadConnection(
-            up.reactor, client_id=up.client_id, key=up.key, stall_timeout=up.stall_timeout
+            up.reactor, client_id=up.client_id, key=up.key, stall_timeout=up.stall_timeout,
+            digest=up.digest,
         )
         await up.connect(connection)
         self.connections += 1

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zlib
 from typing import Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred
+
+from imgresume import integrity
 
 Runner = Callable[..., Deferred[Any]]
 READ_SIZE = 1024 * 1024
@@ -78,15 +79,18 @@ class LocalFile:
         self,
         progress: Callable[[int], None] | None = None,
         stopped: Callable[[], bool] = lambda: False,
+        algorithm: str = integrity.LEGACY_DIGEST,
     ) -> Deferred[bytes]:
         """
-        Hash the whole file in a thread; C{progress(bytes_done)} may be
-        called from it.  If C{stopped()} becomes true, the hash stops (the
-        Deferred fails with L{HashStopped}) before the next block is read.
+        Hash the whole file in a thread with C{algorithm} (a name of
+        L{imgresume.integrity.DIGESTS}; the method keeps its historical
+        name); C{progress(bytes_done)} may be called from it.  If
+        C{stopped()} becomes true, the hash stops (the Deferred fails with
+        L{HashStopped}) before the next block is read.
         """
 
         def _hash() -> bytes:
-            h = hashlib.sha256()
+            h = integrity.new_digest(algorithm)
             offset = 0
             while offset < self.size:
                 if stopped():
@@ -102,32 +106,38 @@ class LocalFile:
 
         return self._run(_hash)
 
-    def read_with_crc(self, offset: int, length: int) -> Deferred[tuple[bytes, int]]:
+    def read_with_crc(
+        self, offset: int, length: int, checksum: str = integrity.LEGACY_CHECKSUM
+    ) -> Deferred[tuple[bytes, int]]:
         """
-        Read exactly C{length} bytes at C{offset} and compute their CRC-32,
-        both in a thread (off the reactor).
+        Read exactly C{length} bytes at C{offset} and compute their
+        C{checksum} (a name of L{imgresume.integrity.CHECKSUMS}), both in a
+        thread (off the reactor).
         """
 
         def read() -> tuple[bytes, int]:
             data = self._read_exactly(offset, length)
-            return data, zlib.crc32(data)
+            return data, integrity.checksum(checksum, data)
 
         return self._run(read)
 
-    def sha256_of(self, offset: int, length: int) -> Deferred[bytes]:
-        """SHA-256 of the bytes at [offset, offset+length), in a thread."""
-        return self._run(lambda: hashlib.sha256(self._read_exactly(offset, length)).digest())
+    def sha256_of(
+        self, offset: int, length: int, algorithm: str = integrity.LEGACY_DIGEST
+    ) -> Deferred[bytes]:
+        """The C{algorithm} digest of the bytes at [offset, offset+length), in a thread."""
+        return self._run(
+            lambda: integrity.digest_of(algorithm, self._read_exactly(offset, length)))
 
-    def read_whole(self) -> Deferred[tuple[bytes, bytes, int]]:
+    def read_whole(self) -> Deferred[tuple[bytes, bytes]]:
         """
-        The whole file, its SHA-256 and its CRC-32, read and computed in a
-        thread (a small file sent in one PUT).  Fails with L{SourceChanged}
-        if it is shorter than when opened.
+        The whole file and its SHA-256 (what names its PUT), read and
+        computed in a thread (a small file sent in one PUT).  Fails with
+        L{SourceChanged} if it is shorter than when opened.
         """
 
-        def read() -> tuple[bytes, bytes, int]:
+        def read() -> tuple[bytes, bytes]:
             data = self._read_exactly(0, self.size)
-            return data, hashlib.sha256(data).digest(), zlib.crc32(data)
+            return data, hashlib.sha256(data).digest()
 
         return self._run(read)
 

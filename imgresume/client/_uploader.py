@@ -22,6 +22,7 @@ from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IProtocol, IReactorCore, IStreamClientEndpoint
 
+from imgresume import integrity
 from imgresume.client._attempt import AttemptFailed
 from imgresume.client._batch import BatchItem, BatchResult, FileOutcome, run_batch
 from imgresume.client._journal import Journal, default_journal_path
@@ -78,6 +79,9 @@ class Uploader:
         C{skipped}) or C{"fail"} (refuse the file).  C{skip} and C{fail}
         need a server that offers them; from one that does not, the file
         fails with nothing sent (see docs/protocol.md).
+    @param digest: the whole-file digest to ask servers for: C{"blake3"}
+        (the default) or C{"sha256"}; a server that predates BLAKE3 answers
+        with SHA-256, and the result's C{digest} says which was used.
 
     While uploads are under way on a real reactor, its shutdown
     (C{reactor.stop()}, and so Ctrl-C in a program run by C{react})
@@ -105,7 +109,11 @@ class Uploader:
         run: Runner | None = None,
         rng: random.Random | None = None,
         if_exists: str = "rename",
+        digest: str = integrity.DEFAULT_DIGEST,
     ) -> None:
+        if digest not in integrity.DIGESTS:
+            raise ValueError(f"digest must be one of {', '.join(integrity.DIGESTS)}")
+        self.digest = digest
         if if_exists not in IF_EXISTS_POLICIES:
             raise ValueError(f"if_exists must be one of {', '.join(IF_EXISTS_POLICIES)}")
         self.if_exists = if_exists

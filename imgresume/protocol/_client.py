@@ -24,10 +24,10 @@ from __future__ import annotations
 import collections
 import enum
 import os
-import zlib
 
 import attrs
 
+from imgresume import integrity
 from imgresume.errors import (
     HandshakeRejected,
     ImgresumeError,
@@ -194,6 +194,10 @@ class ClientConnection:
         self.puts: collections.deque[str] = collections.deque()
         self._decoder = FrameDecoder()
         self._out: list[bytes] = []
+        #: The per-packet checksum and the whole-file digest the WELCOME
+        #: chose from what C{options} offered (L{imgresume.integrity}).
+        self.checksum = integrity.LEGACY_CHECKSUM
+        self.digest = integrity.LEGACY_DIGEST
 
     # Intentions ------------------------------------------------------------
 
@@ -272,7 +276,8 @@ class ClientConnection:
         """
         Send a DATA packet of C{payload} at C{offset} (must equal L{offset}).
         C{crc32} may be given if the caller computed it already (off the
-        reactor thread, say); it must be C{zlib.crc32(payload)}.
+        reactor thread, say); it must be the connection's L{checksum} of the
+        payload.
         """
         self._expect(ClientState.SENDING)
         if self._rewinding or self.finishing:
@@ -287,7 +292,7 @@ class ClientConnection:
         if offset + len(payload) > self.size:
             raise ValueError("payload reaches past the declared size")
         if crc32 is None:
-            crc32 = zlib.crc32(payload)
+            crc32 = integrity.checksum(self.checksum, payload)
         self._out.append(data_header(offset, crc32, len(payload)))
         self._out.append(payload)
         self.offset += len(payload)
@@ -328,7 +333,7 @@ class ClientConnection:
         if sha256 is not None:
             self._send(Finish(sha256))
         else:
-            self._send(Data(self.size, zlib.crc32(b""), b""))
+            self._send(Data(self.size, 0, b""))  # every checksum of no bytes is 0
         self.outstanding += 1
         self.finishing = True
 
@@ -387,6 +392,10 @@ class ClientConnection:
                 )
             if self.key is not None:
                 self._check_server_proof(frame)
+            try:
+                self.checksum, self.digest = integrity.agreed(self.options, frame.options)
+            except ValueError as e:
+                raise MalformedFrame(str(e)) from None
             self.welcome = frame
             self.state = ClientState.READY
             return Welcomed(frame)

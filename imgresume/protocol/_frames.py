@@ -11,12 +11,12 @@ C{docs/protocol.md} is the normative description; this module is its code.
 from __future__ import annotations
 
 import enum
-import hashlib
 import struct
 from typing import Mapping, Union
 
 import attrs
 
+from imgresume import integrity
 from imgresume.errors import MalformedFrame
 from imgresume.protocol._codec import (
     LATE_DIGEST,
@@ -38,7 +38,7 @@ DATA_PREFIX = struct.Struct(">QI")
 UPLOAD_ID_SIZE = 16
 NONCE_SIZE = 32
 #: ACCEPTED's C{tail_sha256} when C{tail_length} is 0: the SHA-256 of no bytes.
-EMPTY_TAIL_SHA256 = hashlib.sha256(b"").digest()
+EMPTY_TAIL_SHA256 = integrity.EMPTY_DIGESTS["sha256"]
 #: The upload id of a COMPLETED that answers an UPLOAD with C{if-exists} =
 #: C{skip}: no upload was made, a file with the same size and SHA-256 is
 #: already stored (16 zero bytes on the wire).

@@ -23,8 +23,8 @@ L{imgresume.server._protocol.UploadServerProtocol}.
 from __future__ import annotations
 
 import collections
-import zlib
 
+from imgresume import integrity
 from imgresume.errors import (
     ChecksumMismatch,
     FileTooLarge,
@@ -42,7 +42,6 @@ from imgresume.names import IF_EXISTS_POLICIES, MAX_NAME_BYTES, if_exists_policy
 from imgresume.protocol._codec import not_utf8
 from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
-    EMPTY_TAIL_SHA256,
     PROTOCOL_VERSION,
     SKIPPED_UPLOAD_ID,
     Accepted,
@@ -120,6 +119,11 @@ class ServerConnection:
         self._digest: bytes | None = None
         #: Requests refused by the machine itself, not yet taken by the caller.
         self._refused: list[Refusal] = []
+        #: The per-packet checksum and the whole-file digest of this
+        #: connection, negotiated in HELLO/WELCOME (L{imgresume.integrity}).
+        self.checksum = integrity.LEGACY_CHECKSUM
+        self.digest = integrity.LEGACY_DIGEST
+        self._welcome_options: dict[str, str] = {}
 
     # Input ----------------------------------------------------------------
 
@@ -207,6 +211,7 @@ class ServerConnection:
             )
         self.state = ServerState.CHECKING_HELLO
         self._hello = hello
+        self.checksum, self.digest, self._welcome_options = integrity.negotiate(hello.options)
         return HelloReceived(hello)
 
     def _on_upload(self, upload: Upload) -> ServerEvent | None:
@@ -249,9 +254,9 @@ class ServerConnection:
             problem = InvalidName(f"name is longer than {MAX_NAME_BYTES} bytes")
         else:
             problem = check_metadata(put.metadata)
-        if problem is None and zlib.crc32(put.payload) != put.crc32:
-            problem = ChecksumMismatch("the PUT's payload does not match its CRC-32; "
-                                       "send it again")
+        if problem is None and integrity.checksum(self.checksum, put.payload) != put.crc32:
+            problem = ChecksumMismatch(f"the PUT's payload does not match its "
+                                       f"{integrity.title(self.checksum)}; send it again")
         if problem is not None:
             self._send(error_frame(problem))
             self._refused.append(Refusal(problem, upload))
@@ -273,9 +278,10 @@ class ServerConnection:
                 f"packet ends at {end}, past the declared size {self.size}",
                 offset=self.offset,
             )
-        elif zlib.crc32(data.payload) != data.crc32:
+        elif integrity.checksum(self.checksum, data.payload) != data.crc32:
             problem = ChecksumMismatch(
-                f"payload at offset {data.offset} does not match its CRC-32; resend it",
+                f"payload at offset {data.offset} does not match its "
+                f"{integrity.title(self.checksum)}; resend it",
                 offset=self.offset,
             )
         elif not data.payload:
@@ -288,7 +294,7 @@ class ServerConnection:
         else:
             self._answers.append(end)
             self.offset = end
-            return ChunkReceived(data.offset, data.payload, data.crc32)
+            return ChunkReceived(data.offset, data.payload, data.crc32, self.checksum)
         self._answers.append(error_frame(problem))
         self._refused.append(Refusal(problem))
         self._send_ready_answers()
@@ -344,7 +350,9 @@ class ServerConnection:
                 chunk_size=self.limits.chunk_size,
                 # This machine takes the SHA-256 at the end (FINISH), and
                 # hands every UPLOAD's if-exists policy to its caller.
+                # The integrity algorithms answer the client's offers.
                 options={"late-digest": "1", "if-exists": ",".join(IF_EXISTS_POLICIES),
+                         **self._welcome_options,
                          **({"put": str(self.limits.put_limit)} if self.limits.put_limit
                             else {}),
                          **(options or {})},
@@ -372,7 +380,8 @@ class ServerConnection:
         of None means the client sends it at the end, in FINISH.
         """
         self._expect(ServerState.OPENING)
-        start, length, digest = tail if tail is not None else (0, 0, EMPTY_TAIL_SHA256)
+        start, length, digest = (
+            tail if tail is not None else (0, 0, integrity.EMPTY_DIGESTS[self.digest]))
         self._send(Accepted(upload_id, name, size, sha256, offset, start, length, digest))
         self.upload_id, self.size, self.offset = upload_id, size, offset
         self._durable = offset

@@ -101,8 +101,10 @@ class ChunkReceived:
 
     offset: int
     payload: bytes
-    #: The payload's CRC-32, already checked: storage may record it as is.
+    #: The payload's checksum, already checked: storage may record it as
+    #: is.  (Named for CRC-32; C{checksum} names its algorithm.)
     crc32: int = attrs.field(default=None, eq=False)
+    checksum: str = attrs.field(default="crc32", eq=False)
 
 
 @attrs.frozen

@@ -107,28 +107,33 @@ class CommandPolicy:
         return Refuse(error, self._quota.limit)
 
     @staticmethod
-    def new_upload(upload: Upload, client_id: str | None) -> NewUpload | InvalidName:
+    def new_upload(upload: Upload, client_id: str | None, digest: str,
+                   checksum: str) -> NewUpload | InvalidName:
         """
-        The storage request of an UPLOAD, or the error refusing it at once
-        for a name storage would refuse (so that what a peer can make the
-        server log stays bounded).
+        The storage request of an UPLOAD on a connection whose negotiated
+        algorithms are C{digest} and C{checksum}, or the error refusing it
+        at once for a name storage would refuse (so that what a peer can
+        make the server log stays bounded).
         """
         try:
             validate_name(upload.name)
         except InvalidName as e:
             return e
         return NewUpload(upload.name, upload.size, upload.sha256, upload.metadata,
-                         client_id or "")
+                         client_id or "", digest=digest, checksum=checksum)
 
     @staticmethod
-    def whole_upload(put: Put, client_id: str) -> WholeUpload | InvalidName:
-        """The storage request of a PUT, or the error refusing its name at once."""
+    def whole_upload(put: Put, client_id: str, digest: str) -> WholeUpload | InvalidName:
+        """
+        The storage request of a PUT on a connection whose digest is
+        C{digest}, or the error refusing its name at once.
+        """
         try:
             validate_name(put.name)
         except InvalidName as e:
             return e
         return WholeUpload(put.upload_id, put.name, put.payload, put.sha256,
-                           put.metadata, client_id)
+                           put.metadata, client_id, digest)
 
     @staticmethod
     def if_exists(found: StoredFile | None, sha256: bytes | None,

@@ -70,9 +70,10 @@ class UploadOutcomes:
         self._events.completed(completed, repeat=repeat)
         self._machine.upload_completed(completed.upload_id, completed.size,
                                        completed.sha256, completed.path)
-        self._log.info("completed upload {upload_id}: {path} ({size} bytes, sha256 {sha256})",
+        self._log.info("completed upload {upload_id}: {path} ({size} bytes, {digest} {sha256})",
                        upload_id=completed.upload_id, path=escape(completed.path),
-                       size=completed.size, sha256=completed.sha256.hex())
+                       size=completed.size, sha256=completed.sha256.hex(),
+                       digest=completed.digest)
 
     def stored(self, completed: Any, client: str) -> None:
         """A PUT's file is stored (or skipped: the same file is there): one log line."""
@@ -84,11 +85,11 @@ class UploadOutcomes:
             self._events.completed(completed, repeat=False)
         self._machine.upload_completed(completed.upload_id, completed.size,
                                        completed.sha256, completed.path)
-        self._log.info("{how} {path} ({size} bytes, sha256 {sha256}) in one step: upload "
+        self._log.info("{how} {path} ({size} bytes, {digest} {sha256}) in one step: upload "
                        "{upload_id} by {client}", how="skipped" if skipped else "stored",
                        path=escape(completed.path), size=completed.size,
-                       sha256=completed.sha256.hex(), upload_id=completed.upload_id,
-                       client=escape(client))
+                       sha256=completed.sha256.hex(), digest=completed.digest,
+                       upload_id=completed.upload_id, client=escape(client))
 
     def name_taken(self, answer: NameTakenAnswer) -> None:
         """An UPLOAD with C{if-exists} C{fail} found a file at its name: refused."""

@@ -23,7 +23,9 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from imgresume import integrity
 from imgresume.errors import (
+    DigestAlgorithmMismatch,
     ErrorCode,
     HandshakeRejected,
     ImgresumeError,
@@ -248,7 +250,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             self._events.requested(client_id, event)
             self._run(storage.resume(event.upload_id, client_id), self._opened, resumed=True)
         elif isinstance(event, ChunkReceived):
-            self._flow.batches.add(Chunk(event.offset, event.payload, event.crc32))
+            self._flow.batches.add(Chunk(event.offset, event.payload, event.crc32, event.checksum))
             self._write_next()
         elif isinstance(event, FinishRequested):
             self._run(self.writer.complete(event.sha256), self._completed)
@@ -257,21 +259,23 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
 
     def _upload_requested(self, event: UploadRequested) -> None:
         """A new upload: refused at once for a name storage would refuse, else created."""
-        self._events.requested(self.machine.client_id, event)
-        request = self._commands.new_upload(event.upload, self.machine.client_id)
+        self._events.requested(self.machine.client_id, event, self.machine.digest)
+        request = self._commands.new_upload(event.upload, self.machine.client_id,
+                                            self.machine.digest, self.machine.checksum)
         if isinstance(request, InvalidName):
             self._storage_failed(Failure(request))
         elif event.if_exists == "rename":
             self._create(request)
         else:
-            self._run(self.factory.storage.find_completed(request.name, request.size),
+            self._run(self.factory.storage.find_completed(request.name, request.size,
+                                                          request.digest),
                       self._found, request=request, policy=event.if_exists)
 
     def _put_requested(self, event: PutRequested) -> None:
         """A whole file in one PUT: stored in one step (see L{store_whole})."""
         client_id = self.machine.client_id or ""
-        self._events.requested(client_id, event)
-        request = self._commands.whole_upload(event.put, client_id)
+        self._events.requested(client_id, event, self.machine.digest)
+        request = self._commands.whole_upload(event.put, client_id, self.machine.digest)
         if isinstance(request, InvalidName):
             self._storage_failed(Failure(request))
             return
@@ -357,7 +361,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         self._faults.warn(refusal.error.code, "client {client} is over its quota of "
                           "{limit} open uploads", client=escape(client_id or ""),
                           limit=refusal.limit)
-        self._events.requested(client_id, event)
+        self._events.requested(client_id, event, self.machine.digest)
         self._events.failed(refusal.error)
         self.machine.fail(refusal.error)
         return True
@@ -376,6 +380,9 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
 
     def _opened(self, writer: IUploadWriter, resumed: bool) -> None:
         self.writer = writer
+        info = writer.info
+        if self._other_digest(info.upload_id, info.digest):
+            return
         self._outcomes.opened(writer, resumed)
 
     def _completed(self, completed: Any) -> None:
@@ -386,7 +393,8 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
     def _storage_failed(self, failure: Failure) -> None:
         error = failure.value
         if isinstance(error, UploadAlreadyComplete):
-            self._completed(error.completed)
+            if not self._other_digest(error.completed.upload_id, error.completed.digest):
+                self._completed(error.completed)
             return
         if not isinstance(error, ImgresumeError):
             self.log.failure("storage call failed unexpectedly", failure)
@@ -404,6 +412,17 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             self._events.failed(error)  # the upload ended on this connection
         if isinstance(event, ConnectionFailed):
             self._after_fatal(error)
+
+    def _other_digest(self, upload_id: str, digest: str) -> bool:
+        """
+        Refuse a resumed upload whose digest is not this connection's
+        (docs/protocol.md, section 2b); say whether it was refused.
+        """
+        if digest == self.machine.digest:
+            return False
+        self._storage_failed(Failure(DigestAlgorithmMismatch(
+            integrity.mismatch_message(upload_id, digest, self.machine.digest))))
+        return True
 
     def _release_writer(self) -> Deferred[None]:
         writer, self.writer = self.writer, None

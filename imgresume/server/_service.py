@@ -173,6 +173,7 @@ def make_server_service(
     http_listen: str | None = None,
     http_cors_origins: Sequence[str] = (),
     http_pre_create: dict[str, Any] | None = None,
+    verify: str = "stored",
 ) -> MultiService:
     """
     Build a server listening on the endpoint string C{listen}.
@@ -180,6 +181,8 @@ def make_server_service(
     @param storage: a storage provider, or a directory path for the shared
         filesystem storage, or C{s3://BUCKET/PREFIX} for the S3 storage
         (either run on a thread pool owned by the service).
+    @param verify: C{"stored"} or C{"received"}: where a filesystem
+        storage's completion digest comes from (L{FilesystemStorage}).
     @param s3_options: keyword arguments for L{S3Storage
         <imgresume.storage.s3.S3Storage>} (C{endpoint_url}, C{region},
         C{part_size}, C{spool_dir}, C{lease_ttl}) when C{storage} is an s3:// URL.
@@ -243,7 +246,7 @@ def make_server_service(
         else:
             storage = FilesystemStorage(
                 storage, run=functools.partial(deferToThreadPool, reactor, pool),
-                owner=server_id, timings=metrics.storage_timing,
+                owner=server_id, timings=metrics.storage_timing, verify=verify,
             )
     gc = None
     if gc_interval > 0 and isinstance(storage, FilesystemStorage):

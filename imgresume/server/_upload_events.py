@@ -54,12 +54,15 @@ def upload_event(
     path: str | None = None,
     error: Any = None,
     repeat: bool = False,
+    digest: str = "sha256",
 ) -> dict[str, Any]:
     """
     One event as the JSON-ready dict hooks receive (the schema is in
-    C{docs/hooks.md}).  C{error} is the L{imgresume.errors.ImgresumeError}
-    of an C{upload.failed}; C{repeat} marks an C{upload.completed} answered
-    from the record of an earlier completion.
+    C{docs/hooks.md}).  C{sha256} is the upload's digest in the algorithm
+    C{digest} (the event's C{"digest"}; its C{"sha256"} only when that is
+    SHA-256).  C{error} is the L{imgresume.errors.ImgresumeError} of an
+    C{upload.failed}; C{repeat} marks an C{upload.completed} answered from
+    the record of an earlier completion.
     """
     if kind not in EVENTS:
         raise ValueError(f"unknown event {kind!r}")
@@ -72,7 +75,9 @@ def upload_event(
         "upload_id": upload_id,
         "name": name,
         "size": size,
-        "sha256": sha256.hex() if sha256 is not None else None,
+        "sha256": sha256.hex() if sha256 is not None and digest == "sha256" else None,
+        "digest": ({"algorithm": digest, "hex": sha256.hex()} if sha256 is not None
+                   else None),
         "metadata": dict(metadata) if metadata is not None else None,
         "offset": offset,
     }
@@ -100,6 +105,8 @@ class _Upload:
     metadata: Mapping[str, str] | None = None
     #: The events' C{offset} field (docs/hooks.md): what is durable.
     offset: int | None = None
+    #: The algorithm of C{sha256}.
+    digest: str = "sha256"
 
 
 class UploadEventContext:
@@ -122,16 +129,20 @@ class UploadEventContext:
         self._upload: _Upload | None = None
 
     def requested(self, client_id: str | None,
-                  request: UploadRequested | ResumeRequested | PutRequested) -> None:
-        """Client C{client_id} asked for a new upload, to resume one, or sent a PUT."""
+                  request: UploadRequested | ResumeRequested | PutRequested,
+                  digest: str = "sha256") -> None:
+        """
+        Client C{client_id} asked for a new upload, to resume one, or sent a
+        PUT, on a connection whose digest is C{digest}.
+        """
         if isinstance(request, PutRequested):
             put = request.put
             self._upload = _Upload(client_id, put.upload_id, put.name, put.size, put.sha256,
-                                   put.metadata, 0)
+                                   put.metadata, 0, digest)
         elif isinstance(request, UploadRequested):
             up = request.upload
             self._upload = _Upload(client_id, None, up.name, up.size, up.sha256,
-                                   up.metadata, 0)
+                                   up.metadata, 0, digest)
         else:
             self._upload = _Upload(client_id, request.upload_id)
 
@@ -140,7 +151,7 @@ class UploadEventContext:
         info = writer.info
         client_id = self._upload.client_id if self._upload is not None else None
         self._upload = _Upload(client_id, info.upload_id, info.name, info.size,
-                               info.sha256, info.metadata, writer.offset)
+                               info.sha256, info.metadata, writer.offset, info.digest)
         self._tell("upload.resumed" if resumed else "upload.created")
 
     def progressed(self, durable: int) -> None:
@@ -156,7 +167,7 @@ class UploadEventContext:
         self._tell(
             "upload.completed", upload_id=completed.upload_id, name=completed.name,
             size=completed.size, sha256=completed.sha256, offset=completed.size,
-            path=completed.path, repeat=repeat,
+            path=completed.path, repeat=repeat, digest=completed.digest,
         )
         self._upload = None
 
@@ -202,7 +213,7 @@ class UploadEventContext:
     def _tell(self, kind: str, **fields: Any) -> None:
         known = attrs.asdict(self._upload, recurse=False) if self._upload else {}
         context: dict[str, Any] = {"client_id": None, **dict.fromkeys(
-            ("upload_id", "name", "size", "sha256", "metadata", "offset"))}
+            ("upload_id", "name", "size", "sha256", "metadata", "offset")), "digest": "sha256"}
         context.update(known)
         context.update(fields)
         self._emit(upload_event(

@@ -69,6 +69,11 @@ Examples:
         ["takeover-idle", None, "10s", "A connection silent this long gives its upload up "
          "to a newer connection that asks for it (a client that reconnected elsewhere)."],
         ["threads", None, "8", "Threads for disk work."],
+        ["verify", None, "stored", "Where the whole-file digest checked before COMPLETED "
+         "comes from: stored (every byte read back from the storage, its cache dropped: "
+         "catches a storage that returns other bytes than it was given) or received (the "
+         "bytes hashed as they are written: no read; a resumed prefix is still read "
+         "back). Filesystem storage only; S3 always reads the object back."],
         ["max-data-memory", None, None, "Received upload data all connections together may "
          "hold in memory (frames arriving, chunks waiting for the disk); past it they stop "
          "reading until writes catch up [default: 32M, or 4 x the batch limit (2 x "
@@ -163,8 +168,14 @@ Examples:
                 "keys add --help`), or listen on mtls:... with --cert-identity, or on a "
                 "loopback interface or a UNIX socket, or say --insecure"
             )
+        if self["verify"] not in ("stored", "received"):
+            raise usage.UsageError("--verify must be stored or received")
         if self["storage"].startswith("s3://"):
             self._check_s3_options()
+            if self["verify"] != "stored":
+                raise usage.UsageError(
+                    "--verify received applies to filesystem storage: S3 storage reads "
+                    "the assembled object back")
         try:
             self["limits"] = ServerLimits(
                 max_payload=parse_size(self["max-payload"]),
@@ -391,6 +402,7 @@ def makeService(config: Options):
         http_listen=config["http"],
         http_cors_origins=config["http-cors-origins"],
         http_pre_create=config["http-pre-create"],
+        verify=config["verify"],
     )
     if config["max-data-memory"] is not None:
         service.factory.chunk_memory_limit = config["max-data-memory"]

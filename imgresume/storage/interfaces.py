@@ -40,6 +40,12 @@ class NewUpload:
     sha256: bytes | None
     metadata: Mapping[str, str] = attrs.field(factory=dict)
     client_id: str = ""
+    #: The algorithm of C{sha256} (a name of L{imgresume.integrity.DIGESTS};
+    #: the field keeps its historical name), fixed for the upload's life.
+    digest: str = "sha256"
+    #: The per-packet checksum the client's connection uses: a backend that
+    #: records checksums records this one, so the client's are reused.
+    checksum: str = "crc32"
 
 
 @attrs.frozen
@@ -56,11 +62,14 @@ class WholeUpload:
     upload_id: str
     name: str
     data: bytes
-    #: The client's SHA-256 of C{data}; checked on the stored bytes before
+    #: The client's digest of C{data} in the algorithm C{digest} (the
+    #: field keeps its historical name); checked on the stored bytes before
     #: anything is published.
     sha256: bytes
     metadata: Mapping[str, str] = attrs.field(factory=dict)
     client_id: str = ""
+    #: The algorithm of C{sha256} (L{imgresume.integrity}).
+    digest: str = "sha256"
 
 
 @attrs.frozen
@@ -73,9 +82,12 @@ class Chunk:
 
     offset: int
     data: bytes
-    #: The CRC-32 of C{data}, already checked against it (the protocol did):
-    #: a backend may record it instead of computing it.  None: not known.
+    #: The checksum of C{data}, already checked against it (the protocol
+    #: did): a backend may record it instead of computing it.  None: not
+    #: known.  (Named for CRC-32; C{checksum} names its algorithm, a name
+    #: of L{imgresume.integrity.CHECKSUMS}.)
     crc32: int | None = None
+    checksum: str = "crc32"
 
     @property
     def end(self) -> int:
@@ -94,6 +106,8 @@ class UploadInfo:
     metadata: Mapping[str, str]
     client_id: str
     created: float  # seconds since the epoch
+    #: The algorithm of C{sha256} and of the tail's digest, fixed at creation.
+    digest: str = "sha256"
 
 
 @attrs.frozen
@@ -118,6 +132,8 @@ class CompletedUpload:
     size: int
     sha256: bytes
     path: str  # relative to the storage root, "/"-separated
+    #: The algorithm of C{sha256} (a name of L{imgresume.integrity.DIGESTS}).
+    digest: str = "sha256"
 
 
 @attrs.frozen
@@ -125,8 +141,8 @@ class StoredFile:
     """
     A completed file found under a name (L{IUploadStorage.find_completed}).
     C{size} is None when what lies there is not a regular file (a
-    directory); C{sha256} is read from the stored bytes, and only when the
-    size is the one asked about (None otherwise).
+    directory); C{sha256} is read from the stored bytes, in the digest asked
+    for, and only when the size is the one asked about (None otherwise).
     """
 
     path: str  # relative to the storage root, "/"-separated
@@ -152,6 +168,8 @@ class UploadStatus:
     created: float
     updated: float  # last change to its data or journal (seconds since the epoch)
     path: str = ""  # where the completed file lies
+    #: The algorithm of the upload's digest (docs/protocol.md, section 2b).
+    digest: str = "sha256"
 
 
 class CompletedFileMoved(StorageError):
@@ -173,7 +191,7 @@ class CompletedFileMoved(StorageError):
             another file").
         """
         super().__init__(
-            f"upload {completed.upload_id} was completed (sha256 "
+            f"upload {completed.upload_id} was completed ({completed.digest} "
             f"{completed.sha256.hex()}, verified) at {completed.path}, but that "
             f"path {what}: the file has since been moved away"
         )
@@ -276,13 +294,14 @@ class IUploadStorage(Interface):
         @return: Deferred firing with an L{UploadStatus}.
         """
 
-    def find_completed(name: str, size: int):
+    def find_completed(name: str, size: int, digest: str = "sha256"):
         """
         Look up what lies at C{complete/<name>} (the name itself, NFC
         normalised; not the alternate names of a renamed upload), for an
         UPLOAD whose C{if-exists} policy is C{skip} or C{fail}.  When it is
-        a file of C{size} bytes, its SHA-256 is computed from the stored
-        bytes (a read of the whole file); otherwise it is not read.
+        a file of C{size} bytes, its C{digest} (a name of
+        L{imgresume.integrity.DIGESTS}: the UPLOAD's) is computed from the
+        stored bytes (a read of the whole file); otherwise it is not read.
 
         @raise imgresume.errors.InvalidName: the name is not acceptable.
         @return: Deferred firing with a L{StoredFile}, or None when nothing

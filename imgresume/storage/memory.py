@@ -13,9 +13,7 @@ returns has already fired.
 
 from __future__ import annotations
 
-import hashlib
 import time
-import zlib
 from typing import Callable, Sequence
 
 import attrs
@@ -24,6 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from imgresume import integrity
 from imgresume.errors import (
     DigestMismatch,
     Incomplete,
@@ -65,7 +64,11 @@ from imgresume.storage.interfaces import (
 
 log = Logger()
 
-_EMPTY_TAIL = TailCheck(0, 0, hashlib.sha256(b"").digest())
+
+
+def _empty_tail(digest: str) -> TailCheck:
+    """The tail of an upload with nothing stored: the digest of no bytes."""
+    return TailCheck(0, 0, integrity.EMPTY_DIGESTS[digest])
 
 
 @attrs.define
@@ -148,9 +151,11 @@ class MemoryStorage:
         """See L{IUploadStorage.status}."""
         return _run(self._status, upload_id, client_id)
 
-    def find_completed(self, name: str, size: int) -> Deferred[StoredFile | None]:
+    def find_completed(
+        self, name: str, size: int, digest: str = integrity.LEGACY_DIGEST
+    ) -> Deferred[StoredFile | None]:
         """See L{IUploadStorage.find_completed}."""
-        return _run(self._find_completed, name, size)
+        return _run(self._find_completed, name, size, digest)
 
     def store_whole(self, request: WholeUpload) -> Deferred[CompletedUpload]:
         """See L{IUploadStorage.store_whole}."""
@@ -161,19 +166,21 @@ class MemoryStorage:
             raise ValueError("upload_id must be 32 hex digits and sha256 32 bytes")
         name = validate_name(request.name)
         data = bytes(request.data)
-        digest = hashlib.sha256(data).digest()
+        algorithm = request.digest
+        digest = integrity.digest_of(algorithm, data)
         path = "complete/" + name
         there = self.files.get(path)
         if (if_exists_policy(request.metadata) == "skip" and there is not None
-                and digest == request.sha256 and hashlib.sha256(there).digest() == digest):
+                and digest == request.sha256
+                and integrity.digest_of(algorithm, there) == digest):
             # Before any repeat: a repeat is skipped as well.
-            return CompletedUpload("0" * 32, name, len(there), digest, path)
+            return CompletedUpload("0" * 32, name, len(there), digest, path, algorithm)
         key = (request.client_id, request.upload_id)
         stored = self._whole.get(key)
         if stored is not None:
             done = stored.completed
             assert done is not None
-            if done.sha256 != request.sha256:
+            if (done.digest, done.sha256) != (algorithm, request.sha256):
                 raise DigestMismatch(
                     f"upload {request.upload_id} already stored other bytes at "
                     f"{done.path}; send this file with a new upload id")
@@ -184,8 +191,9 @@ class MemoryStorage:
             return done
         if digest != request.sha256:
             raise DigestMismatch(
-                f"the bytes received hash to {digest.hex()}, not to the SHA-256 "
-                f"declared ({request.sha256.hex()}); nothing was stored")
+                f"the bytes received hash to {digest.hex()}, not to the "
+                f"{integrity.title(algorithm)} declared ({request.sha256.hex()}); "
+                "nothing was stored")
         self._check_parents(name)
         upload = _Upload(UploadInfo(
             upload_id=request.upload_id,
@@ -195,19 +203,20 @@ class MemoryStorage:
             metadata=dict(request.metadata),
             client_id=request.client_id,
             created=self._now(),
+            digest=algorithm,
         ), data=bytearray(data))
         done = self._complete_file(upload, digest)
         self._whole[key] = upload
         return done
 
-    def _find_completed(self, name: str, size: int) -> StoredFile | None:
+    def _find_completed(self, name: str, size: int, algorithm: str) -> StoredFile | None:
         path = "complete/" + validate_name(name)
         data = self.files.get(path)
         if data is None:
             if any(p.startswith(path + "/") for p in self.files):
                 return StoredFile(path, None, None)  # a directory
             return None
-        digest = hashlib.sha256(data).digest() if len(data) == size else None
+        digest = integrity.digest_of(algorithm, data) if len(data) == size else None
         return StoredFile(path, len(data), digest)
 
     def _status(self, upload_id: str, client_id: str | None) -> UploadStatus:
@@ -217,15 +226,19 @@ class MemoryStorage:
         info = upload.info
         if upload.completed is not None:
             return UploadStatus(info.upload_id, info.name, info.size, "complete", info.size,
-                                False, "", info.created, info.created, upload.completed.path)
+                                False, "", info.created, info.created, upload.completed.path,
+                                info.digest)
         offset = upload.records[-1].offset + upload.records[-1].length if upload.records else 0
         return UploadStatus(info.upload_id, info.name, info.size, "partial", offset,
-                            upload_id in self._owned, "", info.created, self._now())
+                            upload_id in self._owned, "", info.created, self._now(),
+                            digest=info.digest)
 
     def _create(self, request: NewUpload) -> MemoryUploadWriter:
         name = validate_name(request.name)
         if request.size < 0 or (request.sha256 is not None and len(request.sha256) != 32):
             raise ValueError("size must be >= 0 and sha256 a 32-byte digest or None")
+        if request.digest not in integrity.DIGESTS:
+            raise ValueError(f"unknown digest {request.digest!r}")
         self._check_parents(name)
         upload_id = new_upload_id()
         info = UploadInfo(
@@ -236,6 +249,7 @@ class MemoryStorage:
             metadata=dict(request.metadata),
             client_id=request.client_id,
             created=self._now(),
+            digest=request.digest,
         )
         self._uploads[upload_id] = _Upload(info)
         self._owned.add(upload_id)
@@ -245,7 +259,7 @@ class MemoryStorage:
             name=name,
             size=request.size,
         )
-        return MemoryUploadWriter(self, self._uploads[upload_id], 0, _EMPTY_TAIL)
+        return MemoryUploadWriter(self, self._uploads[upload_id], 0, _empty_tail(info.digest))
 
     def _check_parents(self, name: str) -> None:
         parts = name.split("/")
@@ -281,13 +295,13 @@ class MemoryStorage:
         while upload.records:
             last = upload.records[-1]
             chunk = bytes(upload.data[last.offset : last.offset + last.length])
-            if len(chunk) == last.length and zlib.crc32(chunk) == last.crc:
+            if len(chunk) == last.length and integrity.checksum("crc32", chunk) == last.crc:
                 tail = TailCheck(last.offset, last.length,
-                                 hashlib.sha256(chunk).digest())
+                                 integrity.digest_of(upload.info.digest, chunk))
                 break
             upload.records.pop()
         else:
-            tail = _EMPTY_TAIL
+            tail = _empty_tail(upload.info.digest)
         offset = tail.start + tail.length
         truncated = len(upload.data) - offset
         del upload.data[offset:]
@@ -327,6 +341,7 @@ class MemoryStorage:
             size=info.size,
             sha256=digest,
             path=path,
+            digest=info.digest,
         )
         upload.data = bytearray()
         upload.records = []
@@ -399,7 +414,8 @@ class MemoryUploadWriter:
                 f"upload {self.info.upload_id} was taken over by a newer connection"
             )
         self._upload.data[offset:] = data
-        self._upload.records.append(_Record(offset, len(data), zlib.crc32(data)))
+        self._upload.records.append(
+            _Record(offset, len(data), integrity.checksum("crc32", data)))
         self.offset += len(data)
         return self.offset
 
@@ -418,11 +434,11 @@ class MemoryUploadWriter:
                 offset=self.offset,
             )
         data = self._upload.data
-        digest = hashlib.sha256(data).digest()
+        digest = integrity.digest_of(info.digest, data)
         if len(data) != info.size or digest != expected:
             for i, rec in enumerate(self._upload.records):
                 chunk = bytes(data[rec.offset : rec.offset + rec.length])
-                if len(chunk) != rec.length or zlib.crc32(chunk) != rec.crc:
+                if len(chunk) != rec.length or integrity.checksum("crc32", chunk) != rec.crc:
                     del self._upload.records[i:]
                     del data[rec.offset :]
                     self.offset = rec.offset

@@ -749,6 +749,7 @@ class ClusterTests(TestCase):
         """
         kw.setdefault("backoff_base", 0.05)
         kw.setdefault("backoff_max", 0.5)
+        kw.setdefault("digest", "sha256")  # the tests compare SHA-256s
         return Uploader(
             self.cluster.lb_endpoint,
             reactor=reactor,

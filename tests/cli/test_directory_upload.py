@@ -9,7 +9,6 @@ twice.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -18,6 +17,7 @@ import sys
 import urllib.request
 from typing import Any
 
+from blake3 import blake3
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
@@ -125,10 +125,10 @@ class DirectoryUploadTests(TestCase):
         self.assertEqual(sorted(results), sorted(files))
         for name, content in files.items():
             result = results[name]
-            digest = hashlib.sha256(content).hexdigest()
-            self.assertEqual(result["sha256"], digest, name)
+            digest = blake3(content).hexdigest()  # the default digest
+            self.assertEqual(result["digest"], {"algorithm": "blake3", "hex": digest}, name)
             self.assertEqual(result["path"], f"complete/{name}")
-            self.assertEqual(hashlib.sha256(server.stored(result["path"])).hexdigest(), digest)
+            self.assertEqual(blake3(server.stored(result["path"])).hexdigest(), digest)
             if result["already_complete"]:
                 # A resumed upload is confirmed by its RESUME, nothing sent;
                 # a small file stored whole is confirmed by the same PUT (its

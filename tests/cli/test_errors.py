@@ -21,7 +21,6 @@ in this process where a TCP address is needed).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -31,6 +30,7 @@ import socket
 import subprocess
 import sys
 
+from blake3 import blake3
 from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
 from twisted.python import usage
@@ -148,7 +148,7 @@ class EndpointTests(CommandTestCase):
         path, content = self.make_file("six.tif", 70_000)
         out, err, code = await self.imgresume("upload", "--to", f"[::1]:{port}", "--json", path)
         self.assertEqual(code, 0, err)
-        self.assertEqual(json.loads(out)["sha256"], hashlib.sha256(content).hexdigest())
+        self.assertEqual(json.loads(out)["digest"]["hex"], blake3(content).hexdigest())
 
     async def test_port_not_a_number(self) -> None:
         """C{tcp:host:notaport} is a usage error that says so, not an C{int()} traceback."""

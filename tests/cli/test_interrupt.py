@@ -10,12 +10,12 @@ verified.  Also L{Interruptions} and L{run_on_reactor} in process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import signal
 
+from blake3 import blake3
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -99,9 +99,9 @@ class InterruptTests(TestCase):
         self.assertEqual(len(result["resumed_at"]), 1)
         self.assertGreaterEqual(result["resumed_at"][0], row["bytes_acknowledged"])
         self.assertEqual(result["bytes_sent"], len(content) - result["resumed_at"][0])
-        digest = hashlib.sha256(content).hexdigest()
-        self.assertEqual(result["sha256"], digest)
-        self.assertEqual(hashlib.sha256(server.stored(result["path"])).hexdigest(), digest)
+        digest = blake3(content).hexdigest()  # the default digest
+        self.assertEqual(result["digest"], {"algorithm": "blake3", "hex": digest})
+        self.assertEqual(blake3(server.stored(result["path"])).hexdigest(), digest)
 
     async def test_sigterm_batch(self) -> None:
         """
@@ -126,8 +126,8 @@ class InterruptTests(TestCase):
         self.assertRegex(err, rf"  {large}: \d+ of {LARGE} bytes acknowledged")
         self.assertIn(f"  {os.path.join(root, 'c-later.tif')}: not started", err)
         self.assertEqual(out.splitlines(), [
-            f"a-small.tif: 100000 bytes stored at complete/a-small.tif, sha256 "
-            f"{hashlib.sha256(files[os.path.join(root, 'a-small.tif')]).hexdigest()} verified"])
+            f"a-small.tif: 100000 bytes stored at complete/a-small.tif, blake3 "
+            f"{blake3(files[os.path.join(root, 'a-small.tif')]).hexdigest()} verified"])
 
         out, err, code = await run_python([*argv, "--json"], self.env, timeout=90)
         self.assertEqual(code, 0, err)

@@ -77,6 +77,9 @@ class StatusCommandTests(TestCase):
         rows = {r["upload_id"]: r for r in map(json.loads, listing.stdout.splitlines())}
         self.assertEqual(rows[done.upload_id]["state"], "complete")
         self.assertEqual(rows[partial_id]["offset"], answers[1].offset)
+        # Each upload's digest algorithm: BLAKE3, the default.
+        self.assertEqual({r["digest"] for r in rows.values()}, {"blake3"})
         human = await deferToThread(cli, "ls", "--storage", server.storage)
         self.assertIn("partial", human.stdout)
         self.assertIn("complete", human.stdout)
+        self.assertIn("  blake3  ", human.stdout)

@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import attrs
+from blake3 import blake3
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.usage import UsageError
@@ -94,7 +95,7 @@ class UploadCommandTests(CommandTestCase):
         path, content = self.make_file("scan.tif", 1024 * 1024 + 3)
         out, err, code = await self.imgresume(
             "upload", "--to", server.endpoint, "--json", "--chunk-size", "64K",
-            "--name", "scans/2026/a.tif", path,
+            "--name", "scans/2026/a.tif", "--digest", "sha256", path,
         )
         self.assertEqual(code, 0, err)
         [line] = out.splitlines()
@@ -103,6 +104,7 @@ class UploadCommandTests(CommandTestCase):
         self.assertEqual(result["name"], "scans/2026/a.tif")
         self.assertEqual(result["size"], len(content))
         self.assertEqual(result["sha256"], hashlib.sha256(content).hexdigest())
+        self.assertEqual(result["digest"], {"algorithm": "sha256", "hex": result["sha256"]})
         self.assertEqual(result["path"], "complete/scans/2026/a.tif")
         self.assertEqual(result["resumed_at"], [])
         self.assertEqual(result["bytes_sent"], len(content))
@@ -142,9 +144,9 @@ class UploadCommandTests(CommandTestCase):
             "upload", "--to", server.endpoint, "--no-journal", path
         )
         self.assertEqual(code, 0, err)
-        digest = hashlib.sha256(content).hexdigest()
+        digest = blake3(content).hexdigest()  # the default digest
         self.assertEqual(
-            out, f"one.tif: 1000 bytes stored at complete/one.tif, sha256 {digest} verified\n"
+            out, f"one.tif: 1000 bytes stored at complete/one.tif, blake3 {digest} verified\n"
         )
         self.assertIsNone(self.journal())
 
@@ -157,7 +159,7 @@ class UploadCommandTests(CommandTestCase):
         """
         server = await TwistdServer(self).start()
         path, content = self.make_file("big-scan.tiff", 300 * 1024)
-        digest = hashlib.sha256(content).hexdigest()
+        digest = blake3(content).hexdigest()  # the default digest
         runs = []
         for extra in (("--max-put", "0"), ("--max-put", "0", "--json")):
             runs.append(await self.imgresume(
@@ -166,7 +168,7 @@ class UploadCommandTests(CommandTestCase):
         (out1, err1, code1), (out2, err2, code2) = runs
         self.assertEqual((code1, code2), (0, 0), err1 + err2)
         self.assertEqual(out1, f"big-scan.tiff: {len(content)} bytes stored at "
-                               f"complete/big-scan.tiff, sha256 {digest} verified\n")
+                               f"complete/big-scan.tiff, blake3 {digest} verified\n")
         row = json.loads(out2)
         self.assertEqual((row["skipped"], row["path"], row["bytes_sent"], row["upload_id"]),
                          (True, "complete/big-scan.tiff", 0, ""))
@@ -175,7 +177,7 @@ class UploadCommandTests(CommandTestCase):
             "--max-put", "0", path)
         self.assertEqual(code3, 0, err3)
         self.assertEqual(out3, f"big-scan.tiff: skipped: already stored as "
-                               f"complete/big-scan.tiff ({len(content)} bytes, sha256 {digest} "
+                               f"complete/big-scan.tiff ({len(content)} bytes, blake3 {digest} "
                                "verified by the server)\n")
         stored = os.listdir(os.path.join(server.storage, "complete"))
         self.assertEqual(stored, ["big-scan.tiff"])
@@ -225,7 +227,7 @@ class UploadCommandTests(CommandTestCase):
         self.assertEqual(code, 0, err)
         renamed = re.fullmatch(
             r"big-scan.tiff: 1000 bytes stored at (complete/big-scan\.[0-9a-f]{8}\.tiff), "
-            r"sha256 [0-9a-f]{64} verified\n", out)
+            r"blake3 [0-9a-f]{64} verified\n", out)
         self.assertIsNotNone(renamed, out)
         self.assertEqual(server.stored(renamed.group(1)), content)
         path, _ = self.make_file("big-scan.tiff", 1000, 3)

@@ -13,7 +13,6 @@ L{TwistdServer} and L{run_python} are in L{tests.support.processes}.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -21,6 +20,7 @@ import shutil
 import tempfile
 import textwrap
 
+from blake3 import blake3
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
@@ -114,12 +114,15 @@ class UploadFilesTests(TestCase):
         self.assertEqual(first["name"], "scans/first.tif")
         self.assertEqual(first["path"], "complete/scans/first.tif")
         self.assertEqual(first["size"], len(content1))
-        self.assertEqual(first["sha256"], hashlib.sha256(content1).hexdigest())
+        # BLAKE3 by default: no "sha256" key, the digest with its algorithm.
+        self.assertNotIn("sha256", first)
+        self.assertEqual(first["digest"], {"algorithm": "blake3",
+                                           "hex": blake3(content1).hexdigest()})
         self.assertEqual(first["resumed_at"], [])
         self.assertEqual(first["bytes_sent"], len(content1))
         self.assertEqual(first["servers"], ["twistd-node"])
         self.assertEqual(second["name"], "b.tif")
-        self.assertEqual(second["sha256"], hashlib.sha256(content2).hexdigest())
+        self.assertEqual(second["digest"]["hex"], blake3(content2).hexdigest())
         self.assertEqual(server.stored(first["path"]), content1)
         self.assertEqual(server.stored(second["path"]), content2)
         self.assertEqual(server.stored(third["path"]), content3)

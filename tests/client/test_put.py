@@ -13,6 +13,7 @@ import hashlib
 import os
 from typing import Any
 
+from blake3 import blake3
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume.client import BatchItem, UploadFailed, Uploader
@@ -60,8 +61,9 @@ class PutTests(ServerTestCase):
         self.assertEqual(len(storage.wholes), 1)
         self.assertEqual(storage.creates, 0)
         self.assertEqual(result.upload_id, storage.wholes[0].upload_id)
-        self.assertEqual((result.size, result.sha256, result.path),
-                         (len(content), hashlib.sha256(content).hexdigest(),
+        # In the connection's negotiated digest (BLAKE3 by default), as UPLOAD's.
+        self.assertEqual((result.size, result.sha256, result.digest, result.path),
+                         (len(content), blake3(content).hexdigest(), "blake3",
                           "complete/scans/a.tif"))
         self.assertEqual((result.bytes_sent, result.attempts, result.servers),
                          (len(content), 1, ["node-a"]))

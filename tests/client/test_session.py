@@ -28,6 +28,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from imgresume import integrity
 from imgresume.client import (
     BatchItem,
     ConnectionBroken,
@@ -110,7 +111,7 @@ class SessionTests(NetworkTestCase):
         for path, content in self.files(5):
             result = self.network.run(session.upload(path))
             self.assertEqual(self.network.storage.read_completed(result.path), content)
-            self.assertEqual(result.sha256, hashlib.sha256(content).hexdigest())
+            self.assertEqual(result.sha256, integrity.digest_of("blake3", content).hex())
             self.assertEqual((result.attempts, result.servers), (1, ["mem"]))
             results.append(result)
         self.assertEqual(session.connections, 1)
@@ -363,7 +364,7 @@ class ConnectionHarness:
 
     def welcome(self) -> None:
         """The handshake, done."""
-        self.test.assertEqual(self.sent(), [Hello("unit")])
+        self.test.assertEqual(self.sent(), [Hello("unit", options=integrity.hello_options("sha256"))])
         self.test.assertEqual(self.receive(Welcome(1, "unit-server", 1024, 1 << 40, 1024)), [])
         self.test.assertEqual(self.test.successResultOf(self.connection.welcomed).server_id,
                               "unit-server")

@@ -28,6 +28,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from imgresume import integrity
 from imgresume.client import (
     IfExistsNotOffered,
     Journal,
@@ -98,7 +99,9 @@ class UploadTests(ServerTestCase):
         result = await self.uploader(endpoint_of(listening)).upload(
             path, "scans/a.tif", metadata={"dpi": "600"}, progress=reports.append
         )
-        digest = hashlib.sha256(content).hexdigest()
+        # The digest negotiated by default: BLAKE3.
+        digest = integrity.digest_of("blake3", content).hex()
+        self.assertEqual(result.digest, "blake3")
         self.assertEqual(result.name, "scans/a.tif")
         self.assertEqual(len(result.upload_id), 32)
         self.assertEqual(result.size, len(content))
@@ -128,9 +131,9 @@ class UploadTests(ServerTestCase):
         result = await self.uploader(endpoint_of(listening)).upload(
             path, "a.tif", progress=reports.append)
         self.assertEqual(reports[0].phase, "hashing")
-        self.assertEqual(result.sha256, hashlib.sha256(content).hexdigest())
+        self.assertEqual(result.sha256, integrity.digest_of("blake3", content).hex())
         [upload] = storage._uploads.values()
-        self.assertEqual(upload.info.sha256, hashlib.sha256(content).digest())
+        self.assertEqual(upload.info.sha256, integrity.digest_of("blake3", content))
 
     async def test_default_name(self) -> None:
         """Without a name, the file's base name is the remote name."""
@@ -148,7 +151,7 @@ class UploadTests(ServerTestCase):
         path, _ = self.local_file(0, "empty.tif")
         result = await self.uploader(endpoint_of(listening)).upload(path)
         self.assertEqual(result.size, 0)
-        self.assertEqual(result.sha256, hashlib.sha256(b"").hexdigest())
+        self.assertEqual(result.sha256, integrity.digest_of("blake3", b"").hex())
         self.assertEqual(result.bytes_sent, 0)
         self.assertEqual(result.attempts, 1)
         self.assertEqual(storage.read_completed(result.path), b"")
@@ -160,7 +163,7 @@ class UploadTests(ServerTestCase):
         path, content = self.local_file(CHUNK)
         result = await self.uploader(endpoint_of(listening)).upload(path)
         self.assertEqual(result.bytes_sent, CHUNK)
-        self.assertEqual(result.sha256, hashlib.sha256(content).hexdigest())
+        self.assertEqual(result.sha256, integrity.digest_of("blake3", content).hex())
         self.assertEqual(storage.read_completed(result.path), content)
 
     async def test_window_of_one(self) -> None:
@@ -244,7 +247,7 @@ class ResumeTests(ServerTestCase):
         self.assertLessEqual(result.resumed_at[0], 700 * 1024)
         self.assertGreaterEqual(result.bytes_sent, len(content))
         self.assertLessEqual(result.bytes_sent, len(content) + WINDOW * CHUNK)
-        self.assertEqual(result.sha256, hashlib.sha256(content).hexdigest())
+        self.assertEqual(result.sha256, integrity.digest_of("blake3", content).hex())
         self.assertEqual(storage.read_completed(result.path), content)
 
     async def test_failover_to_second_server(self) -> None:
@@ -363,7 +366,7 @@ class JournalResumeTests(ServerTestCase):
         self.assertFalse(result.already_complete)
         self.assertCompleteEntry(journal, result.upload_id)
         [entry] = self.journal_entries(journal).values()
-        self.assertEqual(entry["sha256"], hashlib.sha256(content).hexdigest())
+        self.assertEqual(entry["sha256"], integrity.digest_of("blake3", content).hex())
         with open(os.path.join(root, result.path), "rb") as f:
             self.assertEqual(f.read(), content)
 
@@ -401,7 +404,7 @@ class JournalResumeTests(ServerTestCase):
         self.start_server(storage, "node-b", port=port)
         result = await self.uploader(endpoint, journal=journal).upload(path)
         self.assertNotEqual(result.upload_id, entry["upload_id"])
-        self.assertEqual(result.sha256, hashlib.sha256(new_content).hexdigest())
+        self.assertEqual(result.sha256, integrity.digest_of("blake3", new_content).hex())
         self.assertEqual(result.resumed_at, [])
         self.assertEqual(storage.read_completed(result.path), new_content)
         self.assertCompleteEntry(journal, result.upload_id)
@@ -556,7 +559,7 @@ class IfExistsTests(ServerTestCase):
         self.assertEqual((again.skipped, again.path, again.upload_id, again.bytes_sent),
                          (True, first.path, "", 0))
         self.assertFalse(again.already_complete)
-        self.assertEqual(again.sha256, hashlib.sha256(content).hexdigest())
+        self.assertEqual(again.sha256, integrity.digest_of("blake3", content).hex())
         self.assertEqual(reports[0].phase, "hashing")
         self.assertEqual(reports[-1], Progress("a.tif", "done", len(content), len(content),
                                                "node-a", "complete/a.tif"))
@@ -684,7 +687,7 @@ class AttemptHarness:
         self.transport = StringTransport()
         self.connection.makeConnection(self.transport)
         self.decoder = new_decoder()
-        test.assertEqual(self.sent(), [Hello("unit")])
+        test.assertEqual(self.sent(), [Hello("unit", options=integrity.hello_options("sha256"))])
 
     def start(self, welcome: Welcome | None = None) -> list[Any]:
         """

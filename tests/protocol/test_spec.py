@@ -23,6 +23,8 @@ import unicodedata
 import zlib
 from typing import Any
 
+import blake3
+import crc32c
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -962,3 +964,103 @@ class PutSpecTests(SynchronousTestCase):
         [again] = server.connect().send(put_frame("01" * 16))
         self.assertEqual(first, again)
         self.assertEqual(list(server.storage.files), ["complete/p.tif"])
+
+
+class IntegrityTests(SynchronousTestCase):
+    """§2b: the integrity algorithms of a connection, against a real server."""
+
+    def hello(self, c: Connection, options: dict[str, str]) -> Welcome:
+        [welcome] = c.send(encode(Hello("tester", options=options)))
+        assert isinstance(welcome, Welcome), welcome
+        return welcome
+
+    def test_choice(self) -> None:
+        """
+        The server chooses, per key the client sent, the first name it knows.
+
+        > The server answers
+        > each key the client sent with the key in the singular, in WELCOME:
+        > `checksum` = the first name of `checksums` it knows, `digest` = the first
+        > name of `digests` it knows; a list of names it knows none of is answered
+        > `crc32`, or `sha256`.
+        """
+        server = Server()
+        welcome = self.hello(server.connect(None), {"checksums": "crc32c,crc32",
+                                                    "digests": "blake3,sha256"})
+        self.assertEqual((welcome.options["checksum"], welcome.options["digest"]),
+                         ("crc32c", "blake3"))
+        welcome = self.hello(server.connect(None), {"checksums": "adler32,crc32",
+                                                    "digests": "md5"})
+        self.assertEqual((welcome.options["checksum"], welcome.options["digest"]),
+                         ("crc32", "sha256"))
+        welcome = self.hello(server.connect(None), {"digests": "sha256"})
+        self.assertNotIn("checksum", welcome.options)
+
+    def test_old_client(self) -> None:
+        """
+        A client that negotiates nothing: no keys in WELCOME, CRC-32 on DATA,
+        SHA-256 for the file, exactly as before.
+
+        > A peer that negotiates nothing uses `crc32` and `sha256`. A HELLO without
+        > `checksums` (or `digests`) gets no `checksum` (`digest`) in WELCOME: that is
+        > every client from before negotiation, and it is served exactly as before.
+        """
+        server = Server()
+        c = server.connect()
+        assert c.welcome is not None
+        self.assertFalse({"checksum", "digest"} & set(c.welcome.options))
+        [accepted] = c.send(encode(Upload("a.tif", len(CONTENT), SHA)))
+        self.assertEqual(accepted.tail_sha256, hashlib.sha256(b"").digest())
+        completed = c.send_all(CONTENT)  # data_frame: zlib CRC-32
+        self.assertEqual(completed.sha256, SHA)
+
+    def test_crc32c_on_data(self) -> None:
+        """
+        With CRC-32C chosen, DATA carries it; a CRC-32 there is refused.
+
+        > the **checksum** of every DATA payload (the u32 DATA calls `crc32`):
+        """
+        c = Server().connect(None)
+        self.hello(c, {"checksums": "crc32c"})
+        [accepted] = c.send(encode(Upload("a.tif", 6, hashlib.sha256(b"abcdef").digest())))
+        [error] = c.send(encode(Data(0, zlib.crc32(b"abcdef"), b"abcdef")))
+        self.assertEqual(error.code, ErrorCode.CHECKSUM_MISMATCH)
+        [ack] = c.send(encode(Data(0, crc32c.crc32c(b"abcdef"), b"abcdef")))
+        self.assertEqual(ack, Ack(6))
+
+    def test_digest_fixed_at_creation(self) -> None:
+        """
+        A BLAKE3 upload: ACCEPTED's digests are BLAKE3; a RESUME from a
+        SHA-256 connection is refused, and the connection stays ready; one
+        from a BLAKE3 connection is served.
+
+        > **An upload's digest is fixed when it is created**: it is the digest of the
+        > connection that sent the UPLOAD, stored with the upload, and every digest
+        > of that upload — ACCEPTED's `sha256` and `tail_sha256`, FINISH, COMPLETED
+        > — is in that algorithm, on whichever server it is resumed. A RESUME of an
+        > upload created with another digest than the connection's is refused with
+        > `DIGEST_ALGORITHM_MISMATCH` (command scope, not retryable; the connection
+        > stays `ready`), whose message names both
+        """
+        server = Server()
+        c = server.connect(None)
+        self.hello(c, {"digests": "blake3"})
+        declared = blake3.blake3(CONTENT).digest()
+        [accepted] = c.send(encode(Upload("a.tif", len(CONTENT), declared)))
+        self.assertEqual(accepted.tail_sha256, blake3.blake3(b"").digest())
+        [ack] = c.send(data_frame(0, CONTENT[:4096]))
+        c.lose()
+        other = server.connect(None)
+        self.hello(other, {"digests": "sha256"})
+        [error] = other.send(encode(Resume(accepted.upload_id)))
+        self.assertEqual(error.code, ErrorCode.DIGEST_ALGORITHM_MISMATCH)
+        self.assertIn("BLAKE3", error.message)
+        self.assertIn("SHA-256", error.message)
+        self.assertTrue(other.still_ready())
+        same = server.connect(None)
+        self.hello(same, {"digests": "blake3"})
+        [resumed] = same.send(encode(Resume(accepted.upload_id)))
+        self.assertEqual((resumed.offset, resumed.sha256), (4096, declared))
+        self.assertEqual(resumed.tail_sha256, blake3.blake3(CONTENT[:4096]).digest())
+        completed = same.send_all(CONTENT, 4096)
+        self.assertEqual(completed.sha256, declared)

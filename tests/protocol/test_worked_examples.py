@@ -10,8 +10,12 @@ import os
 import re
 import zlib
 
+from blake3 import blake3
+from crc32c import crc32c
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume.protocol import SKIPPED_UPLOAD_ID, FrameDecoder, Hello, ServerLimits, encode
@@ -44,7 +48,7 @@ class WorkedExampleTests(SynchronousTestCase):
     def test_every_block_round_trips(self) -> None:
         """Each hex block is exactly one frame of the captioned type."""
         found = examples()
-        self.assertEqual(len(found), 25)
+        self.assertEqual(len(found), 35)
         for name, raw in found:
             decoder = FrameDecoder(control_limit(4 << 20))
             decoder.feed(raw)
@@ -81,13 +85,32 @@ class WorkedExampleTests(SynchronousTestCase):
         welcome = frames["WELCOME"][2]
         self.assertEqual(welcome.options, {"late-digest": "1", "window": "32",
                                            "if-exists": "rename,skip,fail"})
-        skip, refuse = frames["UPLOAD"][2:]
+        skip, refuse = frames["UPLOAD"][2:4]
         self.assertEqual(skip.metadata, {"dpi": "600", "if-exists": "skip"})
         self.assertEqual(refuse.metadata, {"dpi": "600", "if-exists": "fail"})
         skipped = frames["COMPLETED"][1]
         self.assertEqual((skipped.upload_id, skipped.size, skipped.sha256, skipped.path),
                          (SKIPPED_UPLOAD_ID, 10, sha, "complete/scans/a.tif"))
         self.assertEqual(frames["ERROR"][1].code, 0x0107)
+        # Negotiated integrity: CRC-32C and BLAKE3.
+        hello, again = frames["HELLO"][2:4]
+        self.assertEqual(hello.options, {"checksums": "crc32c,crc32", "digests": "blake3"})
+        self.assertEqual(again.options, {"checksums": "crc32c,crc32", "digests": "sha256"})
+        chosen, refusing = frames["WELCOME"][4:6]
+        self.assertEqual((chosen.options["checksum"], chosen.options["digest"]),
+                         ("crc32c", "blake3"))
+        self.assertEqual((refusing.options["checksum"], refusing.options["digest"]),
+                         ("crc32c", "sha256"))
+        b3 = blake3(content).digest()
+        self.assertEqual(b3.hex(), "d0973dc9b89baef84e0750b34dc138f196fecdaf8af1a2b51a544622f9374e0e")
+        upload, accepted = frames["UPLOAD"][4], frames["ACCEPTED"][2]
+        self.assertEqual((upload.sha256, accepted.sha256), (b3, b3))
+        self.assertEqual(accepted.tail_sha256, blake3(b"").digest())
+        data = frames["DATA"][3]
+        self.assertEqual((data.offset, data.payload), (0, content[:6]))
+        self.assertEqual(data.crc32, crc32c(content[:6]))
+        self.assertEqual((crc32c(content[:6]), crc32c(content[6:])), (0x82390E18, 0x48674BC7))
+        self.assertEqual(frames["ERROR"][2].code, 0x0205)
 
 
 def raw_examples() -> dict[str, list[bytes]]:
@@ -173,3 +196,32 @@ class RealServerTests(SynchronousTestCase):
             proto.dataReceived(raw["PUT"][0])
             self.assertEqual(transport.value(), raw["COMPLETED"][2])
         self.assertEqual(list(storage.files), ["complete/scans/a.tif"])
+
+    def test_negotiated_integrity(self) -> None:
+        """
+        The WELCOMEs choosing CRC-32C with BLAKE3 and then SHA-256, the
+        ACCEPTED with BLAKE3's empty tail, the ACK of a CRC-32C packet and
+        the refusal of a RESUME in the other digest: as the server sends them.
+        """
+        raw = raw_examples()
+        self.patch(memory, "new_upload_id", lambda: "00112233445566778899aabbccddeeff")
+        storage = MemoryStorage()
+        for server_id, hello, welcome in (("node-a", 2, 4), ("node-b", 3, 5)):
+            factory = UploadServerFactory(storage, server_id, Clock())
+            proto = factory.buildProtocol(None)
+            transport = StringTransport()
+            proto.makeConnection(transport)
+            proto.dataReceived(raw["HELLO"][hello])
+            self.assertEqual(transport.value(), raw["WELCOME"][welcome])
+            transport.clear()
+            if server_id == "node-a":
+                proto.dataReceived(raw["UPLOAD"][4])
+                self.assertEqual(transport.value(), raw["ACCEPTED"][2])
+                transport.clear()
+                proto.dataReceived(raw["DATA"][3])
+                self.assertEqual(transport.value(), raw["ACK"][2])
+                proto.transport.loseConnection()
+                proto.connectionLost(Failure(ConnectionDone()))
+            else:
+                proto.dataReceived(raw["RESUME"][1])
+                self.assertEqual(transport.value(), raw["ERROR"][2])

@@ -691,7 +691,7 @@ class SendProxyClusterTests(TestCase):
     def uploader(self) -> Uploader:
         return Uploader(self.cluster.lb_endpoint, reactor=reactor, journal=None,
                         chunk_size=256 * 1024, window=4, client_id="test",
-                        backoff_base=0.05, backoff_max=0.5)
+                        backoff_base=0.05, backoff_max=0.5, digest="sha256")
 
     def assertNoProxyTrouble(self) -> None:
         self.assertNotIn("trusted proxy", self.serverLogs())

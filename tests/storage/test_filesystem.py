@@ -183,6 +183,8 @@ class FilesystemLayoutTests(FilesystemMixin, TestCase):
                 "name": "a.tiff",
                 "size": len(PAYLOAD),
                 "sha256": hashlib.sha256(PAYLOAD).hexdigest(),
+                "digest": "sha256",
+                "checksum": "crc32",
                 "metadata": {"k": "v"},
                 "client_id": "cli",
                 "created": meta["created"],
@@ -1482,27 +1484,27 @@ class FormatTests(FilesystemMixin, TestCase):
 
     def test_newerFormatRefused(self) -> None:
         """
-        A record written by a newer imgresume (format 3) is refused by
+        A record written by a newer imgresume (format 4) is refused by
         resume and status with a retryable error naming both formats, and
         left alone by garbage collection.
         """
         upload_id = self.partial(upto=3000)
         meta = self.meta(upload_id)
-        meta["format"] = 3
+        meta["format"] = 4
         self.writeMeta(upload_id, meta)
-        message = (f"upload {upload_id} was written by a newer imgresume (format 3); "
-                   "this server understands format 2 and older")
+        message = (f"upload {upload_id} was written by a newer imgresume (format 4); "
+                   "this server understands format 3 and older")
         for d in (self.storage.resume(upload_id), self.storage.status(upload_id)):
             f = self.failureResultOf(d, NewerRecordFormat)
             self.assertIsInstance(f.value, StorageError)
             self.assertTrue(f.value.retryable)
             self.assertIn(message, f.value.message)
-            self.assertEqual((f.value.found, f.value.understood), (3, 2))
+            self.assertEqual((f.value.found, f.value.understood), (4, 3))
         report = collect_garbage(self.root.path, older_than=0.0, now=time.time() + 10**9)
         self.assertEqual([(e.upload_id, e.action) for e in report.kept],
                          [(upload_id, "invalid")])
         self.assertTrue(self.upath(upload_id, "data").exists())
-        meta["format"] = 2
+        meta["format"] = 3
         self.writeMeta(upload_id, meta)
         self.assertEqual(self.resumed(upload_id).offset, 3000)
 

@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Any
 
+from blake3 import blake3
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import SkipTest, TestCase
@@ -503,12 +504,12 @@ class S3RecordTests(BucketMixin, TestCase):
         self.successResultOf(writer.release())
         upload_id = writer.info.upload_id
         meta = self.meta(s, upload_id)
-        self.putRecord(s, upload_id, "meta.json", dict(meta, version=3))
+        self.putRecord(s, upload_id, "meta.json", dict(meta, version=4))
         for d in (s.resume(upload_id), s.status(upload_id)):
             f = self.failureResultOf(d, NewerRecordFormat)
             self.assertTrue(f.value.retryable)
-            self.assertIn(f"upload {upload_id} was written by a newer imgresume (format 3); "
-                          "this server understands format 2 and older", f.value.message)
+            self.assertIn(f"upload {upload_id} was written by a newer imgresume (format 4); "
+                          "this server understands format 3 and older", f.value.message)
         self.putRecord(s, upload_id, "meta.json", meta)
         self.successResultOf(self.successResultOf(s.resume(upload_id)).release())
 
@@ -581,7 +582,9 @@ class S3ServerTests(BucketMixin, ServerTestCase):
         self.assertEqual((result.servers[0], result.servers[-1]), ("node-a", "node-b"))
         self.assertEqual(len(result.resumed_at), 1)
         self.assertIn(result.resumed_at[0], (5 * MiB, 10 * MiB))
-        self.assertEqual(result.sha256, hashlib.sha256(content).hexdigest())
+        # BLAKE3, the default digest: the parts and the object hashed with it.
+        self.assertEqual((result.digest, result.sha256),
+                         ("blake3", blake3(content).hexdigest()))
         stored = await deferToThread(self.s3Storage().read_completed, result.path)
         self.assertEqual(hashlib.sha256(stored).hexdigest(), hashlib.sha256(content).hexdigest())
 

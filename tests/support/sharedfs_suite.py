@@ -628,7 +628,8 @@ class ClusterMixin(SharedFilesystemTestCase):
     def uploader(self) -> Uploader:
         return Uploader(self.cluster.lb_endpoint, reactor=reactor, journal=None,
                         chunk_size=CHUNK, window=WINDOW, client_id="test",
-                        backoff_base=0.05, backoff_max=0.5, max_attempts=30)
+                        backoff_base=0.05, backoff_max=0.5, max_attempts=30,
+                        digest="sha256")
 
     def make_file(self, size: int) -> tuple[str, str]:
         path = os.path.join(self.work, "scan.tif")

@@ -62,7 +62,7 @@ class ChaosTestCase(TestCase):
         kw.setdefault("backoff_max", 0.5)
         kw.setdefault("chunk_size", CHUNK)
         kw.setdefault("window", WINDOW)
-        return Uploader(endpoint, reactor=reactor, client_id="chaos", **kw)
+        return Uploader(endpoint, reactor=reactor, client_id="chaos", digest="sha256", **kw)
 
     def stored_sha256(self, rel: str) -> str:
         return sha256_file(os.path.join(self.cluster.storage, rel))

@@ -779,7 +779,7 @@ class QuickStartTests(SynchronousTestCase):
                 self.assertRegex(
                     result.stdout,
                     r"big-scan\.tiff: 25165824 bytes stored at complete/big-scan\.tiff, "
-                    r"sha256 [0-9a-f]{64} verified")
+                    r"blake3 [0-9a-f]{64} verified")
                 uploaded = True
                 continue
             if words[0] == "kill":

@@ -38,7 +38,8 @@ class ClusterTestCase(TestCase):
         kw.setdefault("backoff_base", 0.05)
         kw.setdefault("backoff_max", 0.5)
         return Uploader(self.cluster.lb_endpoint, reactor=reactor, journal=None,
-                        chunk_size=CHUNK, window=WINDOW, client_id="test", **kw)
+                        chunk_size=CHUNK, window=WINDOW, client_id="test", digest="sha256",
+                        **kw)
 
     def stored_sha256(self, path: str) -> str:
         return sha256_file(os.path.join(self.cluster.storage, path))
@@ -91,7 +92,7 @@ class ClientKilledTests(ClusterTestCase):
     def run_cli(self, *args: str) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "imgresume", "upload", "--to", self.cluster.lb_endpoint,
-             "--chunk-size", str(CHUNK), "--json", *args],
+             "--chunk-size", str(CHUNK), "--json", "--digest", "sha256", *args],
             env={**child_env(), "XDG_STATE_HOME": os.path.join(self.work, "state")},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.work,
         )

@@ -212,7 +212,7 @@ class HAProxyTestCase(TestCase):
         kw.setdefault("backoff_base", 0.05)
         kw.setdefault("backoff_max", 0.5)
         return Uploader(self.endpoint, reactor=reactor, journal=None, chunk_size=CHUNK,
-                        window=WINDOW, client_id="test", **kw)
+                        window=WINDOW, client_id="test", digest="sha256", **kw)
 
     def stored_sha256(self, path: str) -> str:
         return sha256_file(os.path.join(self.cluster.storage, path))

@@ -61,7 +61,7 @@ class TLSClusterTests(TestCase):
         kill = KillServingServer(self.cluster, after=size // 3)
         uploader = Uploader(self.endpoint, reactor=reactor, journal=None, client_id=CLIENT,
                             key=self.key, chunk_size=self.CHUNK, window=self.WINDOW,
-                            backoff_base=0.05, backoff_max=0.5)
+                            backoff_base=0.05, backoff_max=0.5, digest="sha256")
         uploader.endpoint = WaitForClose(uploader.endpoint, self)
         result = await uploader.upload(path, "scans/scan.tif", progress=kill)
         kill.check(self, result)

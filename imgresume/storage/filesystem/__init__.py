@@ -37,7 +37,7 @@ one concern each:
   - C{_selftest_child}: the other process of the self-test.
 """
 
-from imgresume.storage.filesystem._storage import FilesystemStorage
+from imgresume.storage.filesystem._storage import VERIFY_MODES, FilesystemStorage
 from imgresume.storage.filesystem._writer import FilesystemUploadWriter
 
-__all__ = ["FilesystemStorage", "FilesystemUploadWriter"]
+__all__ = ["FilesystemStorage", "FilesystemUploadWriter", "VERIFY_MODES"]

@@ -3,20 +3,20 @@
 The journal of an upload and the proof of its offset.
 
 The journal holds one 20-byte record per committed range of the data file:
-offset (u64), length (u32), CRC-32 of the payload (u32), then the CRC-32 of
-those 16 bytes (u32), all big-endian.  A writer appends records only after
+offset (u64), length (u32), checksum of the payload (u32: the upload's
+record checksum, CRC-32C or CRC-32 as its meta.json says), then the CRC-32
+of those 16 bytes (u32), all big-endian.  A writer appends records only after
 the bytes they name are flushed (L{records}); a resume proves its offset from
 them (L{prove}), never from a file size.  See C{docs/storage.md}.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
-import zlib
 from typing import Sequence
 
+from imgresume import integrity
 from imgresume.storage.filesystem._durable import drop_cache, pread_full
 from imgresume.storage.interfaces import Chunk, TailCheck
 
@@ -30,14 +30,17 @@ MAX_RECORD_LENGTH = 1 << 30
 #: Read size for range checks.
 READ_CHUNK = 1 << 20
 
-#: The tail of an upload with nothing stored yet.
-EMPTY_TAIL = TailCheck(0, 0, hashlib.sha256(b"").digest())
+
+
+def empty_tail(digest: str = integrity.LEGACY_DIGEST) -> TailCheck:
+    """The tail of an upload with nothing stored yet: the digest of no bytes."""
+    return TailCheck(0, 0, integrity.EMPTY_DIGESTS[digest])
 
 
 def pack_record(offset: int, length: int, crc: int) -> bytes:
-    """One journal record for C{length} bytes at C{offset} with CRC-32 C{crc}."""
+    """One journal record for C{length} bytes at C{offset} with checksum C{crc}."""
     body = RECORD.pack(offset, length, crc)
-    return body + RECORD_CRC.pack(zlib.crc32(body))
+    return body + RECORD_CRC.pack(integrity.checksum("crc32", body))
 
 
 def parse_record(raw: bytes) -> tuple[int, int, int] | None:
@@ -45,46 +48,53 @@ def parse_record(raw: bytes) -> tuple[int, int, int] | None:
     if len(raw) != RECORD_SIZE:
         return None
     body = raw[: RECORD.size]
-    if zlib.crc32(body) != RECORD_CRC.unpack_from(raw, RECORD.size)[0]:
+    if integrity.checksum("crc32", body) != RECORD_CRC.unpack_from(raw, RECORD.size)[0]:
         return None
     return RECORD.unpack(body)
 
 
-def records(chunks: Sequence[Chunk]) -> list[bytes]:
+def records(chunks: Sequence[Chunk], checksum: str = integrity.LEGACY_CHECKSUM) -> list[bytes]:
     """
     The records naming the stored, non-empty C{chunks}: one per chunk,
-    whose CRC-32 (the protocol already checked it against the payload) is
-    used when given; a chunk longer than L{MAX_RECORD_LENGTH}, or without a
-    CRC, is covered by records computed here.
+    whose checksum (the protocol already checked it against the payload)
+    is used when it is the upload's record C{checksum}; a chunk longer than
+    L{MAX_RECORD_LENGTH}, or without that checksum, is covered by records
+    computed here.
     """
     out = []
     for chunk in chunks:
-        if chunk.crc32 is not None and len(chunk.data) <= MAX_RECORD_LENGTH:
+        if (chunk.crc32 is not None and chunk.checksum == checksum
+                and len(chunk.data) <= MAX_RECORD_LENGTH):
             out.append(pack_record(chunk.offset, len(chunk.data), chunk.crc32))
             continue
         offset = chunk.offset
         view = memoryview(chunk.data)
         while view:
             piece = view[:MAX_RECORD_LENGTH]
-            out.append(pack_record(offset, len(piece), zlib.crc32(piece)))
+            out.append(pack_record(offset, len(piece), integrity.checksum(checksum, piece)))
             offset += len(piece)
             view = view[len(piece):]
     return out
 
 
-def check_range(fd: int, offset: int, length: int, crc: int) -> bytes | None:
+def check_range(
+    fd: int, offset: int, length: int, crc: int,
+    checksum: str = integrity.LEGACY_CHECKSUM, digest: str = integrity.LEGACY_DIGEST,
+) -> bytes | None:
     """
-    Read C{length} stored bytes at C{offset}; return their SHA-256 if they
-    match C{crc}, C{None} if they do not or the file is too short.
+    Read C{length} stored bytes at C{offset}; return their C{digest} if
+    they match C{crc} (a C{checksum}), C{None} if they do not or the file
+    is too short.
     """
-    h = hashlib.sha256()
+    h = integrity.new_digest(digest)
+    crc_of = integrity.CHECKSUMS[checksum]
     running = 0
     got = 0
     while got < length:
         b = os.pread(fd, min(READ_CHUNK, length - got), offset + got)
         if not b:
             return None
-        running = zlib.crc32(b, running)
+        running = crc_of(b, running)
         h.update(b)
         got += len(b)
     if length == 0 or running != crc:
@@ -93,7 +103,8 @@ def check_range(fd: int, offset: int, length: int, crc: int) -> bytes | None:
 
 
 def prove(
-    data_fd: int, journal_fd: int, size: int
+    data_fd: int, journal_fd: int, size: int,
+    checksum: str = integrity.LEGACY_CHECKSUM, digest: str = integrity.LEGACY_DIGEST,
 ) -> tuple[int, int, TailCheck, int]:
     """
     Establish the offset of an upload from its journal and data file.
@@ -101,7 +112,7 @@ def prove(
     Records are accepted in order while each is intact (its own CRC), starts
     where the previous ended and stays within C{size}.  The last accepted
     record's range is then read back from the data file and checked against
-    its CRC-32; if it does not match, it is dropped and the one before is
+    its C{checksum}; if it does not match, it is dropped and the one before is
     checked, and so on.  Earlier ranges were flushed before the next
     record was written, so they need no check.
 
@@ -129,7 +140,7 @@ def prove(
                 break
             count += 1
             end += length
-    tail = EMPTY_TAIL
+    tail = empty_tail(digest)
     while count:
         raw = pread_full(journal_fd, RECORD_SIZE, (count - 1) * RECORD_SIZE)
         rec = parse_record(raw)
@@ -138,9 +149,9 @@ def prove(
         # Only the range read needs its cached pages dropped: dropping a
         # whole large file's took most of a resume's time.
         drop_cache(data_fd, offset, length)
-        digest = check_range(data_fd, offset, length, crc)
-        if digest is not None:
-            tail = TailCheck(offset, length, digest)
+        found = check_range(data_fd, offset, length, crc, checksum, digest)
+        if found is not None:
+            tail = TailCheck(offset, length, found)
             break
         count -= 1
     proven = tail.start + tail.length
@@ -153,7 +164,9 @@ def prove(
     return proven, count, tail, max(0, stored - proven)
 
 
-def first_bad_record(data_fd: int, journal_fd: int, count: int) -> tuple[int, int] | None:
+def first_bad_record(
+    data_fd: int, journal_fd: int, count: int, checksum: str = integrity.LEGACY_CHECKSUM
+) -> tuple[int, int] | None:
     """
     Check every one of the first C{count} records against the stored bytes
     (after dropping their cached pages), for an upload whose whole content
@@ -170,7 +183,7 @@ def first_bad_record(data_fd: int, journal_fd: int, count: int) -> tuple[int, in
         if rec is None or rec[0] != end:
             return i, end
         offset, length, crc = rec
-        if check_range(data_fd, offset, length, crc) is None:
+        if check_range(data_fd, offset, length, crc, checksum) is None:
             return i, offset
         end += length
     return None

@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any
 
+from imgresume import integrity
 from imgresume.errors import StorageError
 from imgresume.storage.filesystem._durable import (
     atomic_write,
@@ -33,8 +34,10 @@ from imgresume.storage.interfaces import (
 #: original; 2 when its C{sha256} is null, the digest coming at completion
 #: (FINISH), which a reader of format 1 cannot read.  Fields a reader does
 #: not know (such as C{file}, the published file's identity) are ignored; a
-#: change an older reader would misread takes a new format.
-FORMAT_VERSION = 2
+#: change an older reader would misread takes a new format: 3 when the
+#: record's C{digest} is not SHA-256 or its journal C{checksum} not CRC-32
+#: (a record without them holds SHA-256 and CRC-32).
+FORMAT_VERSION = 3
 
 
 class Paths:
@@ -99,6 +102,7 @@ def upload_info(meta: dict[str, Any]) -> UploadInfo:
         metadata=dict(meta["metadata"]),
         client_id=meta["client_id"],
         created=meta["created"],
+        digest=algorithms(meta)[1],
     )
 
 
@@ -110,11 +114,28 @@ def completed(meta: dict[str, Any]) -> CompletedUpload:
         size=meta["size"],
         sha256=bytes.fromhex(meta["sha256"]),
         path=meta["path"],
+        digest=algorithms(meta)[1],
     )
 
 
+def algorithms(meta: dict[str, Any]) -> tuple[str, str]:
+    """
+    The journal's record checksum and the digest of an upload's meta.json:
+    CRC-32 and SHA-256 for a record that names none (written before
+    format 3).
+    """
+    return (meta.get("checksum", integrity.LEGACY_CHECKSUM),
+            meta.get("digest", integrity.LEGACY_DIGEST))
+
+
 def record_format(meta: dict[str, Any]) -> int:
-    """The lowest format that describes C{meta}: 2 if its digest is still to come."""
+    """
+    The lowest format that describes C{meta}: 3 if it holds other
+    algorithms than CRC-32 and SHA-256, else 2 if its digest is still to
+    come, else 1.
+    """
+    if algorithms(meta) != (integrity.LEGACY_CHECKSUM, integrity.LEGACY_DIGEST):
+        return 3
     return 2 if meta["sha256"] is None else 1
 
 

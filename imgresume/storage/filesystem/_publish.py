@@ -17,7 +17,6 @@ for an UPLOAD's C{if-exists} policy.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from imgresume import integrity
 from imgresume.errors import InvalidName, NameTaken, StorageError
 from imgresume.names import completion_candidates, if_exists_policy, validate_name
 from imgresume.storage.filesystem import _incomplete
@@ -232,7 +232,9 @@ def finish_completion(root: str, paths: Paths, meta: dict[str, Any]) -> Complete
     return completed(meta)
 
 
-def find_completed(root: str, name: str, size: int) -> StoredFile | None:
+def find_completed(
+    root: str, name: str, size: int, algorithm: str = integrity.LEGACY_DIGEST
+) -> StoredFile | None:
     """
     What lies at C{complete/<name>}: see
     L{IUploadStorage.find_completed
@@ -260,7 +262,7 @@ def find_completed(root: str, name: str, size: int) -> StoredFile | None:
         finally:
             os.close(parent_fd)
         try:
-            digest = hashlib.sha256()
+            digest = integrity.new_digest(algorithm)
             while chunk := os.read(fd, 1 << 20):
                 digest.update(chunk)
             st = os.fstat(fd)

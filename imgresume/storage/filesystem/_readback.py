@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.storage.test_filesystem -*-
 """
-Read-back verification that follows the writes: the SHA-256 of what is
-stored, computed while the upload is still arriving.
+Read-back verification that follows the writes: the digest of what is
+stored, computed while the upload is still arriving (or, with
+C{verify="received"}, of what was received, as it is written).
 
 An upload is declared complete only after every stored byte has been read
 back from the storage (this host's cached pages dropped first, so the bytes
@@ -12,11 +13,18 @@ transfer.  Bytes below the durable offset never change, so they can be
 verified as soon as they are flushed: L{ReadBack} hashes the durable prefix
 in slices on the storage's disk threads, lagging the writes, and completion
 only waits for the last slice.
+
+With C{verify="received"} (C{twistd imgresume --verify received}) the
+bytes are hashed from the buffers they were written from instead
+(L{ReadBack.received}, on the disk thread of the write), and nothing is
+read back but a resumed prefix, which this writer did not receive: no disk
+read, at the cost of not seeing a storage that returns other bytes than it
+was given (each range still matches the checksum the client computed before
+it was written; see docs/server.md).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -25,6 +33,8 @@ from typing import Callable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from imgresume import integrity
 
 log = Logger()
 
@@ -71,12 +81,18 @@ class ReadBack:
         data_fd: int,
         run: Callable[..., Deferred],
         timings: Callable[[str, float], None] | None = None,
+        digest: str = integrity.LEGACY_DIGEST,
     ) -> None:
+        """
+        @param digest: the upload's digest (a name of
+            L{imgresume.integrity.DIGESTS}).
+        """
         self._fd: int | None = os.dup(data_fd)
+        self._algorithm = digest
         self._run = run
         self._timings = timings
         self._mutex = threading.Lock()
-        self._hash = hashlib.sha256()
+        self._hash = integrity.new_digest(digest)
         #: Bytes from offset 0 read back and hashed so far.
         self.verified = 0
         #: What the writer has made durable, as far as it told us.
@@ -175,8 +191,23 @@ class ReadBack:
         if self._timings is not None:
             self._timings("verify", time.perf_counter() - started)
 
+    def received(self, offset: int, data: bytes | memoryview) -> None:
+        """
+        Bytes written at C{offset} (on the disk thread, in order): hash them
+        as received if the read-back has caught up with C{offset}; else the
+        read-back reads them later.  Called only with C{verify="received"}.
+        """
+        if not self._mutex.acquire(blocking=False):
+            return  # a read-back slice is running: it (or the next) reads them
+        try:
+            if self._fd is not None and offset == self.verified:
+                self._hash.update(data)
+                self.verified += len(data)
+        finally:
+            self._mutex.release()
+
     def digest(self) -> bytes:
-        """The SHA-256 of the bytes verified so far (all of them, after L{until})."""
+        """The digest of the bytes verified so far (all of them, after L{until})."""
         with self._mutex:
             return self._hash.copy().digest()
 
@@ -186,7 +217,7 @@ class ReadBack:
         start over from byte 0.  Called on the disk thread.
         """
         with self._mutex:
-            self._hash = hashlib.sha256()
+            self._hash = integrity.new_digest(self._algorithm)
             self.verified = 0
             self._durable = min(self._durable, durable)
 

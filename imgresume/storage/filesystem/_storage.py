@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from imgresume import integrity
 from imgresume.errors import (
     StorageError,
     UnknownUpload,
@@ -34,9 +35,10 @@ from imgresume.storage.filesystem._durable import (
     fsync_dir,
     io_errors,
 )
-from imgresume.storage.filesystem._journal import EMPTY_TAIL, prove
+from imgresume.storage.filesystem._journal import empty_tail, prove
 from imgresume.storage.filesystem._layout import (
     Paths,
+    algorithms,
     lease_generation,
     mtime,
     next_generation,
@@ -90,6 +92,10 @@ def _default_run(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
     return deferToThread(f, *args, **kwargs)
 
 
+#: The values of C{FilesystemStorage(verify=...)} and of C{--verify}.
+VERIFY_MODES = ("stored", "received")
+
+
 @implementer(IUploadStorage)
 class FilesystemStorage:
     """
@@ -111,6 +117,11 @@ class FilesystemStorage:
         seconds)} after each flush of a data or journal file and
         C{("write", seconds)} after each durable write (the server's
         latency histograms); must be thread-safe and quick.
+    @param verify: where a completion's digest comes from (one of
+        L{VERIFY_MODES}): C{"stored"} (the default), every byte read back
+        from the data file, this host's cache dropped; C{"received"}, the
+        bytes hashed as they are written, only a resumed prefix read back
+        (C{twistd imgresume --verify}, docs/server.md).
     """
 
     guarantees = frozenset(
@@ -125,7 +136,11 @@ class FilesystemStorage:
         busy_retry_after: float = 1.0,
         owner: str = "",
         timings: Callable[[str, float], None] | None = None,
+        verify: str = "stored",
     ) -> None:
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}")
+        self._verify = verify
         if isinstance(root, FilePath):
             root = root.path
         if isinstance(root, bytes):
@@ -173,6 +188,8 @@ class FilesystemStorage:
                 request.sha256 is not None and len(request.sha256) != 32
             ):
                 raise ValueError("size must be >= 0 and sha256 a 32-byte digest or None")
+            if request.digest not in integrity.DIGESTS:
+                raise ValueError(f"unknown digest {request.digest!r}")
         except Exception:
             return defer.fail()
         upload_id = new_upload_id()
@@ -244,9 +261,11 @@ class FilesystemStorage:
         """
         return self._run(self.whole.store, request)
 
-    def find_completed(self, name: str, size: int) -> Deferred[StoredFile | None]:
+    def find_completed(
+        self, name: str, size: int, digest: str = integrity.LEGACY_DIGEST
+    ) -> Deferred[StoredFile | None]:
         """See L{IUploadStorage.find_completed}."""
-        return self._run(find_completed, self._root, name, size)
+        return self._run(find_completed, self._root, name, size, digest)
 
     def stored_sha256(self, writer: FilesystemUploadWriter) -> Deferred[bytes]:
         """
@@ -282,6 +301,7 @@ class FilesystemStorage:
             return UploadStatus(
                 upload_id, meta["name"], meta["size"], "complete", meta["size"], False,
                 owner, meta["created"], mtime(paths.meta), meta.get("path", ""),
+                algorithms(meta)[1],
             )
         busy = upload_id in self._owned or lock_is_held(paths.lock)
         with io_errors(f"cannot read {paths.rel}"):
@@ -292,7 +312,7 @@ class FilesystemStorage:
             try:
                 journal_fd = os.open(paths.journal, os.O_RDONLY | CLOEXEC)
                 try:
-                    offset = prove(data_fd, journal_fd, meta["size"])[0]
+                    offset = prove(data_fd, journal_fd, meta["size"], *algorithms(meta))[0]
                 finally:
                     os.close(journal_fd)
             finally:
@@ -300,6 +320,7 @@ class FilesystemStorage:
         return UploadStatus(
             upload_id, meta["name"], meta["size"], "partial", offset, busy, owner,
             meta["created"], max(mtime(paths.data), mtime(paths.journal)),
+            digest=algorithms(meta)[1],
         )
 
     # -- disk work ----------------------------------------------------------
@@ -311,7 +332,7 @@ class FilesystemStorage:
         return FilesystemUploadWriter(
             paths, meta, lock, data_fd, journal_fd, offset, count, tail, generation,
             root=self._root, run=self._run, timings=self._timings,
-            on_close=self._unclaim,
+            on_close=self._unclaim, verify=self._verify,
         )
 
     def _ensure_dir(self, path: str) -> None:
@@ -336,6 +357,11 @@ class FilesystemStorage:
             "name": name,
             "size": request.size,
             "sha256": None if request.sha256 is None else bytes(request.sha256).hex(),
+            # The algorithm of "sha256" (the key keeps its historical name)
+            # and the journal records' checksum: fixed for the upload's life.
+            "digest": request.digest,
+            "checksum": request.checksum if request.checksum in integrity.CHECKSUMS
+            else integrity.LEGACY_CHECKSUM,
             "metadata": dict(request.metadata),
             "client_id": request.client_id,
             "created": self._now(),
@@ -382,7 +408,8 @@ class FilesystemStorage:
             name=name,
             size=request.size,
         )
-        return self._writer(paths, meta, lock, data_fd, journal_fd, 0, 0, EMPTY_TAIL, 1)
+        return self._writer(paths, meta, lock, data_fd, journal_fd, 0, 0,
+                            empty_tail(request.digest), 1)
 
     def _request_takeover(self, paths: Paths) -> None:
         """
@@ -459,7 +486,7 @@ class FilesystemStorage:
                     ) from None
             with io_errors(f"cannot prove the offset of {paths.rel}"):
                 offset, count, tail, unproven = prove(
-                    data_fd, journal_fd, meta["size"]
+                    data_fd, journal_fd, meta["size"], *algorithms(meta)
                 )
             new_generation = next_generation(paths)
             with io_errors(f"cannot take the lease of {paths.rel}"):

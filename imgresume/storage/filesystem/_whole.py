@@ -34,6 +34,7 @@ from typing import Callable
 
 from twisted.logger import Logger
 
+from imgresume import integrity
 from imgresume.errors import (
     DigestMismatch,
     InvalidName,
@@ -109,9 +110,9 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _stored_digest(fd: int, size: int) -> bytes | None:
+def _stored_digest(fd: int, size: int, algorithm: str) -> bytes | None:
     """
-    The SHA-256 of the C{size} bytes stored in C{fd}, read back with this
+    The C{algorithm} digest of the C{size} bytes stored in C{fd}, read back with this
     host's cached pages dropped first (so what is hashed is what the disk,
     or a network filesystem's servers, hold); C{None} if fewer are stored.
     """
@@ -119,7 +120,7 @@ def _stored_digest(fd: int, size: int) -> bytes | None:
     data = pread_full(fd, size, 0) if size else b""
     if len(data) != size:
         return None
-    return hashlib.sha256(data).digest()
+    return integrity.digest_of(algorithm, data)
 
 
 class WholeStore:
@@ -262,9 +263,9 @@ class WholeStore:
         # The .put name must be as durable as the published one will be, so
         # that a repeat after a crash finds it instead of publishing twice.
         self.dirsync.sync(_identity(os.fstat(incoming_fd)), incoming_fd)
-        digest = _stored_digest(fd, size)
+        digest = _stored_digest(fd, size, request.digest)
         if digest != request.sha256:
-            if digest is None or hashlib.sha256(data).digest() == request.sha256:
+            if digest is None or integrity.digest_of(request.digest, data) == request.sha256:
                 raise StorageError(
                     f"upload {request.upload_id}: the stored bytes differ from the "
                     "bytes written; nothing was stored, send it again")
@@ -273,19 +274,20 @@ class WholeStore:
 
     def _skip(self, name: str, request: WholeUpload) -> CompletedUpload | None:
         """C{if-exists} C{skip}: the answer when the name has these bytes."""
-        digest = hashlib.sha256(request.data).digest()
+        digest = integrity.digest_of(request.digest, request.data)
         if digest != request.sha256:
             raise self._received_mismatch(digest, request)
         size = len(request.data)
-        there = find_completed(self._root, name, size)
+        there = find_completed(self._root, name, size, request.digest)
         if there is not None and there.sha256 == digest:
-            return CompletedUpload("0" * 32, name, size, digest, there.path)
+            return CompletedUpload("0" * 32, name, size, digest, there.path, request.digest)
         return None
 
     def _received_mismatch(self, digest: bytes, request: WholeUpload) -> DigestMismatch:
         return DigestMismatch(
-            f"the bytes received hash to {digest.hex()}, not to the SHA-256 "
-            f"declared ({request.sha256.hex()}); nothing was stored")
+            f"the bytes received hash to {digest.hex()}, not to the "
+            f"{integrity.title(request.digest)} declared ({request.sha256.hex()}); "
+            "nothing was stored")
 
     def _publish(
         self, incoming_fd: int, leaf: str, st: os.stat_result, name: str,
@@ -312,7 +314,8 @@ class WholeStore:
                 mark_published(incoming_fd, leaf)
                 log.info("upload {upload_id} stored whole at {path}",
                          upload_id=request.upload_id, path=path, size=size)
-                return CompletedUpload(request.upload_id, name, size, request.sha256, path)
+                return CompletedUpload(request.upload_id, name, size, request.sha256, path,
+                                       request.digest)
         finally:
             os.close(parent_fd)
         if policy == "fail":
@@ -361,7 +364,7 @@ class WholeStore:
         recent = left > 0
         published = st.st_nlink > 1
         done = CompletedUpload(request.upload_id, name, st.st_size, request.sha256,
-                               f"complete/{name}")
+                               f"complete/{name}", request.digest)
         if published:
             # A view that shows the link is no older than the bytes.
             self._check_stored(lock.fd, st, request, 0.0)
@@ -390,7 +393,7 @@ class WholeStore:
                     self.dirsync.sync(_identity(os.fstat(parent_fd)), parent_fd)
                     mark_published(incoming_fd, leaf)
                     return CompletedUpload(request.upload_id, name, len(request.data),
-                                           request.sha256, f"complete/{rel}")
+                                           request.sha256, f"complete/{rel}", request.digest)
         finally:
             if parent_fd >= 0:
                 os.close(parent_fd)
@@ -408,7 +411,7 @@ class WholeStore:
         C{left}: seconds left of the window in which the view may be stale
         (none if not positive).
         """
-        if _stored_digest(fd, st.st_size) == request.sha256:
+        if _stored_digest(fd, st.st_size, request.digest) == request.sha256:
             return
         if left > 0:
             raise self._not_seen_yet(request, left)

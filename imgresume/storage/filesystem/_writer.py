@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imgresume import integrity
 from imgresume.errors import (
     DigestMismatch,
     ImgresumeError,
@@ -33,6 +34,7 @@ from imgresume.storage.filesystem._durable import NOSPACE, fail, io_errors, pwri
 from imgresume.storage.filesystem._journal import RECORD_SIZE, first_bad_record, records
 from imgresume.storage.filesystem._layout import (
     Paths,
+    algorithms,
     current_generation,
     remove,
     takeover_requested,
@@ -86,6 +88,7 @@ class FilesystemUploadWriter:
         run: Callable[..., Deferred],
         timings: Callable[[str, float], None] | None,
         on_close: Callable[[str], None],
+        verify: str = "stored",
     ) -> None:
         """
         @param root: the storage root (completion links below it).
@@ -93,6 +96,9 @@ class FilesystemUploadWriter:
         @param timings: the storage's latency callback, or C{None}.
         @param on_close: called with the upload id once this writer has let
             the upload go (the storage forgets it owns it).
+        @param verify: where the whole-file digest comes from: C{"stored"},
+            the bytes read back from the data file; C{"received"}, the
+            bytes as they are written (see L{ReadBack}).
         """
         self._root = root
         self._run = run
@@ -116,7 +122,10 @@ class FilesystemUploadWriter:
         self._fdatasync: Callable[[int], None] = os.fdatasync
         self._fsync: Callable[[int], None] = os.fsync
         self._ftruncate: Callable[[int, int], None] = os.ftruncate
-        self._readback = ReadBack(data_fd, run, timings)
+        #: The journal records' checksum and the upload's digest.
+        self._checksum, digest = algorithms(meta)
+        self._readback = ReadBack(data_fd, run, timings, digest)
+        self._hash_received = verify == "received"
 
     def __repr__(self) -> str:
         return (
@@ -293,8 +302,11 @@ class FilesystemUploadWriter:
         started = time.perf_counter()
         # 1. the bytes, at their offsets (never O_APPEND), then flush them.
         self._store(self._data_fd, "data", [(chunk.data, chunk.offset) for chunk in chunks])
+        if self._hash_received:
+            for chunk in chunks:
+                self._readback.received(chunk.offset, chunk.data)
         # 2. the journal records naming them, then flush those.
-        new = records(chunks)
+        new = records(chunks, self._checksum)
         self._store(self._journal_fd, "journal", [(b"".join(new), self._count * RECORD_SIZE)])
         # 3. only now is the write acknowledged.
         self._count += len(new)
@@ -372,7 +384,8 @@ class FilesystemUploadWriter:
         """
         info = self.info
         with io_errors(f"cannot verify upload {info.upload_id}"):
-            bad = first_bad_record(self._data_fd, self._journal_fd, self._count)
+            bad = first_bad_record(self._data_fd, self._journal_fd, self._count,
+                                   self._checksum)
         if bad is not None:
             index, start = bad
             try:
@@ -390,7 +403,8 @@ class FilesystemUploadWriter:
             self._readback.reset(start)
             log.warn(
                 "upload {upload_id}: stored bytes at {offset} no longer match "
-                "their CRC-32; cut back to {offset}",
+                "their {checksum}; cut back to {offset}",
+                checksum=integrity.title(self._checksum),
                 upload_id=info.upload_id,
                 offset=start,
             )
@@ -402,7 +416,8 @@ class FilesystemUploadWriter:
         self._abort_sync()
         raise DigestMismatch(
             f"stored bytes hash to {digest.hex()}, not the declared "
-            f"{expected.hex()}; every range matched its CRC-32 as "
+            f"{expected.hex()}; every range matched its "
+            f"{integrity.title(self._checksum)} as "
             "received, so the source changed during the upload; upload removed"
         )
 

@@ -9,13 +9,13 @@ Every call here blocks; the storage runs them off the reactor thread.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from twisted.logger import Logger
 
+from imgresume import integrity
 from imgresume.errors import ImgresumeError, StorageError
 
 # The backend logs as one namespace, imgresume.storage.s3.
@@ -179,10 +179,12 @@ class Bucket:
         """The bytes of an object."""
         return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
 
-    def hash_object(self, key: str) -> tuple[bytes, int]:
-        """The SHA-256 and length of an object, read back."""
+    def hash_object(
+        self, key: str, digest: str = integrity.LEGACY_DIGEST
+    ) -> tuple[bytes, int]:
+        """The C{digest} (a name of L{imgresume.integrity.DIGESTS}) and length of an object, read back."""
         body = self.client.get_object(Bucket=self.name, Key=key)["Body"]
-        h = hashlib.sha256()
+        h = integrity.new_digest(digest)
         n = 0
         for chunk in iter(lambda: body.read(READ_CHUNK), b""):
             h.update(chunk)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from imgresume import integrity
 from imgresume.errors import DigestMismatch, InvalidName, NameTaken
 from imgresume.names import completion_candidates, if_exists_policy, validate_name
 from imgresume.storage.interfaces import CompletedFileMoved, CompletedUpload, StoredFile, UploadInfo
@@ -24,12 +25,23 @@ from imgresume.storage.s3._bucket import MAX_KEY_BYTES, Bucket, missing
 #: The newest format of meta.json (its C{version}) this version reads and
 #: writes.  A record carries the lowest format that describes it
 #: (L{record_format}): 1, the original; 2 when its C{sha256} is null, the
-#: digest coming at completion.  Unknown fields are ignored.
-FORMAT_VERSION = 2
+#: digest coming at completion; 3 when its C{digest} is not SHA-256 (a
+#: record without it holds SHA-256).  Unknown fields are ignored.
+FORMAT_VERSION = 3
+
+
+def digest_of(meta: dict[str, Any]) -> str:
+    """The algorithm of an upload's digests (SHA-256 for a record naming none)."""
+    return meta.get("digest", integrity.LEGACY_DIGEST)
 
 
 def record_format(meta: dict[str, Any]) -> int:
-    """The lowest format that describes C{meta}: 2 if its digest is still to come."""
+    """
+    The lowest format that describes C{meta}: 3 if its digest is not
+    SHA-256, else 2 if its digest is still to come, else 1.
+    """
+    if digest_of(meta) != integrity.LEGACY_DIGEST:
+        return 3
     return 2 if meta["sha256"] is None else 1
 
 
@@ -39,14 +51,14 @@ def upload_info(meta: dict[str, Any]) -> UploadInfo:
         upload_id=meta["upload_id"], name=meta["name"], size=meta["size"],
         sha256=None if meta["sha256"] is None else bytes.fromhex(meta["sha256"]),
         metadata=dict(meta["metadata"]),
-        client_id=meta["client_id"], created=meta["created"])
+        client_id=meta["client_id"], created=meta["created"], digest=digest_of(meta))
 
 
 def completed_upload(meta: dict[str, Any], path: str) -> CompletedUpload:
     """The L{CompletedUpload} of an upload completed at C{path}."""
     return CompletedUpload(
         upload_id=meta["upload_id"], name=meta["name"], size=meta["size"],
-        sha256=bytes.fromhex(meta["sha256"]), path=path)
+        sha256=bytes.fromhex(meta["sha256"]), path=path, digest=digest_of(meta))
 
 
 def recorded_completion(
@@ -138,7 +150,9 @@ def claim_name(bucket: Bucket, meta: dict[str, Any], whole: str | None = None) -
     raise InvalidName(f"no free name for {meta['name']!r}")  # pragma: no cover
 
 
-def find_completed(bucket: Bucket, name: str, size: int) -> StoredFile | None:
+def find_completed(
+    bucket: Bucket, name: str, size: int, algorithm: str = integrity.LEGACY_DIGEST
+) -> StoredFile | None:
     """
     What lies at C{complete/<name>}: see L{IUploadStorage.find_completed
     <imgresume.storage.interfaces.IUploadStorage.find_completed>}.  Keys
@@ -163,7 +177,7 @@ def find_completed(bucket: Bucket, name: str, size: int) -> StoredFile | None:
     stored = int(head["ContentLength"])
     if stored != size:
         return StoredFile(path, stored, None)
-    digest, length = bucket.hash_object(key)
+    digest, length = bucket.hash_object(key, algorithm)
     return StoredFile(path, length, digest if length == size else None)
 
 
@@ -180,7 +194,7 @@ def finish_completion(
     """
     upload_id = meta["upload_id"]
     key = bucket.upload_key(upload_id, "object")
-    digest, length = bucket.hash_object(key)
+    digest, length = bucket.hash_object(key, digest_of(meta))
     if digest.hex() != meta["sha256"] or length != meta["size"]:
         remove(bucket, meta)
         raise DigestMismatch(

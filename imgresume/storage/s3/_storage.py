@@ -7,7 +7,6 @@ hands each one it opens to an L{S3UploadWriter}.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any, Callable
 
@@ -15,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from imgresume import integrity
 from imgresume.errors import (
     InvalidName,
     StorageError,
@@ -51,6 +51,7 @@ from imgresume.storage.s3 import _incomplete
 from imgresume.storage.s3._leases import Leases
 from imgresume.storage.s3._publish import (
     FORMAT_VERSION,
+    digest_of,
     check_parents,
     find_completed,
     finish_completion,
@@ -67,7 +68,11 @@ log = Logger(namespace=__package__)
 #: Seconds between two verifications of one client's index entries.
 VERIFY_EVERY = 60.0
 
-_EMPTY_TAIL = TailCheck(0, 0, hashlib.sha256(b"").digest())
+
+
+def _empty_tail(digest: str) -> TailCheck:
+    """The tail of an upload with nothing stored: the digest of no bytes."""
+    return TailCheck(0, 0, integrity.EMPTY_DIGESTS[digest])
 
 
 def _default_run(f: Callable[..., Any], *args: Any) -> Deferred:
@@ -192,10 +197,12 @@ class S3Storage:
         return self._run(guard, f"cannot store {request.name[:60]!r}",
                          store_whole, self._objects, request, self._now)
 
-    def find_completed(self, name: str, size: int) -> Deferred[StoredFile | None]:
+    def find_completed(
+        self, name: str, size: int, digest: str = integrity.LEGACY_DIGEST
+    ) -> Deferred[StoredFile | None]:
         """See L{IUploadStorage.find_completed}."""
         return self._run(guard, "cannot look up a completed file",
-                         find_completed, self._objects, name, size)
+                         find_completed, self._objects, name, size, digest)
 
     def expire(self, older_than: float) -> Deferred[list[str]]:
         """
@@ -224,6 +231,8 @@ class S3Storage:
                 f"would pass S3's {MAX_KEY_BYTES} bytes")
         if request.size < 0 or (request.sha256 is not None and len(request.sha256) != 32):
             raise ValueError("size must be >= 0 and sha256 a 32-byte digest or None")
+        if request.digest not in integrity.DIGESTS:
+            raise ValueError(f"unknown digest {request.digest!r}")
         check_parents(b, name)
         upload_id = new_upload_id()
         part_size = part_size_for(request.size, self.commit_granularity)
@@ -236,6 +245,8 @@ class S3Storage:
             "name": name,
             "size": request.size,
             "sha256": None if request.sha256 is None else request.sha256.hex(),
+            # The algorithm of "sha256" and of the parts' digests.
+            "digest": request.digest,
             "metadata": dict(request.metadata),
             "client_id": request.client_id,
             "created": self._now(),
@@ -248,7 +259,7 @@ class S3Storage:
         log.info("upload {upload_id} created in s3: {name!r}, {size} bytes, "
                  "parts of {part_size}", upload_id=upload_id, name=name,
                  size=request.size, part_size=part_size)
-        return self._writer(meta, [], generation, _EMPTY_TAIL)
+        return self._writer(meta, [], generation, _empty_tail(request.digest))
 
     def _meta(self, upload_id: Any, client_id: str | None) -> dict[str, Any]:
         if not is_upload_id(upload_id):
@@ -340,7 +351,7 @@ class S3Storage:
             last = parts[-1]
             tail = TailCheck(last["start"], last["size"], bytes.fromhex(last["sha256"]))
         else:
-            tail = _EMPTY_TAIL
+            tail = _empty_tail(digest_of(meta))
         log.info("upload {upload_id} resumed from s3 at proven offset {offset}",
                  upload_id=upload_id, offset=tail.start + tail.length)
         return self._writer(meta, parts, generation, tail)
@@ -351,13 +362,15 @@ class S3Storage:
         completed = recorded_completion(self._objects, meta)
         if completed is not None:
             return UploadStatus(upload_id, info.name, info.size, "complete", info.size,
-                                False, "", info.created, info.created, completed.path)
+                                False, "", info.created, info.created, completed.path,
+                                info.digest)
         _, lease = self._leases.current(upload_id)
         parts = self._proven_parts(meta) or []
         offset = sum(p["size"] for p in parts)
         return UploadStatus(upload_id, info.name, info.size, "partial", offset,
                             self._leases.fresh(lease), (lease or {}).get("owner", ""),
-                            info.created, float((lease or {}).get("heartbeat", info.created)))
+                            info.created, float((lease or {}).get("heartbeat", info.created)),
+                            digest=info.digest)
 
     def _expire_sync(self, older_than: float) -> list[str]:
         b = self._objects

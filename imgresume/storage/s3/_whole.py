@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from twisted.logger import Logger
 
+from imgresume import integrity
 from imgresume.errors import DigestMismatch, InvalidName
 from imgresume.names import if_exists_policy, is_upload_id, validate_name
 from imgresume.storage.interfaces import CompletedFileMoved, CompletedUpload, WholeUpload
@@ -42,12 +43,17 @@ def whole_key(client_id: str, upload_id: str) -> str:
 def _recorded(bucket: Bucket, done: dict[str, Any], request: WholeUpload,
               name: str) -> CompletedUpload:
     """The answer a publication record gives to a repeat of its request."""
-    if done.get("sha256") != request.sha256.hex():
+    recorded = done.get("digest", integrity.LEGACY_DIGEST)
+    if recorded == request.digest:
+        same = done.get("sha256") == request.sha256.hex()
+    else:  # the repeat came over a connection with another digest
+        same = bucket.hash_object(bucket.key(done["path"]), request.digest)[0] == request.sha256
+    if not same:
         raise DigestMismatch(
             f"upload {request.upload_id} already stored other bytes; send this "
             "file with a new upload id")
     result = CompletedUpload(request.upload_id, name, done["size"], request.sha256,
-                             done["path"])
+                             done["path"], request.digest)
     now = object_identity(bucket, result.path)
     if now is None:
         raise CompletedFileMoved(result, "is missing")
@@ -70,12 +76,12 @@ def store_whole(bucket: Bucket, request: WholeUpload,
     size = len(data)
     policy = if_exists_policy(request.metadata)
     if policy == "skip":  # before the record: a repeat is skipped as well
-        digest = hashlib.sha256(data).digest()
+        digest = integrity.digest_of(request.digest, data)
         if digest != request.sha256:
             raise _mismatch(digest, request)
-        there = find_completed(bucket, name, size)
+        there = find_completed(bucket, name, size, request.digest)
         if there is not None and there.sha256 == digest:
-            return CompletedUpload("0" * 32, name, size, digest, there.path)
+            return CompletedUpload("0" * 32, name, size, digest, there.path, request.digest)
     key = whole_key(request.client_id, request.upload_id)
     record = bucket.key(f"whole/{key}/done.json")
     done = bucket.get_json(record)
@@ -86,9 +92,9 @@ def store_whole(bucket: Bucket, request: WholeUpload,
         Bucket=bucket.name, Key=staging, Body=data,
         ContentMD5=base64.b64encode(hashlib.md5(data).digest()).decode())
     try:
-        digest, length = bucket.hash_object(staging)
+        digest, length = bucket.hash_object(staging, request.digest)
         if digest != request.sha256 or length != size:
-            raise _mismatch(hashlib.sha256(data).digest(), request)
+            raise _mismatch(integrity.digest_of(request.digest, data), request)
         meta = {"upload_id": request.upload_id, "name": name,
                 "metadata": dict(request.metadata)}
         path = claim_name(bucket, meta, whole=key)
@@ -98,7 +104,8 @@ def store_whole(bucket: Bucket, request: WholeUpload,
         bucket.client.copy({"Bucket": bucket.name, "Key": staging}, bucket.name,
                            bucket.key(path))
         identity = object_identity(bucket, path) or {}
-        bucket.put_json(record, {"path": path, "sha256": digest.hex(), "size": size,
+        bucket.put_json(record, {"path": path, "sha256": digest.hex(),
+                                 "digest": request.digest, "size": size,
                                  "completed": now(), **identity})
     finally:
         try:
@@ -108,13 +115,14 @@ def store_whole(bucket: Bucket, request: WholeUpload,
                 log.warn("cannot delete {key}: {error}", key=staging, error=str(e))
     log.info("upload {upload_id} stored whole at {path} in s3",
              upload_id=request.upload_id, path=path, size=size)
-    return CompletedUpload(request.upload_id, name, size, digest, path)
+    return CompletedUpload(request.upload_id, name, size, digest, path, request.digest)
 
 
 def _mismatch(digest: bytes, request: WholeUpload) -> DigestMismatch:
     return DigestMismatch(
-        f"the bytes received hash to {digest.hex()}, not to the SHA-256 "
-        f"declared ({request.sha256.hex()}); nothing was stored")
+        f"the bytes received hash to {digest.hex()}, not to the "
+        f"{integrity.title(request.digest)} declared ({request.sha256.hex()}); "
+        "nothing was stored")
 
 
 def expire_staging(bucket: Bucket, cutoff: float) -> list[str]:

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from imgresume import integrity
 from imgresume.errors import (
     DigestMismatch,
     Incomplete,
@@ -187,7 +188,7 @@ class S3UploadWriter:
             if answer["ETag"].strip('"') != md5.hexdigest():
                 raise StorageError(f"part {number}: the store's ETag is not the MD5 sent")
             record = {"number": number, "start": self.durable, "size": len(data),
-                      "md5": md5.hexdigest(), "sha256": hashlib.sha256(data).hexdigest()}
+                      "md5": md5.hexdigest(), "sha256": integrity.digest_of(self.info.digest, data).hex()}
             b.put_json(self._key(f"parts/{number:05d}.json"), record)
         except BaseException:
             # Keep the spool: the same call may be retried on a resume, but
