@@ -360,8 +360,9 @@ class ProcessTests(TestCase):
         size = 1_000_000
         with open(path, "wb") as f:
             f.write(os.urandom(size))
+        # By UPLOAD and DATA (put_max=0): a PUT counts in completed only.
         await Uploader(cluster.lb_endpoint, reactor=reactor, journal=None,
-                       client_id="tester", chunk_size=256 * 1024).upload(path)
+                       client_id="tester", chunk_size=256 * 1024, put_max=0).upload(path)
 
         s, _ = await deferToThread(scrape, server_metrics)
         self.assertEqual(value(s, "imgresume_uploads_created_total"), 1)

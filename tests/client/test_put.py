@@ -14,6 +14,8 @@ import os
 from typing import Any
 
 from blake3 import blake3
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume.client import BatchItem, UploadFailed, Uploader
@@ -31,16 +33,21 @@ PUT_LIMITS = ServerLimits(max_payload=1 << 20, chunk_size=64 * 1024, max_put=256
 class CountingStorage:
     """A MemoryStorage that counts its one-step stores and creates."""
 
-    def __init__(self) -> None:
+    def __init__(self, store_seconds: float = 0.0) -> None:
         self.storage = MemoryStorage()
         self.wholes: list[Any] = []
         self.creates = 0
+        #: How long a one-step store takes, as a disk's flushes would.
+        self.store_seconds = store_seconds
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.storage, name)
 
     def store_whole(self, request: Any) -> Any:
         self.wholes.append(request)
+        if self.store_seconds:
+            return deferLater(reactor, self.store_seconds, lambda: None).addCallback(
+                lambda _: self.storage.store_whole(request))
         return self.storage.store_whole(request)
 
     def create(self, request: Any) -> Any:
@@ -101,7 +108,7 @@ class PutTests(ServerTestCase):
         A batch over one connection keeps two PUTs in flight, never more;
         every file is stored once, on one connection.
         """
-        storage = CountingStorage()
+        storage = CountingStorage(store_seconds=0.05)  # a store as long as a disk's
         _, listening = self.start_server(storage, limits=PUT_LIMITS)
         paths = []
         for number in range(30):

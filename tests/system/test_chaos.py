@@ -285,7 +285,7 @@ class SilentPeerTests(ChaosTestCase):
         write_random(path, 8 * CHUNK)
         seen: list = []
         journal = Journal(os.path.join(self.work, "journal.json"))
-        up = self.uploader(cluster.lb_endpoint, journal=journal, window=1)
+        up = self.uploader(cluster.lb_endpoint, journal=journal, window=1, put_max=0)
         d = up.upload(path, "p.tif", progress=lambda p: p.phase == "uploading"
                       and seen.append(p.done))
         while not [x for x in seen if x > 0]:
