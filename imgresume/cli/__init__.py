@@ -72,6 +72,8 @@ COMMANDS = [
             "Remove abandoned uploads from a storage directory."),
     Command("check-storage", "imgresume.cli._storage", "CheckStorageOptions",
             "run_check_storage", "Test what the filesystem under a storage directory provides."),
+    Command("config", "imgresume.cli._show_config", "ConfigOptions", "run_config",
+            "Show the upload settings in effect and where each comes from."),
 ]
 
 
