@@ -103,6 +103,10 @@ Examples:
         ["if-exists", None, "rename", "When a completed file already has the remote name: "
          "rename (store beside it), skip (if it is the same file), or fail."],
     ]
+    compData = usage.Completions(optActions={
+        "if-exists": usage.CompleteList(["rename", "skip", "fail"]),
+        "key-file": usage.CompleteFiles(), "journal": usage.CompleteFiles(),
+    })
     optFlags = [
         ["json", None, "Print one JSON object per file on stdout."],
         ["dry-run", "n", "List what would be sent, resumed or is already stored (per the "
