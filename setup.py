@@ -1,5 +1,9 @@
 """Packaging for imgresume: the library, the ``imgresume`` console script and
-the twistd plugins ``imgresume`` (server) and ``imgresume-lb`` (balancer)."""
+the twistd plugins ``imgresume`` (server) and ``imgresume-lb`` (balancer).
+The build backend is named in pyproject.toml; the example .tac files and
+systemd units are installed under ``<prefix>/share/imgresume/``."""
+
+from glob import glob
 
 from setuptools import find_packages, setup
 
@@ -11,6 +15,29 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
+    author="The imgresume maintainers",
+    keywords="upload resumable twisted load-balancer scanner images",
+    classifiers=[
+        "Development Status :: 4 - Beta",
+        "Environment :: Console",
+        "Framework :: Twisted",
+        "Intended Audience :: System Administrators",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Communications :: File Sharing",
+        "Topic :: System :: Archiving",
+        "Topic :: System :: Networking",
+    ],
+    # Examples to copy from (docs/server.md, docs/operations.md):
+    # <prefix>/share/imgresume/tac/*.tac and .../examples/ (systemd units,
+    # HAProxy configuration).
+    data_files=[
+        ("share/imgresume/tac", sorted(glob("tac/*.tac"))),
+        ("share/imgresume/examples", sorted(glob("docs/examples/*.service"))
+         + ["docs/examples/haproxy.cfg"]),
+    ],
     # twisted.plugins is listed so that the drop-ins in twisted/plugins/ (a
     # directory without __init__.py, as Twisted requires) are installed.
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"])

@@ -16,7 +16,6 @@ file records who had access when.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -74,7 +73,14 @@ def load_keys(path: str) -> dict[str, bytes]:
 
 @contextmanager
 def _edit(path: str) -> Iterator[dict[str, Any]]:
-    """Read-modify-write the key file under an exclusive lock, atomically."""
+    """
+    Read-modify-write the key file under an exclusive lock, atomically.
+    Operators' side (C{imgresume keys}, on a POSIX host): C{fcntl} is
+    imported here, not with the module, whose L{read_key} the client uses
+    on Windows and macOS too.
+    """
+    import fcntl
+
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with open(path + ".lock", "a") as lock:

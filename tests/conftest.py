@@ -25,5 +25,10 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    if os.environ.get("IMGRESUME_TEST_HIDE_POSIX") == "1":
+        # The client as on Windows/macOS (tests/support/portable.py).
+        from tests.support.portable import hide_posix
+
+        hide_posix()
     if config.getoption("--run-slow"):
         os.environ["IMGRESUME_SLOW"] = "1"

@@ -72,6 +72,12 @@ COMMANDS = [
             "Remove abandoned uploads from a storage directory."),
     Command("check-storage", "imgresume.cli._storage", "CheckStorageOptions",
             "run_check_storage", "Test what the filesystem under a storage directory provides."),
+    Command("config", "imgresume.cli._show_config", "ConfigOptions", "run_config",
+            "Show the upload settings in effect and where each comes from."),
+    Command("completion", "imgresume.cli._completion", "CompletionOptions", "run_completion",
+            "Print a bash or zsh completion script."),
+    Command("man", "imgresume.cli._manpage", "ManOptions", "run_man",
+            "Print the manual page imgresume(1), in roff."),
 ]
 
 

@@ -72,6 +72,10 @@ hashed before it is sent) or fail (refuse the file).  Every file is
 verified by the server with its whole-file digest: BLAKE3, or SHA-256 with
 --digest sha256 (or when the server predates BLAKE3).
 
+--to, --key-file, --client-id, --parallel, --max-put, --if-exists and a few
+more can be set in IMGRESUME_* variables or in the config file instead
+(`imgresume config --help`); a flag wins over both.
+
 Examples:
   imgresume upload --to lb.example:7000 scan-0001.tiff scan-0002.tiff
   imgresume upload --to tcp:lb.example:7000 --parallel 8 --prefix batch-7 scans/
@@ -104,6 +108,10 @@ Examples:
          "or sha256 (for records that demand it). A server that predates blake3 "
          "uses sha256."],
     ]
+    compData = usage.Completions(optActions={
+        "if-exists": usage.CompleteList(["rename", "skip", "fail"]),
+        "key-file": usage.CompleteFiles(), "journal": usage.CompleteFiles(),
+    })
     optFlags = [
         ["json", None, "Print one JSON object per file on stdout."],
         ["dry-run", "n", "List what would be sent, resumed or is already stored (per the "
@@ -119,6 +127,16 @@ Examples:
     def __init__(self) -> None:
         super().__init__()
         self["filters"] = []
+        #: The options given on the command line (L{_config.resolve} fills
+        #: the others in from the environment and the config file).
+        self.given: set[str] = set()
+        #: Where each setting came from, once parsed (L{_config.Setting}).
+        self.sources: dict[str, Any] = {}
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if "sources" in self.__dict__ and not self.sources:  # parsing the command line
+            self.given.add(key)
+        super().__setitem__(key, value)
 
     def opt_include(self, pattern: str) -> None:
         if not pattern.strip("/"):
@@ -147,12 +165,21 @@ Examples:
         from imgresume.errors import InvalidName
         from imgresume.names import validate_name
 
+        from imgresume.cli._config import ConfigError, resolve
+
+        try:
+            self.sources = resolve({k: self[k] for k in self.given}, self.defaults)
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+        for key, setting in self.sources.items():
+            self[key] = setting.value
         if not self["to"]:
-            raise usage.UsageError("--to ENDPOINT is required (e.g. --to 127.0.0.1:7000)")
+            raise usage.UsageError("--to ENDPOINT is required (e.g. --to 127.0.0.1:7000), "
+                                   "or IMGRESUME_TO, or `to` in the config file")
         try:
             self["to"] = client_endpoint(self["to"])
         except ValueError as e:
-            raise usage.UsageError(f"--to {e}")
+            raise usage.UsageError(f"--to {e}{self._from('to')}")
         if not self["files"]:
             raise usage.UsageError("name at least one FILE or directory to upload")
         if self["name"] and (len(self["files"]) > 1 or os.path.isdir(self["files"][0])):
@@ -170,18 +197,25 @@ Examples:
             self["window"] = int(self["window"])
             for key in ("stall-timeout", "connect-timeout", "backoff-max"):
                 self[key] = parse_duration(self[key])
-            self["key-file"] = self["key-file"] or os.environ.get("IMGRESUME_KEY_FILE")
             if self["chunk-size"]:
                 self["chunk-size"] = parse_size(self["chunk-size"])
             self["max-put"] = parse_size(self["max-put"])
         except ValueError as e:
-            raise usage.UsageError(str(e))
+            raise usage.UsageError(f"{e}{self._from(*self.sources)}")
         if not 1 <= self["parallel"] <= MAX_PARALLEL:
-            raise usage.UsageError(f"--parallel must be from 1 to {MAX_PARALLEL}")
+            raise usage.UsageError(f"--parallel must be from 1 to {MAX_PARALLEL}"
+                                   f"{self._from('parallel')}")
         if self["if-exists"] not in ("rename", "skip", "fail"):
-            raise usage.UsageError("--if-exists must be rename, skip or fail")
+            raise usage.UsageError("--if-exists must be rename, skip or fail"
+                                   f"{self._from('if-exists')}")
         if self["digest"] not in ("blake3", "sha256"):
             raise usage.UsageError("--digest must be blake3 or sha256")
+
+    def _from(self, *keys: str) -> str:
+        """Where the settings C{keys} came from, when not the command line or the default."""
+        where = [f"{k} from {self.sources[k].source}" for k in keys
+                 if k in self.sources and self.sources[k].source not in ("default", f"--{k}")]
+        return f" ({'; '.join(where)})" if where else ""
 
 
 def main(config: UploadOptions) -> int:

@@ -37,6 +37,7 @@ import threading
 import time
 from typing import Any, Iterable, Mapping
 
+from imgresume.client._portable import OPEN_FLAGS, flush_data, fsync_directory
 from imgresume.client._source import Fingerprint
 
 #: The first line of a journal file in this format (version 2; version 1
@@ -256,13 +257,13 @@ class Journal:
         payload = b"".join(lines)
         if self._torn:
             payload = b"\n" + payload  # the torn line stays a damaged line of its own
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | OPEN_FLAGS)
         try:
             written = 0
             while written < len(payload):
                 written += os.write(fd, payload[written:])
             if flush:
-                os.fdatasync(fd)
+                flush_data(fd)
         except BaseException:
             self._size_seen = -1  # read again before the next change
             raise
@@ -293,7 +294,7 @@ class Journal:
                 os.close(fd)
             os.unlink(tmp)
             raise
-        _fsync_directory(directory)
+        fsync_directory(directory)
         self._identity = (st.st_dev, st.st_ino)
         self._size_seen = self._offset = len(payload)
         self._records, self._torn, self._rewrite = len(entries), False, False
@@ -366,17 +367,3 @@ def _apply(entries: dict[str, dict[str, Any]],
         entries.pop(key, None)
         if entry is not None:
             entries[key] = entry
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make a rename in C{directory} durable (where the filesystem can)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot flush a directory
-    finally:
-        os.close(fd)

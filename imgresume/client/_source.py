@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.client.test_uploader,tests.client.test_source -*-
 """
 The local file being uploaded: its identity, its SHA-256, positional reads
-and the check that it has not changed since it was opened, all done off the
+(portable: L{imgresume.client._portable}) and the check that it has not changed since it was opened, all done off the
 reactor thread through a runner.
 """
 
@@ -15,6 +15,7 @@ import attrs
 from twisted.internet.defer import Deferred
 
 from imgresume import integrity
+from imgresume.client._portable import OPEN_FLAGS, PositionalReader
 
 Runner = Callable[..., Deferred[Any]]
 READ_SIZE = 1024 * 1024
@@ -57,6 +58,7 @@ class LocalFile:
 
     def __init__(self, fd: int, fingerprint: Fingerprint, run: Runner, ctime_ns: int = 0) -> None:
         self._fd = fd
+        self._reader = PositionalReader(fd)
         self.fingerprint = fingerprint
         self.size = fingerprint.size
         self._run = run
@@ -69,7 +71,7 @@ class LocalFile:
         """Open C{path} for reading (in a thread)."""
 
         def _open() -> LocalFile:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(path, os.O_RDONLY | OPEN_FLAGS)
             st = os.fstat(fd)
             return cls(fd, Fingerprint.of(path, st), run, st.st_ctime_ns)
 
@@ -95,7 +97,7 @@ class LocalFile:
             while offset < self.size:
                 if stopped():
                     raise HashStopped(self.fingerprint.path)
-                block = os.pread(self._fd, READ_SIZE * 4, offset)
+                block = self._reader.read(READ_SIZE * 4, offset)
                 if not block:
                     raise SourceChanged(f"it shrank below {self.size} bytes while being read")
                 h.update(block)
@@ -144,7 +146,7 @@ class LocalFile:
     def _read_exactly(self, offset: int, length: int) -> bytes:
         parts = []
         while length:
-            block = os.pread(self._fd, length, offset)
+            block = self._reader.read(length, offset)
             if not block:
                 raise SourceChanged(f"it shrank below {self.size} bytes while being read")
             parts.append(block)
