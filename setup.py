@@ -20,6 +20,7 @@ setup(
         "zope.interface>=6",
         "attrs>=23",
         "service-identity>=24",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "s3": ["boto3>=1.28"],
