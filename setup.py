@@ -21,6 +21,7 @@ setup(
         "attrs>=23",
         "service-identity>=24",
         "prometheus_client>=0.17",
+        "rich>=13",
     ],
     extras_require={
         "s3": ["boto3>=1.28"],
