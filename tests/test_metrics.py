@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 import zlib
 from typing import Any
@@ -423,6 +424,46 @@ class ServerEndpointTests(TestCase):
             value(s, "imgresume_storage_fdatasync_seconds_bucket", le="+Inf"), 2 * writes)
         self.assertEqual(value(s, "imgresume_build_info", version=__import__(
             "imgresume").__version__), 1)
+
+
+    async def test_paths_methods_and_formats(self) -> None:
+        """
+        Only C{/metrics} is served (C{/} answers 404), only to GET (POST
+        answers 405); Prometheus asking for OpenMetrics gets it, with the
+        same series and no C{_created} ones.
+        """
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        top = make_server_service(
+            "tcp:0:interface=127.0.0.1", work, reactor=reactor, server_id="paths-test",
+            gc_interval=0, metrics_listen="tcp:0:interface=127.0.0.1")
+        top.startService()
+        self.addCleanup(top.stopService)
+        port = (await top.getServiceNamed("metrics")._waitingForPort).getHost().port
+        base = f"http://127.0.0.1:{port}"
+
+        def status(path: str, method: str = "GET") -> int:
+            try:
+                with urllib.request.urlopen(urllib.request.Request(
+                        base + path, method=method, data=b"" if method == "POST" else None),
+                        timeout=5) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        def openmetrics() -> tuple[str, str]:
+            request = urllib.request.Request(base + "/metrics", headers={
+                "Accept": "application/openmetrics-text; version=1.0.0"})
+            with urllib.request.urlopen(request, timeout=5) as r:
+                return r.headers["Content-Type"], r.read().decode()
+
+        self.assertEqual(await deferToThread(status, "/"), 404)
+        self.assertEqual(await deferToThread(status, "/metrics", "POST"), 405)
+        content_type, text = await deferToThread(openmetrics)
+        self.assertTrue(content_type.startswith("application/openmetrics-text"), content_type)
+        self.assertIn("\nimgresume_uploads_created_total 0.0\n", text)
+        self.assertTrue(text.endswith("# EOF\n"))
+        self.assertIsNone(re.search(r"^\w+_created(\{|\s)", text, re.M))
 
 
 class ProcessTests(TestCase):
