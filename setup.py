@@ -51,6 +51,8 @@ setup(
         # CPU's CRC instruction, BLAKE3; both release the GIL on large buffers.
         "crc32c>=2.4",
         "blake3>=0.4",
+        "prometheus_client>=0.17",
+        "rich>=13",
     ],
     extras_require={
         "s3": ["boto3>=1.28"],

@@ -84,7 +84,11 @@ async def upload_all(reactor: Any, cluster: LocalCluster, files: list[str]) -> l
                 cluster.kill(p.server_id)
 
         say(f"uploading {name} through the balancer")
-        result = await uploader.upload(path, f"scans/{name}", progress=progress)
+        try:
+            result = await uploader.upload(path, f"scans/{name}", progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()  # the live bar of a file that failed
         results.append((path, result, killed))
         print(f"   {name}: completed via {' -> '.join(result.servers)}", flush=True)
     return results

@@ -1,26 +1,37 @@
 # -*- test-case-name: tests.test_metrics -*-
 """
-Prometheus metrics without a dependency: a small registry of counters,
-gauges and histograms rendered in the text exposition format 0.0.4, the
-metrics of a server (L{ServerMetrics}) and of a balancer
-(L{BalancerMetrics}), and a twisted.web listener serving them at
-C{/metrics} (L{metrics_service}).
+The metrics of a server (L{ServerMetrics}) and of a balancer
+(L{BalancerMetrics}) on C{prometheus_client}, and a twisted.web listener
+serving them at C{/metrics} with the library's Twisted resource
+(L{metrics_service}).
 
-Every server or balancer builds its own L{Registry} and passes it down, so
-several can run in one process (tests).  Updates are thread-safe: the disk
-threads of a server observe their latencies directly.  See
-C{docs/metrics.md} for every metric.
+Every server or balancer builds its own L{Registry} (a
+C{prometheus_client.CollectorRegistry}) and passes it down, so several can
+run in one process (tests).  L{Counter}, L{Gauge} and L{Histogram} are the
+library's metrics behind the call our callers make: labels as keyword
+arguments (C{failed.inc(code="TIMEOUT")}), and C{value()} for tests.
+Updates are thread-safe: the disk threads of a server observe their
+latencies directly.  See C{docs/metrics.md} for every metric.
+
+C{_created} samples are turned off for the whole process
+(C{prometheus_client.disable_created_metrics}): imgresume documents none,
+and each would double the series of every counter and histogram.
 """
 
 from __future__ import annotations
 
-import math
 import re
-import threading
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-#: The Content-Type of the text exposition format.
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+import prometheus_client
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+prometheus_client.disable_created_metrics()
+
+#: The Content-Type of the text exposition format a plain scrape gets
+#: (Prometheus itself negotiates OpenMetrics).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 #: Buckets (seconds) for disk latencies: a local SSD flushes in well under a
 #: millisecond, a network filesystem in milliseconds, a sick one in seconds.
@@ -28,256 +39,125 @@ DISK_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 
+
 _NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-
-LabelValues = Mapping[str, Any]
 
 
-def _format_value(value: float) -> str:
-    """A sample value as Prometheus writes it: integers without a fraction."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    return repr(float(value))
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels_text(pairs: Sequence[tuple[str, str]]) -> str:
-    if not pairs:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape_label(v)}"' for k, v in pairs) + "}"
+def _check_name(name: str) -> None:
+    """
+    Refuse a name outside the classic character set: prometheus_client
+    accepts any UTF-8 now, which older scrapers and promtool do not.
+    """
+    if not _NAME_RE.match(name):
+        raise ValueError(f"invalid metric name {name!r}")
 
 
 class _Metric:
-    """What every metric shares: a name, a help text, label names, a lock."""
+    """A library metric and the registry it is in; labels as keyword arguments."""
 
-    kind = "untyped"
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
-        if not _NAME_RE.match(name):
-            raise ValueError(f"invalid metric name {name!r}")
-        for label in labelnames:
-            if not _LABEL_RE.match(label) or label.startswith("__") or label == "le":
-                raise ValueError(f"invalid label name {label!r} for {name}")
+    def __init__(self, registry: Registry, metric: Any, name: str) -> None:
         self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._lock = threading.Lock()
+        self._registry = registry
+        self._metric = metric
 
-    def _key(self, labels: LabelValues) -> tuple[str, ...]:
-        if len(labels) != len(self.labelnames) or set(labels) != set(self.labelnames):
-            raise ValueError(
-                f"{self.name} takes labels {self.labelnames}, not {tuple(labels)}"
-            )
-        return tuple(str(labels[n]) for n in self.labelnames)
+    def _child(self, labels: Mapping[str, Any]) -> Any:
+        return self._metric.labels(**labels) if labels else self._metric
 
-    def _pairs(self, key: tuple[str, ...]) -> list[tuple[str, str]]:
-        return list(zip(self.labelnames, key))
-
-    def samples(self) -> list[tuple[str, list[tuple[str, str]], float]]:
-        """(name, label pairs, value) of every sample, for rendering."""
-        raise NotImplementedError
+    def value(self, **labels: Any) -> float:
+        """The current value of one child (0 if it has none yet)."""
+        found = self._registry.get_sample_value(self.name, {k: str(v) for k, v in labels.items()})
+        return 0.0 if found is None else found
 
 
 class Counter(_Metric):
-    """
-    A value that only goes up.  Without labels it starts at 0 and is always
-    rendered; a labelled child appears once first incremented.
-    """
-
-    kind = "counter"
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, documentation, labelnames)
-        self._values: dict[tuple[str, ...], float] = {} if labelnames else {(): 0.0}
+    """A C{prometheus_client.Counter}: a value that only goes up."""
 
     def inc(self, amount: float = 1.0, **labels: Any) -> None:
         """Add C{amount} (not negative) to the child named by C{labels}."""
-        if amount < 0:
-            raise ValueError("a counter cannot go down")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: Any) -> float:
-        """The current value of one child (0 if never incremented)."""
-        key = self._key(labels)
-        with self._lock:
-            return self._values.get(key, 0.0)
-
-    def samples(self) -> list[tuple[str, list[tuple[str, str]], float]]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [(self.name, self._pairs(key), value) for key, value in items]
+        self._child(labels).inc(amount)
 
 
 class Gauge(_Metric):
     """
-    A value that goes up and down: set directly, or read from a function at
-    each scrape (L{set_function}) when the truth lives elsewhere (a set of
-    connections, a tracker's state).
+    A C{prometheus_client.Gauge}: set directly, or (without labels) read
+    from a function at each scrape (L{set_function}) when the truth lives
+    elsewhere (a set of connections, a queue).
     """
 
-    kind = "gauge"
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, documentation, labelnames)
-        self._values: dict[tuple[str, ...], float] = {} if labelnames else {(): 0.0}
-        self._function: Callable[[], Any] | None = None
-
     def set(self, value: float, **labels: Any) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = float(value)
+        self._child(labels).set(value)
 
     def inc(self, amount: float = 1.0, **labels: Any) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+        self._child(labels).inc(amount)
 
     def dec(self, amount: float = 1.0, **labels: Any) -> None:
-        self.inc(-amount, **labels)
+        self._child(labels).dec(amount)
 
-    def set_function(self, function: Callable[[], Any]) -> None:
+    def set_function(self, function: Callable[[], float]) -> None:
         """
-        Read the gauge from C{function} at every scrape (in the thread that
-        renders: the reactor's).  Without labels it returns a number; with
-        labels, an iterable of C{(labels dict, number)}.
+        Read the gauge from C{function} at every scrape, in the thread that
+        serves it (one of the reactor's pool).
         """
-        self._function = function
-
-    def value(self, **labels: Any) -> float:
-        """The current value of one child (0 if never set)."""
-        key = self._key(labels)
-        for pairs, value in self._current():
-            if tuple(v for _, v in pairs) == key:
-                return value
-        return 0.0
-
-    def _current(self) -> list[tuple[list[tuple[str, str]], float]]:
-        if self._function is None:
-            with self._lock:
-                items = sorted(self._values.items())
-            return [(self._pairs(key), value) for key, value in items]
-        result = self._function()
-        if not self.labelnames:
-            return [([], float(result))]
-        return [(self._pairs(self._key(labels)), float(value)) for labels, value in result]
-
-    def samples(self) -> list[tuple[str, list[tuple[str, str]], float]]:
-        return [(self.name, pairs, value) for pairs, value in self._current()]
+        self._metric.set_function(function)
 
 
 class Histogram(_Metric):
-    """Observations counted into fixed cumulative buckets, with their sum and count."""
-
-    kind = "histogram"
-
-    def __init__(
-        self, name: str, documentation: str, buckets: Sequence[float] = DISK_BUCKETS,
-        labelnames: Sequence[str] = (),
-    ) -> None:
-        super().__init__(name, documentation, labelnames)
-        bounds = sorted(float(b) for b in buckets if not math.isinf(b))
-        if not bounds or len(set(bounds)) != len(bounds):
-            raise ValueError(f"{name}: buckets must be distinct and at least one")
-        self.buckets = tuple(bounds)
-        # Per child: per-bucket (not cumulative) counts, +Inf last; sum.
-        self._counts: dict[tuple[str, ...], list[int]] = {}
-        self._sums: dict[tuple[str, ...], float] = {}
-        if not labelnames:
-            self._counts[()] = [0] * (len(bounds) + 1)
-            self._sums[()] = 0.0
+    """A C{prometheus_client.Histogram}: observations in fixed cumulative buckets."""
 
     def observe(self, value: float, **labels: Any) -> None:
-        key = self._key(labels)
-        index = len(self.buckets)
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                index = i
-                break
-        with self._lock:
-            counts = self._counts.get(key)
-            if counts is None:
-                counts = self._counts[key] = [0] * (len(self.buckets) + 1)
-                self._sums[key] = 0.0
-            counts[index] += 1
-            self._sums[key] += value
+        self._child(labels).observe(value)
 
     def count(self, **labels: Any) -> int:
         """How many observations one child has."""
-        key = self._key(labels)
-        with self._lock:
-            return sum(self._counts.get(key, ()))
-
-    def samples(self) -> list[tuple[str, list[tuple[str, str]], float]]:
-        with self._lock:
-            children = sorted((k, list(c), self._sums[k]) for k, c in self._counts.items())
-        out = []
-        for key, counts, total in children:
-            pairs = self._pairs(key)
-            running = 0
-            for bound, n in zip((*self.buckets, math.inf), counts):
-                running += n
-                le = "+Inf" if math.isinf(bound) else _format_value(bound)
-                out.append((f"{self.name}_bucket", [*pairs, ("le", le)], running))
-            out.append((f"{self.name}_sum", pairs, total))
-            out.append((f"{self.name}_count", pairs, running))
-        return out
+        found = self._registry.get_sample_value(
+            self.name + "_count", {k: str(v) for k, v in labels.items()})
+        return 0 if found is None else int(found)
 
 
-class Registry:
-    """The metrics of one server or balancer, rendered together."""
+class Registry(prometheus_client.CollectorRegistry):
+    """
+    The metrics of one server or balancer: a C{CollectorRegistry} that
+    makes them (L{counter}, L{gauge}, L{histogram}) and renders them
+    (L{render}).
+    """
 
     def __init__(self) -> None:
-        self._metrics: dict[str, _Metric] = {}
-        self._lock = threading.Lock()
-
-    def _add(self, metric: _Metric) -> Any:
-        with self._lock:
-            if metric.name in self._metrics:
-                raise ValueError(f"metric {metric.name} is already registered")
-            self._metrics[metric.name] = metric
-        return metric
+        super().__init__()
+        self._ours: dict[str, _Metric] = {}
 
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
-        return self._add(Counter(name, documentation, labelnames))
+        """A counter; C{name} ends in C{_total}, which is how it is exposed."""
+        _check_name(name)
+        if not name.endswith("_total"):
+            raise ValueError(f"counter {name} must end in _total")
+        metric = prometheus_client.Counter(name, documentation, labelnames, registry=self)
+        return self._keep(Counter(self, metric, name))
 
     def gauge(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Gauge:
-        return self._add(Gauge(name, documentation, labelnames))
+        _check_name(name)
+        metric = prometheus_client.Gauge(name, documentation, labelnames, registry=self)
+        return self._keep(Gauge(self, metric, name))
 
     def histogram(
         self, name: str, documentation: str, buckets: Sequence[float] = DISK_BUCKETS,
         labelnames: Sequence[str] = (),
     ) -> Histogram:
-        return self._add(Histogram(name, documentation, buckets, labelnames))
+        _check_name(name)
+        metric = prometheus_client.Histogram(
+            name, documentation, labelnames, registry=self, buckets=sorted(buckets))
+        return self._keep(Histogram(self, metric, name))
+
+    def _keep(self, metric: Any) -> Any:
+        self._ours[metric.name] = metric
+        return metric
 
     def get(self, name: str) -> _Metric:
         """The metric registered as C{name}."""
-        return self._metrics[name]
+        return self._ours[name]
 
     def render(self) -> bytes:
         """Every metric in the text exposition format 0.0.4."""
-        with self._lock:
-            metrics = list(self._metrics.values())
-        lines = []
-        for metric in metrics:
-            lines.append(f"# HELP {metric.name} {_escape_help(metric.documentation)}")
-            lines.append(f"# TYPE {metric.name} {metric.kind}")
-            for name, pairs, value in metric.samples():
-                lines.append(f"{name}{_labels_text(pairs)} {_format_value(value)}")
-        return ("\n".join(lines) + "\n").encode("utf-8")
+        return prometheus_client.generate_latest(self)
 
 
 # ---------------------------------------------------------------------------
@@ -428,28 +308,53 @@ class BalancerMetrics:
             "imgresume_lb_health_checks_total",
             "Health checks finished, by backend and result (pass, fail).",
             ["backend", "result"])
-        self.backend_up = r.gauge(
-            "imgresume_lb_backend_up",
-            "1 if the backend is offered to new clients (not marked down by health "
-            "checks or a failed connect), else 0.", ["backend"])
-        self.backend_connections = r.gauge(
-            "imgresume_lb_backend_connections_active",
-            "Client connections relayed to the backend now.", ["backend"])
+        #: The per-backend gauges, read from the tracker L{watch} gives.
+        self.backends = _BackendGauges()
+        r.register(self.backends)
         self.bytes.inc(0, direction="up")
         self.bytes.inc(0, direction="down")
 
     def watch(self, tracker: Any) -> None:
         """Read the per-backend gauges from C{tracker} at each scrape."""
-        self.backend_up.set_function(lambda: [
-            ({"backend": b.name}, 1 if tracker.is_up(b) else 0) for b in tracker.backends
-        ])
-        self.backend_connections.set_function(lambda: [
-            ({"backend": b.name}, tracker.state_of(b).active) for b in tracker.backends
-        ])
+        self.backends.tracker = tracker
         for backend in tracker.backends:
             self.connect_failures.inc(0, backend=backend.name)
             for result in ("pass", "fail"):
                 self.health_checks.inc(0, backend=backend.name, result=result)
+
+
+class _BackendGauges:
+    """
+    A C{prometheus_client} collector of C{imgresume_lb_backend_up} and
+    C{imgresume_lb_backend_connections_active}, read from a
+    L{imgresume.balancer.BackendTracker} at each scrape.
+    """
+
+    def __init__(self) -> None:
+        self.tracker: Any = None
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up, active = families = self._families()
+        tracker = self.tracker
+        for backend in tracker.backends if tracker is not None else ():
+            up.add_metric([backend.name], 1 if tracker.is_up(backend) else 0)
+            active.add_metric([backend.name], tracker.state_of(backend).active)
+        return iter(families)
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(
+                "imgresume_lb_backend_up",
+                "1 if the backend is offered to new clients (not marked down by health "
+                "checks or a failed connect), else 0.", labels=["backend"]),
+            GaugeMetricFamily(
+                "imgresume_lb_backend_connections_active",
+                "Client connections relayed to the backend now.", labels=["backend"]),
+        ]
 
 
 # ---------------------------------------------------------------------------
@@ -457,19 +362,15 @@ class BalancerMetrics:
 
 
 def metrics_resource(registry: Registry) -> Any:
-    """A twisted.web resource tree: the registry at C{/metrics}, nothing else."""
+    """
+    A twisted.web resource tree: C{prometheus_client}'s Twisted resource
+    for C{registry} at C{/metrics}, nothing else.
+    """
+    from prometheus_client.twisted import MetricsResource
     from twisted.web.resource import Resource
 
-    class MetricsPage(Resource):
-        isLeaf = True
-
-        def render_GET(self, request: Any) -> bytes:
-            request.setHeader(b"Content-Type", CONTENT_TYPE.encode("ascii"))
-            request.setHeader(b"Cache-Control", b"no-store")
-            return registry.render()
-
     root = Resource()
-    root.putChild(b"metrics", MetricsPage())
+    root.putChild(b"metrics", MetricsResource(registry))
     return root
 
 

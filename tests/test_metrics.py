@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
+import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 import zlib
 from typing import Any
@@ -22,11 +26,11 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from imgresume.testing import LocalCluster, free_tcp_port
 from imgresume.client import Uploader
-from imgresume.metrics import CONTENT_TYPE, Registry, ServerMetrics
+from imgresume.metrics import CONTENT_TYPE, BalancerMetrics, Registry, ServerMetrics
 from imgresume.protocol import Data, Hello, Resume, Status, Upload, encode
 from imgresume.server import UploadServerFactory, make_server_service
 from imgresume.storage.memory import MemoryStorage
@@ -105,12 +109,13 @@ def scrape(port: int) -> tuple[Samples, str]:
 
 
 class RegistryTests(SynchronousTestCase):
-    """The registry and the text format it renders."""
+    """The registry (C{prometheus_client} behind our calls) and the text it renders."""
 
     def test_counter_with_labels(self) -> None:
         """
-        A counter renders HELP and TYPE lines, one sample per label value,
-        escaped; an unlabelled counter shows 0 before its first increment.
+        A counter renders HELP and TYPE lines under its C{_total} name, one
+        sample per label value, escaped; an unlabelled counter shows 0
+        before its first increment; no C{_created} sample appears.
         """
         r = Registry()
         plain = r.counter("things_total", "Things.\nSecond line \\ backslash.")
@@ -120,33 +125,64 @@ class RegistryTests(SynchronousTestCase):
         text = r.render().decode()
         self.assertIn("# HELP things_total Things.\\nSecond line \\\\ backslash.\n", text)
         self.assertIn("# TYPE things_total counter\n", text)
-        self.assertIn("things_total 0\n", text)
+        self.assertIn("things_total 0.0\n", text)
+        self.assertNotIn("_created", text)
         samples, types, helps = parse(text)
         self.assertEqual(types, {"things_total": "counter", "failed_total": "counter"})
         self.assertEqual(helps["things_total"], "Things.\nSecond line \\ backslash.")
         self.assertEqual(value(samples, "failed_total", code="DIGEST_MISMATCH"), 1)
         self.assertEqual(value(samples, "failed_total", code='odd "value"\n\\'), 2)
+        self.assertEqual(failed.value(code="DIGEST_MISMATCH"), 1)
         plain.inc(0.5)
         self.assertEqual(value(parse(r.render().decode())[0], "things_total"), 0.5)
         self.assertRaises(ValueError, plain.inc, -1)
         self.assertRaises(ValueError, failed.inc, 1, reason="x")
+        self.assertRaises(ValueError, failed.inc, 1)
         self.assertTrue(text.endswith("\n"))
 
     def test_gauge(self) -> None:
-        """A gauge is set, moved, or read from a function at each render."""
+        """
+        A gauge is set, moved, or read from a function at each render; the
+        balancer's per-backend gauges are read from its tracker.
+        """
         r = Registry()
         g = r.gauge("open", "Open things.")
         g.set(5)
         g.dec(2)
-        per = r.gauge("up", "Up by backend.", ["backend"])
-        state = {"a": 1, "b": 0}
-        per.set_function(lambda: [({"backend": k}, v) for k, v in state.items()])
+        state = {"n": 4}
+        live = r.gauge("live", "Read at each render.")
+        live.set_function(lambda: state["n"])
         samples, types, _ = parse(r.render().decode())
         self.assertEqual(types["open"], "gauge")
         self.assertEqual(value(samples, "open"), 3)
-        self.assertEqual(value(samples, "up", backend="a"), 1)
-        state["a"] = 0
-        self.assertEqual(value(parse(r.render().decode())[0], "up", backend="a"), 0)
+        self.assertEqual(value(samples, "live"), 4)
+        state["n"] = 1
+        self.assertEqual(value(parse(r.render().decode())[0], "live"), 1)
+
+        class Tracker:
+            backends = [Named("a"), Named("b")]
+            up = {"a": True, "b": False}
+
+            def is_up(self, b: Any) -> bool:
+                return self.up[b.name]
+
+            def state_of(self, b: Any) -> Any:
+                return Active(3 if b.name == "a" else 0)
+
+        lb = BalancerMetrics(Registry())
+        samples, types, _ = parse(lb.registry.render().decode())
+        self.assertEqual(types["imgresume_lb_backend_up"], "gauge")
+        tracker = Tracker()
+        lb.watch(tracker)
+        samples = parse(lb.registry.render().decode())[0]
+        self.assertEqual(value(samples, "imgresume_lb_backend_up", backend="a"), 1)
+        self.assertEqual(value(samples, "imgresume_lb_backend_up", backend="b"), 0)
+        self.assertEqual(
+            value(samples, "imgresume_lb_backend_connections_active", backend="a"), 3)
+        self.assertIn(("imgresume_lb_connect_failures_total", (("backend", "b"),)), samples)
+        tracker.up["b"] = True
+        self.assertEqual(value(parse(lb.registry.render().decode())[0],
+                               "imgresume_lb_backend_up", backend="b"), 1)
 
     def test_histogram(self) -> None:
         """
@@ -164,14 +200,16 @@ class RegistryTests(SynchronousTestCase):
                    if line.startswith("latency_seconds_bucket")]
         self.assertEqual(buckets, [
             'latency_seconds_bucket{le="0.01"}', 'latency_seconds_bucket{le="0.1"}',
-            'latency_seconds_bucket{le="1"}', 'latency_seconds_bucket{le="+Inf"}',
+            'latency_seconds_bucket{le="1.0"}', 'latency_seconds_bucket{le="+Inf"}',
         ])
         self.assertEqual(
             [value(samples, "latency_seconds_bucket", le=le)
-             for le in ("0.01", "0.1", "1", "+Inf")],
+             for le in ("0.01", "0.1", "1.0", "+Inf")],
             [1, 3, 4, 5])
         self.assertAlmostEqual(value(samples, "latency_seconds_sum"), 7.605)
         self.assertEqual(value(samples, "latency_seconds_count"), 5)
+        self.assertEqual(h.count(), 5)
+        self.assertNotIn("_created", text)
 
     def test_threads(self) -> None:
         """Increments and observations from many threads at once are all counted."""
@@ -193,13 +231,18 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(h.count(), 40000)
 
     def test_names(self) -> None:
-        """Bad metric or label names, and a name used twice, are refused."""
+        """
+        Bad metric or label names, a counter not named C{_total}, and a
+        name used twice, are refused.
+        """
         r = Registry()
-        self.assertRaises(ValueError, r.counter, "bad-name", "x")
-        self.assertRaises(ValueError, r.counter, "ok", "x", ["le"])
-        self.assertRaises(ValueError, r.counter, "ok", "x", ["__reserved"])
-        r.counter("once", "x")
-        self.assertRaises(ValueError, r.gauge, "once", "x")
+        self.assertRaises(ValueError, r.counter, "bad-name_total", "x")
+        self.assertRaises(ValueError, r.gauge, "bad name", "x")
+        self.assertRaises(ValueError, r.histogram, "ok", "x", labelnames=["le"])
+        self.assertRaises(ValueError, r.counter, "ok_total", "x", ["__reserved"])
+        self.assertRaises(ValueError, r.counter, "things", "x")
+        r.counter("once_total", "x")
+        self.assertRaises(ValueError, r.gauge, "once_total", "x")
 
     def test_registries_are_separate(self) -> None:
         """Two servers in one process count separately."""
@@ -208,6 +251,55 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(b.uploads_created.value(), 0)
         self.assertEqual(value(parse(a.registry.render().decode())[0],
                                "imgresume_uploads_created_total"), 1)
+
+    def test_documented_names(self) -> None:
+        """
+        A server's and a balancer's registries expose exactly the metric
+        names and types docs/metrics.md lists, and nothing else.
+        """
+        doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "metrics.md"),
+                   encoding="utf-8").read()
+        server_doc, _, lb_doc = doc.partition("## Balancer metrics")
+        row = re.compile(r"^\| `(imgresume_[a-z_]+)` \| (counter|gauge|histogram) \|", re.M)
+        for metrics, section in ((ServerMetrics(Registry()), server_doc),
+                                 (BalancerMetrics(Registry()), lb_doc)):
+            types = parse(metrics.registry.render().decode())[1]
+            self.assertEqual(types, dict(row.findall(section)))
+
+    def test_promtool(self) -> None:
+        """
+        C{promtool check metrics} accepts what a busy server and balancer
+        render (skipped without promtool, from the Debian package
+        C{prometheus}).
+        """
+        promtool = shutil.which("promtool")
+        if promtool is None:
+            raise SkipTest("promtool is not installed (Debian package prometheus)")
+        server = ServerMetrics(Registry())
+        server.uploads_created.inc()
+        server.uploads_failed.inc(code="TIMEOUT")
+        server.storage_timing("fdatasync", 0.003)
+        lb = BalancerMetrics(Registry())
+        lb.refused.inc(reason="no_backend")
+        for metrics in (server, lb):
+            run = subprocess.run([promtool, "check", "metrics"],
+                                 input=metrics.registry.render(), capture_output=True,
+                                 timeout=30)
+            self.assertEqual((run.returncode, run.stdout + run.stderr), (0, b""))
+
+
+class Named:
+    """A stand-in backend: just a name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class Active:
+    """A stand-in backend state: its active connections."""
+
+    def __init__(self, active: int) -> None:
+        self.active = active
 
 
 CONTENT = bytes(range(256)) * 40
@@ -268,7 +360,8 @@ class ServerCountsTests(SynchronousTestCase):
         """
         proto, transport = self.connect()
         proto.dataReceived(encode(Status("0" * 32)))
-        self.assertEqual(self.metrics.uploads_failed.samples(), [])
+        self.assertEqual(
+            [k for k in self.samples() if k[0] == "imgresume_uploads_failed_total"], [])
         proto.dataReceived(encode(Resume("0" * 32)))
         proto.dataReceived(encode(Upload("b.tif", len(CONTENT), b"\1" * 32)))
         proto.dataReceived(encode(Data(0, zlib.crc32(CONTENT), CONTENT)))
@@ -331,6 +424,46 @@ class ServerEndpointTests(TestCase):
             value(s, "imgresume_storage_fdatasync_seconds_bucket", le="+Inf"), 2 * writes)
         self.assertEqual(value(s, "imgresume_build_info", version=__import__(
             "imgresume").__version__), 1)
+
+
+    async def test_paths_methods_and_formats(self) -> None:
+        """
+        Only C{/metrics} is served (C{/} answers 404), only to GET (POST
+        answers 405); Prometheus asking for OpenMetrics gets it, with the
+        same series and no C{_created} ones.
+        """
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        top = make_server_service(
+            "tcp:0:interface=127.0.0.1", work, reactor=reactor, server_id="paths-test",
+            gc_interval=0, metrics_listen="tcp:0:interface=127.0.0.1")
+        top.startService()
+        self.addCleanup(top.stopService)
+        port = (await top.getServiceNamed("metrics")._waitingForPort).getHost().port
+        base = f"http://127.0.0.1:{port}"
+
+        def status(path: str, method: str = "GET") -> int:
+            try:
+                with urllib.request.urlopen(urllib.request.Request(
+                        base + path, method=method, data=b"" if method == "POST" else None),
+                        timeout=5) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        def openmetrics() -> tuple[str, str]:
+            request = urllib.request.Request(base + "/metrics", headers={
+                "Accept": "application/openmetrics-text; version=1.0.0"})
+            with urllib.request.urlopen(request, timeout=5) as r:
+                return r.headers["Content-Type"], r.read().decode()
+
+        self.assertEqual(await deferToThread(status, "/"), 404)
+        self.assertEqual(await deferToThread(status, "/metrics", "POST"), 405)
+        content_type, text = await deferToThread(openmetrics)
+        self.assertTrue(content_type.startswith("application/openmetrics-text"), content_type)
+        self.assertIn("\nimgresume_uploads_created_total 0.0\n", text)
+        self.assertTrue(text.endswith("# EOF\n"))
+        self.assertIsNone(re.search(r"^\w+_created(\{|\s)", text, re.M))
 
 
 class ProcessTests(TestCase):

@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def __getattr__(name: str) -> Any:
     """The names shared from the command modules, imported when first asked for."""
     if name == "ProgressBar":
-        from imgresume.cli._progress import ProgressBar
+        from imgresume.cli._live import ProgressBar
 
         return ProgressBar
     if name == "UploadOptions":

@@ -16,7 +16,8 @@ from imgresume.sizes import parse_duration, parse_size
 if TYPE_CHECKING:
     from twisted.internet import defer
 
-    from imgresume.cli._progress import BatchProgress, PlainProgress
+    from imgresume.cli._live import BatchProgress
+    from imgresume.cli._progress import PlainProgress
     from imgresume.cli._report import Reporter
     from imgresume.cli._run import Interruptions
     from imgresume.client import CollectedFiles, FileOutcome, Uploader
@@ -122,6 +123,8 @@ Examples:
         ["fail-fast", None, "Stop at the first file that fails: a refused name before "
          "anything is sent, a failed upload once the files under way are over."],
         ["quiet", "q", "No progress and no per-file lines (failures are still reported)."],
+        ["verbose", "v", "Also a lasting line on stderr for every retry and every resume "
+         "(where, from which offset), on a terminal too."],
     ]
 
     def __init__(self) -> None:
@@ -182,6 +185,8 @@ Examples:
             raise usage.UsageError(f"--to {e}{self._from('to')}")
         if not self["files"]:
             raise usage.UsageError("name at least one FILE or directory to upload")
+        if self["quiet"] and self["verbose"]:
+            raise usage.UsageError("--quiet and --verbose contradict each other")
         if self["name"] and (len(self["files"]) > 1 or os.path.isdir(self["files"][0])):
             raise usage.UsageError("--name works with a single FILE only")
         if self["name"] and self["prefix"]:
@@ -371,7 +376,7 @@ class BatchCommand:
             self._reported.callback(None)
 
     async def _upload(self, collected: "CollectedFiles") -> int:
-        from imgresume.cli._progress import BatchProgress, BatchTally, PlainProgress
+        from imgresume.cli._progress import BatchTally, PlainProgress
         from imgresume.cli._report import exit_code
         from imgresume.client import UploadInterrupted
 
@@ -383,10 +388,13 @@ class BatchCommand:
                 {i.name or os.path.basename(i.path): _size(i.path) for i in items},
                 self.reactor.seconds,
             )
-            if self.err.isatty():
-                self._display = BatchProgress(self.err, tally)
+            if self.err.isatty() and not config["json"]:
+                from imgresume.cli._live import BatchProgress  # rich, on a terminal only
+
+                self._display = BatchProgress(self.err, tally, verbose=config["verbose"])
             else:
-                self._display = PlainProgress(self.err, tally, self.reactor)
+                self._display = PlainProgress(self.err, tally, self.reactor,
+                                              verbose=config["verbose"])
                 self._display.start()
         interrupted = None
         try:
@@ -418,9 +426,7 @@ class BatchCommand:
 
     def _outcome(self, outcome: "FileOutcome") -> None:
         """Report one file as it ends."""
-        from imgresume.cli._progress import BatchProgress
-
-        live = isinstance(self._display, BatchProgress)  # it shows each file's end
+        live = self._display is not None and self._display.shows_outcomes
         if self._display is not None:
             self._display.finished(outcome)
         self.report.outcome(outcome, live)

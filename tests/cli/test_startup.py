@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import subprocess
 import sys
 
@@ -34,14 +36,15 @@ main()
 """
 
 #: What a plain tcp: upload must not import: the server side, the storage,
-#: the balancer, key files (no --key-file), metrics, TLS, and the plugins
-#: (no scan of twisted.plugins for an endpoint type).
+#: the balancer, key files (no --key-file), metrics, TLS, the plugins
+#: (no scan of twisted.plugins for an endpoint type), and rich (stderr is
+#: not a terminal here: no live display).
 NOT_FOR_A_TCP_UPLOAD = (
     "imgresume.server", "imgresume.storage", "imgresume.balancer", "imgresume.tls",
     "imgresume.keys", "imgresume.metrics", "imgresume.logs", "imgresume.testing",
     "imgresume.demo", "OpenSSL", "cryptography", "service_identity",
     "twisted.internet.ssl", "twisted.internet._sslverify", "twisted.protocols.tls",
-    "twisted.application", "twisted.plugins", "automat",
+    "twisted.application", "twisted.plugins", "automat", "rich", "imgresume.cli._live",
 )
 
 
@@ -57,14 +60,39 @@ class StartupImportTests(SynchronousTestCase):
         self.work = os.path.abspath(self.mktemp())
         os.makedirs(self.work)
 
-    def command(self, *args: str) -> tuple[list[str], subprocess.CompletedProcess[str]]:
-        """Run C{imgresume ARGS}: the modules it imported, and the process."""
+    def command(self, *args: str, stderr: int | None = None,
+                ) -> tuple[list[str], subprocess.CompletedProcess[str]]:
+        """
+        Run C{imgresume ARGS}: the modules it imported, and the process
+        (its stderr to the file descriptor C{stderr} if given).
+        """
         listing = os.path.join(self.work, "modules.json")
         env = child_env(IMGRESUME_TEST_MODULES=listing, XDG_STATE_HOME=self.work)
         done = subprocess.run([sys.executable, "-c", PROBE, *args], env=env, cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=120)
+                              stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE if stderr is None else stderr,
+                              text=True, timeout=120)
         with open(listing, encoding="utf-8") as f:
             return json.load(f), done
+
+    def on_a_terminal(self, *args: str) -> tuple[list[str], str]:
+        """Run C{imgresume ARGS} with stderr a pseudo-terminal: the modules, stderr."""
+        controller, terminal = pty.openpty()
+        self.addCleanup(os.close, controller)
+        try:
+            names, _ = self.command(*args, stderr=terminal)
+        finally:
+            os.close(terminal)
+        seen = b""
+        while select.select([controller], [], [], 0)[0]:
+            try:
+                block = os.read(controller, 65536)
+            except OSError:
+                break
+            if not block:
+                break
+            seen += block
+        return names, seen.decode("utf-8", "replace")
 
     def a_file(self) -> str:
         """A small file to upload."""
@@ -86,6 +114,28 @@ class StartupImportTests(SynchronousTestCase):
                        "imgresume.client._journal"):
             self.assertIn(needed, names)
         self.assertEqual(imported(names, NOT_FOR_A_TCP_UPLOAD), [])
+
+    def test_json_upload(self) -> None:
+        """C{--json}: no live display, no rich, and the JSON row on stdout."""
+        names, done = self.command("upload", "--json", "--no-journal", "--max-attempts", "1",
+                                   "--to", "tcp:127.0.0.1:1", self.a_file())
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertEqual(json.loads(done.stdout.splitlines()[0])["status"], "failed")
+        self.assertEqual(imported(names, NOT_FOR_A_TCP_UPLOAD), [])
+
+    def test_terminal_upload_draws_with_rich(self) -> None:
+        """
+        With stderr a terminal the live display is drawn, with rich; with
+        C{--json} it is not, and rich is not imported.
+        """
+        args = ("upload", "--no-journal", "--max-attempts", "1", "--to", "tcp:127.0.0.1:1",
+                self.a_file())
+        names, seen = self.on_a_terminal(*args)
+        self.assertIn("rich.progress", names)
+        self.assertIn("connection refused", seen)
+        names, seen = self.on_a_terminal("upload", "--json", *args[1:])
+        self.assertEqual(imported(names, ("rich", "imgresume.cli._live")), [])
+        self.assertIn("connection refused", seen)
 
     def test_host_port_upload(self) -> None:
         """C{--to HOST:PORT} with an IP address is TCP too: no plugin scan, no TLS."""

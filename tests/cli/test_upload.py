@@ -26,19 +26,15 @@ from typing import Any
 
 import attrs
 from blake3 import blake3
+from rich.console import Console
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imgresume.cli import UploadOptions
-from imgresume.cli._progress import (
-    BatchProgress,
-    BatchTally,
-    PlainProgress,
-    ProgressBar,
-    format_eta,
-)
+from imgresume.cli._live import BatchProgress, ProgressBar
+from imgresume.cli._progress import BatchTally, PlainProgress, format_eta
 from imgresume.cli._report import EXIT_SOURCE_CHANGED, exit_code
 from imgresume.cli._upload import BatchCommand
 from imgresume.client import BatchItem, FileOutcome, Journal, Progress, UploadFailed, Uploader
@@ -384,6 +380,16 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn(message, str(caught.exception))
 
 
+    def test_quiet_and_verbose(self) -> None:
+        """C{-v} is a flag like rsync's; C{-q} with C{-v} is a usage error."""
+        path = os.path.abspath(__file__)
+        options = UploadOptions()
+        options.parseOptions(["--to", "tcp:h:1", "-v", path])
+        self.assertTrue(options["verbose"])
+        with self.assertRaises(UsageError) as caught:
+            UploadOptions().parseOptions(["--to", "tcp:h:1", "-q", "-v", path])
+        self.assertIn("--quiet and --verbose", str(caught.exception))
+
     def test_if_exists(self) -> None:
         """--if-exists is rename by default, takes skip or fail, and nothing else."""
         path = os.path.abspath(self.mktemp())
@@ -401,53 +407,62 @@ class OptionsTests(SynchronousTestCase):
 
 
 class ProgressBarTests(SynchronousTestCase):
-    """L{ProgressBar} on a fake clock, an 80-column terminal and a StringIO."""
+    """
+    L{ProgressBar} (drawn with rich) on a fake clock, an 80-column terminal
+    without colours and a StringIO.
+    """
 
     def setUp(self) -> None:
-        self.patch(shutil, "get_terminal_size", lambda fallback=(80, 24): os.terminal_size((80, 24)))
         self.now = 100.0
         self.stream = io.StringIO()
-        self.bar = ProgressBar(self.stream, hz=10, clock=lambda: self.now)
+        console = Console(file=self.stream, force_terminal=True, width=80, height=24,
+                          color_system=None, highlight=False)
+        self.bar = ProgressBar(self.stream, hz=10, clock=lambda: self.now, console=console)
+        self.addCleanup(self.bar.close)
+
+    def lines(self) -> list[str]:
+        """The bar's live lines now."""
+        assert self.bar._display is not None
+        return self.bar._display.lines()
 
     def test_uploading_line(self) -> None:
         """
         A report mid-upload draws name, bar, percentage, sizes, rate since
-        the phase began, ETA and server, on exactly 79 columns.
+        the phase began, ETA and server, within 80 columns.
         """
         self.bar(Progress("a.tif", "uploading", 0, 4096, "node-a"))
         self.now = 102.0
         self.bar(Progress("a.tif", "uploading", 1024, 4096, "node-a"))
-        line = self.stream.getvalue().split("\r")[-1]
-        self.assertEqual(len(line), 79)
-        self.assertTrue(line.startswith("a.tif ["), line)
-        self.assertIn("]  25% 1.0 KiB/4.0 KiB 512 B/s ETA 6s via node-a", line)
-        bar = line[line.index("[") + 1:line.index("]")]
-        self.assertEqual(bar.count("#"), len(bar) // 4)
+        [line] = self.lines()
+        self.assertLessEqual(len(line), 80)
+        self.assertTrue(line.startswith("a.tif "), line)
+        self.assertIn(" 25% 1.0 KiB/4.0 KiB 512 B/s ETA 6s via node-a", line)
+        self.assertIn("via node-a", self.stream.getvalue())
 
     def test_render(self) -> None:
-        """render() alone: the hashing phase is labelled; without a rate the ETA is "?"."""
+        """The hashing phase is labelled; without a rate the ETA is "?"; no server yet."""
         self.bar(Progress("b.tif", "hashing", 0, 1000))
-        line = self.bar.render(Progress("b.tif", "hashing", 0, 1000), self.now)
-        self.assertTrue(line.startswith("b.tif hashing [...."), line)
-        self.assertIn("   0% 0 B/1000 B 0 B/s ETA ?", line)
+        [line] = self.lines()
+        self.assertTrue(line.startswith("b.tif hashing "), line)
+        self.assertIn("0% 0 B/1000 B 0 B/s ETA ?", line)
         self.assertNotIn("via", line)
 
     def test_done(self) -> None:
-        """The "done" report is always drawn, without rate or ETA, and ends the line."""
+        """The "done" report is always written, without rate or ETA, and ends the line."""
         self.bar(Progress("a.tif", "uploading", 0, 2048, "node-a"))
-        self.now += 0.01  # within the redraw interval: still drawn
+        self.now += 0.01  # within the redraw interval: still written
         self.bar(Progress("a.tif", "done", 2048, 2048, "node-a"))
-        last = self.stream.getvalue().split("\r")[-1]
-        self.assertTrue(last.endswith("\n"))
-        self.assertIn("a.tif done [####", last)
-        self.assertIn("100% 2.0 KiB/2.0 KiB via node-a", last)
-        self.assertNotIn("ETA", last)
+        text = self.stream.getvalue()
+        self.assertIn("a.tif done: 2.0 KiB, via node-a\n", text)
+        self.assertNotIn("ETA", text.split("a.tif done:")[-1])
+        self.assertIsNone(self.bar._display)
 
     def test_done_shows_path(self) -> None:
         """The "done" line ends with the path the file is stored at."""
         self.bar(Progress("a.tif", "done", 2048, 2048, "node-a", "complete/a.0a1b2c3d.tif"))
-        last = self.stream.getvalue().split("\r")[-1]
-        self.assertTrue(last.endswith(" via node-a, stored as complete/a.0a1b2c3d.tif\n"), last)
+        self.assertTrue(self.stream.getvalue().endswith(
+            "a.tif done: 2.0 KiB, via node-a, stored as complete/a.0a1b2c3d.tif\n"),
+            self.stream.getvalue()[-200:])
 
     def test_throttled(self) -> None:
         """At most hz redraws a second: reports in between are skipped."""
@@ -458,7 +473,7 @@ class ProgressBarTests(SynchronousTestCase):
         self.assertEqual(self.stream.getvalue(), drawn)
         self.now += 0.06
         self.bar(Progress("a.tif", "uploading", 20, 100))
-        self.assertEqual(self.stream.getvalue().count("\r"), 2)
+        self.assertNotEqual(self.stream.getvalue(), drawn)
 
     def test_retrying(self) -> None:
         """A retry is drawn at once, unthrottled: the name, why and when."""
@@ -466,15 +481,16 @@ class ProgressBarTests(SynchronousTestCase):
         self.now += 0.01
         self.bar(Progress("a.tif", "retrying", 0, 100, note="connection refused by h:1, "
                           "retry 1/9 in 0.2 s"))
-        last = self.stream.getvalue().split("\r")[-1]
-        self.assertEqual(last.rstrip(), "a.tif: connection refused by h:1, retry 1/9 in 0.2 s")
+        self.assertEqual(self.lines()[-1], "a.tif: connection refused by h:1, retry 1/9 in 0.2 s")
+        self.assertIn("a.tif: connection refused by h:1, retry 1/9 in 0.2 s",
+                      self.stream.getvalue())
 
     def test_empty_file_and_long_name(self) -> None:
-        """A zero-byte file is 100%; a long name is cut to 30 characters."""
+        """A zero-byte file is 100%; a long name is cut to 30 characters on the bar."""
         name = "n" * 50 + ".tif"
-        self.bar(Progress(name, "done", 0, 0))
-        line = self.stream.getvalue()
-        self.assertIn("n" * 30 + " done [", line)
+        self.bar(Progress(name, "uploading", 0, 0, "n"))
+        [line] = self.lines()
+        self.assertTrue(line.startswith("n" * 30 + " "), line)
         self.assertNotIn("n" * 31, line)
         self.assertIn("100% 0 B/0 B", line)
 
@@ -651,12 +667,12 @@ class BatchCommandTests(SynchronousTestCase):
         network = self.network(limits=ServerLimits(max_file_size=10000))
         out, err, code = self.command(network, root, terminal=True)
         self.assertEqual((out, code), ("", 1))
-        self.assertIn("a.tif done [", err)
-        self.assertIn("b.tif done [", err)
+        self.assertRegex(err, r"a\.tif done: 4\.9 KiB, via [^ ]+, stored as ")
+        self.assertRegex(err, r"b\.tif done: 4\.9 KiB, via [^ ]+, stored as ")
         self.assertIn("zbig.tif FAILED: ", err)
         self.assertNotIn("imgresume: upload failed", err)
-        self.assertIn("files [", err)  # the total line
-        self.assertIn("\x1b[J", err)
+        self.assertIn("/3 files ", err)  # the total line
+        self.assertIn("\x1b[2K", err)  # the live lines are redrawn in place
         self.assertTrue(err.endswith("without being sent again\n"), err[-200:])
 
     def test_interrupted(self) -> None:
@@ -777,32 +793,42 @@ class BatchTallyTests(SynchronousTestCase):
 
 
 class BatchProgressTests(SynchronousTestCase):
-    """L{BatchProgress} on a fake clock, an 80-column terminal and a StringIO."""
+    """
+    L{BatchProgress} (drawn with rich) on a fake clock, an 80x24 terminal
+    without colours and a StringIO.
+    """
 
     def setUp(self) -> None:
-        self.patch(shutil, "get_terminal_size", lambda fallback=(80, 24): os.terminal_size((80, 24)))
         self.now = 100.0
         self.stream = io.StringIO()
         self.tally = BatchTally({"a.tif": 4096, "b.tif": 4096}, lambda: self.now)
-        self.display = BatchProgress(self.stream, self.tally, hz=10)
+        self.display = self.make(self.tally)
+
+    def make(self, tally: BatchTally, height: int = 24) -> BatchProgress:
+        """A display of C{tally} on a C{height}-line terminal writing to the stream."""
+        console = Console(file=self.stream, force_terminal=True, width=80, height=height,
+                          color_system=None, highlight=False)
+        return BatchProgress(self.stream, tally, hz=10, console=console)
 
     def test_live_lines(self) -> None:
         """
-        A line per file under way, then the total line; each redraw first
-        moves back up over the lines drawn before and clears them.
+        A line per file under way (name, bar, percentage, sizes, rate since
+        the phase began, ETA, server), then the total line; each redraw
+        first moves back up over the lines drawn before and clears them.
         """
         self.display(Progress("a.tif", "uploading", 0, 4096, "node-a"))
         self.now += 1
+        self.display(Progress("a.tif", "uploading", 1024, 4096, "node-a"))
         self.display(Progress("b.tif", "hashing", 2048, 4096))
-        self.assertTrue(self.stream.getvalue().endswith("\n"))
-        last = self.stream.getvalue().split("\x1b[J")[-1].splitlines()
+        last = self.display.lines()
         self.assertEqual(len(last), 3)
-        self.assertTrue(last[0].startswith("a.tif ["), last[0])
-        self.assertIn("via node-a", last[0])
-        self.assertTrue(last[1].startswith("b.tif hashing ["), last[1])
-        self.assertTrue(last[2].startswith("0/2 files ["), last[2])
-        self.assertIn("\x1b[2A\r\x1b[J", self.stream.getvalue())
-        self.assertTrue(all(len(line) <= 79 for line in last))
+        self.assertTrue(last[0].startswith("a.tif "), last[0])
+        self.assertIn(" 25% 1.0 KiB/4.0 KiB 1.0 KiB/s ETA 3s via node-a", last[0])
+        self.assertTrue(last[1].startswith("b.tif hashing "), last[1])
+        self.assertTrue(last[2].startswith("0/2 files "), last[2])
+        self.assertIn("1.0 KiB/8.0 KiB", last[2])
+        self.assertIn("\x1b[1A\x1b[2K", self.stream.getvalue())
+        self.assertTrue(all(len(line) <= 80 for line in last))
 
     def test_finished_lines_stay(self) -> None:
         """
@@ -815,35 +841,34 @@ class BatchProgressTests(SynchronousTestCase):
         self.display.finished(outcome("b.tif", 4096, ok=False))
         self.display.close()
         text = self.stream.getvalue()
-        self.assertIn("a.tif done [", text)
-        self.assertIn("100% 4.0 KiB/4.0 KiB via node-a, stored as complete/a.tif\n", text)
+        self.assertIn("a.tif done: 4.0 KiB, via node-a, stored as complete/a.tif\n", text)
         self.assertIn("b.tif FAILED: gave up after 3 attempts\n", text)
-        self.assertTrue(text.endswith("\x1b[J"))
+        self.assertTrue(text.endswith("\x1b[2K"), repr(text[-40:]))
+        self.assertEqual(self.display.lines()[0].split()[0], "2/2")
         self.assertEqual((self.tally.stored, self.tally.failed), (1, 1))
 
     def test_single_file_has_no_total(self) -> None:
         """With one file there is no total line."""
         tally = BatchTally({"a.tif": 10}, lambda: self.now)
-        display = BatchProgress(self.stream, tally)
+        display = self.make(tally)
         display(Progress("a.tif", "uploading", 5, 10, "n"))
-        self.assertEqual(len(display.lines(self.now)), 1)
+        self.assertEqual(len(display.lines()), 1)
 
     def test_more_files_than_rows(self) -> None:
         """
         More files under way than the terminal has rows for: the first
-        ones, a line saying how many more, and the total, all on screen.
+        ones, the total, and a line saying how many more, all on screen.
         """
-        self.patch(shutil, "get_terminal_size", lambda fallback=(80, 24): os.terminal_size((80, 6)))
         names = [f"p{i}.tif" for i in range(10)]
         tally = BatchTally({name: 100 for name in names}, lambda: self.now)
-        display = BatchProgress(self.stream, tally)
+        display = self.make(tally, height=6)
         for name in names:
-            tally.report(Progress(name, "uploading", 10, 100, "n"))
-        lines = display.lines(self.now)
-        self.assertEqual(len(lines), 5)
-        self.assertEqual([line.split()[0] for line in lines[:3]], names[:3])
-        self.assertEqual(lines[3], "... and 7 more under way")
-        self.assertTrue(lines[4].startswith("0/10 files ["))
+            display(Progress(name, "uploading", 10, 100, "n"))
+        lines = display.lines()
+        self.assertEqual(len(lines), 4)
+        self.assertEqual([line.split()[0] for line in lines[:2]], names[:2])
+        self.assertTrue(lines[2].startswith("0/10 files "), lines[2])
+        self.assertEqual(lines[3], "... and 8 more under way")
 
     def test_throttled(self) -> None:
         """At most hz redraws a second; reports in between are only counted."""
@@ -853,44 +878,101 @@ class BatchProgressTests(SynchronousTestCase):
         self.display(Progress("a.tif", "uploading", 1024, 4096))
         self.assertEqual(self.stream.getvalue(), drawn)
         self.assertEqual(self.tally.sent, 1024)
+        self.now += 0.06
+        self.display(Progress("a.tif", "uploading", 2048, 4096))
+        self.assertNotEqual(self.stream.getvalue(), drawn)
 
     def test_retrying(self) -> None:
         """
-        A file waiting to retry shows why and when in its line, drawn at
-        once; its acknowledged bytes still count.
+        A file waiting to retry is labelled so, and the status line says
+        why and when, drawn at once; its acknowledged bytes still count.
         """
         self.display(Progress("a.tif", "uploading", 1024, 4096, "node-a"))
         self.now += 0.01
         self.display(Progress("a.tif", "retrying", 1024, 4096, "node-a",
                               note="connection refused by 127.0.0.1:7000, retry 3/9 in 2.1 s"))
-        last = self.stream.getvalue().split("\x1b[J")[-1].splitlines()
-        self.assertEqual(last[0].rstrip(),
+        self.assertIn("a.tif: connection refused by 127.0.0.1:7000, retry 3/9 in 2.1 s",
+                      self.stream.getvalue())
+        last = self.display.lines()
+        self.assertTrue(last[0].startswith("a.tif waiting "), last[0])
+        self.assertNotIn("ETA", last[0])
+        self.assertEqual(last[-1],
                          "a.tif: connection refused by 127.0.0.1:7000, retry 3/9 in 2.1 s")
         self.assertEqual(self.tally.bytes_done, 1024)
+
+    def test_resumed_elsewhere(self) -> None:
+        """
+        After a retry, the file's first report from a server says on the
+        status line where it resumed and from which offset; the line goes
+        after a few seconds.
+        """
+        self.display(Progress("a.tif", "uploading", 1024, 4096, "node-a"))
+        self.display(Progress("a.tif", "retrying", 1024, 4096, "node-a",
+                              note="connection lost, retry 1/9 in 0.1 s"))
+        self.now += 0.2
+        self.display(Progress("a.tif", "uploading", 1024, 4096, "node-b"))
+        self.assertEqual(self.display.lines()[-1],
+                         "a.tif: resuming at 1.0 KiB on node-b (another server)")
+        self.assertIn("resuming at 1.0 KiB on node-b", self.stream.getvalue())
+        self.now += 10
+        self.display(Progress("a.tif", "uploading", 2048, 4096, "node-b"))
+        self.assertNotIn("resuming", "\n".join(self.display.lines()))
+
+    def test_connecting(self) -> None:
+        """A file hashed and not yet uploading is shown connecting."""
+        self.display(Progress("a.tif", "hashing", 4096, 4096))
+        self.assertTrue(self.display.lines()[0].startswith("a.tif connecting "))
 
     def test_already_complete(self) -> None:
         """A file an earlier run finished is labelled so."""
         self.display.finished(outcome("a.tif", 4096, already=True))
-        self.assertIn("a.tif already complete [", self.stream.getvalue())
+        self.assertIn("a.tif already complete: 4.0 KiB, via node-a, already stored as "
+                      "complete/a.tif\n", self.stream.getvalue())
 
     def test_stored_path(self) -> None:
         """
         Every finished line names the path the file is stored at, beyond
-        the width of the bar (it is not cut); a skipped file says it was
-        already stored there.
+        the width of the terminal (it is not cut); a skipped file says it
+        was already stored there.
         """
         result = UploadResult("big-scan.tiff", "ab" * 16, 4096, "00" * 32,
-                              "complete/big-scan.e0af5ecb.tiff", [], 4096, 1, ["node-3"], 0.1)
+                              "complete/" + "big-scan" * 10 + ".e0af5ecb.tiff", [], 4096, 1,
+                              ["node-3"], 0.1)
         self.display.finished(FileOutcome(BatchItem("/d/big-scan.tiff"), result=result))
         skipped = attrs.evolve(result, name="b.tif", upload_id="", bytes_sent=0, skipped=True,
                                path="complete/b.tif")
         self.display.finished(FileOutcome(BatchItem("/d/b.tif"), result=skipped))
         text = self.stream.getvalue()
-        self.assertIn("big-scan.tiff done [", text)
-        self.assertIn(" via node-3, stored as complete/big-scan.e0af5ecb.tiff\n", text)
+        self.assertIn("big-scan.tiff done: 4.0 KiB, via node-3, stored as complete/"
+                      + "big-scan" * 10 + ".e0af5ecb.tiff\n", text)
         self.assertIn("b.tif skipped: already stored as complete/b.tif (4.0 KiB, via node-3)\n",
                       text)
         self.assertEqual(self.tally.stored, 2)
+
+    def test_verbose(self) -> None:
+        """
+        With C{-v}, every retry and resume also leaves a line above the
+        live ones, which the status line alone does not.
+        """
+        for verbose in (True, False):
+            self.stream = io.StringIO()
+            display = self.make(BatchTally({"a.tif": 4096}, lambda: self.now))
+            display.verbose = verbose
+            display(Progress("a.tif", "uploading", 1024, 4096, "node-a"))
+            display(Progress("a.tif", "retrying", 1024, 4096, "node-a",
+                             note="connection lost, retry 1/9 in 0.2 s"))
+            display(Progress("a.tif", "uploading", 1024, 4096, "node-b"))
+            display.close()
+            text = self.stream.getvalue()
+            self.assertEqual("imgresume: a.tif: connection lost, retry 1/9 in 0.2 s\n" in text,
+                             verbose)
+            self.assertEqual("imgresume: a.tif: resuming at 1.0 KiB on node-b (another "
+                             "server)\n" in text, verbose)
+
+    def test_names_are_not_markup(self) -> None:
+        """A file name with rich markup in it is shown as it is."""
+        self.display.finished(outcome("[bold]x[/bold].tif", 10, ok=False))
+        self.assertIn("[bold]x[/bold].tif FAILED: gave up", self.stream.getvalue())
 
 
 class PlainProgressTests(SynchronousTestCase):
@@ -927,3 +1009,24 @@ class PlainProgressTests(SynchronousTestCase):
                          note="connection refused by 127.0.0.1:7000, retry 1/9 in 0.2 s"))
         self.assertEqual(stream.getvalue(), "imgresume: a.tif: connection refused by "
                                             "127.0.0.1:7000, retry 1/9 in 0.2 s\n")
+
+    def test_verbose_resume_lines(self) -> None:
+        """
+        With C{-v}, the first report after a retry gets a line too: where
+        the file resumes and from which offset; without it, none.
+        """
+        for verbose, expected in ((True, 1), (False, 0)):
+            clock = Clock()
+            stream = io.StringIO()
+            display = PlainProgress(stream, BatchTally({"a.tif": 4096}, clock.seconds), clock,
+                                    verbose=verbose)
+            display(Progress("a.tif", "uploading", 1024, 4096, "node-a"))
+            display(Progress("a.tif", "retrying", 1024, 4096, "node-a",
+                             note="connection lost, retry 1/9 in 0.2 s"))
+            display(Progress("a.tif", "uploading", 1024, 4096, "node-b"))
+            display(Progress("a.tif", "uploading", 2048, 4096, "node-b"))
+            lines = stream.getvalue().splitlines()
+            self.assertEqual(lines[0], "imgresume: a.tif: connection lost, retry 1/9 in 0.2 s")
+            self.assertEqual(lines[1:], [
+                "imgresume: a.tif: resuming at 1.0 KiB on node-b (another server)",
+            ][:expected])
