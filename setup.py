@@ -15,6 +15,8 @@ setup(
     # directory without __init__.py, as Twisted requires) are installed.
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"])
     + ["twisted.plugins"],
+    # the browser upload page (--upload-page): plain files served as they are
+    package_data={"imgresume.http": ["page/*.html", "page/*.js", "page/*.css"]},
     install_requires=[
         "Twisted[tls]>=24.7",
         "zope.interface>=6",
