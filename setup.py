@@ -26,7 +26,7 @@ setup(
     extras_require={
         "s3": ["boto3>=1.28"],
         "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "boto3>=1.28",
-                 "tuspy>=1.1"],
+                 "tuspy>=1.1", "selenium>=4.20"],
     },
     entry_points={"console_scripts": ["imgresume = imgresume.cli:main"]},
 )
