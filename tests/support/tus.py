@@ -89,14 +89,16 @@ class TusCluster:
         @param http: given a free TCP port of 127.0.0.1, the C{--http}
             endpoint string of a server there (e.g. an C{ssl:} one).
         @param storages: the storage directory of each server in turn (the
-            same directory through each mount of a shared filesystem);
-            default: C{storage/} in C{directory} for all.  C{storage} is
+            same directory through each mount of a shared filesystem), or
+            one C{s3://BUCKET/PREFIX} for all; default: C{storage/} in
+            C{directory} for all.  C{storage} is
             the first.
         """
         self.directory = os.path.abspath(directory)
         self.storages = list(storages) or [os.path.join(self.directory, "storage")]
         self.storage = self.storages[0]
-        os.makedirs(self.storage, exist_ok=True)
+        if "://" not in self.storage:  # not s3://BUCKET/PREFIX
+            os.makedirs(self.storage, exist_ok=True)
         os.makedirs(os.path.join(self.directory, "logs"), exist_ok=True)
         self.sockets = tempfile.mkdtemp(prefix="imgr-tus-")
         self.procs: dict[str, subprocess.Popen] = {}
