@@ -42,6 +42,8 @@ setup(
     # directory without __init__.py, as Twisted requires) are installed.
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"])
     + ["twisted.plugins"],
+    # the browser upload page (--upload-page): plain files served as they are
+    package_data={"imgresume.http": ["page/*.html", "page/*.js", "page/*.css"]},
     install_requires=[
         "Twisted[tls]>=24.7",
         "zope.interface>=6",
@@ -57,7 +59,7 @@ setup(
     extras_require={
         "s3": ["boto3>=1.28"],
         "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "boto3>=1.28",
-                 "tuspy>=1.1"],
+                 "tuspy>=1.1", "selenium>=4.20"],
     },
     entry_points={"console_scripts": ["imgresume = imgresume.cli:main"]},
 )

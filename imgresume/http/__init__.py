@@ -15,7 +15,9 @@ The private modules hold one concern each:
     refuses each creation);
   - C{_uploads}: the storage side (create, resume, verify and publish,
     HEAD, DELETE, identities, takeover of silent requests);
-  - C{_resource}: the C{twisted.web} request, resource and site.
+  - C{_resource}: the C{twisted.web} request, resource and site;
+  - C{_page}: the browser upload page at C{/} (C{--upload-page}), its
+    files in C{page/}.
 """
 
 from __future__ import annotations
@@ -23,25 +25,29 @@ from __future__ import annotations
 from typing import Any
 
 from imgresume.http._headers import EXTENSIONS, TUS_VERSION, TusError
+from imgresume.http._page import page_children
 from imgresume.http._precreate import PreCreateHook
 from imgresume.http._resource import FilesResource, TusRequest, TusSite
 from imgresume.http._uploads import ANONYMOUS, TusUploads
 
 
 def tus_site(uploads: TusUploads, *, timeout: float = 300.0, reactor: Any = None,
-             **limits: Any) -> TusSite:
+             upload_page: bool = False, **limits: Any) -> TusSite:
     """
     The C{twisted.web} site serving tus at C{/files/} over C{uploads}.
 
     @param timeout: seconds a connection may stay silent (mid-body too).
     @param reactor: the reactor of its connections' timeouts (the global one
         by default).
+    @param upload_page: also serve the browser upload page at C{/}
+        (C{--upload-page}).
     @param limits: C{max_pending} (body bytes waiting for the disk before
         reading pauses), C{checksum_limit} (largest body held whole for its
         C{Upload-Checksum}) and C{cors_origins} (the browser origins allowed,
         C{*} for any).
     """
-    return TusSite(FilesResource(uploads, **limits), timeout=timeout, reactor=reactor)
+    return TusSite(FilesResource(uploads, **limits), timeout=timeout, reactor=reactor,
+                   page=page_children() if upload_page else None)
 
 
 __all__ = ["tus_site", "TusUploads", "PreCreateHook", "TusSite", "TusRequest", "FilesResource",

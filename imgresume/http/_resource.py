@@ -123,9 +123,20 @@ class TusRequest(Request):
 
 
 class _Root(Resource):
-    """C{/}: only C{/files/} is served here; anything else is a plain 404."""
+    """
+    C{/}: C{/files/}, and the upload page's files when it is served
+    (L{imgresume.http._page}); anything else is a plain 404.
+    """
+
+    def __init__(self, page: dict[bytes, Resource] | None = None) -> None:
+        super().__init__()
+        self.page = page or {}
 
     def getChild(self, path: bytes, request: Request) -> Resource:
+        if not request.postpath:  # a file of the page, not a folder
+            found = self.page.get(path)
+            if found is not None:
+                return found
         return _NotFound()
 
 
@@ -141,7 +152,8 @@ class _NotFound(Resource):
 class TusSite(Site):
     """
     The HTTP site of a server's tus endpoint: L{TusRequest}s, C{/files/}
-    served by a L{FilesResource}, no access log (each request is logged
+    served by a L{FilesResource}, C{page} (path segment -> resource) at
+    C{/} when given, no access log (each request is logged
     once, as a structured event, by the resource).
     """
 
@@ -150,8 +162,8 @@ class TusSite(Site):
     noisy = False
 
     def __init__(self, files: FilesResource, timeout: float = 300.0,
-                 reactor: Any = None) -> None:
-        root = _Root()
+                 reactor: Any = None, page: dict[bytes, Resource] | None = None) -> None:
+        root = _Root(page)
         root.putChild(b"files", files)
         super().__init__(root, timeout=timeout, reactor=reactor,
                          parsePOSTFormSubmission=False)

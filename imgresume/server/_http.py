@@ -48,11 +48,13 @@ def http_service(
     max_incomplete_bytes: int,
     cors_origins: tuple[str, ...] = (),
     pre_create: dict[str, Any] | None = None,
+    upload_page: bool = False,
 ) -> Service:
     """
     The tus endpoint on C{listen}: a service holding its listener and its
     takeover watch, over C{storage}, telling C{factory} (the native
-    listener's) of its upload events, so hooks and metrics see both alike.
+    listener's) of its upload events, so hooks and metrics see both alike;
+    with C{upload_page}, the browser upload page at C{/}.
     """
     from twisted.application.service import MultiService
 
@@ -71,8 +73,9 @@ def http_service(
     )
     top = MultiService()
     _WatchService(uploads).setServiceParent(top)
-    listener = ListenerService(reactor, listen, tus_site(uploads, timeout=idle_timeout, reactor=reactor,
-                                                     cors_origins=cors_origins))
+    listener = ListenerService(reactor, listen, tus_site(
+        uploads, timeout=idle_timeout, reactor=reactor, cors_origins=cors_origins,
+        upload_page=upload_page))
     listener.setServiceParent(top)
     top.uploads = uploads  # type: ignore[attr-defined]
     top.listener = listener  # type: ignore[attr-defined]

@@ -130,8 +130,8 @@ def _http_service(listen: str, storage: Any, factory: UploadServerFactory, react
                   server_id: str, keys: Any, limits: ServerLimits, idle_timeout: float,
                   takeover_idle: float, expire_after: float, max_incomplete: int,
                   max_incomplete_bytes: int, top: MultiService,
-                  cors_origins: Sequence[str], pre_create: dict[str, Any] | None
-                  ) -> Service:
+                  cors_origins: Sequence[str], pre_create: dict[str, Any] | None,
+                  upload_page: bool = False) -> Service:
     """The tus endpoint (C{--http}), stopped before the native listener."""
     from imgresume.server._http import http_service
 
@@ -141,7 +141,7 @@ def _http_service(listen: str, storage: Any, factory: UploadServerFactory, react
         takeover_idle=takeover_idle, expire_after=expire_after,
         max_incomplete_uploads=max_incomplete,
         max_incomplete_bytes=max_incomplete_bytes, cors_origins=tuple(cors_origins),
-        pre_create=pre_create)
+        pre_create=pre_create, upload_page=upload_page)
     service.setServiceParent(top)
     return service
 
@@ -174,6 +174,7 @@ def make_server_service(
     http_cors_origins: Sequence[str] = (),
     http_pre_create: dict[str, Any] | None = None,
     verify: str = "stored",
+    http_upload_page: bool = False,
 ) -> MultiService:
     """
     Build a server listening on the endpoint string C{listen}.
@@ -218,6 +219,8 @@ def make_server_service(
         or C{*}) whose pages may call the tus endpoint (CORS).
     @param http_pre_create: the tus pre-create hook: C{{"command": argv}}
         or C{{"url": URL}}, with C{"timeout"} (seconds); None: none.
+    @param http_upload_page: also serve the browser upload page at C{/}
+        of C{http_listen}.
 
     The storage self-test is not run here (it blocks); see
     L{imgresume.server._storagecheck.verify_storage}.
@@ -301,7 +304,8 @@ def make_server_service(
             http_listen, storage, factory, reactor, server_id, key_store, limits,
             idle_timeout, takeover_idle, expire_after, max_incomplete_uploads_per_client,
             2 * limits.max_file_size if max_incomplete_bytes_per_client is None
-            else max_incomplete_bytes_per_client, top, http_cors_origins, http_pre_create)
+            else max_incomplete_bytes_per_client, top, http_cors_origins, http_pre_create,
+            http_upload_page)
     top.factory = factory  # type: ignore[attr-defined]
     top.listener = listener  # type: ignore[attr-defined]
     top.gc = gc  # type: ignore[attr-defined]

@@ -128,6 +128,8 @@ Examples:
         ["cert-identity", None, "With --listen mtls:...: a client's id must be the "
          "subject CN of its verified TLS certificate, and the certificate is its "
          "credential (no key needed, even with --keys)."],
+        ["upload-page", None, "With --http: serve a browser upload page (drag and drop, "
+         "resumable) at / of the HTTP endpoint (docs/http.md)."],
     ]
 
     def __init__(self) -> None:
@@ -228,6 +230,8 @@ Examples:
                                           .split(",") if o.strip())
         if origins is not None and http is None:
             raise usage.UsageError("--http-cors-origins needs --http")
+        if self["upload-page"] and http is None:
+            raise usage.UsageError("--upload-page needs --http")
         self._check_pre_create()
         if http is None or self["insecure"] or is_local_only(http):
             return
@@ -403,6 +407,7 @@ def makeService(config: Options):
         http_cors_origins=config["http-cors-origins"],
         http_pre_create=config["http-pre-create"],
         verify=config["verify"],
+        http_upload_page=config["upload-page"],
     )
     if config["max-data-memory"] is not None:
         service.factory.chunk_memory_limit = config["max-data-memory"]

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.system.test_failover,tests.system.test_haproxy -*-
+# -*- test-case-name: tests.system.test_failover,tests.system.test_haproxy,tests.system.test_haproxy_tus -*-
 """
 Clusters of real processes on this machine, for tests, benchmarks and
 C{make demo}: never used by a server, a balancer or a client.
@@ -7,7 +7,9 @@ C{make demo}: never used by a server, a balancer or a client.
     directory and one C{twistd imgresume-lb} in front of them; each server
     a L{Node} that can be SIGKILLed and started again.
   - L{HAProxyCluster}: the same servers behind a real C{haproxy} running the
-    shipped C{docs/examples/haproxy.cfg} (L{render_config}).
+    shipped C{docs/examples/haproxy.cfg} (L{render_config}); the HTTP-mode
+    variant for the tus door, C{docs/examples/haproxy-tus.cfg}, rendered by
+    L{render_tus_config}.
   - L{free_tcp_port}, L{wait_until_connectable}, L{twistd_argv}: the small
     pieces, for code that starts its own processes.
 """
@@ -31,6 +33,7 @@ from imgresume.testing._haproxy import (
     runtime_command,
     show_stat,
 )
+from imgresume.testing._haproxy_tus import TUS_BACKEND, TUS_EXAMPLE_CONFIG, render_tus_config
 
 __all__ = [
     "BACKEND",
@@ -46,6 +49,9 @@ __all__ = [
     "render_config",
     "runtime_command",
     "show_stat",
+    "render_tus_config",
+    "TUS_BACKEND",
+    "TUS_EXAMPLE_CONFIG",
     "twistd_argv",
     "wait_until_connectable",
 ]

@@ -149,7 +149,8 @@ class TusServer:
         def emit(kind: str, **fields: Any) -> None:
             self.events.append({"event": kind, **fields})
 
-        limits = {k: options.pop(k) for k in ("max_pending", "checksum_limit", "cors_origins")
+        limits = {k: options.pop(k) for k in ("max_pending", "checksum_limit", "cors_origins",
+                                              "upload_page")
                   if k in options}
         self.uploads = TusUploads(self.storage, clock=self.clock, server_id="test",
                                   emit=emit, **options)

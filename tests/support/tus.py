@@ -1,6 +1,7 @@
 """
 tus clients written by others, on real processes: a cluster of C{twistd
-imgresume --http} servers over one storage directory behind C{twistd
+imgresume --http} servers over one storage directory (or one per mount of a
+shared filesystem) behind C{twistd
 imgresume-lb --check-mode connect} (L{TusCluster}); tus-js-client under
 Node from the bench's pinned npm cache (L{node_client}); the server that
 holds an upload now (L{serving_server}).
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from imgresume.testing import free_tcp_port, twistd_argv, wait_until_connectable
 from tests.support.processes import child_env
@@ -83,14 +84,21 @@ class TusCluster:
 
     def __init__(self, directory: str, servers: int = 3, server_args: tuple = (),
                  http: Callable[[int], str] = lambda port: f"tcp:{port}:interface=127.0.0.1",
-                 ) -> None:
+                 storages: Sequence[str] = ()) -> None:
         """
         @param http: given a free TCP port of 127.0.0.1, the C{--http}
             endpoint string of a server there (e.g. an C{ssl:} one).
+        @param storages: the storage directory of each server in turn (the
+            same directory through each mount of a shared filesystem), or
+            one C{s3://BUCKET/PREFIX} for all; default: C{storage/} in
+            C{directory} for all.  C{storage} is
+            the first.
         """
         self.directory = os.path.abspath(directory)
-        self.storage = os.path.join(self.directory, "storage")
-        os.makedirs(self.storage, exist_ok=True)
+        self.storages = list(storages) or [os.path.join(self.directory, "storage")]
+        self.storage = self.storages[0]
+        if "://" not in self.storage:  # not s3://BUCKET/PREFIX
+            os.makedirs(self.storage, exist_ok=True)
         os.makedirs(os.path.join(self.directory, "logs"), exist_ok=True)
         self.sockets = tempfile.mkdtemp(prefix="imgr-tus-")
         self.procs: dict[str, subprocess.Popen] = {}
@@ -102,7 +110,8 @@ class TusCluster:
             self.http[name] = port
             self.argv[name] = twistd_argv(
                 "--logfile", self.log(name), "imgresume",
-                "--listen", f"unix:{self.sockets}/{name}.sock", "--storage", self.storage,
+                "--listen", f"unix:{self.sockets}/{name}.sock",
+                "--storage", self.storages[(i - 1) % len(self.storages)],
                 "--server-id", name, "--http", http(port),
                 "--takeover-idle", "1s", *server_args)
         self.lb_port = free_tcp_port()
