@@ -10,6 +10,8 @@ rules.
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import os
 import time
@@ -292,3 +294,20 @@ def takeover_requested(paths: Paths, generation: int) -> bool:
     """Whether a newer connection asked the writer of C{generation} to yield."""
     request = read_json(paths.takeover)
     return bool(request) and request.get("generation") == generation
+
+
+def sha256_of_data(paths: Paths, size: int) -> bytes:
+    """
+    The SHA-256 of the first C{size} bytes of an upload's data file (fewer
+    if fewer are stored), read in pieces; blocking (a disk thread's work).
+    """
+    h = hashlib.sha256()
+    with io_errors(f"cannot read {paths.rel}/data"), open(paths.data, "rb") as f:
+        left = size
+        while left:
+            piece = f.read(min(1 << 20, left))
+            if not piece:
+                break
+            h.update(piece)
+            left -= len(piece)
+    return h.digest()

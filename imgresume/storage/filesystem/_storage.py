@@ -7,7 +7,6 @@ L{FilesystemUploadWriter}.
 
 from __future__ import annotations
 
-import hashlib
 
 import os
 import threading
@@ -44,6 +43,7 @@ from imgresume.storage.filesystem._layout import (
     next_generation,
     read_json,
     read_meta,
+    sha256_of_data,
     write_lease,
     write_meta,
     write_takeover,
@@ -274,22 +274,8 @@ class FilesystemStorage:
         HTTP front door's digest of a tus upload whose bytes came through
         several servers and no client digest, docs/http.md).
         """
-        paths = Paths(self._root, writer.info.upload_id)
-        size = writer.info.size
-
-        def read() -> bytes:
-            h = hashlib.sha256()
-            with io_errors(f"cannot read {paths.rel}/data"), open(paths.data, "rb") as f:
-                left = size
-                while left:
-                    piece = f.read(min(1 << 20, left))
-                    if not piece:
-                        break
-                    h.update(piece)
-                    left -= len(piece)
-            return h.digest()
-
-        return self._run(read)
+        return self._run(sha256_of_data, Paths(self._root, writer.info.upload_id),
+                         writer.info.size)
 
     def status_sync(self, upload_id: str, client_id: str | None = None) -> UploadStatus:
         """L{status}, blocking (for C{imgresume ls}, which runs without a reactor)."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import time
 from typing import Callable
 
@@ -74,7 +73,7 @@ _link = os.link
 _fdatasync = os.fdatasync
 
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | CLOEXEC
-_OPEN = os.O_RDWR | os.O_NOFOLLOW | CLOEXEC
+OPEN_PUT = os.O_RDWR | os.O_NOFOLLOW | CLOEXEC
 
 
 def put_key(client_id: str, upload_id: str) -> str:
@@ -106,7 +105,8 @@ def mark_published(incoming_fd: int, leaf: str) -> None:
         pass
 
 
-def _identity(st: os.stat_result) -> tuple[int, int]:
+def identity(st: os.stat_result) -> tuple[int, int]:
+    """A file's identity: its device and inode."""
     return st.st_dev, st.st_ino
 
 
@@ -204,7 +204,7 @@ class WholeStore:
             fresh = True
         except FileExistsError:
             try:
-                fd = os.open(leaf, _OPEN, dir_fd=incoming_fd)
+                fd = os.open(leaf, OPEN_PUT, dir_fd=incoming_fd)
             except FileNotFoundError:
                 return None
             fresh = False
@@ -221,7 +221,7 @@ class WholeStore:
                 except FileNotFoundError:
                     now = None
                 published = True  # not ours to remove, unless found unpublished
-                if now is None or _identity(now) != _identity(st):
+                if now is None or identity(now) != identity(st):
                     return None
                 done = self._repeat(incoming_fd, leaf, lock, st, name, request)
                 if done is not None:
@@ -262,7 +262,7 @@ class WholeStore:
             self._timings("fdatasync", time.perf_counter() - started)
         # The .put name must be as durable as the published one will be, so
         # that a repeat after a crash finds it instead of publishing twice.
-        self.dirsync.sync(_identity(os.fstat(incoming_fd)), incoming_fd)
+        self.dirsync.sync(identity(os.fstat(incoming_fd)), incoming_fd)
         digest = _stored_digest(fd, size, request.digest)
         if digest != request.sha256:
             if digest is None or integrity.digest_of(request.digest, data) == request.sha256:
@@ -336,9 +336,9 @@ class WholeStore:
         @raise OSError: the flush failed.
         """
         there = os.stat(target, dir_fd=parent_fd, follow_symlinks=False)
-        if _identity(there) != _identity(st) or there.st_size != size:
+        if identity(there) != identity(st) or there.st_size != size:
             raise StorageError(f"{path} is not the verified file of {size} bytes")
-        self.dirsync.sync(_identity(os.fstat(parent_fd)), parent_fd)
+        self.dirsync.sync(identity(os.fstat(parent_fd)), parent_fd)
 
     def _repeat(
         self, incoming_fd: int, leaf: str, lock: Lock, st: os.stat_result, name: str,
@@ -385,12 +385,12 @@ class WholeStore:
                     there = os.stat(target, dir_fd=parent_fd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                if _identity(there) == _identity(st):
+                if identity(there) == identity(st):
                     if not published:
                         self._check_stored(lock.fd, st, request, left)
                     # Its first try may have died before these flushes.
-                    self.dirsync.sync(_identity(os.fstat(incoming_fd)), incoming_fd)
-                    self.dirsync.sync(_identity(os.fstat(parent_fd)), parent_fd)
+                    self.dirsync.sync(identity(os.fstat(incoming_fd)), incoming_fd)
+                    self.dirsync.sync(identity(os.fstat(parent_fd)), parent_fd)
                     mark_published(incoming_fd, leaf)
                     return CompletedUpload(request.upload_id, name, len(request.data),
                                            request.sha256, f"complete/{rel}", request.digest)
@@ -438,70 +438,3 @@ class WholeStore:
 #: Added to the rest of the L{FRESH} window in the retry hint, so that the
 #: repeat comes after it even with the clocks of two hosts a little apart.
 FRESH_MARGIN = 0.5
-
-
-# -- garbage collection ---------------------------------------------------------
-
-#: Actions of L{collect_put} (the garbage collector's report uses them).
-EXPIRED_PUT = "expired-put"
-EXPIRED_PUT_RECORD = "expired-put-record"
-FRESH_PUT = "fresh-put"
-RECENT_PUT_RECORD = "recent-put-record"
-BUSY_PUT = "busy"
-
-
-def collect_put(
-    incoming: str, entry: str, now: float, older_than: float,
-    records_older_than: float, dry_run: bool,
-) -> tuple[str, float, int] | None:
-    """
-    Judge, and remove if its time has come, one C{.put} file of
-    C{incoming/}, for L{imgresume.storage.filesystem.gc}: one never
-    published (one link: a request cut short) once C{older_than} has
-    passed since it was written, one published (two links: the record
-    that answers a repeated request) after C{records_older_than}; never
-    while someone holds its lock.  The age is judged again under the lock.
-
-    @return: C{(action, age, bytes freed)}, or C{None} if C{entry} is not
-        a regular file (not ours) or is gone.
-    """
-    path = os.path.join(incoming, entry)
-
-    def judge(st: os.stat_result) -> tuple[str, float]:
-        age = now - st.st_mtime
-        if st.st_nlink > 1:
-            return (EXPIRED_PUT_RECORD if age >= records_older_than
-                    else RECENT_PUT_RECORD), age
-        return (EXPIRED_PUT if age >= older_than else FRESH_PUT), age
-
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    action, age = judge(st)
-    if action in (FRESH_PUT, RECENT_PUT_RECORD):
-        return action, age, 0
-    try:
-        fd = os.open(path, _OPEN)
-    except FileNotFoundError:
-        return None
-    lock = lock_open(fd)
-    if lock is None:
-        return BUSY_PUT, age, 0
-    try:
-        held = os.fstat(lock.fd)
-        try:
-            current = os.lstat(path)
-        except FileNotFoundError:
-            return None
-        if _identity(current) != _identity(held):
-            return None  # replaced meanwhile: judged next time
-        action, age = judge(held)
-        freed = held.st_size if held.st_nlink == 1 else 0
-        if action in (EXPIRED_PUT, EXPIRED_PUT_RECORD) and not dry_run:
-            os.unlink(path)
-        return action, age, freed
-    finally:
-        lock.release()

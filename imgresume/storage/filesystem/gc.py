@@ -23,7 +23,7 @@ What is removed, each only once it is older than its threshold:
   - C{incoming/<key>.put} files of the one-step store: unpublished ones
     (one link) after C{older_than}, published ones (kept to answer a
     repeated request) after C{completed_records_older_than}; never while
-    locked (L{imgresume.storage.filesystem._whole.collect_put}).
+    locked (L{imgresume.storage.filesystem._put_gc.collect_put}).
 
 What is never removed: anything under C{complete/}; an upload whose lock is
 held (its writer is alive, on this host or another); an upload in state
@@ -57,12 +57,8 @@ from imgresume.names import is_upload_id
 from imgresume.storage.filesystem import _incomplete
 from imgresume.storage.filesystem._layout import Paths, read_meta, remove
 from imgresume.storage.filesystem._locks import Lock, acquire
-from imgresume.storage.filesystem._whole import (
-    EXPIRED_PUT,
-    EXPIRED_PUT_RECORD,
-    collect_put,
-    is_put_name,
-)
+from imgresume.storage.filesystem._put_gc import EXPIRED_PUT, EXPIRED_PUT_RECORD, collect_put
+from imgresume.storage.filesystem._whole import is_put_name
 
 log = Logger()
 
