@@ -16,10 +16,10 @@ from typing import Mapping
 
 import attrs
 
-from imgresume.errors import ImgresumeError, InvalidMetadata
-from imgresume.names import IF_EXISTS_KEY, IF_EXISTS_POLICIES
+from imgresume.errors import FileTooLarge, ImgresumeError, InvalidMetadata, InvalidName
+from imgresume.names import IF_EXISTS_KEY, IF_EXISTS_POLICIES, MAX_NAME_BYTES
 from imgresume.protocol._codec import not_utf8
-from imgresume.protocol._frames import Error
+from imgresume.protocol._frames import Error, Upload
 
 CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._@:+-]{1,128}\Z")
 METADATA_KEY_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
@@ -91,3 +91,19 @@ def check_metadata(
             "compares it with the stored file's before any byte is sent"
         )
     return None
+
+
+def check_request(upload: Upload, max_size: int, too_large: str) -> ImgresumeError | None:
+    """
+    Why an UPLOAD (or the UPLOAD a PUT stands for) is refused before storage
+    sees it, or None: its size over C{max_size} (C{too_large} says why),
+    then its name's encoding and length, then its metadata, in that order
+    (docs/protocol.md, UPLOAD and PUT).
+    """
+    if upload.size > max_size:
+        return FileTooLarge(too_large)
+    if not_utf8(upload.name):
+        return InvalidName("name is not valid UTF-8")
+    if len(upload.name.encode("utf-8")) > MAX_NAME_BYTES:
+        return InvalidName(f"name is longer than {MAX_NAME_BYTES} bytes")
+    return check_metadata(upload.metadata, upload.sha256 is not None)

@@ -27,19 +27,16 @@ import collections
 from imgresume import integrity
 from imgresume.errors import (
     ChecksumMismatch,
-    FileTooLarge,
     HandshakeRejected,
     ImgresumeError,
     Incomplete,
-    InvalidName,
     OffsetMismatch,
     Scope,
     SizeExceeded,
     UnexpectedFrame,
     UnsupportedVersion,
 )
-from imgresume.names import IF_EXISTS_POLICIES, MAX_NAME_BYTES, if_exists_policy
-from imgresume.protocol._codec import not_utf8
+from imgresume.names import IF_EXISTS_POLICIES, if_exists_policy
 from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
     PROTOCOL_VERSION,
@@ -67,7 +64,7 @@ from imgresume.protocol._frames import (
 from imgresume.protocol._rules import (
     CLIENT_ID_RE,
     ServerLimits,
-    check_metadata,
+    check_request,
     error_frame,
 )
 from imgresume.protocol._server_events import (
@@ -215,22 +212,12 @@ class ServerConnection:
         return HelloReceived(hello)
 
     def _on_upload(self, upload: Upload) -> ServerEvent | None:
-        problem: ImgresumeError | None = None
-        if upload.size > self.limits.max_file_size:
-            problem = FileTooLarge(
-                f"declared size {upload.size} is over this server's limit of "
-                f"{self.limits.max_file_size} bytes"
-            )
-        elif not_utf8(upload.name):
-            problem = InvalidName("name is not valid UTF-8")
-        elif len(upload.name.encode("utf-8")) > MAX_NAME_BYTES:
-            problem = InvalidName(f"name is longer than {MAX_NAME_BYTES} bytes")
-        else:
-            problem = check_metadata(upload.metadata, upload.sha256 is not None)
+        problem = check_request(
+            upload, self.limits.max_file_size,
+            f"declared size {upload.size} is over this server's limit of "
+            f"{self.limits.max_file_size} bytes")
         if problem is not None:
-            self._send(error_frame(problem))
-            self._refused.append(Refusal(problem, upload))
-            return None
+            return self._refuse_request(problem, upload)
         self.state = ServerState.OPENING
         return UploadRequested(upload, if_exists_policy(upload.metadata))
 
@@ -243,27 +230,23 @@ class ServerConnection:
         if not limit:
             raise UnexpectedFrame("PUT is not offered by this server: use UPLOAD")
         upload = Upload(put.name, put.size, put.sha256, put.metadata)
-        problem: ImgresumeError | None = None
-        if put.size > limit:
-            problem = FileTooLarge(
-                f"a PUT carries at most {limit} bytes (this server's put); "
-                f"send this file of {put.size} bytes with UPLOAD")
-        elif not_utf8(put.name):
-            problem = InvalidName("name is not valid UTF-8")
-        elif len(put.name.encode("utf-8")) > MAX_NAME_BYTES:
-            problem = InvalidName(f"name is longer than {MAX_NAME_BYTES} bytes")
-        else:
-            problem = check_metadata(put.metadata)
+        problem = check_request(
+            upload, limit, f"a PUT carries at most {limit} bytes (this server's put); "
+            f"send this file of {put.size} bytes with UPLOAD")
         if problem is None and integrity.checksum(self.checksum, put.payload) != put.crc32:
             problem = ChecksumMismatch(f"the PUT's payload does not match its "
                                        f"{integrity.title(self.checksum)}; send it again")
         if problem is not None:
-            self._send(error_frame(problem))
-            self._refused.append(Refusal(problem, upload))
-            return None
+            return self._refuse_request(problem, upload)
         self.state = ServerState.STORING
         self.upload_id = put.upload_id
         return PutRequested(put, if_exists_policy(put.metadata))
+
+    def _refuse_request(self, problem: ImgresumeError, upload: Upload) -> None:
+        """Answer an UPLOAD or PUT with C{problem}; the connection stays ready."""
+        self._send(error_frame(problem))
+        self._refused.append(Refusal(problem, upload))
+        return None
 
     def _on_data(self, data: Data) -> ServerEvent | None:
         end = data.offset + len(data.payload)
