@@ -212,10 +212,9 @@ class ServerConnection:
         return HelloReceived(hello)
 
     def _on_upload(self, upload: Upload) -> ServerEvent | None:
-        problem = check_request(
-            upload, self.limits.max_file_size,
-            f"declared size {upload.size} is over this server's limit of "
-            f"{self.limits.max_file_size} bytes")
+        limit = self.limits.max_file_size
+        problem = check_request(upload, limit, f"declared size {upload.size} is over "
+                                f"this server's limit of {limit} bytes")
         if problem is not None:
             return self._refuse_request(problem, upload)
         self.state = ServerState.OPENING
@@ -246,7 +245,6 @@ class ServerConnection:
         """Answer an UPLOAD or PUT with C{problem}; the connection stays ready."""
         self._send(error_frame(problem))
         self._refused.append(Refusal(problem, upload))
-        return None
 
     def _on_data(self, data: Data) -> ServerEvent | None:
         end = data.offset + len(data.payload)
