@@ -165,7 +165,30 @@ class LocalCluster:
     def start_node(self, node: Node) -> None:
         """Start (or restart) one process and wait until it listens."""
         self._spawn(node)
-        wait_until_connectable(node.address, proc=node.proc)
+        self._wait_listening(node)
+
+    def _wait_listening(self, node: Node) -> None:
+        """
+        Wait until C{node} listens; if it exits or never listens, raise with
+        the end of its standard error and log, so that a failed start says
+        why.
+        """
+        try:
+            wait_until_connectable(node.address, proc=node.proc)
+        except (RuntimeError, TimeoutError) as e:
+            raise type(e)(f"{node.name}: {e}\n{self._tails(node)}") from None
+
+    @staticmethod
+    def _tails(node: Node, lines: int = 30) -> str:
+        parts = []
+        for path in (node.log + ".stderr", node.log):
+            try:
+                with open(path, errors="replace") as f:
+                    tail = f.readlines()[-lines:]
+            except OSError as e:
+                tail = [f"(cannot read: {e})\n"]
+            parts.append(f"--- last lines of {path}:\n" + "".join(tail))
+        return "".join(parts)
 
     def start(self) -> "LocalCluster":
         """
@@ -177,7 +200,7 @@ class LocalCluster:
             for node in self.servers.values():
                 self._spawn(node)
             for node in self.servers.values():
-                wait_until_connectable(node.address, proc=node.proc)
+                self._wait_listening(node)
             self.start_node(self.lb)
         except BaseException:
             self.stop()
