@@ -105,19 +105,23 @@ class PutSender:
         an answer for the same upload id is reported C{already_complete}.
         """
         up = self._uploader
-        data, sha256 = await source.read_whole()
-        await source.check_unchanged()
         asked = {k: v for k, v in metadata.items() if k != IF_EXISTS_KEY}
         if up.if_exists != "rename":
             asked[IF_EXISTS_KEY] = up.if_exists
-        upload_id = put_upload_id(name, sha256)
-        state.upload_id = upload_id
         # The frame in each connection's negotiated algorithms (§2b), made
         # once per pair of them (a retry may reach another server), the
-        # likely pair before the turn is taken so that the PUT goes out at
-        # once, while the one before it is still in flight.
+        # likely pair with the read, before the turn is taken, so that the
+        # PUT goes out at once, while the one before it is still in flight.
         likely = (up.digest, integrity.DEFAULT_CHECKSUM)
-        frames = {likely: await up.run(_frame, upload_id, name, asked, data, *likely)}
+
+        def prepared(data: bytes, sha256: bytes) -> tuple[bytes, bytes, Put]:
+            return data, sha256, _frame(put_upload_id(name, sha256), name, asked, data,
+                                        *likely)
+
+        data, sha256, first = await source.read_whole(prepared)
+        upload_id = first.upload_id
+        state.upload_id = upload_id
+        frames = {likely: first}
         while True:
             state.attempts += 1
             server = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -18,6 +18,7 @@ from imgresume import integrity
 from imgresume.client._portable import OPEN_FLAGS, PositionalReader
 
 Runner = Callable[..., Deferred[Any]]
+T = TypeVar("T")
 READ_SIZE = 1024 * 1024
 
 
@@ -130,16 +131,23 @@ class LocalFile:
         return self._run(
             lambda: integrity.digest_of(algorithm, self._read_exactly(offset, length)))
 
-    def read_whole(self) -> Deferred[tuple[bytes, bytes]]:
+    def read_whole(
+        self, then: Callable[[bytes, bytes], T] = lambda data, sha256: (data, sha256)
+    ) -> Deferred[T]:
         """
-        The whole file and its SHA-256 (what names its PUT), read and
-        computed in a thread (a small file sent in one PUT).  Fails with
-        L{SourceChanged} if it is shorter than when opened.
+        Read the whole file, compute its SHA-256 (what names its PUT), check
+        that it is unchanged (L{check_unchanged}), and hand both to C{then}:
+        all in one task of a thread (a small file sent in one PUT costs one
+        trip off the reactor).  The Deferred fires with what C{then}
+        returns (by default, the bytes and their SHA-256), or fails with
+        L{SourceChanged}.
         """
 
-        def read() -> tuple[bytes, bytes]:
+        def read() -> T:
             data = self._read_exactly(0, self.size)
-            return data, hashlib.sha256(data).digest()
+            sha256 = hashlib.sha256(data).digest()
+            self._check_unchanged()
+            return then(data, sha256)
 
         return self._run(read)
 

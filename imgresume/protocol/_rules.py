@@ -16,10 +16,17 @@ from typing import Mapping
 
 import attrs
 
-from imgresume.errors import FileTooLarge, ImgresumeError, InvalidMetadata, InvalidName
+from imgresume.errors import (
+    FileTooLarge,
+    HandshakeRejected,
+    ImgresumeError,
+    InvalidMetadata,
+    InvalidName,
+    UnsupportedVersion,
+)
 from imgresume.names import IF_EXISTS_KEY, IF_EXISTS_POLICIES, MAX_NAME_BYTES
 from imgresume.protocol._codec import not_utf8
-from imgresume.protocol._frames import Error, Upload
+from imgresume.protocol._frames import PROTOCOL_VERSION, Error, Hello, Upload, Welcome
 
 CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._@:+-]{1,128}\Z")
 METADATA_KEY_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
@@ -40,11 +47,35 @@ class ServerLimits:
     #: announced in WELCOME as C{put}, capped by C{max_payload} and
     #: C{max_file_size}.
     max_put: int = 0
+    #: PUTs of one connection stored at once (not announced: a client may
+    #: pipeline more, which wait in the connection's buffer).
+    puts_at_once: int = 4
 
     @property
     def put_limit(self) -> int:
         """The largest file a PUT may carry, as announced (0: PUT not offered)."""
         return max(0, min(self.max_put, self.max_payload, self.max_file_size))
+
+
+def welcome_frame(server_id: str, limits: ServerLimits, negotiated: Mapping[str, str],
+                  extra: Mapping[str, str]) -> Welcome:
+    """
+    The WELCOME of a server machine with C{limits}: it takes the SHA-256 at
+    the end (FINISH), hands every UPLOAD's if-exists policy to its caller,
+    answers the client's integrity offers (C{negotiated}), offers PUT if
+    C{limits} say so, and adds the caller's C{extra} options.
+    """
+    return Welcome(
+        version=PROTOCOL_VERSION,
+        server_id=server_id,
+        max_payload=limits.max_payload,
+        max_file_size=limits.max_file_size,
+        chunk_size=limits.chunk_size,
+        options={"late-digest": "1", "if-exists": ",".join(IF_EXISTS_POLICIES),
+                 **negotiated,
+                 **({"put": str(limits.put_limit)} if limits.put_limit else {}),
+                 **extra},
+    )
 
 
 def error_frame(error: ImgresumeError) -> Error:
@@ -91,6 +122,25 @@ def check_metadata(
             "compares it with the stored file's before any byte is sent"
         )
     return None
+
+
+def check_hello(hello: Hello) -> None:
+    """
+    Refuse a HELLO whose versions exclude this one, or whose client id is
+    malformed.
+
+    @raise UnsupportedVersion: no version in common.
+    @raise HandshakeRejected: the client id is malformed.
+    """
+    if not (hello.version_min <= PROTOCOL_VERSION <= hello.version_max):
+        raise UnsupportedVersion(
+            f"client speaks versions {hello.version_min}-{hello.version_max}; "
+            f"this server speaks {PROTOCOL_VERSION}"
+        )
+    if not CLIENT_ID_RE.match(hello.client_id):
+        raise HandshakeRejected(
+            "client id must be 1-128 characters of A-Z a-z 0-9 . _ @ : + -"
+        )
 
 
 def check_request(upload: Upload, max_size: int, too_large: str) -> ImgresumeError | None:

@@ -22,32 +22,25 @@ L{imgresume.server._protocol.UploadServerProtocol}.
 
 from __future__ import annotations
 
-import collections
-
 from imgresume import integrity
 from imgresume.errors import (
     ChecksumMismatch,
-    HandshakeRejected,
     ImgresumeError,
     Incomplete,
     OffsetMismatch,
     Scope,
     SizeExceeded,
     UnexpectedFrame,
-    UnsupportedVersion,
 )
-from imgresume.names import IF_EXISTS_POLICIES, if_exists_policy
+from imgresume.names import if_exists_policy
 from imgresume.protocol._decoder import FrameDecoder, control_limit
 from imgresume.protocol._frames import (
-    PROTOCOL_VERSION,
     SKIPPED_UPLOAD_ID,
     Accepted,
-    Ack,
     Auth,
     Challenge,
     Completed,
     Data,
-    Error,
     Finish,
     Frame,
     Hello,
@@ -58,14 +51,15 @@ from imgresume.protocol._frames import (
     Status,
     Upload,
     UploadStatusFrame,
-    Welcome,
     encode,
 )
+from imgresume.protocol._answers import ChunkAnswers, PutAnswers, check_put
 from imgresume.protocol._rules import (
-    CLIENT_ID_RE,
     ServerLimits,
+    check_hello,
     check_request,
     error_frame,
+    welcome_frame,
 )
 from imgresume.protocol._server_events import (
     LEGAL_FRAMES,
@@ -106,16 +100,18 @@ class ServerConnection:
         #: Where the next DATA packet must start: the end of the chunks
         #: taken so far.
         self.offset = 0
-        #: Answers owed to DATA frames, in order: the end of a chunk storage
-        #: is writing (an int), or an ERROR frame that must wait for the
-        #: acknowledgements before it.
-        self._answers: collections.deque[int | Error] = collections.deque()
-        self._durable = 0
+        #: Answers owed to DATA frames, in order.
+        self._answers = ChunkAnswers()
         #: Whether the open upload's SHA-256 comes at the end, in FINISH.
         self._sha256_in_finish = False
         self._digest: bytes | None = None
         #: Requests refused by the machine itself, not yet taken by the caller.
         self._refused: list[Refusal] = []
+        #: The PUTs being stored at once, answered in order.
+        self._puts = PutAnswers()
+        #: A command that came behind PUTs still being stored: taken once
+        #: every one of them is answered.
+        self._parked: Frame | None = None
         #: The per-packet checksum and the whole-file digest of this
         #: connection, negotiated in HELLO/WELCOME (L{imgresume.integrity}).
         self.checksum = integrity.LEGACY_CHECKSUM
@@ -137,7 +133,7 @@ class ServerConnection:
     @property
     def chunks_pending(self) -> int:
         """Chunks handed out as L{ChunkReceived} and not yet L{chunk_written}."""
-        return sum(1 for a in self._answers if isinstance(a, int))
+        return self._answers.writing
 
     def next_event(self) -> ServerEvent | None:
         """
@@ -150,8 +146,15 @@ class ServerConnection:
             self.state = ServerState.COMPLETING
             return FinishRequested(self.size, self._digest)
         while self.state in LEGAL_FRAMES:
+            if self._parked is not None and self.state is not ServerState.READY:
+                return None  # a command behind PUTs waits for their answers
+            if (self.state is ServerState.STORING
+                    and self._puts.storing >= self.limits.puts_at_once):
+                return None  # the next frame waits in the buffer
             try:
-                frame = self._decoder.next_frame()
+                frame = self._parked if self._parked is not None else \
+                    self._decoder.next_frame()
+                self._parked = None
                 if frame is None:
                     return None
                 event = self._on_frame(frame)
@@ -169,7 +172,14 @@ class ServerConnection:
                 f"{type(frame).__name__.upper()} is not legal in state {self.state.value}"
             )
         if isinstance(frame, Ping):
-            self._send(Pong(frame.nonce))
+            if self._puts:  # answered in order, after the PUTs before it
+                self._puts.add_answered(Pong(frame.nonce))
+            else:
+                self._send(Pong(frame.nonce))
+            return None
+        if self.state is ServerState.STORING and not isinstance(frame, Put):
+            # A command behind PUTs: it waits until all of them are answered.
+            self._parked = frame
             return None
         if isinstance(frame, Hello):
             return self._on_hello(frame)
@@ -197,15 +207,7 @@ class ServerConnection:
         return self._on_data(frame)
 
     def _on_hello(self, hello: Hello) -> ServerEvent:
-        if not (hello.version_min <= PROTOCOL_VERSION <= hello.version_max):
-            raise UnsupportedVersion(
-                f"client speaks versions {hello.version_min}-{hello.version_max}; "
-                f"this server speaks {PROTOCOL_VERSION}"
-            )
-        if not CLIENT_ID_RE.match(hello.client_id):
-            raise HandshakeRejected(
-                "client id must be 1-128 characters of A-Z a-z 0-9 . _ @ : + -"
-            )
+        check_hello(hello)
         self.state = ServerState.CHECKING_HELLO
         self._hello = hello
         self.checksum, self.digest, self._welcome_options = integrity.negotiate(hello.options)
@@ -222,23 +224,21 @@ class ServerConnection:
 
     def _on_put(self, put: Put) -> ServerEvent | None:
         """
-        A whole file in one frame: checked as an UPLOAD of its size, then
-        its payload as a DATA packet's; answered by the caller once stored.
+        A whole file in one frame (L{check_put}), stored by the caller while
+        more PUTs come; answered in order (L{PutAnswers}).
         """
-        limit = self.limits.put_limit
-        if not limit:
-            raise UnexpectedFrame("PUT is not offered by this server: use UPLOAD")
-        upload = Upload(put.name, put.size, put.sha256, put.metadata)
-        problem = check_request(
-            upload, limit, f"a PUT carries at most {limit} bytes (this server's put); "
-            f"send this file of {put.size} bytes with UPLOAD")
-        if problem is None and integrity.checksum(self.checksum, put.payload) != put.crc32:
-            problem = ChecksumMismatch(f"the PUT's payload does not match its "
-                                       f"{integrity.title(self.checksum)}; send it again")
+        problem = check_put(put, self.limits, self.checksum)
         if problem is not None:
-            return self._refuse_request(problem, upload)
+            upload = Upload(put.name, put.size, put.sha256, put.metadata)
+            if not self._puts:
+                return self._refuse_request(problem, upload)
+            # Its ERROR is owed after the answers of the PUTs before it.
+            self._puts.add_answered(error_frame(problem))
+            self._refused.append(Refusal(problem, upload))
+            return None
         self.state = ServerState.STORING
         self.upload_id = put.upload_id
+        self._puts.add(put.upload_id)
         return PutRequested(put, if_exists_policy(put.metadata))
 
     def _refuse_request(self, problem: ImgresumeError, upload: Upload) -> None:
@@ -273,12 +273,10 @@ class ServerConnection:
                 )
             return self._on_end(None)
         else:
-            self._answers.append(end)
+            self._answers.taken(end)
             self.offset = end
             return ChunkReceived(data.offset, data.payload, data.crc32, self.checksum)
-        self._answers.append(error_frame(problem))
-        self._refused.append(Refusal(problem))
-        self._send_ready_answers()
+        self._refuse_packet(problem)
         return None
 
     def _on_end(self, sha256: bytes | None) -> ServerEvent | None:
@@ -288,9 +286,7 @@ class ServerConnection:
                 f"end of upload signalled at {self.offset} of {self.size} bytes",
                 offset=self.offset,
             )
-            self._answers.append(error_frame(problem))
-            self._refused.append(Refusal(problem))
-            self._send_ready_answers()
+            self._refuse_packet(problem)
             return None
         self._digest = sha256
         if self._answers:
@@ -300,9 +296,10 @@ class ServerConnection:
         self.state = ServerState.COMPLETING
         return FinishRequested(self.size, sha256)
 
-    def _send_ready_answers(self) -> None:
-        while self._answers and isinstance(self._answers[0], Error):
-            self._send(self._answers.popleft())
+    def _refuse_packet(self, problem: ImgresumeError) -> None:
+        self._refused.append(Refusal(problem))
+        for answer in self._answers.refused(error_frame(problem)):
+            self._send(answer)
 
     # Answers from the caller ------------------------------------------------
 
@@ -322,30 +319,15 @@ class ServerConnection:
         self._expect(ServerState.CHECKING_HELLO, ServerState.CHECKING_AUTH)
         assert self._hello is not None
         self.client_id = self._hello.client_id
-        self._send(
-            Welcome(
-                version=PROTOCOL_VERSION,
-                server_id=self.server_id,
-                max_payload=self.limits.max_payload,
-                max_file_size=self.limits.max_file_size,
-                chunk_size=self.limits.chunk_size,
-                # This machine takes the SHA-256 at the end (FINISH), and
-                # hands every UPLOAD's if-exists policy to its caller.
-                # The integrity algorithms answer the client's offers.
-                options={"late-digest": "1", "if-exists": ",".join(IF_EXISTS_POLICIES),
-                         **self._welcome_options,
-                         **({"put": str(self.limits.put_limit)} if self.limits.put_limit
-                            else {}),
-                         **(options or {})},
-            )
-        )
+        self._send(welcome_frame(self.server_id, self.limits, self._welcome_options,
+                                 options or {}))
         self._decoder.limit = control_limit(self.limits.max_payload, self.limits.put_limit)
         self.state = ServerState.READY
 
     @property
     def durable(self) -> int:
         """What the storage has made durable, as the last ACK (or ACCEPTED) reported it."""
-        return self._durable
+        return self._answers.durable
 
     def upload_opened(
         self,
@@ -365,7 +347,7 @@ class ServerConnection:
             tail if tail is not None else (0, 0, integrity.EMPTY_DIGESTS[self.digest]))
         self._send(Accepted(upload_id, name, size, sha256, offset, start, length, digest))
         self.upload_id, self.size, self.offset = upload_id, size, offset
-        self._durable = offset
+        self._answers.durable = offset
         self._sha256_in_finish = sha256 is None
         self._digest = None
         self.state = ServerState.RECEIVING
@@ -397,29 +379,48 @@ class ServerConnection:
             Never less than an earlier acknowledgement.
         """
         self._expect(ServerState.RECEIVING, ServerState.FINISHING)
-        if not self._answers or self._answers[0] != end:
-            raise RuntimeError(
-                f"chunk_written({end}) but the oldest pending answer is "
-                f"{self._answers[0] if self._answers else None!r}"
-            )
-        if durable is None:
-            durable = end
-        if not self._durable <= durable <= end:
-            raise RuntimeError(
-                f"durable offset {durable} outside [{self._durable}, {end}]")
-        self._answers.popleft()
-        self._durable = durable
-        self._send(Ack(durable))
-        self._send_ready_answers()
+        for answer in self._answers.written(end, durable):
+            self._send(answer)
 
     def upload_completed(self, upload_id: str, size: int, sha256: bytes, path: str) -> None:
         """
         The upload is verified and in place (or was already; or the PUT's
         file is stored, or skipped): send COMPLETED.
         """
-        self._expect(ServerState.COMPLETING, ServerState.OPENING, ServerState.STORING)
+        self._expect(ServerState.COMPLETING, ServerState.OPENING)
         self._send(Completed(upload_id, size, sha256, path))
         self._end_upload()
+
+    def put_stored(self, upload_id: str, size: int, sha256: bytes, path: str,
+                   answered_as: str | None = None) -> None:
+        """
+        The PUT of C{upload_id} is stored (or skipped: C{answered_as} is
+        then L{SKIPPED_UPLOAD_ID}): its COMPLETED goes once the PUTs before
+        it are answered.
+        """
+        self._expect(ServerState.STORING)
+        self._puts.answer(upload_id, Completed(answered_as or upload_id, size, sha256, path))
+        self._send_put_answers()
+
+    def put_failed(self, upload_id: str, error: ImgresumeError) -> ServerEvent | None:
+        """
+        Storing the PUT of C{upload_id} failed: its ERROR goes in its turn,
+        or, for an error of connection scope, the connection closes now (a
+        L{ConnectionFailed} is returned).
+        """
+        self._expect(ServerState.STORING)
+        if error.scope is Scope.CONNECTION:
+            return self._fail_connection(error)
+        self._puts.answer(upload_id, error_frame(error))
+        self._send_put_answers()
+        return None
+
+    def _send_put_answers(self) -> None:
+        for answer in self._puts.ready():
+            self._send(answer)
+        if not self._puts:
+            self.upload_id = None
+            self.state = ServerState.READY
 
     def fail(self, error: ImgresumeError) -> ServerEvent | None:
         """
@@ -431,11 +432,10 @@ class ServerConnection:
         self._expect(
             ServerState.CHECKING_HELLO, ServerState.CHECKING_AUTH, ServerState.OPENING,
             ServerState.QUERYING, ServerState.RECEIVING, ServerState.FINISHING,
-            ServerState.COMPLETING, ServerState.STORING,
+            ServerState.COMPLETING,
         )
-        if self.state in (ServerState.RECEIVING, ServerState.FINISHING) and not any(
-            isinstance(a, int) for a in self._answers
-        ):
+        if self.state in (ServerState.RECEIVING, ServerState.FINISHING) and \
+                not self._answers.writing:
             raise RuntimeError("fail() in state receiving needs a chunk being written")
         if error.scope is Scope.CONNECTION or self.state in (
             ServerState.CHECKING_HELLO, ServerState.CHECKING_AUTH,
@@ -446,7 +446,7 @@ class ServerConnection:
             if not 0 <= error.offset <= self.size:
                 raise RuntimeError(f"transfer error offset {error.offset} outside the upload")
             self.offset = error.offset
-            self._durable = min(self._durable, error.offset)
+            self._answers.durable = min(self._answers.durable, error.offset)
             self.state = ServerState.RECEIVING
         else:
             self._end_upload()
@@ -497,4 +497,6 @@ class ServerConnection:
         if self.state is not ServerState.CLOSED:
             self._send(error_frame(error))
         self.state = ServerState.CLOSED
+        self._puts.clear()
+        self._parked = None
         return ConnectionFailed(error)

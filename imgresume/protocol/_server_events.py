@@ -121,11 +121,13 @@ class FinishRequested:
 class PutRequested:
     """
     Store a whole small file in one step (a PUT, already checked for its
-    size, name bytes, metadata and CRC-32), then call
-    L{imgresume.protocol._server.ServerConnection.upload_completed} with
-    the client's upload id (or L{imgresume.protocol.SKIPPED_UPLOAD_ID} for
-    a file skipped by C{if-exists}), or
-    L{imgresume.protocol._server.ServerConnection.fail}.
+    size, name bytes, metadata and checksum), then call
+    L{imgresume.protocol._server.ServerConnection.put_stored} or
+    L{imgresume.protocol._server.ServerConnection.put_failed} with its
+    upload id.  Several may be handed out before the first is answered
+    (L{ServerLimits.puts_at_once
+    <imgresume.protocol._rules.ServerLimits.puts_at_once>}); the machine
+    answers them in order.
     """
 
     put: Put
@@ -167,4 +169,7 @@ LEGAL_FRAMES: dict[ServerState, tuple[type, ...]] = {
     ServerState.AWAIT_AUTH: (Auth,),
     ServerState.READY: (Upload, Resume, Status, Put, Ping),
     ServerState.RECEIVING: (Data, Finish, Ping),
+    # More PUTs are taken while earlier ones are stored; another command
+    # waits until they are all answered.
+    ServerState.STORING: (Upload, Resume, Status, Put, Ping),
 }

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from imgresume.logs import escape
 from imgresume.metrics import ServerMetrics
-from imgresume.protocol import SKIPPED_UPLOAD_ID, ServerConnection
+from imgresume.protocol import ServerConnection
 from imgresume.server._batching import Written
 from imgresume.server._commands import NameTakenAnswer
 from imgresume.server._upload_events import UploadEventContext
@@ -74,22 +74,6 @@ class UploadOutcomes:
                        upload_id=completed.upload_id, path=escape(completed.path),
                        size=completed.size, sha256=completed.sha256.hex(),
                        digest=completed.digest)
-
-    def stored(self, completed: Any, client: str) -> None:
-        """A PUT's file is stored (or skipped: the same file is there): one log line."""
-        skipped = completed.upload_id == SKIPPED_UPLOAD_ID
-        if skipped:
-            self._events.skipped()
-        else:
-            self._metrics.stored_bytes.inc(completed.size)
-            self._events.completed(completed, repeat=False)
-        self._machine.upload_completed(completed.upload_id, completed.size,
-                                       completed.sha256, completed.path)
-        self._log.info("{how} {path} ({size} bytes, {digest} {sha256}) in one step: upload "
-                       "{upload_id} by {client}", how="skipped" if skipped else "stored",
-                       path=escape(completed.path), size=completed.size,
-                       sha256=completed.sha256.hex(), digest=completed.digest,
-                       upload_id=completed.upload_id, client=escape(client))
 
     def name_taken(self, answer: NameTakenAnswer) -> None:
         """An UPLOAD with C{if-exists} C{fail} found a file at its name: refused."""

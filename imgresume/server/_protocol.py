@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -57,13 +57,13 @@ from imgresume.server._commands import (
     status_frame,
     unexpected,
 )
-from imgresume.server._admission import store_whole
 from imgresume.server._batching import Written
 from imgresume.server._faults import PeerFaults, describe_peer, peer_host
 from imgresume.server._flow import ConnectionFlow
 from imgresume.server._handshake import Accept, Challenge, Decision, is_health_check
 from imgresume.server._interfaces import ServerSide
 from imgresume.server._outcomes import UploadOutcomes
+from imgresume.server._puts import ConnectionPuts
 from imgresume.server._takeover import Takeover
 from imgresume.server._upload_events import UploadEventContext
 from imgresume.storage.interfaces import Chunk, IUploadWriter, NewUpload, StoredFile
@@ -107,6 +107,8 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         self._faults = PeerFaults(self.log, factory.peer_log, factory.metrics, self._events,
                                   lambda: peer_host(self.transport))
         self._outcomes = UploadOutcomes(self.machine, self._events, factory.metrics, self.log)
+        self._puts = ConnectionPuts(self, factory, self._commands, self._faults, self.log,
+                                    self._put_answered)
         self._writer: IUploadWriter | None = None
         self._pumping = False
         #: The transport is gone (see also L{_closing}).
@@ -173,7 +175,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         emit("connection from {peer} closed after {bytes} bytes: {reason}",
              peer=self.peer, bytes=self._bytes_received, reason=reason.getErrorMessage())
         # Let the storage calls in flight finish, then give up ownership.
-        d = self._flow.stop()
+        d = DeferredList([self._flow.stop(), self._puts.stop()])
         d.addBoth(lambda _: self._release_writer())
         d.addBoth(lambda _: self.closed.callback(None))
 
@@ -245,7 +247,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         elif isinstance(event, UploadRequested):
             self._upload_requested(event)
         elif isinstance(event, PutRequested):
-            self._put_requested(event)
+            self._puts.start(event)
         elif isinstance(event, ResumeRequested):
             self._events.requested(client_id, event)
             self._run(storage.resume(event.upload_id, client_id), self._opened, resumed=True)
@@ -271,17 +273,12 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
                                                           request.digest),
                       self._found, request=request, policy=event.if_exists)
 
-    def _put_requested(self, event: PutRequested) -> None:
-        """A whole file in one PUT: stored in one step (see L{store_whole})."""
-        client_id = self.machine.client_id or ""
-        self._events.requested(client_id, event, self.machine.digest)
-        request = self._commands.whole_upload(event.put, client_id, self.machine.digest)
-        if isinstance(request, InvalidName):
-            self._storage_failed(Failure(request))
-            return
-        factory = self.factory
-        self._run(store_whole(factory.storage, request, factory.memory, factory.quota),
-                  self._outcomes.stored, client=client_id)
+    def _put_answered(self, fatal: ImgresumeError | None) -> None:
+        """A PUT is answered (its answer queued in the machine): send, go on."""
+        if fatal is not None:
+            self._after_fatal(fatal)
+        elif not self._pumping:
+            self._pump()
 
     def _create(self, request: NewUpload) -> None:
         """Create the upload, within its client's limits on incomplete uploads."""
@@ -355,6 +352,15 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             client_id, opens_upload=not isinstance(event, StatusRequested))
         if refusal is None:
             return False
+        if isinstance(event, PutRequested):
+            fatal = self._puts.refuse(event, refusal.error)
+            if fatal is not None:
+                self._after_fatal(fatal)
+            elif not isinstance(refusal, Close):
+                self._faults.warn(refusal.error.code, "client {client} is over its quota "
+                                  "of {limit} open uploads", client=escape(client_id or ""),
+                                  limit=refusal.limit)
+            return True
         if isinstance(refusal, Close):
             self._fail(refusal.error)
             return True
@@ -446,7 +452,7 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
         if self._closing:
             self.transport.abortConnection()  # not closed within CLOSE_GRACE
             return
-        if self._flow.server_side_wait:
+        if self._flow.server_side_wait or self._puts.in_flight:
             # Storage is slow (or this server stopped reading), not the
             # client: wait for it.
             self.setTimeout(self.factory.idle_timeout)

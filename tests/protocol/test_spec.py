@@ -917,8 +917,9 @@ class PutSpecTests(SynchronousTestCase):
         > The server answers a PUT with **exactly one frame**: COMPLETED (its
         > `upload_id` the PUT's;
         >
-        > the server handles the PUTs of a connection one
-        > at a time and answers them strictly in order
+        > The server stores the PUTs of a connection **at
+        > the same time**, up to a bound of its own (imgresume: 4 per connection),
+        > and answers them strictly in order
         """
         server = Server(limits=PUT_LIMITS)
         c = server.connect()

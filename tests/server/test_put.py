@@ -1,7 +1,7 @@
 """
 The PUT frame on the server: L{UploadServerProtocol} over an in-memory
 transport, with L{MemoryStorage}.  A whole small file stored in one step,
-PUTs pipelined on one connection and answered in order, a repeat stored
+PUTs pipelined on one connection, stored at once and answered in order, a repeat stored
 once, the errors (each of command scope: the connection stays ready), the
 memory budget, the log and the hook event of a stored file, and a server
 that does not offer PUT.
@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+
+import attrs
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume.errors import (
@@ -151,21 +155,105 @@ class PutTests(SynchronousTestCase):
              "size": len(CONTENT), "sha256": SHA.hex(), "metadata": {"dpi": "600"},
              "offset": len(CONTENT), "path": "complete/a.tif", "repeat": False})
 
-    def test_pipelined_answered_in_order(self) -> None:
-        """PUTs sent before the first is answered are stored one at a time, in order."""
+    def test_pipelined_stored_at_once_answered_in_order(self) -> None:
+        """
+        PUTs sent before the first is answered are stored at the same time;
+        the second stored first is still answered second, and a PING behind
+        them is answered after both.
+        """
         storage = SlowWhole(MemoryStorage())
         h = Harness(storage)
         h.handshake()
         self.assertEqual(h.send(put(ID1, "a.tif"), put(ID2, "b.tif"), encode(Ping(7))), [])
-        self.assertEqual(len(storage.pending), 1)  # one PUT at a time
+        self.assertEqual(len(storage.pending), 2)  # both being stored
+        first, second = storage.pending
+        storage.pending.clear()
+        second.callback(None)
+        self.assertEqual(frames_written(h.transport, h.decoder), [])  # waits for ID1
+        first.callback(None)
+        one, two, pong = frames_written(h.transport, h.decoder)
+        self.assertEqual((one.upload_id, one.path), (ID1, "complete/a.tif"))
+        self.assertEqual((two.upload_id, two.path), (ID2, "complete/b.tif"))
+        self.assertEqual(pong, Pong(7))
+
+    def test_puts_at_once_bounded(self) -> None:
+        """
+        At most C{puts_at_once} PUTs of a connection are stored at once; the
+        next waits in the buffer until one is answered.
+        """
+        storage = SlowWhole(MemoryStorage())
+        h = Harness(storage, limits=attrs.evolve(LIMITS, puts_at_once=2))
+        h.handshake()
+        ids = [f"{i}" * 32 for i in range(1, 5)]
+        h.send(*(put(i, f"{i[0]}.tif") for i in ids))
+        self.assertEqual(len(storage.pending), 2)
         storage.pending.pop(0).callback(None)
-        first = frames_written(h.transport, h.decoder)
-        self.assertEqual([f.upload_id for f in first], [ID1])
+        self.assertEqual([f.upload_id for f in frames_written(h.transport, h.decoder)],
+                         ids[:1])
+        self.assertEqual(len(storage.pending), 2)  # the third started
+        for gate in list(storage.pending):
+            storage.pending.remove(gate)
+            gate.callback(None)
+        storage.pending.pop(0).callback(None)
+        self.assertEqual([f.upload_id for f in frames_written(h.transport, h.decoder)],
+                         ids[1:])
+
+    def test_command_behind_puts_waits(self) -> None:
+        """
+        An UPLOAD sent behind PUTs still being stored is taken once they are
+        all answered, its ACCEPTED after their COMPLETEDs.
+        """
+        storage = SlowWhole(MemoryStorage())
+        h = Harness(storage)
+        h.handshake()
+        upload = encode(Upload("big.tif", 10, SHA))
+        self.assertEqual(h.send(put(ID1, "a.tif"), upload), [])
         self.assertEqual(len(storage.pending), 1)
         storage.pending.pop(0).callback(None)
-        second, pong = frames_written(h.transport, h.decoder)
-        self.assertEqual((second.upload_id, second.path), (ID2, "complete/b.tif"))
-        self.assertEqual(pong, Pong(7))
+        done, accepted = frames_written(h.transport, h.decoder)
+        self.assertEqual(done.upload_id, ID1)
+        self.assertEqual((accepted.name, accepted.size), ("big.tif", 10))
+
+    def test_error_among_puts_in_order(self) -> None:
+        """
+        A PUT that fails in storage, and one the machine refuses itself (a
+        bad checksum), are answered with their ERRORs in their turn; the
+        PUTs around them are stored.
+        """
+        storage = SlowWhole(MemoryStorage())
+        h = Harness(storage)
+        h.handshake()
+        bad = put("33" * 16, "c.tif", crc32=1)
+        h.send(put(ID1, "a.tif"), put(ID2, "b.tif"), bad)
+        first, second = storage.pending
+        storage.pending.clear()
+        second.errback(StorageFull("No space left on device"))
+        first.callback(None)
+        one, two, three = frames_written(h.transport, h.decoder)
+        self.assertEqual(one.upload_id, ID1)
+        self.assertEqual(two.code, ErrorCode.STORAGE_FULL)
+        self.assertEqual(three.code, ErrorCode.CHECKSUM_MISMATCH)
+        self.assertEqual(h.send(put(ID2, "b.tif")), [])
+        storage.pending.pop(0).callback(None)
+        [again] = frames_written(h.transport, h.decoder)
+        self.assertEqual(again.path, "complete/b.tif")
+
+    def test_connection_lost_waits_for_puts(self) -> None:
+        """
+        A connection lost while PUTs are being stored is closed (its
+        C{closed} fires) only once storage is done with them.
+        """
+        storage = SlowWhole(MemoryStorage())
+        h = Harness(storage)
+        h.handshake()
+        h.send(put(ID1, "a.tif"), put(ID2, "b.tif"))
+        h.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertNoResult(h.proto.closed)
+        storage.pending.pop(0).callback(None)
+        self.assertNoResult(h.proto.closed)
+        storage.pending.pop(0).callback(None)
+        self.successResultOf(h.proto.closed)
+        self.assertEqual(h.factory.memory.used, 0)
 
     def test_payload_counted_in_memory_budget(self) -> None:
         """While a PUT is being stored, its payload counts in the server's memory."""
