@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any, Callable
 
+import attrs
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
@@ -424,6 +425,27 @@ class CrashTests(WholeMixin, TestCase):
         self.assertTrue(f.value.retryable)
         self.assertEqual(self.completeFiles(), {})
         self.assertEqual(self.incoming(), [])
+
+    def test_verifyReceived(self) -> None:
+        """
+        With C{verify="received"} the digest is taken of the bytes received,
+        in memory: nothing is read back (no C{pread}, no cache dropped), the
+        flushes are the same three, and a request whose bytes do not match
+        its digest is refused with DigestMismatch, nothing published.
+        """
+        storage = FilesystemStorage(self.root, sync_run, verify="received")
+        self.successResultOf(storage.store_whole(self.whole(name="warm.tiff")))
+        rec = Recorder(self)
+        done = self.successResultOf(storage.store_whole(self.whole()))
+        self.assertEqual(self.completeFiles()[done.path], PAYLOAD)
+        called = [c[0] for c in rec.calls]
+        self.assertNotIn("pread", called)
+        self.assertNotIn("posix_fadvise", called)
+        self.assertEqual(rec.flushes(), [("fdatasync", "file"), ("fsync", "dir"),
+                                         ("fsync", "dir")])
+        bad = attrs.evolve(self.whole(name="bad.tiff"), sha256=b"\0" * 32)
+        self.failureResultOf(storage.store_whole(bad), DigestMismatch)
+        self.assertNotIn("complete/bad.tiff", self.completeFiles())
 
     def test_publishedFileMovedAway(self) -> None:
         """

@@ -156,7 +156,7 @@ class FilesystemStorage:
         #: When each client's index entries were last verified.
         self._verified: dict[str, float] = {}
         #: The one-step store of whole small files (L{store_whole}).
-        self.whole = WholeStore(self._root, busy_retry_after, timings)
+        self.whole = WholeStore(self._root, busy_retry_after, timings, verify)
 
     def __repr__(self) -> str:
         return f"<FilesystemStorage {self._root!r}>"

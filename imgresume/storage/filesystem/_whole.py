@@ -134,6 +134,10 @@ class WholeStore:
     @param retry_after: the C{retry_after} hint of L{UploadBusy
         <imgresume.errors.UploadBusy>}.
     @param timings: the storage's latency callback, or C{None}.
+    @param verify: where the digest checked before publication comes from:
+        C{"stored"}, the bytes read back with the cache dropped;
+        C{"received"}, the bytes of the request, hashed in memory (the
+        storage's C{verify}).
     """
 
     def __init__(
@@ -141,8 +145,10 @@ class WholeStore:
         root: str,
         retry_after: float,
         timings: Callable[[str, float], None] | None = None,
+        verify: str = "stored",
     ) -> None:
         self._root = root
+        self._read_back = verify == "stored"
         self._incoming = os.path.join(root, "incoming")
         self._retry_after = retry_after
         self._timings = timings
@@ -263,7 +269,10 @@ class WholeStore:
         # The .put name must be as durable as the published one will be, so
         # that a repeat after a crash finds it instead of publishing twice.
         self.dirsync.sync(identity(os.fstat(incoming_fd)), incoming_fd)
-        digest = _stored_digest(fd, size, request.digest)
+        if self._read_back:
+            digest = _stored_digest(fd, size, request.digest)
+        else:  # --verify received: the bytes written, hashed in memory
+            digest = integrity.digest_of(request.digest, data)
         if digest != request.sha256:
             if digest is None or integrity.digest_of(request.digest, data) == request.sha256:
                 raise StorageError(
