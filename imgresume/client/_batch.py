@@ -38,12 +38,16 @@ class BatchItem:
     """
     One file of a batch: its local C{path}, its remote C{name} (None: the
     base name) and the C{metadata} to store with it.  Made by the caller,
-    or by L{imgresume.client.collect_files}.
+    or by L{imgresume.client.collect_files}, which adds the C{size} it saw
+    (None: not known).  The size only schedules the batch (whether the
+    file may follow the PUT in flight); what is sent is what the file
+    holds when it is opened.
     """
 
     path: str
     name: str | None = None
     metadata: Mapping[str, str] = attrs.field(factory=dict, hash=False)
+    size: int | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen
@@ -156,8 +160,9 @@ async def run_batch(
         async with session:
             running: deque[Deferred[None]] = deque()
             while queue and not stopping and interrupted is None:
+                following = queue[0][1]
                 if running and (len(running) >= PUTS_IN_FLIGHT
-                                or not session.pipelines(queue[0][1].path)):
+                                or not session.pipelines(following.path, following.size)):
                     await running.popleft()
                     continue
                 index, item = queue.popleft()

@@ -113,7 +113,8 @@ def collect_files(
     owners: dict[str, str] = {}
 
     def add(path: str, relative: str) -> None:
-        if not _regular_file(path):
+        size = _regular_file_size(path)
+        if size is None:
             refused.append(RefusedFile(path, None, "not a regular file"))
             return
         try:
@@ -127,7 +128,7 @@ def collect_files(
                 "in this batch"))
             return
         owners[remote] = path
-        items.append(BatchItem(path, remote))
+        items.append(BatchItem(path, remote, size=size))
 
     for path in paths:
         if not os.path.lexists(path):
@@ -168,8 +169,10 @@ def collect_files(
     return CollectedFiles(items, refused, skipped)
 
 
-def _regular_file(path: str) -> bool:
+def _regular_file_size(path: str) -> int | None:
+    """The size of the regular file at C{path}; None if it is not one."""
     try:
-        return stat.S_ISREG(os.stat(path).st_mode)
+        st = os.stat(path)
     except OSError:
-        return False  # a dangling link, or gone already
+        return None  # a dangling link, or gone already
+    return st.st_size if stat.S_ISREG(st.st_mode) else None

@@ -121,20 +121,22 @@ class UploadSession:
 
         return Deferred.fromCoroutine(run()).addBoth(done)
 
-    def pipelines(self, path: str) -> bool:
+    def pipelines(self, path: str, size: int | None = None) -> bool:
         """
-        Whether an upload of the file at C{path} would go now as a PUT
-        behind the ones in flight on this session's connection: the
-        connection is open and takes PUTs of its size (a batch then starts
-        it at once, see L{imgresume.client._batch}).
+        Whether an upload of the file at C{path}, of C{size} bytes (None:
+        not known, asked of the file system), would go now as a PUT behind
+        the ones in flight on this session's connection: the connection is
+        open and takes PUTs of its size (a batch then starts it at once,
+        see L{imgresume.client._batch}).
         """
         connection = self._connection
         if connection is None or not connection.open:
             return False
-        try:
-            size = os.stat(path).st_size
-        except OSError:
-            return False
+        if size is None:
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                return False
         return size <= self._uploader.put_max and takes_put(connection, size)
 
     def close(self) -> Deferred[None]:
