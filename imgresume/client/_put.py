@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.client.test_put -*-
 """
 A small file sent whole in one PUT (protocol.md, PUT): read and hashed on a
-thread, sent under an upload id derived from its name and SHA-256, and sent
+thread, sent under an upload id derived from its name and digest, and sent
 again under the same id after a break, so that the server stores it once
 whatever happens to the connection, or to the client.
 """
@@ -31,25 +31,41 @@ from imgresume.protocol import SKIPPED_UPLOAD_ID, Completed, Put
 PUTS_IN_FLIGHT = 2
 
 
-def put_upload_id(name: str, sha256: bytes) -> str:
+def put_upload_id(name: str, digest: bytes, algorithm: str = "sha256") -> str:
     """
-    The upload id of a PUT of the bytes hashing to C{sha256} under C{name}.
+    The upload id of a PUT of the bytes whose C{algorithm} digest is
+    C{digest} under C{name}: the first 32 hex digits of SHA-256 of
+    C{imgresume PUT} NUL name NUL digest (SHA-256) or C{imgresume PUT} NUL
+    name NUL algorithm NUL digest (another algorithm, e.g. BLAKE3).
 
     Derived, not random: sending the same file to the same name again (after
     a lost answer, a killed client, with or without the journal) names the
     same upload, and the server, which keys a PUT by its client and this id,
     answers with the file it stored instead of storing a copy.  A changed
-    file, or another name, is another upload.
+    file, or another name, is another upload.  The client derives it with
+    its own digest (C{--digest}), whatever a connection negotiates, so that
+    the one hash of the file it makes serves the id and, usually, the PUT.
     """
-    raw = b"imgresume PUT\0" + name.encode("utf-8", "surrogatepass") + b"\0" + sha256
-    return hashlib.sha256(raw).hexdigest()[:32]
+    raw = b"imgresume PUT\0" + name.encode("utf-8", "surrogatepass") + b"\0"
+    if algorithm != "sha256":
+        raw += algorithm.encode("ascii") + b"\0"
+    return hashlib.sha256(raw + digest).hexdigest()[:32]
 
 
-def is_put_entry(entry: Mapping[str, Any], name: str) -> bool:
-    """Whether a journal entry records a completed PUT of C{name}."""
+def put_entry_algorithm(entry: Mapping[str, Any], name: str) -> str | None:
+    """
+    The digest algorithm of a journal entry that records a completed PUT of
+    C{name} (the one its upload id was derived with), or None if it is not
+    such an entry.
+    """
     digest = entry.get("sha256")
-    return bool(entry.get("complete")) and isinstance(digest, str) and len(digest) == 64 \
-        and entry.get("upload_id") == put_upload_id(name, bytes.fromhex(digest))
+    if not entry.get("complete") or not isinstance(digest, str) or len(digest) != 64:
+        return None
+    value = bytes.fromhex(digest)
+    for algorithm in integrity.DIGESTS:
+        if entry.get("upload_id") == put_upload_id(name, value, algorithm):
+            return algorithm
+    return None
 
 
 def takes_put(connection: UploadConnection, size: int) -> bool:
@@ -59,10 +75,15 @@ def takes_put(connection: UploadConnection, size: int) -> bool:
 
 
 def _frame(upload_id: str, name: str, metadata: dict[str, str], data: bytes,
-           digest: str, checksum: str) -> Put:
-    """A PUT of C{data} in the digest and checksum a connection negotiated (in a thread)."""
-    return Put(upload_id, name, integrity.digest_of(digest, data), metadata,
-               integrity.checksum(checksum, data), data)
+           digest: str, checksum: str, digest_value: bytes | None = None) -> Put:
+    """
+    A PUT of C{data} in the digest and checksum a connection negotiated (in
+    a thread); C{digest_value}: the C{digest} of C{data}, if known already.
+    """
+    if digest_value is None:
+        digest_value = integrity.digest_of(digest, data)
+    return Put(upload_id, name, digest_value, metadata, integrity.checksum(checksum, data),
+               data)
 
 
 class PutSender:
@@ -94,15 +115,16 @@ class PutSender:
         state: FileRun,
         turn: Turn,
         key: str,
-        confirming: bool = False,
+        confirming: str | None = None,
     ) -> UploadResult:
         """
         Send a small file whole in one PUT, read and hashed in a thread; a
         break before its answer sends the same PUT (the same upload id,
         L{put_upload_id}: the server stores it once) on the next connection.
         Once the PUT is sent, the session's next upload may go (C{turn} is
-        given).  C{confirming}: the journal has this file's PUT complete, so
-        an answer for the same upload id is reported C{already_complete}.
+        given).  C{confirming}: the journal has this file's PUT complete,
+        its upload id derived with this digest algorithm, so an answer for
+        the same upload id is reported C{already_complete}.
         """
         up = self._uploader
         asked = {k: v for k, v in metadata.items() if k != IF_EXISTS_KEY}
@@ -113,12 +135,14 @@ class PutSender:
         # likely pair with the read, before the turn is taken, so that the
         # PUT goes out at once, while the one before it is still in flight.
         likely = (up.digest, integrity.DEFAULT_CHECKSUM)
+        id_algorithm = confirming or up.digest
 
-        def prepared(data: bytes, sha256: bytes) -> tuple[bytes, bytes, Put]:
-            return data, sha256, _frame(put_upload_id(name, sha256), name, asked, data,
-                                        *likely)
+        def prepared(data: bytes, digest: bytes) -> tuple[bytes, bytes, Put]:
+            upload_id = put_upload_id(name, digest, id_algorithm)
+            return data, digest, _frame(upload_id, name, asked, data, *likely,
+                                        digest if id_algorithm == likely[0] else None)
 
-        data, sha256, first = await source.read_whole(prepared)
+        data, digest, first = await source.read_whole(prepared, id_algorithm)
         upload_id = first.upload_id
         state.upload_id = upload_id
         frames = {likely: first}
@@ -177,7 +201,7 @@ class PutSender:
         journal = up.journal_queue
         if journal is not None:
             await self._journal_written(journal.forget(key) if skipped else journal.complete(
-                key, completed.upload_id, sha256.hex()))
+                key, completed.upload_id, digest.hex()))
         progress(Progress(name, "done", completed.size, completed.size, state.servers[-1],
                           completed.path))
         return UploadResult(
@@ -185,7 +209,7 @@ class PutSender:
             size=completed.size, sha256=completed.sha256.hex(), path=completed.path,
             resumed_at=[], bytes_sent=state.bytes_sent, attempts=state.attempts,
             servers=state.servers, seconds=round(time.monotonic() - started, 3),
-            already_complete=confirming and completed.upload_id == frame.upload_id,
+            already_complete=confirming is not None and completed.upload_id == frame.upload_id,
             skipped=skipped, digest=algorithm,
         )
 

@@ -32,7 +32,7 @@ from imgresume.client._results import (
     UploadInterrupted,
     UploadResult,
 )
-from imgresume.client._put import PUTS_IN_FLIGHT, PutSender, is_put_entry, takes_put
+from imgresume.client._put import PUTS_IN_FLIGHT, PutSender, put_entry_algorithm, takes_put
 from imgresume.client._runs import FileRun, SessionUploader, Turn, uploading_progress
 from imgresume.client._source import LocalFile, SourceChanged
 from imgresume.errors import (
@@ -224,8 +224,9 @@ class UploadSession:
         # A fresh small file goes whole in a PUT, if the server takes it.
         # A completed PUT in the journal is confirmed by the same PUT: its
         # upload id names the stored file (there is no RESUME of a PUT).
-        confirming_put = entry is not None and is_put_entry(entry, name)
-        put_first = (entry is None or confirming_put) and source.size <= up.put_max
+        confirming_put = put_entry_algorithm(entry, name) if entry is not None else None
+        put_first = (entry is None or confirming_put is not None) and \
+            source.size <= up.put_max
 
         async def hash_file() -> bytes:
             progress(Progress(name, "hashing", 0, source.size))

@@ -7,7 +7,6 @@ reactor thread through a runner.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any, Callable, TypeVar
 
@@ -132,22 +131,23 @@ class LocalFile:
             lambda: integrity.digest_of(algorithm, self._read_exactly(offset, length)))
 
     def read_whole(
-        self, then: Callable[[bytes, bytes], T] = lambda data, sha256: (data, sha256)
+        self, then: Callable[[bytes, bytes], T] = lambda data, digest: (data, digest),
+        algorithm: str = integrity.LEGACY_DIGEST,
     ) -> Deferred[T]:
         """
-        Read the whole file, compute its SHA-256 (what names its PUT), check
-        that it is unchanged (L{check_unchanged}), and hand both to C{then}:
-        all in one task of a thread (a small file sent in one PUT costs one
-        trip off the reactor).  The Deferred fires with what C{then}
-        returns (by default, the bytes and their SHA-256), or fails with
-        L{SourceChanged}.
+        Read the whole file, compute its C{algorithm} digest (what names its
+        PUT), check that it is unchanged (L{check_unchanged}), and hand both
+        to C{then}: all in one task of a thread (a small file sent in one
+        PUT costs one trip off the reactor).  The Deferred fires with what
+        C{then} returns (by default, the bytes and their digest), or fails
+        with L{SourceChanged}.
         """
 
         def read() -> T:
             data = self._read_exactly(0, self.size)
-            sha256 = hashlib.sha256(data).digest()
+            digest = integrity.digest_of(algorithm, data)
             self._check_unchanged()
-            return then(data, sha256)
+            return then(data, digest)
 
         return self._run(read)
 

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume.client import BatchItem, UploadFailed, Uploader
 from imgresume.client._connection import UploadConnection
-from imgresume.client._put import is_put_entry, put_upload_id
+from imgresume.client._put import put_entry_algorithm, put_upload_id
 from imgresume.errors import ErrorCode
 from imgresume.names import is_upload_id
 from imgresume.protocol import ServerLimits
@@ -181,13 +181,29 @@ class PutUploadIdTests(SynchronousTestCase):
         self.assertNotEqual(first, put_upload_id("day-1/b.tif", digest))
         self.assertNotEqual(first, put_upload_id("day-1/a.tif", hashlib.sha256(b"x").digest()))
 
+    def test_other_algorithm(self) -> None:
+        """
+        With another digest the algorithm's name is part of the derivation,
+        so a SHA-256 and a BLAKE3 digest never name the same upload.
+        """
+        value = bytes(range(32))
+        blake = put_upload_id("a.tif", value, "blake3")
+        self.assertEqual(blake, hashlib.sha256(
+            b"imgresume PUT\0a.tif\0blake3\0" + value).hexdigest()[:32])
+        self.assertNotEqual(blake, put_upload_id("a.tif", value))
+
     def test_journal_entry(self) -> None:
-        """Only a completed entry whose id is its PUT's is a PUT's."""
+        """
+        Only a completed entry whose id is its PUT's is a PUT's; its
+        algorithm is the one the id was derived with.
+        """
         digest = hashlib.sha256(b"scan").digest()
         entry = {"upload_id": put_upload_id("a.tif", digest), "sha256": digest.hex(),
                  "complete": True}
-        self.assertTrue(is_put_entry(entry, "a.tif"))
-        self.assertFalse(is_put_entry(entry, "b.tif"))
-        self.assertFalse(is_put_entry({**entry, "complete": False}, "a.tif"))
-        self.assertFalse(is_put_entry({**entry, "upload_id": "0" * 32}, "a.tif"))
-        self.assertFalse(is_put_entry({**entry, "sha256": None}, "a.tif"))
+        self.assertEqual(put_entry_algorithm(entry, "a.tif"), "sha256")
+        blake = {**entry, "upload_id": put_upload_id("a.tif", digest, "blake3")}
+        self.assertEqual(put_entry_algorithm(blake, "a.tif"), "blake3")
+        self.assertIsNone(put_entry_algorithm(entry, "b.tif"))
+        self.assertIsNone(put_entry_algorithm({**entry, "complete": False}, "a.tif"))
+        self.assertIsNone(put_entry_algorithm({**entry, "upload_id": "0" * 32}, "a.tif"))
+        self.assertIsNone(put_entry_algorithm({**entry, "sha256": None}, "a.tif"))
