@@ -222,8 +222,11 @@ def imgresume_batch(cluster: Any, src: str, digests: dict[str, str], parallel: i
 def verify(storage: str, digests: dict[str, str]) -> dict[str, Any]:
     """
     Every source under C{complete/} with its SHA-256, and nothing else
-    there; what is left in C{incoming/} (directories, and partial uploads:
-    directories still holding a C{data} file).
+    there; what is left in C{incoming/}: upload directories, of which
+    partial ones still hold a C{data} file, and the one-step store's files
+    (docs/storage.md, "Storing a small file in one step"): a C{.put} with
+    more than one link is a published file kept to answer a repeat (with
+    its C{.done} mark), one with a single link was cut short (partial).
     """
     complete = os.path.join(storage, "complete")
     stored = set()
@@ -246,7 +249,10 @@ def verify(storage: str, digests: dict[str, str]) -> dict[str, Any]:
     with ThreadPoolExecutor(2) as pool:
         outcomes = list(pool.map(check, present))
     incoming = os.path.join(storage, "incoming")
-    dirs = os.listdir(incoming) if os.path.isdir(incoming) else []
+    entries = os.listdir(incoming) if os.path.isdir(incoming) else []
+    dirs = [e for e in entries if os.path.isdir(os.path.join(incoming, e))]
+    puts = [e for e in entries if e.endswith(".put")]
+    cut_short = sum(os.stat(os.path.join(incoming, e)).st_nlink == 1 for e in puts)
     partial = sum(os.path.exists(os.path.join(incoming, d, "data")) for d in dirs)
     return {
         "verified": outcomes.count("ok"),
@@ -254,7 +260,8 @@ def verify(storage: str, digests: dict[str, str]) -> dict[str, Any]:
         "missing": len(digests) - len(present),
         "extra": len(stored - set(digests)),
         "incoming_dirs": len(dirs),
-        "incoming_partial": partial,
+        "incoming_puts": len(puts) - cut_short,
+        "incoming_partial": partial + cut_short,
     }
 
 
@@ -374,6 +381,7 @@ def figures(samples: list[dict[str, Any]]) -> dict[str, Any]:
             fig[key] = sum(s[key] for s in samples)
         fig["checked"] = files * len(samples)
         fig["incoming_dirs"] = max(s["incoming_dirs"] for s in samples)
+        fig["incoming_puts"] = max(s.get("incoming_puts", 0) for s in samples)
         fig["connections"] = [s.get("connections") for s in samples]
         nodes = sorted({k for s in samples for k in s["hwm"]})
         fig["hwm"] = {k: max(s["hwm"].get(k, 0) for s in samples) for k in nodes}
@@ -516,7 +524,8 @@ def table_lines(fig: dict[str, Any]) -> list[str]:
                 lines.append(
                     f"    complete/: {f['verified']} of {f['checked']} verified (SHA-256), "
                     f"{f['missing']} missing, {f['mismatched']} wrong, {f['extra']} extra; "
-                    f"incoming/: {f['incoming_dirs']} dirs left, "
+                    f"incoming/: {f['incoming_dirs']} upload dirs and "
+                    f"{f.get('incoming_puts', 0)} published .put files left (until GC), "
                     f"{f['incoming_partial']} partial; connections {f['connections']}")
                 lines.append(f"    peak RSS MB (VmHWM): {rss}")
                 for e in f["errors"][:3]:

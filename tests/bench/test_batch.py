@@ -9,6 +9,8 @@ group's figures and targets (L{bench.batch}), and the profile's buckets
 
 from __future__ import annotations
 
+import hashlib
+import os
 import struct
 from typing import Any
 
@@ -274,3 +276,32 @@ class BucketTests(SynchronousTestCase):
                          "stat)")
         self.assertEqual(storage_op(flushed), "FilesystemStorage._create_sync")
         self.assertEqual(storage_op(["run (threading.py:1)"]), "-")
+
+
+class VerifyTests(SynchronousTestCase):
+    """L{batch.verify}: what a round left in the storage, counted honestly."""
+
+    def test_incoming_counted_by_kind(self) -> None:
+        """
+        Upload directories, published C{.put} files (two links, kept until
+        GC) and partial uploads (a directory with C{data}, a C{.put} with one
+        link) are told apart; the complete file is verified.
+        """
+        root = self.mktemp()
+        complete, incoming = os.path.join(root, "complete"), os.path.join(root, "incoming")
+        os.makedirs(complete)
+        os.makedirs(os.path.join(incoming, "a" * 32))
+        os.makedirs(os.path.join(incoming, "b" * 32))
+        with open(os.path.join(incoming, "b" * 32, "data"), "wb") as f:
+            f.write(b"half")
+        with open(os.path.join(incoming, "c" * 32 + ".put"), "wb") as f:
+            f.write(b"scan")
+        os.link(os.path.join(incoming, "c" * 32 + ".put"), os.path.join(complete, "s.tif"))
+        os.link(os.path.join(incoming, "c" * 32 + ".put"),
+                os.path.join(incoming, "c" * 32 + ".done"))
+        with open(os.path.join(incoming, "d" * 32 + ".put"), "wb") as f:
+            f.write(b"cut")
+        found = batch.verify(root, {"s.tif": hashlib.sha256(b"scan").hexdigest()})
+        self.assertEqual(found["verified"], 1)
+        self.assertEqual((found["incoming_dirs"], found["incoming_puts"],
+                          found["incoming_partial"]), (2, 1, 2))
