@@ -17,6 +17,8 @@ Modules:
  - C{_client}: the imgresume client process the groups drive;
  - C{tus}: tus-node-server and tus-js-client (Node; npm packages the bench
    installs itself), the baseline of issue 13, beside rsync;
+ - C{tus_imgresume}: the same tus-js-client to C{twistd imgresume --http},
+   direct and through the balancer to 3 servers (issue 14);
  - C{profile}: a py-spy run of the direct single stream, summarised;
  - C{report}: ratios, the printed table and the JSON file.
 """

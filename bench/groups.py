@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from bench import baselines, tus
+from bench import baselines, tus, tus_imgresume
 from bench._common import Workdir, image_sizes, log, settle, write_random
 from bench.imgresume_runs import (
     Cluster,
@@ -72,11 +72,15 @@ def single(work: Workdir, opts: Any) -> dict[str, Any]:
             ("rsync-append-verify", lambda: rsyncd.upload(src, fsync=False)),
             ("rsync-append-verify-fsync", lambda: rsyncd.upload(src, fsync=True)),
         ]
+    tus_imgr = tus_imgresume.start(work, tusd, notes) if tusd.available else None
     if tusd.available:
         runs += [
             (tus.ONE_PATCH, lambda: tusd.upload(src, None)),
             (tus.CHUNKED, lambda: tusd.upload(src, tus.CHUNK)),
         ]
+    if tus_imgr is not None:
+        runs += [(tus_imgresume.DIRECT, lambda: tus_imgr.upload(src, "direct")),
+                 (tus_imgresume.LB, lambda: tus_imgr.upload(src, "lb"))]
     runs += [
         ("imgresume-storage-only", lambda: storage_only(work, src, opts.chunk_size)),
         ("imgresume-direct", lambda: single_stream(cluster, src, "direct", work,
@@ -108,6 +112,8 @@ def single(work: Workdir, opts: Any) -> dict[str, Any]:
         cluster.stop()
         rsyncd.stop()
         tusd.stop()
+        if tus_imgr is not None:
+            tus_imgr.stop()
     return {"samples": dict(samples), "notes": notes, "size": opts.size,
             "tus": tusd.describe() if tus.ONE_PATCH in samples else None}
 

@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any
 
-from bench import batch, latency, scale, tus
+from bench import batch, latency, scale, tus, tus_imgresume
 from bench._common import GiB, median, per_gib, percentile
 
 MB = 1e6
@@ -21,6 +21,10 @@ TARGET_LB_VS_DIRECT = 0.95  # issue 13, item 4
 TARGET_RESUME_MS = 20.0
 #: Issue 13: imgresume direct, end to end, over tus-node-server (one PATCH).
 TARGET_VS_TUS = 1.5
+#: Issue 14: tus over imgresume (tus-js-client, one PATCH) over tus-node-server
+#: with the same client, and through the balancer (3 servers) over direct.
+TARGET_TUS_DOOR_VS_TUS = 1.5
+TARGET_TUS_DOOR_LB = 0.9
 
 
 def _med(samples: list[dict[str, Any]], key: str) -> float:
@@ -99,6 +103,7 @@ def summarise(groups: dict[str, Any]) -> dict[str, Any]:
                             "met": None, "also": "rsync missing: not measured"})
         if direct:
             targets.append(tus_target(direct, tus_one, fig.get(tus.CHUNKED)))
+        targets += tus_door_targets(fig, tus_one)
         if direct and lb:
             v = lb["transfer_rate"] / direct["transfer_rate"]
             targets.append({
@@ -205,6 +210,36 @@ def tus_target(direct: dict[str, Any], one: dict[str, Any] | None,
             "also": also + "; tus-node-server: no fsync, no checksum"}
 
 
+def tus_door_targets(fig: dict[str, Any], one: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """
+    Issue 14's targets for tus over imgresume, when its rows ran: direct
+    over tus-node-server (the same client, one PATCH), and through the
+    balancer to 3 servers over direct.
+    """
+    direct, lb = fig.get(tus_imgresume.DIRECT), fig.get(tus_imgresume.LB)
+    targets: list[dict[str, Any]] = []
+    if direct:
+        name = (f"tus over imgresume direct >= {TARGET_TUS_DOOR_VS_TUS}x tus-node-server "
+                "(tus-js-client, one PATCH)")
+        if one is None:
+            targets.append({"target": name, "value": None, "met": None,
+                             "also": "tus-node-server not available: not measured"})
+        else:
+            v = direct["rate"] / one["rate"]
+            targets.append({
+                "target": name, "value": v, "met": v >= TARGET_TUS_DOOR_VS_TUS,
+                "also": f"{direct['rate'] / MB:.0f} against {one['rate'] / MB:.0f} MB/s; "
+                        "imgresume fsyncs and checks the SHA-256, tus-node-server neither"})
+    if direct and lb:
+        v = lb["rate"] / direct["rate"]
+        targets.append({
+            "target": f"tus over imgresume through the balancer (3 servers) >= "
+                      f"{TARGET_TUS_DOOR_LB}x direct",
+            "value": v, "met": v >= TARGET_TUS_DOOR_LB,
+            "also": f"{lb['rate'] / MB:.0f} against {direct['rate'] / MB:.0f} MB/s"})
+    return targets
+
+
 # -- the table ---------------------------------------------------------------
 
 
@@ -235,6 +270,8 @@ LABELS = {
     "rsync-append-verify-fsync": "rsync daemon --append-verify --fsync",
     tus.ONE_PATCH: "tus-node-server + tus-js-client, one PATCH",
     tus.CHUNKED: "tus-node-server + tus-js-client, 16 MiB",
+    tus_imgresume.DIRECT: "tus-js-client -> imgresume --http, one PATCH",
+    tus_imgresume.LB: "tus-js-client -> lb -> 3 x imgresume --http",
     "imgresume-storage-only": "imgresume storage alone (no net, no reactor)",
     "imgresume-direct": "imgresume client -> server",
     "imgresume-lb": "imgresume client -> lb -> server",
@@ -278,10 +315,11 @@ def table(results: dict[str, Any]) -> str:
                     f"(median); last ACK -> COMPLETED (read-back) "
                     f"{fig['completion_seconds']:.2f} s")
             else:
+                lb = ("lb",) if "lb" in fig["cpu_s_per_gib"] else ()
                 lines.append(
                     f"{label:<46} {fig['rate'] / MB:>8.1f} {_r(fig['x_tcp_fsync']):>11} "
                     f"{_r(fig['x_rsync']):>11} {_r(fig.get('x_tus')):>6}   "
-                    f"{_cpu(fig['cpu_s_per_gib'], 'client', 'server')}")
+                    f"{_cpu(fig['cpu_s_per_gib'], 'client', 'server', *lb)}")
             if name == tus.CHUNKED or (name == tus.ONE_PATCH and tus.CHUNKED not in f):
                 lines.append(tus_note(f))
             if "write_ms_median" in fig:
@@ -332,7 +370,8 @@ def table(results: dict[str, Any]) -> str:
         lines += ["", *batch.table_lines(s["batch"])]
     if s.get("targets"):
         lines.append("")
-        lines.append("targets (issue 5; batch: issue 16; tus: issue 13), stated not asserted:")
+        lines.append("targets (issue 5; batch: issue 16; tus: issues 13 and 14), stated not "
+                     "asserted:")
         for t in s["targets"]:
             v = t["value"]
             shown = t.get("shown") or (

@@ -262,22 +262,27 @@ class TusNode:
 
     # -- the client ----------------------------------------------------------
 
-    def _client(self, files: Sequence[str], chunk_size: int | None, parallel: int,
-                timeout: float, tag: str) -> dict[str, Any]:
+    def client(self, files: Sequence[str], chunk_size: int | None, parallel: int,
+               timeout: float, tag: str, endpoint: str | None = None,
+               servers: Mapping[str, int] | None = None) -> dict[str, Any]:
         """
-        One client process to its end: its result, with C{wall} (seconds
-        from spawn to exit), C{process_cpu} (its CPU seconds, wait4) and
-        C{server_cpu} (the server's over the run) added.  Killed after
+        One client process to its end, uploading to C{endpoint} (this
+        server's by default): its result, with C{wall} (seconds from spawn
+        to exit), C{process_cpu} (its CPU seconds, wait4), C{server_cpu}
+        (this server's over the run) and C{cpus} (each of C{servers}' over
+        the run: role -> pid, this server by default) added.  Killed after
         C{timeout} s (and it stops itself then).
         """
-        assert self.proc is not None
+        if servers is None:
+            assert self.proc is not None
+            servers = {"server": self.proc.pid}
         spec_path = self.work.sub("logs", f"{tag}.spec.json")
         with open(spec_path, "w") as f:
-            json.dump({"endpoint": self.endpoint, "files": list(files), "chunk_size": chunk_size,
-                       "parallel": parallel, "timeout": timeout}, f)
+            json.dump({"endpoint": endpoint or self.endpoint, "files": list(files),
+                       "chunk_size": chunk_size, "parallel": parallel, "timeout": timeout}, f)
         out_path = self.work.sub("logs", f"{tag}.out")
         err_path = self.work.sub("logs", f"{tag}.stderr")
-        cpu0 = proc_cpu(self.proc.pid)
+        cpu0 = {role: proc_cpu(pid) for role, pid in servers.items()}
         with open(out_path, "w") as out, open(err_path, "w") as err:
             t0 = now()
             client = subprocess.Popen([self.node, os.path.join(self.cache, "client.mjs"),
@@ -292,7 +297,7 @@ class TusNode:
                 if client.stdin is not None:
                     client.stdin.close()
             wall = now() - t0
-        server_cpu = proc_cpu(self.proc.pid) - cpu0
+        cpus = {role: proc_cpu(pid) - cpu0[role] for role, pid in servers.items()}
         with open(out_path) as f:
             lines = [x for x in f.read().splitlines() if x.startswith("{")]
         if rc != 0 or not lines:
@@ -300,10 +305,11 @@ class TusNode:
                 tail = f.read()[-800:]
             raise RuntimeError(f"tus client failed ({rc}): {tail}")
         res = json.loads(lines[-1])
-        res.update(wall=wall, process_cpu=cpu, server_cpu=server_cpu)
+        res.update(wall=wall, process_cpu=cpu, server_cpu=sum(cpus.values()), cpus=cpus)
         return res
 
-    def _digest(self, path: str) -> str:
+    def digest(self, path: str) -> str:
+        """The SHA-256 of a source file (hex), computed once."""
         if path not in self._digests:
             self._digests[path] = sha256_file(path)
         return self._digests[path]
@@ -318,9 +324,9 @@ class TusNode:
         """
         size = os.path.getsize(src)
         timeout = timeout or 120.0 + size / 4e6
-        digest = self._digest(src)
+        digest = self.digest(src)
         name = ONE_PATCH if chunk_size is None else CHUNKED
-        res = self._client([src], chunk_size, 1, timeout, name)
+        res = self.client([src], chunk_size, 1, timeout, name)
         [f] = res["files"]
         check = verify_stored(self.store, [f], {src: digest})
         if check["verified"] != 1:
@@ -346,7 +352,7 @@ class TusNode:
         """
         names = sorted(digests)
         paths = [os.path.join(src_dir, n) for n in names]
-        res = self._client(paths, None, parallel, timeout, "tus-batch")
+        res = self.client(paths, None, parallel, timeout, "tus-batch")
         check = verify_stored(self.store, res["files"],
                               {p: digests[n] for p, n in zip(paths, names)})
         return {

@@ -27,7 +27,7 @@ from typing import Any
 from imgresume.http._headers import EXTENSIONS, TUS_VERSION, TusError
 from imgresume.http._page import page_children
 from imgresume.http._precreate import PreCreateHook
-from imgresume.http._resource import FilesResource, TusRequest, TusSite
+from imgresume.http._resource import FilesResource, TusChannel, TusRequest, TusSite
 from imgresume.http._uploads import ANONYMOUS, TusUploads
 
 
@@ -50,5 +50,6 @@ def tus_site(uploads: TusUploads, *, timeout: float = 300.0, reactor: Any = None
                    page=page_children() if upload_page else None)
 
 
-__all__ = ["tus_site", "TusUploads", "PreCreateHook", "TusSite", "TusRequest", "FilesResource",
+__all__ = ["tus_site", "TusUploads", "PreCreateHook", "TusSite", "TusChannel", "TusRequest",
+           "FilesResource",
            "TusError", "TUS_VERSION", "EXTENSIONS", "ANONYMOUS"]

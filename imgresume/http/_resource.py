@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.internet.interfaces import ITCPTransport
-from twisted.web.http import RESPONSES
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -99,11 +99,13 @@ class TusRequest(Request):
     #: Refused mid-body and answered at once (L{FilesResource._refused_early}).
     answered_early = False
 
+    #: The method and path of its request line, told by L{TusChannel} as
+    #: soon as it is in (C{Request} learns them once the whole body is).
+    request_line: tuple[bytes, bytes] = (b"", b"")
+
     def gotLength(self, length: int | None) -> None:
-        # The method and path are known to the channel only (Request
-        # learns them once the whole body is in).
-        method = getattr(self.channel, "_command", b"").upper()
-        path = getattr(self.channel, "_path", b"")
+        method, path = self.request_line
+        method = method.upper()
         self.content = io.BytesIO()  # stays empty: bodies never land here
         files = self.channel.site.files
         if method in (b"PATCH", b"POST") and _path_segments(path) is not None:
@@ -120,6 +122,23 @@ class TusRequest(Request):
         if self.body is not None:
             self.body.cut()
         super().connectionLost(reason)
+
+
+class TusChannel(HTTPChannel):
+    """
+    The HTTP/1.1 connection of a L{TusSite}: tells each request its method
+    and path (L{TusRequest.request_line}) as soon as its request line is
+    in, so that its body can be streamed into its upload.  Plain HTTP/1.1,
+    never switched to HTTP/2: the streamed bodies rely on it.
+    """
+
+    def lineReceived(self, line: bytes) -> None:
+        count = len(self.requests)
+        super().lineReceived(line)
+        if len(self.requests) > count:  # that was a new request's first line
+            parts = line.split(b" ")
+            if len(parts) == 3:
+                self.requests[-1].request_line = (parts[0], parts[1])
 
 
 class _Root(Resource):
@@ -158,6 +177,7 @@ class TusSite(Site):
     """
 
     requestFactory = TusRequest
+    protocol = TusChannel
 
     noisy = False
 
@@ -380,8 +400,7 @@ class FilesResource(Resource):
         transport.write(head.encode("latin-1") + text)
         transport.loseWriteConnection()
         request.answered_early = True
-        self._log(request, getattr(request.channel, "_command", b"?"),
-                  getattr(request.channel, "_path", b"?"), error.status,
+        self._log(request, *request.request_line, error.status,
                   error.reason + " (answered before the body's end)")
 
     def _log(self, request: Request, method: bytes, path: bytes, status: int,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import OrderedDict
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -62,6 +62,20 @@ RECENT = 4096
 Headers = list[tuple[str, str]]
 
 
+@runtime_checkable
+class CompletesAsStored(Protocol):
+    """
+    A writer that can complete an upload created without a digest with
+    the digest of what it stores, verified by itself (the S3 storage's:
+    each part against the digest recorded when it was stored).  Used for
+    an upload whose bytes came through several servers without a client
+    digest, when the storage has no C{stored_sha256}.
+    """
+
+    def complete_as_stored(self) -> Deferred[CompletedUpload]:
+        """Verify what is stored, then publish it with its digest."""
+
+
 @attrs.define
 class _Recent:
     """What this process last did to an upload: where it left it, its hash so far."""
@@ -81,7 +95,9 @@ class TusUploads:
         the fields of C{docs/hooks.md} (the server's hooks and metrics).
     @param stored_sha256: for an upload whose bytes came through several
         servers and that has no client digest: a function of its writer
-        giving the SHA-256 of what is stored (a Deferred), or None.
+        giving the SHA-256 of what is stored (a Deferred), or None: then a
+        writer that L{CompletesAsStored} (S3's) completes such an upload
+        itself, and any other gets 500.
     """
 
     def __init__(
@@ -270,8 +286,8 @@ class TusUploads:
         """
         A body's bytes are durable: complete the upload if they were its
         last (verified against the client's digest, else the SHA-256 of
-        what this server received, else of what is stored), else release
-        it.  The headers to answer, or a L{TusError}.
+        what this server received, else of what is stored, read back by
+        C{stored_sha256} or by the writer itself), else release it.  The headers to answer, or a L{TusError}.
         """
         self.bodies.pop(upload_id, None)
         writer = body.writer
@@ -284,19 +300,21 @@ class TusUploads:
             body.release()
             raise TusError(CHECKSUM_MISMATCH, "Repr-Digest differs from the one given "
                                               "at creation")
+        done: Deferred[CompletedUpload]
         if info.sha256 is not None:
-            d: Deferred[bytes | None] = succeed(None)
+            done = writer.complete()
         elif digest is not None:
-            d = succeed(digest)
+            done = writer.complete(digest)
         elif body.digest is not None:
-            d = succeed(body.digest.digest())
+            done = writer.complete(body.digest.digest())
         elif self._stored_sha256 is not None:
-            d = self._stored_sha256(writer)
+            done = self._stored_sha256(writer).addCallback(writer.complete)
+        elif isinstance(writer, CompletesAsStored):
+            done = writer.complete_as_stored()
         else:
             body.release()
             raise TusError(500, "this upload came through several servers and the "
                                 "storage cannot hash it: send Repr-Digest")
-        d.addCallback(writer.complete)
 
         def completed(done: CompletedUpload) -> Headers:
             self._recent.pop(upload_id, None)
@@ -317,8 +335,8 @@ class TusUploads:
             self._recent.pop(upload_id, None)
             return body.release().addCallback(lambda _: _raise(error))
 
-        d.addCallbacks(completed, failed)
-        return d
+        done.addCallbacks(completed, failed)
+        return done
 
     def completed_headers(self, completed: CompletedUpload, offset: int) -> Headers:
         """

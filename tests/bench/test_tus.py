@@ -3,7 +3,8 @@
 Tests for the pure parts of the tus baseline (issue 13, item 6): Node's
 version and the installed packages read (L{bench.tus}), stored uploads
 checked against their sources, the single group's ratio to tus-node-server
-and its target (L{bench.report}), and the batch group's tus row
+and its target (L{bench.report}), the rows and targets of tus over imgresume
+(issue 14, L{bench.tus_imgresume}), and the batch group's tus row
 (L{bench.batch}).  Nothing here runs Node, npm or a clock.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from bench import batch, report, tus
+from bench import batch, report, tus, tus_imgresume
 
 
 class VersionTests(SynchronousTestCase):
@@ -110,15 +111,20 @@ def _imgresume(seconds: float) -> dict[str, Any]:
                    packets=1024)
 
 
+def _single_results(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """What the bench would hold after a single group with C{samples}."""
+    groups = {"single": {"samples": samples, "notes": [],
+                         "tus": {"node": "v20.20.2", "packages": tus.PACKAGES}}}
+    return {"groups": groups, "summary": report.summarise(groups),
+            "config": {"mode": "quick", "size": 1 << 30, "repeat": 1},
+            "machine": {"cpus": 2, "loadavg_start": [1.0], "loadavg_end": [2.0]}}
+
+
 class SingleReportTests(SynchronousTestCase):
     """The single group's tus rows, ratios and target in L{report}."""
 
     def _results(self, samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-        groups = {"single": {"samples": samples, "notes": [],
-                             "tus": {"node": "v20.20.2", "packages": tus.PACKAGES}}}
-        return {"groups": groups, "summary": report.summarise(groups),
-                "config": {"mode": "quick", "size": 1 << 30, "repeat": 1},
-                "machine": {"cpus": 2, "loadavg_start": [1.0], "loadavg_end": [2.0]}}
+        return _single_results(samples)
 
     def test_ratio_and_target(self) -> None:
         """
@@ -175,6 +181,57 @@ class SingleReportTests(SynchronousTestCase):
         self.assertIsNone(r["summary"]["single"]["imgresume-direct"]["x_tus"])
         self.assertIn("tus-node-server + tus-js-client (one PATCH; end to end): - -- "
                       "not measured", report.table(r))
+
+
+class TusDoorReportTests(SynchronousTestCase):
+    """Issue 14's rows: tus-js-client to imgresume's tus door, direct and through the lb."""
+
+    def _results(self, samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        return _single_results(samples)
+
+    def _targets(self, r: dict[str, Any]) -> list[dict[str, Any]]:
+        return [t for t in r["summary"]["targets"] if "tus over imgresume" in t["target"]]
+
+    def test_ratios_and_targets(self) -> None:
+        """
+        Direct is divided by tus-node-server's one-PATCH row (>= 1.5x), the
+        balancer's row by direct (>= 0.9x); the table names both rows, the
+        balancer's CPU, and met / NOT MET.
+        """
+        lb_cpu = {"client": 1.0, "server": 2.0, "lb": 0.5}
+        r = self._results({
+            tus.ONE_PATCH: [_stream(tus.ONE_PATCH, 4.0, patches=1)],
+            tus_imgresume.DIRECT: [_stream(tus_imgresume.DIRECT, 2.0, patches=1)],
+            tus_imgresume.LB: [{**_stream(tus_imgresume.LB, 2.5, patches=1), "cpu": lb_cpu}],
+            "imgresume-direct": [_imgresume(1.0)],
+        })
+        fig = r["summary"]["single"]
+        self.assertAlmostEqual(fig[tus_imgresume.DIRECT]["x_tus"], 2.0)
+        first, second = self._targets(r)
+        self.assertIn("direct >= 1.5x tus-node-server", first["target"])
+        self.assertAlmostEqual(first["value"], 2.0)
+        self.assertIs(first["met"], True)
+        self.assertIn("balancer (3 servers) >= 0.9x direct", second["target"])
+        self.assertAlmostEqual(second["value"], 0.8)
+        self.assertIs(second["met"], False)
+        text = report.table(r)
+        self.assertIn("tus-js-client -> imgresume --http, one PATCH", text)
+        self.assertIn("tus-js-client -> lb -> 3 x imgresume --http", text)
+        self.assertIn("1.00 / 2.00 / 0.50", text)
+        self.assertIn("2.00x -- met", text)
+        self.assertIn("0.80x -- NOT MET", text)
+        # issue 13's target is still the only one naming tus-node-server first
+        [t] = [t for t in r["summary"]["targets"]
+               if t["target"].startswith("imgresume direct >= 1.5x tus-node-server")]
+        self.assertIs(t["met"], True)
+
+    def test_without_tus_node_server(self) -> None:
+        """Without tus-node-server the first target is not measured; without the rows, none."""
+        r = self._results({tus_imgresume.DIRECT: [_stream(tus_imgresume.DIRECT, 2.0)]})
+        [t] = self._targets(r)
+        self.assertIsNone(t["met"])
+        self.assertEqual(self._targets(self._results({"imgresume-direct": [_imgresume(1.0)]})),
+                         [])
 
 
 def _batch_run(seconds: float, **extra: Any) -> dict[str, Any]:

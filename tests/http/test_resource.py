@@ -17,7 +17,7 @@ import attrs
 from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from imgresume.http import TusUploads
+from imgresume.http import TusChannel, TusUploads
 from imgresume.keys import add_client
 from imgresume.storage.memory import MemoryStorage
 from tests.support.http import TusServer, metadata, repr_digest
@@ -457,3 +457,40 @@ class CorsTests(SynchronousTestCase):
                                                       "Access-Control-Request-Method": "PATCH"},
                               tus=False)
         self.assertEqual(answer["Access-Control-Allow-Origin"], "http://localhost:3000")
+
+
+class ChannelTests(SynchronousTestCase):
+    """The site's HTTP/1.1 connection (L{imgresume.http.TusChannel})."""
+
+    def test_request_line_before_the_body(self) -> None:
+        """
+        A request knows its method and path once its headers are in,
+        before its body (told by the channel, not read from Twisted's
+        private state), and its body then streams into the upload.
+        """
+        server = TusServer()
+        location = server.create(6)
+        wire = server.wire()
+        self.assertIsInstance(wire.proto, TusChannel)
+        wire.send(wire.head("PATCH", location, {"Upload-Offset": "0", "Tus-Resumable": "1.0.0",
+                                                "Content-Type":
+                                                "application/offset+octet-stream"}, 6)
+                  + b"abc")
+        [request] = wire.proto.requests
+        self.assertEqual(request.request_line, (b"PATCH", location.encode()))
+        self.assertEqual(request.body.received, 3)
+        wire.send(b"def")
+        [answer] = wire.answers()
+        self.assertEqual((answer.status, answer["Upload-Offset"]), (204, "6"))
+
+    def test_pipelined(self) -> None:
+        """Each request of a connection is told its own request line: two PATCHes in one send."""
+        server = TusServer()
+        location = server.create(6, **{"Upload-Metadata": metadata(filename="p")})
+        wire = server.wire()
+        octets = {"Content-Type": "application/offset+octet-stream", "Tus-Resumable": "1.0.0"}
+        wire.send(wire.head("PATCH", location, {**octets, "Upload-Offset": "0"}, 3) + b"abc"
+                  + wire.head("PATCH", location, {**octets, "Upload-Offset": "3"}, 3) + b"def")
+        self.assertEqual([(a.status, a["Upload-Offset"]) for a in wire.answers()],
+                         [(204, "3"), (204, "6")])
+        self.assertEqual(server.storage.read_completed("complete/p"), b"abcdef")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import sys
 from typing import Any
@@ -24,6 +25,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import SkipTest, TestCase
 
 from imgresume.errors import (
+    DigestMismatch,
     StorageError,
     UnknownUpload,
     UploadAlreadyComplete,
@@ -384,6 +386,69 @@ class S3PartTests(BucketMixin, TestCase):
         self.successResultOf(again.write(5 * MiB, data[5 * MiB :]))
         done = self.successResultOf(again.complete())
         self.assertEqual(s.read_completed(done.path), data)
+
+    def test_completeAsStored(self) -> None:
+        """
+        An upload created without a digest, its parts written through two
+        servers: complete_as_stored() publishes it with the digest of the
+        object read back, each part checked against its record.
+        """
+        data = payload(10 * MiB + 77)
+        a = self.s3Storage(owner="node-a")
+        writer = self.successResultOf(a.create(NewUpload("s/x.tif", len(data), None)))
+        self.successResultOf(writer.write(0, data[: 5 * MiB]))
+        self.successResultOf(writer.release())
+        b = self.s3Storage(owner="node-b")
+        again = self.successResultOf(b.resume(writer.info.upload_id))
+        self.successResultOf(again.write(5 * MiB, data[5 * MiB :]))
+        done = self.successResultOf(again.complete_as_stored())
+        self.assertEqual(done.sha256, hashlib.sha256(data).digest())
+        self.assertEqual(b.read_completed(done.path), data)
+        f = self.failureResultOf(a.resume(done.upload_id), UploadAlreadyComplete)
+        self.assertEqual(f.value.completed.sha256, hashlib.sha256(data).digest())
+
+    def test_completeAsStoredPartDiffers(self) -> None:
+        """
+        A part whose stored bytes do not hash to its record's digest: the
+        completion fails with DigestMismatch and the upload is removed.
+        """
+        data = payload(5 * MiB + 10)
+        s = self.s3Storage()
+        writer = self.successResultOf(s.create(NewUpload("bad.tif", len(data), None)))
+        self.successResultOf(writer.write(0, data))
+        key = s._objects.upload_key(writer.info.upload_id, "parts/00002.json")
+        record = json.loads(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        record["sha256"] = hashlib.sha256(b"other").hexdigest()
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(record).encode())
+        self.failureResultOf(writer.complete_as_stored(), DigestMismatch)
+        self.failureResultOf(s.resume(writer.info.upload_id), UnknownUpload)
+
+    def test_completeAsStoredInterrupted(self) -> None:
+        """
+        complete_as_stored() interrupted once the parts are assembled, before
+        the digest is recorded: the next resume checks the parts and
+        finishes the completion with the digest of what is stored.
+        """
+        data = payload(5 * MiB + 10)
+        a = self.s3Storage(owner="node-a")
+        writer = self.successResultOf(a.create(NewUpload("i.tif", len(data), None)))
+        self.successResultOf(writer.write(0, data))
+        real = self.client.get_object
+
+        def crash(*args, **kw):
+            raise ConnectionError("server died")
+
+        self.client.get_object = crash
+        try:
+            self.failureResultOf(writer.complete_as_stored(), StorageError)
+        finally:
+            self.client.get_object = real
+        self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 1)
+        self.successResultOf(writer.release())
+        b = self.s3Storage(owner="node-b")
+        f = self.failureResultOf(b.resume(writer.info.upload_id), UploadAlreadyComplete)
+        self.assertEqual(f.value.completed.sha256, hashlib.sha256(data).digest())
+        self.assertEqual(b.read_completed(f.value.completed.path), data)
 
     def test_expireAbortsAbandonedUploads(self) -> None:
         """

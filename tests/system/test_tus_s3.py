@@ -11,6 +11,10 @@ byte-identical.
 
 Without radosgw the test skips with a loud reason, or fails under
 C{IMGRESUME_REQUIRE_CEPH=1} (as in CI).
+
+Also, in process (two tus sites over two S3 storages on one bucket): an
+upload whose PATCHes go to both servers without C{Repr-Digest} is
+completed with the digest of what is stored, checked part by part.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import time
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.storage.test_s3 import BucketMixin, aws_environ
+from tests.storage.test_s3 import BucketMixin, aws_environ, payload
+from tests.support.http import TusServer, metadata, repr_digest
 from tests.support.cluster import write_random
 from tests.support.tus import TusCluster
 
@@ -115,3 +120,60 @@ class TusOnS3Tests(BucketMixin, TestCase):
         self.assertEqual(hashlib.sha256(stored).hexdigest(), digest)
         for a, b in zip(offsets, offsets[1:]):
             self.assertGreaterEqual(b, a, offsets)
+
+
+OCTETS = {"Content-Type": "application/offset+octet-stream"}
+
+
+class TusS3DigestTests(BucketMixin, TestCase):
+    """
+    Two tus sites in this process, each over its own S3Storage of one
+    bucket (two servers), the client giving no Repr-Digest.
+    """
+
+    def servers(self) -> tuple[TusServer, TusServer]:
+        return (TusServer(storage=self.s3Storage(owner="node-a"), stored_sha256=None),
+                TusServer(storage=self.s3Storage(owner="node-b"), stored_sha256=None))
+
+    def test_patches_on_two_servers(self) -> None:
+        """
+        The first PATCH on one server, the last on the other: 204 with the
+        Repr-Digest of the object as stored (each part checked against the
+        digest recorded when it was stored), and the object is the bytes.
+        """
+        first, second = self.servers()
+        data = payload(5 * MiB + 1000)
+        location = first.create(len(data), **{"Upload-Metadata": metadata(filename="two.tif")})
+        answer = first.wire().request("PATCH", location, {**OCTETS, "Upload-Offset": "0"},
+                                      data[: 5 * MiB])
+        self.assertEqual((answer.status, answer["Upload-Offset"]), (204, str(5 * MiB)))
+        answer = second.wire().request(
+            "PATCH", location, {**OCTETS, "Upload-Offset": str(5 * MiB)}, data[5 * MiB :])
+        self.assertEqual(answer.status, 204, answer.body)
+        self.assertEqual(answer["Repr-Digest"], repr_digest(data))
+        self.assertEqual(second.storage.read_completed("complete/two.tif"), data)
+        self.assertEqual([e["event"] for e in second.events],
+                         ["upload.resumed", "upload.completed"])
+        self.assertEqual(first.wire().request("HEAD", location)["Upload-Offset"],
+                         str(len(data)))
+
+    def test_part_differs(self) -> None:
+        """
+        A part whose stored bytes do not match the digest recorded for it:
+        460, the upload is removed (404), an upload.failed event.
+        """
+        first, second = self.servers()
+        data = payload(5 * MiB + 1000)
+        location = first.create(len(data))
+        first.wire().request("PATCH", location, {**OCTETS, "Upload-Offset": "0"},
+                             data[: 5 * MiB])
+        storage = first.storage
+        key = storage._objects.upload_key(location.rsplit("/", 1)[-1], "parts/00001.json")
+        record = json.loads(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        record["sha256"] = hashlib.sha256(b"other").hexdigest()
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(record).encode())
+        answer = second.wire().request(
+            "PATCH", location, {**OCTETS, "Upload-Offset": str(5 * MiB)}, data[5 * MiB :])
+        self.assertEqual(answer.status, 460, answer.body)
+        self.assertEqual(second.wire().request("HEAD", location).status, 404)
+        self.assertEqual(second.events[-1]["event"], "upload.failed")

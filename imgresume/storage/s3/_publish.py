@@ -20,7 +20,7 @@ from imgresume.errors import DigestMismatch, InvalidName, NameTaken
 from imgresume.names import completion_candidates, if_exists_policy, validate_name
 from imgresume.storage.interfaces import CompletedFileMoved, CompletedUpload, StoredFile, UploadInfo
 from imgresume.storage.s3 import _incomplete
-from imgresume.storage.s3._bucket import MAX_KEY_BYTES, Bucket, missing
+from imgresume.storage.s3._bucket import MAX_KEY_BYTES, READ_CHUNK, Bucket, missing
 
 #: The newest format of meta.json (its C{version}) this version reads and
 #: writes.  A record carries the lowest format that describes it
@@ -194,13 +194,29 @@ def finish_completion(
     """
     upload_id = meta["upload_id"]
     key = bucket.upload_key(upload_id, "object")
-    digest, length = bucket.hash_object(key, digest_of(meta))
-    if digest.hex() != meta["sha256"] or length != meta["size"]:
-        remove(bucket, meta)
-        raise DigestMismatch(
-            f"stored bytes hash to {digest.hex()}, not the declared "
-            f"{meta['sha256']}; every part matched its MD5 as received, so "
-            "the source changed during the upload; upload removed")
+    if meta["sha256"] is None:
+        # Completed with the digest of what is stored (complete_as_stored):
+        # each part of the object is checked against the digest recorded
+        # when it was stored, and the whole digest recorded before the
+        # object is published, so an interrupted completion finishes alike.
+        found = hash_against_parts(bucket, meta, key)
+        if found is None:
+            remove(bucket, meta)
+            raise DigestMismatch(
+                "a part of the stored object does not hash to the digest recorded "
+                "when it was stored; upload removed")
+        meta["sha256"] = found.hex()
+        meta["version"] = record_format(meta)
+        bucket.put_json(bucket.upload_key(upload_id, "meta.json"), meta)
+        digest = found
+    else:
+        digest, length = bucket.hash_object(key, digest_of(meta))
+        if digest.hex() != meta["sha256"] or length != meta["size"]:
+            remove(bucket, meta)
+            raise DigestMismatch(
+                f"stored bytes hash to {digest.hex()}, not the declared "
+                f"{meta['sha256']}; every part matched its MD5 as received, so "
+                "the source changed during the upload; upload removed")
     path = claim_name(bucket, meta)
     bucket.client.copy({"Bucket": bucket.name, "Key": key}, bucket.name, bucket.key(path))
     identity = object_identity(bucket, path) or {}
@@ -211,6 +227,36 @@ def finish_completion(
                          keep=(bucket.upload_key(upload_id, "meta.json"),
                                bucket.upload_key(upload_id, "done.json")))
     return completed_upload(meta, path)
+
+
+def hash_against_parts(bucket: Bucket, meta: dict[str, Any], key: str) -> bytes | None:
+    """
+    The digest of the assembled object at C{key}, read back, each part of
+    it checked against the digest its record holds (computed from the bytes
+    received, before they were stored); None if one differs, or the object
+    is not the declared size.
+    """
+    algorithm, size, part_size = digest_of(meta), meta["size"], meta["part_size"]
+    count = max(1, -(-size // part_size))
+    body = bucket.client.get_object(Bucket=bucket.name, Key=key)["Body"]
+    whole = integrity.new_digest(algorithm)
+    for number in range(1, count + 1):
+        record = bucket.get_json(bucket.upload_key(meta["upload_id"], f"parts/{number:05d}.json"))
+        if record is None or record["start"] != (number - 1) * part_size:
+            return None
+        part, left = integrity.new_digest(algorithm), record["size"]
+        while left:
+            data = body.read(min(left, READ_CHUNK))
+            if not data:
+                return None
+            part.update(data)
+            whole.update(data)
+            left -= len(data)
+        if part.digest().hex() != record["sha256"]:
+            return None
+    if body.read(1):
+        return None
+    return whole.digest()
 
 
 def remove(bucket: Bucket, meta: dict[str, Any]) -> None:
