@@ -86,11 +86,21 @@ def _frame(upload_id: str, name: str, metadata: dict[str, str], data: bytes,
                data)
 
 
+class PutNotTaken(Exception):
+    """
+    A PUT of this file was sent before (it may be stored) and the server a
+    retry reached does not take PUT (an older one, in a pool being
+    upgraded): an UPLOAD there could store the file twice, so the PUT is
+    tried again on another connection, through the balancer.
+    """
+
+
 class PutSender:
     """
     Sends one file at a time in a PUT for an upload session (made by
     L{imgresume.client._session.UploadSession}, which lends it its uploader,
-    its connection and its journal writes).
+    its connection, the way to drop that connection, and its journal
+    writes).
     """
 
     log = Logger(namespace="imgresume.client._session")
@@ -100,9 +110,11 @@ class PutSender:
         uploader: Any,
         ready_connection: Callable[..., Awaitable[UploadConnection]],
         journal_written: Callable[[Deferred[None]], Awaitable[None]],
+        drop_connection: Callable[[], None],
     ) -> None:
         self._uploader = uploader
         self._ready_connection = ready_connection
+        self._drop_connection = drop_connection
         self._journal_written = journal_written
 
     async def send(
@@ -159,13 +171,10 @@ class PutSender:
                         "(it predates it); nothing was sent: upgrade the servers, or let a "
                         "clash be renamed (if-exists=rename)", IfExistsNotOffered(up.if_exists))
                 if not takes_put(connection, source.size):
-                    # Another server, of an older version: an UPLOAD there
-                    # could store the file twice if the PUT sent before was
-                    # stored and its answer lost.
-                    raise UploadFailed(
-                        f"{name}: server {server} does not take PUT, and the PUT sent "
-                        "before may be stored; not sent again: run the upload again "
-                        "(if-exists=skip finds it if it was stored)")
+                    self._drop_connection()  # the next try goes through the balancer
+                    raise PutNotTaken(
+                        f"server {server} does not take PUT, and the PUT sent before may "
+                        "be stored: not sent there; trying another server")
                 algorithms = (connection.machine.digest, connection.machine.checksum)
                 if algorithms not in frames:
                     frames[algorithms] = await up.run(

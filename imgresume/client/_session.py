@@ -76,7 +76,8 @@ class UploadSession:
         self._under_way: set[Deferred[None]] = set()
         #: Connections this session opened, each with its handshake.
         self.connections = 0
-        self._puts = PutSender(uploader, self._ready_connection, self._journal_written)
+        self._puts = PutSender(uploader, self._ready_connection, self._journal_written,
+                               self._drop_connection)
 
     def upload(
         self,

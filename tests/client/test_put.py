@@ -15,6 +15,7 @@ from typing import Any
 
 from blake3 import blake3
 from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -25,7 +26,7 @@ from imgresume.errors import ErrorCode
 from imgresume.names import is_upload_id
 from imgresume.protocol import ServerLimits
 from imgresume.storage.memory import MemoryStorage
-from tests.support.servers import ServerTestCase, endpoint_of, write_file
+from tests.support.servers import RoundRobinEndpoint, ServerTestCase, endpoint_of, write_file
 
 PUT_LIMITS = ServerLimits(max_payload=1 << 20, chunk_size=64 * 1024, max_put=256 * 1024)
 
@@ -144,6 +145,31 @@ class PutTests(ServerTestCase):
         result = await self.uploader(endpoint_of(listening)).upload(path)
         self.assertTrue(factory.cut_done)
         self.assertGreaterEqual(result.attempts, 2)
+        self.assertEqual({w.upload_id for w in storage.wholes}, {result.upload_id})
+        self.assertEqual(list(storage.files), ["complete/scan.tif"])
+        self.assertEqual(storage.read_completed(result.path), content)
+
+    async def test_retry_on_server_without_put_goes_elsewhere(self) -> None:
+        """
+        A pool being upgraded: the PUT is stored on node-a, whose answer is
+        lost; the retry reaches node-b, which predates PUT, where an UPLOAD
+        could store the file twice: nothing is sent there, the next try goes
+        through the balancer again and node-c, which takes PUT, answers for
+        the stored file.  It is stored once.
+        """
+        storage = CountingStorage()
+        path, content = self.local_file(50_000)
+        factory_a, port_a = self.start_server(storage, "node-a", limits=PUT_LIMITS,
+                                              cut_after=40_000)
+        _, port_b = self.start_server(storage, "node-b")  # no PUT
+        _, port_c = self.start_server(storage, "node-c", limits=PUT_LIMITS)
+        endpoint = RoundRobinEndpoint([
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+            for port in (port_a, port_b, port_c)])
+        result = await self.uploader(endpoint).upload(path)
+        self.assertTrue(factory_a.cut_done)
+        self.assertEqual(result.servers, ["node-a", "node-b", "node-c"])
+        self.assertEqual(storage.creates, 0)  # no UPLOAD anywhere
         self.assertEqual({w.upload_id for w in storage.wholes}, {result.upload_id})
         self.assertEqual(list(storage.files), ["complete/scan.tif"])
         self.assertEqual(storage.read_completed(result.path), content)
