@@ -73,14 +73,16 @@ class ConnectionPuts:
         self._in_flight.add(stored)
 
         def done(result: Any) -> None:
+            # Told (event, metric, log line) even when the client has gone:
+            # the file is stored, or not, all the same.
             self._in_flight.discard(stored)
-            if self._stopped:
-                return
             if isinstance(result, Failure):
-                self._answered(self._failed(result, upload_id, events))
+                fatal = self._failed(result, upload_id, events)
             else:
                 self._stored(result, upload_id, events, client_id)
-                self._answered(None)
+                fatal = None
+            if not self._stopped:
+                self._answered(fatal)
 
         stored.addBoth(done)
 
@@ -95,9 +97,15 @@ class ConnectionPuts:
         closed = machine.put_failed(event.put.upload_id, error)
         return error if isinstance(closed, ConnectionFailed) else None
 
+    @property
+    def _answering(self) -> bool:
+        """Whether answers still go to the client (the connection is not closing)."""
+        return not self._stopped and self._connection.machine.state is not ServerState.CLOSED
+
     def stop(self) -> Deferred[Any]:
         """
-        The connection is gone: no answer is given any more.
+        The connection is gone: no answer is given any more (what storage
+        answers is still logged and told as events).
 
         @return: a Deferred firing once the PUTs being stored are done.
         """
@@ -112,8 +120,9 @@ class ConnectionPuts:
         if not skipped:
             self._factory.metrics.stored_bytes.inc(completed.size)
             events.completed(completed, repeat=False)
-        self._connection.machine.put_stored(upload_id, completed.size, completed.sha256,
-                                            completed.path, completed.upload_id)
+        if self._answering:
+            self._connection.machine.put_stored(upload_id, completed.size, completed.sha256,
+                                                completed.path, completed.upload_id)
         self._log.info("{how} {path} ({size} bytes, {digest} {sha256}) in one step: upload "
                        "{upload_id} by {client}", how="skipped" if skipped else "stored",
                        path=escape(completed.path), size=completed.size,
@@ -135,7 +144,7 @@ class ConnectionPuts:
         self._faults.warn(error.code, "{upload}: error {code}: {error}", upload=upload,
                           code=error.code.name, error=escape(error.message), **fields)
         events.failed(error)
-        if self._connection.machine.state is ServerState.CLOSED:
+        if not self._answering:
             return None
         closed = self._connection.machine.put_failed(upload_id, error)
         return error if isinstance(closed, ConnectionFailed) else None

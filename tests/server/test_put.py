@@ -254,6 +254,26 @@ class PutTests(SynchronousTestCase):
         storage.pending.pop(0).callback(None)
         self.successResultOf(h.proto.closed)
         self.assertEqual(h.factory.memory.used, 0)
+        # Stored all the same, and told so, though nobody hears the answer.
+        self.assertEqual([e["upload_id"] for e in h.events if e["event"] == "upload.completed"],
+                         [ID1, ID2])
+
+    def test_stored_after_fatal_error(self) -> None:
+        """
+        A PUT whose store ends after the connection was closed by a fault
+        (a frame that is not legal) is told as stored, and nothing is
+        answered on the closed connection.
+        """
+        storage = SlowWhole(MemoryStorage())
+        h = Harness(storage)
+        h.handshake()
+        h.send(put(ID1, "a.tif"))
+        [error] = h.send(encode(Hello("again")))
+        self.assertEqual(error.code, ErrorCode.UNEXPECTED_FRAME)
+        storage.pending.pop(0).callback(None)
+        self.assertEqual(frames_written(h.transport, h.decoder), [])
+        self.assertEqual([e["upload_id"] for e in h.events if e["event"] == "upload.completed"],
+                         [ID1])
 
     def test_payload_counted_in_memory_budget(self) -> None:
         """While a PUT is being stored, its payload counts in the server's memory."""
