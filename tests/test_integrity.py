@@ -79,6 +79,25 @@ class TableTests(SynchronousTestCase):
             h.update(memoryview(b"c"))
             self.assertEqual(h.digest(), integrity.digest_of(name, b"abc"))
 
+    def test_blake3_on_the_calling_thread(self) -> None:
+        """
+        BLAKE3 hashes on the thread that calls it (C{max_threads=1}): beside
+        a busy reactor on two cores, its own thread pool was slower and cost
+        more CPU (docs/benchmarks.md, "Integrity work on the reactor thread").
+        """
+        made: list[dict[str, Any]] = []
+        real = blake3.blake3
+
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            made.append(kwargs)
+            return real(*args, **kwargs)
+
+        with mock.patch.object(blake3, "blake3", recording):
+            hasher = integrity.new_digest("blake3")
+        hasher.update(b"abc")
+        self.assertEqual(hasher.digest(), real(b"abc").digest())
+        self.assertEqual(made, [{"max_threads": 1}])
+
     def test_defaults(self) -> None:
         """CRC-32C and BLAKE3 by default; CRC-32 and SHA-256 for who says nothing."""
         self.assertEqual((integrity.DEFAULT_CHECKSUM, integrity.DEFAULT_DIGEST),
