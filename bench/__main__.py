@@ -25,6 +25,7 @@ from bench._common import ROOT, GiB, MiB, Workdir, log, machine_info
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from bench._delayrelay import parse_rate
+    from imgresume.integrity import DIGESTS
     from imgresume.sizes import parse_size
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
@@ -41,6 +42,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="directory for the JSON results and profiles [bench/results/]")
     p.add_argument("--size", type=parse_size, help="single-stream file size "
                    "[1G; 256M with --quick]")
+    p.add_argument("--digest", choices=sorted(DIGESTS),
+                   help="the whole-file digest of the single stream's imgresume rows, as "
+                        "imgresume upload --digest [the client's default, blake3]; with "
+                        "sha256 the bench states issue 13's target for it")
     p.add_argument("--repeat", type=int, help="rounds of the single-stream group "
                    "[5; 3 with --quick]")
     p.add_argument("--clients", type=int, help="concurrent uploads [200; 50 with --quick]")

@@ -7,7 +7,8 @@ backoff), every file uploaded at once, journal off.
 
 SPEC_JSON (a JSON object, inline): C{endpoint}; C{files}, a list of
 [path, remote name] or [path, remote name, client id] (default client id
-C{bench-client}); optional C{window}, C{chunk_size}; optional C{kill_at},
+C{bench-client}); optional C{window}, C{chunk_size}, C{digest} (as
+C{imgresume upload --digest}); optional C{kill_at},
 fractions of the (first) file at which this process asks the harness to
 SIGKILL the server it is uploading to, by printing
 C{{"event": "kill", "server": ID}} on stdout (and C{{"event": "resumed"}}
@@ -88,7 +89,7 @@ async def _one(reactor: Any, spec: dict[str, Any], path: str, name: str, client_
     trace: list[dict[str, Any]] = []
     kill_at = sorted(spec.get("kill_at") or []) if first else []
     endpoint = TracingEndpoint(clientFromString(reactor, spec["endpoint"]), trace)
-    tuning = {k: spec[k] for k in ("window", "chunk_size") if spec.get(k)}
+    tuning = {k: spec[k] for k in ("window", "chunk_size", "digest") if spec.get(k)}
     uploader = Uploader(endpoint, reactor=reactor, client_id=client_id, journal=None,
                         **tuning)  # otherwise the product's defaults
     kills: list[dict[str, Any]] = []
@@ -135,7 +136,7 @@ async def _one(reactor: Any, spec: dict[str, Any], path: str, name: str, client_
         end=time.monotonic(), hashed=trace[0]["connect_start"] if trace else None,
         bytes_sent=result.bytes_sent, attempts=result.attempts, servers=result.servers,
         resumed_at=result.resumed_at, seconds=result.seconds, sha256=result.sha256,
-        error=None,
+        digest=result.digest, error=None,
     )
     return out
 

@@ -2,10 +2,13 @@
 The server's storage path alone, without network, reactor or threads: a
 C{FilesystemStorage} with a synchronous runner stores SRC in 1 MiB writes
 (each: pwrite, fdatasync, journal record pwrite, fdatasync), then completes
-it (SHA-256 read-back of the stored file, rename into place).  What the
-server could reach per stream if the protocol and the reactor cost nothing.
+it (read-back of the stored file and its digest, rename into place).  The
+upload's digest is DIGEST (default: the client's default, BLAKE3) and its
+journal records carry the default checksum (CRC-32C), as for an upload from
+a client of this version.  What the server could reach per stream if the
+protocol and the reactor cost nothing.
 
-  python -m bench._storage_only SRC STORAGE_DIR [CHUNK_BYTES]
+  python -m bench._storage_only SRC STORAGE_DIR [CHUNK_BYTES [DIGEST]]
 
 Prints one JSON line: seconds for the writes and for the completion, the
 median per write, and the time spent in the writer's pwrite and fdatasync
@@ -14,7 +17,6 @@ calls (timed by wrapping the writer's C{_pwrite} / C{_fdatasync} hooks).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -42,14 +44,16 @@ def _now(d: defer.Deferred) -> Any:
 
 
 def main(argv: list[str]) -> None:
+    from imgresume import integrity
     from imgresume.storage.filesystem import FilesystemStorage
     from imgresume.storage.interfaces import NewUpload
 
     src, root = argv[0], argv[1]
     chunk = int(argv[2]) if len(argv) > 2 else 1 << 20
+    digest = argv[3] if len(argv) > 3 else integrity.DEFAULT_DIGEST
     size = os.path.getsize(src)
     fd = os.open(src, os.O_RDONLY)
-    h = hashlib.sha256()
+    h = integrity.new_digest(digest)
     for off in range(0, size, 4 << 20):
         h.update(os.pread(fd, 4 << 20, off))
     storage = FilesystemStorage(root, run=lambda f, *a, **k: defer.maybeDeferred(f, *a, **k),
@@ -68,7 +72,9 @@ def main(argv: list[str]) -> None:
 
     cpu0 = _cpu()
     t0 = time.monotonic()
-    writer = _now(storage.create(NewUpload("storage-only.bin", size, h.digest(), {}, "bench")))
+    writer = _now(storage.create(NewUpload("storage-only.bin", size, h.digest(), {}, "bench",
+                                           digest=digest,
+                                           checksum=integrity.DEFAULT_CHECKSUM)))
     writer._pwrite = timed("pwrite", writer._pwrite)
     writer._fdatasync = timed("fdatasync", writer._fdatasync)
     per_write = []
@@ -92,6 +98,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4):
+    if len(sys.argv) not in (3, 4, 5):
         sys.exit(__doc__)
     main(sys.argv[1:])

@@ -82,11 +82,12 @@ def single(work: Workdir, opts: Any) -> dict[str, Any]:
         runs += [(tus_imgresume.DIRECT, lambda: tus_imgr.upload(src, "direct")),
                  (tus_imgresume.LB, lambda: tus_imgr.upload(src, "lb"))]
     runs += [
-        ("imgresume-storage-only", lambda: storage_only(work, src, opts.chunk_size)),
+        ("imgresume-storage-only", lambda: storage_only(work, src, opts.chunk_size,
+                                                        opts.digest)),
         ("imgresume-direct", lambda: single_stream(cluster, src, "direct", work,
-                                                   opts.window, opts.chunk_size)),
+                                                   opts.window, opts.chunk_size, opts.digest)),
         ("imgresume-lb", lambda: single_stream(cluster, src, "lb", work,
-                                               opts.window, opts.chunk_size)),
+                                               opts.window, opts.chunk_size, opts.digest)),
     ]
     samples: dict[str, list[dict[str, Any]]] = defaultdict(list)
     left_out: set[str] = set()

@@ -186,15 +186,18 @@ def _run_client(spec: dict[str, Any], stderr: str) -> dict[str, Any]:
 
 
 def single_stream(cluster: Cluster, src: str, via: str, work: Workdir,
-                  window: int | None = None, chunk_size: int | None = None) -> dict[str, Any]:
+                  window: int | None = None, chunk_size: int | None = None,
+                  digest: str | None = None) -> dict[str, Any]:
     """
     One upload of C{src} from a fresh client process, C{via} "direct" (to
-    node-1) or "lb" (through the balancer to its only server).
+    node-1) or "lb" (through the balancer to its only server), asking for
+    C{digest} as C{imgresume upload --digest} does (None: the client's
+    default); the sample names the digest the upload used.
     """
     cluster.clear_storage()
     endpoint = cluster.endpoint("node-1" if via == "direct" else "lb")
     spec = {"endpoint": endpoint, "files": [[src, f"single-{via}.bin"]],
-            "window": window, "chunk_size": chunk_size}
+            "window": window, "chunk_size": chunk_size, "digest": digest}
     before = cluster.cpu()
     res = _run_client(spec, work.sub("logs", "client.stderr"))
     cpu = _cpu_delta(before, cluster.cpu())
@@ -217,6 +220,7 @@ def single_stream(cluster: Cluster, src: str, via: str, work: Workdir,
         "packets": len(acks) - 1,
         "bytes_sent": up["bytes_sent"],
         "attempts": up["attempts"],
+        "digest": up["digest"],
         "cpu": {
             "client": res["cpu"],
             "client_hash": res["hash_cpu"],
@@ -227,14 +231,17 @@ def single_stream(cluster: Cluster, src: str, via: str, work: Workdir,
     }
 
 
-def storage_only(work: Workdir, src: str, chunk_size: int | None = None) -> dict[str, Any]:
+def storage_only(work: Workdir, src: str, chunk_size: int | None = None,
+                 digest: str | None = None) -> dict[str, Any]:
     """
     The server's storage path alone (L{bench._storage_only}): the same file
-    stored in the same packets by C{FilesystemStorage}, no network, no
+    stored in the same packets by C{FilesystemStorage}, with the digest
+    C{digest} (None: the default) and the default checksum, no network, no
     reactor: how fast one stream could go if the protocol cost nothing.
     """
     root = work.fresh("storage-only")
-    res = run_python("bench._storage_only", [src, root, str(chunk_size or (1 << 20))])
+    res = run_python("bench._storage_only", [src, root, str(chunk_size or (1 << 20)),
+                                             *([digest] if digest else [])])
     return {
         "name": "imgresume-storage-only",
         "bytes": res["bytes"],

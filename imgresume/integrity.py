@@ -14,7 +14,12 @@ Two kinds, each chosen per connection in HELLO/WELCOME:
 
 The C implementations (C{zlib}, the C{crc32c} package, C{hashlib}, the
 C{blake3} package) release the GIL on large buffers, so a thread that
-checksums or hashes does not hold up the reactor.
+checksums or hashes does not hold up the reactor.  Where each runs was
+chosen by measurement (docs/benchmarks.md, "Integrity work on the reactor
+thread"): the server checks a DATA payload's CRC-32C on the reactor thread
+(44 us per MiB, less than a hand-off to a thread costs the reactor), and
+BLAKE3 hashes on the calling thread only (C{max_threads=1}; its own thread
+pool was slower beside a busy reactor on two cores, and cost more CPU).
 
 This module is the one table of names: the protocol machines, the server,
 the client and the storage backends look algorithms up here and nowhere
@@ -48,8 +53,10 @@ CHECKSUMS: Mapping[str, Callable[..., int]] = {
 
 
 def _new_blake3() -> Hasher:
-    # Large updates are hashed on several threads (without the GIL).
-    return _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+    # On the calling thread only, without the GIL: the disk or hash thread
+    # that calls it.  Spread over the cores (max_threads=AUTO) it competed
+    # with the reactor for them (docs/benchmarks.md).
+    return _blake3.blake3(max_threads=1)
 
 
 #: Digest constructors, each making a L{Hasher} of 32-byte digests.

@@ -27,7 +27,7 @@ from imgresume import integrity
 from imgresume.cli import UploadOptions
 from imgresume.client import Journal, UploadResult
 from imgresume.client._digest import Digest
-from imgresume.client._journal import journal_key
+from imgresume.client._journal import journal_entry, journal_key
 from imgresume.client._source import LocalFile
 from imgresume.errors import ChecksumMismatch, ErrorCode, MalformedFrame
 from imgresume.protocol import (
@@ -78,6 +78,25 @@ class TableTests(SynchronousTestCase):
             h.update(b"ab")
             h.update(memoryview(b"c"))
             self.assertEqual(h.digest(), integrity.digest_of(name, b"abc"))
+
+    def test_blake3_on_the_calling_thread(self) -> None:
+        """
+        BLAKE3 hashes on the thread that calls it (C{max_threads=1}): beside
+        a busy reactor on two cores, its own thread pool was slower and cost
+        more CPU (docs/benchmarks.md, "Integrity work on the reactor thread").
+        """
+        made: list[dict[str, Any]] = []
+        real = blake3.blake3
+
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            made.append(kwargs)
+            return real(*args, **kwargs)
+
+        with mock.patch.object(blake3, "blake3", recording):
+            hasher = integrity.new_digest("blake3")
+        hasher.update(b"abc")
+        self.assertEqual(hasher.digest(), real(b"abc").digest())
+        self.assertEqual(made, [{"max_threads": 1}])
 
     def test_defaults(self) -> None:
         """CRC-32C and BLAKE3 by default; CRC-32 and SHA-256 for who says nothing."""
@@ -398,6 +417,72 @@ class DigestTests(ServerTestCase):
         result = await self.uploader(endpoint, journal=journal).upload(path, "a.tif")
         self.assertEqual((result.upload_id, result.resumed_at, result.attempts),
                          (old_id, [1000], 1))
+
+
+class JournalDigestTests(ServerTestCase):
+    """
+    A digest from the client's journal is declared for a fresh upload only
+    when the journal names its algorithm and it is the connection's; else
+    the file is hashed again.
+    """
+
+    async def upload_after_lost_partial(self, recorded: str | None, asked: str) -> tuple[
+            list[str], dict[str, Any], UploadResult]:
+        """
+        Upload a file whose journal entry (its digest in C{recorded}, or
+        naming no algorithm for None) names an upload the server does not
+        know; the algorithms it was hashed in, its new entry and the result.
+        """
+        _, listening = self.start_server(MemoryStorage())
+        endpoint = endpoint_of(listening)
+        path, content = self.local_file(30_000)
+        journal = Journal(os.path.join(self.work, "journal.json"))
+        source = self.successResultOf(LocalFile.open(path, sync_run))
+        key = journal_key(source.fingerprint, endpoint, "a.tif")
+        source.close()
+        entry = journal_entry("ab" * 16, integrity.digest_of(recorded or "blake3", content).hex())
+        if recorded is not None:
+            entry["digest"] = recorded
+        journal.update({key: entry})
+        hashed: list[str] = []
+        real = LocalFile.sha256
+
+        def counting(self: LocalFile, *args: Any, **kwargs: Any) -> Any:
+            hashed.append(kwargs["algorithm"])
+            return real(self, *args, **kwargs)
+
+        with mock.patch.object(LocalFile, "sha256", counting):
+            result = await self.uploader(endpoint, journal=journal, digest=asked).upload(
+                path, "a.tif")
+        self.assertEqual((result.digest, result.sha256, result.attempts),
+                         (asked, integrity.digest_of(asked, content).hex(), 2))
+        after = journal.lookup(key)
+        assert after is not None
+        return hashed, after, result
+
+    async def test_same_algorithm_declared(self) -> None:
+        """The journal's BLAKE3, on a BLAKE3 connection: declared, the file not hashed again."""
+        hashed, after, result = await self.upload_after_lost_partial("blake3", "blake3")
+        self.assertEqual(hashed, [])
+        self.assertEqual((after["digest"], after["sha256"], after["complete"]),
+                         ("blake3", result.sha256, True))
+
+    async def test_other_algorithm_hashed(self) -> None:
+        """The journal's SHA-256, on a BLAKE3 connection: hashed again in BLAKE3."""
+        hashed, after, _ = await self.upload_after_lost_partial("sha256", "blake3")
+        self.assertEqual(hashed, ["blake3"])
+        self.assertEqual(after["digest"], "blake3")
+
+    async def test_unnamed_algorithm_hashed(self) -> None:
+        """
+        A record that names no algorithm (written before records did) is
+        never declared for a fresh upload: the file is hashed again.
+        """
+        for asked in ("blake3", "sha256"):
+            hashed, after, _ = await self.upload_after_lost_partial(None, asked)
+            self.assertEqual(hashed, [asked])
+            self.assertEqual(after["digest"], asked)
+            os.unlink(os.path.join(self.work, "journal.json"))
 
 
 class RefusalTests(SynchronousTestCase):

@@ -30,7 +30,7 @@ def format_age(seconds: float) -> str:
 class StatusOptions(BaseOptions):
     synopsis = "--to ENDPOINT [UPLOAD_ID...] [options]"
     longdesc = """Ask the servers where uploads stand: offset, whether a server is
-writing them right now (and which), age.  Without UPLOAD_IDs, asks about
+writing them right now (and which), age, digest algorithm.  Without UPLOAD_IDs, asks about
 every unfinished upload in this client's journal.  Read only: an upload being
 written is not disturbed.
 
@@ -112,6 +112,9 @@ def run_status(reactor: Any, config: StatusOptions, out: Any = None) -> Any:
                     "offset": answer.offset, "busy": answer.busy, "owner": answer.owner,
                     "age": round(now - answer.updated_ms / 1000, 3), "path": answer.path,
                 }
+                # The upload's digest algorithm, from a server that says it.
+                if answer.fields and "digest" in answer.fields:
+                    row["digest"] = answer.fields["digest"]
             print_row(row, config["json"], out)
         return EXIT_OK
 
@@ -131,7 +134,8 @@ def print_row(row: dict[str, Any], as_json: bool, out: Any) -> None:
     where = (f"at {row['path']}" if row["state"] == "complete"
              else ("being written" + (f" by {row['owner']}" if row["owner"] else "")
                    if row["busy"] else "idle"))
-    # The upload's digest algorithm, where it is known (imgresume ls).
+    # The upload's digest algorithm, where it is known (imgresume ls, and
+    # imgresume status from a server that sends it).
     digest = f"{row['digest']}  " if "digest" in row else ""
     print(f"{row['upload_id']}  {row['state']:<8} {share:6.1%}  "
           f"{format_size(row['offset'])}/{format_size(row['size'])}  "

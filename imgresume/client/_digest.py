@@ -29,8 +29,10 @@ class Digest:
         self._source = source
         self.value: bytes | None = None
         #: The algorithm of C{value} and of the hash under way (a name of
-        #: L{imgresume.integrity.DIGESTS}); None for a value from the
-        #: journal, which is taken to be in the algorithm of the upload.
+        #: L{imgresume.integrity.DIGESTS}), also for a value from the journal,
+        #: whose entries name it; None for a value from a journal entry
+        #: written before they did, which is taken to be in the algorithm
+        #: of the upload (and never declared for a new one).
         self.algorithm: str | None = integrity.LEGACY_DIGEST
         self._running: Deferred[bytes] | None = None
         self._stopping = False

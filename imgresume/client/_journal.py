@@ -8,7 +8,9 @@ finished files instead of sending them again.
 
 The file is a log of JSON lines: a header naming the format and its
 version, then one record per change (C{{"key": K, "entry": {...}}}, or
-C{"entry": null} for a forgotten key), appended.  Reading replays the
+C{"entry": null} for a forgotten key), appended.  An entry names the
+algorithm of its digest (C{"digest"}); one from before entries did is read
+with its algorithm unknown (L{entry_digest}).  Reading replays the
 records; a record cut short by a crash (the last line, without its
 newline) or otherwise damaged is skipped.  When dead records (replaced,
 forgotten or expired) outnumber the live ones, the file is rewritten with
@@ -66,17 +68,32 @@ def journal_key(fingerprint: Fingerprint, endpoint: str, name: str) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def journal_entry(upload_id: str, sha256: str | None, complete: bool = False) -> dict[str, Any]:
+def journal_entry(upload_id: str, sha256: str | None, complete: bool = False,
+                  digest: str | None = None) -> dict[str, Any]:
     """
-    An entry as the journal stores it: the upload id, the file's SHA-256
-    (hex; None while an upload whose digest goes at the end is unfinished),
-    the time of writing and, once the server confirmed the upload verified
-    and in place, C{"complete": True}.
+    An entry as the journal stores it: the upload id, the file's digest
+    (hex, under the historical key C{"sha256"}; None while an upload whose
+    digest goes at the end is unfinished), C{"digest"}, the upload's digest
+    algorithm (a name of L{imgresume.integrity.DIGESTS}; left out when the
+    caller does not know it), the time of writing and, once the server
+    confirmed the upload verified and in place, C{"complete": True}.
     """
     entry: dict[str, Any] = {"upload_id": upload_id, "sha256": sha256, "updated": time.time()}
+    if digest is not None:
+        entry["digest"] = digest
     if complete:
         entry["complete"] = True
     return entry
+
+
+def entry_digest(entry: Mapping[str, Any]) -> str | None:
+    """
+    The algorithm of an entry's digest, or None when its record does not
+    name one: records written before they did hold SHA-256 (before the
+    digest was negotiated) or BLAKE3 (after), so such a digest is never
+    taken to be in any algorithm in particular.
+    """
+    return entry.get("digest")
 
 
 def _well_formed(entry: Any) -> bool:
@@ -92,6 +109,7 @@ def _well_formed(entry: Any) -> bool:
         )
         and isinstance(entry.get("updated"), (int, float))
         and isinstance(entry.get("complete", False), bool)
+        and isinstance(entry.get("digest", ""), str)
     )
 
 
@@ -314,16 +332,22 @@ class Journal:
 
     def lookup(self, key: str) -> dict[str, Any] | None:
         """
-        The entry for C{key}, or None: C{upload_id}, C{sha256} (hex),
-        C{updated}, and C{complete} (True) if the upload was completed.
+        The entry for C{key}, or None: C{upload_id}, C{sha256} (hex: the
+        digest, in the algorithm L{entry_digest} names), C{digest} (absent
+        from older records), C{updated}, and C{complete} (True) if the upload
+        was completed.
         """
         with self._lock:
             entry = self._load().get(key)
             return dict(entry) if entry is not None else None
 
-    def remember(self, key: str, upload_id: str, sha256: str, complete: bool = False) -> None:
-        """Record that C{upload_id} holds the residual (or, if C{complete}, the file) for C{key}."""
-        self.update({key: journal_entry(upload_id, sha256, complete)})
+    def remember(self, key: str, upload_id: str, sha256: str, complete: bool = False,
+                 digest: str | None = None) -> None:
+        """
+        Record that C{upload_id} holds the residual (or, if C{complete}, the
+        file) for C{key}, and that its digest C{sha256} is in C{digest}.
+        """
+        self.update({key: journal_entry(upload_id, sha256, complete, digest)})
 
     def forget(self, key: str) -> None:
         """Drop the entry (its upload cannot be resumed, or is not this file's)."""

@@ -46,17 +46,22 @@ class JournalQueue:
                 return succeed(dict(entry) if entry is not None else None)
         return self._run(self.journal.lookup, key)
 
-    def remember(self, key: str, upload_id: str, sha256: str | None) -> Deferred[None]:
+    def remember(self, key: str, upload_id: str, sha256: str | None,
+                 digest: str | None = None) -> Deferred[None]:
         """
-        C{upload_id} holds the residual of C{key}'s file (whose SHA-256 is
-        None while it is still being hashed, for an upload whose digest goes
-        at the end).
+        C{upload_id} holds the residual of C{key}'s file (whose digest, in
+        the upload's algorithm C{digest}, is None while it is still being
+        hashed, for an upload whose digest goes at the end).
         """
-        return self._change(key, journal_entry(upload_id, sha256))
+        return self._change(key, journal_entry(upload_id, sha256, digest=digest))
 
-    def complete(self, key: str, upload_id: str, sha256: str) -> Deferred[None]:
-        """C{upload_id}, C{key}'s file, is complete and verified on the server."""
-        return self._change(key, journal_entry(upload_id, sha256, complete=True))
+    def complete(self, key: str, upload_id: str, sha256: str,
+                 digest: str | None = None) -> Deferred[None]:
+        """
+        C{upload_id}, C{key}'s file, is complete and verified on the server;
+        C{sha256} is its digest in C{digest}.
+        """
+        return self._change(key, journal_entry(upload_id, sha256, complete=True, digest=digest))
 
     def forget(self, key: str) -> Deferred[None]:
         """Drop C{key}'s entry."""

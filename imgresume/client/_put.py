@@ -210,7 +210,7 @@ class PutSender:
         journal = up.journal_queue
         if journal is not None:
             await self._journal_written(journal.forget(key) if skipped else journal.complete(
-                key, completed.upload_id, digest.hex()))
+                key, completed.upload_id, digest.hex(), id_algorithm))
         progress(Progress(name, "done", completed.size, completed.size, state.servers[-1],
                           completed.path))
         return UploadResult(

@@ -24,7 +24,7 @@ from imgresume.client._attempt import ResidualMismatch, UploadAttempt
 from imgresume.client._connection import UploadConnection
 from imgresume.client._describe import describe, retry_note
 from imgresume.client._digest import Digest
-from imgresume.client._journal import journal_key
+from imgresume.client._journal import entry_digest, journal_key
 from imgresume.client._results import (
     IfExistsNotOffered,
     Progress,
@@ -243,11 +243,13 @@ class UploadSession:
         if entry is not None:
             state.upload_id = entry["upload_id"]
             if entry["sha256"] is not None:
-                # In the upload's algorithm, which the journal does not say:
-                # good for a RESUME the server accepts (it refuses one with
+                # In the algorithm the entry names (dropped by Digest.use on
+                # a connection with another); one that names none is good
+                # for a RESUME the server accepts (it refuses one with
                 # another algorithm), never declared for a fresh upload.
-                digest.value, digest.algorithm = bytes.fromhex(entry["sha256"]), None
-                state.digest_unconfirmed = True
+                digest.value = bytes.fromhex(entry["sha256"])
+                digest.algorithm = entry_digest(entry)
+                state.digest_unconfirmed = digest.algorithm is None
             # The upload was opened with this digest, or to take it at the end.
             state.request = Upload(name, source.size, digest.value, metadata)
             self.log.info(
@@ -294,7 +296,7 @@ class UploadSession:
             assert state.request is not None
             declared = state.request.sha256
             return journal.remember(
-                key, new_id, None if declared is None else declared.hex()
+                key, new_id, None if declared is None else declared.hex(), digest.algorithm
             ).addErrback(lambda f: self.log.failure("could not write the journal", f))
 
         while True:
@@ -367,7 +369,7 @@ class UploadSession:
         skipped = completed.upload_id == SKIPPED_UPLOAD_ID
         if journal is not None:
             await self._journal_written(journal.forget(key) if skipped else journal.complete(
-                key, completed.upload_id, sha256.hex()))
+                key, completed.upload_id, sha256.hex(), digest.algorithm or up.digest))
         progress(Progress(name, "done", completed.size, completed.size, state.servers[-1],
                           completed.path))
         return UploadResult(

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from imgresume.client._attempt import ConnectionBroken
 from imgresume.errors import ImgresumeError, UnknownUpload
 from imgresume.protocol import (
+    STATUS_FIELDS,
     ClientConnection,
     ErrorReceived,
     StatusReceived,
@@ -34,7 +35,8 @@ class StatusQuery(Protocol):
                  key: bytes | None = None) -> None:
         self.pending = list(upload_ids)
         self.answers: list[UploadStatusFrame | ImgresumeError] = []
-        self.machine = ClientConnection(client_id, key=key)
+        # The upload's digest algorithm too, from a server that knows to send it.
+        self.machine = ClientConnection(client_id, {STATUS_FIELDS: "digest"}, key=key)
         self.result: Deferred[list[Any]] = Deferred()
         self.server_id: str | None = None
 

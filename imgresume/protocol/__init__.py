@@ -38,6 +38,7 @@ from imgresume.protocol._frames import (
     PROTOCOL_VERSION,
     put_header,
     SKIPPED_UPLOAD_ID,
+    STATUS_FIELDS,
     Accepted,
     Ack,
     Auth,
@@ -77,7 +78,7 @@ from imgresume.protocol._server_events import (
 
 __all__ = [
     "HEALTH_CHECK_CLIENT_ID", "HEALTH_CHECK_CLIENT_IDS", "MAGIC", "PROTOCOL_VERSION", "FrameType", "FrameDecoder", "encode", "decode_body",
-    "EMPTY_TAIL_SHA256", "SKIPPED_UPLOAD_ID", "put_header",
+    "EMPTY_TAIL_SHA256", "SKIPPED_UPLOAD_ID", "STATUS_FIELDS", "put_header",
     "FrameCursor", "control_limit",
     "AUTH_METHOD", "AUTH_NONCE_RE", "client_proof", "server_proof", "proofs_equal",
     "Hello", "Welcome", "Upload", "Resume", "Accepted", "Data", "Ack", "Finish", "Completed",

@@ -133,6 +133,10 @@ class Reader:
         self.pos = len(self.body)
         return piece
 
+    def at_end(self) -> bool:
+        """Whether the body is read whole (an optional last field is absent)."""
+        return self.pos == len(self.body)
+
     def done(self) -> None:
         if self.pos != len(self.body):
             raise MalformedFrame(

@@ -49,6 +49,9 @@ HEALTH_CHECK_CLIENT_ID = "imgresume-lb-health"
 #: PING only) and not logged.  "haproxy-check" is the id in
 #: docs/examples/haproxy.cfg.
 HEALTH_CHECK_CLIENT_IDS = frozenset({HEALTH_CHECK_CLIENT_ID, "haproxy-check"})
+#: HELLO option: the optional UPLOAD_STATUS fields the client reads,
+#: comma-separated (defined: C{digest}); see L{UploadStatusFrame.fields}.
+STATUS_FIELDS = "status-fields"
 
 
 class FrameType(enum.IntEnum):
@@ -276,6 +279,11 @@ class UploadStatusFrame:
     created_ms: int
     updated_ms: int
     path: str
+    #: A final C{kv}, sent only to a client whose HELLO asked for it with
+    #: L{STATUS_FIELDS}: of the fields it named, those the server knows
+    #: (C{digest}: the upload's digest algorithm).  None: absent, the
+    #: layout of every server before it.
+    fields: Mapping[str, str] | None = None
 
 
 Frame = Union[
@@ -386,6 +394,8 @@ def encode(frame: Frame) -> bytes:
         w.fixed(upload_id_to_bytes(frame.upload_id), UPLOAD_ID_SIZE).str(frame.name)
         w.u64(frame.size).u8(int(frame.complete)).u64(frame.offset).u8(int(frame.busy))
         w.str(frame.owner).u64(frame.created_ms).u64(frame.updated_ms).str(frame.path)
+        if frame.fields is not None:
+            w.kv(frame.fields)
         return _frame(FrameType.UPLOAD_STATUS, w.body())
     raise TypeError(f"not a frame: {frame!r}")
 
@@ -449,5 +459,11 @@ def decode_body(kind: int, body: memoryview) -> Frame:
         complete, offset, busy = flag(r.u8()), r.u64(), flag(r.u8())
         frame = UploadStatusFrame(upload_id, name, size, complete, offset, busy,
                                   r.str(), r.u64(), r.u64(), r.str())
+        if not r.at_end():  # the optional fields (STATUS_FIELDS), or junk
+            tail = len(r.body) - r.pos
+            try:
+                frame = attrs.evolve(frame, fields=r.kv())
+            except MalformedFrame:
+                raise MalformedFrame(f"UPLOAD_STATUS frame has {tail} trailing bytes")
     r.done()
     return frame

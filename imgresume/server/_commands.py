@@ -16,7 +16,7 @@ and events; nothing here touches the connection.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import Any, Callable, Mapping, Union
 
 import attrs
 
@@ -28,7 +28,7 @@ from imgresume.errors import (
     QuotaExceeded,
 )
 from imgresume.names import validate_name
-from imgresume.protocol import Put, Upload, UploadStatusFrame
+from imgresume.protocol import STATUS_FIELDS, Put, Upload, UploadStatusFrame
 from imgresume.server._admission import UploadQuota
 from imgresume.storage.interfaces import NewUpload, StoredFile, WholeUpload
 
@@ -151,11 +151,19 @@ class CommandPolicy:
         return Create()
 
 
-def status_frame(st: Any) -> UploadStatusFrame:
-    """The UPLOAD_STATUS frame for C{st}, the storage's L{UploadStatus}."""
+def status_frame(st: Any, hello_options: Mapping[str, str]) -> UploadStatusFrame:
+    """
+    The UPLOAD_STATUS frame for C{st}, the storage's L{UploadStatus}, to a
+    client whose HELLO had C{hello_options}: with the optional fields it
+    asked for (C{status-fields}), and without any to a client that did not
+    ask (it reads the frame's older layout only).
+    """
+    asked = hello_options.get(STATUS_FIELDS)
+    known = {"digest": st.digest}
     return UploadStatusFrame(
         st.upload_id, st.name, st.size, st.state == "complete", st.offset, st.busy,
         st.owner, int(st.created * 1000), int(st.updated * 1000), st.path,
+        None if asked is None else {k: known[k] for k in asked.split(",") if k in known},
     )
 
 

@@ -243,7 +243,8 @@ class UploadServerProtocol(Protocol, TimeoutMixin):
             pass
         elif isinstance(event, StatusRequested):
             self._run(storage.status(event.upload_id, client_id),
-                      lambda st: self.machine.status_found(status_frame(st)))
+                      lambda st: self.machine.status_found(status_frame(
+                          st, self.machine.hello.options if self.machine.hello else {})))
         elif isinstance(event, UploadRequested):
             self._upload_requested(event)
         elif isinstance(event, PutRequested):

@@ -3,18 +3,27 @@
 storage directory), on a real server process and real uploads.
 """
 
+import io
 import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from imgresume import integrity
+from imgresume.cli._status import StatusOptions, run_status
 from imgresume.client import Journal, UploadFailed, Uploader
 from imgresume.errors import UnknownUpload
+from imgresume.protocol import UploadStatusFrame
+from imgresume.server import _protocol as server_adapter
+from imgresume.storage.interfaces import NewUpload
+from imgresume.storage.memory import MemoryStorage
 from tests.support.processes import REPO_ROOT, TwistdServer
+from tests.support.servers import ServerTestCase, endpoint_of
 
 
 
@@ -83,3 +92,59 @@ class StatusCommandTests(TestCase):
         self.assertIn("partial", human.stdout)
         self.assertIn("complete", human.stdout)
         self.assertIn("  blake3  ", human.stdout)
+
+
+def _old_status_frame(st, hello_options) -> UploadStatusFrame:
+    """What a server from before C{status-fields} sends: no optional fields, whatever asked."""
+    return UploadStatusFrame(
+        st.upload_id, st.name, st.size, st.state == "complete", st.offset, st.busy,
+        st.owner, int(st.created * 1000), int(st.updated * 1000), st.path)
+
+
+class StatusDigestTests(ServerTestCase):
+    """
+    `imgresume status` shows an upload's digest algorithm when the server
+    sends it (UPLOAD_STATUS's optional fields, asked for in HELLO), and
+    works as before with a server that predates them.
+    """
+
+    async def status(self, digest: str) -> tuple[list, list[dict], str]:
+        """A partial upload in C{digest}: the answers, `status --json` rows and its text."""
+        storage = MemoryStorage()
+        content = b"II*\0" * 1000
+        writer = self.successResultOf(storage.create(NewUpload(
+            "a.tif", len(content), integrity.digest_of(digest, content), {}, "test-client",
+            digest=digest)))
+        self.successResultOf(writer.write(0, content[:1000]))
+        self.successResultOf(writer.release())
+        upload_id = writer.info.upload_id
+        _, listening = self.start_server(storage)
+        endpoint = endpoint_of(listening)
+        answers = await self.uploader(endpoint).status([upload_id])
+        outputs = []
+        for as_json in (["--json"], []):
+            config = StatusOptions()
+            config.parseOptions(["--to", endpoint, "--client-id", "test-client",
+                                 *as_json, upload_id])
+            out = io.StringIO()
+            self.assertEqual(await run_status(reactor, config, out), 0)
+            outputs.append(out.getvalue())
+        return answers, [json.loads(line) for line in outputs[0].splitlines()], outputs[1]
+
+    async def test_new_server(self) -> None:
+        """The server sends the algorithm it was asked for; status prints it."""
+        for digest in ("blake3", "sha256"):
+            [answer], [row], text = await self.status(digest)
+            self.assertEqual(answer.fields, {"digest": digest})
+            self.assertEqual((row["state"], row["offset"], row["digest"]),
+                             ("partial", 1000, digest))
+            self.assertIn(f"  {digest}  a.tif", text)
+
+    async def test_old_server(self) -> None:
+        """A server that sends no optional fields: the frame it knows, no algorithm shown."""
+        with mock.patch.object(server_adapter, "status_frame", _old_status_frame):
+            [answer], [row], text = await self.status("blake3")
+        self.assertIsNone(answer.fields)
+        self.assertEqual((row["state"], row["offset"]), ("partial", 1000))
+        self.assertNotIn("digest", row)
+        self.assertIn(" idle  a.tif", text)

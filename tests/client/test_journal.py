@@ -22,7 +22,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from imgresume.client import Journal, Uploader, default_journal_path
-from imgresume.client._journal import HEADER, journal_entry, journal_key
+from imgresume.client._journal import HEADER, entry_digest, journal_entry, journal_key
 from imgresume.client._journal_queue import JournalQueue
 from imgresume.client._source import Fingerprint
 from tests.support.runners import QueuedRunner
@@ -235,6 +235,33 @@ class JournalTests(SynchronousTestCase):
         self.assertIsNone(self.journal.lookup("late")["sha256"])
         self.assertIsNone(self.journal.lookup("done"))
 
+    def test_digest_algorithm_recorded(self) -> None:
+        """
+        An entry names the algorithm of its digest (C{"digest"}), in its
+        record; an entry without a digest yet names the upload's all the same.
+        """
+        self.journal.remember("k", UPLOAD_ID, SHA, digest="blake3")
+        self.journal.update({"late": journal_entry(OTHER_ID, None, digest="sha256")})
+        self.assertEqual(Journal(self.path).lookup("k")["digest"], "blake3")
+        self.assertEqual(self.read()["k"]["digest"], "blake3")
+        late = self.read()["late"]
+        self.assertEqual((late["digest"], late["sha256"]), ("sha256", None))
+
+    def test_record_without_digest_algorithm(self) -> None:
+        """
+        A record from before records named their digest's algorithm is
+        read as it is: its algorithm is unknown (SHA-256 before negotiation,
+        BLAKE3 after), never guessed; a record naming no string is damaged.
+        """
+        old = {"upload_id": UPLOAD_ID, "sha256": SHA, "updated": time.time()}
+        self.write({"old": old, "bad": dict(old, digest=5)})
+        entry = self.journal.lookup("old")
+        self.assertEqual(entry, old)
+        self.assertIsNone(entry_digest(entry))
+        self.assertEqual(entry_digest(journal_entry(UPLOAD_ID, SHA, digest="sha256")),
+                         "sha256")
+        self.assertIsNone(self.journal.lookup("bad"))
+
     def test_bad_complete_flag_dropped(self) -> None:
         """An entry whose C{complete} is not a boolean is damaged: ignored."""
         self.write({"k": dict(journal_entry(UPLOAD_ID, SHA), complete="yes")})
@@ -372,6 +399,15 @@ class JournalQueueTests(SynchronousTestCase):
         self.successResultOf(third)
         self.assertIs(self.journal.lookup("a")["complete"], True)
         self.assertEqual(self.runner.calls, [])
+
+    def test_digest_algorithm_passed_on(self) -> None:
+        """remember() and complete() record the algorithm of the digest they are given."""
+        self.queue.remember("a", UPLOAD_ID, None, digest="blake3")
+        self.queue.complete("b", UPLOAD_ID, SHA, digest="sha256")
+        self.runner.step()
+        self.runner.step()
+        self.assertEqual((self.journal.lookup("a")["digest"], self.journal.lookup("b")["digest"]),
+                         ("blake3", "sha256"))
 
     def test_lookup_sees_changes_not_written(self) -> None:
         """

@@ -80,6 +80,8 @@ SAMPLES = [
     Status(UPLOAD_ID),
     UploadStatusFrame(UPLOAD_ID, "scans/\u00e9.tif", 10**9, False, 5 << 20, True,
                       "node-2", 1764115200000, 1764115260000, ""),
+    UploadStatusFrame(UPLOAD_ID, "a.tif", 3, True, 3, False, "", 1, 2, "complete/a.tif",
+                      {"digest": "blake3"}),
     Finish(DIGEST),
     Put(UPLOAD_ID, "scans/\u00e9.tif", DIGEST, {"dpi": "600"}, zlib.crc32(b"II*\0"),
         b"II*\0"),
@@ -283,6 +285,22 @@ class LayoutTests(SynchronousTestCase):
         """PING and PONG: a u64 nonce."""
         self.assertHex(Ping(258), "0a 00000008 0000000000000102")
         self.assertHex(Pong(258), "0b 00000008 0000000000000102")
+
+    def test_upload_status(self) -> None:
+        """
+        UPLOAD_STATUS: id, str name, u64 size, u8 complete, u64 offset, u8
+        busy, str owner, u64 created and updated ms, str path; then, only
+        when the client asked for them, the optional fields as a kv.
+        """
+        common = (UPLOAD_ID + " 0001 61 0000000000000003 01 0000000000000003 00"
+                  " 0001 6e 0000000000000001 0000000000000002 0001 70")
+        self.assertHex(UploadStatusFrame(UPLOAD_ID, "a", 3, True, 3, False, "n", 1, 2, "p"),
+                       "0f 0000003b " + common)
+        self.assertHex(UploadStatusFrame(UPLOAD_ID, "a", 3, True, 3, False, "n", 1, 2, "p",
+                                         {"digest": "sha256"}),
+                       "0f 0000004d " + common + " 0001 0006 646967657374 0006 736861323536")
+        self.assertHex(UploadStatusFrame(UPLOAD_ID, "a", 3, True, 3, False, "n", 1, 2, "p", {}),
+                       "0f 0000003d " + common + " 0000")
 
 
 class IncrementalTests(SynchronousTestCase):

@@ -22,11 +22,14 @@ from imgresume.protocol import SKIPPED_UPLOAD_ID, FrameDecoder, Hello, ServerLim
 from imgresume.protocol._decoder import control_limit
 from imgresume.server import UploadServerFactory
 from imgresume.storage import memory
+from imgresume.storage.interfaces import NewUpload
 from imgresume.storage.memory import MemoryStorage
 from tests.support.processes import REPO_ROOT
 
 DOC = os.path.join(REPO_ROOT, "docs", "protocol.md")
-CAPTION = re.compile(r"^(C->S|S->C) ([A-Z]+)")
+CAPTION = re.compile(r"^(C->S|S->C) ([A-Z_]+)")
+#: The class of each frame, by the name captions give it.
+CLASSES = {"UPLOAD_STATUS": "UploadStatusFrame"}
 
 
 def examples() -> list[tuple[str, bytes]]:
@@ -48,12 +51,12 @@ class WorkedExampleTests(SynchronousTestCase):
     def test_every_block_round_trips(self) -> None:
         """Each hex block is exactly one frame of the captioned type."""
         found = examples()
-        self.assertEqual(len(found), 35)
+        self.assertEqual(len(found), 38)
         for name, raw in found:
             decoder = FrameDecoder(control_limit(4 << 20))
             decoder.feed(raw)
             frame = decoder.next_frame()
-            self.assertEqual(type(frame).__name__.upper(), name)
+            self.assertEqual(type(frame).__name__, CLASSES.get(name, name.title()))
             self.assertEqual(decoder.buffered, 0, name)
             self.assertEqual(encode(frame), raw, name)
 
@@ -111,6 +114,15 @@ class WorkedExampleTests(SynchronousTestCase):
         self.assertEqual(data.crc32, crc32c(content[:6]))
         self.assertEqual((crc32c(content[:6]), crc32c(content[6:])), (0x82390E18, 0x48674BC7))
         self.assertEqual(frames["ERROR"][2].code, 0x0205)
+        # The upload's digest algorithm in UPLOAD_STATUS.
+        self.assertEqual(frames["HELLO"][4].options, {"status-fields": "digest"})
+        self.assertEqual(frames["STATUS"][0].upload_id, accepted.upload_id)
+        status = frames["UPLOAD_STATUS"][0]
+        self.assertEqual((status.name, status.size, status.complete, status.offset, status.busy,
+                          status.owner, status.created_ms, status.updated_ms, status.path,
+                          status.fields),
+                         ("scans/a.tif", 10, False, 6, False, "", 1796000000000,
+                          1796000000000, "", {"digest": "blake3"}))
 
 
 def raw_examples() -> dict[str, list[bytes]]:
@@ -225,3 +237,35 @@ class RealServerTests(SynchronousTestCase):
             else:
                 proto.dataReceived(raw["RESUME"][1])
                 self.assertEqual(transport.value(), raw["ERROR"][2])
+
+    def test_status_fields(self) -> None:
+        """
+        The UPLOAD_STATUS with the upload's digest algorithm, to the HELLO
+        asking for it, as the server sends it; and to a HELLO that does not
+        ask (every client before the option), the same frame ending at
+        C{path}, as every server before the option sent it.
+        """
+        raw = raw_examples()
+        self.patch(memory, "new_upload_id", lambda: "00112233445566778899aabbccddeeff")
+        storage = MemoryStorage(now=lambda: 1796000000.0)
+        content = bytes.fromhex("49492a00000000000000")
+        writer = self.successResultOf(storage.create(NewUpload(
+            "scans/a.tif", 10, blake3(content).digest(), {}, "scanner-7", digest="blake3")))
+        self.successResultOf(writer.write(0, content[:6]))
+        self.successResultOf(writer.release())
+        with_fields = raw["UPLOAD_STATUS"][0]
+        tail = bytes.fromhex("0001 0006 646967657374 0006 626c616b6533")
+        without = bytes([0x0F]) + (len(with_fields) - 5 - len(tail)).to_bytes(4, "big") \
+            + with_fields[5:-len(tail)]
+        for hello, expected in ((raw["HELLO"][4], with_fields),
+                                (encode(Hello("scanner-7")), without)):
+            proto = UploadServerFactory(storage, "node-b", Clock()).buildProtocol(None)
+            transport = StringTransport()
+            proto.makeConnection(transport)
+            proto.dataReceived(hello)
+            transport.clear()
+            proto.dataReceived(raw["STATUS"][0])
+            self.assertEqual(transport.value(), expected)
+        decoder = FrameDecoder(control_limit(4 << 20))
+        decoder.feed(without)
+        self.assertIsNone(decoder.next_frame().fields)
