@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -38,6 +38,7 @@ from imgresume.client import (
     Stalled,
     UploadFailed,
     Uploader,
+    UploadInterrupted,
 )
 from imgresume.client._attempt import UploadAttempt
 from imgresume.client._connection import UploadConnection
@@ -483,6 +484,27 @@ class JournalResumeTests(ServerTestCase):
 
 class FailureTests(ServerTestCase):
     """Uploads that cannot complete."""
+
+    async def test_cancelled(self) -> None:
+        """
+        Cancelling the Deferred of C{upload()} stops that upload as
+        L{Uploader.interrupt} does: it fails with UploadInterrupted saying
+        what the server acknowledged, and its connection is closed.
+        """
+        factory, listening = self.start_server(MemoryStorage())
+        path, _ = self.local_file(8 * 1024 * 1024)
+        acknowledged: list[int] = []
+        upload = self.uploader(endpoint_of(listening), window=1).upload(
+            path, progress=lambda p: p.phase == "uploading" and acknowledged.append(p.done))
+        while not [a for a in acknowledged if a > 0]:
+            await deferLater(reactor, 0.01, lambda: None)
+        upload.cancel()
+        with self.assertRaises(UploadInterrupted) as caught:
+            await upload
+        self.assertGreater(caught.exception.acknowledged, 0)
+        self.assertIn("interrupted", str(caught.exception))
+        while factory.connections:
+            await deferLater(reactor, 0.01, lambda: None)
 
     async def test_invalid_name(self) -> None:
         """A name the server refuses fails at once: one connection, InvalidName."""
