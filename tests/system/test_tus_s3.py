@@ -58,8 +58,10 @@ class TusOnS3Tests(BucketMixin, TestCase):
         env = aws_environ(self)
         work = os.path.abspath(self.mktemp())
         os.makedirs(work)
+        # Leases of 3 s (15 s by default): the takeover comes sooner.
         cluster = TusCluster(work, servers=3, storages=[self.url], server_args=(
-            "--s3-endpoint", env["IMGRESUME_S3_ENDPOINT"])).start_for(self)
+            "--s3-endpoint", env["IMGRESUME_S3_ENDPOINT"], "--s3-lease-time", "3s",
+        )).start_for(self)
         size = 30 * MiB + 4321
         patch = 5 * MiB
         path = os.path.join(work, "s3.tif")
