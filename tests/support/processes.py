@@ -196,15 +196,10 @@ class SharedTwistdServer:
 
     def stop(self) -> None:
         """SIGTERM the server (if running), wait for it, remove its files."""
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.proc = None
+        from imgresume.testing import stop_processes
+
+        stop_processes([self.proc])
+        self.proc = None
         if self.socket_dir:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
             self.socket_dir = ""

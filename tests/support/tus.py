@@ -25,7 +25,12 @@ from typing import Any, Callable, Sequence, TypeVar
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from imgresume.testing import free_tcp_port, twistd_argv, wait_until_connectable
+from imgresume.testing import (
+    free_tcp_port,
+    stop_processes,
+    twistd_argv,
+    wait_until_connectable,
+)
 from tests.support.processes import child_env
 
 #: The tus-js-client script the tests run: one upload, its own retries;
@@ -153,15 +158,7 @@ class TusCluster:
             proc.wait()
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values())
         shutil.rmtree(self.sockets, ignore_errors=True)
 
     def logs(self) -> str:
