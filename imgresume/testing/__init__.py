@@ -10,14 +10,16 @@ C{make demo}: never used by a server, a balancer or a client.
     shipped C{docs/examples/haproxy.cfg} (L{render_config}); the HTTP-mode
     variant for the tus door, C{docs/examples/haproxy-tus.cfg}, rendered by
     L{render_tus_config}.
-  - L{free_tcp_port}, L{wait_until_connectable}, L{twistd_argv}: the small
-    pieces, for code that starts its own processes.
+  - L{free_tcp_port}, L{wait_until_connectable}, L{twistd_argv},
+    L{stop_processes}: the small pieces, for code that starts its own
+    processes.
 """
 
 from imgresume.testing._cluster import (
     LocalCluster,
     Node,
     free_tcp_port,
+    stop_processes,
     twistd_argv,
     wait_until_connectable,
 )
@@ -52,6 +54,7 @@ __all__ = [
     "render_tus_config",
     "TUS_BACKEND",
     "TUS_EXAMPLE_CONFIG",
+    "stop_processes",
     "twistd_argv",
     "wait_until_connectable",
 ]

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import attrs
 
@@ -31,6 +31,23 @@ def free_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_processes(procs: Iterable[subprocess.Popen | None], timeout: float = 10.0) -> None:
+    """
+    SIGTERM every process of C{procs} still running, then wait for each;
+    SIGKILL one still there after C{timeout} seconds.
+    """
+    procs = [proc for proc in procs if proc is not None]
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def wait_until_connectable(address: str | tuple[str, int], timeout: float = 15.0,
@@ -216,15 +233,5 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Terminate every process still running (SIGTERM, then SIGKILL)."""
-        nodes = [self.lb, *self.servers.values()]
-        for node in nodes:
-            if node.running:
-                node.proc.terminate()
-        for node in nodes:
-            if node.proc is not None:
-                try:
-                    node.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    node.proc.kill()
-                    node.proc.wait()
+        stop_processes(node.proc for node in [self.lb, *self.servers.values()])
         shutil.rmtree(self.sockets, ignore_errors=True)

@@ -17,7 +17,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from imgresume.testing._cluster import LocalCluster, Node
 from imgresume.protocol import Hello, encode
@@ -58,6 +58,62 @@ def find_haproxy() -> str | None:
     return found
 
 
+def set_value(line: str, word: str, value: str) -> str:
+    """C{line} with the value after C{word} replaced; exactly one must be there."""
+    line, n = re.subn(rf"(\s{re.escape(word)}\s+)\S+", lambda m: m.group(1) + value, line)
+    if n != 1:
+        raise ValueError(f"{line.strip()!r} has no single {word!r} setting")
+    return line
+
+
+#: Adapts one directive of a section other than C{global}:
+#: C{change(section, words, indent, line, seen)} returns the lines to put
+#: in its place (adding the names of what it changed to C{seen}), or None
+#: to keep it.
+Change = Callable[[str, list[str], str, str, set[str]], "list[str] | None"]
+
+
+def adapt_config(template: str, change: Change, *, log: str, stats_socket: str,
+                 expected: Iterable[str] = ()) -> str:
+    """
+    Copy the HAProxy configuration C{template} with what every test run
+    changes: the global C{log} target and C{stats socket} path, the
+    L{SYSTEM_ONLY} global settings dropped; every other directive goes
+    through C{change}.
+
+    @raise ValueError: C{log}, C{stats socket}, a L{SYSTEM_ONLY} setting
+        or a name in C{expected} was not seen (the template and its
+        renderer drifted apart).
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    section = ""
+    for line in template.splitlines():
+        words = line.split()
+        indent = line[: len(line) - len(line.lstrip())]
+        if not words or words[0].startswith("#") or not indent:
+            if words and not words[0].startswith("#"):
+                section = words[0]
+            out.append(line)
+            continue
+        key = words[0]
+        if section == "global" and key in SYSTEM_ONLY:
+            seen.add(key)
+        elif section == "global" and key == "log":
+            seen.add("log")
+            out.append(f"{indent}log {log}")
+        elif section == "global" and words[:2] == ["stats", "socket"]:
+            seen.add("stats socket")
+            out.append(f"{indent}stats socket {stats_socket} mode 600 level admin")
+        else:
+            new = change(section, words, indent, line, seen)
+            out.extend([line] if new is None else new)
+    missing = {"log", "stats socket", *SYSTEM_ONLY, *expected} - seen
+    if missing:
+        raise ValueError(f"the template lacks {', '.join(sorted(missing))}")
+    return "\n".join(out) + "\n"
+
+
 def render_config(
     template: str,
     *,
@@ -81,53 +137,35 @@ def render_config(
     @raise ValueError: the template lacks a directive this function expects
         to change (the example and this function drifted apart).
     """
-    out: list[str] = []
-    seen: set[str] = set()
-    section = ""
-    for line in template.splitlines():
-        words = line.split()
-        indent = line[: len(line) - len(line.lstrip())]
-        if not words or words[0].startswith("#"):
-            out.append(line)
-            continue
-        if not indent:
-            section = words[0]
-            out.append(line)
-            continue
+    def change(section: str, words: list[str], indent: str, line: str,
+               seen: set[str]) -> list[str] | None:
         key = words[0]
-        if section == "global" and key in SYSTEM_ONLY:
-            seen.add(key)
-            continue
         if section == "global" and key == "hard-stop-after":
             seen.add(key)
-            out.append(f"{indent}{key} {hard_stop_after or words[1]}")
-        elif section == "global" and key == "log":
-            seen.add("log")
-            out.append(f"{indent}log {log}")
-        elif section == "global" and words[:2] == ["stats", "socket"]:
-            seen.add("stats socket")
-            out.append(f"{indent}stats socket {stats_socket} mode 600 level admin")
-        elif section == "frontend" and key == "bind":
+            return [f"{indent}{key} {hard_stop_after or words[1]}"]
+        if section == "frontend" and key == "bind":
             seen.add("bind")
-            out.append(f"{indent}bind {bind}")
-        elif section == "backend" and key == "default-server":
+            return [f"{indent}bind {bind}"]
+        if section == "backend" and key == "default-server":
             seen.add("default-server")
             for word, value in check_timing.items():
-                line, n = re.subn(rf"(\s{re.escape(word)}\s+)\S+", rf"\g<1>{value}", line)
-                if n != 1:
-                    raise ValueError(f"default-server has no single {word!r} setting")
-            out.append(line)
-        elif section == "backend" and key == "server":
-            if "server" not in seen:
-                seen.add("server")
-                out.extend(f"{indent}server {name} {address}" for name, address in servers)
-        else:
-            out.append(line)
-    missing = {"log", "stats socket", "bind", "default-server", "server", "hard-stop-after",
-               *SYSTEM_ONLY} - seen
-    if missing:
-        raise ValueError(f"the template lacks {', '.join(sorted(missing))}")
-    return "\n".join(out) + "\n"
+                line = set_value(line, word, value)
+            return [line]
+        if section == "backend" and key == "server":
+            return server_lines(seen, [f"{indent}server {name} {address}"
+                                       for name, address in servers])
+        return None
+
+    return adapt_config(template, change, log=log, stats_socket=stats_socket, expected=(
+        "bind", "default-server", "server", "hard-stop-after"))
+
+
+def server_lines(seen: set[str], lines: list[str]) -> list[str]:
+    """C{lines} in place of the first C{server} line of a backend, nothing for the others."""
+    if "server" in seen:
+        return []
+    seen.add("server")
+    return lines
 
 
 def show_stat(stats_socket: str, timeout: float = 5.0) -> dict[str, dict[str, str]]:

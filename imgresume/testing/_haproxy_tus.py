@@ -9,24 +9,21 @@ C{tests/system/test_haproxy_tus.py}.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
-from imgresume.testing._haproxy import EXAMPLE_CONFIG, FAST_CHECKS, SYSTEM_ONLY
+from imgresume.testing._haproxy import (
+    EXAMPLE_CONFIG,
+    FAST_CHECKS,
+    adapt_config,
+    server_lines,
+    set_value,
+)
 
 #: The shipped example configuration for tus over HTTPS.
 TUS_EXAMPLE_CONFIG = EXAMPLE_CONFIG.replace("haproxy.cfg", "haproxy-tus.cfg")
 
 #: The backend section of the tus example, whose servers the tests replace.
 TUS_BACKEND = "imgresume_tus"
-
-
-def _set(line: str, word: str, value: str) -> str:
-    """C{line} with the value after C{word} replaced; exactly one must be there."""
-    line, n = re.subn(rf"(\s{re.escape(word)}\s+)\S+", lambda m: m.group(1) + value, line)
-    if n != 1:
-        raise ValueError(f"{line.strip()!r} has no single {word!r} setting")
-    return line
 
 
 def render_tus_config(
@@ -53,43 +50,22 @@ def render_tus_config(
     @raise ValueError: the template lacks a directive this function expects
         to change (the example and this function drifted apart).
     """
-    out: list[str] = []
-    seen: set[str] = set()
-    section = ""
-    for line in template.splitlines():
-        words = line.split()
-        indent = line[: len(line) - len(line.lstrip())]
-        if not words or words[0].startswith("#") or not indent:
-            section = words[0] if words and not indent and not words[0].startswith("#") \
-                else section
-            out.append(line)
-            continue
+    def change(section: str, words: list[str], indent: str, line: str,
+               seen: set[str]) -> list[str] | None:
         key = words[0]
-        if section == "global" and key in SYSTEM_ONLY:
-            seen.add(key)
-        elif section == "global" and key == "log":
-            seen.add("log")
-            out.append(f"{indent}log {log}")
-        elif section == "global" and words[:2] == ["stats", "socket"]:
-            seen.add("stats socket")
-            out.append(f"{indent}stats socket {stats_socket} mode 600 level admin")
-        elif section == "frontend" and key == "bind":
+        if section == "frontend" and key == "bind":
             seen.add("bind")
-            out.append(_set(f"{indent}bind {bind} {' '.join(words[2:])}", "crt", crt))
-        elif section == "backend" and key == "default-server":
+            return [set_value(f"{indent}bind {bind} {' '.join(words[2:])}", "crt", crt)]
+        if section == "backend" and key == "default-server":
             seen.add("default-server")
-            line = _set(line, "ca-file", ca_file)
+            line = set_value(line, "ca-file", ca_file)
             for word, value in check_timing.items():
-                line = _set(line, word, value)
-            out.append(line)
-        elif section == "backend" and key == "server":
-            if "server" not in seen:
-                seen.add("server")
-                out.extend(f"{indent}server {name} {address} verifyhost {host}"
-                           for name, address, host in servers)
-        else:
-            out.append(line)
-    missing = {"log", "stats socket", "bind", "default-server", "server", *SYSTEM_ONLY} - seen
-    if missing:
-        raise ValueError(f"the template lacks {', '.join(sorted(missing))}")
-    return "\n".join(out) + "\n"
+                line = set_value(line, word, value)
+            return [line]
+        if section == "backend" and key == "server":
+            return server_lines(seen, [f"{indent}server {name} {address} verifyhost {host}"
+                                       for name, address, host in servers])
+        return None
+
+    return adapt_config(template, change, log=log, stats_socket=stats_socket,
+                        expected=("bind", "default-server", "server"))

@@ -33,7 +33,7 @@ from imgresume.protocol import (
 )
 from imgresume.protocol._decoder import control_limit
 from tests.protocol.test_spec import DOC, normalised, quotes
-from tests.support.processes import TwistdServer
+from tests.support.processes import SharedTwistdServer
 from tests.support.wire import data_frame
 
 CONTENT = bytes(range(256)) * 64  # 16 KiB
@@ -100,14 +100,23 @@ class QuotesTests(SynchronousTestCase):
 
 
 class TimeoutTests(TestCase):
-    """Section 3a on a real server with durations of a second or two."""
+    """
+    Section 3a on a real server with durations of a second or two: one
+    server for the class (each test has its own connections and upload
+    names).
+    """
 
     timeout = 60
+    shared = SharedTwistdServer(
+        "--handshake-timeout", "1s", "--idle-timeout", "2s", "--takeover-idle", "1s")
 
-    async def server(self) -> TwistdServer:
-        return await TwistdServer(
-            self, "--handshake-timeout", "1s", "--idle-timeout", "2s",
-            "--takeover-idle", "1s").start()
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.shared.stop()
+        super().tearDownClass()
+
+    async def server(self) -> SharedTwistdServer:
+        return self.shared.start()
 
     async def test_handshake_timeout(self) -> None:
         """

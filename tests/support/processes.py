@@ -3,7 +3,8 @@ Real processes for tests: the repository's root and an environment that
 imports this checkout, a Python child run to completion without blocking the
 reactor (L{run_python}) or watched and signalled while it runs
 (L{PythonChild}, L{wait_until}), and a real C{twistd imgresume} child on a
-UNIX socket (L{TwistdServer}; L{incoming_bytes} of its storage).
+UNIX socket, for one test (L{TwistdServer}; L{incoming_bytes} of its
+storage) or for all the tests of a class (L{SharedTwistdServer}).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 from typing import Any
@@ -136,6 +138,71 @@ class TwistdServer:
         """The bytes of a completed file (a C{path} from an upload result)."""
         with open(os.path.join(self.storage, path), "rb") as f:
             return f.read()
+
+
+class SharedTwistdServer:
+    """
+    A real C{twistd -n imgresume} child on a UNIX socket for all the tests
+    of one class, where they do not disturb each other (each its own
+    connections and upload names): one start instead of one a test.
+
+    Started by the first test that calls L{start}, as a C{subprocess} child
+    (not the reactor's, so Trial's janitor leaves it running between
+    tests); stopped by L{stop}, which the class's C{tearDownClass} calls
+    (pytest and unittest run it; Trial does not, and the child ends with
+    the run: L{start} registers L{stop} with C{atexit}).
+    """
+
+    def __init__(self, *options: str) -> None:
+        self.options = list(options)
+        self.proc: subprocess.Popen | None = None
+        self.socket = ""
+        self.socket_dir = ""
+
+    def start(self, timeout: float = 15.0) -> "SharedTwistdServer":
+        """The running server, started (blocking until it listens) if it is not."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        import atexit
+
+        from imgresume.testing import wait_until_connectable
+
+        self.stop()
+        self.socket_dir = tempfile.mkdtemp(prefix="imgr-")
+        self.socket = os.path.join(self.socket_dir, "s.sock")
+        storage = os.path.join(self.socket_dir, "storage")
+        os.makedirs(storage)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "--pidfile=", "--logfile", os.path.join(self.socket_dir, "twistd.log"),
+             "imgresume", "--listen", f"unix:{self.socket}", "--storage", storage,
+             "--server-id", "twistd-node", *self.options],
+            env=child_env(), cwd=storage, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        atexit.register(self.stop)
+        try:
+            wait_until_connectable(self.socket, timeout=timeout, proc=self.proc)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"twistd did not listen: {e}\n{self.log()}") from None
+        return self
+
+    def log(self) -> str:
+        """The server's log so far."""
+        try:
+            with open(os.path.join(self.socket_dir, "twistd.log"), errors="replace") as f:
+                return f.read()
+        except OSError as e:
+            return f"(no log: {e})"
+
+    def stop(self) -> None:
+        """SIGTERM the server (if running), wait for it, remove its files."""
+        from imgresume.testing import stop_processes
+
+        stop_processes([self.proc])
+        self.proc = None
+        if self.socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            self.socket_dir = ""
 
 
 class PythonChild:

@@ -3,8 +3,10 @@ tus clients written by others, on real processes: a cluster of C{twistd
 imgresume --http} servers over one storage directory (or one per mount of a
 shared filesystem) behind C{twistd
 imgresume-lb --check-mode connect} (L{TusCluster}); tus-js-client under
-Node from the bench's pinned npm cache (L{node_client}); the server that
-holds an upload now (L{serving_server}).
+Node from the bench's pinned npm cache (L{node_client}); tuspy
+(L{tuspy}) and the offset of each PATCH it sends (L{patch_offsets}); the
+server that holds an upload now (L{serving_server}), and an upload run
+while that server is SIGKILLed (L{upload_killing_serving}).
 """
 
 from __future__ import annotations
@@ -16,10 +18,19 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
-from imgresume.testing import free_tcp_port, twistd_argv, wait_until_connectable
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from imgresume.testing import (
+    free_tcp_port,
+    stop_processes,
+    twistd_argv,
+    wait_until_connectable,
+)
 from tests.support.processes import child_env
 
 #: The tus-js-client script the tests run: one upload, its own retries;
@@ -126,6 +137,11 @@ class TusCluster:
     def log(self, name: str) -> str:
         return os.path.join(self.directory, "logs", f"{name}.log")
 
+    def start_for(self, test: SynchronousTestCase) -> "TusCluster":
+        """L{start}, with L{stop} a cleanup of C{test} (even if a process fails to start)."""
+        test.addCleanup(self.stop)
+        return self.start()
+
     def start(self) -> "TusCluster":
         for name in [*self.http, "lb"]:
             self.procs[name] = subprocess.Popen(
@@ -142,15 +158,7 @@ class TusCluster:
             proc.wait()
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values())
         shutil.rmtree(self.sockets, ignore_errors=True)
 
     def logs(self) -> str:
@@ -196,3 +204,66 @@ def kill_serving_when(cluster: TusCluster, at_least: int, timeout: float = 60.0)
     assert owner is not None, "no lease on the upload"
     cluster.kill(owner)
     return owner
+
+
+def tuspy() -> tuple[Any, Any]:
+    """tuspy's C{client} and C{uploader} modules; skip the test without tuspy."""
+    try:
+        from tusclient import client
+        from tusclient.uploader import uploader
+    except ImportError:
+        raise SkipTest("tuspy is not installed (pip install -e '.[test]')")
+    return client, uploader
+
+
+def patch_offsets(test: SynchronousTestCase) -> list[int]:
+    """
+    The Upload-Offset of every PATCH tuspy sends until C{test} ends, in
+    order (each C{TusRequest} it makes is recorded).
+    """
+    _, uploader_module = tuspy()
+    offsets: list[int] = []
+    original = uploader_module.TusRequest
+
+    class Recording(original):  # type: ignore[misc, valid-type]
+        def __init__(self, uploader: Any) -> None:
+            offsets.append(uploader.offset)
+            super().__init__(uploader)
+
+    uploader_module.TusRequest = Recording
+    test.addCleanup(setattr, uploader_module, "TusRequest", original)
+    return offsets
+
+
+def trust_ca(test: SynchronousTestCase, ca_file: str) -> None:
+    """Make the C{requests} under tuspy trust C{ca_file} until C{test} ends."""
+    before = os.environ.get("REQUESTS_CA_BUNDLE")
+    os.environ["REQUESTS_CA_BUNDLE"] = ca_file
+    if before is None:
+        test.addCleanup(os.environ.pop, "REQUESTS_CA_BUNDLE")
+    else:
+        test.addCleanup(os.environ.__setitem__, "REQUESTS_CA_BUNDLE", before)
+
+
+_T = TypeVar("_T")
+
+
+async def upload_killing_serving(cluster: TusCluster, at_least: int,
+                                 upload: Callable[..., _T], *args: Any) -> tuple[_T, list[str]]:
+    """
+    Run C{upload(*args)} in a thread while another thread SIGKILLs the
+    server holding the upload once its data holds C{at_least} bytes
+    (L{kill_serving_when}); wait for both.
+
+    @return: what C{upload} returned, and the server killed (a list of
+        one, or empty if the upload ended first).
+    """
+    killed: list[str] = []
+    killer = threading.Thread(
+        target=lambda: killed.append(kill_serving_when(cluster, at_least)))
+    killer.start()
+    try:
+        result = await deferToThread(upload, *args)
+    finally:
+        await deferToThread(killer.join)
+    return result, killed

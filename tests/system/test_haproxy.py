@@ -12,9 +12,12 @@ C{IMGRESUME_REQUIRE_HAPROXY=1} (as in CI) a missing HAProxy is a failure.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 import warnings
 from typing import Any, ClassVar
@@ -188,22 +191,60 @@ class ExampleConfigTests(SynchronousTestCase):
 
 
 class HAProxyTestCase(TestCase):
-    """Starts HAProxy and three servers for each test; stops them afterwards."""
+    """
+    Starts HAProxy and three servers for each test and stops them
+    afterwards; or, with L{share_cluster}, once for all the tests of the
+    class.
+    """
 
     timeout = 60
     #: Keyword arguments of L{HAProxyCluster} for the tests of a class.
     cluster_args: ClassVar[dict[str, Any]] = {}
+    #: One cluster for all the tests of the class, for tests that kill,
+    #: restart or reload nothing: started by the first test, stopped by
+    #: C{tearDownClass} (at exit under Trial, which runs no class fixtures).
+    share_cluster: ClassVar[bool] = False
+    _shared: ClassVar[HAProxyCluster | None] = None
 
     def setUp(self) -> None:
         haproxy = haproxy_or_skip(self)
         self.work = os.path.abspath(self.mktemp())
         os.makedirs(self.work)
-        self.cluster = HAProxyCluster(self.work, haproxy, servers=3, **self.cluster_args)
-        self.addCleanup(self.cluster.stop)
-        self.cluster.start()
+        if self.share_cluster:
+            self.cluster = self._shared_cluster(haproxy)
+        else:
+            self.cluster = HAProxyCluster(self.work, haproxy, servers=3, **self.cluster_args)
+            self.addCleanup(self.cluster.stop)
+            self.cluster.start()
         self.endpoint = RecordingEndpoint(
             TCP4ClientEndpoint(reactor, "127.0.0.1", self.cluster.lb.address[1])
         )
+
+    @classmethod
+    def _shared_cluster(cls, haproxy: str) -> HAProxyCluster:
+        cluster = cls._shared
+        if cluster is None or not all(
+                node.running for node in [cluster.lb, *cluster.servers.values()]):
+            if cluster is not None:
+                cluster.stop()
+            work = tempfile.mkdtemp(prefix="imgr-haproxy-")
+            cluster = cls._shared = HAProxyCluster(work, haproxy, servers=3,
+                                                   **cls.cluster_args)
+            atexit.register(cls._stop_shared, cluster)
+            cluster.start()
+        return cluster
+
+    @staticmethod
+    def _stop_shared(cluster: HAProxyCluster) -> None:
+        cluster.stop()
+        shutil.rmtree(cluster.directory, ignore_errors=True)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        if cls._shared is not None:
+            cls._stop_shared(cls._shared)
+            cls._shared = None
+        super().tearDownClass()
 
     def wait_all_up(self) -> None:
         self.cluster.wait_for_status({name: "UP" for name in self.cluster.servers})
@@ -231,7 +272,9 @@ class HAProxyTestCase(TestCase):
 
 
 class UploadTests(HAProxyTestCase):
-    """Plain uploads through HAProxy."""
+    """Plain uploads through HAProxy, on one cluster."""
+
+    share_cluster = True
 
     async def test_upload(self) -> None:
         """An upload through HAProxy is stored with the right SHA-256."""

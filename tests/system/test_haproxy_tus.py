@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 import time
 
 from twisted.internet.threads import deferToThread
@@ -33,7 +32,13 @@ from imgresume.testing import (
 )
 from tests.support.cluster import sha256_file, write_random
 from tests.support.tls import PKI
-from tests.support.tus import TusCluster, kill_serving_when
+from tests.support.tus import (
+    TusCluster,
+    patch_offsets,
+    trust_ca,
+    tuspy,
+    upload_killing_serving,
+)
 
 MiB = 1 << 20
 HAPROXY = find_haproxy()
@@ -162,35 +167,17 @@ class TuspyThroughHAProxyTests(TestCase):
         is byte-identical, and no PATCH starts before the one cut.
         """
         haproxy = haproxy_or_skip(self)
-        try:
-            from tusclient import client
-        except ImportError:
-            raise SkipTest("tuspy is not installed (pip install -e '.[test]')")
+        client, _ = tuspy()
         self.work = os.path.abspath(self.mktemp())
-        cluster = HAProxyTusCluster(self.work, haproxy).start()
-        self.addCleanup(cluster.stop)
+        cluster = HAProxyTusCluster(self.work, haproxy).start_for(self)
         for name in cluster.http:
             await deferToThread(cluster.wait_for, name, "UP")
         size = 40 * MiB + 4321
         patch = 4 * MiB
         path = os.path.join(self.work, "behind-haproxy.tif")
         digest = write_random(path, size)
-        before = os.environ.get("REQUESTS_CA_BUNDLE")
-        os.environ["REQUESTS_CA_BUNDLE"] = cluster.pki.ca_file
-        self.addCleanup(lambda: os.environ.pop("REQUESTS_CA_BUNDLE") if before is None
-                        else os.environ.__setitem__("REQUESTS_CA_BUNDLE", before))
-        from tusclient.uploader import uploader as uploader_module
-
-        offsets: list[int] = []
-        original = uploader_module.TusRequest
-
-        class Recording(original):
-            def __init__(self, uploader):
-                offsets.append(uploader.offset)
-                super().__init__(uploader)
-
-        uploader_module.TusRequest = Recording
-        self.addCleanup(setattr, uploader_module, "TusRequest", original)
+        trust_ca(self, cluster.pki.ca_file)
+        offsets = patch_offsets(self)
 
         def upload() -> str:
             tus = client.TusClient(cluster.url, headers={"Authorization": cluster.authorization})
@@ -199,14 +186,7 @@ class TuspyThroughHAProxyTests(TestCase):
             up.upload()
             return up.url
 
-        killed: list[str] = []
-        killer = threading.Thread(
-            target=lambda: killed.append(kill_serving_when(cluster, size // 3)))
-        killer.start()
-        try:
-            url = await deferToThread(upload)
-        finally:
-            await deferToThread(killer.join)
+        url, killed = await upload_killing_serving(cluster, size // 3, upload)
         self.assertEqual(len(killed), 1, cluster.logs())
         self.assertTrue(url.startswith(cluster.url), url)
         self.assertEqual(sha256_file(

@@ -14,41 +14,22 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tests.support.cluster import sha256_file, write_random
-from tests.support.tus import NODE_SCRIPT, TusCluster, kill_serving_when, node_client
+from tests.support.tus import (
+    NODE_SCRIPT,
+    TusCluster,
+    node_client,
+    patch_offsets,
+    trust_ca,
+    tuspy,
+    upload_killing_serving,
+)
 
 MiB = 1 << 20
-
-
-def _tuspy():
-    try:
-        from tusclient import client
-        from tusclient.uploader import uploader
-    except ImportError:
-        raise SkipTest("tuspy is not installed (pip install -e '.[test]')")
-    return client, uploader
-
-
-class _Offsets:
-    """Records the Upload-Offset of every PATCH tuspy sends (its TusRequest)."""
-
-    def __init__(self, test: TestCase, uploader_module) -> None:
-        self.offsets: list[int] = []
-        original = uploader_module.TusRequest
-        offsets = self.offsets
-
-        class Recording(original):
-            def __init__(self, uploader):
-                offsets.append(uploader.offset)
-                super().__init__(uploader)
-
-        uploader_module.TusRequest = Recording
-        test.addCleanup(setattr, uploader_module, "TusRequest", original)
 
 
 class TusClusterTestCase(TestCase):
@@ -57,8 +38,7 @@ class TusClusterTestCase(TestCase):
     def start(self, servers: int) -> TusCluster:
         self.work = os.path.abspath(self.mktemp())
         os.makedirs(self.work)
-        cluster = TusCluster(self.work, servers=servers).start()
-        self.addCleanup(cluster.stop)
+        cluster = TusCluster(self.work, servers=servers).start_for(self)
         self.cluster = cluster
         return cluster
 
@@ -77,7 +57,7 @@ class TuspyTests(TusClusterTestCase):
 
     async def test_one_server(self) -> None:
         """A file uploaded in several PATCHes is stored whole and verified."""
-        client, _ = _tuspy()
+        client, _ = tuspy()
         cluster = self.start(1)
         path = os.path.join(self.work, "scan.tif")
         digest = write_random(path, 5 * MiB + 123)
@@ -100,13 +80,13 @@ class TuspyTests(TusClusterTestCase):
         on another server, the stored file is byte-identical, and no PATCH
         starts before the one that was cut.
         """
-        client, uploader_module = _tuspy()
+        client, _ = tuspy()
         cluster = self.start(3)
         size = 48 * MiB + 4567
         patch = 4 * MiB
         path = os.path.join(self.work, "big.tif")
         digest = write_random(path, size)
-        offsets = _Offsets(self, uploader_module).offsets
+        offsets = patch_offsets(self)
 
         def upload() -> str:
             up = client.TusClient(cluster.url).uploader(
@@ -115,14 +95,7 @@ class TuspyTests(TusClusterTestCase):
             up.upload()
             return up.url
 
-        killed: list[str] = []
-        killer = threading.Thread(
-            target=lambda: killed.append(kill_serving_when(cluster, size // 3)))
-        killer.start()
-        try:
-            await deferToThread(upload)
-        finally:
-            await deferToThread(killer.join)
+        _, killed = await upload_killing_serving(cluster, size // 3, upload)
         self.assertEqual(len(killed), 1, cluster.logs())
         self.assertEqual(self.stored("big.tif"), digest)
         self.check_resent(offsets, patch)
@@ -154,15 +127,8 @@ class NodeClientTests(TusClusterTestCase):
         size = 64 * MiB + 99
         path = os.path.join(self.work, "one.bin")
         digest = write_random(path, size)
-        killed: list[str] = []
-        killer = threading.Thread(
-            target=lambda: killed.append(kill_serving_when(self.cluster, size // 3)))
-        killer.start()
-        try:
-            result = await deferToThread(
-                self.run_node, path, self.cluster.url, "inf", "js/one.bin")
-        finally:
-            await deferToThread(killer.join)
+        result, killed = await upload_killing_serving(
+            self.cluster, size // 3, self.run_node, path, self.cluster.url, "inf", "js/one.bin")
         self.assertNotIn("error", result, self.cluster.logs())
         self.assertEqual(len(killed), 1)
         self.assertEqual(self.stored("js/one.bin"), digest)
@@ -179,14 +145,9 @@ class NodeClientTests(TusClusterTestCase):
         patch = 4 * MiB
         path = os.path.join(self.work, "chunked.bin")
         digest = write_random(path, size)
-        killer = threading.Thread(
-            target=lambda: kill_serving_when(self.cluster, size // 3))
-        killer.start()
-        try:
-            result = await deferToThread(
-                self.run_node, path, self.cluster.url, str(patch), "js/chunked.bin")
-        finally:
-            await deferToThread(killer.join)
+        result, _ = await upload_killing_serving(
+            self.cluster, size // 3, self.run_node, path, self.cluster.url, str(patch),
+            "js/chunked.bin")
         self.assertNotIn("error", result, self.cluster.logs())
         self.assertEqual(self.stored("js/chunked.bin"), digest)
         self.check_resent(result["offsets"], patch)
@@ -222,7 +183,7 @@ class SecureTests(TusClusterTestCase):
         server's certificate and sending Authorization: Bearer, uploads; a
         request without the key gets 401.
         """
-        client, _ = _tuspy()
+        client, _ = tuspy()
         import requests
 
         from imgresume.keys import add_client
@@ -235,16 +196,12 @@ class SecureTests(TusClusterTestCase):
         key = add_client(keys, "scanner-7")
         cluster = TusCluster(self.work, servers=1, server_args=("--keys", keys),
                              http=lambda port: pki.ssl_listen(port))
-        cluster.start()
-        self.addCleanup(cluster.stop)
+        cluster.start_for(self)
         self.cluster = cluster
         url = f"https://127.0.0.1:{cluster.http['node-1']}/files/"
         path = os.path.join(self.work, "secret.tif")
         digest = write_random(path, 3 * MiB + 1)
-        before = os.environ.get("REQUESTS_CA_BUNDLE")
-        os.environ["REQUESTS_CA_BUNDLE"] = pki.ca_file  # tuspy's requests trust the test CA
-        self.addCleanup(lambda: os.environ.pop("REQUESTS_CA_BUNDLE") if before is None
-                        else os.environ.__setitem__("REQUESTS_CA_BUNDLE", before))
+        trust_ca(self, pki.ca_file)  # tuspy's requests trust the test CA
 
         def upload() -> tuple[int, str]:
             refused = requests.post(url, headers={"Tus-Resumable": "1.0.0",

@@ -27,12 +27,12 @@ import threading
 import time
 
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from tests.storage.test_s3 import BucketMixin, aws_environ, payload
 from tests.support.http import TusServer, metadata, repr_digest
 from tests.support.cluster import write_random
-from tests.support.tus import TusCluster
+from tests.support.tus import TusCluster, patch_offsets, tuspy
 
 MiB = 1 << 20
 
@@ -59,33 +59,21 @@ class TusOnS3Tests(BucketMixin, TestCase):
         proven offset on another server) finish; the object is
         byte-identical, checked against Repr-Digest before publication.
         """
-        try:
-            from tusclient import client
-            from tusclient.uploader import uploader as uploader_module
-        except ImportError:
-            raise SkipTest("tuspy is not installed (pip install -e '.[test]')")
+        client, _ = tuspy()
         env = aws_environ(self)
         work = os.path.abspath(self.mktemp())
         os.makedirs(work)
+        # Leases of 3 s (15 s by default): the takeover comes sooner.
         cluster = TusCluster(work, servers=3, storages=[self.url], server_args=(
-            "--s3-endpoint", env["IMGRESUME_S3_ENDPOINT"])).start()
-        self.addCleanup(cluster.stop)
+            "--s3-endpoint", env["IMGRESUME_S3_ENDPOINT"], "--s3-lease-time", "3s",
+        )).start_for(self)
         size = 30 * MiB + 4321
         patch = 5 * MiB
         path = os.path.join(work, "s3.tif")
         digest = write_random(path, size)
         with open(path, "rb") as f:
             sha = hashlib.sha256(f.read()).digest()
-        offsets: list[int] = []
-        original = uploader_module.TusRequest
-
-        class Recording(original):
-            def __init__(self, uploader):
-                offsets.append(uploader.offset)
-                super().__init__(uploader)
-
-        uploader_module.TusRequest = Recording
-        self.addCleanup(setattr, uploader_module, "TusRequest", original)
+        offsets = patch_offsets(self)
         bucket, prefix = self.url[len("s3://"):].split("/", 1)
 
         def upload() -> str:

@@ -20,17 +20,16 @@ client continues from a proven offset; tuspy asks HEAD again).
 from __future__ import annotations
 
 import os
-import threading
 
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from tests.support.cluster import write_random
 from tests.support.sharedfs import (
     converged_sha256,
     require_gluster_mounts,
 )
-from tests.support.tus import TusCluster, kill_serving_when
+from tests.support.tus import TusCluster, patch_offsets, tuspy, upload_killing_serving
 
 MiB = 1 << 20
 
@@ -47,30 +46,16 @@ class TusOnGlusterTests(TestCase):
         reads the stored file byte-identical; no PATCH starts before the
         one cut.
         """
-        try:
-            from tusclient import client
-            from tusclient.uploader import uploader as uploader_module
-        except ImportError:
-            raise SkipTest("tuspy is not installed (pip install -e '.[test]')")
+        client, _ = tuspy()
         dirs = require_gluster_mounts(self, 3)
         work = os.path.abspath(self.mktemp())
         os.makedirs(work)
-        cluster = TusCluster(work, servers=3, storages=dirs).start()
-        self.addCleanup(cluster.stop)
+        cluster = TusCluster(work, servers=3, storages=dirs).start_for(self)
         size = 24 * MiB + 777
         patch = 2 * MiB
         path = os.path.join(work, "shared.tif")
         digest = write_random(path, size)
-        offsets: list[int] = []
-        original = uploader_module.TusRequest
-
-        class Recording(original):
-            def __init__(self, uploader):
-                offsets.append(uploader.offset)
-                super().__init__(uploader)
-
-        uploader_module.TusRequest = Recording
-        self.addCleanup(setattr, uploader_module, "TusRequest", original)
+        offsets = patch_offsets(self)
 
         def upload() -> str:
             up = client.TusClient(cluster.url).uploader(
@@ -79,14 +64,7 @@ class TusOnGlusterTests(TestCase):
             up.upload()
             return up.url
 
-        killed: list[str] = []
-        killer = threading.Thread(
-            target=lambda: killed.append(kill_serving_when(cluster, size // 3)))
-        killer.start()
-        try:
-            await deferToThread(upload)
-        finally:
-            await deferToThread(killer.join)
+        _, killed = await upload_killing_serving(cluster, size // 3, upload)
         self.assertEqual(len(killed), 1, cluster.logs())
         for d in dirs:
             seen, _ = await deferToThread(
