@@ -28,6 +28,7 @@ from imgresume.errors import (
     UploadAlreadyComplete,
 )
 from imgresume.http._body import BodyUpload
+from imgresume.http._defer import declare_length
 from imgresume.http._precreate import PreCreateHook
 from imgresume.http._errors import storage_error
 from imgresume.http._headers import (
@@ -48,7 +49,6 @@ from imgresume.names import new_upload_id
 from imgresume.storage.interfaces import (
     CompletedFileMoved,
     CompletedUpload,
-    IDeclaresSize,
     IDeferredSizeStorage,
     IUploadStorage,
     IUploadWriter,
@@ -281,36 +281,8 @@ class TusUploads:
                                (("Upload-Offset", str(at)),))
             if length is None:
                 return opened(writer)
-            info = writer.info
-            error = None
-            if not info.size_deferred:
-                if length != info.size:
-                    error = f"Upload-Length is already {info.size}: it cannot change"
-            elif length < offset:
-                error = (f"Upload-Length {length} is below the {offset} bytes the upload "
-                         "already has")
-            elif body.length is not None and offset + body.length > length:
-                writer.release().addErrback(lambda f: None)
-                raise TusError(413, f"the body's {body.length} bytes from offset {offset} "
-                                    f"pass Upload-Length {length}")
-            elif not IDeclaresSize.providedBy(writer):
-                error = "this storage cannot declare a deferred length"
-            if error is not None:
-                writer.release().addErrback(lambda f: None)
-                raise TusError(400, error)
-            if not info.size_deferred:
-                return opened(writer)
-
-            def declared(_: None) -> None:
-                log.info("tus upload {upload_id}: length declared, {size} bytes",
-                         upload_id=upload_id, size=length)
-                opened(writer)
-
-            def not_declared(f: Failure) -> None:
-                writer.release().addErrback(lambda f: None)
-                raise storage_error(f)
-
-            return writer.declare_size(length).addCallbacks(declared, not_declared)
+            return declare_length(writer, offset, length, body.length).addCallback(
+                lambda _: opened(writer))
 
         def opened(writer: IUploadWriter) -> None:
             recent = self._recent.pop(upload_id, None)
