@@ -11,6 +11,7 @@ The private modules hold one concern each:
   - C{_headers}: the tus headers parsed without I/O (values or L{TusError});
   - C{_errors}: the HTTP status of each imgresume error;
   - C{_body}: one request body streamed into its upload, with back-pressure;
+  - C{_defer}: a PATCH's C{Upload-Length} declaring a deferred length;
   - C{_precreate}: the pre-create hook (a command or URL that accepts or
     refuses each creation);
   - C{_uploads}: the storage side (create, resume, verify and publish,

@@ -23,9 +23,11 @@ from imgresume.keys import CLIENT_ID_RE, KEY_BYTES
 from imgresume.names import IF_EXISTS_KEY, IF_EXISTS_POLICIES, is_upload_id, validate_name
 
 TUS_VERSION = "1.0.0"
-#: The extensions this server implements (C{Tus-Extension}).
-EXTENSIONS = ("creation", "creation-with-upload", "termination", "expiration",
-              "checksum")
+#: The extensions this server implements (C{Tus-Extension}); it offers
+#: L{DEFER_LENGTH} only over a storage that can declare sizes later.
+EXTENSIONS = ("creation", "creation-with-upload", "creation-defer-length", "termination",
+              "expiration", "checksum")
+DEFER_LENGTH = "creation-defer-length"
 #: The content type of every body that carries upload bytes.
 OFFSET_OCTET_STREAM = "application/offset+octet-stream"
 
@@ -96,15 +98,22 @@ def parse_length(value: str | None, max_size: int) -> int:
     return length
 
 
-def check_defer_length(value: str | None) -> None:
+def parse_creation_length(length: str | None, defer: str | None,
+                          max_size: int) -> int | None:
     """
-    C{Upload-Defer-Length}: this server does not implement
-    creation-defer-length (storage fixes an upload's size when it is
-    created), so any value is refused with 400.
+    The length of a creation: C{Upload-Length} as L{parse_length}, or None
+    for C{Upload-Defer-Length: 1} (creation-defer-length: the length comes
+    on a later PATCH).  400 for both or neither, or another defer value.
     """
-    if value is not None:
-        raise TusError(400, "Upload-Defer-Length is not supported here (no "
-                            "creation-defer-length): send Upload-Length")
+    if defer is None:
+        if length is None:
+            raise TusError(400, "Upload-Length (or Upload-Defer-Length: 1) is required")
+        return parse_length(length, max_size)
+    if defer.strip() != "1":
+        raise TusError(400, f"Upload-Defer-Length must be 1, not {defer[:40]!r}")
+    if length is not None:
+        raise TusError(400, "send Upload-Length or Upload-Defer-Length, not both")
+    return None
 
 
 def check_content_type(value: str | None) -> None:

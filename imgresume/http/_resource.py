@@ -32,10 +32,10 @@ from imgresume.http._headers import (
     TUS_VERSION,
     TusError,
     check_content_type,
-    check_defer_length,
     check_resumable,
     cors_headers,
     parse_checksum,
+    parse_creation_length,
     parse_length,
     parse_metadata,
     parse_offset,
@@ -197,7 +197,8 @@ class TusSite(Site):
 class FilesResource(Resource):
     """
     C{/files/}: tus 1.0.0 (core, creation, creation-with-upload,
-    termination, expiration, checksum) over a L{TusUploads}.  Called by
+    creation-defer-length, termination, expiration, checksum) over a
+    L{TusUploads}.  Called by
     C{twisted.web} for each request, and by L{TusRequest} when a body is
     about to arrive.
     """
@@ -256,14 +257,18 @@ class FilesResource(Resource):
             if method == "PATCH":
                 call.upload_id = parse_upload_path(segments)
                 call.offset = parse_offset(_header(request, "Upload-Offset"))
+                declared = _header(request, "Upload-Length")
+                if declared is not None:  # creation-defer-length: the length now
+                    declared = parse_length(declared, self.uploads.max_size)
                 call.opening = self.uploads.open(call.identity, call.upload_id,
-                                                 call.offset, body)
+                                                 call.offset, body, declared)
                 call.opening.addCallback(self._completed_already, call, body)
             else:
                 if segments:
                     raise TusError(405, "create uploads with a POST to /files/")
-                check_defer_length(_header(request, "Upload-Defer-Length"))
-                size = parse_length(_header(request, "Upload-Length"), self.uploads.max_size)
+                size = parse_creation_length(_header(request, "Upload-Length"),
+                                             _header(request, "Upload-Defer-Length"),
+                                             self.uploads.max_size)
                 metadata = parse_metadata(_header(request, "Upload-Metadata"))
                 call.opening = self.uploads.create(call.identity, size, metadata,
                                                    call.digest, self._context(request))

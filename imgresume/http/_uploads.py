@@ -28,11 +28,13 @@ from imgresume.errors import (
     UploadAlreadyComplete,
 )
 from imgresume.http._body import BodyUpload
+from imgresume.http._defer import declare_length
 from imgresume.http._precreate import PreCreateHook
 from imgresume.http._errors import storage_error
 from imgresume.http._headers import (
     CHECKSUM_ALGORITHMS,
     CHECKSUM_MISMATCH,
+    DEFER_LENGTH,
     EXTENSIONS,
     TUS_VERSION,
     TusError,
@@ -47,6 +49,7 @@ from imgresume.names import new_upload_id
 from imgresume.storage.interfaces import (
     CompletedFileMoved,
     CompletedUpload,
+    IDeferredSizeStorage,
     IUploadStorage,
     IUploadWriter,
     NewUpload,
@@ -164,11 +167,17 @@ class TusUploads:
                                                  'error="invalid_token"'),))
         return client_id
 
+    @property
+    def defers_length(self) -> bool:
+        """Whether creation-defer-length is offered: the storage declares sizes later."""
+        return IDeferredSizeStorage.providedBy(self.storage)
+
     def options(self) -> Headers:
         """What an OPTIONS request answers."""
+        extensions = [e for e in EXTENSIONS if e != DEFER_LENGTH or self.defers_length]
         return [
             ("Tus-Version", TUS_VERSION),
-            ("Tus-Extension", ",".join(EXTENSIONS)),
+            ("Tus-Extension", ",".join(extensions)),
             ("Tus-Max-Size", str(self.max_size)),
             ("Tus-Checksum-Algorithm", ",".join(CHECKSUM_ALGORITHMS)),
         ]
@@ -180,18 +189,24 @@ class TusUploads:
 
     # -- creation ----------------------------------------------------------
 
-    def create(self, identity: str, length: int, metadata: Mapping[str, str],
+    def create(self, identity: str, length: int | None, metadata: Mapping[str, str],
                sha256: bytes | None, context: Mapping[str, Any] | None = None
                ) -> Deferred[IUploadWriter]:
         """
-        Create an upload of C{length} bytes for C{identity}: the writer,
-        or a L{TusError} (400 name refused, 429 quota, 403 refused by the
-        pre-create hook, 507 full...).  C{context} is what the pre-create
-        hook is told of the request besides (its C{headers}, C{remote}).
+        Create an upload of C{length} bytes for C{identity} (None: its
+        length comes later, and it counts as C{max_size} until then): the
+        writer, or a L{TusError} (400 name refused or no deferred length
+        here, 429 quota, 403 refused by the pre-create hook, 507 full...).
+        C{context} is what the pre-create hook is told of the request
+        besides (its C{headers}, C{remote}).
         """
         name = stored_name(metadata, new_upload_id()[:16])
-        request = NewUpload(name, length, sha256, dict(metadata), identity)
-        d = self._check_quota(identity, length)
+        if length is None and not self.defers_length:
+            raise TusError(400, "Upload-Defer-Length is not supported over this storage "
+                                "(it fixes an upload's size at creation): send Upload-Length")
+        request = NewUpload(name, self.max_size if length is None else length, sha256,
+                            dict(metadata), identity, size_deferred=length is None)
+        d = self._check_quota(identity, request.size)
         if self.pre_create is not None:
             asked = {"client_id": identity, "name": name, "size": length,
                      "sha256": sha256.hex() if sha256 is not None else None,
@@ -205,7 +220,8 @@ class TusUploads:
             self._event("upload.created", info, 0)
             log.info("tus upload {upload_id} created for {client}: {name} ({size} bytes)",
                      upload_id=info.upload_id, client=escape(identity),
-                     name=escape(info.name), size=length)
+                     name=escape(info.name), size=length if length is not None
+                     else "length deferred, at most " + str(info.size))
             return writer
 
         d.addCallbacks(created, lambda f: _raise(storage_error(f)))
@@ -244,22 +260,31 @@ class TusUploads:
     # -- PATCH -------------------------------------------------------------
 
     def open(self, identity: str, upload_id: str, offset: int,
-             body: BodyUpload) -> Deferred[CompletedUpload | None]:
+             body: BodyUpload, length: int | None = None
+             ) -> Deferred[CompletedUpload | None]:
         """
         Take the upload for a body starting at C{offset}: hand the writer to
         C{body} (None), or answer the L{CompletedUpload} when it is already
         complete, or fail with a L{TusError} (404, 409 with the offset to
-        continue from, 423 while another request writes it).
+        continue from, 423 while another request writes it).  C{length}
+        is the PATCH's C{Upload-Length}: it declares a deferred length
+        (400 if it differs from one already known, or is below the offset).
         """
         d = self.storage.resume(upload_id, identity)
 
-        def resumed(writer: IUploadWriter) -> None:
+        def resumed(writer: IUploadWriter) -> Deferred[None] | None:
             if writer.offset != offset:
                 at = writer.offset
                 writer.release().addErrback(lambda f: None)
                 raise TusError(409, f"Upload-Offset is {offset} but the upload has "
                                     f"{at} bytes: continue from {at}",
                                (("Upload-Offset", str(at)),))
+            if length is None:
+                return opened(writer)
+            return declare_length(writer, offset, length, body.length).addCallback(
+                lambda _: opened(writer))
+
+        def opened(writer: IUploadWriter) -> None:
             recent = self._recent.pop(upload_id, None)
             if recent is None or recent.offset != offset:
                 self._event("upload.resumed", writer.info, offset)
@@ -293,7 +318,7 @@ class TusUploads:
         writer = body.writer
         assert writer is not None
         info = writer.info
-        if writer.offset < info.size:
+        if writer.offset < info.size or info.size_deferred:
             return body.release().addCallback(lambda _: [
                 ("Upload-Offset", str(body.durable)), ("Upload-Expires", self.expires())])
         if info.sha256 is not None and digest is not None and digest != info.sha256:
@@ -356,7 +381,9 @@ class TusUploads:
         d = self.storage.status(upload_id, identity)
 
         def answer(status: Any) -> Headers:
-            headers = [("Upload-Length", str(status.size)),
+            length = (("Upload-Defer-Length", "1") if status.size_deferred
+                      else ("Upload-Length", str(status.size)))
+            headers = [length,
                        ("Upload-Metadata", format_metadata({"filename": status.name})),
                        ("Cache-Control", "no-store")]
             if status.state == "complete":
@@ -439,8 +466,8 @@ class TusUploads:
     def _event(self, kind: str, info: Any, offset: int, **fields: Any) -> None:
         if self._emit is None:
             return
-        context = dict(client_id=info.client_id, upload_id=info.upload_id,
-                       name=info.name, size=info.size, sha256=info.sha256,
+        context = dict(client_id=info.client_id, upload_id=info.upload_id, name=info.name,
+                       size=None if info.size_deferred else info.size, sha256=info.sha256,
                        metadata=info.metadata, offset=offset)
         context.update(fields)
         try:

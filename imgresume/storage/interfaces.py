@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import attrs
 from zope.interface import Attribute, Interface
 
-from imgresume.errors import OffsetMismatch, SizeExceeded, StorageError
+from imgresume.errors import Incomplete, OffsetMismatch, SizeExceeded, StorageError
 
 #: Guarantees a backend may declare in L{IUploadStorage.guarantees}.
 DURABLE_ACK = "durable-ack"  # a write's Deferred fires only once bytes are durable
@@ -46,6 +46,8 @@ class NewUpload:
     #: The per-packet checksum the client's connection uses: a backend that
     #: records checksums records this one, so the client's are reused.
     checksum: str = "crc32"
+    #: The size is declared later (L{IDeclaresSize}); C{size} is its bound.
+    size_deferred: bool = False
 
 
 @attrs.frozen
@@ -108,6 +110,8 @@ class UploadInfo:
     created: float  # seconds since the epoch
     #: The algorithm of C{sha256} and of the tail's digest, fixed at creation.
     digest: str = "sha256"
+    #: The size is not declared yet (L{IDeclaresSize}): C{size} is its bound.
+    size_deferred: bool = False
 
 
 @attrs.frozen
@@ -170,6 +174,8 @@ class UploadStatus:
     path: str = ""  # where the completed file lies
     #: The algorithm of the upload's digest (docs/protocol.md, section 2b).
     digest: str = "sha256"
+    #: The size is not declared yet: C{size} is only the most it may be.
+    size_deferred: bool = False
 
 
 class CompletedFileMoved(StorageError):
@@ -418,6 +424,50 @@ class IUploadWriter(Interface):
         """
 
 
+class IDeferredSizeStorage(IUploadStorage):
+    """
+    A storage whose C{create()} honours C{NewUpload.size_deferred} (the
+    size is then a bound) and whose writers provide L{IDeclaresSize}.
+    Asked by the HTTP front door before it accepts C{Upload-Defer-Length}.
+    """
+
+
+class IDeclaresSize(Interface):
+    """
+    The writer of an upload created with C{size_deferred}: declares its
+    size once known.  Called by the HTTP front door (a PATCH's
+    C{Upload-Length}), one call at a time as for L{IUploadWriter}.
+    """
+
+    def declare_size(size: int):
+        """
+        Fix the upload's size at C{size}, durably, once; from then on the
+        upload is one created with that size (writes, completion, the
+        per-client declared bytes), and L{IUploadWriter.info} says so.
+
+        @raise ValueError: already declared, or C{size} outside the bound.
+        @raise imgresume.errors.SizeExceeded: more bytes are already written.
+        @raise imgresume.errors.UploadTakenOver: a newer writer owns it.
+        @return: Deferred firing with None once the size is recorded.
+        """
+
+
+def check_declared_size(info: UploadInfo, offset: int, size: int) -> None:
+    """
+    Check a C{declare_size(size)} for the upload C{info} whose writer is
+    at C{offset} (backends call it first thing): ValueError or
+    L{SizeExceeded} as L{IDeclaresSize.declare_size} says.
+    """
+    if not info.size_deferred:
+        raise ValueError(f"upload {info.upload_id} already has its size ({info.size})")
+    if not 0 <= size <= info.size:
+        raise ValueError(f"a size of upload {info.upload_id} is between 0 and "
+                         f"{info.size}, not {size}")
+    if size < offset:
+        raise SizeExceeded(f"upload {info.upload_id} already holds {offset} bytes, "
+                           f"more than the size {size} declared", offset=offset)
+
+
 def batch_end(info: UploadInfo, offset: int, chunks: Sequence[Chunk]) -> int:
     """
     Where a batch of C{chunks} for a writer at C{offset} ends, once checked:
@@ -450,7 +500,11 @@ def expected_digest(info: UploadInfo, sha256: bytes | None) -> bytes:
     Backends call it first thing in C{complete()}.
 
     @raise ValueError: neither or both were given, or not 32 bytes.
+    @raise imgresume.errors.Incomplete: the size is not declared yet.
     """
+    if info.size_deferred:
+        raise Incomplete(f"upload {info.upload_id} has no declared size yet: "
+                         "declare it before completing the upload")
     if (info.sha256 is None) == (sha256 is None):
         raise ValueError(
             "complete() takes a SHA-256 exactly when the upload was created without one"

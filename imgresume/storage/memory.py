@@ -49,9 +49,11 @@ from imgresume.storage.interfaces import (
     Chunk,
     CompletedFileMoved,
     CompletedUpload,
+    check_declared_size,
     expected_digest,
+    IDeclaresSize,
+    IDeferredSizeStorage,
     IncompleteUploads,
-    IUploadStorage,
     IUploadWriter,
     NewUpload,
     StoredFile,
@@ -94,7 +96,7 @@ def _run(f: Callable, *args) -> Deferred:
     return defer.maybeDeferred(f, *args)
 
 
-@implementer(IUploadStorage)
+@implementer(IDeferredSizeStorage)
 class MemoryStorage:
     """
     Uploads and completed files held in this process's memory.
@@ -231,7 +233,7 @@ class MemoryStorage:
         offset = upload.records[-1].offset + upload.records[-1].length if upload.records else 0
         return UploadStatus(info.upload_id, info.name, info.size, "partial", offset,
                             upload_id in self._owned, "", info.created, self._now(),
-                            digest=info.digest)
+                            digest=info.digest, size_deferred=info.size_deferred)
 
     def _create(self, request: NewUpload) -> MemoryUploadWriter:
         name = validate_name(request.name)
@@ -250,6 +252,7 @@ class MemoryStorage:
             client_id=request.client_id,
             created=self._now(),
             digest=request.digest,
+            size_deferred=request.size_deferred,
         )
         self._uploads[upload_id] = _Upload(info)
         self._owned.add(upload_id)
@@ -348,7 +351,7 @@ class MemoryStorage:
         return upload.completed
 
 
-@implementer(IUploadWriter)
+@implementer(IUploadWriter, IDeclaresSize)
 class MemoryUploadWriter:
     """
     Write ownership of one upload in a L{MemoryStorage}.  Returned by
@@ -418,6 +421,20 @@ class MemoryUploadWriter:
             _Record(offset, len(data), integrity.checksum("crc32", data)))
         self.offset += len(data)
         return self.offset
+
+    def declare_size(self, size: int) -> Deferred[None]:
+        """See L{IDeclaresSize.declare_size}."""
+        return _run(self._declare_size, size)
+
+    def _declare_size(self, size: int) -> None:
+        self._check_open()
+        check_declared_size(self.info, self.offset, size)
+        if self._upload.generation != self.generation:
+            self._close()
+            raise UploadTakenOver(
+                f"upload {self.info.upload_id} was taken over by a newer connection")
+        self.info = self._upload.info = attrs.evolve(
+            self.info, size=size, size_deferred=False)
 
     def complete(self, sha256: bytes | None = None) -> Deferred[CompletedUpload]:
         """See L{IUploadWriter.complete}."""

@@ -17,13 +17,13 @@ from imgresume.http._headers import (
     Checksum,
     TusError,
     check_content_type,
-    check_defer_length,
     check_resumable,
     format_metadata,
     format_repr_digest,
     http_date,
     parse_bearer,
     parse_checksum,
+    parse_creation_length,
     parse_length,
     parse_metadata,
     parse_offset,
@@ -73,9 +73,17 @@ class VersionAndNumbersTests(StatusMixin, SynchronousTestCase):
         self.assertStatus(400, parse_length, "ten", 100)
 
     def test_defer_length(self) -> None:
-        """creation-defer-length is not offered: any Upload-Defer-Length is 400."""
-        check_defer_length(None)
-        self.assertStatus(400, check_defer_length, "1")
+        """
+        A creation has Upload-Length or Upload-Defer-Length: 1 (None: the
+        length comes later); both, neither, or another defer value: 400.
+        """
+        self.assertEqual(parse_creation_length("7", None, 100), 7)
+        self.assertIsNone(parse_creation_length(None, "1", 100))
+        self.assertStatus(413, parse_creation_length, "101", None, 100)
+        self.assertStatus(400, parse_creation_length, None, None, 100)
+        self.assertStatus(400, parse_creation_length, "7", "1", 100)
+        for value in ("0", "2", "true", ""):
+            self.assertStatus(400, parse_creation_length, None, value, 100)
 
     def test_content_type(self) -> None:
         """Only application/offset+octet-stream (parameters aside) carries bytes: else 415."""

@@ -16,9 +16,11 @@ import attrs
 
 from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from imgresume.http import TusChannel, TusUploads
 from imgresume.keys import add_client
+from imgresume.storage.interfaces import IUploadStorage
 from imgresume.storage.memory import MemoryStorage
 from tests.support.http import TusServer, metadata, repr_digest
 
@@ -58,7 +60,8 @@ class CoreTests(ResourceTestCase):
         self.assertEqual(answer.status, 204)
         self.assertEqual(answer["Tus-Version"], "1.0.0")
         self.assertEqual(answer["Tus-Extension"],
-                         "creation,creation-with-upload,termination,expiration,checksum")
+                         "creation,creation-with-upload,creation-defer-length,termination,"
+                         "expiration,checksum")
         self.assertEqual(answer["Tus-Max-Size"], str(1 << 30))
         self.assertEqual(answer["Tus-Checksum-Algorithm"], "crc32,md5,sha1,sha256")
 
@@ -223,10 +226,14 @@ class RefusalTests(ResourceTestCase):
         self.assertEqual(wire.request("HEAD", location)["Upload-Offset"], "0")
 
     def test_bad_creation(self) -> None:
-        """No length, deferred length, bad metadata, a refused filename: 400."""
+        """
+        No length, both a length and a deferred one, a deferred length other
+        than 1, bad metadata, a refused filename: 400.
+        """
         for headers, word in (
             ({}, "Upload-Length"),
-            ({"Upload-Defer-Length": "1"}, "Upload-Defer-Length"),
+            ({"Upload-Defer-Length": "1", "Upload-Length": "1"}, "Upload-Defer-Length"),
+            ({"Upload-Defer-Length": "2"}, "Upload-Defer-Length"),
             ({"Upload-Length": "1", "Upload-Metadata": "filename !!"}, "base64"),
             ({"Upload-Length": "1", "Upload-Metadata": metadata(filename="../x")},
              "filename refused"),
@@ -346,6 +353,152 @@ class RefusalTests(ResourceTestCase):
         answer = server.wire().request("POST", "/files/", {"Upload-Length": "5"})
         self.assertRefused(answer, 429, "incomplete")
         self.assertEqual(answer["Retry-After"], "60")
+
+
+@implementer(IUploadStorage)
+class _FixedSizes:
+    """A storage that fixes sizes at creation (no L{IDeferredSizeStorage})."""
+
+    def __init__(self, storage: Any) -> None:
+        self._storage = storage
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+
+class DeferLengthTests(ResourceTestCase):
+    """creation-defer-length: Upload-Defer-Length, then Upload-Length on a PATCH."""
+
+    def defer(self, body: bytes = b"", **headers: str) -> str:
+        answer = self.wire.request("POST", "/files/", {
+            "Upload-Defer-Length": "1", **(OCTETS if body else {}), **headers}, body)
+        self.assertEqual(answer.status, 201, answer.body)
+        return answer["Location"]
+
+    def test_deferred_upload(self) -> None:
+        """
+        A POST with Upload-Defer-Length: 1 creates; HEAD answers
+        Upload-Defer-Length: 1 and no Upload-Length until a PATCH declares
+        it; PATCHes append without completing; the PATCH whose bytes reach
+        the declared length completes (verified, its digest answered).
+        """
+        data = bytes(range(256)) * 40
+        location = self.defer(**{"Upload-Metadata": metadata(filename="d.tif")})
+        head = self.wire.request("HEAD", location)
+        self.assertEqual((head.status, head["Upload-Offset"], head["Upload-Defer-Length"]),
+                         (200, "0", "1"))
+        self.assertNotIn("upload-length", head.headers)
+        first = self.wire.request("PATCH", location, patch_headers(0), data[:4000])
+        self.assertEqual((first.status, first["Upload-Offset"]), (204, "4000"))
+        head = self.wire.request("HEAD", location)
+        self.assertEqual((head["Upload-Offset"], head["Upload-Defer-Length"]), ("4000", "1"))
+        self.assertEqual(self.storage.files, {})
+        last = self.wire.request("PATCH", location, patch_headers(
+            4000, **{"Upload-Length": str(len(data))}), data[4000:])
+        self.assertEqual((last.status, last["Upload-Offset"]), (204, str(len(data))))
+        self.assertEqual(last["Repr-Digest"], repr_digest(data))
+        self.assertEqual(self.storage.read_completed("complete/d.tif"), data)
+        head = self.wire.request("HEAD", location)
+        self.assertEqual((head["Upload-Offset"], head["Upload-Length"]),
+                         (str(len(data)), str(len(data))))
+        self.assertNotIn("upload-defer-length", head.headers)
+        created, completed = self.server.events
+        self.assertEqual((created["event"], created["size"]), ("upload.created", None))
+        self.assertEqual((completed["event"], completed["size"]),
+                         ("upload.completed", len(data)))
+
+    def test_declared_by_empty_patch(self) -> None:
+        """A PATCH without bytes declaring the length reached completes the upload."""
+        location = self.defer(b"abc", **{"Upload-Metadata": metadata(filename="e")})
+        self.assertEqual(self.wire.request("HEAD", location)["Upload-Offset"], "3")
+        answer = self.wire.request("PATCH", location,
+                                   patch_headers(3, **{"Upload-Length": "3"}))
+        self.assertEqual((answer.status, answer["Upload-Offset"]), (204, "3"))
+        self.assertEqual(self.storage.read_completed("complete/e"), b"abc")
+
+    def test_declared_once(self) -> None:
+        """
+        A length declared before the end holds: HEAD answers it, later
+        PATCHes may repeat it, a different one is 400, bytes past it 413.
+        """
+        location = self.defer()
+        answer = self.wire.request("PATCH", location,
+                                   patch_headers(0, **{"Upload-Length": "6"}), b"ab")
+        self.assertEqual((answer.status, answer["Upload-Offset"]), (204, "2"))
+        head = self.wire.request("HEAD", location)
+        self.assertEqual(head["Upload-Length"], "6")
+        self.assertNotIn("upload-defer-length", head.headers)
+        changed = self.wire.request("PATCH", location,
+                                    patch_headers(2, **{"Upload-Length": "7"}), b"cd")
+        self.assertEqual(changed.status, 400)
+        self.assertIn(b"already 6", changed.body)
+        past = self.wire.request("PATCH", location, patch_headers(2), b"cdefg")
+        self.assertEqual(past.status, 413)
+        same = self.wire.request("PATCH", location,
+                                 patch_headers(2, **{"Upload-Length": "6"}), b"cdef")
+        self.assertEqual((same.status, same["Upload-Offset"]), (204, "6"))
+        self.assertEqual(len(self.storage.files), 1)
+
+    def test_declared_below_offset(self) -> None:
+        """A length below the bytes already stored: 400, and it stays deferred."""
+        location = self.defer(b"abcd")
+        answer = self.wire.request("PATCH", location,
+                                   patch_headers(4, **{"Upload-Length": "3"}))
+        self.assertEqual(answer.status, 400)
+        self.assertIn(b"below the 4 bytes", answer.body)
+        self.assertEqual(self.wire.request("HEAD", location)["Upload-Defer-Length"], "1")
+        bad = self.wire.request("PATCH", location,
+                                patch_headers(4, **{"Upload-Length": "ten"}))
+        self.assertEqual(bad.status, 400)
+        past = self.wire.request("PATCH", location,
+                                 patch_headers(4, **{"Upload-Length": "5"}), b"ef")
+        self.assertEqual(past.status, 413)
+        self.assertEqual(self.wire.request("HEAD", location)["Upload-Defer-Length"], "1")
+
+    def test_bound_by_max_size(self) -> None:
+        """
+        Until declared, the bytes are bound by Tus-Max-Size; a length over it
+        is 413.
+        """
+        server = TusServer(max_size=10)
+        wire = server.wire()
+        answer = wire.request("POST", "/files/", {"Upload-Defer-Length": "1"})
+        location = answer["Location"]
+        self.assertEqual(wire.request("PATCH", location, patch_headers(0),
+                                      b"x" * 11).status, 413)
+        self.assertEqual(wire.request("PATCH", location,
+                                      patch_headers(0, **{"Upload-Length": "11"})).status, 413)
+        self.assertEqual(wire.request("HEAD", location)["Upload-Offset"], "0")
+
+    def test_quota_counts_the_bound(self) -> None:
+        """
+        An upload whose length is deferred counts Tus-Max-Size in the
+        client's incomplete bytes until its length is declared.
+        """
+        server = TusServer(max_size=100, max_incomplete_bytes=150)
+        wire = server.wire()
+        first = wire.request("POST", "/files/", {"Upload-Defer-Length": "1"})
+        self.assertEqual(first.status, 201)
+        self.assertEqual(wire.request("POST", "/files/",
+                                      {"Upload-Defer-Length": "1"}).status, 429)
+        wire.request("PATCH", first["Location"], patch_headers(0, **{"Upload-Length": "10"}),
+                     b"abc")
+        self.assertEqual(wire.request("POST", "/files/",
+                                      {"Upload-Defer-Length": "1"}).status, 201)
+
+    def test_storage_without_deferred_sizes(self) -> None:
+        """
+        Over a storage that fixes sizes at creation, creation-defer-length is
+        not offered and Upload-Defer-Length is refused (400, nothing created).
+        """
+        server = TusServer(storage=_FixedSizes(MemoryStorage()))
+        wire = server.wire()
+        options = wire.request("OPTIONS", "/files/", tus=False)
+        self.assertNotIn("creation-defer-length", options["Tus-Extension"])
+        answer = wire.request("POST", "/files/", {"Upload-Defer-Length": "1"})
+        self.assertEqual(answer.status, 400)
+        self.assertIn(b"Upload-Length", answer.body)
+        self.assertEqual(server.storage._storage._uploads, {})
 
 
 class TerminationTests(ResourceTestCase):

@@ -56,6 +56,7 @@ from imgresume.storage.interfaces import (
     CompletedFileMoved,
     CompletedUpload,
     NewerRecordFormat,
+    NewUpload,
     TailCheck,
 )
 from imgresume.storage.filesystem.gc import collect_garbage
@@ -1482,24 +1483,45 @@ class FormatTests(FilesystemMixin, TestCase):
         meta = self.meta(upload_id)
         self.assertEqual((meta["format"], meta["state"]), (1, "complete"))
 
+    def test_deferredSizeIsFormat4(self) -> None:
+        """
+        An upload whose size is not declared yet is format 4 (its size is
+        only a bound, which a server of format 3 would take for the size);
+        once declared, its record is the format it would have had, and the
+        client index's entry names the declared size.
+        """
+        writer = self.successResultOf(self.storage.create(NewUpload(
+            "d.tiff", 9000, None, client_id="alice", size_deferred=True)))
+        upload_id = writer.info.upload_id
+        meta = self.meta(upload_id)
+        self.assertEqual((meta["format"], meta["size"], meta["size_deferred"]),
+                         (4, 9000, True))
+        self.successResultOf(writer.write(0, b"abc"))
+        self.successResultOf(writer.declare_size(5))
+        meta = self.meta(upload_id)
+        self.assertEqual((meta["format"], meta["size"]), (2, 5))
+        self.assertNotIn("size_deferred", meta)
+        self.assertEqual(self.root.child("clients").child("c-alice").listdir(),
+                         [f"{upload_id}.5"])
+
     def test_newerFormatRefused(self) -> None:
         """
-        A record written by a newer imgresume (format 4) is refused by
+        A record written by a newer imgresume (format 5) is refused by
         resume and status with a retryable error naming both formats, and
         left alone by garbage collection.
         """
         upload_id = self.partial(upto=3000)
         meta = self.meta(upload_id)
-        meta["format"] = 4
+        meta["format"] = 5
         self.writeMeta(upload_id, meta)
-        message = (f"upload {upload_id} was written by a newer imgresume (format 4); "
-                   "this server understands format 3 and older")
+        message = (f"upload {upload_id} was written by a newer imgresume (format 5); "
+                   "this server understands format 4 and older")
         for d in (self.storage.resume(upload_id), self.storage.status(upload_id)):
             f = self.failureResultOf(d, NewerRecordFormat)
             self.assertIsInstance(f.value, StorageError)
             self.assertTrue(f.value.retryable)
             self.assertIn(message, f.value.message)
-            self.assertEqual((f.value.found, f.value.understood), (4, 3))
+            self.assertEqual((f.value.found, f.value.understood), (5, 4))
         report = collect_garbage(self.root.path, older_than=0.0, now=time.time() + 10**9)
         self.assertEqual([(e.upload_id, e.action) for e in report.kept],
                          [(upload_id, "invalid")])

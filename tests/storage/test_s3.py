@@ -562,6 +562,26 @@ class S3RecordTests(BucketMixin, TestCase):
         self.successResultOf(late.complete(hashlib.sha256(b"abc").digest()))
         self.assertEqual(self.meta(s, upload_id)["version"], 1)
 
+    def test_deferredSizeIsFormat4(self) -> None:
+        """
+        An upload whose size is not declared yet is version 4 (its size is
+        only a bound); once declared, its record is the version it would
+        have had, and the client index names the declared size.
+        """
+        s = self.s3Storage()
+        writer = self.successResultOf(s.create(NewUpload(
+            "d.tiff", 9000, None, client_id="alice", size_deferred=True)))
+        upload_id = writer.info.upload_id
+        meta = self.meta(s, upload_id)
+        self.assertEqual((meta["version"], meta["size"], meta["size_deferred"]),
+                         (4, 9000, True))
+        self.successResultOf(writer.declare_size(5))
+        meta = self.meta(s, upload_id)
+        self.assertEqual((meta["version"], meta["size"]), (2, 5))
+        self.assertNotIn("size_deferred", meta)
+        found = self.successResultOf(s.incomplete_for("alice"))
+        self.assertEqual((found.count, found.declared_bytes), (1, 5))
+
     def test_newerFormatRefused(self) -> None:
         """A record of a newer format is refused clearly, and retryably."""
         s = self.s3Storage()
@@ -569,12 +589,12 @@ class S3RecordTests(BucketMixin, TestCase):
         self.successResultOf(writer.release())
         upload_id = writer.info.upload_id
         meta = self.meta(s, upload_id)
-        self.putRecord(s, upload_id, "meta.json", dict(meta, version=4))
+        self.putRecord(s, upload_id, "meta.json", dict(meta, version=5))
         for d in (s.resume(upload_id), s.status(upload_id)):
             f = self.failureResultOf(d, NewerRecordFormat)
             self.assertTrue(f.value.retryable)
-            self.assertIn(f"upload {upload_id} was written by a newer imgresume (format 4); "
-                          "this server understands format 3 and older", f.value.message)
+            self.assertIn(f"upload {upload_id} was written by a newer imgresume (format 5); "
+                          "this server understands format 4 and older", f.value.message)
         self.putRecord(s, upload_id, "meta.json", meta)
         self.successResultOf(self.successResultOf(s.resume(upload_id)).release())
 

@@ -15,6 +15,7 @@ import unicodedata
 from typing import Any
 
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest
 from zope.interface.verify import verifyObject
 
 from imgresume.errors import (
@@ -36,6 +37,8 @@ from imgresume.storage.interfaces import (
     Chunk,
     CompletedFileMoved,
     CompletedUpload,
+    IDeclaresSize,
+    IDeferredSizeStorage,
     IUploadStorage,
     IUploadWriter,
     NewUpload,
@@ -285,6 +288,107 @@ class StorageConformanceMixin:
         self.assertIncomplete(self.storage, "alice", 1, 7)
         self.assertIncomplete(self.storage, "bob", 1, 5)
         self.assertIncomplete(self.storage, "carol", 0, 0)
+
+    # -- sizes declared later (IDeferredSizeStorage) -------------------------
+
+    def createDeferred(self, bound: int, **kw: Any):
+        """A writer of an upload created with its size deferred, at most C{bound} bytes."""
+        if not IDeferredSizeStorage.providedBy(self.storage):
+            raise SkipTest("this storage does not defer sizes")
+        kw.setdefault("sha256", None)
+        writer = self.successResultOf(self.storage.create(NewUpload(
+            name=kw.pop("name", "d.tiff"), size=bound, size_deferred=True, **kw)))
+        self.assertTrue(IDeclaresSize.providedBy(writer))
+        self.assertTrue(writer.info.size_deferred)
+        return writer
+
+    def test_declareSize(self) -> None:
+        """
+        An upload created with its size deferred takes bytes up to its bound,
+        is not completed before its size is declared, then is exactly one
+        created with that size: writes past it are refused, completion
+        verifies and publishes it; status tells whether the size is declared.
+        """
+        data, p = self.sample(), self.piece(4096)
+        writer = self.createDeferred(2 * len(data) + p, client_id="alice")
+        upload_id = writer.info.upload_id
+        self.writeAll(writer, data[:p])
+        st = self.successResultOf(self.storage.status(upload_id))
+        self.assertEqual((st.size_deferred, st.size, st.offset),
+                         (True, 2 * len(data) + p, p))
+        self.failureResultOf(writer.complete(hashlib.sha256(data[:p]).digest()), Incomplete)
+        self.assertIsNone(self.successResultOf(writer.declare_size(len(data))))
+        self.assertEqual((writer.info.size, writer.info.size_deferred), (len(data), False))
+        st = self.successResultOf(self.makeSibling(self.storage).status(upload_id))
+        self.assertEqual((st.size_deferred, st.size), (False, len(data)))
+        self.writeAll(writer, data, start=p)
+        self.failureResultOf(writer.write(len(data), b"x"), SizeExceeded)
+        done = self.successResultOf(writer.complete(hashlib.sha256(data).digest()))
+        self.assertEqual(done.size, len(data))
+        self.assertEqual(self.readCompleted(self.storage, done.path), data)
+
+    def test_declareSizeResumed(self) -> None:
+        """
+        A deferred size survives a resume on another server, and a size
+        declared there is what every server sees from then on.
+        """
+        data, p = self.sample(), self.piece(4096)
+        writer = self.createDeferred(2 * len(data))
+        self.writeAll(writer, data[:p])
+        self.successResultOf(writer.release())
+        other = self.successResultOf(
+            self.makeSibling(self.storage).resume(writer.info.upload_id))
+        self.assertEqual((other.offset, other.info.size_deferred, other.info.size),
+                         (p, True, 2 * len(data)))
+        self.successResultOf(other.declare_size(len(data)))
+        self.successResultOf(other.release())
+        again = self.successResultOf(self.storage.resume(writer.info.upload_id))
+        self.assertEqual((again.info.size_deferred, again.info.size), (False, len(data)))
+        self.writeAll(again, data, start=p)
+        done = self.successResultOf(again.complete(hashlib.sha256(data).digest()))
+        self.assertEqual(self.readCompleted(self.storage, done.path), data)
+
+    def test_declareSizeRefused(self) -> None:
+        """
+        A size is declared once, within the bound, and never below the
+        bytes already written (then the size stays undeclared); an upload
+        created with its size cannot declare one.
+        """
+        data, p = self.sample(), self.piece(4096)
+        writer = self.createDeferred(2 * len(data))
+        self.writeAll(writer, data[:p])
+        refused = self.failureResultOf(writer.declare_size(p - 1), SizeExceeded)
+        self.assertEqual(refused.value.offset, p)
+        self.failureResultOf(writer.declare_size(2 * len(data) + 1), ValueError)
+        self.failureResultOf(writer.declare_size(-1), ValueError)
+        self.assertTrue(writer.info.size_deferred)
+        self.successResultOf(writer.declare_size(len(data)))
+        self.failureResultOf(writer.declare_size(len(data)), ValueError)
+        declared = self.create(b"ab", name="b.tiff")
+        if IDeclaresSize.providedBy(declared):
+            self.failureResultOf(declared.declare_size(2), ValueError)
+
+    def test_declareSizeAtOffset(self) -> None:
+        """A size declared where the bytes written end completes the upload as it is."""
+        data = self.sample()
+        writer = self.createDeferred(2 * len(data))
+        chunk = 4096
+        for pos in range(0, len(data), chunk):
+            self.successResultOf(writer.write(pos, data[pos:pos + chunk]))
+        self.successResultOf(writer.declare_size(len(data)))
+        done = self.successResultOf(writer.complete(hashlib.sha256(data).digest()))
+        self.assertEqual(self.readCompleted(self.storage, done.path), data)
+
+    def test_declareSizeCounted(self) -> None:
+        """
+        An upload whose size is deferred counts its bound in the client's
+        declared bytes until its size is declared, then that size.
+        """
+        writer = self.createDeferred(5000, client_id="alice")
+        self.create(b"y" * 3, client_id="alice")
+        self.assertIncomplete(self.storage, "alice", 2, 5003)
+        self.successResultOf(writer.declare_size(700))
+        self.assertIncomplete(self.makeSibling(self.storage), "alice", 2, 703)
 
     def test_busyResumeRequestsTakeover(self) -> None:
         """A refused resume asks the owner to yield; the owner can see it."""

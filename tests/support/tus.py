@@ -34,30 +34,45 @@ from imgresume.testing import (
 from tests.support.processes import child_env
 
 #: The tus-js-client script the tests run: one upload, its own retries;
-#: prints a JSON line with the upload's URL (or error) and the
-#: Upload-Offset of every PATCH it sent, in order.
+#: prints a JSON line with the upload's URL (or error), the Upload-Offset of
+#: every PATCH it sent, in order, and the Upload-Length a PATCH carried
+#: (C{lengths}: offset and length; only with the length deferred, C{defer}).
 NODE_SCRIPT = r"""
 import { createRequire } from 'node:module'
 import fs from 'node:fs'
-const [, , cache, path, endpoint, chunk, name, auth] = process.argv
+import { PassThrough } from 'node:stream'
+const [, , cache, path, endpoint, chunk, name, auth, defer] = process.argv
 const require = createRequire(cache + '/package.json')
 const tus = require('tus-js-client')
 const size = fs.statSync(path).size
 const offsets = []
+const lengths = []
+const deferred = defer === 'defer'
 const headers = auth ? { Authorization: auth } : {}
 setTimeout(() => { console.log(JSON.stringify({ error: 'timeout', offsets })); process.exit(4) },
            100000).unref()
-const upload = new tus.Upload(fs.createReadStream(path), {
-  endpoint, uploadSize: size, headers,
+// With the length deferred, a plain stream (as for data of unknown length):
+// tus-js-client 4.3.1 declares wrong lengths for a file's ReadStream then.
+const input = deferred ? fs.createReadStream(path).pipe(new PassThrough())
+  : fs.createReadStream(path)
+const upload = new tus.Upload(input, {
+  endpoint, uploadSize: deferred ? undefined : size, uploadLengthDeferred: deferred, headers,
   chunkSize: chunk === 'inf' ? Infinity : Number(chunk),
   retryDelays: [0, 100, 200, 500, 1000, 1000, 2000, 2000, 4000, 4000],
   storeFingerprintForResuming: false,
   metadata: { filename: name },
   onBeforeRequest: (req) => {
-    if (req.getMethod() === 'PATCH') offsets.push(Number(req.getHeader('Upload-Offset')))
+    if (req.getMethod() !== 'PATCH') return
+    offsets.push(Number(req.getHeader('Upload-Offset')))
+    const length = req.getHeader('Upload-Length')
+    if (length) lengths.push([offsets[offsets.length - 1], Number(length)])
   },
-  onError: (e) => { console.log(JSON.stringify({ error: String(e), offsets })); process.exit(1) },
-  onSuccess: () => { console.log(JSON.stringify({ url: upload.url, offsets })); process.exit(0) },
+  onError: (e) => {
+    console.log(JSON.stringify({ error: String(e), offsets, lengths })); process.exit(1)
+  },
+  onSuccess: () => {
+    console.log(JSON.stringify({ url: upload.url, offsets, lengths })); process.exit(0)
+  },
 })
 upload.start()
 """

@@ -104,14 +104,16 @@ class TuspyTests(TusClusterTestCase):
 class NodeClientTests(TusClusterTestCase):
     """tus-js-client 4.3.1 under Node uploads through real servers."""
 
-    def run_node(self, path: str, endpoint: str, chunk: str, name: str) -> dict:
+    def run_node(self, path: str, endpoint: str, chunk: str, name: str,
+                 defer: bool = False) -> dict:
         cache, why = node_client()
         if cache is None:
             raise SkipTest(why)
         script = os.path.join(self.work, "upload.mjs")
         with open(script, "w") as f:
             f.write(NODE_SCRIPT)
-        out = subprocess.run(["node", script, cache, path, endpoint, chunk, name],
+        extra = ["", "defer"] if defer else []  # no Authorization; uploadLengthDeferred
+        out = subprocess.run(["node", script, cache, path, endpoint, chunk, name, *extra],
                              capture_output=True, text=True, timeout=150)
         lines = out.stdout.strip().splitlines()
         self.assertTrue(lines, out.stderr)
@@ -151,6 +153,37 @@ class NodeClientTests(TusClusterTestCase):
         self.assertNotIn("error", result, self.cluster.logs())
         self.assertEqual(self.stored("js/chunked.bin"), digest)
         self.check_resent(result["offsets"], patch)
+
+
+    async def test_length_deferred_killed(self) -> None:
+        """
+        tus-js-client with uploadLengthDeferred (creation-defer-length) on
+        a stream of unknown length: chunked PATCHes through the balancer
+        without a length, the serving server SIGKILLed; its retries (HEAD
+        answering Upload-Defer-Length on another server) go on, the last
+        PATCH declares Upload-Length, and the stored file is byte-identical.
+        """
+        self.start(3)
+        size = 40 * MiB + 11
+        patch = 4 * MiB
+        path = os.path.join(self.work, "deferred.bin")
+        digest = write_random(path, size)
+        killed: list[str] = []
+        killer = threading.Thread(
+            target=lambda: killed.append(kill_serving_when(self.cluster, size // 3)))
+        killer.start()
+        try:
+            result = await deferToThread(
+                self.run_node, path, self.cluster.url, str(patch), "js/deferred.bin", True)
+        finally:
+            await deferToThread(killer.join)
+        self.assertNotIn("error", result, self.cluster.logs())
+        self.assertEqual(len(killed), 1)
+        self.assertEqual(self.stored("js/deferred.bin"), digest)
+        self.check_resent(result["offsets"], patch)
+        self.assertTrue(result["lengths"], result)
+        self.assertEqual({length for _, length in result["lengths"]}, {size})
+        self.assertGreater(result["lengths"][0][0], size // 3)
 
 
 class ChildPathTests(SynchronousTestCase):

@@ -102,6 +102,26 @@ def add(root: str, client_id: str, upload_id: str, size: int) -> None:
             os.close(fd)
 
 
+def resize(root: str, meta: dict[str, Any], size: int) -> None:
+    """
+    The upload C{meta} (its meta.json before the change) now declares
+    C{size} bytes: rename its entry (made again if it was lost).
+    """
+    with io_errors("cannot record the upload's size in the client index"):
+        fd = _client_fd(root, meta["client_id"], create=True)
+        assert fd is not None
+        new = f"{meta['upload_id']}.{size}"
+        try:
+            try:
+                os.rename(f"{meta['upload_id']}.{meta['size']}", new,
+                          src_dir_fd=fd, dst_dir_fd=fd)
+            except FileNotFoundError:
+                os.close(os.open(new, os.O_WRONLY | os.O_CREAT | _NOFOLLOW | CLOEXEC,
+                                 0o644, dir_fd=fd))
+        finally:
+            os.close(fd)
+
+
 def forget(root: str, meta: dict[str, Any]) -> None:
     """
     The upload C{meta} (its meta.json) is complete or removed: uncount it.

@@ -38,8 +38,10 @@ from imgresume.storage.interfaces import (
 #: not know (such as C{file}, the published file's identity) are ignored; a
 #: change an older reader would misread takes a new format: 3 when the
 #: record's C{digest} is not SHA-256 or its journal C{checksum} not CRC-32
-#: (a record without them holds SHA-256 and CRC-32).
-FORMAT_VERSION = 3
+#: (a record without them holds SHA-256 and CRC-32); 4 while its size is not
+#: declared yet (C{size_deferred}: C{size} is only a bound, which a reader
+#: of format 3 would take for the size).
+FORMAT_VERSION = 4
 
 
 class Paths:
@@ -105,6 +107,7 @@ def upload_info(meta: dict[str, Any]) -> UploadInfo:
         client_id=meta["client_id"],
         created=meta["created"],
         digest=algorithms(meta)[1],
+        size_deferred=meta.get("size_deferred", False),
     )
 
 
@@ -132,10 +135,12 @@ def algorithms(meta: dict[str, Any]) -> tuple[str, str]:
 
 def record_format(meta: dict[str, Any]) -> int:
     """
-    The lowest format that describes C{meta}: 3 if it holds other
-    algorithms than CRC-32 and SHA-256, else 2 if its digest is still to
-    come, else 1.
+    The lowest format that describes C{meta}: 4 while its size is not
+    declared, else 3 if it holds other algorithms than CRC-32 and SHA-256,
+    else 2 if its digest is still to come, else 1.
     """
+    if meta.get("size_deferred"):
+        return 4
     if algorithms(meta) != (integrity.LEGACY_CHECKSUM, integrity.LEGACY_DIGEST):
         return 3
     return 2 if meta["sha256"] is None else 1
@@ -188,6 +193,8 @@ def read_meta(paths: Paths, upload_id: str) -> dict[str, Any] | None:
             and meta["state"] in ("partial", "completing", "complete")
             and isinstance(meta["size"], int)
             and meta["size"] >= 0
+            and isinstance(meta.get("size_deferred", False), bool)
+            and not (meta.get("size_deferred") and meta["state"] != "partial")
         )
         if meta["state"] != "partial":
             path = meta["path"]

@@ -69,8 +69,8 @@ from imgresume.storage.interfaces import (
     EXCLUSIVE_WRITER,
     PROVEN_OFFSET,
     SHARED,
+    IDeferredSizeStorage,
     IncompleteUploads,
-    IUploadStorage,
     NewUpload,
     CompletedUpload,
     StoredFile,
@@ -96,7 +96,7 @@ def _default_run(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
 VERIFY_MODES = ("stored", "received")
 
 
-@implementer(IUploadStorage)
+@implementer(IDeferredSizeStorage)
 class FilesystemStorage:
     """
     Uploads in a directory tree shared by every server process and host.
@@ -306,7 +306,7 @@ class FilesystemStorage:
         return UploadStatus(
             upload_id, meta["name"], meta["size"], "partial", offset, busy, owner,
             meta["created"], max(mtime(paths.data), mtime(paths.journal)),
-            digest=algorithms(meta)[1],
+            digest=algorithms(meta)[1], size_deferred=meta.get("size_deferred", False),
         )
 
     # -- disk work ----------------------------------------------------------
@@ -353,6 +353,8 @@ class FilesystemStorage:
             "created": self._now(),
             "state": "partial",
         }
+        if request.size_deferred:  # "size" is a bound until declared
+            meta["size_deferred"] = True
         excl = os.O_RDWR | os.O_CREAT | os.O_EXCL | CLOEXEC
         lock = data_fd = journal_fd = None
         # Counted first, so that no upload exists uncounted.

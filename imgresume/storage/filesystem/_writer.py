@@ -39,6 +39,7 @@ from imgresume.storage.filesystem._layout import (
     remove,
     takeover_requested,
     upload_info,
+    write_meta,
 )
 from imgresume.storage.filesystem._locks import Lock
 from imgresume.storage.filesystem._publish import finish_completion
@@ -46,10 +47,12 @@ from imgresume.storage.filesystem._readback import ReadBack, ReadBackFailed
 from imgresume.storage.interfaces import (
     Chunk,
     CompletedUpload,
+    IDeclaresSize,
     IUploadWriter,
     TailCheck,
     UploadInfo,
     batch_end,
+    check_declared_size,
     expected_digest,
 )
 
@@ -57,7 +60,7 @@ from imgresume.storage.interfaces import (
 log = Logger(namespace=__package__)
 
 
-@implementer(IUploadWriter)
+@implementer(IUploadWriter, IDeclaresSize)
 class FilesystemUploadWriter:
     """
     Write ownership of one upload in a L{FilesystemStorage
@@ -163,7 +166,7 @@ class FilesystemUploadWriter:
         """
         try:
             expected = expected_digest(self.info, sha256)
-        except ValueError:
+        except (ValueError, ImgresumeError):
             return defer.fail()
 
         def verified_then_complete() -> Deferred[CompletedUpload]:
@@ -184,6 +187,34 @@ class FilesystemUploadWriter:
             f"cannot read back upload {self.info.upload_id}: {failure.value}; "
             "resume the upload to try again"
         ) from failure.value
+
+    def declare_size(self, size: int) -> Deferred[None]:
+        """
+        See L{IDeclaresSize.declare_size}: meta.json rewritten durably under
+        the upload's lock (the fence checked first), then the client
+        index's entry renamed to the new size.
+        """
+        return self._call(self._declare_size_sync, size)
+
+    def _declare_size_sync(self, size: int) -> None:
+        self._check_usable()
+        check_declared_size(self.info, self.offset, size)
+        self._check_lease()
+        meta = {k: v for k, v in self._meta.items() if k != "size_deferred"}
+        meta["size"] = size
+        try:
+            write_meta(self._paths, meta)
+        except OSError as e:  # which record is durable is unknown: give up
+            raise self._poison(e, "recording the declared size") from e
+        old, self._meta = self._meta, meta
+        self.info = upload_info(meta)
+        try:
+            _incomplete.resize(self._root, old, size)
+        except StorageError as e:  # a hint: pruned once the upload ends
+            log.warn("upload {upload_id}: client index not updated: {error}",
+                     upload_id=self.info.upload_id, error=e.message)
+        log.info("upload {upload_id}: size declared, {size} bytes",
+                 upload_id=self.info.upload_id, size=size)
 
     def abort(self) -> Deferred[None]:
         """See L{IUploadWriter.abort}."""

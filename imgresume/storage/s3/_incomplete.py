@@ -44,6 +44,12 @@ def add(bucket: Bucket, client_id: str, upload_id: str, size: int) -> None:
         Body=b"")
 
 
+def resize(bucket: Bucket, meta: dict[str, Any], size: int) -> None:
+    """The upload C{meta} (its record before the change) now declares C{size} bytes."""
+    add(bucket, meta["client_id"], meta["upload_id"], size)
+    forget(bucket, meta)
+
+
 def forget(bucket: Bucket, meta: dict[str, Any]) -> None:
     """The upload C{meta} is complete or removed: uncount it (best effort)."""
     try:

@@ -27,7 +27,7 @@ from imgresume.storage.s3._bucket import MAX_KEY_BYTES, READ_CHUNK, Bucket, miss
 #: (L{record_format}): 1, the original; 2 when its C{sha256} is null, the
 #: digest coming at completion; 3 when its C{digest} is not SHA-256 (a
 #: record without it holds SHA-256).  Unknown fields are ignored.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 def digest_of(meta: dict[str, Any]) -> str:
@@ -37,9 +37,13 @@ def digest_of(meta: dict[str, Any]) -> str:
 
 def record_format(meta: dict[str, Any]) -> int:
     """
-    The lowest format that describes C{meta}: 3 if its digest is not
+    The lowest format that describes C{meta}: 4 while its size is not
+    declared (C{size_deferred}: C{size} is a bound, which a reader of
+    format 3 would take for the size), else 3 if its digest is not
     SHA-256, else 2 if its digest is still to come, else 1.
     """
+    if meta.get("size_deferred"):
+        return 4
     if digest_of(meta) != integrity.LEGACY_DIGEST:
         return 3
     return 2 if meta["sha256"] is None else 1
@@ -51,7 +55,8 @@ def upload_info(meta: dict[str, Any]) -> UploadInfo:
         upload_id=meta["upload_id"], name=meta["name"], size=meta["size"],
         sha256=None if meta["sha256"] is None else bytes.fromhex(meta["sha256"]),
         metadata=dict(meta["metadata"]),
-        client_id=meta["client_id"], created=meta["created"], digest=digest_of(meta))
+        client_id=meta["client_id"], created=meta["created"], digest=digest_of(meta),
+        size_deferred=meta.get("size_deferred", False) is True)
 
 
 def completed_upload(meta: dict[str, Any], path: str) -> CompletedUpload:

@@ -27,8 +27,8 @@ from imgresume.storage.interfaces import (
     DURABLE_ACK,
     PROVEN_OFFSET,
     SHARED,
+    IDeferredSizeStorage,
     IncompleteUploads,
-    IUploadStorage,
     NewerRecordFormat,
     NewUpload,
     CompletedUpload,
@@ -81,7 +81,7 @@ def _default_run(f: Callable[..., Any], *args: Any) -> Deferred:
     return deferToThread(f, *args)
 
 
-@implementer(IUploadStorage)
+@implementer(IDeferredSizeStorage)
 class S3Storage:
     """
     Uploads as S3 multipart uploads, their state in the bucket itself.
@@ -251,8 +251,12 @@ class S3Storage:
             "client_id": request.client_id,
             "created": self._now(),
             "multipart_upload_id": mpu,
+            # For a size deferred, chosen from its bound (every part but the
+            # last is this size): a bound of 1 TiB makes parts of 105 MiB.
             "part_size": part_size,
         }
+        if request.size_deferred:  # "size" is a bound until declared
+            meta["size_deferred"] = True
         meta["version"] = record_format(meta)
         b.put_json(b.upload_key(upload_id, "meta.json"), meta)
         generation = self._leases.take(upload_id, 0)
@@ -370,7 +374,7 @@ class S3Storage:
         return UploadStatus(upload_id, info.name, info.size, "partial", offset,
                             self._leases.fresh(lease), (lease or {}).get("owner", ""),
                             info.created, float((lease or {}).get("heartbeat", info.created)),
-                            digest=info.digest)
+                            digest=info.digest, size_deferred=info.size_deferred)
 
     def _expire_sync(self, older_than: float) -> list[str]:
         b = self._objects

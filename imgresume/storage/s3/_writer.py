@@ -24,18 +24,22 @@ from imgresume.errors import (
     DigestMismatch,
     Incomplete,
     InternalError,
+    SizeExceeded,
     StorageError,
     UploadTakenOver,
 )
 from imgresume.storage.interfaces import (
     Chunk,
     CompletedUpload,
+    IDeclaresSize,
     IUploadWriter,
     TailCheck,
     UploadInfo,
     batch_end,
+    check_declared_size,
     expected_digest,
 )
+from imgresume.storage.s3 import _incomplete
 from imgresume.storage.s3._bucket import Bucket, guard
 from imgresume.storage.s3._leases import Leases
 from imgresume.storage.s3._publish import (
@@ -50,7 +54,7 @@ from imgresume.storage.s3._publish import (
 log = Logger(namespace=__package__)
 
 
-@implementer(IUploadWriter)
+@implementer(IUploadWriter, IDeclaresSize)
 class S3UploadWriter:
     """
     Write ownership of one upload in an L{S3Storage
@@ -111,7 +115,7 @@ class S3UploadWriter:
         """See L{IUploadWriter.complete}."""
         try:
             expected = expected_digest(self.info, sha256)
-        except ValueError:
+        except (ValueError, Incomplete):
             return defer.fail()
         return self._call("cannot complete", self._complete_sync, expected)
 
@@ -127,6 +131,35 @@ class S3UploadWriter:
         if self.info.sha256 is not None:
             return self.complete()
         return self._call("cannot complete", self._complete_sync, None)
+
+    def declare_size(self, size: int) -> Deferred[None]:
+        """
+        See L{IDeclaresSize.declare_size}: meta.json rewritten after the
+        fence, the client index's entry renamed, and the spool stored as
+        the last part if it ends there.  The part size stays the one chosen
+        from the bound at creation.
+        """
+        try:  # a refusal is the caller's error, not the store's (guard)
+            check_declared_size(self.info, self.offset, size)
+        except (ValueError, SizeExceeded):
+            return defer.fail()
+        return self._call("cannot declare the size of", self._declare_size_sync, size)
+
+    def _declare_size_sync(self, size: int) -> None:
+        self._check_open()
+        check_declared_size(self.info, self.offset, size)
+        self._fence()
+        meta = {k: v for k, v in self._meta.items() if k != "size_deferred"}
+        meta["size"] = size
+        meta["version"] = record_format(meta)
+        self._bucket.put_json(self._key("meta.json"), meta)
+        old, self._meta = self._meta, meta
+        self.info = upload_info(meta)
+        _incomplete.resize(self._bucket, old, size)
+        if self.offset == size and self.offset > self.durable:
+            self._store_part()  # the last, short part
+        log.info("upload {upload_id}: size declared, {size} bytes",
+                 upload_id=self.info.upload_id, size=size)
 
     def abort(self) -> Deferred[None]:
         """See L{IUploadWriter.abort}."""
