@@ -154,7 +154,6 @@ class NodeClientTests(TusClusterTestCase):
         self.assertEqual(self.stored("js/chunked.bin"), digest)
         self.check_resent(result["offsets"], patch)
 
-
     async def test_length_deferred_killed(self) -> None:
         """
         tus-js-client with uploadLengthDeferred (creation-defer-length) on
@@ -168,15 +167,9 @@ class NodeClientTests(TusClusterTestCase):
         patch = 4 * MiB
         path = os.path.join(self.work, "deferred.bin")
         digest = write_random(path, size)
-        killed: list[str] = []
-        killer = threading.Thread(
-            target=lambda: killed.append(kill_serving_when(self.cluster, size // 3)))
-        killer.start()
-        try:
-            result = await deferToThread(
-                self.run_node, path, self.cluster.url, str(patch), "js/deferred.bin", True)
-        finally:
-            await deferToThread(killer.join)
+        result, killed = await upload_killing_serving(
+            self.cluster, size // 3, self.run_node, path, self.cluster.url, str(patch),
+            "js/deferred.bin", True)
         self.assertNotIn("error", result, self.cluster.logs())
         self.assertEqual(len(killed), 1)
         self.assertEqual(self.stored("js/deferred.bin"), digest)
