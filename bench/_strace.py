@@ -228,6 +228,8 @@ GROUPS: list[tuple[str, Any]] = [
     ("socket: recv/send", lambda c, k: k == "socket"),
     ("epoll_ctl", lambda c, k: c == "epoll_ctl"),
     ("thread hand-offs: wake-up pipe", lambda c, k: k == "pipe"),
+    ("sched_yield (threads spinning for work, e.g. BLAKE3's workers)",
+     lambda c, k: c == "sched_yield"),
     ("waits (futex, epoll_wait): idle, time not a cost", lambda c, k: c in WAITS),
     ("log file writes", lambda c, k: k == "log file"),
 ]

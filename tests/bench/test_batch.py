@@ -332,6 +332,7 @@ STRACE_PUT = f"""\
 200 1700000000.003900 <... newfstatat resumed>{{st_mode=S_IFREG|0644, st_size=262144, ...}}, AT_SYMLINK_NOFOLLOW) = 0 <0.000012>
 200 1700000000.004000 newfstatat(15</s/complete>, "", {{st_mode=S_IFDIR|0755, st_size=4096, ...}}, AT_EMPTY_PATH) = 0 <0.000016>
 200 1700000000.004100 fsync(15</s/complete>) = 0 <0.000400>
+202 1700000000.004200 sched_yield() = 0 <0.000005>
 200 1700000000.004600 linkat(12</s/incoming>, "{_K}.put", 12</s/incoming>, "{_K}.done", 0) = 0 <0.000029>
 200 1700000000.004700 close(15</s/complete>) = 0 <0.000010>
 200 1700000000.004800 fcntl(13</s/incoming/{_K}.put>, F_OFD_SETLK, {{l_type=F_UNLCK, l_whence=SEEK_SET, l_start=0, l_len=0}}) = 0 <0.000019>
@@ -360,7 +361,8 @@ class StracePutTests(SynchronousTestCase):
             ("newfstatat", "incoming/"), ("fsync", "incoming/"), ("fadvise64", "put file"),
             ("pread64", "put file"), ("openat", "complete/"), ("linkat", "complete/ file"),
             ("recvfrom", "socket"), ("newfstatat", "complete/ file"),
-            ("newfstatat", "complete/"), ("fsync", "complete/"), ("linkat", "done link"),
+            ("newfstatat", "complete/"), ("fsync", "complete/"), ("sched_yield", "-"),
+            ("linkat", "done link"),
             ("close", "complete/"), ("fcntl", "put file"), ("close", "put file"),
             ("close", "incoming/"), ("futex", "-")])
         self.assertEqual(_strace.kind("/r/incoming/not-a-key.put"), "other")
@@ -382,7 +384,7 @@ class StracePutTests(SynchronousTestCase):
             ("fsync of complete/ (grouped across PUTs)", 1),
             ("link of the .put to <key>.done", 1),
             ("directories: open, stat, close (incoming/, complete/, root)", 6),
-            ("not the store (sockets, log, thread hand-offs...)", 1)])
+            ("not the store (sockets, log, thread hand-offs...)", 2)])
         ms = {r["step"]: r["ms_per_file"] for r in _strace.put_steps(t["rows"])}
         self.assertAlmostEqual(ms["fdatasync of the .put"], 0.822)
         self.assertAlmostEqual(ms["read-back of the .put (fadvise, pread)"], 0.707)
@@ -391,7 +393,8 @@ class StracePutTests(SynchronousTestCase):
         """
         The per-file groups take the PUT's calls: its fdatasync, write,
         read-back, the link into complete/ and the one to C{<key>.done}
-        apart, both directory fsyncs; every call in one group.
+        apart, both directory fsyncs, a spinning thread's C{sched_yield};
+        every call in one group.
         """
         t = _strace.tally(self.calls, 1)
         groups = {g["group"]: g["per_file"] for g in _strace.grouped(t["rows"])}
@@ -402,6 +405,8 @@ class StracePutTests(SynchronousTestCase):
         self.assertEqual(groups["link of a published .put to <key>.done"], 1)
         self.assertEqual(
             groups["fsync of directories (upload dir, incoming/, complete/, root)"], 2)
+        self.assertEqual(
+            groups["sched_yield (threads spinning for work, e.g. BLAKE3's workers)"], 1)
         self.assertEqual(groups["other"], 0)
         self.assertEqual(sum(groups.values()), t["calls"])
 
