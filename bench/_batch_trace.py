@@ -13,7 +13,8 @@ directory this many times, under C{round-0/}, C{round-1/}...
 The last stdout line is the result: per connection, its frames as
 [time, "send" | "recv", frame type, body length] (time: C{time.time()},
 the clock strace's C{-ttt} prints), the outcomes (name, error), CPU
-seconds (getrusage, all threads) and the wall time of the batch.
+seconds (getrusage, all threads), the wall time of the batch and the
+client's digest (C{digest}: BLAKE3 by default, each file hashed once).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ async def _main(reactor: Any, spec: dict[str, Any]) -> None:
                 for o in result.outcomes]
     sys.stdout.write(json.dumps({
         "t0": t0, "t1": t1, "cpu": _cpu() - cpu0, "files": len(items),
-        "outcomes": outcomes, "connections": endpoint.connections,
+        "outcomes": outcomes, "connections": endpoint.connections, "digest": uploader.digest,
     }) + "\n")
     sys.stdout.flush()
 

@@ -2,8 +2,10 @@
 """
 Reading a connection's frames from the bytes it carries (docs/protocol.md,
 section 1: a type byte and a 4-byte big-endian body length, then the body),
-and splitting a traced connection into its files' protocol steps.  Pure
-functions, for L{bench._batch_trace} and L{bench.batch_profile}.
+and splitting a traced connection into its files' protocol steps: a file
+sent whole in one PUT (pipelined, answered in order) or through UPLOAD,
+ACCEPTED, DATA..., FINISH.  Pure functions, for L{bench._batch_trace} and
+L{bench.batch_profile}.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ NAMES = {
     0x01: "HELLO", 0x02: "WELCOME", 0x03: "UPLOAD", 0x04: "RESUME", 0x05: "ACCEPTED",
     0x06: "DATA", 0x07: "ACK", 0x08: "COMPLETED", 0x09: "ERROR", 0x0A: "PING",
     0x0B: "PONG", 0x0C: "CHALLENGE", 0x0D: "AUTH", 0x0E: "STATUS",
-    0x0F: "UPLOAD_STATUS", 0x10: "FINISH",
+    0x0F: "UPLOAD_STATUS", 0x10: "FINISH", 0x11: "PUT",
 }
 
-#: The steps of one file on a connection, in order: (name, from event, to event).
-#: The events: "prev" (the previous file's COMPLETED, or WELCOME for the
-#: connection's first file), "upload" (UPLOAD sent), "accepted", "data"
-#: (first DATA sent), "acked" (last ACK received), "finish" (FINISH or the
-#: empty DATA sent), "completed".
+#: The steps of a file that went through UPLOAD (over the server's C{put}
+#: limit, or to a server without PUT), in order: (name, from event, to
+#: event).  The events: "prev" (the previous file's COMPLETED, or WELCOME
+#: for the connection's first file), "upload" (UPLOAD sent), "accepted",
+#: "data" (first DATA sent), "acked" (last ACK received), "finish" (FINISH
+#: or the empty DATA sent), "completed".
 STEPS = [
     ("client: to the next UPLOAD", "prev", "upload"),
     ("UPLOAD -> ACCEPTED (server: create)", "upload", "accepted"),
@@ -31,6 +34,31 @@ STEPS = [
     ("client: last ACK -> FINISH", "acked", "finish"),
     ("FINISH -> COMPLETED (server: verify, publish)", "finish", "completed"),
 ]
+#: The whole of an UPLOAD file's time (L{step_times}).
+UPLOAD_TOTAL = "total (UPLOAD -> COMPLETED)"
+
+#: The steps of a file sent whole in one PUT (protocol.md, PUT), PUTs
+#: pipelined on a connection and answered in order.  The events: "prev"
+#: (the previous file's send on the connection: its PUT, or the COMPLETED
+#: of an UPLOAD before it, or WELCOME), "put" (PUT sent), "completed" (its
+#: answer: the first COMPLETED after the answers of the PUTs sent before
+#: it), "ahead" (the answer of the PUT sent just before it, when that came
+#: after this one was sent, else this one's send: the time it was in flight
+#: behind another, so that the steps overlap and do not add up).
+PUT_STEPS = [
+    ("client: to the next PUT (from the previous send)", "prev", "put"),
+    ("PUT -> COMPLETED (server: store whole)", "put", "completed"),
+    ("  of which in flight behind the previous PUT", "put", "ahead"),
+]
+
+#: A phase of a connection (L{phases}) in which the client waits for no
+#: answer: between files, or before the first.
+IDLE_PHASE = "after the last COMPLETED"
+
+
+def put_phase(in_flight: int) -> str:
+    """The phase (L{phases}) in which C{in_flight} PUTs await their answers."""
+    return f"PUT: {in_flight} in flight"
 
 
 class FrameScanner:
@@ -64,23 +92,36 @@ class FrameScanner:
         return out
 
 
-def split_files(events: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
-    """
-    One connection's frames, [time, "send" | "recv", type, body length]
-    in order, split into its files: for each file the times of its events
-    (see L{STEPS}), its DATA and ACK frames and its payload bytes.  A file
-    is counted from its UPLOAD to its COMPLETED; an upload that ended
-    otherwise (ERROR, a broken connection) is left out.
-    """
-    files = []
-    prev = None
-    cur: dict[str, Any] | None = None
+def _walk(events: Sequence[Sequence[Any]]) -> tuple[list[dict[str, Any]],
+                                                   list[tuple[float, str]]]:
+    """L{split_files} and L{phases} in one pass over a connection's frames."""
+    files: list[dict[str, Any]] = []
+    phases: list[tuple[float, str]] = []
+    last_done = last_sent = None  # the "prev" of an UPLOAD, of a PUT
+    cur: dict[str, Any] | None = None  # the UPLOAD under way
+    puts: list[dict[str, Any]] = []  # PUTs sent and not answered yet, oldest first
     for t, direction, kind, length in events:
         name = NAMES.get(kind, str(kind))
         if direction == "recv" and name == "WELCOME":
-            prev = t
+            last_done = last_sent = t
+        elif direction == "send" and name == "PUT":
+            puts.append({"kind": "put", "prev": last_sent, "put": t, "in_flight": len(puts) + 1,
+                         "ahead": t if not puts else None, "body": length})
+            last_sent = t
+            phases.append((t, put_phase(len(puts))))
+        elif direction == "recv" and puts and name in ("COMPLETED", "ERROR"):
+            # The answer of the oldest PUT not answered yet (in order).
+            done = puts.pop(0)
+            if puts and puts[0]["ahead"] is None:
+                puts[0]["ahead"] = t
+            phases.append((t, put_phase(len(puts)) if puts else IDLE_PHASE))
+            if name == "COMPLETED":
+                done["completed"] = t
+                files.append(done)
+            last_done = t
         elif direction == "send" and name == "UPLOAD":
-            cur = {"prev": prev, "upload": t, "data_frames": 0, "ack_frames": 0, "bytes": 0}
+            cur = {"kind": "upload", "prev": last_done, "upload": t, "data_frames": 0,
+                   "ack_frames": 0, "bytes": 0}
         elif cur is None:
             continue
         elif direction == "recv" and name == "ACCEPTED":
@@ -100,17 +141,55 @@ def split_files(events: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
         elif direction == "recv" and name == "COMPLETED":
             cur["completed"] = t
             files.append(cur)
-            prev, cur = t, None
+            for step, a, _ in STEPS:
+                if cur.get(a) is not None:
+                    phases.append((cur[a], step))
+            phases.append((t, IDLE_PHASE))
+            last_done = last_sent = t
+            cur = None
         elif direction == "recv" and name == "ERROR":
             cur = None
-    return files
+    return files, phases
+
+
+def split_files(events: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """
+    One connection's frames, [time, "send" | "recv", type, body length]
+    in order, split into its files, in the order they completed: for each
+    file its C{kind} (C{"upload"} or C{"put"}) and the times of its events
+    (see L{STEPS}, L{PUT_STEPS}); an UPLOAD's DATA and ACK frames and
+    payload bytes; a PUT's C{body} length and C{in_flight}, the PUTs
+    awaiting an answer once it was sent, itself included.  A file is
+    counted from its UPLOAD or PUT to its COMPLETED; one that ended
+    otherwise (ERROR, a broken connection) is left out.  Answers to PUTs
+    come in order: a COMPLETED or ERROR while PUTs wait is the oldest's.
+    """
+    return _walk(events)[0]
+
+
+def phases(events: Sequence[Sequence[Any]]) -> list[tuple[float, str]]:
+    """
+    One connection's phases, [(time, phase starting then)] in time order:
+    an UPLOAD's L{STEPS} (of the uploads that completed), while PUTs are
+    in flight how many (L{put_phase}), and L{IDLE_PHASE} after the answer
+    of the last file in flight.  Of two phases starting at once the one
+    known last holds (an UPLOAD's first step names the idle time before it).
+    """
+    return sorted({t: phase for t, phase in _walk(events)[1]}.items())
+
+
+def completed_frames(events: Sequence[Sequence[Any]]) -> int:
+    """The COMPLETED frames a connection received (one per file stored or skipped)."""
+    return sum(1 for _, direction, kind, _ in events
+               if direction == "recv" and NAMES.get(kind) == "COMPLETED")
 
 
 def step_times(f: dict[str, Any]) -> dict[str, float]:
-    """One file's seconds per step of L{STEPS} (steps it lacks are left out)."""
+    """One file's seconds per step of L{STEPS} or L{PUT_STEPS} (steps it lacks are left out)."""
     out = {}
-    for step, a, b in STEPS:
+    for step, a, b in PUT_STEPS if f.get("kind") == "put" else STEPS:
         if f.get(a) is not None and f.get(b) is not None:
             out[step] = f[b] - f[a]
-    out["total (UPLOAD -> COMPLETED)"] = f["completed"] - f["upload"]
+    if f.get("kind") != "put":
+        out[UPLOAD_TOTAL] = f["completed"] - f["upload"]
     return out

@@ -23,6 +23,9 @@ _FD_PATH = re.compile(r"(?:\b\d+|AT_FDCWD)<([^>]*)>")
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _RESULT_PATH = re.compile(r"^\s*<([^>]*)>")
 _ID = re.compile(r"^[0-9a-f]{32}$")
+#: The one-step store's names in incoming/ (storage/filesystem/_whole.py).
+_PUT = re.compile(r"^[0-9a-f]{32}\.put$")
+_DONE = re.compile(r"^[0-9a-f]{32}\.done$")
 
 #: Calls that wait for work (their time is idle time, not cost).
 WAITS = frozenset({"futex", "epoll_wait", "epoll_pwait", "select", "poll", "clock_nanosleep"})
@@ -107,7 +110,9 @@ def target(call: dict[str, Any]) -> str:
 def kind(path: str) -> str:
     """
     What C{path} is to the storage: C{data}, C{journal}, C{meta.json},
-    C{lease}, C{lock}, C{upload dir} (incoming/ID), C{incoming/},
+    C{lease}, C{lock}, C{upload dir} (incoming/ID), C{put file}
+    (incoming/KEY.put, a PUT's file, stored in one step), C{done link}
+    (incoming/KEY.done, its third name once published), C{incoming/},
     C{complete/}, C{complete/ file}, C{log file}, C{socket}, C{pipe},
     C{epoll}, C{other}, or C{-} for none.
     """
@@ -129,6 +134,10 @@ def kind(path: str) -> str:
             return "incoming/"
         if len(rest) == 1 and _ID.match(rest[0]):
             return "upload dir"
+        if len(rest) == 1 and _PUT.match(rest[0]):
+            return "put file"
+        if len(rest) == 1 and _DONE.match(rest[0]):
+            return "done link"
         if len(rest) == 2:
             leaf = rest[1]
             for name in ("data", "journal", "meta.json", "lease", "lock", "takeover"):
@@ -183,25 +192,33 @@ def tally(calls: Sequence[dict[str, Any]], files: int,
 #: The groups of docs/benchmarks.md's per-file table: (label, test on (call, kind)).
 GROUPS: list[tuple[str, Any]] = [
     ("fdatasync of the data", lambda c, k: c == "fdatasync" and k == "data"),
+    ("fdatasync of a PUT's .put", lambda c, k: c == "fdatasync" and k == "put file"),
     ("fdatasync of the journal", lambda c, k: c == "fdatasync" and k == "journal"),
     ("fsync of new empty files (lock, data, journal)",
      lambda c, k: c == "fsync" and k in ("lock", "data", "journal")),
     ("meta.json and lease: fsync of the temp file",
      lambda c, k: c == "fsync" and k in ("meta.json", "lease")),
     ("fsync of directories (upload dir, incoming/, complete/, root)",
-     lambda c, k: c == "fsync" and k in ("upload dir", "incoming/", "complete/", "other")),
+     lambda c, k: c == "fsync"
+     and k in ("upload dir", "incoming/", "complete/", "complete/ file", "other")),
     ("mkdir", lambda c, k: c in ("mkdir", "mkdirat")),
     ("open/openat", lambda c, k: c in ("open", "openat")),
     ("close", lambda c, k: c == "close"),
     ("writes of data and journal (pwrite)",
      lambda c, k: c in ("pwrite64", "write", "pwritev") and k in ("data", "journal")),
+    ("writes of a PUT's .put (pwrite)",
+     lambda c, k: c in ("pwrite64", "write", "pwritev") and k == "put file"),
     ("writes of meta.json and lease (pwrite)",
      lambda c, k: c in ("pwrite64", "write") and k in ("meta.json", "lease")),
     ("rename of meta.json and lease", lambda c, k: c in ("rename", "renameat", "renameat2")),
+    ("link of a published .put to <key>.done",
+     lambda c, k: c in ("link", "linkat") and k == "done link"),
     ("link into complete/", lambda c, k: c in ("link", "linkat")),
     ("unlink/rmdir (clean-up)", lambda c, k: c in ("unlink", "unlinkat", "rmdir")),
     ("read-back of the data (fadvise, pread)",
      lambda c, k: k == "data" and c in ("fadvise64", "pread64", "preadv2", "read", "readv")),
+    ("read-back of a PUT's .put (fadvise, pread)",
+     lambda c, k: k == "put file" and c in ("fadvise64", "pread64", "preadv2", "read", "readv")),
     ("reads of lease and meta.json (lease checks)",
      lambda c, k: k in ("lease", "meta.json", "takeover")
      and c in ("read", "pread64", "lseek", "ioctl", "fstat", "newfstatat")),
@@ -211,6 +228,8 @@ GROUPS: list[tuple[str, Any]] = [
     ("socket: recv/send", lambda c, k: k == "socket"),
     ("epoll_ctl", lambda c, k: c == "epoll_ctl"),
     ("thread hand-offs: wake-up pipe", lambda c, k: k == "pipe"),
+    ("sched_yield (threads spinning for work, e.g. BLAKE3's workers)",
+     lambda c, k: c == "sched_yield"),
     ("waits (futex, epoll_wait): idle, time not a cost", lambda c, k: c in WAITS),
     ("log file writes", lambda c, k: k == "log file"),
 ]
@@ -232,3 +251,50 @@ def grouped(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         out[label][2] += r.get("failed_per_file", 0.0)
     return [{"group": g, "per_file": v[0], "ms_per_file": v[1], "failed_per_file": v[2]}
             for g, v in out.items()]
+
+
+#: The steps of the one-step store of a PUT (storage/filesystem/_whole.py,
+#: in its order), each a test on (call, kind of target); calls of none of
+#: them (sockets, the log, thread hand-offs) are not the store's.
+PUT_STEPS: list[tuple[str, Any]] = [
+    ("create, lock, stat, unlock and close the .put",
+     lambda c, k: k == "put file" and c in ("open", "openat", "fcntl", "fstat", "newfstatat",
+                                            "statx", "close")),
+    ("write the .put (pwrite)",
+     lambda c, k: k == "put file" and c in ("pwrite64", "write", "pwritev")),
+    ("fdatasync of the .put", lambda c, k: k == "put file" and c == "fdatasync"),
+    ("fsync of incoming/ (grouped across PUTs)", lambda c, k: k == "incoming/" and c == "fsync"),
+    ("read-back of the .put (fadvise, pread)",
+     lambda c, k: k == "put file" and c in ("fadvise64", "pread64", "preadv2", "read", "readv")),
+    ("link into complete/", lambda c, k: k == "complete/ file" and c in ("link", "linkat")),
+    ("prove the link: stat of the published name",
+     lambda c, k: k == "complete/ file" and c in ("newfstatat", "stat", "lstat", "statx")),
+    ("fsync of complete/ (grouped across PUTs)",
+     lambda c, k: k in ("complete/", "complete/ file") and c == "fsync"),
+    ("link of the .put to <key>.done", lambda c, k: k == "done link" and c in ("link", "linkat")),
+    ("directories: open, stat, close (incoming/, complete/, root)",
+     lambda c, k: k in ("incoming/", "complete/", "complete/ file", "other")
+     and c in ("open", "openat", "close", "fstat", "newfstatat", "statx", "mkdir", "mkdirat")),
+]
+
+
+def put_steps(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    L{tally}'s rows (per file) summed into the one-step store's
+    L{PUT_STEPS}, in its order, then C{"not the store"} for every other
+    call that is not a wait (sockets, the log, thread hand-offs...).
+    """
+    out = {label: [0.0, 0.0] for label, _ in PUT_STEPS}
+    out["not the store (sockets, log, thread hand-offs...)"] = [0.0, 0.0]
+    for r in rows:
+        call, k = r["key"]
+        if call in WAITS:
+            continue
+        for label, test in PUT_STEPS:
+            if test(call, k):
+                break
+        else:
+            label = "not the store (sockets, log, thread hand-offs...)"
+        out[label][0] += r["per_file"]
+        out[label][1] += r["ms_per_file"]
+    return [{"step": s, "per_file": v[0], "ms_per_file": v[1]} for s, v in out.items()]

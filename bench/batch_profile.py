@@ -9,25 +9,29 @@ C{twistd imgresume} (no balancer) by L{bench._batch_trace}: the public
 C{Uploader.upload_batch}, what C{imgresume upload DIR} runs, with every
 frame it sends and receives timestamped.
 
- 1. Timeline, C{--parallel 1}, journal off, then on: each file split into
-    the protocol's steps (L{bench._frames.STEPS}): median ms per step, the
-    frames per file, CPU per file of client and server.  Nothing is
-    sampled or traced in these runs.
+ 1. Timeline, C{--parallel 1}, journal off, then on, and C{--parallel 4}:
+    each file split into the protocol's steps: a file of at most the
+    server's C{put} (all of them here) goes whole in one PUT, up to two in
+    flight per connection (L{bench._frames.PUT_STEPS}); a larger one
+    through UPLOAD (L{bench._frames.STEPS}, shown only when a batch had
+    one).  Median ms per step, the frames per file, files/s, CPU per file of
+    client and server.  Nothing is sampled or traced in these runs.
  2. System calls: the same run (journal off) with C{strace -f -ttt -T -y}
     attached to the server: calls per file and their time, by call and by
-    what they touched (data, journal, meta.json, directories...;
-    L{bench._strace}), and by protocol step.  strace slows every call down:
-    its counts are exact, its times are not the run's.
+    what they touched (a PUT's C{incoming/<key>.put} and C{<key>.done},
+    directories...; L{bench._strace}), by step of the one-step store, and
+    by protocol phase (how many PUTs were in flight).  strace slows every
+    call down: its counts are exact, its times are not the run's.
  3. CPU: C{--parallel 4} under py-spy (server attached, client started
     under it), if py-spy is installed: each role's busy time per file and
     what it was spent on (buckets of L{bench.profile}).
- 4. The client's hashing alone: SHA-256 of each source file in this
-    process, per file.
+ 4. The client's hashing alone, per file, in this process: the digest
+    the client used (BLAKE3 by default; it hashes each file once) and the
+    checksum of a PUT's payload (CRC-32C).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -35,13 +39,13 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from typing import Any
 
 from bench import _frames, _strace
 from bench._common import Workdir, last_json, log, median, now, spawn_python
 from bench.batch import KiB, write_sources
 from bench.imgresume_runs import Cluster
+from imgresume import integrity
 
 SIZE = 256 * KiB
 #: The py-spy run uploads the files this many times (enough samples at 50 Hz).
@@ -75,24 +79,41 @@ def _client(cluster: Cluster, src: str, parallel: int, journal: str | None,
 
 
 def timeline(res: dict[str, Any]) -> dict[str, Any]:
-    """Median ms per step over the files, frames per file, CPU per file."""
-    files = [f for conn in res["connections"] for f in _frames.split_files(conn)]
+    """
+    Median ms per step over the files (a PUT's steps, L{_frames.PUT_STEPS},
+    and an UPLOAD's, L{_frames.STEPS}), frames per file, CPU per file.  The
+    files are those the frames show completed; C{completed_frames} counts
+    the COMPLETED frames received, which should be the same number.
+    """
+    conns = res["connections"]
+    files = [f for conn in conns for f in _frames.split_files(conn)]
+    puts = [f for f in files if f["kind"] == "put"]
+    uploads = [f for f in files if f["kind"] != "put"]
     steps: dict[str, list[float]] = {}
     for f in files:
         for step, seconds in _frames.step_times(f).items():
             steps.setdefault(step, []).append(seconds)
-    n = len(files) or 1
+    n = len(files)
+
+    def per(total: float, count: int) -> float:
+        return total / count if count else float("nan")
+
     return {
-        "files": len(files),
+        "files": n,
+        "puts": len(puts),
+        "uploads": len(uploads),
+        "completed_frames": sum(_frames.completed_frames(conn) for conn in conns),
         "seconds": res["t1"] - res["t0"],
-        "files_per_s": len(files) / (res["t1"] - res["t0"]),
+        "files_per_s": n / (res["t1"] - res["t0"]),
         "ms_median": {k: 1e3 * median(v) for k, v in steps.items()},
         "ms_mean": {k: 1e3 * sum(v) / len(v) for k, v in steps.items()},
-        "data_frames": sum(f["data_frames"] for f in files) / n,
-        "ack_frames": sum(f["ack_frames"] for f in files) / n,
-        "connections": len(res["connections"]),
-        "client_cpu_ms": 1e3 * res["cpu"] / n,
-        "server_cpu_ms": 1e3 * res["server_cpu"] / n,
+        "data_frames": per(sum(f["data_frames"] for f in uploads), len(uploads)),
+        "ack_frames": per(sum(f["ack_frames"] for f in uploads), len(uploads)),
+        "puts_in_flight": per(sum(f["in_flight"] for f in puts), len(puts)),
+        "connections": len(conns),
+        "client_cpu_ms": 1e3 * per(res["cpu"], n),
+        "server_cpu_ms": 1e3 * per(res["server_cpu"], n),
+        "digest": res.get("digest"),
     }
 
 
@@ -102,6 +123,7 @@ def timeline_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "connections": [c for r in runs for c in r["connections"]],
         "t0": 0.0, "t1": sum(r["t1"] - r["t0"] for r in runs),
         "cpu": sum(r["cpu"] for r in runs), "server_cpu": sum(r["server_cpu"] for r in runs),
+        "digest": runs[0].get("digest"),
     }
     out = timeline(merged)
     out["rounds"] = len(runs)
@@ -110,16 +132,8 @@ def timeline_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _boundaries(res: dict[str, Any]) -> list[tuple[float, str]]:
-    """Each file's step boundaries, [(time, step starting then)], sorted."""
-    out = []
-    for conn in res["connections"]:
-        for f in _frames.split_files(conn):
-            for step, a, _ in _frames.STEPS:
-                if f.get(a) is not None:
-                    out.append((f[a], step))
-            out.append((f["completed"], "after the last COMPLETED"))
-    out.sort()
-    return out
+    """The connections' phases (L{_frames.phases}), [(time, phase starting then)], sorted."""
+    return sorted(p for conn in res["connections"] for p in _frames.phases(conn))
 
 
 def _strace_run(cluster: Cluster, src: str, work: Workdir, files: int) -> dict[str, Any]:
@@ -144,6 +158,7 @@ def _strace_run(cluster: Cluster, src: str, work: Workdir, files: int) -> dict[s
     n = timeline(res)["files"]
     t = _strace.tally(calls, n, steps)
     t["groups"] = _strace.grouped(t["rows"])
+    t["put_steps"] = _strace.put_steps(t["rows"])
     t["seconds"] = res["t1"] - res["t0"]
     return t
 
@@ -198,7 +213,8 @@ _FILE_CALLS = frozenset({
 #: (bucket, test on the frame's function name, test on its file).
 _COARSE: list[tuple[str, Any]] = [
     ("fsync/fdatasync", lambda n, f: "fsync" in n or "fdatasync" in n),
-    ("hashing (SHA-256, CRC-32)", lambda n, f: "sha256" in n.lower() or "crc32" in n.lower()),
+    ("hashing (BLAKE3, SHA-256, CRC-32C, CRC-32)",
+     lambda n, f: any(h in n.lower() for h in ("blake3", "sha256", "crc32"))),
     ("file reads (pread, fadvise)", lambda n, f: "pread" in n or "fadvise" in n),
     ("socket send/recv", lambda n, f: n in {"send", "__send", "__libc_send", "sendmsg",
                                            "recv", "__recv", "__libc_recv", "recvfrom",
@@ -278,8 +294,14 @@ def summarise_batch_raw(path: str) -> dict[str, Any]:
             for role, c in roles.items()}
 
 
-def _hashing(src: str) -> dict[str, float]:
-    """CPU ms per file of what the client computes over each file's bytes."""
+def _hashing(src: str, digest: str = integrity.DEFAULT_DIGEST,
+             checksum: str = integrity.DEFAULT_CHECKSUM) -> dict[str, Any]:
+    """
+    CPU ms per file of what the client computes over each file's bytes:
+    its C{digest} (once per file: it names the PUT and fills it) and the
+    C{checksum} of the PUT's payload, as the client calls them
+    (L{imgresume.integrity}).
+    """
     names = sorted(os.listdir(src))
     blobs = []
     for name in names:
@@ -287,13 +309,14 @@ def _hashing(src: str) -> dict[str, float]:
             blobs.append(f.read())
     t0 = time.process_time()
     for b in blobs:
-        hashlib.sha256(b).digest()
+        integrity.digest_of(digest, b)
     t1 = time.process_time()
     for b in blobs:
-        zlib.crc32(b)
+        integrity.checksum(checksum, b)
     t2 = time.process_time()
     n = len(blobs) or 1
-    return {"sha256_ms": 1e3 * (t1 - t0) / n, "crc32_ms": 1e3 * (t2 - t1) / n}
+    return {"digest": digest, "checksum": checksum,
+            "digest_ms": 1e3 * (t1 - t0) / n, "checksum_ms": 1e3 * (t2 - t1) / n}
 
 
 def batch_profile(work: Workdir, opts: Any) -> dict[str, Any]:
@@ -330,7 +353,8 @@ def batch_profile(work: Workdir, opts: Any) -> dict[str, Any]:
     finally:
         cluster.stop()
         shutil.rmtree(src, ignore_errors=True)
-    out["hashing"] = _hashing_after(files)
+    first = next(iter(results.values()))[0]
+    out["hashing"] = _hashing_after(files, first.get("digest") or integrity.DEFAULT_DIGEST)
     out["seconds"] = now() - t0
     for part in ("strace", "pyspy"):
         if "note" in out[part]:
@@ -339,11 +363,11 @@ def batch_profile(work: Workdir, opts: Any) -> dict[str, Any]:
     return out
 
 
-def _hashing_after(files: int) -> dict[str, float]:
+def _hashing_after(files: int, digest: str) -> dict[str, Any]:
     d = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bench-hash-{os.getpid()}")
     try:
         write_sources(d, min(files, 200), SIZE)
-        return _hashing(d)
+        return _hashing(d, digest)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -351,29 +375,57 @@ def _hashing_after(files: int) -> dict[str, float]:
 # -- the text ----------------------------------------------------------------
 
 
+def _ms(v: float | None, width: int) -> str:
+    """A figure in C{width} columns, "-" where there is none (no such step in a run)."""
+    return f"{'-':>{width}}" if v is None or v != v else f"{v:>{width}.2f}"
+
+
+def _step_table(lines: list[str], tl: dict[str, Any], names: list[str], title: str,
+                steps: list[str]) -> None:
+    lines.append(f"  {title:<50}" + "".join(f"{n:>24}" for n in names))
+    for step in steps:
+        lines.append(f"    {step:<48}" + "".join(
+            _ms(tl[n]["ms_median"].get(step), 24) for n in names))
+
+
 def text(p: dict[str, Any]) -> str:
     """What the table prints for this group."""
     tl = p["timeline"]
     names = list(tl)
+    first = tl[names[0]]
     lines = [f"batch-profile: {p['files']} files of {p['size'] // KiB} KiB straight to one "
              "server (Uploader.upload_batch, frames timestamped), "
-             f"{tl[names[0]]['rounds']} round(s)"]
-    lines.append(f"  {'ms per file (median)':<48}" + "".join(f"{n:>24}" for n in names))
-    steps = [s for s, _, _ in _frames.STEPS] + ["total (UPLOAD -> COMPLETED)"]
-    for step in steps:
-        lines.append(f"  {step:<48}" + "".join(
-            f"{tl[n]['ms_median'].get(step, float('nan')):>24.2f}" for n in names))
-    lines.append(f"  {'files/s (all rounds)':<48}" + "".join(
+             f"{first['rounds']} round(s)"]
+    lines.append(f"  {'files per round: PUT / UPLOAD':<50}" + "".join(
+        f"{tl[n]['puts'] // tl[n]['rounds']:>14} / {tl[n]['uploads'] // tl[n]['rounds']:<7}"
+        for n in names))
+    for n in names:
+        if tl[n]["files"] != tl[n]["completed_frames"]:
+            lines.append(f"  WARNING: {n}: {tl[n]['files']} files found in the frames, but "
+                         f"{tl[n]['completed_frames']} COMPLETED frames received")
+    if any(tl[n]["puts"] for n in names):
+        _step_table(lines, tl, names, "PUT: ms per file (median)",
+                    [s for s, _, _ in _frames.PUT_STEPS])
+    if any(tl[n]["uploads"] for n in names):
+        _step_table(lines, tl, names, "UPLOAD: ms per file (median)",
+                    [s for s, _, _ in _frames.STEPS] + [_frames.UPLOAD_TOTAL])
+    lines.append(f"  {'files/s (all rounds)':<50}" + "".join(
         f"{tl[n]['files_per_s']:>24.0f}" for n in names))
-    lines.append(f"  {'CPU ms per file: client / server':<48}" + "".join(
+    lines.append(f"  {'CPU ms per file: client / server':<50}" + "".join(
         f"{tl[n]['client_cpu_ms']:>14.2f} / {tl[n]['server_cpu_ms']:<7.2f}" for n in names))
-    first = tl[names[0]]
-    lines.append(f"  frames per file: UPLOAD, ACCEPTED, {first['data_frames']:.1f} DATA, "
-                 f"{first['ack_frames']:.1f} ACK, FINISH, COMPLETED: 3 round trips in "
-                 f"series; HELLO/WELCOME once per connection ({first['connections']})")
+    if first["puts"]:
+        lines.append(f"  frames per file: PUT, COMPLETED: 1 round trip, "
+                     f"{first['puts_in_flight']:.2f} PUTs in flight (itself included) when "
+                     f"one is sent; HELLO/WELCOME once per connection ({first['connections']})")
+    if first["uploads"]:
+        lines.append(f"  frames per UPLOAD file: UPLOAD, ACCEPTED, {first['data_frames']:.1f} "
+                     f"DATA, {first['ack_frames']:.1f} ACK, FINISH, COMPLETED: 3 round trips "
+                     "in series")
     h = p["hashing"]
-    lines.append(f"  client CPU per file over the bytes: SHA-256 {h['sha256_ms']:.2f} ms, "
-                 f"CRC-32 {h['crc32_ms']:.2f} ms")
+    lines.append(
+        f"  client CPU per file over the bytes: {integrity.title(h['digest'])} (once per file) "
+        f"{h['digest_ms']:.2f} ms, {integrity.title(h['checksum'])} (per PUT) "
+        f"{h['checksum_ms']:.2f} ms")
     st = p["strace"]
     if "rows" in st:
         lines.append(
@@ -385,12 +437,18 @@ def text(p: dict[str, Any]) -> str:
             if g["per_file"]:
                 lines.append(f"    {g['group']:<64} {g['per_file']:>6.2f} "
                              f"{g['failed_per_file']:>6.2f} {g['ms_per_file']:>7.3f}")
+        if any(r["per_file"] for r in st.get("put_steps", ())):
+            lines.append("    a PUT's one-step store, by step (calls, ms):")
+            for r in st["put_steps"]:
+                if r["per_file"]:
+                    lines.append(f"      {r['step']:<62} {r['per_file']:>6.2f} "
+                                 f"{r['ms_per_file']:>7.3f}")
         lines.append(f"    by call and target, the 25 costliest:")
         for r in [r for r in st["rows"] if r["key"][0] not in _strace.WAITS][:25]:
             call, k = r["key"]
             lines.append(f"      {call + ' ' + k:<40} {r['per_file']:>6.2f} "
                          f"{r['failed_per_file']:>6.2f} {r['ms_per_file']:>7.3f}")
-        lines.append("    by protocol step (calls, ms; waits left out):")
+        lines.append("    by protocol phase (calls, ms; waits left out):")
         for r in st["steps"]:
             lines.append(f"      {r['key']:<60} {r['per_file']:>6.1f} {r['ms_per_file']:>7.2f}")
     py = p["pyspy"]

@@ -3,8 +3,8 @@
 Tests for the pure parts of the batch benchmarks (issue 16): reading frames
 off a connection and splitting it into files' protocol steps
 (L{bench._frames}), reading strace output (L{bench._strace}), the batch
-group's figures and targets (L{bench.batch}), and the profile's buckets
-(L{bench.batch_profile}).  Nothing here runs a process or a clock.
+group's figures and targets (L{bench.batch}), and the profile's timeline,
+text and buckets (L{bench.batch_profile}).  Nothing here runs a process or a clock.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from bench import _frames, _strace, batch
-from bench.batch_profile import coarse_bucket, storage_op
+from bench.batch_profile import coarse_bucket, storage_op, text, timeline, timeline_of
 
 
 def _frame(kind: int, body: bytes) -> bytes:
@@ -96,6 +96,131 @@ class SplitFilesTests(SynchronousTestCase):
                   [0.5, "send", 0x06, 12], [0.6, "recv", 0x08, 90]]
         [f] = _frames.split_files(events)
         self.assertEqual((f["data_frames"], f["bytes"], f["finish"]), (1, 100, 0.5))
+
+
+def _put_events() -> list[list[Any]]:
+    """
+    A connection carrying small files in PUTs, two in flight, answered in
+    order (one refused), then a file over the PUT limit through UPLOAD.
+    """
+    return [
+        [0.0, "send", 0x01, 20], [0.001, "recv", 0x02, 30],
+        [0.002, "send", 0x11, 70 + 1000],  # A
+        [0.003, "send", 0x11, 70 + 1000],  # B, behind A
+        [0.010, "recv", 0x08, 90],  # A's
+        [0.011, "send", 0x11, 70 + 1000],  # C, behind B
+        [0.015, "recv", 0x08, 90],  # B's
+        [0.016, "recv", 0x09, 40],  # C refused: not a file
+        [0.020, "send", 0x11, 70 + 1000],  # D, alone
+        [0.021, "send", 0x0A, 8],  # a PING behind it, answered in its turn
+        [0.030, "recv", 0x08, 90],  # D's
+        [0.031, "recv", 0x0B, 8],
+        [0.032, "send", 0x03, 60], [0.040, "recv", 0x05, 120],  # E, over the limit
+        [0.041, "send", 0x06, 12 + 5000], [0.045, "recv", 0x07, 8],
+        [0.046, "send", 0x10, 32], [0.050, "recv", 0x08, 90],
+    ]
+
+
+class PutFilesTests(SynchronousTestCase):
+    """
+    L{_frames.split_files}, L{_frames.step_times} and L{_frames.phases} on
+    PUTs (protocol.md, PUT: pipelined, answered in order).
+    """
+
+    def test_files(self) -> None:
+        """
+        Each PUT answered by COMPLETED is one file, matched in order (the
+        answer of the oldest PUT waiting), with the PUTs in flight once it
+        was sent; a refused PUT is not a file; an UPLOAD after them is.
+        """
+        files = _frames.split_files(_put_events())
+        self.assertEqual([(f["kind"], f.get("put", f.get("upload")), f["completed"])
+                          for f in files],
+                         [("put", 0.002, 0.010), ("put", 0.003, 0.015), ("put", 0.020, 0.030),
+                          ("upload", 0.032, 0.050)])
+        self.assertEqual([f["in_flight"] for f in files[:3]], [1, 2, 1])
+        self.assertEqual(_frames.completed_frames(_put_events()), len(files))
+
+    def test_put_steps(self) -> None:
+        """
+        A PUT's steps: from the previous send (WELCOME, the previous PUT,
+        even a refused one) to its PUT, PUT to its COMPLETED, and the part
+        of that spent in flight behind the previous PUT (until its answer);
+        the UPLOAD's steps run from the last COMPLETED.
+        """
+        a, b, d, e = (_frames.step_times(f) for f in _frames.split_files(_put_events()))
+        to_next, stored, behind = (s for s, _, _ in _frames.PUT_STEPS)
+        for times, expected in [(a, (0.001, 0.008, 0.0)), (b, (0.001, 0.012, 0.007)),
+                                (d, (0.009, 0.010, 0.0))]:
+            self.assertEqual(sorted(times), sorted([to_next, stored, behind]))
+            for step, e_ in zip((to_next, stored, behind), expected):
+                self.assertAlmostEqual(times[step], e_, places=6)
+        self.assertAlmostEqual(e["client: to the next UPLOAD"], 0.002, places=6)
+        self.assertAlmostEqual(e[_frames.UPLOAD_TOTAL], 0.018, places=6)
+
+    def test_phases(self) -> None:
+        """
+        How many PUTs were in flight from each send and answer on; then an
+        UPLOAD's steps.
+        """
+        got = [(round(t, 6), p) for t, p in _frames.phases(_put_events()) if t < 0.031]
+        self.assertEqual(got, [
+            (0.002, _frames.put_phase(1)), (0.003, _frames.put_phase(2)),
+            (0.01, _frames.put_phase(1)), (0.011, _frames.put_phase(2)),
+            (0.015, _frames.put_phase(1)), (0.016, _frames.IDLE_PHASE),
+            (0.02, _frames.put_phase(1)), (0.03, "client: to the next UPLOAD")])
+
+
+def _trace_result(events: list[list[Any]]) -> dict[str, Any]:
+    return {"connections": [events], "t0": 0.0, "t1": 0.05, "cpu": 0.04, "server_cpu": 0.08,
+            "digest": "blake3"}
+
+
+class TimelineTests(SynchronousTestCase):
+    """L{timeline} and L{text}: files counted from the frames, PUT and UPLOAD tables."""
+
+    def test_counts(self) -> None:
+        """
+        files/s and CPU per file count the files the frames show completed,
+        as many as COMPLETED frames; frames per file by kind.
+        """
+        tl = timeline(_trace_result(_put_events()))
+        self.assertEqual((tl["files"], tl["puts"], tl["uploads"], tl["completed_frames"]),
+                         (4, 3, 1, 4))
+        self.assertAlmostEqual(tl["files_per_s"], 80.0)
+        self.assertAlmostEqual(tl["client_cpu_ms"], 10.0)
+        self.assertAlmostEqual(tl["server_cpu_ms"], 20.0)
+        self.assertAlmostEqual(tl["puts_in_flight"], 4 / 3)
+        self.assertEqual((tl["data_frames"], tl["ack_frames"]), (1.0, 1.0))
+        self.assertAlmostEqual(tl["ms_median"]["PUT -> COMPLETED (server: store whole)"], 10.0)
+
+    def _text(self, events: list[list[Any]]) -> str:
+        return text({"files": 4, "size": 256 * 1024,
+                     "timeline": {"parallel 1": timeline_of([_trace_result(events)])},
+                     "hashing": {"digest": "blake3", "checksum": "crc32c", "digest_ms": 0.1,
+                                 "checksum_ms": 0.01},
+                     "strace": {"note": "skipped"}, "pyspy": {"note": "skipped"}})
+
+    def test_text_puts_only(self) -> None:
+        """
+        A batch of PUTs only: the PUT table, no UPLOAD table, no C{nan}, the
+        digest the client used named.
+        """
+        events = [e for e in _put_events() if e[0] < 0.0315]
+        out = self._text(events)
+        self.assertIn("PUT: ms per file", out)
+        self.assertNotIn("UPLOAD: ms per file", out)
+        self.assertNotIn("nan", out)
+        self.assertNotIn("WARNING", out)
+        self.assertIn("BLAKE3 (once per file) 0.10 ms, CRC-32C (per PUT) 0.01 ms", out)
+        self.assertNotIn("SHA-256", out)
+
+    def test_text_mixed(self) -> None:
+        """A batch with a file over the PUT limit: both tables."""
+        out = self._text(_put_events())
+        self.assertIn("PUT: ms per file", out)
+        self.assertIn("UPLOAD: ms per file", out)
+        self.assertNotIn("nan", out)
 
 
 STRACE = """\
@@ -185,6 +310,105 @@ class StraceTests(SynchronousTestCase):
             groups["fsync of directories (upload dir, incoming/, complete/, root)"]["per_file"],
             1)
         self.assertEqual(sum(g["per_file"] for g in groups.values()), t["calls"])
+
+
+_K = "673c648c97bb46f5dc420c417f456bc4"
+#: The one-step store of one PUT (storage/filesystem/_whole.py), as strace prints it.
+STRACE_PUT = f"""\
+200 1700000000.000100 openat(AT_FDCWD</w>, "/s/incoming", O_RDONLY|O_CLOEXEC|O_DIRECTORY) = 12</s/incoming> <0.000028>
+200 1700000000.000200 openat(12</s/incoming>, "{_K}.put", O_RDWR|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, 0644) = 13</s/incoming/{_K}.put> <0.000072>
+200 1700000000.000300 fcntl(13</s/incoming/{_K}.put>, F_OFD_SETLK, {{l_type=F_WRLCK, l_whence=SEEK_SET, l_start=0, l_len=0}}) = 0 <0.000020>
+200 1700000000.000400 newfstatat(13</s/incoming/{_K}.put>, "", {{st_mode=S_IFREG|0644, st_size=0, ...}}, AT_EMPTY_PATH) = 0 <0.000014>
+200 1700000000.000500 pwrite64(13</s/incoming/{_K}.put>, "\\371\\212\\360"..., 262144, 0) = 262144 <0.000107>
+200 1700000000.000600 fdatasync(13</s/incoming/{_K}.put>) = 0 <0.000822>
+200 1700000000.001500 newfstatat(12</s/incoming>, "", {{st_mode=S_IFDIR|0755, st_size=4096, ...}}, AT_EMPTY_PATH) = 0 <0.000015>
+200 1700000000.001600 fsync(12</s/incoming>) = 0 <0.000238>
+200 1700000000.001900 fadvise64(13</s/incoming/{_K}.put>, 0, 0, POSIX_FADV_DONTNEED) = 0 <0.000039>
+200 1700000000.002000 pread64(13</s/incoming/{_K}.put>, "\\371\\212\\360"..., 262144, 0) = 262144 <0.000668>
+200 1700000000.003500 openat(14</s>, "complete", O_RDONLY|O_NOFOLLOW|O_CLOEXEC|O_DIRECTORY) = 15</s/complete> <0.000016>
+200 1700000000.003600 linkat(12</s/incoming>, "{_K}.put", 15</s/complete>, "scan-00000.bin", 0) = 0 <0.000044>
+200 1700000000.003800 newfstatat(15</s/complete>, "scan-00000.bin",  <unfinished ...>
+201 1700000000.003850 recvfrom(11<socket:[35275]>, "\\21\\0\\4\\0F", 65536, 0, NULL, NULL) = 65536 <0.000014>
+200 1700000000.003900 <... newfstatat resumed>{{st_mode=S_IFREG|0644, st_size=262144, ...}}, AT_SYMLINK_NOFOLLOW) = 0 <0.000012>
+200 1700000000.004000 newfstatat(15</s/complete>, "", {{st_mode=S_IFDIR|0755, st_size=4096, ...}}, AT_EMPTY_PATH) = 0 <0.000016>
+200 1700000000.004100 fsync(15</s/complete>) = 0 <0.000400>
+202 1700000000.004200 sched_yield() = 0 <0.000005>
+200 1700000000.004600 linkat(12</s/incoming>, "{_K}.put", 12</s/incoming>, "{_K}.done", 0) = 0 <0.000029>
+200 1700000000.004700 close(15</s/complete>) = 0 <0.000010>
+200 1700000000.004800 fcntl(13</s/incoming/{_K}.put>, F_OFD_SETLK, {{l_type=F_UNLCK, l_whence=SEEK_SET, l_start=0, l_len=0}}) = 0 <0.000019>
+200 1700000000.004900 close(13</s/incoming/{_K}.put>) = 0 <0.000018>
+200 1700000000.005000 close(12</s/incoming>) = 0 <0.000016>
+201 1700000000.005100 futex(0x7f, FUTEX_WAIT_BITSET_PRIVATE, 0, NULL, FUTEX_BITSET_MATCH_ANY) = 0 <0.090000>
+"""
+
+
+class StracePutTests(SynchronousTestCase):
+    """
+    L{_strace.kind}, L{_strace.grouped} and L{_strace.put_steps} on the
+    one-step store of a PUT: its C{.put} and C{.done}, the grouped fsyncs of
+    incoming/ and complete/, the read-back, the links.
+    """
+
+    def setUp(self) -> None:
+        self.calls = _strace.parse(STRACE_PUT.splitlines(keepends=True))
+
+    def test_kinds(self) -> None:
+        """A PUT's file and its third name are told from other names in incoming/."""
+        kinds = [(c["name"], _strace.kind(_strace.target(c))) for c in self.calls]
+        self.assertEqual(kinds, [
+            ("openat", "incoming/"), ("openat", "put file"), ("fcntl", "put file"),
+            ("newfstatat", "put file"), ("pwrite64", "put file"), ("fdatasync", "put file"),
+            ("newfstatat", "incoming/"), ("fsync", "incoming/"), ("fadvise64", "put file"),
+            ("pread64", "put file"), ("openat", "complete/"), ("linkat", "complete/ file"),
+            ("recvfrom", "socket"), ("newfstatat", "complete/ file"),
+            ("newfstatat", "complete/"), ("fsync", "complete/"), ("sched_yield", "-"),
+            ("linkat", "done link"),
+            ("close", "complete/"), ("fcntl", "put file"), ("close", "put file"),
+            ("close", "incoming/"), ("futex", "-")])
+        self.assertEqual(_strace.kind("/r/incoming/not-a-key.put"), "other")
+        self.assertEqual(_strace.kind(f"/r/incoming/{_K}.done"), "done link")
+
+    def test_put_steps(self) -> None:
+        """
+        Calls per file by step of the one-step store, in its order; what is
+        not the store (a socket read) apart, waits left out.
+        """
+        t = _strace.tally(self.calls, 1)
+        steps = [(r["step"], r["per_file"]) for r in _strace.put_steps(t["rows"])]
+        self.assertEqual(steps, [
+            ("create, lock, stat, unlock and close the .put", 5),
+            ("write the .put (pwrite)", 1), ("fdatasync of the .put", 1),
+            ("fsync of incoming/ (grouped across PUTs)", 1),
+            ("read-back of the .put (fadvise, pread)", 2), ("link into complete/", 1),
+            ("prove the link: stat of the published name", 1),
+            ("fsync of complete/ (grouped across PUTs)", 1),
+            ("link of the .put to <key>.done", 1),
+            ("directories: open, stat, close (incoming/, complete/, root)", 6),
+            ("not the store (sockets, log, thread hand-offs...)", 2)])
+        ms = {r["step"]: r["ms_per_file"] for r in _strace.put_steps(t["rows"])}
+        self.assertAlmostEqual(ms["fdatasync of the .put"], 0.822)
+        self.assertAlmostEqual(ms["read-back of the .put (fadvise, pread)"], 0.707)
+
+    def test_grouped(self) -> None:
+        """
+        The per-file groups take the PUT's calls: its fdatasync, write,
+        read-back, the link into complete/ and the one to C{<key>.done}
+        apart, both directory fsyncs, a spinning thread's C{sched_yield};
+        every call in one group.
+        """
+        t = _strace.tally(self.calls, 1)
+        groups = {g["group"]: g["per_file"] for g in _strace.grouped(t["rows"])}
+        self.assertEqual(groups["fdatasync of a PUT's .put"], 1)
+        self.assertEqual(groups["writes of a PUT's .put (pwrite)"], 1)
+        self.assertEqual(groups["read-back of a PUT's .put (fadvise, pread)"], 2)
+        self.assertEqual(groups["link into complete/"], 1)
+        self.assertEqual(groups["link of a published .put to <key>.done"], 1)
+        self.assertEqual(
+            groups["fsync of directories (upload dir, incoming/, complete/, root)"], 2)
+        self.assertEqual(
+            groups["sched_yield (threads spinning for work, e.g. BLAKE3's workers)"], 1)
+        self.assertEqual(groups["other"], 0)
+        self.assertEqual(sum(groups.values()), t["calls"])
 
 
 def _run(seconds: float, files: int = 100, **extra: Any) -> dict[str, Any]:
