@@ -63,6 +63,8 @@ Examples:
         ["max-payload", None, "4M", "Largest DATA payload accepted."],
         ["max-put", None, "4M", "Largest file taken whole in one PUT frame, stored in one "
          "step (at most --max-payload); 0: PUT not offered."],
+        ["puts-at-once", None, "4", "PUTs of one connection stored at the same time "
+         "(answered in order); more wait in the connection's buffer."],
         ["handshake-timeout", None, "30s", "Time a client has to complete the handshake."],
         ["idle-timeout", None, "5m", "Silence after which a connection is closed "
          "(and its upload released for another server)."],
@@ -184,7 +186,10 @@ Examples:
                 chunk_size=parse_size(self["chunk-size"]),
                 max_file_size=parse_size(self["max-file-size"]),
                 max_put=parse_size(self["max-put"]),
+                puts_at_once=int(self["puts-at-once"]),
             )
+            if self["limits"].puts_at_once < 1:
+                raise ValueError("--puts-at-once must be at least 1")
             for key in ("handshake-timeout", "idle-timeout", "takeover-idle",
                         "gc-interval", "expire-after", "expire-records-after"):
                 self[key] = parse_duration(self[key])

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-
-import attrs
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -494,3 +493,30 @@ class NotOfferedTests(SynchronousTestCase):
         [error] = h.send(put(content=b"x"))
         self.assertEqual(error.code, ErrorCode.UNEXPECTED_FRAME)
         self.assertTrue(h.transport.disconnecting)
+
+
+class PutOptionTests(SynchronousTestCase):
+    """C{twistd imgresume --max-put} and C{--puts-at-once}."""
+
+    def limits(self, *args: str) -> ServerLimits:
+        from imgresume.server.tap import Options
+
+        options = Options()
+        options.parseOptions(["--storage", self.mktemp(), "--skip-storage-check", *args])
+        return options["limits"]
+
+    def test_defaults(self) -> None:
+        """PUTs up to 4 MiB, four of a connection stored at once."""
+        limits = self.limits()
+        self.assertEqual((limits.max_put, limits.puts_at_once), (4 << 20, 4))
+
+    def test_set(self) -> None:
+        limits = self.limits("--max-put", "1M", "--puts-at-once", "1")
+        self.assertEqual((limits.max_put, limits.puts_at_once), (1 << 20, 1))
+
+    def test_at_least_one(self) -> None:
+        """0 PUTs at once would never answer one: a usage error."""
+        from twisted.python.usage import UsageError
+
+        for bad in ("0", "-2", "many"):
+            self.assertRaises(UsageError, self.limits, "--puts-at-once", bad)
