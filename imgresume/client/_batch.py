@@ -50,6 +50,20 @@ class BatchItem:
     size: int | None = attrs.field(default=None, eq=False)
 
 
+def _with_sizes(items: list[BatchItem]) -> list[BatchItem]:
+    """C{items}, each with its file's size (None: cannot be read now); blocking."""
+
+    def sized(item: BatchItem) -> BatchItem:
+        if item.size is not None:
+            return item
+        try:
+            return attrs.evolve(item, size=os.stat(item.path).st_size)
+        except OSError:
+            return item  # its upload says why
+
+    return [sized(item) for item in items]
+
+
 @attrs.frozen
 class FileOutcome:
     """How one file of a batch ended: C{result} if stored and verified, else C{error}."""
@@ -119,6 +133,9 @@ async def run_batch(
     if parallel < 1:
         raise ValueError(f"parallel must be at least 1, not {parallel}")
     items = [f if isinstance(f, BatchItem) else BatchItem(f) for f in files]
+    if any(item.size is None for item in items):
+        # The sizes that schedule the PUT pipeline, read once off the reactor.
+        items = await uploader.run(_with_sizes, items)
     queue = deque(enumerate(items))
     outcomes: dict[int, FileOutcome] = {}
     stopping = False
@@ -160,9 +177,8 @@ async def run_batch(
         async with session:
             running: deque[Deferred[None]] = deque()
             while queue and not stopping and interrupted is None:
-                following = queue[0][1]
                 if running and (len(running) >= PUTS_IN_FLIGHT
-                                or not session.pipelines(following.path, following.size)):
+                                or not session.pipelines(queue[0][1].size)):
                     await running.popleft()
                     continue
                 index, item = queue.popleft()

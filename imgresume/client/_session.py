@@ -122,22 +122,16 @@ class UploadSession:
 
         return Deferred.fromCoroutine(run()).addBoth(done)
 
-    def pipelines(self, path: str, size: int | None = None) -> bool:
+    def pipelines(self, size: int | None) -> bool:
         """
-        Whether an upload of the file at C{path}, of C{size} bytes (None:
-        not known, asked of the file system), would go now as a PUT behind
-        the ones in flight on this session's connection: the connection is
-        open and takes PUTs of its size (a batch then starts it at once,
-        see L{imgresume.client._batch}).
+        Whether an upload of a file of C{size} bytes (None: not known) would
+        go now as a PUT behind the ones in flight on this session's
+        connection: the connection is open and takes PUTs of its size (a
+        batch then starts it at once, see L{imgresume.client._batch}).
         """
         connection = self._connection
-        if connection is None or not connection.open:
+        if size is None or connection is None or not connection.open:
             return False
-        if size is None:
-            try:
-                size = os.stat(path).st_size
-            except OSError:
-                return False
         return size <= self._uploader.put_max and takes_put(connection, size)
 
     def close(self) -> Deferred[None]:

@@ -41,6 +41,7 @@ from imgresume.protocol._frames import (
     Challenge,
     Completed,
     Data,
+    Error,
     Finish,
     Frame,
     Hello,
@@ -399,8 +400,7 @@ class ServerConnection:
         it are answered.
         """
         self._expect(ServerState.STORING)
-        self._puts.answer(upload_id, Completed(answered_as or upload_id, size, sha256, path))
-        self._send_put_answers()
+        self._put_answered(upload_id, Completed(answered_as or upload_id, size, sha256, path))
 
     def put_failed(self, upload_id: str, error: ImgresumeError) -> ServerEvent | None:
         """
@@ -411,13 +411,13 @@ class ServerConnection:
         self._expect(ServerState.STORING)
         if error.scope is Scope.CONNECTION:
             return self._fail_connection(error)
-        self._puts.answer(upload_id, error_frame(error))
-        self._send_put_answers()
+        self._put_answered(upload_id, error_frame(error))
         return None
 
-    def _send_put_answers(self) -> None:
-        for answer in self._puts.ready():
-            self._send(answer)
+    def _put_answered(self, upload_id: str, answer: Completed | Error) -> None:
+        self._puts.answer(upload_id, answer)
+        for due in self._puts.ready():
+            self._send(due)
         if not self._puts:
             self.upload_id = None
             self.state = ServerState.READY
@@ -429,13 +429,11 @@ class ServerConnection:
         upload ends on this connection, or (for a chunk or the end of the
         upload) the transfer goes on from C{error.offset}.
         """
-        self._expect(
-            ServerState.CHECKING_HELLO, ServerState.CHECKING_AUTH, ServerState.OPENING,
-            ServerState.QUERYING, ServerState.RECEIVING, ServerState.FINISHING,
-            ServerState.COMPLETING,
-        )
-        if self.state in (ServerState.RECEIVING, ServerState.FINISHING) and \
-                not self._answers.writing:
+        self._expect(ServerState.CHECKING_HELLO, ServerState.CHECKING_AUTH, ServerState.OPENING,
+                     ServerState.QUERYING, ServerState.RECEIVING, ServerState.FINISHING,
+                     ServerState.COMPLETING)
+        receiving = self.state in (ServerState.RECEIVING, ServerState.FINISHING)
+        if receiving and not self._answers.writing:
             raise RuntimeError("fail() in state receiving needs a chunk being written")
         if error.scope is Scope.CONNECTION or self.state in (
             ServerState.CHECKING_HELLO, ServerState.CHECKING_AUTH,

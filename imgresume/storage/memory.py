@@ -29,8 +29,6 @@ from imgresume.errors import (
     InternalError,
     InvalidName,
     NameTaken,
-    OffsetMismatch,
-    SizeExceeded,
     UnknownUpload,
     UploadAlreadyComplete,
     UploadBusy,
@@ -49,8 +47,6 @@ from imgresume.storage.interfaces import (
     Chunk,
     CompletedFileMoved,
     CompletedUpload,
-    check_declared_size,
-    expected_digest,
     IDeclaresSize,
     IDeferredSizeStorage,
     IncompleteUploads,
@@ -61,11 +57,10 @@ from imgresume.storage.interfaces import (
     UploadInfo,
     UploadStatus,
     WholeUpload,
-    batch_end,
 )
+from imgresume.storage.rules import batch_end, check_declared_size, expected_digest
 
 log = Logger()
-
 
 
 def _empty_tail(digest: str) -> TailCheck:
@@ -186,10 +181,7 @@ class MemoryStorage:
                 raise DigestMismatch(
                     f"upload {request.upload_id} already stored other bytes at "
                     f"{done.path}; send this file with a new upload id")
-            if done.path not in self.files:
-                raise CompletedFileMoved(done, "is missing")
-            if self.files[done.path] is not stored.published:
-                raise CompletedFileMoved(done, "now holds another file")
+            self._check_published(done, stored.published)
             return done
         if digest != request.sha256:
             raise DigestMismatch(
@@ -256,12 +248,8 @@ class MemoryStorage:
         )
         self._uploads[upload_id] = _Upload(info)
         self._owned.add(upload_id)
-        log.info(
-            "upload {upload_id} created: {name!r}, {size} bytes",
-            upload_id=upload_id,
-            name=name,
-            size=request.size,
-        )
+        log.info("upload {upload_id} created: {name!r}, {size} bytes",
+                 upload_id=upload_id, name=name, size=request.size)
         return MemoryUploadWriter(self, self._uploads[upload_id], 0, _empty_tail(info.digest))
 
     def _check_parents(self, name: str) -> None:
@@ -281,11 +269,7 @@ class MemoryStorage:
         if upload is None or (client_id is not None and upload.info.client_id != client_id):
             raise UnknownUpload(f"no upload with id {upload_id}")
         if upload.completed is not None:
-            path = upload.completed.path
-            if path not in self.files:
-                raise CompletedFileMoved(upload.completed, "is missing")
-            if self.files[path] is not upload.published:
-                raise CompletedFileMoved(upload.completed, "now holds another file")
+            self._check_published(upload.completed, upload.published)
             raise UploadAlreadyComplete(upload.completed)
         if upload_id in self._owned:
             upload.takeover_for = upload.generation  # ask the owner to yield
@@ -310,14 +294,17 @@ class MemoryStorage:
         del upload.data[offset:]
         self._owned.add(upload_id)
         upload.generation += 1
-        log.info(
-            "upload {upload_id} resumed at proven offset {offset} "
-            "({truncated} bytes truncated)",
-            upload_id=upload_id,
-            offset=offset,
-            truncated=truncated,
-        )
+        log.info("upload {upload_id} resumed at proven offset {offset} "
+                 "({truncated} bytes truncated)",
+                 upload_id=upload_id, offset=offset, truncated=truncated)
         return MemoryUploadWriter(self, upload, offset, tail)
+
+    def _check_published(self, done: CompletedUpload, published: bytes | None) -> None:
+        """A completion's file must still be at its path (else CompletedFileMoved)."""
+        if done.path not in self.files:
+            raise CompletedFileMoved(done, "is missing")
+        if self.files[done.path] is not published:
+            raise CompletedFileMoved(done, "now holds another file")
 
     def _complete_file(self, upload: _Upload, digest: bytes) -> CompletedUpload:
         info = upload.info
@@ -376,6 +363,13 @@ class MemoryUploadWriter:
                 f"writer for upload {self.info.upload_id} is closed"
             )
 
+    def _check_current(self) -> None:
+        """Refuse (and close) a writer whose upload a newer one took over."""
+        if self._upload.generation != self.generation:
+            self._close()
+            raise UploadTakenOver(
+                f"upload {self.info.upload_id} was taken over by a newer connection")
+
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -397,25 +391,10 @@ class MemoryUploadWriter:
 
     def _write(self, offset: int, data: bytes) -> int:
         self._check_open()
-        if offset != self.offset:
-            raise OffsetMismatch(
-                f"write at {offset} but upload {self.info.upload_id} has "
-                f"{self.offset} bytes; continue from {self.offset}",
-                offset=self.offset,
-            )
-        if offset + len(data) > self.info.size:
-            raise SizeExceeded(
-                f"write of {len(data)} bytes at {offset} passes the declared "
-                f"size {self.info.size}",
-                offset=self.offset,
-            )
+        batch_end(self.info, self.offset, [Chunk(offset, data)])
         if not data:
             return self.offset
-        if self._upload.generation != self.generation:
-            self._close()
-            raise UploadTakenOver(
-                f"upload {self.info.upload_id} was taken over by a newer connection"
-            )
+        self._check_current()
         self._upload.data[offset:] = data
         self._upload.records.append(
             _Record(offset, len(data), integrity.checksum("crc32", data)))
@@ -429,10 +408,7 @@ class MemoryUploadWriter:
     def _declare_size(self, size: int) -> None:
         self._check_open()
         check_declared_size(self.info, self.offset, size)
-        if self._upload.generation != self.generation:
-            self._close()
-            raise UploadTakenOver(
-                f"upload {self.info.upload_id} was taken over by a newer connection")
+        self._check_current()
         self.info = self._upload.info = attrs.evolve(
             self.info, size=size, size_deferred=False)
 
@@ -479,11 +455,8 @@ class MemoryUploadWriter:
             )
         completed = self._storage._complete_file(self._upload, expected)
         self._close()
-        log.info(
-            "upload {upload_id} completed at {path}",
-            upload_id=info.upload_id,
-            path=completed.path,
-        )
+        log.info("upload {upload_id} completed at {path}",
+                 upload_id=info.upload_id, path=completed.path)
         return completed
 
     def _remove(self) -> None:

@@ -51,10 +51,8 @@ from imgresume.storage.interfaces import (
     IUploadWriter,
     TailCheck,
     UploadInfo,
-    batch_end,
-    check_declared_size,
-    expected_digest,
 )
+from imgresume.storage.rules import batch_end, check_declared_size, expected_digest
 
 # The backend logs as one namespace, imgresume.storage.filesystem.
 log = Logger(namespace=__package__)

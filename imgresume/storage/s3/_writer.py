@@ -35,10 +35,8 @@ from imgresume.storage.interfaces import (
     IUploadWriter,
     TailCheck,
     UploadInfo,
-    batch_end,
-    check_declared_size,
-    expected_digest,
 )
+from imgresume.storage.rules import batch_end, check_declared_size, expected_digest
 from imgresume.storage.s3 import _incomplete
 from imgresume.storage.s3._bucket import Bucket, guard
 from imgresume.storage.s3._leases import Leases
